@@ -1,0 +1,25 @@
+// latentfast._C: module init and every kernel schema.
+//
+// The public ops live in the `latentfast::` namespace and are defined in Python
+// (latentfast/ops), because each one picks its backend (reference, cpp, triton) at call
+// time and must exist even when this extension is not built. The C++ CPU kernels they call
+// for the cpp backend are declared here, once, in the `latentfast_cpp::` namespace.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing latentfast._C from Python runs the static TORCH_LIBRARY registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(latentfast_cpp, m) {
+  // Flows. mode: 0 = no coupling, 1 = additive (NICE), 2 = affine (Glow).
+  m.def("actnorm_invconv_fwd(Tensor x, Tensor weight, Tensor bias, Tensor? h, int mode) -> (Tensor, Tensor)");
+  m.def("actnorm_invconv_bwd(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor weight, Tensor bias, Tensor? h, int mode) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("affine_coupling_fwd(Tensor x, Tensor h, bool additive, bool inverse) -> (Tensor, Tensor)");
+  m.def("affine_coupling_bwd(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor h, bool additive) -> (Tensor, Tensor)");
+  m.def("lu_weight(Tensor perm, Tensor lower, Tensor upper, Tensor sign_s, Tensor log_abs_s) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,3 @@
+"""The op layer: torch.library custom ops in the ``latentfast::`` namespace, their backend
+dispatch, autograd formulas and fake kernels, one module per family."""
+from latentfast.ops import flows  # noqa: F401  (registers the ops)

@@ -1,0 +1,56 @@
+"""Input validation shared by the op wrappers and the modules: clear errors, never garbage."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_skip_finite: contextvars.ContextVar[bool] = contextvars.ContextVar("latentfast_skip_finite", default=False)
+
+
+def check_tensor(name: str, t: object, ndim: int | None = None, like: Tensor | None = None,
+                 dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)) -> Tensor:
+    """Raise TypeError/ValueError unless `t` is a tensor of rank `ndim`, a supported dtype,
+    and the dtype and device of `like`."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the input has {like.dtype}")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
+    return t
+
+
+def finite_checks_enabled() -> bool:
+    """Whether modules check their inputs for NaN/Inf (LATENTFAST_CHECK_FINITE, default 1)."""
+    return os.environ.get("LATENTFAST_CHECK_FINITE", "1") != "0"
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """Raise ValueError if `t` holds NaN or Inf. Skipped inside an already-checked model
+    (see checked_once), under torch.compile tracing, or with LATENTFAST_CHECK_FINITE=0."""
+    if _skip_finite.get() or not finite_checks_enabled() or torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+@contextlib.contextmanager
+def checked_once() -> Iterator[None]:
+    """Inside this block nested modules skip their finiteness checks (the outer model has
+    already checked its input once)."""
+    token = _skip_finite.set(True)
+    try:
+        yield
+    finally:
+        _skip_finite.reset(token)

@@ -1,0 +1,331 @@
+"""Glow-step ops: registration, backend dispatch, autograd formulas, fake kernels.
+
+Ops (namespace ``latentfast::``):
+- ``actnorm_invconv(x, weight, bias)``: per-pixel affine map y = A x + c (ActNorm folded
+  into the 1x1 conv; its inverse is the same op with the inverse map).
+- ``actnorm_invconv_coupling(x, weight, bias, h, additive)``: the same map, then the
+  coupling on the second half of the channels given the coupling net output h.
+- ``affine_coupling`` / ``affine_coupling_inverse(x_b, h, additive)``.
+- ``lu_weight(perm, lower, upper, sign_s, log_abs_s)`` -> (W, W^-1).
+Each op runs the backend chosen by latentfast.backend.select at call time.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from latentfast import backend
+from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
+from latentfast.ops._checks import check_tensor
+from latentfast.reference import flows as ref
+
+_kernels = None
+
+
+def _triton():
+    global _kernels
+    if _kernels is None:
+        from latentfast.kernels import flows as k
+
+        _kernels = k
+    return _kernels
+
+
+def _cpp():
+    return torch.ops.latentfast_cpp
+
+
+# ------------------------------------------------------------------ actnorm_invconv (+ coupling)
+
+def _fwd_impl(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor | None, mode: int) -> tuple[Tensor, Tensor]:
+    be = backend.select(x.device)
+    if be == "cpp":
+        return _cpp().actnorm_invconv_fwd(x, weight, bias, h, mode)
+    if be == "triton":
+        return _triton().actnorm_invconv_fwd(x, weight, bias, h, mode)
+    if mode == 0:
+        return ref.actnorm_invconv(x, weight, bias), x.new_zeros(x.shape[0])
+    return ref.actnorm_invconv_coupling(x, weight, bias, h, mode == 1)
+
+
+@torch.library.custom_op("latentfast::actnorm_invconv", mutates_args=())
+def _actnorm_invconv(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return _fwd_impl(x, weight, bias, None, 0)[0]
+
+
+@torch.library.custom_op("latentfast::actnorm_invconv_coupling", mutates_args=())
+def _actnorm_invconv_coupling(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor, additive: bool
+                              ) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(x, weight, bias, h, 1 if additive else 2)
+
+
+@torch.library.custom_op("latentfast::actnorm_invconv_backward", mutates_args=())
+def _actnorm_invconv_backward(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, weight: Tensor,
+                              bias: Tensor, h: Tensor | None, mode: int
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    be = backend.select(x.device)
+    if be == "cpp":
+        return _cpp().actnorm_invconv_bwd(grad_y, grad_logdet, x, weight, bias, h, mode)
+    if be == "triton":
+        return _triton().actnorm_invconv_bwd(grad_y, grad_logdet, x, weight, bias, h, mode)
+    gx, gw, gb, gh = ref.actnorm_invconv_backward(grad_y, grad_logdet, x, weight, bias, h, mode)
+    return gx, gw, gb, (gh if gh is not None else x.new_zeros(0))
+
+
+@_actnorm_invconv.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+@_actnorm_invconv_coupling.register_fake
+def _(x, weight, bias, h, additive):
+    return (x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3])),
+            x.new_empty((x.shape[0],)))
+
+
+@_actnorm_invconv_backward.register_fake
+def _(grad_y, grad_logdet, x, weight, bias, h, mode):
+    gh = torch.empty_like(h) if mode else x.new_empty((0,))
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), gh
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4] if len(inputs) > 3 else inputs[:3])
+    ctx.mode = 0 if len(inputs) == 3 else (1 if inputs[4] else 2)
+
+
+def _actnorm_invconv_bwd(ctx, grad_y):
+    x, weight, bias = ctx.saved_tensors
+    gx, gw, gb, _ = _actnorm_invconv_backward(grad_y, x.new_zeros(x.shape[0]), x, weight, bias, None, 0)
+    return gx, gw, gb
+
+
+def _actnorm_invconv_coupling_bwd(ctx, grad_y, grad_logdet):
+    x, weight, bias, h = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3])))
+    if grad_logdet is None:
+        grad_logdet = x.new_zeros(x.shape[0])
+    gx, gw, gb, gh = _actnorm_invconv_backward(grad_y, grad_logdet, x, weight, bias, h, ctx.mode)
+    return gx, gw, gb, gh, None
+
+
+_actnorm_invconv.register_autograd(_actnorm_invconv_bwd, setup_context=_save_inputs)
+_actnorm_invconv_coupling.register_autograd(_actnorm_invconv_coupling_bwd, setup_context=_save_inputs)
+
+
+# ------------------------------------------------------------------ affine_coupling
+
+def _coupling_impl(x: Tensor, h: Tensor, additive: bool, inverse: bool) -> tuple[Tensor, Tensor]:
+    be = backend.select(x.device)
+    if be == "cpp":
+        return _cpp().affine_coupling_fwd(x, h, additive, inverse)
+    if be == "triton":
+        return _triton().affine_coupling_fwd(x, h, additive, inverse)
+    fn = ref.affine_coupling_inverse if inverse else ref.affine_coupling
+    return fn(x, h, additive)
+
+
+@torch.library.custom_op("latentfast::affine_coupling", mutates_args=())
+def _affine_coupling(x_b: Tensor, h: Tensor, additive: bool) -> tuple[Tensor, Tensor]:
+    return _coupling_impl(x_b, h, additive, False)
+
+
+@torch.library.custom_op("latentfast::affine_coupling_inverse", mutates_args=())
+def _affine_coupling_inverse(y_b: Tensor, h: Tensor, additive: bool) -> tuple[Tensor, Tensor]:
+    return _coupling_impl(y_b, h, additive, True)
+
+
+@torch.library.custom_op("latentfast::affine_coupling_backward", mutates_args=())
+def _affine_coupling_backward(grad_y: Tensor, grad_logdet: Tensor, x_b: Tensor, h: Tensor,
+                              additive: bool) -> tuple[Tensor, Tensor]:
+    be = backend.select(x_b.device)
+    if be == "cpp":
+        return _cpp().affine_coupling_bwd(grad_y, grad_logdet, x_b, h, additive)
+    if be == "triton":
+        return _triton().affine_coupling_bwd(grad_y, grad_logdet, x_b, h, additive)
+    return ref.affine_coupling_backward(grad_y, grad_logdet, x_b, h, additive)
+
+
+@_affine_coupling.register_fake
+def _(x_b, h, additive):
+    return torch.empty_like(x_b), x_b.new_empty((x_b.shape[0],))
+
+
+@_affine_coupling_inverse.register_fake
+def _(y_b, h, additive):
+    return torch.empty_like(y_b), y_b.new_empty((y_b.shape[0],))
+
+
+@_affine_coupling_backward.register_fake
+def _(grad_y, grad_logdet, x_b, h, additive):
+    return torch.empty_like(x_b), torch.empty_like(h)
+
+
+def _save_coupling(ctx, inputs, output):
+    x, h, additive = inputs
+    ctx.additive = additive
+    ctx.save_for_backward(x, h, output[0])
+
+
+def _grads_or_zeros(x: Tensor, grad_y: Tensor | None, grad_logdet: Tensor | None) -> tuple[Tensor, Tensor]:
+    return (torch.zeros_like(x) if grad_y is None else grad_y,
+            x.new_zeros(x.shape[0]) if grad_logdet is None else grad_logdet)
+
+
+def _affine_coupling_bwd(ctx, grad_y, grad_logdet):
+    x, h, _ = ctx.saved_tensors
+    grad_y, grad_logdet = _grads_or_zeros(x, grad_y, grad_logdet)
+    gx, gh = _affine_coupling_backward(grad_y, grad_logdet, x, h, ctx.additive)
+    return gx, gh, None
+
+
+def _affine_coupling_inverse_bwd(ctx, grad_x, grad_logdet):
+    # x = y / s - shift, logdet = -sum log s (s = sigmoid(raw + 2)): written with torch ops,
+    # the inverse is the sampling direction and rarely differentiated.
+    y, h, _ = ctx.saved_tensors
+    grad_x, grad_logdet = _grads_or_zeros(y, grad_x, grad_logdet)
+    if ctx.additive:
+        return grad_x, -grad_x, None
+    shift, raw = h.chunk(2, dim=1)
+    s = torch.sigmoid(raw + 2.0)
+    graw = -(grad_x * y / s + grad_logdet[:, None, None, None]) * (1.0 - s)
+    return grad_x / s, torch.cat([-grad_x, graw], dim=1), None
+
+
+_affine_coupling.register_autograd(_affine_coupling_bwd, setup_context=_save_coupling)
+_affine_coupling_inverse.register_autograd(_affine_coupling_inverse_bwd, setup_context=_save_coupling)
+
+
+# ------------------------------------------------------------------ lu_weight
+
+@torch.library.custom_op("latentfast::lu_weight", mutates_args=())
+def _lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_abs_s: Tensor
+               ) -> tuple[Tensor, Tensor]:
+    be = backend.select(perm.device)
+    if be == "cpp":
+        return _cpp().lu_weight(perm, lower, upper, sign_s, log_abs_s)
+    if be == "triton":
+        return _triton().lu_weight(perm, lower, upper, sign_s, log_abs_s)
+    return ref.lu_weight(perm, lower, upper, sign_s, log_abs_s)
+
+
+@_lu_weight.register_fake
+def _(perm, lower, upper, sign_s, log_abs_s):
+    return torch.empty_like(perm), torch.empty_like(perm)
+
+
+def _save_lu(ctx, inputs, output):
+    perm, lower, upper, sign_s, log_abs_s = inputs
+    ctx.save_for_backward(perm, lower, sign_s, log_abs_s, upper, output[1])
+
+
+def _lu_weight_bwd(ctx, grad_w, grad_w_inv):
+    # W = P L U', U' = triu(upper, 1) + diag(d), d = sign_s * exp(log_abs_s);
+    # d(W^-1) = -W^-1 dW W^-1, so grad W gains -W^-T grad_{W^-1} W^-T.
+    perm, lower, sign_s, log_abs_s, upper, w_inv = ctx.saved_tensors
+    c = perm.shape[0]
+    g = torch.zeros_like(perm) if grad_w is None else grad_w
+    if grad_w_inv is not None:
+        g = g - w_inv.T @ grad_w_inv @ w_inv.T
+    eye = torch.eye(c, dtype=perm.dtype, device=perm.device)
+    d = sign_s * torch.exp(log_abs_s)
+    low = torch.tril(lower, -1) + eye
+    up = torch.triu(upper, 1) + torch.diag(d)
+    pg = perm.T @ g
+    g_low = torch.tril(pg @ up.T, -1)
+    g_up = low.T @ pg
+    return None, g_low, torch.triu(g_up, 1), None, torch.diagonal(g_up) * d
+
+
+_lu_weight.register_autograd(_lu_weight_bwd, setup_context=_save_lu)
+
+
+# ------------------------------------------------------------------ public functional API
+
+def _check_pixels(name: str, t: Tensor, x: Tensor, channels: int) -> None:
+    check_tensor(name, t, 4, like=x)
+    want = (x.shape[0], channels, x.shape[2], x.shape[3])
+    if tuple(t.shape) != want:
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
+def _check_map(x: Tensor, weight: Tensor, bias: Tensor) -> None:
+    check_tensor("x", x, 4)
+    check_tensor("weight", weight, 2, like=x)
+    check_tensor("bias", bias, 1, like=x)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be [Co, {x.shape[1]}] for x with {x.shape[1]} channels, "
+                         f"got {tuple(weight.shape)}")
+    if bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def actnorm_invconv(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Per-pixel affine map y[n, :, i, j] = weight @ x[n, :, i, j] + bias.
+
+    With weight = W diag(exp(logs)) and bias = W (exp(logs) * b) this is ActNorm followed by
+    the invertible 1x1 conv W (see latentfast.reference.flows.fold_actnorm_into_conv).
+
+    Args: x [N, Ci, H, W]; weight [Co, Ci]; bias [Co]. Returns y [N, Co, H, W].
+
+    Example:
+        >>> y = actnorm_invconv(torch.randn(2, 4, 3, 3), torch.eye(4), torch.zeros(4))
+    """
+    _check_map(x, weight, bias)
+    return _actnorm_invconv(x, weight, bias)
+
+
+def actnorm_invconv_coupling(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor,
+                             additive: bool = False) -> tuple[Tensor, Tensor]:
+    """actnorm_invconv, then the coupling of the second channel half given h, in one pass.
+
+    z = weight x + bias; y = cat(z_a, (z_b + shift) * sigmoid(raw + 2)) with
+    h = cat(shift, raw) [N, Co, H, W] (affine), or y = cat(z_a, z_b + h) with h [N, Co/2, H, W]
+    (additive). Returns (y [N, Co, H, W], logdet of the coupling [N]).
+    """
+    _check_map(x, weight, bias)
+    co = weight.shape[0]
+    if co % 2:
+        raise ValueError(f"a coupling needs an even number of channels, got {co}")
+    _check_pixels("h", h, x, co // 2 if additive else co)
+    return _actnorm_invconv_coupling(x, weight, bias, h, bool(additive))
+
+
+def _check_coupling(x_b: Tensor, h: Tensor, additive: bool) -> None:
+    check_tensor("x_b", x_b, 4)
+    _check_pixels("h", h, x_b, x_b.shape[1] if additive else 2 * x_b.shape[1])
+
+
+def affine_coupling(x_b: Tensor, h: Tensor, additive: bool = False) -> tuple[Tensor, Tensor]:
+    """Glow's affine coupling y_b = (x_b + shift) * sigmoid(raw + 2), h = cat(shift, raw),
+    or NICE's additive y_b = x_b + h. Returns (y_b [N, Cb, H, W], logdet [N])."""
+    _check_coupling(x_b, h, additive)
+    return _affine_coupling(x_b, h, bool(additive))
+
+
+def affine_coupling_inverse(y_b: Tensor, h: Tensor, additive: bool = False) -> tuple[Tensor, Tensor]:
+    """Inverse of affine_coupling: (x_b, logdet of the inverse = -forward logdet)."""
+    _check_coupling(y_b, h, additive)
+    return _affine_coupling_inverse(y_b, h, bool(additive))
+
+
+def lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_abs_s: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """W = P L (U + diag(sign_s * exp(log_abs_s))), its inverse, and log|det W|.
+
+    Args: perm [C, C] permutation matrix; lower, upper [C, C] (only the strict lower /
+    upper parts are used; L has a unit diagonal); sign_s, log_abs_s [C].
+    Returns (W [C, C], W^-1 [C, C], log|det W| = sum(log_abs_s) []).
+    """
+    check_tensor("perm", perm, 2)
+    c = perm.shape[0]
+    if perm.shape != (c, c):
+        raise ValueError(f"perm must be square, got {tuple(perm.shape)}")
+    for name, t, shape in (("lower", lower, (c, c)), ("upper", upper, (c, c)),
+                           ("sign_s", sign_s, (c,)), ("log_abs_s", log_abs_s, (c,))):
+        check_tensor(name, t, len(shape), like=perm)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    w, w_inv = _lu_weight(perm, lower, upper, sign_s, log_abs_s)
+    return w, w_inv, log_abs_s.sum()
