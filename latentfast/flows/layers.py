@@ -1,0 +1,273 @@
+"""Glow building blocks: ActNorm, InvConv1x1, AdditiveCoupling, AffineCoupling, GlowStep.
+
+Every layer has ``forward(x) -> (y, logdet)`` with logdet [N] and ``inverse(y) -> x``.
+The hot paths run through latentfast.ops (C++ on CPU, Triton on GPU, or the reference).
+Coupling nets output ``h = cat([shift, raw])`` (affine) or ``shift`` (additive); the first
+channel half conditions the second.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from latentfast.ops import flows as ops
+from latentfast.ops._checks import check_finite, check_tensor
+from latentfast.reference.flows import fold_actnorm_into_conv
+
+
+def _check_image(name: str, x: Tensor, channels: int) -> None:
+    check_tensor(name, x, 4)
+    if x.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels, got shape {tuple(x.shape)}")
+    check_finite(name, x)
+
+
+class ActNorm(nn.Module):
+    """y = (x + bias) * exp(logs) per channel, initialised from the first batch so that y has
+    zero mean and unit variance per channel (Glow, Kingma & Dhariwal 2018).
+
+    Shapes: x [N, C, H, W] -> y [N, C, H, W], logdet [N] = H*W*sum(logs).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.logs = nn.Parameter(torch.zeros(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Data-dependent init: bias = -mean, logs = -log(std) over (N, H, W)."""
+        mean = x.mean(dim=(0, 2, 3))
+        std = x.std(dim=(0, 2, 3), unbiased=False)
+        self.bias.copy_(-mean)
+        self.logs.copy_(-torch.log(std + 1e-6))
+        self.initialized.fill_(True)
+
+    def maybe_initialize(self, x: Tensor) -> None:
+        if not torch.compiler.is_compiling() and not bool(self.initialized):
+            self.initialize(x)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _check_image("x", x, self.channels)
+        self.maybe_initialize(x)
+        y = (x + self.bias[None, :, None, None]) * torch.exp(self.logs)[None, :, None, None]
+        return y, (x.shape[2] * x.shape[3] * self.logs.sum()).expand(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        _check_image("y", y, self.channels)
+        return y * torch.exp(-self.logs)[None, :, None, None] - self.bias[None, :, None, None]
+
+
+class InvConv1x1(nn.Module):
+    """Invertible 1x1 convolution y = W x per pixel.
+
+    lu=True (default): W = P L (U + diag(sign_s * exp(log_abs_s))) with P fixed, so
+    log|det W| = sum(log_abs_s) costs O(C) and W^-1 comes from triangular solves.
+    lu=False: W is a free parameter (log|det| by slogdet, inverse by torch.linalg.inv).
+    Initialised to a random rotation. logdet [N] = H*W*log|det W|.
+    """
+
+    def __init__(self, channels: int, lu: bool = True) -> None:
+        super().__init__()
+        self.channels, self.lu = channels, lu
+        w = torch.linalg.qr(torch.randn(channels, channels))[0]
+        if not lu:
+            self.weight = nn.Parameter(w)
+            return
+        p, low, up = torch.linalg.lu(w)
+        s = torch.diagonal(up)
+        self.register_buffer("perm", p)
+        self.register_buffer("sign_s", torch.sign(s))
+        self.lower = nn.Parameter(torch.tril(low, -1))
+        self.upper = nn.Parameter(torch.triu(up, 1))
+        self.log_abs_s = nn.Parameter(torch.log(torch.abs(s)))
+
+    def weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(W [C, C], W^-1 [C, C], log|det W| [])."""
+        if self.lu:
+            return ops.lu_weight(self.perm, self.lower, self.upper, self.sign_s, self.log_abs_s)
+        return self.weight, torch.linalg.inv(self.weight), torch.linalg.slogdet(self.weight)[1]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _check_image("x", x, self.channels)
+        w, _, logdet = self.weights()
+        y = ops.actnorm_invconv(x, w, torch.zeros_like(w[0]))
+        return y, (x.shape[2] * x.shape[3] * logdet).expand(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        _check_image("y", y, self.channels)
+        _, w_inv, _ = self.weights()
+        return ops.actnorm_invconv(y, w_inv, torch.zeros_like(w_inv[0]))
+
+
+class ZeroConv2d(nn.Module):
+    """3x3 conv initialised to zero with a learned output scale exp(3 * scale) (Glow's last
+    coupling layer, so every coupling starts as the identity)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.scale = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) * torch.exp(self.scale * 3.0)
+
+
+def coupling_net(in_channels: int, out_channels: int, hidden: int) -> nn.Sequential:
+    """Glow's coupling net: conv3x3 -> ReLU -> conv1x1 -> ReLU -> ZeroConv2d."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
+        ZeroConv2d(hidden, out_channels),
+    )
+
+
+class AffineCoupling(nn.Module):
+    """Coupling layer: x = (x_a, x_b), h = net(x_a), y = (x_a, (x_b + shift) * sigmoid(raw+2))
+    (affine, Glow) or (x_a, x_b + h) (additive=True, NICE). Channels must be even.
+
+    Example:
+        >>> layer = AffineCoupling(4, hidden=16)
+        >>> y, logdet = layer(torch.randn(2, 4, 8, 8))
+    """
+
+    def __init__(self, channels: int, hidden: int = 512, additive: bool = False,
+                 net: nn.Module | None = None) -> None:
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"a coupling layer needs an even number of channels, got {channels}")
+        self.channels, self.additive = channels, additive
+        half = channels // 2
+        self.net = net if net is not None else coupling_net(half, half if additive else channels, hidden)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _check_image("x", x, self.channels)
+        x_a, x_b = x.chunk(2, dim=1)
+        y_b, logdet = ops.affine_coupling(x_b, self.net(x_a), self.additive)
+        return torch.cat([x_a, y_b], dim=1), logdet
+
+    def inverse(self, y: Tensor) -> Tensor:
+        _check_image("y", y, self.channels)
+        y_a, y_b = y.chunk(2, dim=1)
+        x_b, _ = ops.affine_coupling_inverse(y_b, self.net(y_a), self.additive)
+        return torch.cat([y_a, x_b], dim=1)
+
+
+class AdditiveCoupling(AffineCoupling):
+    """NICE's additive coupling y_b = x_b + net(x_a) (volume preserving: logdet = 0)."""
+
+    def __init__(self, channels: int, hidden: int = 512, net: nn.Module | None = None) -> None:
+        super().__init__(channels, hidden, additive=True, net=net)
+
+
+class GlowStep(nn.Module):
+    """One Glow step: ActNorm -> InvConv1x1 -> coupling, with the first two fused.
+
+    Fused path (default): ActNorm is folded into W (A = W diag(e^logs), c = W(e^logs * b));
+    y_a = (A x + c)[:C/2] feeds the coupling net, and one kernel then computes the whole
+    step output (A x + c, with the coupling on the second half) in one pass over x.
+    fused=False runs the three sub-layers one after another (same numbers, slower).
+
+    Shapes: x [N, C, H, W] -> y [N, C, H, W], logdet [N].
+    """
+
+    def __init__(self, channels: int, hidden: int = 512, lu: bool = True, additive: bool = False,
+                 fused: bool = True) -> None:
+        super().__init__()
+        self.channels, self.fused = channels, fused
+        self.actnorm = ActNorm(channels)
+        self.invconv = InvConv1x1(channels, lu=lu)
+        self.coupling = AffineCoupling(channels, hidden, additive=additive)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.fused:
+            y, ld0 = self.actnorm(x)
+            y, ld1 = self.invconv(y)
+            y, ld2 = self.coupling(y)
+            return y, ld0 + ld1 + ld2
+        _check_image("x", x, self.channels)
+        self.actnorm.maybe_initialize(x)
+        w, _, logdet_w = self.invconv.weights()
+        a, c = fold_actnorm_into_conv(self.actnorm.logs, self.actnorm.bias, w)
+        half = self.channels // 2
+        h = self.coupling.net(ops.actnorm_invconv(x, a[:half], c[:half]))
+        y, logdet = ops.actnorm_invconv_coupling(x, a, c, h, self.coupling.additive)
+        return y, logdet + x.shape[2] * x.shape[3] * (self.actnorm.logs.sum() + logdet_w)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        if not self.fused:
+            return self.actnorm.inverse(self.invconv.inverse(self.coupling.inverse(y)))
+        _check_image("y", y, self.channels)
+        z = self.coupling.inverse(y)
+        _, w_inv, _ = self.invconv.weights()
+        # x = W^-1 z * e^-logs - b: the inverse is again one per-pixel affine map.
+        a_inv = torch.exp(-self.actnorm.logs)[:, None] * w_inv
+        return ops.actnorm_invconv(z, a_inv, -self.actnorm.bias)
+
+
+def squeeze2d(x: Tensor) -> Tensor:
+    """[N, C, H, W] -> [N, 4C, H/2, W/2] (space to depth; H and W must be even)."""
+    n, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"squeeze needs even H and W, got {tuple(x.shape)}")
+    x = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(n, c * 4, h // 2, w // 2)
+
+
+def unsqueeze2d(x: Tensor) -> Tensor:
+    """Inverse of squeeze2d: [N, 4C, H, W] -> [N, C, 2H, 2W]."""
+    n, c, h, w = x.shape
+    x = x.view(n, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(n, c // 4, h * 2, w * 2)
+
+
+class Squeeze(nn.Module):
+    """Space-to-depth reshaping (logdet 0)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_tensor("x", x, 4)
+        return squeeze2d(x), x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        check_tensor("y", y, 4)
+        return unsqueeze2d(y)
+
+
+def gaussian_log_p(x: Tensor, mean: Tensor, log_sd: Tensor) -> Tensor:
+    """Elementwise log N(x; mean, exp(log_sd)^2)."""
+    return -0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=x.dtype)) - log_sd \
+        - 0.5 * (x - mean) ** 2 * torch.exp(-2 * log_sd)
+
+
+class Split(nn.Module):
+    """Multi-scale split with a learned prior: x = (z1, z2), p(z2 | z1) = N(mean, sd) with
+    (mean, log_sd) = ZeroConv2d(z1). forward(x) -> (z1, log p(z2 | z1) [N])."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"split needs an even number of channels, got {channels}")
+        self.channels = channels
+        self.prior = ZeroConv2d(channels // 2, channels)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(z1, z2, log p(z2 | z1) [N])."""
+        z1, z2 = x.chunk(2, dim=1)
+        mean, log_sd = self.prior(z1).chunk(2, dim=1)
+        return z1, z2, gaussian_log_p(z2, mean, log_sd).flatten(1).sum(1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z1, _, log_p = self.encode(x)
+        return z1, log_p
+
+    def inverse(self, z1: Tensor, z2: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+        """cat(z1, z2); z2 is drawn from the prior (scaled by temperature) when None."""
+        if z2 is None:
+            mean, log_sd = self.prior(z1).chunk(2, dim=1)
+            z2 = mean + torch.exp(log_sd) * temperature * torch.randn_like(mean)
+        return torch.cat([z1, z2], dim=1)
