@@ -39,7 +39,7 @@ def finite_checks_enabled() -> bool:
 def check_finite(name: str, t: Tensor) -> None:
     """Raise ValueError if `t` holds NaN or Inf. Skipped inside an already-checked model
     (see checked_once), under torch.compile tracing, or with LATENTFAST_CHECK_FINITE=0."""
-    if _skip_finite.get() or not finite_checks_enabled() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _skip_finite.get() or not finite_checks_enabled():
         return
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf values")

@@ -35,6 +35,12 @@ def _cpp():
     return torch.ops.latentfast_cpp
 
 
+def _contiguous(outs):
+    # The reference may return strided views (einsum); every backend returns the same
+    # (contiguous) layout so fake kernels describe all of them.
+    return tuple(t.contiguous() for t in outs)
+
+
 # ------------------------------------------------------------------ actnorm_invconv (+ coupling)
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor | None, mode: int) -> tuple[Tensor, Tensor]:
@@ -44,8 +50,8 @@ def _fwd_impl(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor | None, mode: i
     if be == "triton":
         return _triton().actnorm_invconv_fwd(x, weight, bias, h, mode)
     if mode == 0:
-        return ref.actnorm_invconv(x, weight, bias), x.new_zeros(x.shape[0])
-    return ref.actnorm_invconv_coupling(x, weight, bias, h, mode == 1)
+        return ref.actnorm_invconv(x, weight, bias).contiguous(), x.new_zeros(x.shape[0])
+    return _contiguous(ref.actnorm_invconv_coupling(x, weight, bias, h, mode == 1))
 
 
 @torch.library.custom_op("latentfast::actnorm_invconv", mutates_args=())
@@ -69,7 +75,7 @@ def _actnorm_invconv_backward(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, we
     if be == "triton":
         return _triton().actnorm_invconv_bwd(grad_y, grad_logdet, x, weight, bias, h, mode)
     gx, gw, gb, gh = ref.actnorm_invconv_backward(grad_y, grad_logdet, x, weight, bias, h, mode)
-    return gx, gw, gb, (gh if gh is not None else x.new_zeros(0))
+    return _contiguous((gx, gw, gb, gh if gh is not None else x.new_zeros(0)))
 
 
 @_actnorm_invconv.register_fake
@@ -123,7 +129,7 @@ def _coupling_impl(x: Tensor, h: Tensor, additive: bool, inverse: bool) -> tuple
     if be == "triton":
         return _triton().affine_coupling_fwd(x, h, additive, inverse)
     fn = ref.affine_coupling_inverse if inverse else ref.affine_coupling
-    return fn(x, h, additive)
+    return _contiguous(fn(x, h, additive))
 
 
 @torch.library.custom_op("latentfast::affine_coupling", mutates_args=())
@@ -144,7 +150,7 @@ def _affine_coupling_backward(grad_y: Tensor, grad_logdet: Tensor, x_b: Tensor, 
         return _cpp().affine_coupling_bwd(grad_y, grad_logdet, x_b, h, additive)
     if be == "triton":
         return _triton().affine_coupling_bwd(grad_y, grad_logdet, x_b, h, additive)
-    return ref.affine_coupling_backward(grad_y, grad_logdet, x_b, h, additive)
+    return _contiguous(ref.affine_coupling_backward(grad_y, grad_logdet, x_b, h, additive))
 
 
 @_affine_coupling.register_fake
@@ -207,7 +213,7 @@ def _lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_a
         return _cpp().lu_weight(perm, lower, upper, sign_s, log_abs_s)
     if be == "triton":
         return _triton().lu_weight(perm, lower, upper, sign_s, log_abs_s)
-    return ref.lu_weight(perm, lower, upper, sign_s, log_abs_s)
+    return _contiguous(ref.lu_weight(perm, lower, upper, sign_s, log_abs_s))
 
 
 @_lu_weight.register_fake

@@ -1,0 +1,55 @@
+"""Shared test helpers: backends under test, one tolerance table, a verbose assert."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import latentfast
+from latentfast import backend as lf_backend
+
+# One tolerance table for the whole suite (relative and absolute), by dtype.
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+}
+
+
+def backends_under_test() -> list[str]:
+    """LATENTFAST_BACKEND set (e.g. the Triton interpreter pass): that backend only.
+    Otherwise every backend that can run on CPU here, plus triton on CUDA machines."""
+    forced = os.environ.get("LATENTFAST_BACKEND", "auto")
+    if forced != "auto":
+        return [forced]
+    names = ["reference"]
+    if lf_backend.why_unavailable("cpp", torch.device("cpu")) is None:
+        names.append("cpp")
+    return names
+
+
+def device_for(backend_name: str) -> torch.device:
+    if backend_name == "triton" and torch.cuda.is_available() and not lf_backend.triton_interpret():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@pytest.fixture(params=backends_under_test())
+def backend(request):
+    """Runs the test under each backend, forced."""
+    with latentfast.use_backend(request.param):
+        yield request.param
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 scale: float = 1.0, msg: str = "") -> None:
+    """assert_close with the suite's tolerance, printing where the values differ."""
+    tol = TOL[dtype or expected.dtype]
+    actual = actual.detach().cpu().to(expected.dtype)
+    expected = expected.detach().cpu()
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"] * scale, atol=tol["atol"] * scale,
+                               msg=lambda m: f"{msg}\n{m}")
+
+
+def interpreting() -> bool:
+    return lf_backend.triton_interpret()

@@ -1,0 +1,198 @@
+"""Glow-step ops against their reference on fresh random inputs of odd sizes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentfast.ops import flows as ops
+from latentfast.reference import flows as ref
+from tests.conftest import assert_close, device_for
+
+SHAPES = [(1, 3, 1, 1), (2, 5, 3, 7), (3, 12, 7, 3), (2, 12, 7, 7)]
+EVEN_SHAPES = [(1, 4, 1, 1), (2, 6, 3, 7), (3, 12, 7, 3), (2, 12, 7, 7)]
+DTYPES = [torch.float32, torch.float64]
+
+
+def _rand(*shape, dtype, device, gen):
+    return torch.randn(*shape, dtype=dtype, generator=gen).to(device)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("co_extra", [0, 3])
+def test_actnorm_invconv_matches_reference(backend, shape, dtype, co_extra):
+    dev, gen = device_for(backend), torch.Generator().manual_seed(hash((shape, co_extra)) % 2**31)
+    n, c, h, w = shape
+    x = _rand(n, c, h, w, dtype=dtype, device=dev, gen=gen)
+    weight = _rand(c + co_extra, c, dtype=dtype, device=dev, gen=gen)
+    bias = _rand(c + co_extra, dtype=dtype, device=dev, gen=gen)
+    y = ops.actnorm_invconv(x, weight, bias)
+    assert_close(y, ref.actnorm_invconv(x, weight, bias))
+
+
+def test_actnorm_invconv_non_contiguous(backend):
+    dev, gen = device_for(backend), torch.Generator().manual_seed(1)
+    x = _rand(3, 7, 5, 6, dtype=torch.float32, device=dev, gen=gen).permute(0, 1, 3, 2)
+    weight = _rand(7, 5, dtype=torch.float32, device=dev, gen=gen).t()
+    bias = _rand(5, dtype=torch.float32, device=dev, gen=gen)
+    assert not x.is_contiguous() and not weight.is_contiguous()
+    assert_close(ops.actnorm_invconv(x, weight, bias), ref.actnorm_invconv(x, weight, bias))
+
+
+@pytest.mark.parametrize("shape", EVEN_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("additive", [False, True])
+def test_actnorm_invconv_coupling_matches_reference(backend, shape, dtype, additive):
+    dev, gen = device_for(backend), torch.Generator().manual_seed(hash((shape, additive)) % 2**31)
+    n, c, h, w = shape
+    x = _rand(n, c, h, w, dtype=dtype, device=dev, gen=gen)
+    weight = _rand(c, c, dtype=dtype, device=dev, gen=gen)
+    bias = _rand(c, dtype=dtype, device=dev, gen=gen)
+    hh = 3 * _rand(n, c // 2 if additive else c, h, w, dtype=dtype, device=dev, gen=gen)
+    y, logdet = ops.actnorm_invconv_coupling(x, weight, bias, hh, additive)
+    y_ref, logdet_ref = ref.actnorm_invconv_coupling(x, weight, bias, hh, additive)
+    assert_close(y, y_ref)
+    assert_close(logdet, logdet_ref)
+
+
+@pytest.mark.parametrize("shape", EVEN_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("additive", [False, True])
+def test_affine_coupling_and_inverse(backend, shape, dtype, additive):
+    dev, gen = device_for(backend), torch.Generator().manual_seed(7)
+    n, c, h, w = shape
+    x_b = _rand(n, c // 2, h, w, dtype=dtype, device=dev, gen=gen)
+    hh = 3 * _rand(n, c // 2 if additive else c, h, w, dtype=dtype, device=dev, gen=gen)
+    y, logdet = ops.affine_coupling(x_b, hh, additive)
+    y_ref, logdet_ref = ref.affine_coupling(x_b, hh, additive)
+    assert_close(y, y_ref)
+    assert_close(logdet, logdet_ref)
+    x_back, logdet_inv = ops.affine_coupling_inverse(y, hh, additive)
+    assert_close(x_back, x_b, scale=10.0)
+    assert_close(logdet_inv, -logdet_ref)
+
+
+@pytest.mark.parametrize("c", [1, 3, 5, 12, 33])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lu_weight_matches_reference(backend, c, dtype):
+    dev, gen = device_for(backend), torch.Generator().manual_seed(c)
+    perm = torch.eye(c, dtype=dtype)[torch.randperm(c, generator=gen)].to(dev)
+    lower = 0.3 * _rand(c, c, dtype=dtype, device=dev, gen=gen)
+    upper = 0.3 * _rand(c, c, dtype=dtype, device=dev, gen=gen)
+    sign_s = torch.where(_rand(c, dtype=dtype, device=dev, gen=gen) > 0, 1.0, -1.0).to(dtype)
+    log_abs_s = 0.2 * _rand(c, dtype=dtype, device=dev, gen=gen)
+    w, w_inv, logdet = ops.lu_weight(perm, lower, upper, sign_s, log_abs_s)
+    w_ref, w_inv_ref = ref.lu_weight(perm, lower, upper, sign_s, log_abs_s)
+    assert_close(w, w_ref)
+    assert_close(w_inv, w_inv_ref, scale=10.0)
+    eye = torch.eye(c, dtype=torch.float64)
+    assert_close((w.double() @ w_inv.double()).cpu(), eye, dtype=dtype, scale=10.0)
+    assert_close(logdet, torch.linalg.slogdet(w_ref.double())[1].to(dtype), scale=10.0)
+
+
+def _grads(fn, inputs, seed):
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, dtype=o.dtype, generator=gen).to(o.device)).sum() for o in outs)
+    return torch.autograd.grad(loss, [t for t in inputs if t.requires_grad])
+
+
+@pytest.mark.parametrize("additive", [None, False, True])
+def test_gradients_match_reference(backend, additive):
+    dev, gen = device_for(backend), torch.Generator().manual_seed(3)
+    n, c, h, w = 3, 6, 5, 3
+    x = _rand(n, c, h, w, dtype=torch.float32, device=dev, gen=gen)
+    weight = _rand(c, c, dtype=torch.float32, device=dev, gen=gen)
+    bias = _rand(c, dtype=torch.float32, device=dev, gen=gen)
+    if additive is None:
+        args = (x, weight, bias)
+        got, want = _grads(ops.actnorm_invconv, args, 0), _grads(ref.actnorm_invconv, args, 0)
+    else:
+        hh = _rand(n, c // 2 if additive else c, h, w, dtype=torch.float32, device=dev, gen=gen)
+        args = (x, weight, bias, hh)
+        got = _grads(lambda *a: ops.actnorm_invconv_coupling(*a, additive), args, 0)
+        want = _grads(lambda *a: ref.actnorm_invconv_coupling(*a, additive), args, 0)
+    for g, r in zip(got, want):
+        assert_close(g, r, scale=10.0)
+
+
+def _lu_inputs(c, dtype, dev, gen):
+    perm = torch.eye(c, dtype=dtype)[torch.randperm(c, generator=gen)].to(dev)
+    sign_s = torch.tensor([1.0, -1.0] * c, dtype=dtype)[:c].to(dev)
+    return (perm, 0.3 * _rand(c, c, dtype=dtype, device=dev, gen=gen),
+            0.3 * _rand(c, c, dtype=dtype, device=dev, gen=gen), sign_s,
+            0.2 * _rand(c, dtype=dtype, device=dev, gen=gen))
+
+
+def test_gradcheck_float64(backend):
+    dev, gen = device_for(backend), torch.Generator().manual_seed(5)
+    d = torch.float64
+    n, c, h, w = 2, 4, 3, 1
+    x = _rand(n, c, h, w, dtype=d, device=dev, gen=gen).requires_grad_()
+    weight = _rand(c, c, dtype=d, device=dev, gen=gen).requires_grad_()
+    bias = _rand(c, dtype=d, device=dev, gen=gen).requires_grad_()
+    for additive in (False, True):
+        hh = _rand(n, c // 2 if additive else c, h, w, dtype=d, device=dev, gen=gen).requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda *a: ops.actnorm_invconv_coupling(*a, additive), (x, weight, bias, hh))
+        x_b = x[:, : c // 2].detach().clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda *a: ops.affine_coupling(*a, additive), (x_b, hh))
+        assert torch.autograd.gradcheck(lambda *a: ops.affine_coupling_inverse(*a, additive), (x_b, hh))
+    assert torch.autograd.gradcheck(ops.actnorm_invconv, (x, weight, bias))
+    perm, lower, upper, sign_s, log_abs_s = _lu_inputs(5, d, dev, gen)
+    lower.requires_grad_(), upper.requires_grad_(), log_abs_s.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda lo, up, la: ops.lu_weight(perm, lo, up, sign_s, la)[:2], (lower, upper, log_abs_s))
+
+
+def test_opcheck(backend):
+    dev, gen = device_for(backend), torch.Generator().manual_seed(11)
+    d = torch.float32
+    x = _rand(2, 6, 3, 5, dtype=d, device=dev, gen=gen)
+    weight = _rand(6, 6, dtype=d, device=dev, gen=gen)
+    bias = _rand(6, dtype=d, device=dev, gen=gen)
+    hh = _rand(2, 6, 3, 5, dtype=d, device=dev, gen=gen)
+    gy, gld = torch.randn_like(x), torch.randn(2, dtype=d).to(dev)
+    lib = torch.ops.latentfast
+    cases = [
+        (lib.actnorm_invconv, (x, weight, bias)),
+        (lib.actnorm_invconv_coupling, (x, weight, bias, hh, False)),
+        (lib.actnorm_invconv_coupling, (x, weight, bias, hh[:, :3].contiguous(), True)),
+        (lib.actnorm_invconv_backward, (gy, gld, x, weight, bias, hh, 2)),
+        (lib.affine_coupling, (x[:, :3].contiguous(), hh, False)),
+        (lib.affine_coupling_inverse, (x[:, :3].contiguous(), hh, False)),
+        (lib.affine_coupling_backward, (gy[:, :3].contiguous(), gld, x[:, :3].contiguous(), hh, False)),
+        (lib.lu_weight, _lu_inputs(5, d, dev, gen)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+        grad_args = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor)
+                          and a.is_floating_point() else a for a in args)
+        if op is not lib.actnorm_invconv_backward and op is not lib.affine_coupling_backward:
+            torch.library.opcheck(op, grad_args)
+
+
+def test_bad_inputs_raise():
+    x = torch.randn(2, 4, 3, 3)
+    w, b = torch.randn(4, 4), torch.randn(4)
+    with pytest.raises(ValueError, match="dimensions"):
+        ops.actnorm_invconv(x[0], w, b)
+    with pytest.raises(ValueError, match="weight"):
+        ops.actnorm_invconv(x, torch.randn(4, 5), b)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.actnorm_invconv(x, w.double(), b)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.actnorm_invconv(x.long(), w, b)
+    with pytest.raises(TypeError, match="Tensor"):
+        ops.actnorm_invconv(x.numpy(), w, b)
+    with pytest.raises(ValueError, match="even"):
+        ops.actnorm_invconv_coupling(torch.randn(2, 3, 3, 3), torch.randn(3, 3), torch.randn(3),
+                                     torch.randn(2, 3, 3, 3))
+    with pytest.raises(ValueError, match="h must have shape"):
+        ops.actnorm_invconv_coupling(x, w, b, torch.randn(2, 2, 3, 3))
+    with pytest.raises(ValueError, match="h must have shape"):
+        ops.affine_coupling(x[:, :2], torch.randn(2, 4, 3, 4))
+    with pytest.raises(ValueError, match="square"):
+        ops.lu_weight(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4), torch.ones(3), torch.zeros(3))
