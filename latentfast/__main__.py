@@ -1,0 +1,56 @@
+"""Command line: ``python -m latentfast info | bench``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def info() -> None:
+    """Versions, devices, whether the C++ extension is built, and each op's backend."""
+    from latentfast import _ext, backend
+
+    ok, tv = backend.triton_status()
+    print(f"torch {torch.__version__}   triton {tv if ok else 'not available: ' + tv}")
+    print(f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+    print(f"latentfast._C (C++ CPU kernels): "
+          f"{'built' if _ext.has_cpp() else 'not loaded: ' + str(_ext.load_error)}")
+    print(f"TRITON_INTERPRET: {'on' if backend.triton_interpret() else 'off'}   "
+          f"LATENTFAST_BACKEND: {backend.requested()}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for op in ("actnorm_invconv", "actnorm_invconv_coupling", "affine_coupling", "lu_weight"):
+        chosen = []
+        for d in devices:
+            try:
+                chosen.append(f"{d.type}: {backend.select(d)}")
+            except RuntimeError as exc:
+                chosen.append(f"{d.type}: unavailable ({exc})")
+        print(f"  latentfast::{op:<26} " + ", ".join(chosen))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m latentfast")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, devices, extension and backend status")
+    b = sub.add_parser("bench", help="run the benchmark suite and print its table")
+    b.add_argument("--ops", nargs="*", help="op or case names to run (default: all)")
+    b.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="default: cuda when available, else cpu")
+    b.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    b.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if args.cmd == "info":
+        info()
+    elif args.cmd == "bench":
+        from latentfast.bench import run_suite
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+        run_suite(args.ops, device, args.quick, args.json_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Benchmark cases: one setup per case, shared by the timing and the error check.
+
+Each case gives three callables over the same inputs: the eager PyTorch reference (what a
+user writes without latentfast), the same function under torch.compile, and latentfast.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from latentfast.ops import flows as ops
+from latentfast.reference import flows as ref
+
+
+@dataclass
+class Case:
+    op: str
+    name: str
+    inputs: tuple[Tensor, ...]
+    eager: Callable[..., tuple[Tensor, ...]]
+    fast: Callable[..., tuple[Tensor, ...]]
+    grad_inputs: tuple[int, ...]  # indices of inputs that get gradients in fwd+bwd
+    bytes_moved: int  # fewest bytes one forward must read and write
+    flops: int  # forward floating-point operations
+
+
+def _eager_glow_step(x, logs, bias, weight, h):
+    """ActNorm, 1x1 conv and affine coupling as a user writes them in PyTorch."""
+    z = (x + bias[None, :, None, None]) * torch.exp(logs)[None, :, None, None]
+    z = F.conv2d(z, weight[:, :, None, None])
+    z_a, z_b = z.chunk(2, dim=1)
+    shift, raw = h.chunk(2, dim=1)
+    s = torch.sigmoid(raw + 2.0)
+    return torch.cat([z_a, (z_b + shift) * s], dim=1), F.logsigmoid(raw + 2.0).flatten(1).sum(1)
+
+
+def _fast_glow_step(x, logs, bias, weight, h):
+    a, c = ref.fold_actnorm_into_conv(logs, bias, weight)
+    return ops.actnorm_invconv_coupling(x, a, c, h)
+
+
+def _eager_actnorm_invconv(x, logs, bias, weight):
+    z = (x + bias[None, :, None, None]) * torch.exp(logs)[None, :, None, None]
+    return (F.conv2d(z, weight[:, :, None, None]),)
+
+
+def _fast_actnorm_invconv(x, logs, bias, weight):
+    a, c = ref.fold_actnorm_into_conv(logs, bias, weight)
+    return (ops.actnorm_invconv(x, a, c),)
+
+
+def _eager_coupling(x_b, h):
+    return ref.affine_coupling(x_b, h)
+
+
+def _fast_coupling(x_b, h):
+    return ops.affine_coupling(x_b, h)
+
+
+def _eager_lu(perm, lower, upper, sign_s, log_abs_s):
+    return ref.lu_weight(perm, lower, upper, sign_s, log_abs_s)
+
+
+def _fast_lu(perm, lower, upper, sign_s, log_abs_s):
+    return ops.lu_weight(perm, lower, upper, sign_s, log_abs_s)[:2]
+
+
+def make_cases(device: torch.device, quick: bool) -> list[Case]:
+    """All cases at full size, or at small sizes with quick=True."""
+    gen = torch.Generator().manual_seed(0)
+    n, c, s = (8, 48, 16) if quick else (32, 48, 32)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).to(device)
+
+    x, h = rnd(n, c, s, s), rnd(n, c, s, s)
+    logs, bias = rnd(c, scale=0.1), rnd(c, scale=0.1)
+    weight = torch.linalg.qr(torch.randn(c, c, generator=gen))[0].to(device)
+    elems, f32 = n * c * s * s, 4
+    shape = f"[{n}, {c}, {s}, {s}] float32"
+    cases = [
+        Case("actnorm_invconv_coupling", "glow_step_affine", (x, logs, bias, weight, h),
+             _eager_glow_step, _fast_glow_step, (0, 1, 2, 3, 4),
+             bytes_moved=3 * elems * f32, flops=2 * c * elems),
+        Case("actnorm_invconv", f"actnorm_invconv {shape}", (x, logs, bias, weight),
+             _eager_actnorm_invconv, _fast_actnorm_invconv, (0, 1, 2, 3),
+             bytes_moved=2 * elems * f32, flops=2 * c * elems),
+        Case("affine_coupling", f"affine_coupling x_b [{n}, {c // 2}, {s}, {s}]",
+             (x[:, : c // 2].contiguous(), h), _eager_coupling, _fast_coupling, (0, 1),
+             bytes_moved=2 * elems * f32, flops=10 * elems // 2),
+    ]
+    for cl in ((48,) if quick else (48, 256)):
+        p = torch.eye(cl)[torch.randperm(cl, generator=gen)].to(device)
+        lu_in = (p, rnd(cl, cl, scale=0.1), rnd(cl, cl, scale=0.1),
+                 torch.ones(cl, device=device), rnd(cl, scale=0.1))
+        cases.append(Case("lu_weight", f"lu_weight C={cl}", lu_in, _eager_lu, _fast_lu, (1, 2, 4),
+                          bytes_moved=5 * cl * cl * f32, flops=2 * cl ** 3))
+    return cases

@@ -1,0 +1,149 @@
+"""Runs the benchmark cases and prints / writes the table."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from latentfast import backend
+from latentfast.bench.cases import Case, make_cases
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, min_reps: int, budget_s: float) -> float:
+    """Median wall time of fn() in ms, after warm-up (compilation stays out)."""
+    for _ in range(3):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _fwd(fn, inputs):
+    return lambda: fn(*inputs)
+
+
+def _fwd_bwd(fn, inputs, grad_idx):
+    leaves = [t.detach().clone().requires_grad_(i in grad_idx) for i, t in enumerate(inputs)]
+
+    def run():
+        outs = fn(*leaves)
+        loss = sum(o.float().mean() for o in outs)
+        loss.backward()
+        for t in leaves:
+            t.grad = None
+    return run
+
+
+def _max_rel_err(fast, eager) -> float:
+    err = 0.0
+    for a, b in zip(fast, eager):
+        denom = b.double().abs().max().item() or 1.0
+        err = max(err, (a.double() - b.double()).abs().max().item() / denom)
+    return err
+
+
+def _peak_mb(fn, device) -> float | None:
+    if device.type != "cuda":
+        return None  # no allocator statistics for CPU tensors
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
+    compiled = torch.compile(case.eager)
+    with torch.no_grad():
+        err = _max_rel_err(case.fast(*case.inputs), case.eager(*case.inputs))
+    reps, budget = (5, 0.5) if quick else (15, 3.0)
+    rows = []
+    for pass_name in ("fwd", "fwd+bwd"):
+        if pass_name == "fwd":
+            make = lambda fn: _fwd(fn, case.inputs)  # noqa: E731
+        else:
+            make = lambda fn: _fwd_bwd(fn, case.inputs, case.grad_inputs)  # noqa: E731
+        t_eager = time_ms(make(case.eager), device, reps, budget)
+        t_compile = time_ms(make(compiled), device, reps, budget)
+        t_fast = time_ms(make(case.fast), device, reps, budget)
+        row = {
+            "op": case.op, "case": case.name, "pass": pass_name,
+            "backend": backend.select(device),
+            "eager_ms": round(t_eager, 4), "compile_ms": round(t_compile, 4),
+            "latentfast_ms": round(t_fast, 4),
+            "speedup_vs_eager": round(t_eager / t_fast, 3),
+            "speedup_vs_compile": round(t_compile / t_fast, 3),
+            "max_rel_err": float(f"{err:.3e}"),
+            "peak_mem_mb_eager": _peak_mb(make(case.eager), device),
+            "peak_mem_mb_latentfast": _peak_mb(make(case.fast), device),
+        }
+        if pass_name == "fwd":
+            row["min_bytes"] = case.bytes_moved
+            row["achieved_gbps"] = round(case.bytes_moved / (t_fast * 1e-3) / 1e9, 2)
+            row["achieved_gflops"] = round(case.flops / (t_fast * 1e-3) / 1e9, 2)
+        rows.append(row)
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "python": platform.python_version(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    ok, ver = backend.triton_status()
+    info["triton"] = ver if ok else None
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        info["cpu_model"] = names[0] if names else None
+    except OSError:
+        info["cpu_model"] = None
+    return info
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'case':<40} {'pass':<8} {'eager ms':>9} {'compile ms':>10} {'latentfast ms':>13} " \
+           f"{'x eager':>8} {'x compile':>9} {'max rel err':>11}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['case']:<40} {r['pass']:<8} {r['eager_ms']:>9.3f} {r['compile_ms']:>10.3f} "
+                     f"{r['latentfast_ms']:>13.3f} {r['speedup_vs_eager']:>8.2f} "
+                     f"{r['speedup_vs_compile']:>9.2f} {r['max_rel_err']:>11.1e}")
+    return "\n".join(lines)
+
+
+def run_suite(ops: list[str] | None = None, device: str = "cpu", quick: bool = False,
+              json_path: str | None = None) -> list[dict]:
+    """Run every case (or those whose op or case name is in `ops`) and print the table."""
+    dev = torch.device(device)
+    cases = [c for c in make_cases(dev, quick) if not ops or c.op in ops or c.name in ops]
+    if not cases:
+        raise ValueError(f"no benchmark case matches {ops}")
+    rows: list[dict] = []
+    for case in tqdm(cases, desc=f"bench ({device})", unit="case"):
+        rows.extend(run_case(case, dev, quick))
+    env = environment(dev)
+    print(f"device: {env['device']}  cpu: {env['cpu_model']}  torch {env['torch']}  triton {env['triton']}")
+    print(format_table(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({**env, "quick": quick, "rows": rows}, f, indent=1)
+        print(f"wrote {json_path}")
+    return rows
