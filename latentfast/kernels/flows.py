@@ -3,7 +3,7 @@
 Math (see latentfast.reference.flows for the specification):
     z = A x + c per pixel (ActNorm folded into the 1x1 conv),
     y_a = z_a, y_b = z_b + shift (additive) or (z_b + shift) * s, s = sigmoid(raw + 2),
-    logdet = sum log s;  dz_b = gy_b * s,  draw = (gy_b * y_b / s * s + g_ld) * (1 - s).
+    logdet = sum log s;  dz_b = gy_b * s,  draw = (gy_b * (z_b + shift) * s + g_ld) * (1 - s).
 Reductions (log-det, weight gradients) go through per-block partials summed afterwards, so
 results do not depend on the order blocks run in.
 """

@@ -109,7 +109,7 @@ def _actnorm_invconv_bwd(ctx, grad_y):
 def _actnorm_invconv_coupling_bwd(ctx, grad_y, grad_logdet):
     x, weight, bias, h = ctx.saved_tensors
     if grad_y is None:
-        grad_y = torch.zeros_like(x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3])))
+        grad_y = x.new_zeros((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
     if grad_logdet is None:
         grad_logdet = x.new_zeros(x.shape[0])
     gx, gw, gb, gh = _actnorm_invconv_backward(grad_y, grad_logdet, x, weight, bias, h, ctx.mode)

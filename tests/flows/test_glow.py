@@ -20,6 +20,13 @@ def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
             p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
+def _initialised(layer: torch.nn.Module, x: torch.Tensor, seed: int) -> torch.nn.Module:
+    """Run layer once on x (ActNorm data-dependent init), then perturb its parameters."""
+    layer(x)
+    _perturb(layer, seed)
+    return layer
+
+
 def _glow(dtype=torch.float32, seed=0, **kw) -> Glow:
     torch.manual_seed(seed)
     kw = {"n_levels": 3, "steps_per_level": 4, "hidden": 16, **kw}
@@ -63,10 +70,8 @@ def test_glow_logdet_equals_jacobian_slogdet(backend):
 ])
 def test_layer_logdet_and_inverse(backend, layer_fn):
     torch.manual_seed(4)
-    layer = layer_fn().double()
     x = torch.randn(1, 6, 3, 5, dtype=torch.float64)
-    layer(x)  # ActNorm init where there is one
-    _perturb(layer, 5)
+    layer = _initialised(layer_fn().double(), x, 5)
     y, logdet = layer(x)
     assert_close(layer.inverse(y), x, scale=100.0)
     jac = torch.autograd.functional.jacobian(lambda v: layer(v.view_as(x))[0].flatten(), x.flatten())
@@ -75,10 +80,8 @@ def test_layer_logdet_and_inverse(backend, layer_fn):
 
 def test_fused_glow_step_matches_unfused(backend):
     torch.manual_seed(6)
-    step = GlowStep(12, hidden=16)
     x = torch.randn(3, 12, 7, 7)
-    step(x)
-    _perturb(step, 7)
+    step = _initialised(GlowStep(12, hidden=16), x, 7)
     y, ld = step(x)
     step.fused = False
     y2, ld2 = step(x)
@@ -119,10 +122,8 @@ def test_bad_inputs_raise():
 @pytest.mark.slow
 def test_compile_fullgraph(backend):
     torch.manual_seed(8)
-    step = GlowStep(4, hidden=8)
     x = torch.randn(2, 4, 3, 3)
-    step(x)
-    _perturb(step, 9)
+    step = _initialised(GlowStep(4, hidden=8), x, 9)
     compiled = torch.compile(step, fullgraph=True)
     y, ld = compiled(x)
     y_ref, ld_ref = step(x)
