@@ -6,55 +6,77 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace latentfast {
 namespace {
 
+// Every loop is a row update (axpy over a contiguous row), so the inner loops vectorise and
+// walk memory with unit stride; work is split over blocks of columns, which are independent
+// in every step (including the triangular solves).
 template <typename T>
 void lu_weight_kernel(const T* perm, const T* lower, const T* upper, const T* sign_s,
                       const T* log_abs_s, T* w, T* w_inv, int64_t C) {
   using acc_t = at::opmath_type<T>;
-  std::vector<acc_t> diag(C), lu(C * C), z(C * C);
+  std::vector<acc_t> diag(C), up(C * C, acc_t(0)), lu(C * C), z(C * C);
   for (int64_t i = 0; i < C; ++i) diag[i] = acc_t(sign_s[i]) * std::exp(acc_t(log_abs_s[i]));
-  auto u_at = [&](int64_t i, int64_t j) -> acc_t {
-    return i == j ? diag[i] : (j > i ? acc_t(upper[i * C + j]) : acc_t(0));
-  };
-  // lu = L U'
-  at::parallel_for(0, C, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t j = 0; j < C; ++j) {
-        acc_t s = u_at(i, j);
-        const int64_t kmax = i < j ? i : j;  // L[i,k] != 0 needs k < i, U'[k,j] needs k <= j
-        for (int64_t k = 0; k <= kmax && k < i; ++k) s += acc_t(lower[i * C + k]) * u_at(k, j);
-        lu[i * C + j] = s;
+  for (int64_t i = 0; i < C; ++i) {  // U' = strict upper part of `upper` + diag
+    up[i * C + i] = diag[i];
+    for (int64_t j = i + 1; j < C; ++j) up[i * C + j] = acc_t(upper[i * C + j]);
+  }
+  constexpr int64_t kCols = 64;
+  const int64_t nblk = (C + kCols - 1) / kCols;
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * kCols, j1 = std::min(C, j0 + kCols);
+      // lu[i, :] = U'[i, :] + sum_{k<i} L[i, k] U'[k, :]
+      for (int64_t i = 0; i < C; ++i) {
+        acc_t* row = &lu[i * C];
+        for (int64_t j = j0; j < j1; ++j) row[j] = up[i * C + j];
+        for (int64_t k = 0; k < i; ++k) {
+          const acc_t l = acc_t(lower[i * C + k]);
+          const acc_t* src = &up[k * C];
+          for (int64_t j = std::max(j0, k); j < j1; ++j) row[j] += l * src[j];
+        }
       }
-    }
-  });
-  // W = P lu
-  at::parallel_for(0, C, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t j = 0; j < C; ++j) {
-        acc_t s = 0;
-        for (int64_t k = 0; k < C; ++k) s += acc_t(perm[i * C + k]) * lu[k * C + j];
-        w[i * C + j] = T(s);
+      // W[i, :] = sum_k P[i, k] lu[k, :]; P is a permutation, so skip its zeros.
+      for (int64_t i = 0; i < C; ++i) {
+        acc_t* acc = &z[i * C];  // z is scratch here, overwritten below
+        for (int64_t j = j0; j < j1; ++j) acc[j] = 0;
+        for (int64_t k = 0; k < C; ++k) {
+          const acc_t p = acc_t(perm[i * C + k]);
+          if (p == acc_t(0)) continue;
+          const acc_t* src = &lu[k * C];
+          for (int64_t j = j0; j < j1; ++j) acc[j] += p * src[j];
+        }
+        for (int64_t j = j0; j < j1; ++j) w[i * C + j] = T(acc[j]);
       }
-  });
-  // Column j of Z = L^-1 P^T, then of W^-1 = U'^-1 Z; columns are independent.
-  at::parallel_for(0, C, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      for (int64_t i = 0; i < C; ++i) {  // L z = P^T e_j, P^T[i, j] = P[j, i]
-        acc_t s = acc_t(perm[j * C + i]);
-        for (int64_t k = 0; k < i; ++k) s -= acc_t(lower[i * C + k]) * z[k * C + j];
-        z[i * C + j] = s;
+      // Z = L^-1 P^T: Z[i, :] = P^T[i, :] - sum_{k<i} L[i, k] Z[k, :]
+      for (int64_t i = 0; i < C; ++i) {
+        acc_t* row = &z[i * C];
+        for (int64_t j = j0; j < j1; ++j) row[j] = acc_t(perm[j * C + i]);
+        for (int64_t k = 0; k < i; ++k) {
+          const acc_t l = acc_t(lower[i * C + k]);
+          const acc_t* src = &z[k * C];
+          for (int64_t j = j0; j < j1; ++j) row[j] -= l * src[j];
+        }
       }
-      for (int64_t i = C - 1; i >= 0; --i) {  // U' v = z
-        acc_t s = z[i * C + j];
-        for (int64_t k = i + 1; k < C; ++k) s -= acc_t(upper[i * C + k]) * z[k * C + j];
-        z[i * C + j] = s / diag[i];  // z's column j is overwritten from the bottom up
+      // W^-1 = U'^-1 Z, from the bottom row up: V[i, :] = (Z[i, :] - sum_{k>i} U'[i, k] V[k, :]) / d_i
+      for (int64_t i = C - 1; i >= 0; --i) {
+        acc_t* row = &z[i * C];
+        for (int64_t k = i + 1; k < C; ++k) {
+          const acc_t u = up[i * C + k];
+          const acc_t* src = &z[k * C];
+          for (int64_t j = j0; j < j1; ++j) row[j] -= u * src[j];
+        }
+        const acc_t inv_d = acc_t(1) / diag[i];
+        for (int64_t j = j0; j < j1; ++j) {
+          row[j] *= inv_d;
+          w_inv[i * C + j] = T(row[j]);
+        }
       }
-      for (int64_t i = 0; i < C; ++i) w_inv[i * C + j] = T(z[i * C + j]);
     }
   });
 }
