@@ -1,0 +1,135 @@
+// CPU kernels of the latent-geometry ops: the fused element-wise steps of the tangent
+// propagation (activation and derivative scaling), the weighted per-point Gram that
+// assembles M(z), and the curve energy/length reduction with its gradient. The GEMMs
+// between these steps are issued from Python to ATen's BLAS (latentfast/ops/geometry.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace latentfast {
+namespace geom_base {
+#include "flows/vec_math.inc"
+#include "geometry/geometry_kernels.inc"
+}  // namespace geom_base
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define LATENTFAST_GEOM_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace geom_avx2 {
+#include "flows/vec_math.inc"
+#include "geometry/geometry_kernels.inc"
+}  // namespace geom_avx2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+bool use_avx2() {
+#ifdef LATENTFAST_GEOM_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#ifdef LATENTFAST_GEOM_AVX2
+#define LF_GEOM_CALL(fn, ...) (use_avx2() ? geom_avx2::fn(__VA_ARGS__) : geom_base::fn(__VA_ARGS__))
+#else
+#define LF_GEOM_CALL(fn, ...) geom_base::fn(__VA_ARGS__)
+#endif
+
+void check_cpu_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "latentfast_cpp geometry kernels take CPU tensors (", name, ")");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              name, " must be float32 or float64");
+}
+
+at::Tensor mlp_act_tangent_(at::Tensor& buf, int64_t n_points, int64_t n_dirs, int64_t act) {
+  check_cpu_float(buf, "buf");
+  TORCH_CHECK(buf.dim() == 2 && buf.is_contiguous(), "mlp_act_tangent_: buf must be contiguous 2-D");
+  TORCH_CHECK(buf.size(0) == n_points * (1 + n_dirs),
+              "mlp_act_tangent_: buf must have n_points * (1 + n_dirs) rows");
+  TORCH_CHECK(act >= 0 && act <= 4, "mlp_act_tangent_: unknown activation code ", act);
+  const int64_t H = buf.size(1);
+  at::Tensor deriv = at::empty({n_points, H}, buf.options());
+  AT_DISPATCH_FLOATING_TYPES(buf.scalar_type(), "mlp_act_tangent_", [&] {
+    scalar_t* b = buf.mutable_data_ptr<scalar_t>();
+    scalar_t* s = deriv.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / ((1 + n_dirs) * std::max<int64_t>(H, 1)));
+    at::parallel_for(0, n_points, grain, [&](int64_t begin, int64_t end) {
+      LF_GEOM_CALL(act_tangent_rows<scalar_t>, b, s, n_points, n_dirs, H, act, begin, end);
+    });
+  });
+  return deriv;
+}
+
+at::Tensor weighted_gram(const at::Tensor& p, const at::Tensor& q, const c10::optional<at::Tensor>& w) {
+  check_cpu_float(p, "p");
+  TORCH_CHECK(p.dim() == 3 && q.sizes() == p.sizes() && q.scalar_type() == p.scalar_type(),
+              "weighted_gram: p and q must be [N, d, X] of one dtype");
+  const int64_t N = p.size(0), d = p.size(1), X = p.size(2);
+  const at::Tensor pc = p.contiguous(), qc = q.contiguous();
+  at::Tensor wc;
+  if (w.has_value()) {
+    TORCH_CHECK(w->dim() == 2 && w->size(0) == N && w->size(1) == X && w->scalar_type() == p.scalar_type(),
+                "weighted_gram: w must be [N, X]");
+    wc = w->contiguous();
+  }
+  at::Tensor out = at::empty({N, d, d}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "weighted_gram", [&] {
+    const scalar_t* wp = wc.defined() ? wc.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d * d * X, 1));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      LF_GEOM_CALL(weighted_gram_points<scalar_t>, pc.const_data_ptr<scalar_t>(),
+                   qc.const_data_ptr<scalar_t>(), wp, out.mutable_data_ptr<scalar_t>(), d, X,
+                   begin, end);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> curve_reduce(const at::Tensor& g,
+                                                             const c10::optional<at::Tensor>& grad_energy,
+                                                             const c10::optional<at::Tensor>& grad_length) {
+  check_cpu_float(g, "g");
+  TORCH_CHECK(g.dim() == 3 && g.size(1) >= 2, "curve_reduce: g must be [B, T+1, F] with T >= 1");
+  const int64_t B = g.size(0), T1 = g.size(1), F = g.size(2);
+  const at::Tensor gc = g.contiguous();
+  at::Tensor energy = at::empty({B}, g.options()), length = at::empty({B}, g.options());
+  const bool want = grad_energy.has_value() || grad_length.has_value();
+  at::Tensor gg = want ? at::empty_like(gc) : at::empty({0}, g.options());
+  at::Tensor ge, gl;
+  for (auto [src, dst] : {std::pair{&grad_energy, &ge}, std::pair{&grad_length, &gl}}) {
+    if (src->has_value()) {
+      TORCH_CHECK((*src)->dim() == 1 && (*src)->size(0) == B, "curve_reduce: grads must be [B]");
+      *dst = (*src)->to(g.scalar_type()).contiguous();
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "curve_reduce", [&] {
+    const scalar_t* gep = ge.defined() ? ge.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* glp = gl.defined() ? gl.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* ggp = want ? gg.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(T1 * F, 1));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      LF_GEOM_CALL(curve_reduce_curves<scalar_t>, gc.const_data_ptr<scalar_t>(),
+                   energy.mutable_data_ptr<scalar_t>(), length.mutable_data_ptr<scalar_t>(), gep,
+                   glp, ggp, T1, F, begin, end);
+    });
+  });
+  return {energy, length, gg};
+}
+
+}  // namespace
+}  // namespace latentfast
+
+TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) {
+  m.impl("mlp_act_tangent_", &latentfast::mlp_act_tangent_);
+  m.impl("weighted_gram", &latentfast::weighted_gram);
+  m.impl("curve_reduce", &latentfast::curve_reduce);
+}

@@ -1,0 +1,202 @@
+"""Triton kernels of the latent-geometry ops (GPU, and CPU under TRITON_INTERPRET=1).
+
+The same three fused steps as the C++ backend (csrc/geometry/geometry_kernels.inc); the
+GEMMs between them go to cuBLAS through torch (latentfast/ops/geometry.py):
+- mlp_act_tangent_: h = act(a), tangent rows *= act'(a), in place;
+- weighted_gram: M[n, i, j] = sum_x w[n, x] p[n, i, x] q[n, j, x];
+- curve_reduce: energy T * sum ||g_{t+1} - g_t||^2, length sum ||.||, and their gradient.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _act_and_deriv(a, CODE: tl.constexpr):
+    if CODE == 0:
+        f = a
+        df = tl.full(a.shape, 1.0, a.dtype)
+    elif CODE == 1:
+        e = tl.exp(-2.0 * tl.abs(a))
+        t = (1.0 - e) / (1.0 + e)
+        f = tl.where(a < 0, -t, t)
+        df = 1.0 - t * t
+    elif CODE == 2:
+        e = tl.exp(-tl.abs(a))
+        f = tl.maximum(a, 0.0) + tl.log(1.0 + e)
+        s = 1.0 / (1.0 + e)
+        df = tl.where(a < 0, 1.0 - s, s)
+    elif CODE == 3:
+        e = tl.exp(tl.minimum(a, 0.0))
+        f = tl.where(a > 0, a, e - 1.0)
+        df = tl.where(a > 0, 1.0, e)
+    else:
+        e = tl.exp(-tl.abs(a))
+        r = 1.0 / (1.0 + e)
+        s = tl.where(a < 0, e * r, r)
+        f = s
+        df = s * (1.0 - s)
+    return f, df
+
+
+@triton.jit
+def _act_tangent_kernel(buf_ptr, deriv_ptr, n_points, H, N_DIRS: tl.constexpr, CODE: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    pn = tl.program_id(0)
+    ph = tl.program_id(1)
+    rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = ph * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = (rows < n_points)[:, None] & (cols < H)[None, :]
+    off = rows[:, None] * H + cols[None, :]
+    a = tl.load(buf_ptr + off, mask=m, other=0.0)
+    f, df = _act_and_deriv(a, CODE)
+    tl.store(buf_ptr + off, f, mask=m)
+    tl.store(deriv_ptr + off, df, mask=m)
+    for k in tl.static_range(N_DIRS):
+        t_off = (n_points + rows[:, None] * N_DIRS + k) * H + cols[None, :]
+        t = tl.load(buf_ptr + t_off, mask=m, other=0.0)
+        tl.store(buf_ptr + t_off, t * df, mask=m)
+
+
+def mlp_act_tangent_(buf: Tensor, n_points: int, n_dirs: int, act: int) -> Tensor:
+    """In place on buf [n_points * (1 + n_dirs), H]; returns act'(a) [n_points, H]."""
+    assert buf.is_contiguous() and buf.shape[0] == n_points * (1 + n_dirs)
+    h = buf.shape[1]
+    deriv = torch.empty((n_points, h), dtype=buf.dtype, device=buf.device)
+    if n_points == 0 or h == 0:
+        return deriv
+    block_h = min(128, triton.next_power_of_2(h))
+    block_n = 16
+    grid = (triton.cdiv(n_points, block_n), triton.cdiv(h, block_h))
+    _act_tangent_kernel[grid](buf, deriv, n_points, h, N_DIRS=n_dirs, CODE=act,
+                              BLOCK_N=block_n, BLOCK_H=block_h)
+    return deriv
+
+
+@triton.jit
+def _gram_kernel(p_ptr, q_ptr, w_ptr, out_ptr, N, X, D: tl.constexpr, HAS_W: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program: BLOCK_N points; acc[n, i, j] over chunks of X.
+    pid = tl.program_id(0)
+    pts = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    pt_ok = pts < N
+    d_ok = dd < D
+    acc = tl.zeros((BLOCK_N, BLOCK_D, BLOCK_D), dtype=p_ptr.dtype.element_ty)
+    for x0 in range(0, X, BLOCK_X):
+        xs = x0 + tl.arange(0, BLOCK_X)
+        x_ok = xs < X
+        m = pt_ok[:, None, None] & d_ok[None, :, None] & x_ok[None, None, :]
+        off = (pts[:, None, None] * D + dd[None, :, None]) * X + xs[None, None, :]
+        p = tl.load(p_ptr + off, mask=m, other=0.0)  # [BN, BD, BX]
+        q = tl.load(q_ptr + off, mask=m, other=0.0)
+        if HAS_W:
+            w = tl.load(w_ptr + pts[:, None] * X + xs[None, :], mask=pt_ok[:, None] & x_ok[None, :], other=0.0)
+            p = p * w[:, None, :]
+        # [BN, BD, 1, BX] * [BN, 1, BD, BX] summed over X
+        acc += tl.sum(p[:, :, None, :] * q[:, None, :, :], axis=3)
+    o_off = (pts[:, None, None] * D + dd[None, :, None]) * D + dd[None, None, :]
+    o_m = pt_ok[:, None, None] & d_ok[None, :, None] & d_ok[None, None, :]
+    tl.store(out_ptr + o_off, acc, mask=o_m)
+
+
+def weighted_gram(p: Tensor, q: Tensor, w: Tensor | None) -> Tensor:
+    """out[n, i, j] = sum_x w[n, x] p[n, i, x] q[n, j, x] for p, q [N, d, X], w [N, X] or None."""
+    p, q = p.contiguous(), q.contiguous()
+    n, d, x = p.shape
+    out = torch.empty((n, d, d), dtype=p.dtype, device=p.device)
+    if n == 0:
+        return out
+    block_d = max(2, triton.next_power_of_2(d))
+    # Keep the [BN, BD, BD, BX] product at about 8K elements per program.
+    block_x = max(16, min(128, triton.next_power_of_2(x)))
+    block_n = max(1, min(16, 8192 // (block_d * block_d * block_x)))
+    block_n = triton.next_power_of_2(block_n)
+    wc = w.contiguous() if w is not None else p
+    _gram_kernel[(triton.cdiv(n, block_n),)](p, q, wc, out, n, x, D=d, HAS_W=w is not None,
+                                             BLOCK_N=block_n, BLOCK_X=block_x, BLOCK_D=block_d)
+    return out
+
+
+@triton.jit
+def _curve_reduce_kernel(g_ptr, e_ptr, l_ptr, ge_ptr, gl_ptr, c_ptr, gg_ptr, T1, F,
+                         HAS_GE: tl.constexpr, HAS_GL: tl.constexpr, WANT: tl.constexpr,
+                         BLOCK_F: tl.constexpr):
+    # One program per curve. Pass 1: per segment ||delta_t||^2, and the gradient factor
+    # c_t = 2 T ge + gl / ||delta_t|| into scratch. Pass 2 (after a barrier): per point
+    # gg_t = c_{t-1} delta_{t-1} - c_t delta_t.
+    b = tl.program_id(0)
+    g_b = g_ptr + b * T1 * F
+    segs = T1 - 1
+    zero = tl.sum(tl.zeros((BLOCK_F,), dtype=g_ptr.dtype.element_ty), axis=0)
+    cge = zero
+    cgl = zero
+    if HAS_GE:
+        cge = 2.0 * segs * tl.load(ge_ptr + b)
+    if HAS_GL:
+        cgl = zero + tl.load(gl_ptr + b)
+    e = zero
+    length = zero
+    for t in range(0, segs):
+        sq = zero
+        for f0 in range(0, F, BLOCK_F):
+            fs = f0 + tl.arange(0, BLOCK_F)
+            fm = fs < F
+            d = tl.load(g_b + (t + 1) * F + fs, mask=fm, other=0.0) - tl.load(g_b + t * F + fs, mask=fm, other=0.0)
+            sq += tl.sum(d * d, axis=0)
+        norm = tl.sqrt(sq)
+        e += sq
+        length += norm
+        if WANT:
+            c = cge + tl.where(norm > 0, cgl / norm, 0.0)
+            tl.store(c_ptr + b * segs + t, c)
+    tl.store(e_ptr + b, segs * e)
+    tl.store(l_ptr + b, length)
+    if WANT:
+        tl.debug_barrier()
+        gg_b = gg_ptr + b * T1 * F
+        c_first = tl.load(c_ptr + b * segs)
+        c_last = tl.load(c_ptr + b * segs + segs - 1)
+        for f0 in range(0, F, BLOCK_F):
+            fs = f0 + tl.arange(0, BLOCK_F)
+            fm = fs < F
+            g0 = tl.load(g_b + fs, mask=fm, other=0.0)
+            g1 = tl.load(g_b + F + fs, mask=fm, other=0.0)
+            tl.store(gg_b + fs, -c_first * (g1 - g0), mask=fm)
+            ga = tl.load(g_b + (segs - 1) * F + fs, mask=fm, other=0.0)
+            gz = tl.load(g_b + segs * F + fs, mask=fm, other=0.0)
+            tl.store(gg_b + segs * F + fs, c_last * (gz - ga), mask=fm)
+        for t in range(1, segs):
+            c_prev = tl.load(c_ptr + b * segs + t - 1)
+            c_next = tl.load(c_ptr + b * segs + t)
+            for f0 in range(0, F, BLOCK_F):
+                fs = f0 + tl.arange(0, BLOCK_F)
+                fm = fs < F
+                g_t = tl.load(g_b + t * F + fs, mask=fm, other=0.0)
+                g_p = tl.load(g_b + (t - 1) * F + fs, mask=fm, other=0.0)
+                g_n = tl.load(g_b + (t + 1) * F + fs, mask=fm, other=0.0)
+                tl.store(gg_b + t * F + fs, c_prev * (g_t - g_p) - c_next * (g_n - g_t), mask=fm)
+
+
+def curve_reduce(g: Tensor, grad_energy: Tensor | None, grad_length: Tensor | None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(energy [B], length [B], grad wrt g or an empty tensor) for curves g [B, T+1, F]."""
+    g = g.contiguous()
+    b, t1, f = g.shape
+    energy = torch.empty(b, dtype=g.dtype, device=g.device)
+    length = torch.empty(b, dtype=g.dtype, device=g.device)
+    want = grad_energy is not None or grad_length is not None
+    gg = torch.empty_like(g) if want else g.new_empty(0)
+    if b == 0:
+        return energy, length, gg
+    ge = grad_energy.to(g.dtype).contiguous() if grad_energy is not None else energy
+    gl = grad_length.to(g.dtype).contiguous() if grad_length is not None else energy
+    block_f = max(16, min(1024, triton.next_power_of_2(f)))
+    scratch = torch.empty((b, t1 - 1), dtype=g.dtype, device=g.device) if want else energy
+    _curve_reduce_kernel[(b,)](g, energy, length, ge, gl, scratch, gg if want else g, t1, f,
+                               HAS_GE=grad_energy is not None, HAS_GL=grad_length is not None,
+                               WANT=want, BLOCK_F=block_f)
+    return energy, length, gg

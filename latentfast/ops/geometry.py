@@ -1,0 +1,364 @@
+"""Latent-geometry ops: registration, backend dispatch, autograd, fake kernels.
+
+Ops (namespace ``latentfast::``), for a Gaussian MLP decoder given as plain tensors (see
+latentfast.reference.geometry for the layout and the math):
+- ``pullback_metric(z, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)``
+  -> M(z) [N, d, d];
+- ``curve_energy(curves, ...)`` -> (energy [B], length [B]) of curves [B, T+1, d];
+- ``curve_energy_backward(grad_energy, grad_length, curves, ...)`` -> grad wrt curves.
+
+The cpp and triton backends share one pipeline (below): the d tangent directions travel
+with the hidden state as extra rows of one matrix, so each layer is one GEMM (ATen BLAS on
+CPU, cuBLAS on GPU) followed by one fused kernel (activation, its derivative, tangent
+scaling). The Jacobian [N, D, d] is never formed: with a linear last layer, M_mu = T^T G T
+with G = W_L^T W_L precomputed and T the tangents entering the last layer; the RBF variance
+term is a weighted Gram of d x K features. Curve energies are reduced per chunk of curves,
+so the [B, T+1, D] decoder outputs of all curves are never held at once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from latentfast import backend
+from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
+from latentfast.ops._checks import check_finite, check_tensor
+from latentfast.reference import geometry as ref
+
+_kernels = None
+
+
+def _triton():
+    global _kernels
+    if _kernels is None:
+        from latentfast.kernels import geometry as k
+
+        _kernels = k
+    return _kernels
+
+
+def _native(be: str):
+    return torch.ops.latentfast_cpp if be == "cpp" else _triton()
+
+
+# Points per chunk of the native pipelines: bounds the working set (rows x widest layer).
+_CHUNK_ELEMS = 1 << 22
+
+
+def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+                   centres: Tensor | None, lam: Tensor | None, wr: Tensor | None, zeta: float) -> Tensor:
+    n, d = z.shape
+    widest = max(w.shape[0] for w in weights)
+    chunk = max(1, _CHUNK_ELEMS // ((1 + d) * widest))
+    out = z.new_empty((n, d, d))
+    last_w = weights[-1]
+    gram_w = last_w.T @ last_w if acts[-1] == 0 else None  # [H, H], once for all points
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    for s in range(0, n, chunk):
+        zc = z[s:s + chunk]
+        m = zc.shape[0]
+        # Rows: m hidden states, then m * d tangents (point-major); starts at (z, e_k).
+        buf = torch.cat([zc, eye.expand(m, d, d).reshape(m * d, d)])
+        for w, b, act in zip(weights[:-1], biases[:-1], acts[:-1]):
+            nxt = buf @ w.T
+            nxt[:m] += b
+            k.mlp_act_tangent_(nxt, m, d, act)
+            buf = nxt
+        tan = buf[m:].view(m, d, -1)
+        if gram_w is not None:
+            p = (tan.reshape(m * d, -1) @ gram_w).view(m, d, -1)
+            mc = k.weighted_gram(p, tan, None)
+        else:
+            nxt = buf @ last_w.T
+            nxt[:m] += biases[-1]
+            k.mlp_act_tangent_(nxt, m, d, acts[-1])
+            u = nxt[m:].view(m, d, -1)
+            mc = k.weighted_gram(u, u, None)
+        if centres is not None:
+            diff = zc[:, None, :] - centres  # [m, K, d]
+            v = torch.exp(-lam * diff.pow(2).sum(-1))  # [m, K]
+            dv = (-2.0 * lam * v)[:, None, :] * diff.transpose(1, 2)  # [m, d, K]
+            beta = torch.addmm(torch.full_like(wr[:, 0], zeta), v, wr.T)  # [m, D]
+            a = (dv.reshape(m * d, -1) @ wr.T).view(m, d, -1)  # J_beta rows
+            mc = mc + k.weighted_gram(a, a, 0.25 * beta.pow(-3))
+        out[s:s + chunk] = mc
+    return out
+
+
+def _curve_native(k, curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+                  centres: Tensor | None, lam: Tensor | None, wr: Tensor | None, zeta: float,
+                  grad_energy: Tensor | None, grad_length: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+    b_all, t1, d = curves.shape
+    want = grad_energy is not None or grad_length is not None
+    widest = max(w.shape[0] for w in weights)
+    per_chunk = max(1, _CHUNK_ELEMS // (t1 * (widest + (0 if centres is None else centres.shape[0] * d))))
+    energy = curves.new_empty(b_all)
+    length = curves.new_empty(b_all)
+    grad = torch.empty_like(curves) if want else None
+    for s in range(0, b_all, per_chunk):
+        zc = curves[s:s + per_chunk]
+        bc = zc.shape[0]
+        p = bc * t1
+        zf = zc.reshape(p, d)
+        h = zf
+        derivs = []
+        for w, b, act in zip(weights, biases, acts):
+            a = torch.addmm(b, h, w.T)
+            derivs.append(k.mlp_act_tangent_(a, p, 0, act))
+            h = a
+        feats = h
+        if centres is not None:
+            diff = zf[:, None, :] - centres  # [p, K, d]
+            v = torch.exp(-lam * diff.pow(2).sum(-1))
+            sigma = torch.addmm(torch.full_like(wr[:, 0], zeta), v, wr.T).rsqrt()
+            feats = torch.cat([h, sigma], dim=1)
+        ge = grad_energy[s:s + per_chunk] if grad_energy is not None else None
+        gl = grad_length[s:s + per_chunk] if grad_length is not None else None
+        e, ln, gg = k.curve_reduce(feats.view(bc, t1, -1), ge, gl)
+        energy[s:s + per_chunk] = e
+        length[s:s + per_chunk] = ln
+        if not want:
+            continue
+        gg = gg.view(p, -1)
+        n_out = weights[-1].shape[0]
+        ga = gg[:, :n_out] * derivs[-1]
+        for li in range(len(weights) - 1, -1, -1):
+            gh = ga @ weights[li]
+            if li > 0:
+                ga = gh * derivs[li - 1]
+        if centres is not None:
+            # sigma = beta^-1/2: d sigma / d beta = -sigma^3 / 2; d v_k / dz = -2 lam_k v_k diff_k
+            gv = (gg[:, n_out:] * (-0.5) * sigma.pow(3)) @ wr  # [p, K]
+            gh = gh + torch.einsum("pk,pkd->pd", gv * v * (-2.0 * lam), diff)
+        grad[s:s + per_chunk] = gh.view(bc, t1, d)
+    return energy, length, grad
+
+
+# ------------------------------------------------------------------ pullback_metric
+
+def _rbf_args(c, lam, wr):
+    return (c, lam, wr) if c is not None else (None, None, None)
+
+
+@torch.library.custom_op("latentfast::pullback_metric", mutates_args=())
+def _pullback_metric(z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+                     rbf_centres: Tensor | None, rbf_lambda: Tensor | None, rbf_weight: Tensor | None,
+                     zeta: float) -> Tensor:
+    be = backend.select(z.device)
+    if be == "reference":
+        return ref.pullback_metric(z, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight,
+                                   zeta).contiguous()
+    return _metric_native(_native(be), z, weights, biases, acts, rbf_centres, rbf_lambda,
+                          rbf_weight, zeta)
+
+
+@_pullback_metric.register_fake
+def _(z, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta):
+    return z.new_empty((z.shape[0], z.shape[1], z.shape[1]))
+
+
+def _save_all(ctx, inputs, output):
+    z, weights, biases, acts, c, lam, wr, zeta = inputs
+    ctx.acts, ctx.zeta, ctx.n_layers, ctx.has_rbf = list(acts), zeta, len(weights), c is not None
+    rbf = [c, lam, wr] if c is not None else []
+    ctx.wants = [t.requires_grad for t in [z, *weights, *biases, *rbf]]
+    ctx.save_for_backward(z, *weights, *biases, *rbf)
+
+
+def _unpack(ctx):
+    saved = list(ctx.saved_tensors)
+    nl = ctx.n_layers
+    z, weights, biases = saved[0], saved[1:1 + nl], saved[1 + nl:1 + 2 * nl]
+    rbf = saved[1 + 2 * nl:] if ctx.has_rbf else [None, None, None]
+    return z, weights, biases, rbf
+
+
+def _reference_vjp(ctx, fn, grads_out):
+    """Gradients of the reference `fn` wrt every saved input that wants one (torch autograd
+    on recomputed values); returned in the op's input structure."""
+    z, weights, biases, rbf = _unpack(ctx)
+    flat = [z, *weights, *biases, *[t for t in rbf if t is not None]]
+    leaves = [t.detach().requires_grad_(w) for t, w in zip(flat, ctx.wants)]
+    nl = ctx.n_layers
+    lz, lw, lb = leaves[0], leaves[1:1 + nl], leaves[1 + nl:1 + 2 * nl]
+    lr = leaves[1 + 2 * nl:] if ctx.has_rbf else [None, None, None]
+    with torch.enable_grad():
+        outs = fn(lz, lw, lb, ctx.acts, *lr, ctx.zeta)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
+        wanted = [t for t in leaves if t.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                  allow_unused=True) if wanted and pairs else []
+    it = iter(got)
+    res = [next(it) if t.requires_grad else None for t in leaves]
+    res = [r if r is not None or not t.requires_grad else torch.zeros_like(t) for r, t in zip(res, leaves)]
+    rz, rw, rb = res[0], res[1:1 + nl], res[1 + nl:1 + 2 * nl]
+    rr = res[1 + 2 * nl:] if ctx.has_rbf else [None, None, None]
+    return (rz, rw, rb, None, *rr, None)
+
+
+def _pullback_metric_bwd(ctx, grad):
+    # Second derivatives of the decoder: torch autograd through the reference (the metric
+    # backward is needed for geodesic shooting and metric-form energies, not the hot path).
+    return _reference_vjp(ctx, ref.pullback_metric, (grad,))
+
+
+_pullback_metric.register_autograd(_pullback_metric_bwd, setup_context=_save_all)
+
+
+# ------------------------------------------------------------------ curve_energy
+
+def _curve_impl(curves, weights, biases, acts, c, lam, wr, zeta, grad_energy, grad_length):
+    be = backend.select(curves.device)
+    if be == "reference":
+        want = grad_energy is not None or grad_length is not None
+        with torch.enable_grad():
+            leaf = curves.detach().requires_grad_(want)
+            e, ln = ref.curve_energy(leaf, weights, biases, acts, c, lam, wr, zeta)
+            grad = None
+            if want:
+                pairs = [(o, g) for o, g in ((e, grad_energy), (ln, grad_length)) if g is not None]
+                grad = torch.autograd.grad([o for o, _ in pairs], leaf, [g for _, g in pairs])[0]
+        return e.detach(), ln.detach(), grad
+    return _curve_native(_native(be), curves, weights, biases, acts, c, lam, wr, zeta,
+                         grad_energy, grad_length)
+
+
+@torch.library.custom_op("latentfast::curve_energy", mutates_args=())
+def _curve_energy(curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+                  rbf_centres: Tensor | None, rbf_lambda: Tensor | None, rbf_weight: Tensor | None,
+                  zeta: float) -> tuple[Tensor, Tensor]:
+    e, ln, _ = _curve_impl(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta,
+                           None, None)
+    return e, ln
+
+
+@torch.library.custom_op("latentfast::curve_energy_backward", mutates_args=())
+def _curve_energy_backward(grad_energy: Tensor, grad_length: Tensor, curves: Tensor,
+                           weights: list[Tensor], biases: list[Tensor], acts: list[int],
+                           rbf_centres: Tensor | None, rbf_lambda: Tensor | None,
+                           rbf_weight: Tensor | None, zeta: float) -> Tensor:
+    return _curve_impl(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta,
+                       grad_energy, grad_length)[2]
+
+
+@_curve_energy.register_fake
+def _(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta):
+    return curves.new_empty(curves.shape[0]), curves.new_empty(curves.shape[0])
+
+
+@_curve_energy_backward.register_fake
+def _(grad_energy, grad_length, curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta):
+    return torch.empty_like(curves)
+
+
+def _curve_energy_bwd(ctx, grad_energy, grad_length):
+    if any(ctx.wants[1:]):  # decoder parameters want gradients: autograd through the reference
+        return _reference_vjp(ctx, ref.curve_energy, (grad_energy, grad_length))
+    z, weights, biases, rbf = _unpack(ctx)
+    ge = grad_energy if grad_energy is not None else z.new_zeros(z.shape[0])
+    gl = grad_length if grad_length is not None else z.new_zeros(z.shape[0])
+    gz = _curve_energy_backward(ge, gl, z, weights, biases, ctx.acts, *rbf, ctx.zeta)
+    return gz, None, None, None, None, None, None, None
+
+
+_curve_energy.register_autograd(_curve_energy_bwd, setup_context=_save_all)
+
+
+# ------------------------------------------------------------------ public functional API
+
+def check_mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+              rbf_centres: Tensor | None, rbf_lambda: Tensor | None, rbf_weight: Tensor | None,
+              zeta: float) -> None:
+    """Raise TypeError/ValueError unless the tensors describe an MLP decoder of x[..., d]."""
+    if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
+        raise TypeError("weights and biases must be lists of tensors")
+    if not weights or len(weights) != len(biases) or len(acts) != len(weights):
+        raise ValueError(f"need one weight, bias and activation per layer, got {len(weights)}, "
+                         f"{len(biases)}, {len(acts)}")
+    width = x.shape[-1]
+    for i, (w, b, a) in enumerate(zip(weights, biases, acts)):
+        check_tensor(f"weights[{i}]", w, 2, like=x)
+        check_tensor(f"biases[{i}]", b, 1, like=x)
+        if w.shape[1] != width:
+            raise ValueError(f"weights[{i}] must have {width} columns, got shape {tuple(w.shape)}")
+        if b.shape[0] != w.shape[0]:
+            raise ValueError(f"biases[{i}] must have {w.shape[0]} entries, got {b.shape[0]}")
+        if int(a) not in ref.ACT_NAMES:
+            raise ValueError(f"acts[{i}] = {a} is not an activation code {ref.ACTIVATIONS}")
+        width = w.shape[0]
+    given = [t is not None for t in (rbf_centres, rbf_lambda, rbf_weight)]
+    if any(given) and not all(given):
+        raise ValueError("rbf_centres, rbf_lambda and rbf_weight go together (all or none)")
+    if all(given):
+        check_tensor("rbf_centres", rbf_centres, 2, like=x)
+        k = rbf_centres.shape[0]
+        if rbf_centres.shape[1] != x.shape[-1]:
+            raise ValueError(f"rbf_centres must be [K, {x.shape[-1]}], got {tuple(rbf_centres.shape)}")
+        check_tensor("rbf_lambda", rbf_lambda, 1, like=x)
+        check_tensor("rbf_weight", rbf_weight, 2, like=x)
+        if rbf_lambda.shape[0] != k or tuple(rbf_weight.shape) != (width, k):
+            raise ValueError(f"rbf_lambda must be [{k}] and rbf_weight [{width}, {k}], got "
+                             f"{tuple(rbf_lambda.shape)} and {tuple(rbf_weight.shape)}")
+        if not zeta > 0:
+            raise ValueError(f"zeta must be > 0 (it bounds sigma), got {zeta}")
+
+
+def pullback_metric(z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+                    rbf_centres: Tensor | None = None, rbf_lambda: Tensor | None = None,
+                    rbf_weight: Tensor | None = None, zeta: float = 0.0) -> Tensor:
+    """Pull-back metric M(z) = J_mu^T J_mu (+ J_sigma^T J_sigma) of an MLP decoder.
+
+    Args:
+        z: latent points [N, d].
+        weights, biases, acts: the mean network, layer l computes act_l(W_l h + b_l);
+            acts are codes from latentfast.reference.geometry.ACTIVATIONS.
+        rbf_centres [K, d], rbf_lambda [K], rbf_weight [D, K] (non-negative), zeta > 0:
+            the optional RBF variance network, sigma(z) = (rbf_weight v(z) + zeta)^-1/2.
+    Returns: M [N, d, d], symmetric positive semi-definite.
+
+    Example:
+        >>> w = [torch.randn(8, 2), torch.randn(5, 8)]; b = [torch.zeros(8), torch.zeros(5)]
+        >>> pullback_metric(torch.randn(4, 2), w, b, [1, 0]).shape
+        torch.Size([4, 2, 2])
+    """
+    check_tensor("z", z, 2)
+    check_mlp(z, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
+    check_finite("z", z)
+    return _pullback_metric(z, list(weights), list(biases), [int(a) for a in acts],
+                            *_rbf_args(rbf_centres, rbf_lambda, rbf_weight), float(zeta))
+
+
+def _check_curves(curves: Tensor) -> None:
+    check_tensor("curves", curves, 3)
+    if curves.shape[1] < 2:
+        raise ValueError(f"curves must be [B, T+1, d] with T >= 1, got {tuple(curves.shape)}")
+    check_finite("curves", curves)
+
+
+def curve_energy(curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+                 rbf_centres: Tensor | None = None, rbf_lambda: Tensor | None = None,
+                 rbf_weight: Tensor | None = None, zeta: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Energy T * sum_t ||g(z_{t+1}) - g(z_t)||^2 and length sum_t ||.|| of B discretised
+    curves [B, T+1, d] under the decoder's feature map g = cat(mu, sigma) (mu alone without
+    the RBF network). Differentiable; returns (energy [B], length [B])."""
+    _check_curves(curves)
+    check_mlp(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
+    return _curve_energy(curves, list(weights), list(biases), [int(a) for a in acts],
+                         *_rbf_args(rbf_centres, rbf_lambda, rbf_weight), float(zeta))
+
+
+def curve_energy_and_grad(curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+                          rbf_centres: Tensor | None = None, rbf_lambda: Tensor | None = None,
+                          rbf_weight: Tensor | None = None, zeta: float = 0.0
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """(energy [B], length [B], d energy / d curves [B, T+1, d]) in one pass, without
+    autograd: what a geodesic solver needs per iteration."""
+    _check_curves(curves)
+    check_mlp(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
+    with torch.no_grad():
+        e, ln, g = _curve_impl(curves, list(weights), list(biases), [int(a) for a in acts],
+                               *_rbf_args(rbf_centres, rbf_lambda, rbf_weight), float(zeta),
+                               curves.new_ones(curves.shape[0]), None)
+    return e, ln, g

@@ -1,0 +1,141 @@
+"""Reference (specification) of the latent-geometry ops, in plain differentiable PyTorch.
+
+A Gaussian decoder z -> (mu(z), sigma(z)) is described by plain tensors so that every
+backend sees the same thing:
+
+- the mean network: ``weights[l]`` [H_{l+1}, H_l], ``biases[l]`` [H_{l+1}] and activation
+  codes ``acts[l]`` (see ACTIVATIONS), so mu(z) = act_L(W_L ... act_1(W_1 z + b_1) ... + b_L);
+- the optional RBF variance network of "Latent Space Oddity" (Arvanitidis et al. 2018):
+  v_k(z) = exp(-lambda_k ||z - c_k||^2) over K centres ``rbf_centres`` [K, d] with
+  bandwidths ``rbf_lambda`` [K], beta(z) = ``rbf_weight`` v(z) + zeta with a non-negative
+  ``rbf_weight`` [D, K] and zeta > 0, and sigma(z) = beta(z)^(-1/2).
+
+The pull-back metric is M(z) = J_mu(z)^T J_mu(z) + J_sigma(z)^T J_sigma(z) [d, d]. It is
+the metric of the "feature map" g(z) = cat(mu(z), sigma(z)), so curve energies and lengths
+are measured on g (with only mu when there is no variance network).
+
+The reference builds the Jacobians explicitly ([N, D, d]); the kernels never do.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Activation codes shared with the C++ and Triton kernels.
+ACTIVATIONS = {"identity": 0, "tanh": 1, "softplus": 2, "elu": 3, "sigmoid": 4}
+ACT_NAMES = {v: k for k, v in ACTIVATIONS.items()}
+
+
+def activation(a: Tensor, code: int) -> Tensor:
+    """act(a) for an activation code."""
+    if code == 0:
+        return a
+    if code == 1:
+        return torch.tanh(a)
+    if code == 2:
+        return F.softplus(a)
+    if code == 3:
+        return F.elu(a)
+    if code == 4:
+        return torch.sigmoid(a)
+    raise ValueError(f"unknown activation code {code}; known: {ACTIVATIONS}")
+
+
+def activation_deriv(a: Tensor, code: int) -> Tensor:
+    """act'(a) for an activation code."""
+    if code == 0:
+        return torch.ones_like(a)
+    if code == 1:
+        return 1.0 - torch.tanh(a) ** 2
+    if code == 2:
+        return torch.sigmoid(a)
+    if code == 3:
+        return torch.where(a > 0, torch.ones_like(a), torch.exp(a))
+    if code == 4:
+        s = torch.sigmoid(a)
+        return s * (1.0 - s)
+    raise ValueError(f"unknown activation code {code}; known: {ACTIVATIONS}")
+
+
+def mlp_mean(z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int]) -> Tensor:
+    """mu(z) for z [..., d]."""
+    h = z
+    for w, b, code in zip(weights, biases, acts):
+        h = activation(h @ w.T + b, code)
+    return h
+
+
+def rbf_sigma(z: Tensor, centres: Tensor, lam: Tensor, weight: Tensor, zeta: float) -> Tensor:
+    """sigma(z) = (weight v(z) + zeta)^(-1/2) for z [..., d]."""
+    v = torch.exp(-lam * ((z[..., None, :] - centres) ** 2).sum(-1))
+    return (v @ weight.T + zeta).rsqrt()
+
+
+def features(z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+             rbf_centres: Tensor | None = None, rbf_lambda: Tensor | None = None,
+             rbf_weight: Tensor | None = None, zeta: float = 0.0) -> Tensor:
+    """g(z) = cat(mu(z), sigma(z)) (or mu(z) without a variance network), [..., D or 2D]."""
+    mu = mlp_mean(z, weights, biases, acts)
+    if rbf_centres is None:
+        return mu
+    return torch.cat([mu, rbf_sigma(z, rbf_centres, rbf_lambda, rbf_weight, zeta)], dim=-1)
+
+
+def mlp_jacobian(z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int]) -> Tensor:
+    """J_mu(z) [N, D, d] by the chain rule, layer by layer."""
+    n, d = z.shape
+    h = z
+    jac = torch.eye(d, dtype=z.dtype, device=z.device).expand(n, d, d)
+    for w, b, code in zip(weights, biases, acts):
+        a = h @ w.T + b
+        jac = activation_deriv(a, code)[:, :, None] * torch.einsum("oi,nid->nod", w, jac)
+        h = activation(a, code)
+    return jac
+
+
+def rbf_sigma_jacobian(z: Tensor, centres: Tensor, lam: Tensor, weight: Tensor, zeta: float) -> Tensor:
+    """J_sigma(z) [N, D, d] of sigma = beta^(-1/2), beta = weight v(z) + zeta."""
+    diff = z[:, None, :] - centres[None]  # [N, K, d]
+    v = torch.exp(-lam * (diff ** 2).sum(-1))  # [N, K]
+    dv = -2.0 * lam[None, :, None] * diff * v[:, :, None]  # [N, K, d]
+    beta = v @ weight.T + zeta  # [N, D]
+    return -0.5 * beta.pow(-1.5)[:, :, None] * torch.einsum("ok,nkd->nod", weight, dv)
+
+
+def pullback_metric(z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+                    rbf_centres: Tensor | None = None, rbf_lambda: Tensor | None = None,
+                    rbf_weight: Tensor | None = None, zeta: float = 0.0) -> Tensor:
+    """M(z) = J_mu^T J_mu (+ J_sigma^T J_sigma) for z [N, d]; returns [N, d, d]."""
+    jac = mlp_jacobian(z, weights, biases, acts)
+    metric = jac.transpose(1, 2) @ jac
+    if rbf_centres is not None:
+        js = rbf_sigma_jacobian(z, rbf_centres, rbf_lambda, rbf_weight, zeta)
+        metric = metric + js.transpose(1, 2) @ js
+    return metric
+
+
+def curve_energy(curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+                 rbf_centres: Tensor | None = None, rbf_lambda: Tensor | None = None,
+                 rbf_weight: Tensor | None = None, zeta: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Discretised energy and length of B curves of T+1 points, curves [B, T+1, d].
+
+    With g the feature map and delta_t = g(z_{t+1}) - g(z_t):
+    energy = T * sum_t ||delta_t||^2 and length = sum_t ||delta_t||, both [B].
+    """
+    g = features(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
+    delta = g[:, 1:] - g[:, :-1]
+    sq = (delta ** 2).sum(-1)
+    t = curves.shape[1] - 1
+    return t * sq.sum(1), sq.sqrt().sum(1)
+
+
+def curve_energy_metric(curves: Tensor, metric_fn) -> tuple[Tensor, Tensor]:
+    """Metric form: energy = T * sum_t dz_t^T M(z_mid) dz_t, length = sum_t sqrt(same),
+    with z_mid the segment midpoints and metric_fn(z [N, d]) -> [N, d, d]."""
+    b, t1, d = curves.shape
+    dz = curves[:, 1:] - curves[:, :-1]
+    mid = 0.5 * (curves[:, 1:] + curves[:, :-1])
+    m = metric_fn(mid.reshape(-1, d)).reshape(b, t1 - 1, d, d)
+    sq = torch.einsum("bti,btij,btj->bt", dz, m, dz)
+    return (t1 - 1) * sq.sum(1), sq.clamp_min(0).sqrt().sum(1)
