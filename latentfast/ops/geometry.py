@@ -212,15 +212,14 @@ _pullback_metric.register_autograd(_pullback_metric_bwd, setup_context=_save_all
 def _curve_impl(curves, weights, biases, acts, c, lam, wr, zeta, grad_energy, grad_length):
     be = backend.select(curves.device)
     if be == "reference":
-        want = grad_energy is not None or grad_length is not None
-        with torch.enable_grad():
-            leaf = curves.detach().requires_grad_(want)
-            e, ln = ref.curve_energy(leaf, weights, biases, acts, c, lam, wr, zeta)
-            grad = None
-            if want:
-                pairs = [(o, g) for o, g in ((e, grad_energy), (ln, grad_length)) if g is not None]
-                grad = torch.autograd.grad([o for o, _ in pairs], leaf, [g for _, g in pairs])[0]
-        return e.detach(), ln.detach(), grad
+        e, ln = ref.curve_energy(curves, weights, biases, acts, c, lam, wr, zeta)
+        grad = None
+        if grad_energy is not None or grad_length is not None:
+            zeros = curves.new_zeros(curves.shape[0])
+            grad = ref.curve_energy_backward(grad_energy if grad_energy is not None else zeros,
+                                             grad_length if grad_length is not None else zeros,
+                                             curves, weights, biases, acts, c, lam, wr, zeta)
+        return e, ln, grad
     return _curve_native(_native(be), curves, weights, biases, acts, c, lam, wr, zeta,
                          grad_energy, grad_length)
 
@@ -260,7 +259,8 @@ def _curve_energy_bwd(ctx, grad_energy, grad_length):
     ge = grad_energy if grad_energy is not None else z.new_zeros(z.shape[0])
     gl = grad_length if grad_length is not None else z.new_zeros(z.shape[0])
     gz = _curve_energy_backward(ge, gl, z, weights, biases, ctx.acts, *rbf, ctx.zeta)
-    return gz, None, None, None, None, None, None, None
+    nl = ctx.n_layers
+    return gz, [None] * nl, [None] * nl, None, None, None, None, None
 
 
 _curve_energy.register_autograd(_curve_energy_bwd, setup_context=_save_all)

@@ -1,0 +1,515 @@
+"""Riemannian geometry of a decoder's latent space ("Latent Space Oddity", Arvanitidis et al.).
+
+Every function takes a `decoder`:
+- a latentfast.vae.GaussianMLPDecoder, an MLPParams, or an nn.Sequential of nn.Linear and
+  Tanh/Softplus/ELU/Sigmoid/Identity layers: the fused latentfast ops run (reference, C++
+  or Triton backend);
+- any other callable f(z [N, d]) -> [N, D]: the generic path (torch.func Jacobians and
+  autograd), correct for any differentiable decoder, only slower.
+The metric is the pull-back M(z) = J_g(z)^T J_g(z) of the feature map g (cat(mu, sigma) for
+a decoder with an RBF variance network, else its mean).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from latentfast.ops import geometry as ops
+from latentfast.ops._checks import check_finite, check_tensor
+from latentfast.reference import geometry as ref
+from latentfast.vae.decoders import GaussianMLPDecoder, MLPParams
+
+_ACT_MODULES = {nn.Identity: 0, nn.Tanh: 1, nn.Softplus: 2, nn.ELU: 3, nn.Sigmoid: 4}
+
+
+def as_mlp(decoder) -> MLPParams | None:
+    """The fused-op description of `decoder` (parameters detached), or None when the decoder
+    is not an MLP the fused ops cover (then the generic path is used)."""
+    if isinstance(decoder, MLPParams):
+        p = decoder
+    elif isinstance(decoder, GaussianMLPDecoder):
+        p = decoder.mlp_params()
+    elif isinstance(decoder, nn.Sequential):
+        weights, biases, acts = [], [], []
+        for m in decoder:
+            if isinstance(m, nn.Linear):
+                if weights and len(acts) < len(weights):
+                    acts.append(0)
+                weights.append(m.weight)
+                biases.append(m.bias if m.bias is not None else m.weight.new_zeros(m.out_features))
+            elif type(m) in _ACT_MODULES and len(acts) < len(weights):
+                if isinstance(m, nn.Softplus) and m.beta != 1:
+                    return None
+                if isinstance(m, nn.ELU) and m.alpha != 1.0:
+                    return None
+                acts.append(_ACT_MODULES[type(m)])
+            else:
+                return None
+        if not weights:
+            return None
+        acts += [0] * (len(weights) - len(acts))
+        p = MLPParams(weights, biases, acts)
+    else:
+        return None
+    det = lambda t: None if t is None else t.detach()  # noqa: E731
+    return MLPParams([w.detach() for w in p.weights], [b.detach() for b in p.biases], list(p.acts),
+                     det(p.rbf_centres), det(p.rbf_lambda), det(p.rbf_weight), p.zeta)
+
+
+def _feature_fn(decoder) -> Callable[[Tensor], Tensor]:
+    """g(z) for any decoder (used by the generic path and the exponential map)."""
+    p = as_mlp(decoder)
+    if p is not None:
+        return lambda z: ref.features(z, *p.args())
+    if isinstance(decoder, GaussianMLPDecoder):  # pragma: no cover - as_mlp covers it
+        return decoder.features
+    if not callable(decoder):
+        raise TypeError(f"decoder must be a GaussianMLPDecoder, MLPParams, nn.Sequential or a "
+                        f"callable z -> features, got {type(decoder).__name__}")
+    return decoder
+
+
+def _check_points(name: str, z: Tensor) -> None:
+    check_tensor(name, z, 2)
+    check_finite(name, z)
+
+
+def metric(decoder, z: Tensor) -> Tensor:
+    """Pull-back metric M(z) [N, d, d] at latent points z [N, d]."""
+    _check_points("z", z)
+    p = as_mlp(decoder)
+    if p is not None:
+        return ops.pullback_metric(z, *p.args())
+    f = _feature_fn(decoder)
+    jac = torch.func.vmap(torch.func.jacfwd(lambda x: f(x[None])[0]))(z)
+    return jac.transpose(1, 2) @ jac
+
+
+def volume_measure(decoder, z: Tensor) -> Tensor:
+    """Riemannian volume measure sqrt(det M(z)) [N] (how much the decoder stretches there)."""
+    return torch.linalg.det(metric(decoder, z)).clamp_min(0).sqrt()
+
+
+def _energy_length(decoder, curves: Tensor) -> tuple[Tensor, Tensor]:
+    check_tensor("curves", curves, 3)
+    if curves.shape[1] < 2:
+        raise ValueError(f"curves must be [B, T+1, d] with T >= 1, got {tuple(curves.shape)}")
+    p = as_mlp(decoder)
+    if p is not None:
+        return ops.curve_energy(curves, *p.args())
+    check_finite("curves", curves)
+    g = _feature_fn(decoder)(curves)
+    sq = ((g[:, 1:] - g[:, :-1]) ** 2).sum(-1)
+    return (curves.shape[1] - 1) * sq.sum(1), sq.sqrt().sum(1)
+
+
+def curve_energy(decoder, curves: Tensor) -> Tensor:
+    """Discretised energy T * sum_t ||g(z_{t+1}) - g(z_t)||^2 of curves [B, T+1, d], [B]."""
+    return _energy_length(decoder, curves)[0]
+
+
+def curve_length(decoder, curves: Tensor) -> Tensor:
+    """Discretised length sum_t ||g(z_{t+1}) - g(z_t)|| of curves [B, T+1, d], [B]."""
+    return _energy_length(decoder, curves)[1]
+
+
+def energy_and_grad(decoder, curves: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(energy [B], length [B], d energy / d curves [B, T+1, d]), fused for MLP decoders."""
+    p = as_mlp(decoder)
+    if p is not None:
+        return ops.curve_energy_and_grad(curves, *p.args())
+    with torch.enable_grad():
+        leaf = curves.detach().requires_grad_(True)
+        e, ln = _energy_length(decoder, leaf)
+        g = torch.autograd.grad(e.sum(), leaf)[0]
+    return e.detach(), ln.detach(), g
+
+
+# ------------------------------------------------------------------ geodesics
+
+@dataclass
+class GeodesicResult:
+    """curves [B, T+1, d] (end points included), lengths and energies [B], converged [B]
+    (bool), iterations [B] (L-BFGS iterations each pair ran)."""
+
+    curves: Tensor
+    lengths: Tensor
+    energies: Tensor
+    converged: Tensor
+    iterations: Tensor
+
+
+def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, tol: float,
+                   max_iter: int, history: int = 20, progress: bool = False
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Independent L-BFGS minimisations of B problems at once, x [B, n].
+
+    fg(x_sub, idx) -> (f [b], grad [b, n]) evaluates the problems idx only. Each problem has
+    its own history, Armijo backtracking step and stopping test: relative decrease of f
+    below tol on two consecutive iterations, or a zero gradient. Returns (x, f, converged,
+    iterations).
+    """
+    b, n = x.shape
+    x = x.clone()
+    idx_all = torch.arange(b, device=x.device)
+    f, g = fg(x, idx_all)
+    s_hist = x.new_zeros((b, history, n))
+    y_hist = x.new_zeros((b, history, n))
+    rho = x.new_zeros((b, history))
+    count = torch.zeros(b, dtype=torch.long, device=x.device)
+    converged = g.abs().amax(1) == 0
+    small = torch.zeros(b, dtype=torch.long, device=x.device)
+    iters = torch.zeros(b, dtype=torch.long, device=x.device)
+    bar = tqdm(range(max_iter), desc="geodesics", disable=not progress, leave=False)
+    for _ in bar:
+        act = (~converged).nonzero().squeeze(1)
+        if act.numel() == 0:
+            break
+        xa, fa, ga = x[act], f[act], g[act]
+        sa, ya, ra, ca = s_hist[act], y_hist[act], rho[act], count[act]
+        # Two-loop recursion, newest pair first; slots beyond a problem's count are zero.
+        q = ga.clone()
+        alphas = []
+        for j in range(history):
+            slot = (ca - 1 - j) % history
+            valid = (j < ca).to(x.dtype)
+            s_j = sa[torch.arange(len(act)), slot]
+            y_j = ya[torch.arange(len(act)), slot]
+            a_j = valid * ra[torch.arange(len(act)), slot] * (s_j * q).sum(1)
+            q = q - a_j[:, None] * y_j
+            alphas.append((a_j, s_j, y_j, slot, valid))
+        newest = (ca - 1) % history
+        s_n, y_n = sa[torch.arange(len(act)), newest], ya[torch.arange(len(act)), newest]
+        yy = (y_n * y_n).sum(1)
+        gamma = torch.where((ca > 0) & (yy > 0), (s_n * y_n).sum(1) / yy.clamp_min(1e-300),
+                            1.0 / ga.norm(dim=1).clamp_min(1e-12))
+        r = gamma[:, None] * q
+        for a_j, s_j, y_j, slot, valid in reversed(alphas):
+            b_j = valid * ra[torch.arange(len(act)), slot] * (y_j * r).sum(1)
+            r = r + (a_j - b_j)[:, None] * s_j
+        p = -r
+        slope = (p * ga).sum(1)
+        bad = slope >= 0
+        p[bad] = -ga[bad]
+        slope = (p * ga).sum(1)
+        # Armijo backtracking, per problem.
+        step = torch.ones(len(act), dtype=x.dtype, device=x.device)
+        f_new, g_new = fa.clone(), ga.clone()
+        searching = torch.ones(len(act), dtype=torch.bool, device=x.device)
+        for _ls in range(30):
+            si = searching.nonzero().squeeze(1)
+            if si.numel() == 0:
+                break
+            xt = xa[si] + step[si, None] * p[si]
+            ft, gt = fg(xt, act[si])
+            ok = ft <= fa[si] + 1e-4 * step[si] * slope[si]
+            f_new[si[ok]], g_new[si[ok]] = ft[ok], gt[ok]
+            searching[si[ok]] = False
+            step[si[~ok]] *= 0.5
+        moved = ~searching
+        s_new = step[:, None] * p
+        y_new = g_new - ga
+        sy = (s_new * y_new).sum(1)
+        keep = moved & (sy > 1e-12 * (s_new.norm(dim=1) * y_new.norm(dim=1)).clamp_min(1e-300))
+        slot = ca % history
+        rows = act[keep]
+        s_hist[rows, slot[keep]] = s_new[keep]
+        y_hist[rows, slot[keep]] = y_new[keep]
+        rho[rows, slot[keep]] = 1.0 / sy[keep]
+        count[rows] += 1
+        x[act[moved]] = xa[moved] + s_new[moved]
+        rel = (fa - f_new) / f_new.abs().clamp_min(1e-30)
+        small[act] = torch.where(moved & (rel > tol), 0, small[act] + 1)
+        f[act], g[act] = f_new, g_new
+        iters[act] += 1
+        converged[act] = (small[act] >= 2) | (g_new.abs().amax(1) == 0)
+        bar.set_postfix(active=int(act.numel()))
+    return x, f, converged, iters
+
+
+def straight_line(z0: Tensor, z1: Tensor, n_segments: int) -> Tensor:
+    """Straight latent lines from z0 [B, d] to z1 [B, d], [B, n_segments + 1, d]."""
+    t = torch.linspace(0, 1, n_segments + 1, dtype=z0.dtype, device=z0.device)[None, :, None]
+    return z0[:, None] + t * (z1 - z0)[:, None]
+
+
+def _resample_polyline(points: Tensor, n_segments: int) -> Tensor:
+    """Points [P, d] -> n_segments + 1 points equally spaced in Euclidean arc length."""
+    seg = (points[1:] - points[:-1]).norm(dim=1)
+    cum = torch.cat([seg.new_zeros(1), seg.cumsum(0)])
+    if cum[-1] == 0:
+        return points[:1].expand(n_segments + 1, -1).clone()
+    t = torch.linspace(0, float(cum[-1]), n_segments + 1, dtype=points.dtype, device=points.device)
+    j = torch.searchsorted(cum, t, right=True).clamp(1, len(points) - 1)
+    w = ((t - cum[j - 1]) / seg[j - 1].clamp_min(1e-30)).clamp(0, 1)[:, None]
+    return points[j - 1] + w * (points[j] - points[j - 1])
+
+
+def graph_init(z0: Tensor, z1: Tensor, decoder, data: Tensor, n_segments: int,
+               n_neighbors: int = 10, max_nodes: int = 1000, seed: int = 0) -> Tensor:
+    """Initial curves from shortest paths on a kNN graph of data latents, with edges weighted
+    by the Riemannian length of the straight segment. Returns [B, n_segments + 1, d]."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import dijkstra
+
+    _check_points("data", data)
+    nodes = data.detach()
+    if nodes.shape[0] > max_nodes:
+        gen = torch.Generator().manual_seed(seed)
+        nodes = nodes[torch.randperm(nodes.shape[0], generator=gen)[:max_nodes].to(nodes.device)]
+    m = nodes.shape[0]
+    k = min(n_neighbors, m - 1)
+    if k < 1:
+        raise ValueError("graph initialisation needs at least 2 data points")
+    nbr = torch.cdist(nodes, nodes).topk(k + 1, largest=False).indices[:, 1:]
+    src = torch.arange(m, device=nodes.device).repeat_interleave(k)
+    dst = nbr.reshape(-1)
+    with torch.no_grad():
+        w = curve_length(decoder, straight_line(nodes[src], nodes[dst], 4))
+    w = w.clamp_min(1e-12).double().cpu().numpy()
+    graph = csr_matrix((w, (src.cpu().numpy(), dst.cpu().numpy())), shape=(m, m))
+    graph = graph.maximum(graph.T)
+    start = torch.cdist(z0.detach(), nodes).argmin(1).cpu().numpy()
+    end = torch.cdist(z1.detach(), nodes).argmin(1).cpu().numpy()
+    uniq = sorted(set(start.tolist()))
+    dist, pred = dijkstra(graph, indices=uniq, return_predecessors=True)
+    row_of = {s: i for i, s in enumerate(uniq)}
+    curves = []
+    for i in range(z0.shape[0]):
+        r = row_of[int(start[i])]
+        path = [int(end[i])]
+        if dist[r, end[i]] == float("inf"):  # disconnected graph: fall back to the straight line
+            curves.append(straight_line(z0[i:i + 1], z1[i:i + 1], n_segments)[0])
+            continue
+        while path[-1] != start[i]:
+            path.append(int(pred[r, path[-1]]))
+        pts = torch.cat([z0[i:i + 1], nodes[list(reversed(path))], z1[i:i + 1]])
+        curves.append(_resample_polyline(pts, n_segments))
+    return torch.stack(curves)
+
+
+def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float = 1e-6,
+             max_iter: int = 500, init: str = "line", data: Tensor | None = None,
+             n_neighbors: int = 10, progress: bool = False) -> GeodesicResult:
+    """Geodesics between B pairs of latent points at once, by minimising the discretised
+    curve energy over the interior points (batched L-BFGS, one history per pair).
+
+    Args:
+        z0, z1: end points [B, d] (or [d] for one pair).
+        decoder: see the module docstring.
+        n_segments: T, the number of segments of each discretised curve.
+        tol: a pair converges when its energy decreases by less than tol (relative) on two
+            consecutive iterations.
+        init: "line" (straight latent lines) or "graph" (shortest paths on a kNN graph of
+            `data` latents, better when straight lines cross empty regions).
+    Pairs with z0 == z1 give the constant curve (length 0), flagged converged.
+
+    Example:
+        >>> res = geodesic(torch.zeros(1, 2), torch.ones(1, 2), nn.Sequential(nn.Linear(2, 3)))
+        >>> res.lengths.shape
+        torch.Size([1])
+    """
+    if z0.dim() == 1:
+        z0, z1 = z0[None], z1[None] if z1.dim() == 1 else z1
+    _check_points("z0", z0)
+    _check_points("z1", z1)
+    if z0.shape != z1.shape:
+        raise ValueError(f"z0 and z1 must have the same shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
+    if z1.dtype != z0.dtype or z1.device != z0.device:
+        raise TypeError("z0 and z1 must have the same dtype and device")
+    if n_segments < 2:
+        raise ValueError(f"n_segments must be >= 2, got {n_segments}")
+    if init == "line":
+        curves = straight_line(z0, z1, n_segments)
+    elif init == "graph":
+        if data is None:
+            raise ValueError("init='graph' needs the data latents (data=...)")
+        curves = graph_init(z0, z1, decoder, data, n_segments, n_neighbors)
+    else:
+        raise ValueError(f"init must be 'line' or 'graph', got {init!r}")
+    b, t1, d = curves.shape
+    z0c, z1c = z0.detach()[:, None], z1.detach()[:, None]
+
+    def fg(x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        c = torch.cat([z0c[idx], x.view(-1, t1 - 2, d), z1c[idx]], dim=1)
+        e, _, g = energy_and_grad(decoder, c)
+        return e, g[:, 1:-1].reshape(len(idx), -1)
+
+    with torch.no_grad():
+        x, _, conv, iters = _batched_lbfgs(fg, curves[:, 1:-1].reshape(b, -1).detach(), tol,
+                                           max_iter, progress=progress)
+        curves = torch.cat([z0c, x.view(b, t1 - 2, d), z1c], dim=1)
+        energy, length = _energy_length(decoder, curves)
+    return GeodesicResult(curves, length, energy, conv, iters)
+
+
+def interpolate(decoder, curves: Tensor, n_points: int) -> Tensor:
+    """Points spaced evenly in Riemannian arc length along each curve, [B, n_points, d]
+    (linear in latent space within a segment)."""
+    with torch.no_grad():
+        g = _feature_fn(decoder)(curves)
+        seg = (g[:, 1:] - g[:, :-1]).norm(dim=-1)
+    out = []
+    for i in range(curves.shape[0]):
+        cum = torch.cat([seg.new_zeros(1), seg[i].cumsum(0)])
+        t = torch.linspace(0, float(cum[-1]), n_points, dtype=curves.dtype, device=curves.device)
+        j = torch.searchsorted(cum, t, right=True).clamp(1, curves.shape[1] - 1)
+        w = ((t - cum[j - 1]) / seg[i, j - 1].clamp_min(1e-30)).clamp(0, 1)[:, None]
+        out.append(curves[i, j - 1] + w * (curves[i, j] - curves[i, j - 1]))
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------ exponential map
+
+def _metric_single(decoder) -> Callable[[Tensor], Tensor]:
+    f = _feature_fn(decoder)
+
+    def m(z: Tensor) -> Tensor:  # z [d] -> [d, d], differentiable by torch.func
+        jac = torch.func.jacfwd(lambda x: f(x[None])[0])(z)
+        return jac.T @ jac
+    return m
+
+
+def geodesic_acceleration(decoder, z: Tensor, v: Tensor) -> Tensor:
+    """z'' = -Gamma(z)[v, v] [B, d] from the geodesic equation
+    M z'' = -(dM[v]) v + 1/2 grad_z (v^T M v)."""
+    m_fn = _metric_single(decoder)
+
+    def acc(zi: Tensor, vi: Tensor) -> Tensor:
+        m = m_fn(zi)
+        dm = torch.func.jacfwd(m_fn)(zi)  # [d, d, d]: dm[i, j, k] = dM_ij / dz_k
+        dmv = dm @ vi  # sum_k dM_ij/dz_k v_k
+        rhs = -dmv @ vi + 0.5 * torch.einsum("i,ijk,j->k", vi, dm, vi)
+        return torch.linalg.solve(m, rhs)
+    return torch.func.vmap(acc)(z, v)
+
+
+def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) -> Tensor:
+    """Geodesic shooting: integrate z'' = -Gamma(z)[z', z'] from z [B, d] with velocity
+    v [B, d] for time t (RK4, n_steps). Returns the trajectory [B, n_steps + 1, d]; its last
+    point is Exp_z(t v)."""
+    _check_points("z", z)
+    _check_points("v", v)
+    if z.shape != v.shape:
+        raise ValueError(f"z and v must have the same shape, got {tuple(z.shape)} and {tuple(v.shape)}")
+    h = t / n_steps
+    zs = [z.detach()]
+    zc, vc = z.detach(), v.detach()
+
+    def deriv(zz, vv):
+        return vv, geodesic_acceleration(decoder, zz, vv)
+
+    with torch.no_grad():
+        for _ in range(n_steps):
+            k1z, k1v = deriv(zc, vc)
+            k2z, k2v = deriv(zc + 0.5 * h * k1z, vc + 0.5 * h * k1v)
+            k3z, k3v = deriv(zc + 0.5 * h * k2z, vc + 0.5 * h * k2v)
+            k4z, k4v = deriv(zc + h * k3z, vc + h * k3v)
+            zc = zc + h / 6 * (k1z + 2 * k2z + 2 * k3z + k4z)
+            vc = vc + h / 6 * (k1v + 2 * k2v + 2 * k3v + k4v)
+            zs.append(zc)
+    return torch.stack(zs, dim=1)
+
+
+def extrapolate(decoder, curves: Tensor, t: float = 0.5, n_steps: int = 25) -> Tensor:
+    """Continue curves [B, T+1, d] (parameterised over [0, 1]) past their end point along
+    the geodesic with the end velocity, for a further time t. Returns [B, n_steps + 1, d]
+    starting at the end point."""
+    check_tensor("curves", curves, 3)
+    segs = curves.shape[1] - 1
+    v = (curves[:, -1] - curves[:, -2]) * segs
+    return exp_map(decoder, curves[:, -1], v, t, n_steps)
+
+
+# ------------------------------------------------------------------ distances and statistics
+
+def distance_matrix(decoder, x: Tensor, y: Tensor | None = None, **geodesic_kwargs) -> Tensor:
+    """Riemannian (geodesic) distances [n, m] between x [n, d] and y [m, d] (y = x when
+    omitted: only the upper triangle is solved). All pairs are solved in one batch."""
+    _check_points("x", x)
+    sym = y is None
+    y = x if sym else y
+    _check_points("y", y)
+    n, m = x.shape[0], y.shape[0]
+    if sym:
+        i, j = torch.triu_indices(n, n, 1, device=x.device)
+    else:
+        i, j = (g.reshape(-1) for g in torch.meshgrid(torch.arange(n, device=x.device),
+                                                      torch.arange(m, device=x.device), indexing="ij"))
+    out = x.new_zeros((n, m))
+    if len(i):
+        res = geodesic(x[i], y[j], decoder, **geodesic_kwargs)
+        out[i, j] = res.lengths
+        if sym:
+            out[j, i] = res.lengths
+    return out
+
+
+def kmedoids(dist: Tensor, k: int, n_iter: int = 100, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """k-medoids on a distance matrix [n, n]: (labels [n], medoid indices [k]). With
+    Riemannian distances this is the geodesic k-means of latent points (centres restricted
+    to data points, so no Frechet mean is needed)."""
+    n = dist.shape[0]
+    if dist.shape != (n, n):
+        raise ValueError("dist must be a square matrix")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    gen = torch.Generator().manual_seed(seed)
+    medoids = [int(torch.randint(n, (1,), generator=gen))]
+    for _ in range(1, k):  # farthest-point seeding
+        medoids.append(int(dist[:, medoids].min(1).values.argmax()))
+    med = torch.tensor(medoids, device=dist.device)
+    for _ in range(n_iter):
+        labels = dist[:, med].argmin(1)
+        new = med.clone()
+        for c in range(k):
+            members = (labels == c).nonzero().squeeze(1)
+            if members.numel():
+                new[c] = members[dist[members][:, members].sum(1).argmin()]
+        if torch.equal(new, med):
+            break
+        med = new
+    return dist[:, med].argmin(1), med
+
+
+def riemannian_kmeans(decoder, x: Tensor, k: int, seed: int = 0, **geodesic_kwargs
+                      ) -> tuple[Tensor, Tensor]:
+    """Cluster latent points x [n, d] with geodesic distances: (labels [n], medoids [k])."""
+    return kmedoids(distance_matrix(decoder, x, **geodesic_kwargs), k, seed=seed)
+
+
+def knn_predict(decoder, x_train: Tensor, y_train: Tensor, x_query: Tensor, k: int = 5,
+                **geodesic_kwargs) -> Tensor:
+    """Majority label of the k geodesically nearest training points, per query [m]."""
+    if y_train.shape[0] != x_train.shape[0]:
+        raise ValueError("x_train and y_train must have the same number of rows")
+    dist = distance_matrix(decoder, x_query, x_train, **geodesic_kwargs)
+    nearest = dist.topk(min(k, x_train.shape[0]), largest=False).indices
+    return torch.mode(y_train[nearest], dim=1).values
+
+
+def random_walk(decoder, z0: Tensor, n_steps: int, step_size: float = 0.01,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Random walks on the latent manifold: z_{t+1} = z_t + sqrt(step_size) * eps,
+    eps ~ N(0, M(z_t)^-1), so steps are short where the decoder stretches space.
+    Returns [B, n_steps + 1, d]."""
+    _check_points("z0", z0)
+    if step_size <= 0:
+        raise ValueError(f"step_size must be > 0, got {step_size}")
+    z = z0.detach()
+    path = [z]
+    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    with torch.no_grad():
+        for _ in range(n_steps):
+            m = metric(decoder, z) + 1e-9 * eye
+            chol = torch.linalg.cholesky(m)
+            eps = torch.randn(z.shape, dtype=z.dtype, generator=generator).to(z.device)
+            # x = L^-T eps has covariance (L L^T)^-1 = M^-1
+            step = torch.linalg.solve_triangular(chol.transpose(1, 2), eps[..., None], upper=True)[..., 0]
+            z = z + step_size ** 0.5 * step
+            path.append(z)
+    return torch.stack(path, dim=1)

@@ -1,0 +1,157 @@
+"""pullback_metric and curve_energy ops against the reference and against autograd."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentfast.ops import geometry as ops
+from latentfast.reference import geometry as ref
+from tests.conftest import assert_close, device_for
+
+DTYPES = [torch.float32, torch.float64]
+# (latent d, hidden widths, output D, activation codes per layer, with RBF variance)
+NETS = [
+    (2, (7,), 5, (1, 0), False),
+    (3, (5, 9), 11, (2, 3, 0), True),
+    (5, (12,), 3, (4, 4), True),
+    (1, (), 4, (0,), False),
+    (2, (3, 7), 13, (3, 1, 2), True),
+]
+
+
+def make_net(d, hidden, out, acts, rbf, dtype, device, seed, k=6):
+    gen = torch.Generator().manual_seed(seed)
+    dims = [d, *hidden, out]
+    weights = [(torch.randn(b, a, generator=gen, dtype=dtype) / a ** 0.5).to(device)
+               for a, b in zip(dims[:-1], dims[1:])]
+    biases = [(0.3 * torch.randn(b, generator=gen, dtype=dtype)).to(device) for b in dims[1:]]
+    extra = (None, None, None, 0.0)
+    if rbf:
+        extra = (torch.randn(k, d, generator=gen, dtype=dtype).to(device),
+                 (0.5 + torch.rand(k, generator=gen, dtype=dtype)).to(device),
+                 torch.rand(out, k, generator=gen, dtype=dtype).to(device), 0.25)
+    return weights, biases, list(acts), extra
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 13])
+def test_pullback_metric_matches_reference(backend, net, dtype, n):
+    dev = device_for(backend)
+    w, b, a, extra = make_net(*net, dtype, dev, seed=hash((net, n)) % 2**31)
+    z = torch.randn(n, net[0], dtype=dtype, generator=torch.Generator().manual_seed(n)).to(dev)
+    m = ops.pullback_metric(z, w, b, a, *extra)
+    assert m.shape == (n, net[0], net[0])
+    assert_close(m, ref.pullback_metric(z, w, b, a, *extra), scale=10)
+
+
+@pytest.mark.parametrize("net", NETS[:3])
+def test_metric_equals_autograd_jacobian_gram(backend, net):
+    """M = J^T J with J the float64 autograd Jacobian of cat(mu, sigma)."""
+    dev = device_for(backend)
+    w, b, a, extra = make_net(*net, torch.float64, dev, seed=5)
+    z = torch.randn(4, net[0], dtype=torch.float64).to(dev)
+    m = ops.pullback_metric(z, w, b, a, *extra)
+    for i in range(z.shape[0]):
+        jac = torch.autograd.functional.jacobian(lambda x: ref.features(x, w, b, a, *extra), z[i])
+        assert_close(m[i], jac.T @ jac)
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2), (3, 9), (5, 4)])
+def test_curve_energy_and_grad_match_reference(backend, net, dtype, shape):
+    dev = device_for(backend)
+    w, b, a, extra = make_net(*net, dtype, dev, seed=hash((net, shape)) % 2**31)
+    gen = torch.Generator().manual_seed(3)
+    curves = torch.randn(*shape, net[0], dtype=dtype, generator=gen).to(dev)
+    e, ln = ops.curve_energy(curves, w, b, a, *extra)
+    leaf = curves.clone().requires_grad_()
+    e_ref, l_ref = ref.curve_energy(leaf, w, b, a, *extra)
+    assert_close(e, e_ref, scale=10)
+    assert_close(ln, l_ref, scale=10)
+    ge = torch.randn(shape[0], dtype=dtype, generator=gen).to(dev)
+    gl = torch.randn(shape[0], dtype=dtype, generator=gen).to(dev)
+    g_ref = torch.autograd.grad((e_ref * ge + l_ref * gl).sum(), leaf, retain_graph=True)[0]
+    leaf2 = curves.clone().requires_grad_()
+    e2, l2 = ops.curve_energy(leaf2, w, b, a, *extra)
+    g = torch.autograd.grad((e2 * ge + l2 * gl).sum(), leaf2)[0]
+    assert_close(g, g_ref, scale=10)
+    e3, l3, g3 = ops.curve_energy_and_grad(curves, w, b, a, *extra)
+    assert_close(e3, e_ref, scale=10)
+    assert_close(g3, torch.autograd.grad(e_ref.sum(), leaf)[0], scale=10)
+
+
+def test_curve_energy_repeated_point_has_finite_grad(backend):
+    """A zero-length segment: the length's subgradient there is 0, never NaN."""
+    dev = device_for(backend)
+    w, b, a, extra = make_net(*NETS[1], torch.float64, dev, seed=1)
+    curves = torch.randn(2, 4, 3, dtype=torch.float64).to(dev)
+    curves[:, 2] = curves[:, 1]
+    leaf = curves.clone().requires_grad_()
+    e, ln = ops.curve_energy(leaf, w, b, a, *extra)
+    (e + ln).sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+
+
+def test_gradcheck(backend):
+    dev = device_for(backend)
+    w, b, a, extra = make_net(*NETS[1], torch.float64, dev, seed=2)
+    z = torch.randn(3, 3, dtype=torch.float64).to(dev).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: ops.pullback_metric(x, w, b, a, *extra), (z,))
+    curves = torch.randn(2, 5, 3, dtype=torch.float64).to(dev).requires_grad_()
+    assert torch.autograd.gradcheck(lambda c: ops.curve_energy(c, w, b, a, *extra), (curves,))
+    # gradients to the decoder parameters as well (autograd through the reference)
+    w0 = w[0].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda ww: ops.curve_energy(curves.detach(), [ww, *w[1:]], b, a, *extra),
+                                    (w0,))
+    assert torch.autograd.gradcheck(lambda ww: ops.pullback_metric(z.detach(), [ww, *w[1:]], b, a, *extra),
+                                    (w0,))
+
+
+def test_opcheck(backend):
+    dev = device_for(backend)
+    w, b, a, extra = make_net(*NETS[1], torch.float32, dev, seed=4)
+    z = torch.randn(5, 3).to(dev)
+    curves = torch.randn(2, 6, 3).to(dev)
+    lib = torch.ops.latentfast
+    cases = [
+        (lib.pullback_metric, (z, w, b, a, *extra), True),
+        (lib.pullback_metric, (z, w, b, a, None, None, None, 0.0), True),
+        (lib.curve_energy, (curves, w, b, a, *extra), True),
+        (lib.curve_energy_backward, (torch.ones(2).to(dev), torch.ones(2).to(dev), curves, w, b, a, *extra),
+         False),
+    ]
+    for op, args, grads in cases:
+        torch.library.opcheck(op, args)
+        if grads:
+            torch.library.opcheck(op, (args[0].clone().requires_grad_(), *args[1:]))
+
+
+def test_bad_inputs_raise():
+    w, b, a, extra = make_net(*NETS[1], torch.float32, "cpu", seed=0)
+    z = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="dimensions"):
+        ops.pullback_metric(z[0], w, b, a, *extra)
+    with pytest.raises(ValueError, match="columns"):
+        ops.pullback_metric(torch.randn(4, 2), w, b, a, *extra)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.pullback_metric(z.double(), w, b, a, *extra)
+    with pytest.raises(ValueError, match="activation code"):
+        ops.pullback_metric(z, w, b, [1, 9, 0], *extra)
+    with pytest.raises(ValueError, match="one weight"):
+        ops.pullback_metric(z, w, b[:-1], a, *extra)
+    with pytest.raises(ValueError, match="all or none"):
+        ops.pullback_metric(z, w, b, a, extra[0], None, None, 0.3)
+    with pytest.raises(ValueError, match="zeta"):
+        ops.pullback_metric(z, w, b, a, *extra[:3], 0.0)
+    with pytest.raises(ValueError, match="rbf_weight"):
+        ops.pullback_metric(z, w, b, a, extra[0], extra[1], extra[2][:, :2], 0.3)
+    bad = z.clone()
+    bad[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ops.pullback_metric(bad, w, b, a, *extra)
+    with pytest.raises(ValueError, match="T >= 1"):
+        ops.curve_energy(torch.randn(2, 1, 3), w, b, a, *extra)
+    with pytest.raises(ValueError, match="dimensions"):
+        ops.curve_energy(z, w, b, a, *extra)
