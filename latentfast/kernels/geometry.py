@@ -122,16 +122,17 @@ def weighted_gram(p: Tensor, q: Tensor, w: Tensor | None) -> Tensor:
 
 
 @triton.jit
-def _curve_reduce_kernel(g_ptr, e_ptr, l_ptr, ge_ptr, gl_ptr, c_ptr, gg_ptr, T1, F,
+def _curve_reduce_kernel(g_ptr, e_ptr, l_ptr, ge_ptr, gl_ptr, gg_ptr, T1, F,
                          HAS_GE: tl.constexpr, HAS_GL: tl.constexpr, WANT: tl.constexpr,
-                         BLOCK_F: tl.constexpr):
-    # One program per curve. Pass 1: per segment ||delta_t||^2, and the gradient factor
-    # c_t = 2 T ge + gl / ||delta_t|| into scratch. Pass 2 (after a barrier): per point
-    # gg_t = c_{t-1} delta_{t-1} - c_t delta_t.
+                         BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+    # One program per curve, rows (points) in blocks of BLOCK_T. For each row r the program
+    # forms ||g_r - g_{r-1}||^2 and ||g_{r+1} - g_r||^2 (segments r-1 and r), so the
+    # gradient row gg_r = c_{r-1} delta_{r-1} - c_r delta_r, c = 2 T ge + gl / ||delta||,
+    # needs no data from other rows' results.
     b = tl.program_id(0)
     g_b = g_ptr + b * T1 * F
     segs = T1 - 1
-    zero = tl.sum(tl.zeros((BLOCK_F,), dtype=g_ptr.dtype.element_ty), axis=0)
+    zero = tl.sum(tl.zeros((BLOCK_T,), dtype=g_ptr.dtype.element_ty), axis=0)
     cge = zero
     cgl = zero
     if HAS_GE:
@@ -140,45 +141,40 @@ def _curve_reduce_kernel(g_ptr, e_ptr, l_ptr, ge_ptr, gl_ptr, c_ptr, gg_ptr, T1,
         cgl = zero + tl.load(gl_ptr + b)
     e = zero
     length = zero
-    for t in range(0, segs):
-        sq = zero
+    for r0 in range(0, T1, BLOCK_T):
+        rows = r0 + tl.arange(0, BLOCK_T)
+        has_prev = (rows >= 1) & (rows < T1)
+        has_next = rows < segs
+        sq_prev = tl.zeros((BLOCK_T,), dtype=g_ptr.dtype.element_ty)
+        sq_next = tl.zeros((BLOCK_T,), dtype=g_ptr.dtype.element_ty)
         for f0 in range(0, F, BLOCK_F):
             fs = f0 + tl.arange(0, BLOCK_F)
-            fm = fs < F
-            d = tl.load(g_b + (t + 1) * F + fs, mask=fm, other=0.0) - tl.load(g_b + t * F + fs, mask=fm, other=0.0)
-            sq += tl.sum(d * d, axis=0)
-        norm = tl.sqrt(sq)
-        e += sq
-        length += norm
+            fm = (fs < F)[None, :]
+            g_r = tl.load(g_b + rows[:, None] * F + fs[None, :], mask=(rows < T1)[:, None] & fm, other=0.0)
+            g_p = tl.load(g_b + (rows[:, None] - 1) * F + fs[None, :], mask=has_prev[:, None] & fm, other=0.0)
+            g_n = tl.load(g_b + (rows[:, None] + 1) * F + fs[None, :], mask=has_next[:, None] & fm, other=0.0)
+            d_p = tl.where(has_prev[:, None], g_r - g_p, 0.0)
+            d_n = tl.where(has_next[:, None], g_n - g_r, 0.0)
+            sq_prev += tl.sum(d_p * d_p, axis=1)
+            sq_next += tl.sum(d_n * d_n, axis=1)
+        n_next = tl.sqrt(sq_next)
+        e += tl.sum(sq_next, axis=0)
+        length += tl.sum(n_next, axis=0)
         if WANT:
-            c = cge + tl.where(norm > 0, cgl / norm, 0.0)
-            tl.store(c_ptr + b * segs + t, c)
-    tl.store(e_ptr + b, segs * e)
-    tl.store(l_ptr + b, length)
-    if WANT:
-        tl.debug_barrier()
-        gg_b = gg_ptr + b * T1 * F
-        c_first = tl.load(c_ptr + b * segs)
-        c_last = tl.load(c_ptr + b * segs + segs - 1)
-        for f0 in range(0, F, BLOCK_F):
-            fs = f0 + tl.arange(0, BLOCK_F)
-            fm = fs < F
-            g0 = tl.load(g_b + fs, mask=fm, other=0.0)
-            g1 = tl.load(g_b + F + fs, mask=fm, other=0.0)
-            tl.store(gg_b + fs, -c_first * (g1 - g0), mask=fm)
-            ga = tl.load(g_b + (segs - 1) * F + fs, mask=fm, other=0.0)
-            gz = tl.load(g_b + segs * F + fs, mask=fm, other=0.0)
-            tl.store(gg_b + segs * F + fs, c_last * (gz - ga), mask=fm)
-        for t in range(1, segs):
-            c_prev = tl.load(c_ptr + b * segs + t - 1)
-            c_next = tl.load(c_ptr + b * segs + t)
+            n_prev = tl.sqrt(sq_prev)
+            c_prev = tl.where(has_prev, cge + tl.where(n_prev > 0, cgl / tl.where(n_prev > 0, n_prev, 1.0), 0.0), 0.0)
+            c_next = tl.where(has_next, cge + tl.where(n_next > 0, cgl / tl.where(n_next > 0, n_next, 1.0), 0.0), 0.0)
             for f0 in range(0, F, BLOCK_F):
                 fs = f0 + tl.arange(0, BLOCK_F)
-                fm = fs < F
-                g_t = tl.load(g_b + t * F + fs, mask=fm, other=0.0)
-                g_p = tl.load(g_b + (t - 1) * F + fs, mask=fm, other=0.0)
-                g_n = tl.load(g_b + (t + 1) * F + fs, mask=fm, other=0.0)
-                tl.store(gg_b + t * F + fs, c_prev * (g_t - g_p) - c_next * (g_n - g_t), mask=fm)
+                fm = (fs < F)[None, :]
+                g_r = tl.load(g_b + rows[:, None] * F + fs[None, :], mask=(rows < T1)[:, None] & fm, other=0.0)
+                g_p = tl.load(g_b + (rows[:, None] - 1) * F + fs[None, :], mask=has_prev[:, None] & fm, other=0.0)
+                g_n = tl.load(g_b + (rows[:, None] + 1) * F + fs[None, :], mask=has_next[:, None] & fm, other=0.0)
+                out = c_prev[:, None] * (g_r - g_p) - c_next[:, None] * (g_n - g_r)
+                tl.store(gg_ptr + b * T1 * F + rows[:, None] * F + fs[None, :], out,
+                         mask=(rows < T1)[:, None] & fm)
+    tl.store(e_ptr + b, segs * e)
+    tl.store(l_ptr + b, length)
 
 
 def curve_reduce(g: Tensor, grad_energy: Tensor | None, grad_length: Tensor | None
@@ -194,9 +190,9 @@ def curve_reduce(g: Tensor, grad_energy: Tensor | None, grad_length: Tensor | No
         return energy, length, gg
     ge = grad_energy.to(g.dtype).contiguous() if grad_energy is not None else energy
     gl = grad_length.to(g.dtype).contiguous() if grad_length is not None else energy
-    block_f = max(16, min(1024, triton.next_power_of_2(f)))
-    scratch = torch.empty((b, t1 - 1), dtype=g.dtype, device=g.device) if want else energy
-    _curve_reduce_kernel[(b,)](g, energy, length, ge, gl, scratch, gg if want else g, t1, f,
+    block_t = max(2, min(32, triton.next_power_of_2(t1)))
+    block_f = max(16, min(4096 // block_t, triton.next_power_of_2(f)))
+    _curve_reduce_kernel[(b,)](g, energy, length, ge, gl, gg if want else g, t1, f,
                                HAS_GE=grad_energy is not None, HAS_GL=grad_length is not None,
-                               WANT=want, BLOCK_F=block_f)
+                               WANT=want, BLOCK_T=block_t, BLOCK_F=block_f)
     return energy, length, gg

@@ -72,7 +72,7 @@ class VAE(nn.Module):
         nll = self.neg_log_lik(x, z).mean()
         kl = (0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).sum(1)).mean()
         total = nll + self.beta * kl
-        return total, {"loss": float(total), "nll": float(nll), "kl": float(kl)}
+        return total, {"loss": total.item(), "nll": nll.item(), "kl": kl.item()}
 
 
 def fit(model: VAE, data: Tensor, epochs: int = 50, batch_size: int = 128, lr: float = 1e-3,

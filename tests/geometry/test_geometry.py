@@ -1,0 +1,249 @@
+"""Geometry API: geodesics on analytic manifolds, exponential map, distances, VAE + RBF."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from latentfast import geometry as geo
+from latentfast.vae import VAE, GaussianMLPDecoder, fit, fit_rbf_variance
+from tests.conftest import interpreting
+
+F64 = torch.float64
+
+
+def linear_decoder(a: torch.Tensor) -> nn.Sequential:
+    dec = nn.Sequential(nn.Linear(a.shape[1], a.shape[0])).to(a.dtype)
+    with torch.no_grad():
+        dec[0].weight.copy_(a)
+        dec[0].bias.normal_()
+    return dec
+
+
+def sphere(z: torch.Tensor) -> torch.Tensor:
+    """Inverse stereographic projection of the plane onto the unit sphere."""
+    n2 = (z ** 2).sum(-1, keepdim=True)
+    return torch.cat([2 * z, n2 - 1], -1) / (n2 + 1)
+
+
+def great_circle(z0, z1):
+    return torch.arccos((sphere(z0) * sphere(z1)).sum(-1).clamp(-1, 1))
+
+
+def small_mlp_decoder(dtype=F64, rbf=True, seed=0):
+    torch.manual_seed(seed)
+    dec = GaussianMLPDecoder(2, 9, hidden=(16,), activation="tanh").to(dtype)
+    if rbf:
+        z = torch.randn(200, 2, dtype=dtype)
+        x = dec.mean(z).detach() + 0.1 * torch.randn(200, 9, dtype=dtype)
+        fit_rbf_variance(dec, z, x, n_centres=8, steps=50)
+    return dec
+
+
+def test_linear_decoder_geodesics_are_straight(backend):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 2, dtype=F64, generator=gen)
+    z0, z1 = torch.randn(6, 2, dtype=F64, generator=gen), torch.randn(6, 2, dtype=F64, generator=gen)
+    res = geo.geodesic(z0, z1, linear_decoder(a))
+    true = ((z1 - z0) @ a.T).norm(dim=1)
+    assert res.converged.all()
+    torch.testing.assert_close(res.lengths, true, rtol=1e-6, atol=0)
+    line = geo.straight_line(z0, z1, 32)
+    torch.testing.assert_close(res.curves, line, rtol=1e-5, atol=1e-6)
+
+
+def test_sphere_geodesic_lengths_are_great_circles():
+    gen = torch.Generator().manual_seed(1)
+    z0, z1 = torch.randn(8, 2, dtype=F64, generator=gen), torch.randn(8, 2, dtype=F64, generator=gen)
+    res = geo.geodesic(z0, z1, sphere, max_iter=800)
+    rel = (res.lengths / great_circle(z0, z1) - 1).abs()
+    assert res.converged.all(), res.iterations
+    assert rel.max() < 0.01, rel
+    # the straight latent line is longer than the geodesic
+    assert (geo.curve_length(sphere, geo.straight_line(z0, z1, 32)) >= res.lengths - 1e-9).all()
+
+
+def test_graph_initialisation_gives_a_geodesic_too():
+    gen = torch.Generator().manual_seed(2)
+    data = torch.randn(150, 2, dtype=F64, generator=gen)
+    z0, z1 = data[:3], data[3:6]
+    init = geo.graph_init(z0, z1, sphere, data, 16)
+    assert init.shape == (3, 17, 2)
+    torch.testing.assert_close(init[:, 0], z0)
+    torch.testing.assert_close(init[:, -1], z1)
+    res = geo.geodesic(z0, z1, sphere, n_segments=16, init="graph", data=data, max_iter=800)
+    assert ((res.lengths / great_circle(z0, z1) - 1).abs() < 0.01).all()
+
+
+def test_mlp_geodesics_agree_across_backends(backend):
+    dec = small_mlp_decoder()
+    gen = torch.Generator().manual_seed(3)
+    z0, z1 = torch.randn(4, 2, dtype=F64, generator=gen), torch.randn(4, 2, dtype=F64, generator=gen)
+    res = geo.geodesic(z0, z1, dec, n_segments=12)
+    # the same problem through the generic (autograd) path
+    generic = geo.geodesic(z0, z1, dec.features, n_segments=12)
+    assert res.converged.all() and generic.converged.all()
+    torch.testing.assert_close(res.lengths, generic.lengths, rtol=1e-4, atol=1e-6)
+    line = geo.curve_length(dec, geo.straight_line(z0, z1, 12))
+    assert (res.lengths <= line + 1e-9).all()
+
+
+def test_metric_fused_equals_generic(backend):
+    dec = small_mlp_decoder()
+    z = torch.randn(7, 2, dtype=F64)
+    torch.testing.assert_close(geo.metric(dec, z), geo.metric(dec.features, z), rtol=1e-9, atol=1e-10)
+    vol = geo.volume_measure(dec, z)
+    torch.testing.assert_close(vol, torch.linalg.det(geo.metric(dec.features, z)).sqrt())
+
+
+def test_equal_end_points_give_zero_length():
+    dec = small_mlp_decoder(rbf=False)
+    z = torch.randn(3, 2, dtype=F64)
+    res = geo.geodesic(z, z, dec, n_segments=8)
+    assert res.converged.all()
+    assert torch.equal(res.lengths, torch.zeros(3, dtype=F64))
+
+
+def test_exp_map_on_sphere_travels_speed_times_time():
+    z = torch.tensor([[0.3, -0.2], [1.5, 0.4]], dtype=F64)
+    v = torch.tensor([[0.4, 0.7], [-0.3, 0.2]], dtype=F64)
+    path = geo.exp_map(sphere, z, v, t=1.0, n_steps=40)
+    speed = torch.einsum("bi,bij,bj->b", v, geo.metric(sphere, z), v).sqrt()
+    torch.testing.assert_close(great_circle(path[:, 0], path[:, -1]), speed, rtol=1e-4, atol=1e-6)
+    # on a geodesic the speed is constant
+    mid = path[:, 20]
+    v_mid = (path[:, 21] - path[:, 19]) / (2 / 40)
+    speed_mid = torch.einsum("bi,bij,bj->b", v_mid, geo.metric(sphere, mid), v_mid).sqrt()
+    torch.testing.assert_close(speed_mid, speed, rtol=1e-3, atol=1e-6)
+
+
+def test_exp_map_inverts_geodesic_on_sphere():
+    """Shooting from z0 with the solved geodesic's initial velocity lands on z1."""
+    z0, z1 = torch.tensor([[0.2, 0.1]], dtype=F64), torch.tensor([[-0.6, 0.9]], dtype=F64)
+    res = geo.geodesic(z0, z1, sphere, n_segments=64, max_iter=800)
+    v = (res.curves[:, 1] - res.curves[:, 0]) * 64
+    end = geo.exp_map(sphere, z0, v, n_steps=64)[:, -1]
+    assert (end - z1).norm() < 0.02
+
+
+def test_linear_exp_map_and_extrapolation_are_straight(backend):
+    a = torch.randn(4, 2, dtype=F64)
+    dec = linear_decoder(a)
+    z, v = torch.randn(3, 2, dtype=F64), torch.randn(3, 2, dtype=F64)
+    path = geo.exp_map(dec, z, v, t=2.0, n_steps=10)
+    torch.testing.assert_close(path[:, -1], z + 2.0 * v)
+    curves = geo.straight_line(z, z + v, 8)
+    ext = geo.extrapolate(dec, curves, t=0.5, n_steps=5)
+    torch.testing.assert_close(ext[:, -1], z + 1.5 * v)
+
+
+def test_interpolate_spaces_points_evenly():
+    z0, z1 = torch.tensor([[0.1, 0.2]], dtype=F64), torch.tensor([[1.8, -0.5]], dtype=F64)
+    res = geo.geodesic(z0, z1, sphere, n_segments=32, max_iter=800)
+    pts = geo.interpolate(sphere, res.curves, 9)
+    g = sphere(pts[0])
+    steps = torch.arccos((g[1:] * g[:-1]).sum(-1).clamp(-1, 1))
+    assert (steps / steps.mean() - 1).abs().max() < 0.02
+
+
+def test_distance_matrix_kmedoids_and_knn():
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 2, dtype=F64, generator=gen)
+    dec = linear_decoder(a)
+    m = 3 if interpreting() else 5  # each interpreted kernel launch runs its programs in Python
+    blob0 = torch.randn(m, 2, dtype=F64, generator=gen) * 0.1
+    blob1 = torch.randn(m, 2, dtype=F64, generator=gen) * 0.1 + 3.0
+    x = torch.cat([blob0, blob1])
+    dist = geo.distance_matrix(dec, x, n_segments=4)
+    assert torch.equal(dist, dist.T) and torch.equal(dist.diagonal(), torch.zeros(2 * m, dtype=F64))
+    euclid = torch.cdist(x @ a.T, x @ a.T)
+    torch.testing.assert_close(dist, euclid, rtol=1e-6, atol=1e-9)
+    labels, medoids = geo.kmedoids(dist, 2)
+    assert len(set(labels[:m].tolist())) == 1 and len(set(labels[m:].tolist())) == 1
+    assert labels[0] != labels[m]
+    y = torch.tensor([0] * m + [1] * m)
+    q = torch.tensor([[0.05, 0.0], [2.9, 3.1]], dtype=F64)
+    assert geo.knn_predict(dec, x, y, q, k=3, n_segments=4).tolist() == [0, 1]
+    labels2, _ = geo.riemannian_kmeans(dec, x, 2, n_segments=4)
+    assert torch.equal(labels2, labels)
+
+
+def test_random_walk_steps_have_covariance_inverse_metric(backend):
+    a = torch.diag(torch.tensor([4.0, 0.5], dtype=F64))
+    dec = linear_decoder(a)
+    z0 = torch.zeros(4000, 2, dtype=F64)
+    walk = geo.random_walk(dec, z0, 1, step_size=0.01, generator=torch.Generator().manual_seed(0))
+    steps = (walk[:, 1] - walk[:, 0]) / 0.1
+    cov = steps.T @ steps / steps.shape[0]
+    expected = torch.linalg.inv(a.T @ a)
+    torch.testing.assert_close(cov, expected, rtol=0.1, atol=0.01)
+
+
+def test_bad_inputs_raise():
+    dec = small_mlp_decoder(rbf=False)
+    with pytest.raises(ValueError, match="same shape"):
+        geo.geodesic(torch.zeros(2, 2, dtype=F64), torch.zeros(3, 2, dtype=F64), dec)
+    bad = torch.zeros(2, 2, dtype=F64)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        geo.geodesic(bad, torch.ones(2, 2, dtype=F64), dec)
+    with pytest.raises(TypeError, match="decoder must be"):
+        geo.geodesic(torch.zeros(1, 2), torch.ones(1, 2), "not a decoder")
+    with pytest.raises(ValueError, match="init"):
+        geo.geodesic(torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64), dec, init="spline")
+    with pytest.raises(ValueError, match="data"):
+        geo.geodesic(torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64), dec, init="graph")
+    with pytest.raises(ValueError, match="columns"):
+        geo.metric(dec, torch.zeros(3, 5, dtype=F64))
+    with pytest.raises(ValueError, match="step_size"):
+        geo.random_walk(dec, torch.zeros(1, 2, dtype=F64), 3, step_size=0.0)
+
+
+def test_sequential_decoder_uses_fused_ops_and_rejects_unknown_layers():
+    seq = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3), nn.Sigmoid())
+    p = geo.as_mlp(seq)
+    assert p is not None and p.acts == [1, 4]
+    assert geo.as_mlp(nn.Sequential(nn.Linear(2, 4), nn.ReLU())) is None
+    z = torch.randn(5, 2)
+    torch.testing.assert_close(geo.metric(seq, z), geo.metric(lambda x: seq(x), z), rtol=1e-5, atol=1e-6)
+
+
+def test_vae_trains_and_rbf_variance_grows_away_from_data():
+    gen = torch.Generator().manual_seed(0)
+    t = torch.rand(400, 1, generator=gen) * 2 * math.pi
+    x = torch.cat([torch.cos(t), torch.sin(t), torch.cos(2 * t), torch.sin(2 * t)], 1)
+    x = x + 0.05 * torch.randn(400, 4, generator=gen)
+    model = VAE(4, latent_dim=2, hidden=(32,), beta=1.0)
+    hist = fit(model, x, epochs=40 if not interpreting() else 10, batch_size=32, lr=3e-3, progress=False)
+    assert hist[-1]["loss"] < hist[0]["loss"] - 1.0
+    with torch.no_grad():
+        z = model.encode(x)[0]
+    rbf = fit_rbf_variance(model.decoder, z, x, n_centres=10, steps=200)
+    assert model.decoder.rbf is rbf
+    far = z.abs().max() * 4 * torch.ones(1, 2)
+    with torch.no_grad():
+        s_near = model.decoder.sigma(z).mean()
+        s_far = model.decoder.sigma(far).mean()
+    assert s_far > 3 * s_near
+    # The metric is largest where sigma rises, just outside the data (far away both mu and
+    # sigma saturate and the metric vanishes again).
+    r = z.norm(dim=1).max()
+    angles = torch.linspace(0, 2 * math.pi, 17)[:-1]
+    radii = torch.linspace(1.0, 3.0, 21) * r
+    ring = (radii[:, None, None] * torch.stack([angles.cos(), angles.sin()], 1)[None]).reshape(-1, 2)
+    assert geo.volume_measure(model.decoder, ring).max() > 5 * geo.volume_measure(model.decoder, z).median()
+
+
+def test_beta_vae_has_smaller_kl():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 6, generator=gen) @ torch.randn(6, 6, generator=gen)
+    kls = []
+    for beta in (1.0, 8.0):
+        model = VAE(6, latent_dim=3, hidden=(32,), beta=beta)
+        hist = fit(model, x, epochs=20 if not interpreting() else 4, batch_size=64, progress=False)
+        kls.append(hist[-1]["kl"])
+    assert kls[1] < kls[0]
+    with pytest.raises(ValueError, match="likelihood"):
+        VAE(4, likelihood="poisson")
