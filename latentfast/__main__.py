@@ -1,4 +1,4 @@
-"""Command line: ``python -m latentfast info | bench``."""
+"""Command line: ``python -m latentfast info | bench | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,8 @@ def info() -> None:
     print(f"TRITON_INTERPRET: {'on' if backend.triton_interpret() else 'off'}   "
           f"LATENTFAST_BACKEND: {backend.requested()}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    for op in ("actnorm_invconv", "actnorm_invconv_coupling", "affine_coupling", "lu_weight"):
+    for op in ("actnorm_invconv", "actnorm_invconv_coupling", "affine_coupling", "lu_weight",
+               "pullback_metric", "curve_energy"):
         chosen = []
         for d in devices:
             try:
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: cuda when available, else cpu")
     b.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     b.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
+    dm = sub.add_parser("demo", help="run a demo that writes PNGs")
+    dm.add_argument("name", choices=["geodesics"], help="geodesics: VAE latent geometry on the digits")
+    dm.add_argument("--out", default="demo_out", help="folder for the PNGs (default: demo_out)")
+    dm.add_argument("--epochs", type=int, default=150, help="VAE training epochs")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         info()
@@ -49,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
         run_suite(args.ops, device, args.quick, args.json_path)
+    elif args.cmd == "demo":
+        from latentfast.demos import geodesics
+
+        geodesics.run(args.out, epochs=args.epochs)
     return 0
 
 

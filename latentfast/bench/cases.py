@@ -6,14 +6,16 @@ user writes without latentfast), the same function under torch.compile, and late
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from latentfast.ops import flows as ops
+from latentfast.ops import geometry as geo_ops
 from latentfast.reference import flows as ref
+from latentfast.reference import geometry as geo_ref
 
 
 @dataclass
@@ -26,6 +28,9 @@ class Case:
     grad_inputs: tuple[int, ...]  # indices of inputs that get gradients in fwd+bwd
     bytes_moved: int  # fewest bytes one forward must read and write
     flops: int  # forward floating-point operations
+    passes: tuple[str, ...] = ("fwd", "fwd+bwd")
+    # further baselines timed in the same run (forward only), e.g. torch.func vmap(jacfwd)
+    extras: dict[str, Callable[..., tuple[Tensor, ...]]] = field(default_factory=dict)
 
 
 def _eager_glow_step(x, logs, bias, weight, h):
@@ -99,4 +104,69 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
                  torch.ones(cl, device=device), rnd(cl, scale=0.1))
         cases.append(Case("lu_weight", f"lu_weight C={cl}", lu_in, _eager_lu, _fast_lu, (1, 2, 4),
                           bytes_moved=5 * cl * cl * f32, flops=2 * cl ** 3))
+    cases += geometry_cases(device, quick, gen)
+    return cases
+
+
+def _decoder_tensors(dims, gen, device, k=64):
+    weights = [(torch.randn(b, a, generator=gen) / a ** 0.5).to(device) for a, b in zip(dims[:-1], dims[1:])]
+    biases = [(0.1 * torch.randn(b, generator=gen)).to(device) for b in dims[1:]]
+    rbf = ((torch.randn(k, dims[0], generator=gen)).to(device), (0.5 + torch.rand(k, generator=gen)).to(device),
+           torch.rand(dims[-1], k, generator=gen).to(device))
+    return weights, biases, rbf
+
+
+def geometry_cases(device: torch.device, quick: bool, gen: torch.Generator) -> list[Case]:
+    """pullback_metric and curve_energy on the decoder 2 -> 256 -> 256 -> 784 (tanh)."""
+    dims = [2, 64, 64, 196] if quick else [2, 256, 256, 784]
+    n = 256 if quick else 2048
+    weights, biases, (centres, lam, wr) = _decoder_tensors(dims, gen, device)
+    acts = [1] * (len(dims) - 2) + [0]
+    zeta = 0.01
+    z = torch.randn(n, dims[0], generator=gen).to(device)
+    net = "-".join(map(str, dims))
+    f32 = 4
+
+    def eager_metric(zz):
+        return (geo_ref.pullback_metric(zz, weights, biases, acts),)
+
+    def fast_metric(zz):
+        return (geo_ops.pullback_metric(zz, weights, biases, acts),)
+
+    def jacfwd_metric(zz):
+        jac = torch.func.vmap(torch.func.jacfwd(lambda x: geo_ref.mlp_mean(x, weights, biases, acts)))(zz)
+        return (jac.transpose(1, 2) @ jac,)
+
+    def eager_metric_rbf(zz):
+        return (geo_ref.pullback_metric(zz, weights, biases, acts, centres, lam, wr, zeta),)
+
+    def fast_metric_rbf(zz):
+        return (geo_ops.pullback_metric(zz, weights, biases, acts, centres, lam, wr, zeta),)
+
+    hidden_macs = sum(a * b for a, b in zip(dims[1:-2], dims[2:-1]))
+    # hidden layers on 1 + d rows per point, then T^T (W_L^T W_L) T on d rows
+    metric_flops = 2 * n * ((1 + dims[0]) * hidden_macs + dims[0] * dims[-2] ** 2)
+    cases = [
+        Case("pullback_metric", f"pullback_metric {net} tanh N={n}", (z,), eager_metric, fast_metric, (),
+             bytes_moved=f32 * (sum(w.numel() for w in weights) + n * (dims[0] + dims[0] ** 2)),
+             flops=metric_flops, passes=("fwd",), extras={"vmap_jacfwd": jacfwd_metric}),
+        Case("pullback_metric", f"pullback_metric {net} tanh+RBF(K=64) N={n}", (z,), eager_metric_rbf,
+             fast_metric_rbf, (), bytes_moved=f32 * (sum(w.numel() for w in weights) + wr.numel()
+                                                      + n * (dims[0] + dims[0] ** 2)),
+             flops=metric_flops + 2 * n * 64 * dims[-1] * (1 + dims[0]), passes=("fwd",)),
+    ]
+    b, t = (16, 16) if quick else (256, 32)
+    curves = torch.randn(b, t + 1, dims[0], generator=gen).to(device)
+
+    def eager_curve(c):
+        return geo_ref.curve_energy(c, weights, biases, acts, centres, lam, wr, zeta)
+
+    def fast_curve(c):
+        return geo_ops.curve_energy(c, weights, biases, acts, centres, lam, wr, zeta)
+
+    pts = b * (t + 1)
+    cases.append(Case("curve_energy", f"curve_energy B={b} T={t} {net}+RBF", (curves,), eager_curve,
+                      fast_curve, (0,), bytes_moved=f32 * (sum(w.numel() for w in weights) + wr.numel()
+                                                            + curves.numel() + 2 * b),
+                      flops=2 * pts * (sum(a * c for a, c in zip(dims[:-1], dims[1:])) + 64 * dims[-1])))
     return cases

@@ -75,7 +75,7 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
         err = _max_rel_err(case.fast(*case.inputs), case.eager(*case.inputs))
     reps, budget = (5, 0.5) if quick else (15, 3.0)
     rows = []
-    for pass_name in ("fwd", "fwd+bwd"):
+    for pass_name in case.passes:
         if pass_name == "fwd":
             make = lambda fn: _fwd(fn, case.inputs)  # noqa: E731
         else:
@@ -95,6 +95,10 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
             "peak_mem_mb_latentfast": _peak_mb(make(case.fast), device),
         }
         if pass_name == "fwd":
+            for name, fn in case.extras.items():
+                t_extra = time_ms(make(fn), device, reps, budget)
+                row[f"{name}_ms"] = round(t_extra, 4)
+                row[f"speedup_vs_{name}"] = round(t_extra / t_fast, 3)
             row["min_bytes"] = case.bytes_moved
             row["achieved_gbps"] = round(case.bytes_moved / (t_fast * 1e-3) / 1e9, 2)
             row["achieved_gflops"] = round(case.flops / (t_fast * 1e-3) / 1e9, 2)
@@ -122,10 +126,19 @@ def format_table(rows: list[dict]) -> str:
     head = f"{'case':<40} {'pass':<8} {'eager ms':>9} {'compile ms':>10} {'latentfast ms':>13} " \
            f"{'x eager':>8} {'x compile':>9} {'max rel err':>11}"
     lines = [head, "-" * len(head)]
+    num = lambda v, w, p: f"{v:>{w}.{p}f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
     for r in rows:
-        lines.append(f"{r['case']:<40} {r['pass']:<8} {r['eager_ms']:>9.3f} {r['compile_ms']:>10.3f} "
-                     f"{r['latentfast_ms']:>13.3f} {r['speedup_vs_eager']:>8.2f} "
-                     f"{r['speedup_vs_compile']:>9.2f} {r['max_rel_err']:>11.1e}")
+        lines.append(f"{r['case'][:40]:<40} {r['pass']:<8} {num(r['eager_ms'], 9, 3)} "
+                     f"{num(r['compile_ms'], 10, 3)} {r['latentfast_ms']:>13.3f} "
+                     f"{num(r['speedup_vs_eager'], 8, 2)} {num(r['speedup_vs_compile'], 9, 2)} "
+                     f"{r['max_rel_err']:>11.1e}")
+        for key in r:
+            if key.endswith("_ms") and key not in ("eager_ms", "compile_ms", "latentfast_ms"):
+                name = key[:-3]
+                lines.append(f"{'':<40} {'':<8} {name}: {r[key]:.3f} ms, latentfast is "
+                             f"{r['speedup_vs_' + name]:.2f}x faster")
+        if "note" in r:
+            lines.append(f"{'':<40} {'':<8} {r['note']}")
     return "\n".join(lines)
 
 
@@ -134,11 +147,16 @@ def run_suite(ops: list[str] | None = None, device: str = "cpu", quick: bool = F
     """Run every case (or those whose op or case name is in `ops`) and print the table."""
     dev = torch.device(device)
     cases = [c for c in make_cases(dev, quick) if not ops or c.op in ops or c.name in ops]
-    if not cases:
+    want_geodesics = not ops or bool({"geodesic", "geodesics_1000"} & set(ops))
+    if not cases and not want_geodesics:
         raise ValueError(f"no benchmark case matches {ops}")
     rows: list[dict] = []
     for case in tqdm(cases, desc=f"bench ({device})", unit="case"):
         rows.extend(run_case(case, dev, quick))
+    if want_geodesics:
+        from latentfast.bench.geodesics import run_geodesics
+
+        rows.append(run_geodesics(quick=quick, device=dev))
     env = environment(dev)
     print(f"device: {env['device']}  cpu: {env['cpu_model']}  torch {env['torch']}  triton {env['triton']}")
     print(format_table(rows))

@@ -164,7 +164,7 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
     converged = g.abs().amax(1) == 0
     small = torch.zeros(b, dtype=torch.long, device=x.device)
     iters = torch.zeros(b, dtype=torch.long, device=x.device)
-    bar = tqdm(range(max_iter), desc="geodesics", disable=not progress, leave=False)
+    bar = tqdm(range(max_iter), desc="geodesics", disable=not progress, leave=False, mininterval=1.0)
     for _ in bar:
         act = (~converged).nonzero().squeeze(1)
         if act.numel() == 0:
@@ -227,7 +227,7 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
         f[act], g[act] = f_new, g_new
         iters[act] += 1
         converged[act] = (small[act] >= 2) | (g_new.abs().amax(1) == 0)
-        bar.set_postfix(active=int(act.numel()))
+        bar.set_postfix(active=int(act.numel()), refresh=False)
     return x, f, converged, iters
 
 

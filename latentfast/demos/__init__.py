@@ -1,0 +1,1 @@
+"""Demos behind `python -m latentfast demo NAME`."""
