@@ -50,14 +50,16 @@ void check_cpu_float(const at::Tensor& t, const char* name) {
               name, " must be float32 or float64");
 }
 
-at::Tensor mlp_act_tangent_(at::Tensor& buf, int64_t n_points, int64_t n_dirs, int64_t act) {
+void mlp_act_tangent_(at::Tensor& buf, at::Tensor& deriv, int64_t n_points, int64_t n_dirs, int64_t act) {
   check_cpu_float(buf, "buf");
   TORCH_CHECK(buf.dim() == 2 && buf.is_contiguous(), "mlp_act_tangent_: buf must be contiguous 2-D");
   TORCH_CHECK(buf.size(0) == n_points * (1 + n_dirs),
               "mlp_act_tangent_: buf must have n_points * (1 + n_dirs) rows");
   TORCH_CHECK(act >= 0 && act <= 4, "mlp_act_tangent_: unknown activation code ", act);
   const int64_t H = buf.size(1);
-  at::Tensor deriv = at::empty({n_points, H}, buf.options());
+  TORCH_CHECK(deriv.is_contiguous() && deriv.dim() == 2 && deriv.size(0) == n_points && deriv.size(1) == H &&
+                  deriv.scalar_type() == buf.scalar_type(),
+              "mlp_act_tangent_: deriv must be a contiguous [n_points, H] tensor of buf's dtype");
   AT_DISPATCH_FLOATING_TYPES(buf.scalar_type(), "mlp_act_tangent_", [&] {
     scalar_t* b = buf.mutable_data_ptr<scalar_t>();
     scalar_t* s = deriv.mutable_data_ptr<scalar_t>();
@@ -66,7 +68,6 @@ at::Tensor mlp_act_tangent_(at::Tensor& buf, int64_t n_points, int64_t n_dirs, i
       LF_GEOM_CALL(act_tangent_rows<scalar_t>, b, s, n_points, n_dirs, H, act, begin, end);
     });
   });
-  return deriv;
 }
 
 at::Tensor weighted_gram(const at::Tensor& p, const at::Tensor& q, const c10::optional<at::Tensor>& w) {

@@ -61,19 +61,18 @@ def _act_tangent_kernel(buf_ptr, deriv_ptr, n_points, H, N_DIRS: tl.constexpr, C
         tl.store(buf_ptr + t_off, t * df, mask=m)
 
 
-def mlp_act_tangent_(buf: Tensor, n_points: int, n_dirs: int, act: int) -> Tensor:
-    """In place on buf [n_points * (1 + n_dirs), H]; returns act'(a) [n_points, H]."""
+def mlp_act_tangent_(buf: Tensor, deriv: Tensor, n_points: int, n_dirs: int, act: int) -> None:
+    """In place on buf [n_points * (1 + n_dirs), H]; writes act'(a) into deriv [n_points, H]."""
     assert buf.is_contiguous() and buf.shape[0] == n_points * (1 + n_dirs)
     h = buf.shape[1]
-    deriv = torch.empty((n_points, h), dtype=buf.dtype, device=buf.device)
+    assert deriv.is_contiguous() and tuple(deriv.shape) == (n_points, h)
     if n_points == 0 or h == 0:
-        return deriv
+        return
     block_h = min(128, triton.next_power_of_2(h))
     block_n = 16
     grid = (triton.cdiv(n_points, block_n), triton.cdiv(h, block_h))
     _act_tangent_kernel[grid](buf, deriv, n_points, h, N_DIRS=n_dirs, CODE=act,
                               BLOCK_N=block_n, BLOCK_H=block_h)
-    return deriv
 
 
 @triton.jit

@@ -62,7 +62,7 @@ def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], ac
         for w, b, act in zip(weights[:-1], biases[:-1], acts[:-1]):
             nxt = buf @ w.T
             nxt[:m] += b
-            k.mlp_act_tangent_(nxt, m, d, act)
+            k.mlp_act_tangent_(nxt, nxt.new_empty((m, nxt.shape[1])), m, d, act)
             buf = nxt
         tan = buf[m:].view(m, d, -1)
         if gram_w is not None:
@@ -71,7 +71,7 @@ def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], ac
         else:
             nxt = buf @ last_w.T
             nxt[:m] += biases[-1]
-            k.mlp_act_tangent_(nxt, m, d, acts[-1])
+            k.mlp_act_tangent_(nxt, nxt.new_empty((m, nxt.shape[1])), m, d, acts[-1])
             u = nxt[m:].view(m, d, -1)
             mc = k.weighted_gram(u, u, None)
         if centres is not None:
@@ -85,54 +85,115 @@ def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], ac
     return out
 
 
+def _mlp_forward_chunk(k, zf: Tensor, weights, biases, acts, centres, lam, wr, zeta,
+                       deriv_out: list[Tensor] | None = None, feats_out: Tensor | None = None):
+    """Features g(zf) [p, F] and act'(a) per layer, for one chunk of points (written into
+    deriv_out / feats_out, contiguous row blocks, when given)."""
+    h, derivs = zf, []
+    p = zf.shape[0]
+    for li, (w, b, act) in enumerate(zip(weights, biases, acts)):
+        a = torch.addmm(b, h, w.T)
+        dv = deriv_out[li] if deriv_out is not None else a.new_empty((p, w.shape[0]))
+        k.mlp_act_tangent_(a, dv, p, 0, act)
+        derivs.append(dv)
+        h = a
+    if centres is None:
+        if feats_out is not None:
+            feats_out.copy_(h)
+            return feats_out, derivs
+        return h, derivs
+    diff = zf[:, None, :] - centres  # [p, K, d]
+    v = torch.exp(-lam * diff.pow(2).sum(-1))
+    sigma = torch.addmm(torch.full_like(wr[:, 0], zeta), v, wr.T).rsqrt()
+    if feats_out is not None:
+        return torch.cat([h, sigma], dim=1, out=feats_out), derivs
+    return torch.cat([h, sigma], dim=1), derivs
+
+
+def _deriv_views(flat: Tensor, n_points: int, widths: list[int]) -> list[Tensor]:
+    """Per-layer [n_points, H_l] blocks of one flat buffer (each row block contiguous)."""
+    views, off = [], 0
+    for w in widths:
+        views.append(flat[off:off + n_points * w].view(n_points, w))
+        off += n_points * w
+    return views
+
+
+def _mlp_backward_chunk(gg: Tensor, zf: Tensor, feats: Tensor, derivs: list[Tensor], weights,
+                        centres, lam, wr) -> Tensor:
+    """d(gg . g(zf)) / d zf [p, d] from the saved act'(a) (and sigma in feats)."""
+    n_out = weights[-1].shape[0]
+    ga = gg[:, :n_out] * derivs[-1]
+    for li in range(len(weights) - 1, -1, -1):
+        gh = ga @ weights[li]
+        if li > 0:
+            ga = gh * derivs[li - 1]
+    if centres is not None:
+        # sigma = beta^-1/2: d sigma / d beta = -sigma^3 / 2; d v_k / dz = -2 lam_k v_k diff_k
+        diff = zf[:, None, :] - centres
+        v = torch.exp(-lam * diff.pow(2).sum(-1))
+        gv = (gg[:, n_out:] * (-0.5) * feats[:, n_out:].pow(3)) @ wr  # [p, K]
+        gh = gh + torch.einsum("pk,pkd->pd", gv * v * (-2.0 * lam), diff)
+    return gh
+
+
+def _curves_per_chunk(t1: int, d: int, weights, centres) -> int:
+    widest = max(w.shape[0] for w in weights)
+    return max(1, _CHUNK_ELEMS // (t1 * (widest + (0 if centres is None else centres.shape[0] * d))))
+
+
 def _curve_native(k, curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
                   centres: Tensor | None, lam: Tensor | None, wr: Tensor | None, zeta: float,
-                  grad_energy: Tensor | None, grad_length: Tensor | None
-                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+                  grad_energy: Tensor | None, grad_length: Tensor | None,
+                  saved: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Energies, lengths and (given grad_energy/grad_length) the gradient wrt the curves,
+    chunk by chunk. With `saved` = (flat act'(a) buffer of B (T+1) sum(H_l), features
+    [B (T+1), F]), each chunk's activations are stored there for a later backward."""
     b_all, t1, d = curves.shape
     want = grad_energy is not None or grad_length is not None
-    widest = max(w.shape[0] for w in weights)
-    per_chunk = max(1, _CHUNK_ELEMS // (t1 * (widest + (0 if centres is None else centres.shape[0] * d))))
+    per_chunk = _curves_per_chunk(t1, d, weights, centres)
     energy = curves.new_empty(b_all)
     length = curves.new_empty(b_all)
     grad = torch.empty_like(curves) if want else None
+    views = _deriv_views(saved[0], b_all * t1, [w.shape[0] for w in weights]) if saved is not None else None
     for s in range(0, b_all, per_chunk):
         zc = curves[s:s + per_chunk]
         bc = zc.shape[0]
         p = bc * t1
         zf = zc.reshape(p, d)
-        h = zf
-        derivs = []
-        for w, b, act in zip(weights, biases, acts):
-            a = torch.addmm(b, h, w.T)
-            derivs.append(k.mlp_act_tangent_(a, p, 0, act))
-            h = a
-        feats = h
-        if centres is not None:
-            diff = zf[:, None, :] - centres  # [p, K, d]
-            v = torch.exp(-lam * diff.pow(2).sum(-1))
-            sigma = torch.addmm(torch.full_like(wr[:, 0], zeta), v, wr.T).rsqrt()
-            feats = torch.cat([h, sigma], dim=1)
+        rows = slice(s * t1, s * t1 + p)
+        feats, derivs = _mlp_forward_chunk(k, zf, weights, biases, acts, centres, lam, wr, zeta,
+                                           [v[rows] for v in views] if views else None,
+                                           saved[1][rows] if saved is not None else None)
         ge = grad_energy[s:s + per_chunk] if grad_energy is not None else None
         gl = grad_length[s:s + per_chunk] if grad_length is not None else None
         e, ln, gg = k.curve_reduce(feats.view(bc, t1, -1), ge, gl)
         energy[s:s + per_chunk] = e
         length[s:s + per_chunk] = ln
-        if not want:
-            continue
-        gg = gg.view(p, -1)
-        n_out = weights[-1].shape[0]
-        ga = gg[:, :n_out] * derivs[-1]
-        for li in range(len(weights) - 1, -1, -1):
-            gh = ga @ weights[li]
-            if li > 0:
-                ga = gh * derivs[li - 1]
-        if centres is not None:
-            # sigma = beta^-1/2: d sigma / d beta = -sigma^3 / 2; d v_k / dz = -2 lam_k v_k diff_k
-            gv = (gg[:, n_out:] * (-0.5) * sigma.pow(3)) @ wr  # [p, K]
-            gh = gh + torch.einsum("pk,pkd->pd", gv * v * (-2.0 * lam), diff)
-        grad[s:s + per_chunk] = gh.view(bc, t1, d)
+        if want:
+            gz = _mlp_backward_chunk(gg.view(p, -1), zf, feats, derivs, weights, centres, lam, wr)
+            grad[s:s + per_chunk] = gz.view(bc, t1, d)
     return energy, length, grad
+
+
+def _curve_backward_saved(k, grad_energy: Tensor, grad_length: Tensor, curves: Tensor, derivs_flat: Tensor,
+                          feats_all: Tensor, weights, centres, lam, wr) -> Tensor:
+    """The gradient wrt the curves from the activations saved by _curve_native."""
+    b_all, t1, d = curves.shape
+    per_chunk = _curves_per_chunk(t1, d, weights, centres)
+    views = _deriv_views(derivs_flat, b_all * t1, [w.shape[0] for w in weights])
+    grad = torch.empty_like(curves)
+    for s in range(0, b_all, per_chunk):
+        zc = curves[s:s + per_chunk]
+        bc = zc.shape[0]
+        p = bc * t1
+        rows = slice(s * t1, s * t1 + p)
+        derivs, feats = [v[rows] for v in views], feats_all[rows]
+        _, _, gg = k.curve_reduce(feats.reshape(bc, t1, -1), grad_energy[s:s + per_chunk],
+                                  grad_length[s:s + per_chunk])
+        gz = _mlp_backward_chunk(gg.view(p, -1), zc.reshape(p, d), feats, derivs, weights, centres, lam, wr)
+        grad[s:s + per_chunk] = gz.view(bc, t1, d)
+    return grad
 
 
 # ------------------------------------------------------------------ pullback_metric
@@ -266,6 +327,74 @@ def _curve_energy_bwd(ctx, grad_energy, grad_length):
 _curve_energy.register_autograd(_curve_energy_bwd, setup_context=_save_all)
 
 
+# curve_energy under autograd (native backends): the forward keeps act'(a) and the
+# features so the backward does not recompute the decoder.
+
+def _feature_width(weights: list[Tensor], centres: Tensor | None) -> int:
+    return weights[-1].shape[0] * (2 if centres is not None else 1)
+
+
+@torch.library.custom_op("latentfast::curve_energy_train", mutates_args=())
+def _curve_energy_train(curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+                        rbf_centres: Tensor | None, rbf_lambda: Tensor | None, rbf_weight: Tensor | None,
+                        zeta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    be = backend.select(curves.device)
+    if be == "reference":
+        raise RuntimeError("curve_energy_train runs on the cpp and triton backends only "
+                           "(the reference uses latentfast::curve_energy)")
+    n = curves.shape[0] * curves.shape[1]
+    derivs = curves.new_empty(n * sum(w.shape[0] for w in weights))
+    feats = curves.new_empty((n, _feature_width(weights, rbf_centres)))
+    e, ln, _ = _curve_native(_native(be), curves, weights, biases, acts, rbf_centres, rbf_lambda,
+                             rbf_weight, zeta, None, None, (derivs, feats))
+    return e, ln, derivs, feats
+
+
+@torch.library.custom_op("latentfast::curve_energy_train_backward", mutates_args=())
+def _curve_energy_train_backward(grad_energy: Tensor, grad_length: Tensor, curves: Tensor,
+                                 derivs: Tensor, feats: Tensor, weights: list[Tensor], rbf_centres: Tensor | None,
+                                 rbf_lambda: Tensor | None, rbf_weight: Tensor | None) -> Tensor:
+    be = backend.select(curves.device)
+    if be == "reference":
+        raise RuntimeError("curve_energy_train_backward runs on the cpp and triton backends only")
+    return _curve_backward_saved(_native(be), grad_energy, grad_length, curves, derivs, feats, weights,
+                                 rbf_centres, rbf_lambda, rbf_weight)
+
+
+@_curve_energy_train.register_fake
+def _(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta):
+    b, t1 = curves.shape[0], curves.shape[1]
+    return (curves.new_empty(b), curves.new_empty(b),
+            curves.new_empty(b * t1 * sum(w.shape[0] for w in weights)),
+            curves.new_empty((b * t1, _feature_width(weights, rbf_centres))))
+
+
+@_curve_energy_train_backward.register_fake
+def _(grad_energy, grad_length, curves, derivs, feats, weights, rbf_centres, rbf_lambda, rbf_weight):
+    return torch.empty_like(curves)
+
+
+def _save_train(ctx, inputs, output):
+    curves, weights, biases, acts, c, lam, wr, zeta = inputs
+    ctx.n_layers, ctx.has_rbf = len(weights), c is not None
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved outputs
+    ctx.save_for_backward(curves, output[2], output[3], *weights, *([c, lam, wr] if c is not None else []))
+
+
+def _curve_energy_train_bwd(ctx, grad_energy, grad_length, _grad_derivs, _grad_feats):
+    curves, derivs, feats, *rest = ctx.saved_tensors
+    nl = ctx.n_layers
+    weights, rbf = rest[:nl], (rest[nl:] if ctx.has_rbf else [None, None, None])
+    zeros = curves.new_zeros(curves.shape[0])
+    gz = _curve_energy_train_backward(grad_energy if grad_energy is not None else zeros,
+                                      grad_length if grad_length is not None else zeros,
+                                      curves, derivs, feats, list(weights), *rbf)
+    return gz, [None] * nl, [None] * nl, None, None, None, None, None
+
+
+_curve_energy_train.register_autograd(_curve_energy_train_bwd, setup_context=_save_train)
+
+
 # ------------------------------------------------------------------ public functional API
 
 def check_mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
@@ -345,8 +474,16 @@ def curve_energy(curves: Tensor, weights: list[Tensor], biases: list[Tensor], ac
     the RBF network). Differentiable; returns (energy [B], length [B])."""
     _check_curves(curves)
     check_mlp(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
-    return _curve_energy(curves, list(weights), list(biases), [int(a) for a in acts],
-                         *_rbf_args(rbf_centres, rbf_lambda, rbf_weight), float(zeta))
+    args = (curves, list(weights), list(biases), [int(a) for a in acts],
+            *_rbf_args(rbf_centres, rbf_lambda, rbf_weight), float(zeta))
+    params = [*weights, *biases, *[t for t in (rbf_centres, rbf_lambda, rbf_weight) if t is not None]]
+    if (torch.is_grad_enabled() and curves.requires_grad and not any(t.requires_grad for t in params)
+            and backend.select(curves.device) != "reference"):
+        # Training-style call: keep the decoder activations for the backward (memory
+        # B (T+1) x (sum of layer widths + features)) instead of recomputing them.
+        e, ln, _, _ = _curve_energy_train(*args)
+        return e, ln
+    return _curve_energy(*args)
 
 
 def curve_energy_and_grad(curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
