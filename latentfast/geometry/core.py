@@ -107,14 +107,38 @@ def _energy_length(decoder, curves: Tensor) -> tuple[Tensor, Tensor]:
     return (curves.shape[1] - 1) * sq.sum(1), sq.sqrt().sum(1)
 
 
-def curve_energy(decoder, curves: Tensor) -> Tensor:
-    """Discretised energy T * sum_t ||g(z_{t+1}) - g(z_t)||^2 of curves [B, T+1, d], [B]."""
-    return _energy_length(decoder, curves)[0]
+def _metric_energy_length(decoder, curves: Tensor) -> tuple[Tensor, Tensor]:
+    check_tensor("curves", curves, 3)
+    if curves.shape[1] < 2:
+        raise ValueError(f"curves must be [B, T+1, d] with T >= 1, got {tuple(curves.shape)}")
+    return ref.curve_energy_metric(curves, lambda z: metric(decoder, z))
 
 
-def curve_length(decoder, curves: Tensor) -> Tensor:
-    """Discretised length sum_t ||g(z_{t+1}) - g(z_t)|| of curves [B, T+1, d], [B]."""
-    return _energy_length(decoder, curves)[1]
+_MODES = ("features", "metric")
+
+
+def _by_mode(decoder, curves: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    if mode == "features":
+        return _energy_length(decoder, curves)
+    if mode == "metric":
+        return _metric_energy_length(decoder, curves)
+    raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+
+
+def curve_energy(decoder, curves: Tensor, mode: str = "features") -> Tensor:
+    """Discretised energy of curves [B, T+1, d], [B]. Differentiable.
+
+    mode="features": T * sum_t ||g(z_{t+1}) - g(z_t)||^2 (decoder outputs, fused op);
+    mode="metric": T * sum_t dz_t^T M(z_mid) dz_t with the metric at segment midpoints
+    (the two agree as T grows; "metric" needs no decoder output differences).
+    """
+    return _by_mode(decoder, curves, mode)[0]
+
+
+def curve_length(decoder, curves: Tensor, mode: str = "features") -> Tensor:
+    """Discretised length of curves [B, T+1, d], [B]: sum_t ||g(z_{t+1}) - g(z_t)||, or
+    sum_t sqrt(dz_t^T M(z_mid) dz_t) with mode="metric"."""
+    return _by_mode(decoder, curves, mode)[1]
 
 
 def energy_and_grad(decoder, curves: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -247,3 +247,24 @@ def test_beta_vae_has_smaller_kl():
     assert kls[1] < kls[0]
     with pytest.raises(ValueError, match="likelihood"):
         VAE(4, likelihood="poisson")
+
+
+def test_metric_form_energy_agrees_with_feature_form(backend):
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(4, 2, dtype=F64, generator=gen)
+    lin = linear_decoder(a)
+    curves = torch.randn(3, 6, 2, dtype=F64, generator=gen)
+    # constant metric: both forms are exact
+    torch.testing.assert_close(geo.curve_energy(lin, curves, mode="metric"), geo.curve_energy(lin, curves))
+    torch.testing.assert_close(geo.curve_length(lin, curves, mode="metric"), geo.curve_length(lin, curves))
+    # curved decoder: they agree as the discretisation refines
+    dec = small_mlp_decoder()
+    fine = geo.straight_line(torch.randn(2, 2, dtype=F64, generator=gen),
+                             torch.randn(2, 2, dtype=F64, generator=gen), 200)
+    rel = geo.curve_length(dec, fine, mode="metric") / geo.curve_length(dec, fine) - 1
+    assert rel.abs().max() < 1e-3
+    leaf = fine.clone().requires_grad_()
+    geo.curve_energy(dec, leaf, mode="metric").sum().backward()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="mode"):
+        geo.curve_energy(dec, fine, mode="spline")
