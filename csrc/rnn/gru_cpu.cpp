@@ -1,0 +1,139 @@
+// CPU kernels of gru_sequence: the whole sequence in one call. The input projections of
+// all steps are one GEMM; each step is one GEMM (h W_hh^T) plus one fused gate loop; the
+// backward through time is one GEMM and one fused loop per step, then one GEMM per weight.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace latentfast {
+namespace rnn_base {
+#include "flows/vec_math.inc"
+#include "rnn/gru_kernels.inc"
+}  // namespace rnn_base
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define LATENTFAST_RNN_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace rnn_avx2 {
+#include "flows/vec_math.inc"
+#include "rnn/gru_kernels.inc"
+}  // namespace rnn_avx2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+bool use_avx2() {
+#ifdef LATENTFAST_RNN_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#ifdef LATENTFAST_RNN_AVX2
+#define LF_RNN_CALL(fn, ...) (use_avx2() ? rnn_avx2::fn(__VA_ARGS__) : rnn_base::fn(__VA_ARGS__))
+#else
+#define LF_RNN_CALL(fn, ...) rnn_base::fn(__VA_ARGS__)
+#endif
+
+void check_gru(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+               const at::Tensor& b_ih, const at::Tensor& b_hh) {
+  TORCH_CHECK(x.dim() == 3 && h0.dim() == 2 && x.size(1) == h0.size(0),
+              "gru_sequence: x must be [T, B, I] and h0 [B, H]");
+  const int64_t H = h0.size(1);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == 3 * H && w_ih.size(1) == x.size(2),
+              "gru_sequence: weight_ih must be [3H, I]");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 3 * H && w_hh.size(1) == H,
+              "gru_sequence: weight_hh must be [3H, H]");
+  TORCH_CHECK(b_ih.numel() == 3 * H && b_hh.numel() == 3 * H, "gru_sequence: biases must be [3H]");
+  for (const auto* t : {&x, &h0, &w_ih, &w_hh, &b_ih, &b_hh}) {
+    TORCH_CHECK(t->device().is_cpu(), "latentfast_cpp kernels take CPU tensors");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "gru_sequence: all tensors must share x's dtype");
+  }
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "gru_sequence: float32 or float64 only");
+}
+
+int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1)); }
+
+std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, const at::Tensor& h0_in,
+                                                    const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                    const at::Tensor& b_ih, const at::Tensor& b_hh,
+                                                    bool save) {
+  check_gru(x_in, h0_in, w_ih, w_hh, b_ih, b_hh);
+  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous();
+  const int64_t T = x.size(0), B = x.size(1), H = h0.size(1);
+  at::Tensor out = at::empty({T, B, H}, x.options());
+  at::Tensor gates = save ? at::empty({T, B, 4 * H}, x.options()) : at::empty({0}, x.options());
+  if (T == 0) return {out, gates};
+  const at::Tensor gi_all = at::addmm(b_ih, x.reshape({T * B, x.size(2)}), w_ih.t()).view({T, B, 3 * H});
+  const at::Tensor w_hh_t = w_hh.t();
+  at::Tensor gh = at::empty({B, 3 * H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_sequence_fwd", [&] {
+    for (int64_t t = 0; t < T; ++t) {
+      const at::Tensor h = t == 0 ? h0 : out[t - 1];
+      at::addmm_out(gh, b_hh, h, w_hh_t);
+      const scalar_t* gi = gi_all.const_data_ptr<scalar_t>() + t * B * 3 * H;
+      const scalar_t* ghp = gh.const_data_ptr<scalar_t>();
+      const scalar_t* hp = h.const_data_ptr<scalar_t>();
+      scalar_t* op = out.mutable_data_ptr<scalar_t>() + t * B * H;
+      scalar_t* sp = save ? gates.mutable_data_ptr<scalar_t>() + t * B * 4 * H : nullptr;
+      at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
+        LF_RNN_CALL(gru_gates_fwd_rows<scalar_t>, gi, ghp, hp, op, sp, H, begin, end);
+      });
+    }
+  });
+  return {out, gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_bwd(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& out_in, const at::Tensor& gates_in) {
+  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), out = out_in.contiguous();
+  const at::Tensor gates = gates_in.contiguous(), grad_out = grad_out_in.contiguous();
+  const int64_t T = x.size(0), B = x.size(1), H = h0.size(1), I = x.size(2);
+  TORCH_CHECK(gates.dim() == 3 && gates.size(0) == T && gates.size(2) == 4 * H,
+              "gru_sequence_bwd: gates must be [T, B, 4H]");
+  at::Tensor dgi = at::empty({T, B, 3 * H}, x.options());
+  at::Tensor dgh = at::empty({T, B, 3 * H}, x.options());
+  at::Tensor dh = at::zeros({B, H}, x.options());
+  at::Tensor dh_acc = at::empty({B, H}, x.options());
+  at::Tensor dh_direct = at::empty({B, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_sequence_bwd", [&] {
+    for (int64_t t = T - 1; t >= 0; --t) {
+      at::add_out(dh_acc, dh, grad_out[t]);
+      const at::Tensor h_prev = t == 0 ? h0 : out[t - 1];
+      const scalar_t* dp = dh_acc.const_data_ptr<scalar_t>();
+      const scalar_t* hp = h_prev.const_data_ptr<scalar_t>();
+      const scalar_t* gp = gates.const_data_ptr<scalar_t>() + t * B * 4 * H;
+      scalar_t* gip = dgi.mutable_data_ptr<scalar_t>() + t * B * 3 * H;
+      scalar_t* ghp = dgh.mutable_data_ptr<scalar_t>() + t * B * 3 * H;
+      scalar_t* ddp = dh_direct.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
+        LF_RNN_CALL(gru_gates_bwd_rows<scalar_t>, dp, hp, gp, gip, ghp, ddp, H, begin, end);
+      });
+      at::addmm_out(dh, dh_direct, dgh[t], w_hh);  // dh_t = dh z + dGH_t W_hh
+    }
+  });
+  const at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
+  at::Tensor h_prev_all = at::cat({h0.unsqueeze(0), out.narrow(0, 0, std::max<int64_t>(T - 1, 0))}, 0);
+  at::Tensor gx = at::mm(dgi2, w_ih).view({T, B, I});
+  at::Tensor gw_ih = at::mm(dgi2.t(), x.view({T * B, I}));
+  at::Tensor gw_hh = at::mm(dgh2.t(), h_prev_all.view({T * B, H}));
+  return {gx, dh, gw_ih, gw_hh, dgi2.sum(0), dgh2.sum(0)};
+}
+
+}  // namespace
+}  // namespace latentfast
+
+TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) {
+  m.impl("gru_sequence_fwd", &latentfast::gru_sequence_fwd);
+  m.impl("gru_sequence_bwd", &latentfast::gru_sequence_bwd);
+}

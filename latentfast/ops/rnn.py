@@ -1,0 +1,147 @@
+"""Recurrent sequence ops: registration, backend dispatch, autograd, fake kernels.
+
+Ops (namespace ``latentfast::``), single-layer GRU with torch.nn.GRU conventions:
+- ``gru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)`` -> out [T, B, H];
+- ``gru_sequence_train(...)`` -> (out, gates [T, B, 4H]): the same, keeping the gates for
+  the backward (what the public wrapper calls when gradients are needed);
+- ``gru_sequence_backward(grad_out, x, h0, weight_ih, weight_hh, out, gates)`` -> grads of
+  (x, h0, weight_ih, weight_hh, bias_ih, bias_hh).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from latentfast import backend
+from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
+from latentfast.ops._checks import check_finite, check_tensor
+from latentfast.reference import rnn as ref
+
+_kernels = None
+
+
+def _triton():
+    global _kernels
+    if _kernels is None:
+        from latentfast.kernels import rnn as k
+
+        _kernels = k
+    return _kernels
+
+
+def _fwd(x, h0, w_ih, w_hh, b_ih, b_hh, save: bool) -> tuple[Tensor, Tensor]:
+    be = backend.select(x.device)
+    if be == "cpp":
+        return torch.ops.latentfast_cpp.gru_sequence_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, save)
+    if be == "triton":
+        return _triton().gru_sequence_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, save)
+    out, gates = ref.gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh)
+    return out.contiguous(), (gates.contiguous() if save else x.new_empty(0))
+
+
+@torch.library.custom_op("latentfast::gru_sequence", mutates_args=())
+def _gru_sequence(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                  bias_hh: Tensor) -> Tensor:
+    return _fwd(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, False)[0]
+
+
+@torch.library.custom_op("latentfast::gru_sequence_train", mutates_args=())
+def _gru_sequence_train(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                        bias_hh: Tensor) -> tuple[Tensor, Tensor]:
+    return _fwd(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, True)
+
+
+@torch.library.custom_op("latentfast::gru_sequence_backward", mutates_args=())
+def _gru_sequence_backward(grad_out: Tensor, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                           out: Tensor, gates: Tensor
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    be = backend.select(x.device)
+    if be == "cpp":
+        return torch.ops.latentfast_cpp.gru_sequence_bwd(grad_out, x, h0, weight_ih, weight_hh, out, gates)
+    if be == "triton":
+        return _triton().gru_sequence_bwd(grad_out, x, h0, weight_ih, weight_hh, out, gates)
+    return tuple(t.contiguous() for t in ref.gru_sequence_backward(grad_out, x, h0, weight_ih, weight_hh,
+                                                                   out, gates))
+
+
+@_gru_sequence.register_fake
+def _(x, h0, weight_ih, weight_hh, bias_ih, bias_hh):
+    return x.new_empty((x.shape[0], x.shape[1], h0.shape[1]))
+
+
+@_gru_sequence_train.register_fake
+def _(x, h0, weight_ih, weight_hh, bias_ih, bias_hh):
+    return (x.new_empty((x.shape[0], x.shape[1], h0.shape[1])),
+            x.new_empty((x.shape[0], x.shape[1], 4 * h0.shape[1])))
+
+
+@_gru_sequence_backward.register_fake
+def _(grad_out, x, h0, weight_ih, weight_hh, out, gates):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(weight_ih),
+            torch.empty_like(weight_hh), weight_ih.new_empty(weight_ih.shape[0]),
+            weight_hh.new_empty(weight_hh.shape[0]))
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gru_sequence_bwd(ctx, grad_out):
+    # Inference op under autograd (direct torch.ops call): recompute with the gates kept.
+    x, h0, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+    out, gates = _fwd(x, h0, w_ih, w_hh, b_ih, b_hh, True)
+    return _gru_sequence_backward(grad_out, x, h0, w_ih, w_hh, out, gates)
+
+
+def _save_train(ctx, inputs, output):
+    x, h0, w_ih, w_hh, _, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], output[1])
+
+
+def _gru_sequence_train_bwd(ctx, grad_out, _grad_gates):
+    x, h0, w_ih, w_hh, out, gates = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    return _gru_sequence_backward(grad_out, x, h0, w_ih, w_hh, out, gates)
+
+
+_gru_sequence.register_autograd(_gru_sequence_bwd, setup_context=_save_inputs)
+_gru_sequence_train.register_autograd(_gru_sequence_train_bwd, setup_context=_save_train)
+
+
+def gru_sequence(x: Tensor, h0: Tensor | None, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                 bias_hh: Tensor, batch_first: bool = False) -> tuple[Tensor, Tensor]:
+    """A single-layer GRU over a whole sequence (torch.nn.GRU math and weight layout).
+
+    Args: x [T, B, I] ([B, T, I] with batch_first); h0 [B, H] or None (zeros);
+    weight_ih [3H, I], weight_hh [3H, H], bias_ih, bias_hh [3H] (gate order r, z, n).
+    Returns (out [T, B, H] or [B, T, H], h_n [B, H]).
+    """
+    check_tensor("x", x, 3)
+    if batch_first:
+        x = x.transpose(0, 1)
+    check_tensor("weight_hh", weight_hh, 2, like=x)
+    hs = weight_hh.shape[1]
+    if weight_hh.shape[0] != 3 * hs:
+        raise ValueError(f"weight_hh must be [3H, H], got {tuple(weight_hh.shape)}")
+    check_tensor("weight_ih", weight_ih, 2, like=x)
+    if tuple(weight_ih.shape) != (3 * hs, x.shape[2]):
+        raise ValueError(f"weight_ih must be [{3 * hs}, {x.shape[2]}], got {tuple(weight_ih.shape)}")
+    for name, bias in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        check_tensor(name, bias, 1, like=x)
+        if bias.shape[0] != 3 * hs:
+            raise ValueError(f"{name} must be [{3 * hs}], got {tuple(bias.shape)}")
+    if h0 is None:
+        h0 = x.new_zeros((x.shape[1], hs))
+    check_tensor("h0", h0, 2, like=x)
+    if tuple(h0.shape) != (x.shape[1], hs):
+        raise ValueError(f"h0 must be [{x.shape[1]}, {hs}], got {tuple(h0.shape)}")
+    check_finite("x", x)
+    args = (x.contiguous(), h0.contiguous(), weight_ih, weight_hh, bias_ih, bias_hh)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        out = _gru_sequence_train(*args)[0]
+    else:
+        out = _gru_sequence(*args)
+    h_n = out[-1] if out.shape[0] else h0
+    return (out.transpose(0, 1) if batch_first else out), h_n
