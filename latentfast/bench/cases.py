@@ -14,6 +14,7 @@ from torch import Tensor
 
 from latentfast.ops import flows as ops
 from latentfast.ops import geometry as geo_ops
+from latentfast.ops import rnn as rnn_ops
 from latentfast.reference import flows as ref
 from latentfast.reference import geometry as geo_ref
 
@@ -29,7 +30,7 @@ class Case:
     bytes_moved: int  # fewest bytes one forward must read and write
     flops: int  # forward floating-point operations
     passes: tuple[str, ...] = ("fwd", "fwd+bwd")
-    # further baselines timed in the same run (forward only), e.g. torch.func vmap(jacfwd)
+    # further baselines timed in the same run, e.g. torch.func vmap(jacfwd) or nn.GRU
     extras: dict[str, Callable[..., tuple[Tensor, ...]]] = field(default_factory=dict)
 
 
@@ -105,6 +106,7 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
         cases.append(Case("lu_weight", f"lu_weight C={cl}", lu_in, _eager_lu, _fast_lu, (1, 2, 4),
                           bytes_moved=5 * cl * cl * f32, flops=2 * cl ** 3))
     cases += geometry_cases(device, quick, gen)
+    cases += rnn_cases(device, quick, gen)
     return cases
 
 
@@ -169,4 +171,40 @@ def geometry_cases(device: torch.device, quick: bool, gen: torch.Generator) -> l
                       fast_curve, (0,), bytes_moved=f32 * (sum(w.numel() for w in weights) + wr.numel()
                                                             + curves.numel() + 2 * b),
                       flops=2 * pts * (sum(a * c for a, c in zip(dims[:-1], dims[1:])) + 64 * dims[-1])))
+    return cases
+
+
+def rnn_cases(device: torch.device, quick: bool, gen: torch.Generator) -> list[Case]:
+    """gru_sequence against a Python loop over the GRU cell (eager and compiled) and nn.GRU."""
+    t, b, n_in = (20, 16, 8) if quick else (100, 64, 32)
+    cases = []
+    for hs in ((32,) if quick else (64, 256)):
+        k = hs ** -0.5
+        w_ih = (k * (2 * torch.rand(3 * hs, n_in, generator=gen) - 1)).to(device)
+        w_hh = (k * (2 * torch.rand(3 * hs, hs, generator=gen) - 1)).to(device)
+        b_ih = (k * (2 * torch.rand(3 * hs, generator=gen) - 1)).to(device)
+        b_hh = (k * (2 * torch.rand(3 * hs, generator=gen) - 1)).to(device)
+        x = torch.randn(t, b, n_in, generator=gen).to(device)
+        h0 = torch.zeros(b, hs, device=device)
+        gru = torch.nn.GRU(n_in, hs).to(device)
+
+        def cell_loop(x, h0, w_ih, w_hh, b_ih, b_hh):
+            h, outs = h0, []
+            for s in range(x.shape[0]):
+                h = torch.gru_cell(x[s], h, w_ih, w_hh, b_ih, b_hh)
+                outs.append(h)
+            return (torch.stack(outs),)
+
+        def fast(x, h0, w_ih, w_hh, b_ih, b_hh):
+            return (rnn_ops.gru_sequence(x, h0, w_ih, w_hh, b_ih, b_hh)[0],)
+
+        def nn_gru(x, h0, w_ih, w_hh, b_ih, b_hh, gru=gru):
+            return (torch._VF.gru(x, h0[None], [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, gru.training,
+                                  False, False)[0],)
+
+        flops = 2 * t * b * 3 * hs * (n_in + hs)
+        cases.append(Case("gru_sequence", f"gru_sequence T={t} B={b} I={n_in} H={hs}",
+                          (x, h0, w_ih, w_hh, b_ih, b_hh), cell_loop, fast, (0, 2, 3, 4, 5),
+                          bytes_moved=4 * (x.numel() + t * b * hs + w_ih.numel() + w_hh.numel()),
+                          flops=flops, extras={"nn_GRU": nn_gru}))
     return cases

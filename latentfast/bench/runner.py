@@ -94,11 +94,11 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
             "peak_mem_mb_eager": _peak_mb(make(case.eager), device),
             "peak_mem_mb_latentfast": _peak_mb(make(case.fast), device),
         }
+        for name, fn in case.extras.items():
+            t_extra = time_ms(make(fn), device, reps, budget)
+            row[f"{name}_ms"] = round(t_extra, 4)
+            row[f"speedup_vs_{name}"] = round(t_extra / t_fast, 3)
         if pass_name == "fwd":
-            for name, fn in case.extras.items():
-                t_extra = time_ms(make(fn), device, reps, budget)
-                row[f"{name}_ms"] = round(t_extra, 4)
-                row[f"speedup_vs_{name}"] = round(t_extra / t_fast, 3)
             row["min_bytes"] = case.bytes_moved
             row["achieved_gbps"] = round(case.bytes_moved / (t_fast * 1e-3) / 1e9, 2)
             row["achieved_gflops"] = round(case.flops / (t_fast * 1e-3) / 1e9, 2)

@@ -127,3 +127,15 @@ def test_recurrent_step_jacobians_match_autograd(closed_loop):
     for k in range(b):
         want = torch.autograd.functional.jacobian(lambda s: state_map(s, k), torch.cat([h[k], c[k]]))
         torch.testing.assert_close(jac[k], want)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(interpreting(), reason="trains a model (about 30 s on 2 cores); the normal pass runs it")
+def test_gru_learns_lorenz_climate():
+    """A GRU trained on Lorenz-63 reproduces the leading Lyapunov exponent within 10%."""
+    from latentfast.rnn.climate import lorenz_climate
+
+    res = lorenz_climate(progress=False)
+    assert res["leading_rel_err"] < 0.10, res
+    assert abs(res["lyapunov"][1]) < 0.1, res  # the neutral exponent of a flow
+    assert min(res["valid_prediction_lyapunov_times"]) > 0.5, res
