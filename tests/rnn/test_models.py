@@ -1,10 +1,12 @@
 """latentfast.rnn modules: drop-in GRU, sequence model, closed-loop Jacobian."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from latentfast.rnn import GRU, SequenceModel, fit_sequence_model, valid_prediction_time
+from tests.conftest import interpreting
 
 
 def test_gru_is_a_drop_in_for_nn_gru(backend):
@@ -34,6 +36,8 @@ def test_closed_loop_jacobian_matches_autograd():
         torch.testing.assert_close(nxt[i], step(h[i]))
 
 
+@pytest.mark.skipif(interpreting(), reason="hundreds of training steps of interpreted kernels (7 min); "
+                    "the kernels are checked by tests/rnn/test_rnn_ops.py, this code path by the normal pass")
 def test_sequence_model_learns_a_sine_and_forecasts():
     t = torch.linspace(0, 40, 801)
     phases = torch.rand(8, 1, generator=torch.Generator().manual_seed(0)) * 6.28
