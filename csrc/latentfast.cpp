@@ -26,7 +26,9 @@ TORCH_LIBRARY(latentfast_cpp, m) {
   m.def("mlp_act_tangent_(Tensor(a!) buf, Tensor(b!) deriv, int n_points, int n_dirs, int act) -> ()");
   m.def("weighted_gram(Tensor p, Tensor q, Tensor? w) -> Tensor");
   m.def("curve_reduce(Tensor g, Tensor? grad_energy, Tensor? grad_length) -> (Tensor, Tensor, Tensor)");
-  // RNNs (torch.nn.GRU conventions, gates r, z, n).
+  // RNNs (torch.nn.GRU / LSTM conventions, gates r, z, n / i, f, g, o).
   m.def("gru_sequence_fwd(Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh, bool save) -> (Tensor, Tensor)");
   m.def("gru_sequence_bwd(Tensor grad_out, Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor out, Tensor gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_sequence_fwd(Tensor x, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh, bool save) -> (Tensor, Tensor, Tensor)");
+  m.def("lstm_sequence_bwd(Tensor grad_out, Tensor grad_cells, Tensor x, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor out, Tensor cells, Tensor gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,4 +1,4 @@
-"""Triton kernels of gru_sequence (GPU, and CPU under TRITON_INTERPRET=1).
+"""Triton kernels of gru_sequence and lstm_sequence (GPU, and CPU under TRITON_INTERPRET=1).
 
 Per step, one cuBLAS GEMM (h W_hh^T) and one fused Triton kernel for the gates; the input
 projections of all steps are one GEMM up front, and the backward through time mirrors it.
@@ -123,3 +123,96 @@ def gru_sequence_bwd(grad_out: Tensor, x: Tensor, h0: Tensor, weight_ih: Tensor,
     h_prev = torch.cat([h0[None], out[:-1]], 0).view(-1, hs)
     return (dgi2 @ weight_ih).view(t_len, b, n_in), dh, dgi2.T @ x.view(-1, n_in), dgh2.T @ h_prev, \
         dgi2.sum(0), dgh2.sum(0)
+
+
+# ---------------------------------------------------------------------------------- LSTM
+@triton.jit
+def _lstm_fwd_kernel(a_ptr, c_ptr, h_out_ptr, c_out_ptr, gates_ptr, B, H, SAVE: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = (rows < B)[:, None] & (cols < H)[None, :]
+    g4 = rows[:, None] * 4 * H + cols[None, :]
+    h1 = rows[:, None] * H + cols[None, :]
+    i = _sigmoid(tl.load(a_ptr + g4, mask=m, other=0.0))
+    f = _sigmoid(tl.load(a_ptr + g4 + H, mask=m, other=0.0))
+    g = _tanh(tl.load(a_ptr + g4 + 2 * H, mask=m, other=0.0))
+    o = _sigmoid(tl.load(a_ptr + g4 + 3 * H, mask=m, other=0.0))
+    c = f * tl.load(c_ptr + h1, mask=m, other=0.0) + i * g
+    tl.store(c_out_ptr + h1, c, mask=m)
+    tl.store(h_out_ptr + h1, o * _tanh(c), mask=m)
+    if SAVE:
+        tl.store(gates_ptr + g4, i, mask=m)
+        tl.store(gates_ptr + g4 + H, f, mask=m)
+        tl.store(gates_ptr + g4 + 2 * H, g, mask=m)
+        tl.store(gates_ptr + g4 + 3 * H, o, mask=m)
+
+
+@triton.jit
+def _lstm_bwd_kernel(dh_ptr, go_ptr, dc_ptr, gc_ptr, gates_ptr, cp_ptr, cn_ptr, da_ptr, dcp_ptr, B, H,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = (rows < B)[:, None] & (cols < H)[None, :]
+    g4 = rows[:, None] * 4 * H + cols[None, :]
+    h1 = rows[:, None] * H + cols[None, :]
+    i = tl.load(gates_ptr + g4, mask=m, other=0.0)
+    f = tl.load(gates_ptr + g4 + H, mask=m, other=0.0)
+    g = tl.load(gates_ptr + g4 + 2 * H, mask=m, other=0.0)
+    o = tl.load(gates_ptr + g4 + 3 * H, mask=m, other=0.0)
+    d = tl.load(dh_ptr + h1, mask=m, other=0.0) + tl.load(go_ptr + h1, mask=m, other=0.0)
+    tc = _tanh(tl.load(cn_ptr + h1, mask=m, other=0.0))
+    c = tl.load(dc_ptr + h1, mask=m, other=0.0) + tl.load(gc_ptr + h1, mask=m, other=0.0) \
+        + d * o * (1.0 - tc * tc)
+    tl.store(da_ptr + g4, c * g * i * (1.0 - i), mask=m)
+    tl.store(da_ptr + g4 + H, c * tl.load(cp_ptr + h1, mask=m, other=0.0) * f * (1.0 - f), mask=m)
+    tl.store(da_ptr + g4 + 2 * H, c * i * (1.0 - g * g), mask=m)
+    tl.store(da_ptr + g4 + 3 * H, d * tc * o * (1.0 - o), mask=m)
+    tl.store(dcp_ptr + h1, c * f, mask=m)
+
+
+def lstm_sequence_fwd(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                      bias_hh: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
+    t_len, b, n_in = x.shape
+    hs = h0.shape[1]
+    out = torch.empty((t_len, b, hs), dtype=x.dtype, device=x.device)
+    cells = torch.empty_like(out)
+    gates = torch.empty((t_len, b, 4 * hs) if save else (0,), dtype=x.dtype, device=x.device)
+    if t_len == 0:
+        return out, cells, gates
+    a_all = torch.addmm(bias_ih + bias_hh, x.view(t_len * b, n_in), weight_ih.T).view(t_len, b, 4 * hs)
+    a = torch.empty((b, 4 * hs), dtype=x.dtype, device=x.device)
+    w_t = weight_hh.T
+    grid, bb, bh = _grid(b, hs)
+    for t in range(t_len):
+        h = h0 if t == 0 else out[t - 1]
+        c = c0 if t == 0 else cells[t - 1]
+        torch.addmm(a_all[t], h, w_t, out=a)
+        _lstm_fwd_kernel[grid](a, c, out[t], cells[t], gates[t] if save else a, b, hs, SAVE=save,
+                               BLOCK_B=bb, BLOCK_H=bh)
+    return out, cells, gates
+
+
+def lstm_sequence_bwd(grad_out: Tensor, grad_cells: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
+                      weight_ih: Tensor, weight_hh: Tensor, out: Tensor, cells: Tensor, gates: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grad_out, grad_cells, x, h0, c0, out, cells, gates = (
+        t.contiguous() for t in (grad_out, grad_cells, x, h0, c0, out, cells, gates))
+    t_len, b, n_in = x.shape
+    hs = h0.shape[1]
+    da = torch.empty((t_len, b, 4 * hs), dtype=x.dtype, device=x.device)
+    dh = torch.zeros_like(h0)
+    dc, dc_next = torch.zeros_like(c0), torch.empty_like(c0)
+    grid, bb, bh = _grid(b, hs)
+    for t in range(t_len - 1, -1, -1):
+        cp = c0 if t == 0 else cells[t - 1]
+        _lstm_bwd_kernel[grid](dh, grad_out[t], dc, grad_cells[t], gates[t], cp, cells[t], da[t], dc_next, b, hs,
+                               BLOCK_B=bb, BLOCK_H=bh)
+        dc, dc_next = dc_next, dc
+        torch.mm(da[t], weight_hh, out=dh)
+    da2 = da.view(-1, 4 * hs)
+    h_prev = torch.cat([h0[None], out[:-1]], 0).view(-1, hs)
+    db = da2.sum(0)
+    return (da2 @ weight_ih).view(t_len, b, n_in), dh, dc, da2.T @ x.view(-1, n_in), da2.T @ h_prev, db, \
+        db.clone()

@@ -1,4 +1,4 @@
-"""Reference (specification) of the recurrent sequence ops, in plain PyTorch.
+"""Reference (specification) of the recurrent sequence ops (GRU, LSTM), in plain PyTorch.
 
 gru_sequence runs a single-layer GRU (torch.nn.GRU conventions, gate order r, z, n) over a
 whole sequence, x [T, B, I], h0 [B, H]:
@@ -66,3 +66,67 @@ def gru_sequence_backward(grad_out: Tensor, x: Tensor, h0: Tensor, weight_ih: Te
     dgi2, dgh2 = dgi.reshape(-1, 3 * hs), dgh.reshape(-1, 3 * hs)
     return (dgi @ weight_ih, dh, dgi2.T @ x.reshape(-1, x.shape[2]), dgh2.T @ h_prev.reshape(-1, hs),
             dgi2.sum(0), dgh2.sum(0))
+
+
+# ---------------------------------------------------------------------------------- LSTM
+# lstm_sequence runs a single-layer LSTM (torch.nn.LSTM conventions, gate order i, f, g, o):
+#     a_t = W_ih x_t + b_ih + W_hh h_t + b_hh
+#     i, f, o = sigmoid(a_i, a_f, a_o),  g = tanh(a_g)
+#     c_{t+1} = f c_t + i g,  h_{t+1} = o tanh(c_{t+1})
+# and returns out [T, B, H] (h_{t+1}) and cells [T, B, H] (c_{t+1}); the training form
+# also returns the activated gates [T, B, 4H] = (i, f, g, o).
+
+
+def lstm_sequence(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                  bias_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(out [T, B, H], cells [T, B, H], gates [T, B, 4H] = cat(i, f, g, o))."""
+    hs = h0.shape[1]
+    a_all = x @ weight_ih.T + bias_ih + bias_hh
+    h, c = h0, c0
+    outs, cells, gates = [], [], []
+    for t in range(x.shape[0]):
+        a = a_all[t] + h @ weight_hh.T
+        i, f, g, o = a.split(hs, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c + i * g
+        h = o * torch.tanh(c)
+        outs.append(h)
+        cells.append(c)
+        gates.append(torch.cat([i, f, g, o], dim=1))
+    if not outs:
+        empty = x.new_empty((0, *h0.shape))
+        return empty, empty.clone(), x.new_empty((0, h0.shape[0], 4 * hs))
+    return torch.stack(outs), torch.stack(cells), torch.stack(gates)
+
+
+def lstm_sequence_backward(grad_out: Tensor, grad_cells: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
+                           weight_ih: Tensor, weight_hh: Tensor, out: Tensor, cells: Tensor, gates: Tensor
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward through time: grads of (x, h0, c0, W_ih, W_hh, b_ih, b_hh).
+
+    Per step, with dh, dc the gradients reaching h_{t+1}, c_{t+1} (grad_out[t] and
+    grad_cells[t] included) and tc = tanh(c_{t+1}):
+      dc += dh o (1 - tc^2),  dA_t = (dc g i(1-i), dc c_t f(1-f), dc i (1-g^2), dh tc o(1-o)),
+      dc_t = dc f,  dh_t = dA_t W_hh;
+    the weight gradients are sums over all steps (one GEMM each); dA_t is the gradient of
+    both biases.
+    """
+    t_len, b, hs = out.shape
+    h_prev = torch.cat([h0[None], out[:-1]], 0)
+    c_prev = torch.cat([c0[None], cells[:-1]], 0)
+    i, f, g, o = gates.split(hs, dim=2)
+    da = torch.empty((t_len, b, 4 * hs), dtype=x.dtype, device=x.device)
+    dh = torch.zeros_like(h0)
+    dc = torch.zeros_like(c0)
+    for t in range(t_len - 1, -1, -1):
+        dh = dh + grad_out[t]
+        tc = torch.tanh(cells[t])
+        dc = dc + grad_cells[t] + dh * o[t] * (1 - tc ** 2)
+        da[t] = torch.cat([dc * g[t] * i[t] * (1 - i[t]), dc * c_prev[t] * f[t] * (1 - f[t]),
+                           dc * i[t] * (1 - g[t] ** 2), dh * tc * o[t] * (1 - o[t])], 1)
+        dc = dc * f[t]
+        dh = da[t] @ weight_hh
+    da2 = da.reshape(-1, 4 * hs)
+    db = da2.sum(0)
+    return (da @ weight_ih, dh, dc, da2.T @ x.reshape(-1, x.shape[2]), da2.T @ h_prev.reshape(-1, hs),
+            db, db.clone())

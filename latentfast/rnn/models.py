@@ -1,10 +1,11 @@
-"""GRU sequence models for dynamical systems, on the fused gru_sequence op.
+"""GRU and LSTM sequence models for dynamical systems, on the fused sequence ops.
 
-- GRU: a drop-in single-layer torch.nn.GRU (same parameter names, so state_dicts load
-  both ways) whose forward runs latentfast::gru_sequence.
-- SequenceModel: GRU + linear readout for next-step prediction (teacher forcing while
-  training), closed-loop forecasting, and the Lyapunov spectrum of the learned closed-loop
-  map h_{t+1} = GRUCell(readout(h_t), h_t) from its analytic Jacobian.
+- GRU, LSTM: drop-in single-layer torch.nn.GRU / torch.nn.LSTM (same parameter names, so
+  state_dicts load both ways) whose forward runs latentfast::gru_sequence / lstm_sequence.
+- SequenceModel: GRU or LSTM + linear readout for next-step prediction (teacher forcing
+  while training), closed-loop forecasting, and the Lyapunov spectrum of the learned
+  closed-loop map s_{t+1} = Cell(readout(h_t), s_t) from its analytic Jacobian (the state
+  s is h for the GRU and (h, c) for the LSTM).
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from latentfast.ops.rnn import gru_sequence
-from latentfast.reference.dynamics import gru_step, lyapunov_spectrum
+from latentfast.ops.rnn import gru_sequence, lstm_sequence
+from latentfast.reference.dynamics import gru_step, lstm_step, lyapunov_spectrum
 
 
 class GRU(nn.Module):
@@ -48,45 +49,100 @@ class GRU(nn.Module):
         return out, h_n[None]
 
 
-class SequenceModel(nn.Module):
-    """x_{t+1} ~ readout(h_{t+1}), h_{t+1} = GRU(x_t, h_t), on states x [B, T, D]."""
+class LSTM(nn.Module):
+    """Single-layer LSTM with torch.nn.LSTM's parameters and call signature.
 
-    def __init__(self, dim: int, hidden: int = 64):
+    forward(x [T, B, I] or [B, T, I] with batch_first, hx = (h0, c0) each [1, B, H], or None)
+    -> (out, (h_n, c_n) each [1, B, H]).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, batch_first: bool = False):
         super().__init__()
-        self.gru = GRU(dim, hidden, batch_first=True)
-        self.readout = nn.Linear(hidden, dim)
-        self.dim, self.hidden = dim, hidden
+        self.input_size, self.hidden_size, self.batch_first = input_size, hidden_size, batch_first
+        self.weight_ih_l0 = nn.Parameter(torch.empty(4 * hidden_size, input_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(4 * hidden_size))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(4 * hidden_size))
+        k = 1.0 / math.sqrt(hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -k, k)
 
-    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Teacher-forced one-step predictions [B, T, D] of x[:, 1:], and the last state."""
-        out, h_n = self.gru(x, h0)
-        return self.readout(out), h_n
+    def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
+
+    def forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if hx is not None:
+            if len(hx) != 2 or any(t.dim() != 3 or t.shape[0] != 1 for t in hx):
+                raise ValueError("hx must be (h0, c0), each [1, B, H]")
+            hx = (hx[0][0], hx[1][0])
+        out, (h_n, c_n) = lstm_sequence(x, hx, *self.params(), batch_first=self.batch_first)
+        return out, (h_n[None], c_n[None])
+
+
+class SequenceModel(nn.Module):
+    """x_{t+1} ~ readout(h_{t+1}), h_{t+1} = RNN(x_t, h_t), on states x [B, T, D].
+
+    cell: "gru" or "lstm". The recurrent state is h [B, H] for the GRU and (h, c)
+    concatenated, [B, 2H], for the LSTM (what forecast returns and lyapunov_spectrum takes).
+    """
+
+    def __init__(self, dim: int, hidden: int = 64, cell: str = "gru"):
+        super().__init__()
+        if cell not in ("gru", "lstm"):
+            raise ValueError(f"cell must be 'gru' or 'lstm', got {cell!r}")
+        self.rnn = (GRU if cell == "gru" else LSTM)(dim, hidden, batch_first=True)
+        self.readout = nn.Linear(hidden, dim)
+        self.dim, self.hidden, self.cell = dim, hidden, cell
+
+    @property
+    def state_size(self) -> int:
+        return self.hidden if self.cell == "gru" else 2 * self.hidden
+
+    def _pack(self, hx) -> Tensor:  # module state -> [B, S]
+        return hx[0] if self.cell == "gru" else torch.cat([hx[0][0], hx[1][0]], 1)
+
+    def _cell(self, x: Tensor, s: Tensor) -> Tensor:
+        if self.cell == "gru":
+            return torch.gru_cell(x, s, *self.rnn.params())
+        h, c = torch.lstm_cell(x, s.chunk(2, 1), *self.rnn.params())
+        return torch.cat([h, c], 1)
+
+    def forward(self, x: Tensor, h0=None) -> tuple[Tensor, Tensor]:
+        """Teacher-forced one-step predictions [B, T, D] of x[:, 1:], and the last state [B, S]."""
+        out, hx = self.rnn(x, h0)
+        return self.readout(out), self._pack(hx)
 
     @torch.no_grad()
     def forecast(self, context: Tensor, n_steps: int) -> tuple[Tensor, Tensor]:
         """Warm up on context [B, T0, D], then run closed loop (each prediction is the next
-        input) for n_steps. Returns (forecast [B, n_steps, D], hidden states [B, n_steps, H])."""
-        pred, h = self(context)
-        x, h = pred[:, -1], h[0]
-        xs, hs = [], []
-        w_ih, w_hh, b_ih, b_hh = self.gru.params()
+        input) for n_steps. Returns (forecast [B, n_steps, D], states [B, n_steps, S])."""
+        pred, s = self(context)
+        x = pred[:, -1]
+        xs, ss = [], []
         for _ in range(n_steps):
             xs.append(x)
-            hs.append(h)
-            h = torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
-            x = self.readout(h)
-        return torch.stack(xs, 1), torch.stack(hs, 1)
+            ss.append(s)
+            s = self._cell(x, s)
+            x = self.readout(s[:, :self.hidden])
+        return torch.stack(xs, 1), torch.stack(ss, 1)
 
     @torch.no_grad()
-    def closed_loop_step(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """h_{t+1} = GRUCell(readout(h_t), h_t) and its Jacobian [B, H, H]."""
-        return gru_step(self.readout(h), h, *self.gru.params(), dx_dh=self.readout.weight)
+    def closed_loop_step(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        """s_{t+1} = Cell(readout(h_t), s_t) and its Jacobian [B, S, S]."""
+        h = s[:, :self.hidden]
+        x = self.readout(h)
+        if self.cell == "gru":
+            return gru_step(x, h, *self.rnn.params(), dx_dh=self.readout.weight)
+        h_new, c_new, jac = lstm_step(x, h, s[:, self.hidden:], *self.rnn.params(), dx_dh=self.readout.weight)
+        return torch.cat([h_new, c_new], 1), jac
 
     @torch.no_grad()
-    def lyapunov_spectrum(self, h0: Tensor, k: int, n_steps: int, dt: float = 1.0, qr_every: int = 1,
+    def lyapunov_spectrum(self, s0: Tensor, k: int, n_steps: int, dt: float = 1.0, qr_every: int = 1,
                           transient: int = 0) -> Tensor:
-        """Leading k exponents [B, k] of the closed-loop map (per unit time with dt)."""
-        return lyapunov_spectrum(self.closed_loop_step, h0, k, n_steps, dt, qr_every, transient)
+        """Leading k exponents [B, k] of the closed-loop map from states s0 [B, S] (per unit
+        time with dt)."""
+        return lyapunov_spectrum(self.closed_loop_step, s0, k, n_steps, dt, qr_every, transient)
 
 
 def fit_sequence_model(model: SequenceModel, data: Tensor, epochs: int = 20, window: int = 64,

@@ -87,3 +87,81 @@ def test_bad_inputs_raise():
     bad[1, 1, 1] = float("inf")
     with pytest.raises(ValueError, match="NaN"):
         ops.gru_sequence(bad, None, *_params(g))
+
+
+# ---------------------------------------------------------------------------------- LSTM
+def _lstm(i, h, dtype, device, seed, **kw):
+    torch.manual_seed(seed)
+    return nn.LSTM(i, h, **kw).to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lstm_sequence_matches_nn_lstm(backend, shape, dtype):
+    t, b, i, h = shape
+    dev = device_for(backend)
+    m = _lstm(i, h, dtype, dev, seed=sum(shape) + 1)
+    x = torch.randn(t, b, i, dtype=dtype).to(dev).requires_grad_()
+    h0 = torch.randn(b, h, dtype=dtype).to(dev).requires_grad_()
+    c0 = torch.randn(b, h, dtype=dtype).to(dev).requires_grad_()
+    want, (want_hn, want_cn) = m(x, (h0[None], c0[None]))
+    out, (hn, cn) = ops.lstm_sequence(x, (h0, c0), *_params(m))
+    assert_close(out, want, scale=10)
+    assert_close(hn, want_hn[0], scale=10)
+    assert_close(cn, want_cn[0], scale=10)
+    # gradients through the outputs and through the final cell state
+    go, gc = torch.randn_like(out), torch.randn_like(cn)
+    wrt = [x, h0, c0, *m.parameters()]
+    grads = torch.autograd.grad((out * go).sum() + (cn * gc).sum(), wrt)
+    wants = torch.autograd.grad((want * go).sum() + (want_cn[0] * gc).sum(), wrt)
+    for name, a, w in zip(["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"], grads, wants):
+        assert_close(a, w, scale=100, msg=name)
+
+
+def test_lstm_inference_and_batch_first(backend):
+    dev = device_for(backend)
+    m = _lstm(3, 6, torch.float32, dev, seed=3, batch_first=True)
+    x = torch.randn(4, 9, 3).to(dev)  # B = 4, T = 9
+    with torch.no_grad():
+        out, (hn, cn) = ops.lstm_sequence(x, None, *_params(m), batch_first=True)
+        want, (want_hn, want_cn) = m(x)
+    assert out.shape == (4, 9, 6)
+    assert_close(out, want, scale=10)
+    assert_close(hn, want_hn[0], scale=10)
+    assert_close(cn, want_cn[0], scale=10)
+
+
+def test_lstm_gradcheck_and_opcheck(backend):
+    dev = device_for(backend)
+    m = _lstm(2, 3, torch.float64, dev, seed=4)
+    x = torch.randn(4, 2, 2, dtype=torch.float64).to(dev).requires_grad_()
+    h0 = torch.randn(2, 3, dtype=torch.float64).to(dev).requires_grad_()
+    c0 = torch.randn(2, 3, dtype=torch.float64).to(dev).requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in _params(m)]
+
+    def public(x, h0, c0, *p):
+        out, (_, cn) = ops.lstm_sequence(x, (h0, c0), *p)
+        return out, cn
+
+    assert torch.autograd.gradcheck(public, (x, h0, c0, *params))
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.latentfast.lstm_sequence(*a), (x, h0, c0, *params))
+    lib = torch.ops.latentfast
+    args = (x.detach(), h0.detach(), c0.detach(), *[p.detach() for p in params])
+    out, cells, gates = ref.lstm_sequence(*args)
+    bwd_args = (torch.randn_like(out), torch.randn_like(cells), *args[:5], out, cells, gates)
+    for op, a in ((lib.lstm_sequence, args), (lib.lstm_sequence_train, args), (lib.lstm_sequence_backward, bwd_args)):
+        torch.library.opcheck(op, a)
+    torch.library.opcheck(lib.lstm_sequence_train, (x, h0, c0, *params))
+
+
+def test_lstm_bad_inputs_raise():
+    m = _lstm(3, 4, torch.float32, "cpu", seed=0)
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(ValueError, match="weight_hh"):
+        ops.lstm_sequence(x, None, *_params(_gru(3, 4, torch.float32, "cpu", seed=0)))
+    with pytest.raises(ValueError, match="c0"):
+        ops.lstm_sequence(x, (torch.zeros(2, 4), torch.zeros(2, 5)), *_params(m))
+    with pytest.raises(ValueError, match="pair"):
+        ops.lstm_sequence(x, torch.zeros(2, 4), *_params(m))
+    with pytest.raises(TypeError, match="dtype"):
+        ops.lstm_sequence(x.double(), None, *_params(m))

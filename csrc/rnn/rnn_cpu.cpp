@@ -1,4 +1,4 @@
-// CPU kernels of gru_sequence: the whole sequence in one call. The input projections of
+// CPU kernels of gru_sequence and lstm_sequence: the whole sequence in one call. The input projections of
 // all steps are one GEMM; each step is one GEMM (h W_hh^T) plus one fused gate loop; the
 // backward through time is one GEMM and one fused loop per step, then one GEMM per weight.
 #include <ATen/ATen.h>
@@ -13,6 +13,7 @@ namespace latentfast {
 namespace rnn_base {
 #include "flows/vec_math.inc"
 #include "rnn/gru_kernels.inc"
+#include "rnn/lstm_kernels.inc"
 }  // namespace rnn_base
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -22,6 +23,7 @@ namespace rnn_base {
 namespace rnn_avx2 {
 #include "flows/vec_math.inc"
 #include "rnn/gru_kernels.inc"
+#include "rnn/lstm_kernels.inc"
 }  // namespace rnn_avx2
 #pragma GCC pop_options
 #endif
@@ -130,10 +132,107 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {gx, dh, gw_ih, gw_hh, dgi2.sum(0), dgh2.sum(0)};
 }
 
+void check_lstm(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh) {
+  TORCH_CHECK(x.dim() == 3 && h0.dim() == 2 && x.size(1) == h0.size(0) && c0.sizes() == h0.sizes(),
+              "lstm_sequence: x must be [T, B, I], h0 and c0 [B, H]");
+  const int64_t H = h0.size(1);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == 4 * H && w_ih.size(1) == x.size(2),
+              "lstm_sequence: weight_ih must be [4H, I]");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == H,
+              "lstm_sequence: weight_hh must be [4H, H]");
+  TORCH_CHECK(b_ih.numel() == 4 * H && b_hh.numel() == 4 * H, "lstm_sequence: biases must be [4H]");
+  for (const auto* t : {&x, &h0, &c0, &w_ih, &w_hh, &b_ih, &b_hh}) {
+    TORCH_CHECK(t->device().is_cpu(), "latentfast_cpp kernels take CPU tensors");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "lstm_sequence: all tensors must share x's dtype");
+  }
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "lstm_sequence: float32 or float64 only");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd(
+    const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, bool save) {
+  check_lstm(x_in, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh);
+  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const int64_t T = x.size(0), B = x.size(1), H = h0.size(1);
+  at::Tensor out = at::empty({T, B, H}, x.options());
+  at::Tensor cells = at::empty({T, B, H}, x.options());
+  at::Tensor gates = save ? at::empty({T, B, 4 * H}, x.options()) : at::empty({0}, x.options());
+  if (T == 0) return {out, cells, gates};
+  // both biases folded into the input projections of all steps (one GEMM)
+  const at::Tensor a_all = at::addmm(b_ih + b_hh, x.reshape({T * B, x.size(2)}), w_ih.t()).view({T, B, 4 * H});
+  const at::Tensor w_hh_t = w_hh.t();
+  at::Tensor a = at::empty({B, 4 * H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_sequence_fwd", [&] {
+    for (int64_t t = 0; t < T; ++t) {
+      const at::Tensor h = t == 0 ? h0 : out[t - 1];
+      const at::Tensor c = t == 0 ? c0 : cells[t - 1];
+      at::addmm_out(a, a_all[t], h, w_hh_t);
+      const scalar_t* ap = a.const_data_ptr<scalar_t>();
+      const scalar_t* cp = c.const_data_ptr<scalar_t>();
+      scalar_t* op = out.mutable_data_ptr<scalar_t>() + t * B * H;
+      scalar_t* cn = cells.mutable_data_ptr<scalar_t>() + t * B * H;
+      scalar_t* sp = save ? gates.mutable_data_ptr<scalar_t>() + t * B * 4 * H : nullptr;
+      at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
+        LF_RNN_CALL(lstm_gates_fwd_rows<scalar_t>, ap, cp, op, cn, sp, H, begin, end);
+      });
+    }
+  });
+  return {out, cells, gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_sequence_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_cells_in, const at::Tensor& x_in,
+                  const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const at::Tensor& out_in, const at::Tensor& cells_in, const at::Tensor& gates_in) {
+  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const at::Tensor out = out_in.contiguous(), cells = cells_in.contiguous(), gates = gates_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.contiguous(), grad_cells = grad_cells_in.contiguous();
+  const int64_t T = x.size(0), B = x.size(1), H = h0.size(1), I = x.size(2);
+  TORCH_CHECK(gates.dim() == 3 && gates.size(0) == T && gates.size(2) == 4 * H,
+              "lstm_sequence_bwd: gates must be [T, B, 4H]");
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_cells.sizes() == cells.sizes() &&
+                  out.sizes() == cells.sizes(),
+              "lstm_sequence_bwd: grad_out, grad_cells, out and cells must be [T, B, H]");
+  at::Tensor da = at::empty({T, B, 4 * H}, x.options());
+  at::Tensor dh = at::zeros({B, H}, x.options());
+  at::Tensor dc = at::zeros({B, H}, x.options());
+  at::Tensor dc_next = at::empty({B, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_sequence_bwd", [&] {
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const at::Tensor c_prev = t == 0 ? c0 : cells[t - 1];
+      const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
+      const scalar_t* gop = grad_out.const_data_ptr<scalar_t>() + t * B * H;
+      const scalar_t* dcp = dc.const_data_ptr<scalar_t>();
+      const scalar_t* gcp = grad_cells.const_data_ptr<scalar_t>() + t * B * H;
+      const scalar_t* gp = gates.const_data_ptr<scalar_t>() + t * B * 4 * H;
+      const scalar_t* cpp = c_prev.const_data_ptr<scalar_t>();
+      const scalar_t* cnp = cells.const_data_ptr<scalar_t>() + t * B * H;
+      scalar_t* dap = da.mutable_data_ptr<scalar_t>() + t * B * 4 * H;
+      scalar_t* dnp = dc_next.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
+        LF_RNN_CALL(lstm_gates_bwd_rows<scalar_t>, dhp, gop, dcp, gcp, gp, cpp, cnp, dap, dnp, H, begin, end);
+      });
+      std::swap(dc, dc_next);
+      at::mm_out(dh, da[t], w_hh);  // dh_t = dA_t W_hh
+    }
+  });
+  const at::Tensor da2 = da.view({T * B, 4 * H});
+  at::Tensor h_prev_all = at::cat({h0.unsqueeze(0), out.narrow(0, 0, std::max<int64_t>(T - 1, 0))}, 0);
+  at::Tensor gx = at::mm(da2, w_ih).view({T, B, I});
+  at::Tensor gw_ih = at::mm(da2.t(), x.view({T * B, I}));
+  at::Tensor gw_hh = at::mm(da2.t(), h_prev_all.view({T * B, H}));
+  at::Tensor db = da2.sum(0);
+  return {gx, dh, dc, gw_ih, gw_hh, db, db.clone()};
+}
+
 }  // namespace
 }  // namespace latentfast
 
 TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) {
   m.impl("gru_sequence_fwd", &latentfast::gru_sequence_fwd);
   m.impl("gru_sequence_bwd", &latentfast::gru_sequence_bwd);
+  m.impl("lstm_sequence_fwd", &latentfast::lstm_sequence_fwd);
+  m.impl("lstm_sequence_bwd", &latentfast::lstm_sequence_bwd);
 }
