@@ -31,4 +31,7 @@ TORCH_LIBRARY(latentfast_cpp, m) {
   m.def("gru_sequence_bwd(Tensor grad_out, Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor out, Tensor gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_sequence_fwd(Tensor x, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh, bool save) -> (Tensor, Tensor, Tensor)");
   m.def("lstm_sequence_bwd(Tensor grad_out, Tensor grad_cells, Tensor x, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor out, Tensor cells, Tensor gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Lyapunov spectra (cell: 0 tanh RNN, 1 GRU, 2 LSTM; system: 0 Lorenz-63, 1 Lorenz-96).
+  m.def("rnn_lyapunov(Tensor s0, Tensor q0, Tensor mat, Tensor bias, int cell, int n_steps, int qr_every, int transient, float dt) -> (Tensor, Tensor)");
+  m.def("lorenz_lyapunov(Tensor x0, Tensor q0, int system, float p0, float p1, float p2, float dt, int n_steps, int qr_every, int transient) -> (Tensor, Tensor)");
 }

@@ -1,4 +1,5 @@
-// CPU kernels of gru_sequence and lstm_sequence: the whole sequence in one call. The input projections of
+// CPU kernels of gru_sequence and lstm_sequence (the whole sequence in one call) and of the
+// Lyapunov ops rnn_lyapunov and lorenz_lyapunov (the whole Benettin run in one call). The input projections of
 // all steps are one GEMM; each step is one GEMM (h W_hh^T) plus one fused gate loop; the
 // backward through time is one GEMM and one fused loop per step, then one GEMM per weight.
 #include <ATen/ATen.h>
@@ -8,12 +9,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace latentfast {
 namespace rnn_base {
 #include "flows/vec_math.inc"
 #include "rnn/gru_kernels.inc"
 #include "rnn/lstm_kernels.inc"
+#include "rnn/lyapunov_kernels.inc"
 }  // namespace rnn_base
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -24,6 +27,7 @@ namespace rnn_avx2 {
 #include "flows/vec_math.inc"
 #include "rnn/gru_kernels.inc"
 #include "rnn/lstm_kernels.inc"
+#include "rnn/lyapunov_kernels.inc"
 }  // namespace rnn_avx2
 #pragma GCC pop_options
 #endif
@@ -227,6 +231,102 @@ lstm_sequence_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_cells_in
   return {gx, dh, dc, gw_ih, gw_hh, db, db.clone()};
 }
 
+void check_lyap(const char* name, const at::Tensor& s0, const at::Tensor& q0) {
+  TORCH_CHECK(s0.dim() == 2 && q0.dim() == 3 && q0.size(0) == s0.size(0) && q0.size(1) == s0.size(1),
+              name, ": s0 must be [B, S] and q0 [B, S, k]");
+  TORCH_CHECK(q0.size(2) >= 1 && q0.size(2) <= s0.size(1), name, ": k must be in [1, S]");
+  TORCH_CHECK(s0.device().is_cpu() && q0.device().is_cpu(), "latentfast_cpp kernels take CPU tensors");
+  TORCH_CHECK(s0.scalar_type() == q0.scalar_type() &&
+                  (s0.scalar_type() == at::kFloat || s0.scalar_type() == at::kDouble),
+              name, ": float32 or float64, one dtype");
+}
+
+std::tuple<at::Tensor, at::Tensor> rnn_lyapunov(const at::Tensor& s0, const at::Tensor& q0, const at::Tensor& mat_in,
+                                                const at::Tensor& bias_in, int64_t cell, int64_t n_steps,
+                                                int64_t qr_every, int64_t transient, double dt) {
+  check_lyap("rnn_lyapunov", s0, q0);
+  const at::Tensor mat = mat_in.contiguous(), bias = bias_in.contiguous();
+  const int64_t B = s0.size(0), S = s0.size(1), k = q0.size(2), G = mat.size(0), H = mat.size(1);
+  TORCH_CHECK(cell >= 0 && cell <= 2, "rnn_lyapunov: cell must be 0 (tanh RNN), 1 (GRU) or 2 (LSTM)");
+  TORCH_CHECK(G == (cell == 0 ? H : 4 * H) && S == (cell == 2 ? 2 * H : H) && bias.numel() == G,
+              "rnn_lyapunov: mat [G, H], bias [G] and the state size do not fit the cell");
+  TORCH_CHECK(mat.scalar_type() == s0.scalar_type() && bias.scalar_type() == s0.scalar_type() && mat.device().is_cpu(),
+              "rnn_lyapunov: mat and bias must be CPU tensors of s0's dtype");
+  TORCH_CHECK(n_steps >= 1 && qr_every >= 1 && transient >= 0, "rnn_lyapunov: bad step counts");
+  const int64_t R = k + 1;
+  at::Tensor v = at::empty({B, R, S}, s0.options());
+  v.select(1, 0).copy_(s0);
+  v.narrow(1, 1, k).copy_(q0.transpose(1, 2));
+  at::Tensor pre = at::empty({B * R, G}, s0.options());
+  at::Tensor sums = at::zeros({B, k}, s0.options());
+  const at::Tensor mat_t = mat.t();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(R * H, 1));
+  AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "rnn_lyapunov", [&] {
+    scalar_t* vp = v.mutable_data_ptr<scalar_t>();
+    const scalar_t* bp = bias.const_data_ptr<scalar_t>();
+    auto step = [&](int64_t rows) {
+      const at::Tensor vin = rows == R ? v.view({B * R, S}).narrow(1, 0, H) : v.select(1, 0).narrow(1, 0, H);
+      at::Tensor p = pre.narrow(0, 0, B * rows);
+      at::mm_out(p, vin, mat_t);
+      const scalar_t* pp = p.const_data_ptr<scalar_t>();
+      at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+        LF_RNN_CALL(rnn_tangent_rows<scalar_t>, cell, pp, bp, vp, R * S, H, rows, S, G, begin, end);
+      });
+    };
+    auto orthonormalise = [&](scalar_t* logs) {
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b)
+          LF_RNN_CALL(mgs_rows<scalar_t>, vp + b * R * S + S, k, S, logs ? logs + b * k : nullptr);
+      });
+    };
+    for (int64_t t = 0; t < transient; ++t) step(1);
+    orthonormalise(nullptr);
+    scalar_t* sp = sums.mutable_data_ptr<scalar_t>();
+    for (int64_t t = 0; t < n_steps; ++t) {
+      step(R);
+      if ((t + 1) % qr_every == 0 || t == n_steps - 1) orthonormalise(sp);
+    }
+  });
+  return {sums.div_(static_cast<double>(n_steps) * dt), v.select(1, 0).clone()};
+}
+
+std::tuple<at::Tensor, at::Tensor> lorenz_lyapunov(const at::Tensor& x0_in, const at::Tensor& q0_in, int64_t system,
+                                                   double p0, double p1, double p2, double dt, int64_t n_steps,
+                                                   int64_t qr_every, int64_t transient) {
+  check_lyap("lorenz_lyapunov", x0_in, q0_in);
+  TORCH_CHECK(system == 0 || system == 1, "lorenz_lyapunov: system must be 0 (Lorenz-63) or 1 (Lorenz-96)");
+  TORCH_CHECK(system == 1 || x0_in.size(1) == 3, "lorenz_lyapunov: Lorenz-63 states are [B, 3]");
+  TORCH_CHECK(system == 0 || x0_in.size(1) >= 4, "lorenz_lyapunov: Lorenz-96 needs N >= 4");
+  TORCH_CHECK(n_steps >= 1 && qr_every >= 1 && transient >= 0, "lorenz_lyapunov: bad step counts");
+  const at::Tensor x0 = x0_in.contiguous(), q0 = q0_in.transpose(1, 2).contiguous();  // rows [B, k, N]
+  const int64_t B = x0.size(0), N = x0.size(1), k = q0.size(1), R = k + 1;
+  at::Tensor exps = at::zeros({B, k}, x0.options());
+  at::Tensor final_state = at::empty({B, N}, x0.options());
+  AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "lorenz_lyapunov", [&] {
+    const scalar_t* xp = x0.const_data_ptr<scalar_t>();
+    const scalar_t* qp = q0.const_data_ptr<scalar_t>();
+    scalar_t* ep = exps.mutable_data_ptr<scalar_t>();
+    scalar_t* fp = final_state.mutable_data_ptr<scalar_t>();
+    const scalar_t h = static_cast<scalar_t>(dt), a = static_cast<scalar_t>(p0), b = static_cast<scalar_t>(p1),
+                   c = static_cast<scalar_t>(p2);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> v(R * N), work(3 * R * N);
+      for (int64_t i = begin; i < end; ++i) {
+        std::copy(xp + i * N, xp + (i + 1) * N, v.begin());
+        for (int64_t t = 0; t < transient; ++t) LF_RNN_CALL(lorenz_rk4<scalar_t>, system, v.data(), work.data(), 1, N, h, a, b, c);
+        std::copy(qp + i * k * N, qp + (i + 1) * k * N, v.begin() + N);
+        LF_RNN_CALL(mgs_rows<scalar_t>, v.data() + N, k, N, nullptr);
+        for (int64_t t = 0; t < n_steps; ++t) {
+          LF_RNN_CALL(lorenz_rk4<scalar_t>, system, v.data(), work.data(), R, N, h, a, b, c);
+          if ((t + 1) % qr_every == 0 || t == n_steps - 1) LF_RNN_CALL(mgs_rows<scalar_t>, v.data() + N, k, N, ep + i * k);
+        }
+        std::copy(v.begin(), v.begin() + N, fp + i * N);
+      }
+    });
+  });
+  return {exps.div_(static_cast<double>(n_steps) * dt), final_state};
+}
+
 }  // namespace
 }  // namespace latentfast
 
@@ -235,4 +335,6 @@ TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) {
   m.impl("gru_sequence_bwd", &latentfast::gru_sequence_bwd);
   m.impl("lstm_sequence_fwd", &latentfast::lstm_sequence_fwd);
   m.impl("lstm_sequence_bwd", &latentfast::lstm_sequence_bwd);
+  m.impl("rnn_lyapunov", &latentfast::rnn_lyapunov);
+  m.impl("lorenz_lyapunov", &latentfast::lorenz_lyapunov);
 }

@@ -175,7 +175,8 @@ def geometry_cases(device: torch.device, quick: bool, gen: torch.Generator) -> l
 
 
 def rnn_cases(device: torch.device, quick: bool, gen: torch.Generator) -> list[Case]:
-    """gru_sequence against a Python loop over the GRU cell (eager and compiled) and nn.GRU."""
+    """gru_sequence and lstm_sequence against a Python loop over the cell (eager and
+    compiled) and nn.GRU / nn.LSTM."""
     t, b, n_in = (20, 16, 8) if quick else (100, 64, 32)
     cases = []
     for hs in ((32,) if quick else (64, 256)):
@@ -207,4 +208,27 @@ def rnn_cases(device: torch.device, quick: bool, gen: torch.Generator) -> list[C
                           (x, h0, w_ih, w_hh, b_ih, b_hh), cell_loop, fast, (0, 2, 3, 4, 5),
                           bytes_moved=4 * (x.numel() + t * b * hs + w_ih.numel() + w_hh.numel()),
                           flops=flops, extras={"nn_GRU": nn_gru}))
+
+        lstm_p = [(k * (2 * torch.rand(*shape, generator=gen) - 1)).to(device)
+                  for shape in ((4 * hs, n_in), (4 * hs, hs), (4 * hs,), (4 * hs,))]
+        lstm = torch.nn.LSTM(n_in, hs).to(device)
+
+        def lstm_loop(x, h0, w_ih, w_hh, b_ih, b_hh):
+            h, c, outs = h0, h0, []
+            for s in range(x.shape[0]):
+                h, c = torch.lstm_cell(x[s], (h, c), w_ih, w_hh, b_ih, b_hh)
+                outs.append(h)
+            return (torch.stack(outs),)
+
+        def lstm_fast(x, h0, w_ih, w_hh, b_ih, b_hh):
+            return (rnn_ops.lstm_sequence(x, (h0, h0), w_ih, w_hh, b_ih, b_hh)[0],)
+
+        def nn_lstm(x, h0, w_ih, w_hh, b_ih, b_hh, lstm=lstm):
+            return (torch._VF.lstm(x, (h0[None], h0[None]), [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0,
+                                   lstm.training, False, False)[0],)
+
+        cases.append(Case("lstm_sequence", f"lstm_sequence T={t} B={b} I={n_in} H={hs}",
+                          (x, h0, *lstm_p), lstm_loop, lstm_fast, (0, 2, 3, 4, 5),
+                          bytes_moved=4 * (x.numel() + 2 * t * b * hs + lstm_p[0].numel() + lstm_p[1].numel()),
+                          flops=2 * t * b * 4 * hs * (n_in + hs), extras={"nn_LSTM": nn_lstm}))
     return cases

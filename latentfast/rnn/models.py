@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from latentfast.ops.rnn import gru_sequence, lstm_sequence
-from latentfast.reference.dynamics import gru_step, lstm_step, lyapunov_spectrum
+from latentfast.ops.dynamics import rnn_lyapunov_spectrum
+from latentfast.reference.dynamics import gru_step, lstm_step
 
 
 class GRU(nn.Module):
@@ -141,8 +142,10 @@ class SequenceModel(nn.Module):
     def lyapunov_spectrum(self, s0: Tensor, k: int, n_steps: int, dt: float = 1.0, qr_every: int = 1,
                           transient: int = 0) -> Tensor:
         """Leading k exponents [B, k] of the closed-loop map from states s0 [B, S] (per unit
-        time with dt)."""
-        return lyapunov_spectrum(self.closed_loop_step, s0, k, n_steps, dt, qr_every, transient)
+        time with dt), by the fused latentfast::rnn_lyapunov op (tangent rows, no [S, S]
+        Jacobians)."""
+        return rnn_lyapunov_spectrum(self.cell, s0, k, n_steps, *self.rnn.params(), self.readout.weight,
+                                     self.readout.bias, dt=dt, qr_every=qr_every, transient=transient)[0]
 
 
 def fit_sequence_model(model: SequenceModel, data: Tensor, epochs: int = 20, window: int = 64,

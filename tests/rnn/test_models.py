@@ -83,3 +83,17 @@ def test_sequence_model_learns_a_sine_and_forecasts(cell):
     assert f.shape == (2, 50, 2) and hs.shape == (2, 50, model.state_size)
     vpt = valid_prediction_time(f, data[6:, 100:150], torch.ones(2))
     assert (vpt >= 20).all(), vpt
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_model_spectrum_equals_benettin_on_its_closed_loop_jacobian(backend, cell):
+    torch.manual_seed(4)
+    model = SequenceModel(3, hidden=5, cell=cell).double()
+    s0 = torch.randn(2, model.state_size, dtype=torch.float64)
+    torch.manual_seed(9)
+    got = model.lyapunov_spectrum(s0, 3, 30, dt=0.1, qr_every=2)
+    from latentfast.reference.dynamics import lyapunov_spectrum
+    torch.manual_seed(9)
+    want = lyapunov_spectrum(model.closed_loop_step, s0, 3, 30, dt=0.1, qr_every=2,
+                             q0=torch.randn(2, model.state_size, 3, dtype=torch.float64))
+    torch.testing.assert_close(got, want)

@@ -1,0 +1,161 @@
+"""Lyapunov-spectrum ops: registration, backend dispatch, fake kernels.
+
+Ops (namespace ``latentfast::``), no autograd (they are measurements, not layers):
+- ``rnn_lyapunov(s0, q0, mat, bias, cell, n_steps, qr_every, transient, dt)`` ->
+  (exponents [B, k], final state [B, S]): Benettin's method on the closed-loop map of a tanh
+  RNN, GRU or LSTM cell (cell 0, 1, 2) with the readout folded into (mat, bias) by
+  reference.dynamics.rnn_tangent_matrices. The k tangents ride with the state as extra GEMM
+  rows; the [S, S] Jacobian is never formed.
+- ``lorenz_lyapunov(x0, q0, system, p0, p1, p2, dt, n_steps, qr_every, transient)`` ->
+  (exponents per unit time [B, k], final state [B, N]) for Lorenz-63 (system 0; p = sigma,
+  rho, beta) and Lorenz-96 (system 1; p0 = forcing): RK4 of the state and its exact
+  tangent map.
+
+Public wrappers: rnn_lyapunov_spectrum, lorenz_lyapunov_spectrum.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
+from latentfast import backend
+from latentfast.ops._checks import check_finite, check_tensor
+from latentfast.reference import dynamics as ref
+
+_kernels = None
+
+
+def _triton():
+    global _kernels
+    if _kernels is None:
+        from latentfast.kernels import dynamics as k
+
+        _kernels = k
+    return _kernels
+
+
+@torch.library.custom_op("latentfast::rnn_lyapunov", mutates_args=())
+def _rnn_lyapunov(s0: Tensor, q0: Tensor, mat: Tensor, bias: Tensor, cell: int, n_steps: int, qr_every: int,
+                  transient: int, dt: float) -> tuple[Tensor, Tensor]:
+    be = backend.select(s0.device)
+    args = (s0, q0, mat, bias, cell, n_steps, qr_every, transient, dt)
+    if be == "cpp":
+        return torch.ops.latentfast_cpp.rnn_lyapunov(*args)
+    if be == "triton":
+        return _triton().rnn_lyapunov(*args)
+    e, s = ref.rnn_lyapunov(*args)
+    return e.contiguous(), s.contiguous()
+
+
+@_rnn_lyapunov.register_fake
+def _(s0, q0, mat, bias, cell, n_steps, qr_every, transient, dt):
+    return s0.new_empty((s0.shape[0], q0.shape[2])), torch.empty_like(s0)
+
+
+@torch.library.custom_op("latentfast::lorenz_lyapunov", mutates_args=())
+def _lorenz_lyapunov(x0: Tensor, q0: Tensor, system: int, p0: float, p1: float, p2: float, dt: float,
+                     n_steps: int, qr_every: int, transient: int) -> tuple[Tensor, Tensor]:
+    be = backend.select(x0.device)
+    args = (x0, q0, system, p0, p1, p2, dt, n_steps, qr_every, transient)
+    if be == "cpp":
+        return torch.ops.latentfast_cpp.lorenz_lyapunov(*args)
+    if be == "triton":
+        return _triton().lorenz_lyapunov(*args)
+    e, s = ref.lorenz_lyapunov(*args)
+    return e.contiguous(), s.contiguous()
+
+
+@_lorenz_lyapunov.register_fake
+def _(x0, q0, system, p0, p1, p2, dt, n_steps, qr_every, transient):
+    return x0.new_empty((x0.shape[0], q0.shape[2])), torch.empty_like(x0)
+
+
+def _check_run(k: int, n: int, n_steps: int, qr_every: int, transient: int, dt: float) -> None:
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if n_steps < 1 or qr_every < 1 or transient < 0:
+        raise ValueError(f"need n_steps >= 1, qr_every >= 1, transient >= 0; got {n_steps}, {qr_every}, {transient}")
+    if not dt > 0:
+        raise ValueError(f"dt must be positive, got {dt}")
+
+
+def _frame(q0: Tensor | None, b: int, n: int, k: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    if q0 is None:
+        return torch.randn(b, n, k, dtype=like.dtype, generator=generator).to(like.device)
+    check_tensor("q0", q0, 3, like=like)
+    if tuple(q0.shape) != (b, n, k):
+        raise ValueError(f"q0 must be [{b}, {n}, {k}], got {tuple(q0.shape)}")
+    return q0.contiguous()
+
+
+@torch.no_grad()
+def rnn_lyapunov_spectrum(cell: str, s0: Tensor, k: int, n_steps: int, weight_ih: Tensor, weight_hh: Tensor,
+                          bias_ih: Tensor, bias_hh: Tensor, readout_weight: Tensor | None = None,
+                          readout_bias: Tensor | None = None, dt: float = 1.0, qr_every: int = 1,
+                          transient: int = 0, q0: Tensor | None = None,
+                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The k leading Lyapunov exponents of the closed-loop RNN map, for many initial states.
+
+    The map is s' = Cell(x, s) with x = readout_weight h + readout_bias (zero input when
+    readout_weight is None); weights follow torch.nn.RNNCell / GRUCell / LSTMCell.
+    cell: "rnn_tanh", "gru" or "lstm". s0 [B, S]: S = H, or 2H for the LSTM (h then c).
+    Returns (exponents [B, k] per unit time with dt, final state [B, S]).
+    """
+    if cell not in ref.RNN_CELLS:
+        raise ValueError(f"cell must be one of {sorted(ref.RNN_CELLS)}, got {cell!r}")
+    check_tensor("s0", s0, 2)
+    check_tensor("weight_hh", weight_hh, 2, like=s0)
+    hs = weight_hh.shape[1]
+    gates = {"rnn_tanh": 1, "gru": 3, "lstm": 4}[cell]
+    state = 2 * hs if cell == "lstm" else hs
+    if weight_hh.shape[0] != gates * hs:
+        raise ValueError(f"{cell}: weight_hh must be [{gates}H, H], got {tuple(weight_hh.shape)}")
+    if s0.shape[1] != state:
+        raise ValueError(f"{cell}: s0 must be [B, {state}], got {tuple(s0.shape)}")
+    check_tensor("weight_ih", weight_ih, 2, like=s0)
+    if weight_ih.shape[0] != gates * hs:
+        raise ValueError(f"{cell}: weight_ih must be [{gates * hs}, I], got {tuple(weight_ih.shape)}")
+    for name, t in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        check_tensor(name, t, 1, like=s0)
+        if t.shape[0] != gates * hs:
+            raise ValueError(f"{cell}: {name} must be [{gates * hs}], got {tuple(t.shape)}")
+    if readout_weight is not None:
+        check_tensor("readout_weight", readout_weight, 2, like=s0)
+        if tuple(readout_weight.shape) != (weight_ih.shape[1], hs):
+            raise ValueError(f"readout_weight must be [{weight_ih.shape[1]}, {hs}], got "
+                             f"{tuple(readout_weight.shape)}")
+    _check_run(k, state, n_steps, qr_every, transient, dt)
+    check_finite("s0", s0)
+    q0 = _frame(q0, s0.shape[0], state, k, s0, generator)
+    mat, bias = ref.rnn_tangent_matrices(cell, weight_ih, weight_hh, bias_ih, bias_hh, readout_weight,
+                                         readout_bias)
+    return _rnn_lyapunov(s0.contiguous(), q0, mat.contiguous(), bias.contiguous(), ref.RNN_CELLS[cell],
+                         n_steps, qr_every, transient, float(dt))
+
+
+@torch.no_grad()
+def lorenz_lyapunov_spectrum(system: str, x0: Tensor, k: int, n_steps: int, dt: float = 0.01,
+                             qr_every: int = 1, transient: int = 0, sigma: float = 10.0, rho: float = 28.0,
+                             beta: float = 8.0 / 3.0, forcing: float = 8.0, q0: Tensor | None = None,
+                             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The k leading Lyapunov exponents (per unit time) of Lorenz-63 or Lorenz-96 from the
+    exact RK4 tangent map, for many initial conditions x0 [B, N] at once.
+
+    system: "lorenz63" (N = 3; sigma, rho, beta) or "lorenz96" (N >= 4; forcing).
+    Returns (exponents [B, k], final state [B, N]).
+    """
+    if system not in ref.LORENZ_SYSTEMS:
+        raise ValueError(f"system must be one of {sorted(ref.LORENZ_SYSTEMS)}, got {system!r}")
+    check_tensor("x0", x0, 2)
+    n = x0.shape[1]
+    if system == "lorenz63" and n != 3:
+        raise ValueError(f"lorenz63 states are [B, 3], got {tuple(x0.shape)}")
+    if system == "lorenz96" and n < 4:
+        raise ValueError(f"lorenz96 needs N >= 4, got {tuple(x0.shape)}")
+    _check_run(k, n, n_steps, qr_every, transient, dt)
+    check_finite("x0", x0)
+    q0 = _frame(q0, x0.shape[0], n, k, x0, generator)
+    p = (sigma, rho, beta) if system == "lorenz63" else (forcing, 0.0, 0.0)
+    return _lorenz_lyapunov(x0.contiguous(), q0, ref.LORENZ_SYSTEMS[system], float(p[0]), float(p[1]),
+                            float(p[2]), float(dt), n_steps, qr_every, transient)
