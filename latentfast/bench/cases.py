@@ -32,6 +32,7 @@ class Case:
     passes: tuple[str, ...] = ("fwd", "fwd+bwd")
     # further baselines timed in the same run, e.g. torch.func vmap(jacfwd) or nn.GRU
     extras: dict[str, Callable[..., tuple[Tensor, ...]]] = field(default_factory=dict)
+    compile: bool = True  # False: no torch.compile baseline (e.g. thousands of unrolled steps)
 
 
 def _eager_glow_step(x, logs, bias, weight, h):
@@ -107,6 +108,7 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
                           bytes_moved=5 * cl * cl * f32, flops=2 * cl ** 3))
     cases += geometry_cases(device, quick, gen)
     cases += rnn_cases(device, quick, gen)
+    cases += lyapunov_cases(device, quick, gen)
     return cases
 
 
@@ -231,4 +233,65 @@ def rnn_cases(device: torch.device, quick: bool, gen: torch.Generator) -> list[C
                           (x, h0, *lstm_p), lstm_loop, lstm_fast, (0, 2, 3, 4, 5),
                           bytes_moved=4 * (x.numel() + 2 * t * b * hs + lstm_p[0].numel() + lstm_p[1].numel()),
                           flops=2 * t * b * 4 * hs * (n_in + hs), extras={"nn_LSTM": nn_lstm}))
+    return cases
+
+
+def lyapunov_cases(device: torch.device, quick: bool, gen: torch.Generator) -> list[Case]:
+    """rnn_lyapunov and lorenz_lyapunov against Benettin on explicit step Jacobians (the
+    analytic reference) and, for the GRU, on torch.func.jacfwd Jacobians."""
+    from latentfast.data import dynamics as dyn
+    from latentfast.ops import dynamics as dyn_ops
+    from latentfast.reference import dynamics as dyn_ref
+
+    cases = []
+    hs, n_in, b, k, steps = (16, 3, 4, 4, 20) if quick else (64, 3, 32, 16, 200)
+    sc = hs ** -0.5
+    w = [(sc * (2 * torch.rand(*shape, generator=gen) - 1)).to(device)
+         for shape in ((3 * hs, n_in), (3 * hs, hs), (3 * hs,), (3 * hs,), (n_in, hs), (n_in,))]
+    w[1] = w[1] * 3.0  # a recurrent gain that gives the closed loop non-trivial dynamics
+    s0 = torch.randn(b, hs, generator=gen).to(device)
+    q0 = torch.randn(b, hs, k, generator=gen).to(device)
+
+    def gru_closed(s, w_ih, w_hh, b_ih, b_hh, wo, bo):
+        return dyn_ref.gru_step(s @ wo.T + bo, s, w_ih, w_hh, b_ih, b_hh, dx_dh=wo)
+
+    def eager_gru(s0, q0, *w):
+        return (dyn_ref.lyapunov_spectrum(lambda s: gru_closed(s, *w), s0, k, steps, qr_every=5, q0=q0),)
+
+    def jacfwd_gru(s0, q0, w_ih, w_hh, b_ih, b_hh, wo, bo):
+        def cell(s):
+            return torch.gru_cell((s @ wo.T + bo)[None], s[None], w_ih, w_hh, b_ih, b_hh)[0]
+        jac = torch.func.vmap(torch.func.jacfwd(cell))
+
+        def step(s):
+            return torch.gru_cell(s @ wo.T + bo, s, w_ih, w_hh, b_ih, b_hh), jac(s)
+        return (dyn_ref.lyapunov_spectrum(step, s0, k, steps, qr_every=5, q0=q0),)
+
+    def fast_gru(s0, q0, *w):
+        return (dyn_ops.rnn_lyapunov_spectrum("gru", s0, k, steps, *w, qr_every=5, q0=q0)[0],)
+
+    # per step: the GEMM on 1 + k rows (4H x H), the explicit form's [H, H] Jacobian times k
+    cases.append(Case("rnn_lyapunov", f"rnn_lyap gru H={hs} B={b} k={k} T={steps}", (s0, q0, *w),
+                      eager_gru, fast_gru, (), bytes_moved=4 * (s0.numel() + q0.numel() + 4 * hs * hs + b * k),
+                      flops=steps * 2 * b * (1 + k) * 4 * hs * hs, passes=("fwd",), compile=False,
+                      extras={"vmap_jacfwd": jacfwd_gru}))
+    for system, n, kk, bb, st in (("lorenz63", 3, 3, 64, 2000), ("lorenz96", 40, 40, 8, 500)):
+        if quick:
+            bb, st = 4, 50
+        # float64: fp32 trajectories of a chaotic system decorrelate within the run
+        x0 = (dyn.lorenz63 if n == 3 else dyn.lorenz96)(0, n_traj=bb, seed=2)[:, 0].double().to(device)
+        qq = torch.randn(bb, n, kk, generator=gen, dtype=torch.float64).to(device)
+        field, jacobian = ((dyn.lorenz63_field, dyn.lorenz63_jacobian) if n == 3
+                           else (dyn.lorenz96_field, dyn.lorenz96_jacobian))
+
+        def eager_l(x0, q0, field=field, jacobian=jacobian, kk=kk, st=st):
+            step = lambda x: dyn.rk4_step_with_jacobian(field, jacobian, x, 0.01)  # noqa: E731
+            return (dyn_ref.lyapunov_spectrum(step, x0, kk, st, dt=0.01, qr_every=5, q0=q0),)
+
+        def fast_l(x0, q0, system=system, kk=kk, st=st):
+            return (dyn_ops.lorenz_lyapunov_spectrum(system, x0, kk, st, dt=0.01, qr_every=5, q0=q0)[0],)
+
+        cases.append(Case("lorenz_lyapunov", f"lorenz_lyap {system[6:]} B={bb} k={kk} T={st}", (x0, qq),
+                          eager_l, fast_l, (), bytes_moved=8 * (x0.numel() + qq.numel() + bb * kk),
+                          flops=st * bb * 4 * (1 + kk) * n * 10, passes=("fwd",), compile=False))
     return cases

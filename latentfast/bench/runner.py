@@ -70,7 +70,7 @@ def _peak_mb(fn, device) -> float | None:
 
 
 def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
-    compiled = torch.compile(case.eager)
+    compiled = torch.compile(case.eager) if case.compile else None
     with torch.no_grad():
         err = _max_rel_err(case.fast(*case.inputs), case.eager(*case.inputs))
     reps, budget = (5, 0.5) if quick else (15, 3.0)
@@ -81,15 +81,15 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
         else:
             make = lambda fn: _fwd_bwd(fn, case.inputs, case.grad_inputs)  # noqa: E731
         t_eager = time_ms(make(case.eager), device, reps, budget)
-        t_compile = time_ms(make(compiled), device, reps, budget)
+        t_compile = time_ms(make(compiled), device, reps, budget) if compiled is not None else None
         t_fast = time_ms(make(case.fast), device, reps, budget)
         row = {
             "op": case.op, "case": case.name, "pass": pass_name,
             "backend": backend.select(device),
-            "eager_ms": round(t_eager, 4), "compile_ms": round(t_compile, 4),
+            "eager_ms": round(t_eager, 4), "compile_ms": None if t_compile is None else round(t_compile, 4),
             "latentfast_ms": round(t_fast, 4),
             "speedup_vs_eager": round(t_eager / t_fast, 3),
-            "speedup_vs_compile": round(t_compile / t_fast, 3),
+            "speedup_vs_compile": None if t_compile is None else round(t_compile / t_fast, 3),
             "max_rel_err": float(f"{err:.3e}"),
             "peak_mem_mb_eager": _peak_mb(make(case.eager), device),
             "peak_mem_mb_latentfast": _peak_mb(make(case.fast), device),
