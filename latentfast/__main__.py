@@ -41,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     b.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
     dm = sub.add_parser("demo", help="run a demo that writes PNGs")
-    dm.add_argument("name", choices=["geodesics"], help="geodesics: VAE latent geometry on the digits")
+    dm.add_argument("name", choices=["geodesics", "dynamics"],
+                    help="geodesics: VAE latent geometry on the digits; dynamics: latent sequence model "
+                         "of a pendulum")
     dm.add_argument("--out", default="demo_out", help="folder for the PNGs (default: demo_out)")
-    dm.add_argument("--epochs", type=int, default=150, help="VAE training epochs")
+    dm.add_argument("--epochs", type=int, default=150, help="training epochs")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         info()
@@ -55,9 +57,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--device cuda: no CUDA device is available")
         run_suite(args.ops, device, args.quick, args.json_path)
     elif args.cmd == "demo":
-        from latentfast.demos import geodesics
+        if args.name == "geodesics":
+            from latentfast.demos import geodesics
 
-        geodesics.run(args.out, epochs=args.epochs)
+            geodesics.run(args.out, epochs=args.epochs)
+        else:
+            from latentfast.demos import dynamics
+
+            dynamics.run(args.out, epochs=args.epochs)
     return 0
 
 

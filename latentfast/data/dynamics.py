@@ -109,12 +109,12 @@ def lorenz96(n_steps: int, dt: float = 0.01, n: int = 40, forcing: float = 8.0, 
 
 
 def pendulum(n_steps: int, n_traj: int = 1, dt: float = 0.05, size: int = 16, damping: float = 0.0,
-             seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+             seed: int = 0, dtype: torch.dtype = torch.float32, blob: float = 0.06) -> tuple[Tensor, Tensor]:
     """A pendulum theta'' = -sin(theta) - damping theta' rendered as frames.
 
     Returns (frames [n_traj, n_steps + 1, size, size] in [0, 1], states [n_traj,
     n_steps + 1, 2] = (theta, theta')). Initial angles uniform in (-pi/2, pi/2) (with a random
-    velocity), one per trajectory.
+    velocity), one per trajectory. The bob is a Gaussian of width blob * size pixels.
     """
     gen = torch.Generator().manual_seed(seed)
     theta = (torch.rand(n_traj, generator=gen, dtype=torch.float64) - 0.5) * math.pi
@@ -128,5 +128,5 @@ def pendulum(n_steps: int, n_traj: int = 1, dt: float = 0.05, size: int = 16, da
     by = 0.15 * size + length * torch.cos(states[..., 0])
     grid = torch.arange(size, dtype=torch.float64)
     d2 = (grid[None, None, None, :] - bx[..., None, None]) ** 2 + (grid[None, None, :, None] - by[..., None, None]) ** 2
-    frames = torch.exp(-d2 / (2 * (0.06 * size) ** 2))
+    frames = torch.exp(-d2 / (2 * (blob * size) ** 2))
     return frames.to(dtype), states.to(dtype)

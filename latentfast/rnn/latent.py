@@ -1,0 +1,159 @@
+"""A latent sequence model (VAE-style): RNN encoder -> latent z -> RNN decoder.
+
+The encoder reads the observed frames and gives q(z | x_{1:T_obs}) = N(mu, diag(sigma^2));
+the decoder unrolls from z alone (h_0 = tanh(W z), z fed at every step) and emits logits
+of every frame of the window, so the frames after T_obs are a forecast of the future.
+Both recurrences run on the fused latentfast GRU/LSTM ops. With a generated pendulum the
+latent dimensions that carry the initial condition get most of the KL; the rest stay at the
+prior. Used by `python -m latentfast demo dynamics`.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from latentfast.ops._checks import check_tensor
+from latentfast.rnn.models import GRU, LSTM
+
+
+class LatentSequenceModel(nn.Module):
+    """frames [B, T, P] (P pixels in [0, 1]) -> z [B, latent] -> frame logits [B, T_out, P]."""
+
+    def __init__(self, frame_dim: int, latent: int = 4, hidden: int = 64, feature: int = 64, cell: str = "gru"):
+        super().__init__()
+        if cell not in ("gru", "lstm"):
+            raise ValueError(f"cell must be 'gru' or 'lstm', got {cell!r}")
+        rnn = GRU if cell == "gru" else LSTM
+        self.frame_dim, self.latent, self.hidden, self.cell = frame_dim, latent, hidden, cell
+        self.embed = nn.Sequential(nn.Linear(frame_dim, feature), nn.Tanh())
+        self.encoder = rnn(feature, hidden, batch_first=True)
+        self.to_posterior = nn.Linear(hidden, 2 * latent)
+        self.to_h0 = nn.Linear(latent, hidden)
+        self.decoder = rnn(latent, hidden, batch_first=True)
+        self.emit = nn.Sequential(nn.Linear(hidden, 2 * feature), nn.Tanh(), nn.Linear(2 * feature, frame_dim))
+
+    def encode(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, log_var) of q(z | frames), each [B, latent]."""
+        check_tensor("frames", frames, 3)
+        if frames.shape[-1] != self.frame_dim:
+            raise ValueError(f"frames must be [B, T, {self.frame_dim}], got {tuple(frames.shape)}")
+        if frames.shape[1] < 1:
+            raise ValueError("frames must hold at least one time step")
+        out, _ = self.encoder(self.embed(frames))
+        mu, log_var = self.to_posterior(out[:, -1]).chunk(2, dim=-1)
+        return mu, log_var.clamp(-12.0, 6.0)
+
+    def decode(self, z: Tensor, n_steps: int) -> Tensor:
+        """Frame logits [B, n_steps, P] unrolled from z [B, latent]."""
+        check_tensor("z", z, 2)
+        if z.shape[1] != self.latent:
+            raise ValueError(f"z must be [B, {self.latent}], got {tuple(z.shape)}")
+        h0 = torch.tanh(self.to_h0(z))[None]
+        hx = h0 if self.cell == "gru" else (h0, torch.zeros_like(h0))
+        out, _ = self.decoder(z[:, None].expand(-1, n_steps, -1), hx)
+        return self.emit(out)
+
+    def forward(self, frames: Tensor, n_obs: int | None = None, n_steps: int | None = None,
+                sample: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """Encode frames[:, :n_obs], decode n_steps frames (default: all of them).
+        Returns (logits [B, n_steps, P], mu, log_var)."""
+        n_obs = frames.shape[1] if n_obs is None else n_obs
+        n_steps = frames.shape[1] if n_steps is None else n_steps
+        mu, log_var = self.encode(frames[:, :n_obs])
+        z = mu + torch.randn_like(mu) * (0.5 * log_var).exp() if sample else mu
+        return self.decode(z, n_steps), mu, log_var
+
+    def loss(self, frames: Tensor, n_obs: int, beta: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        """(negative ELBO per sequence, reconstruction term, KL term) with the whole window
+        scored (the frames after n_obs are predicted from the observed ones)."""
+        logits, mu, log_var = self(frames, n_obs)
+        rec = F.binary_cross_entropy_with_logits(logits, frames, reduction="none").sum((1, 2)).mean()
+        kl = kl_per_dim(mu, log_var).sum(1).mean()
+        return rec + beta * kl, rec, kl
+
+
+def kl_per_dim(mu: Tensor, log_var: Tensor) -> Tensor:
+    """KL(q(z_j | x) || N(0, 1)) for every sequence and dimension, [B, latent]."""
+    return 0.5 * (mu ** 2 + log_var.exp() - 1.0 - log_var)
+
+
+@torch.no_grad()
+def rank_latents(model: LatentSequenceModel, frames: Tensor, n_obs: int) -> dict[str, Tensor]:
+    """How much each latent dimension is used: mean KL to the prior, mean posterior
+    variance, and the variance of the posterior means over the data ('active units').
+    Dimensions with high KL and small posterior variance carry the data's factors; changes
+    along them are the likely ones. Returns these [latent] tensors and 'order' (by KL, high
+    first)."""
+    mu, log_var = model.encode(frames[:, :n_obs])
+    kl = kl_per_dim(mu, log_var).mean(0)
+    return {"kl": kl, "posterior_var": log_var.exp().mean(0), "activity": mu.var(0),
+            "order": torch.argsort(kl, descending=True)}
+
+
+def fit_latent_sequence(model: LatentSequenceModel, frames: Tensor, n_obs: int, epochs: int = 30,
+                        batch_size: int = 64, lr: float = 2e-3, beta: float = 1.0, warmup: int = 5, seed: int = 0,
+                        progress: bool = True) -> list[float]:
+    """Adam on the negative ELBO of windows frames [N, T, P]; beta is annealed from 0 over
+    the first `warmup` epochs. Returns the mean loss per epoch."""
+    check_tensor("frames", frames, 3)
+    if not 1 <= n_obs <= frames.shape[1]:
+        raise ValueError(f"n_obs must be in [1, {frames.shape[1]}], got {n_obs}")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    history = []
+    bar = tqdm(range(epochs), desc="latent sequence VAE", disable=not progress)
+    for epoch in bar:
+        b_now = beta * min(1.0, (epoch + 1) / max(warmup, 1))
+        perm = torch.randperm(frames.shape[0], generator=gen)
+        total = 0.0
+        for i in range(0, len(perm), batch_size):
+            batch = frames[perm[i:i + batch_size]]
+            loss, _, _ = model.loss(batch, n_obs, beta=b_now)
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            total += loss.item() * len(batch)
+        sched.step()
+        history.append(total / frames.shape[0])
+        bar.set_postfix(loss=f"{history[-1]:.1f}", refresh=False)
+    return history
+
+
+def pendulum_windows(n_traj: int = 512, n_steps: int = 40, size: int = 16, dt: float = 0.1,
+                     seed: int = 0, blob: float = 0.12) -> tuple[Tensor, Tensor]:
+    """Pendulum frame sequences flattened for the model: (frames [n_traj, n_steps, size^2],
+    states [n_traj, n_steps, 2])."""
+    from latentfast.data.dynamics import pendulum
+
+    frames, states = pendulum(n_steps - 1, n_traj=n_traj, dt=dt, size=size, seed=seed, blob=blob)
+    return frames.reshape(n_traj, n_steps, size * size), states
+
+
+def frame_error(logits: Tensor, frames: Tensor) -> Tensor:
+    """Mean absolute pixel error per time step [T] of sigmoid(logits) against frames."""
+    return (torch.sigmoid(logits) - frames).abs().mean((0, 2))
+
+
+def centroids(images: Tensor, size: int) -> Tensor:
+    """Centre (x, y) in pixels of the bright part (above half the frame's maximum) of each
+    frame, images [..., size^2] -> [..., 2] (the bob's position for pendulum frames)."""
+    w = images.reshape(*images.shape[:-1], size, size)
+    w = (w - 0.5 * w.amax((-1, -2), keepdim=True)).clamp_min(0)
+    grid = torch.arange(size, dtype=images.dtype, device=images.device)
+    mass = w.sum((-1, -2)).clamp_min(1e-12)
+    return torch.stack([(w.sum(-2) * grid).sum(-1) / mass, (w.sum(-1) * grid).sum(-1) / mass], -1)
+
+
+def position_error(logits: Tensor, frames: Tensor, size: int) -> Tensor:
+    """Mean distance in pixels per time step [T] between the centres of the decoded and the
+    true frames."""
+    return (centroids(torch.sigmoid(logits), size) - centroids(frames, size)).norm(dim=-1).mean(0)
+
+
+__all__ = ["LatentSequenceModel", "fit_latent_sequence", "rank_latents", "kl_per_dim", "pendulum_windows",
+           "frame_error", "centroids", "position_error"]
