@@ -37,6 +37,15 @@ def triton_status() -> tuple[bool, str]:
     return True, triton.__version__
 
 
+@functools.cache
+def triton_kernels(family: str):
+    """latentfast.kernels.<family>, imported on first use (so that importing the op layer
+    never needs triton)."""
+    import importlib
+
+    return importlib.import_module(f"latentfast.kernels.{family}")
+
+
 def triton_interpret() -> bool:
     """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -23,16 +23,9 @@ from latentfast import backend
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import dynamics as ref
 
-_kernels = None
-
 
 def _triton():
-    global _kernels
-    if _kernels is None:
-        from latentfast.kernels import dynamics as k
-
-        _kernels = k
-    return _kernels
+    return backend.triton_kernels("dynamics")
 
 
 @torch.library.custom_op("latentfast::rnn_lyapunov", mutates_args=())

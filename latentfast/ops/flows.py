@@ -19,16 +19,9 @@ from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when bu
 from latentfast.ops._checks import check_tensor
 from latentfast.reference import flows as ref
 
-_kernels = None
-
 
 def _triton():
-    global _kernels
-    if _kernels is None:
-        from latentfast.kernels import flows as k
-
-        _kernels = k
-    return _kernels
+    return backend.triton_kernels("flows")
 
 
 def _cpp():

@@ -25,16 +25,9 @@ from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when bu
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import geometry as ref
 
-_kernels = None
-
 
 def _triton():
-    global _kernels
-    if _kernels is None:
-        from latentfast.kernels import geometry as k
-
-        _kernels = k
-    return _kernels
+    return backend.triton_kernels("geometry")
 
 
 def _native(be: str):

@@ -21,16 +21,9 @@ from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when bu
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import rnn as ref
 
-_kernels = None
-
 
 def _triton():
-    global _kernels
-    if _kernels is None:
-        from latentfast.kernels import rnn as k
-
-        _kernels = k
-    return _kernels
+    return backend.triton_kernels("rnn")
 
 
 def _fwd(x, h0, w_ih, w_hh, b_ih, b_hh, save: bool) -> tuple[Tensor, Tensor]:
