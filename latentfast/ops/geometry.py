@@ -112,24 +112,6 @@ def _deriv_views(flat: Tensor, n_points: int, widths: list[int]) -> list[Tensor]
     return views
 
 
-def _mlp_backward_chunk(gg: Tensor, zf: Tensor, feats: Tensor, derivs: list[Tensor], weights,
-                        centres, lam, wr) -> Tensor:
-    """d(gg . g(zf)) / d zf [p, d] from the saved act'(a) (and sigma in feats)."""
-    n_out = weights[-1].shape[0]
-    ga = gg[:, :n_out] * derivs[-1]
-    for li in range(len(weights) - 1, -1, -1):
-        gh = ga @ weights[li]
-        if li > 0:
-            ga = gh * derivs[li - 1]
-    if centres is not None:
-        # sigma = beta^-1/2: d sigma / d beta = -sigma^3 / 2; d v_k / dz = -2 lam_k v_k diff_k
-        diff = zf[:, None, :] - centres
-        v = torch.exp(-lam * diff.pow(2).sum(-1))
-        gv = (gg[:, n_out:] * (-0.5) * feats[:, n_out:].pow(3)) @ wr  # [p, K]
-        gh = gh + torch.einsum("pk,pkd->pd", gv * v * (-2.0 * lam), diff)
-    return gh
-
-
 def _curves_per_chunk(t1: int, d: int, weights, centres) -> int:
     widest = max(w.shape[0] for w in weights)
     return max(1, _CHUNK_ELEMS // (t1 * (widest + (0 if centres is None else centres.shape[0] * d))))
@@ -164,7 +146,7 @@ def _curve_native(k, curves: Tensor, weights: list[Tensor], biases: list[Tensor]
         energy[s:s + per_chunk] = e
         length[s:s + per_chunk] = ln
         if want:
-            gz = _mlp_backward_chunk(gg.view(p, -1), zf, feats, derivs, weights, centres, lam, wr)
+            gz = ref.features_backward(gg.view(p, -1), zf, feats, derivs, weights, centres, lam, wr)
             grad[s:s + per_chunk] = gz.view(bc, t1, d)
     return energy, length, grad
 
@@ -184,7 +166,7 @@ def _curve_backward_saved(k, grad_energy: Tensor, grad_length: Tensor, curves: T
         derivs, feats = [v[rows] for v in views], feats_all[rows]
         _, _, gg = k.curve_reduce(feats.reshape(bc, t1, -1), grad_energy[s:s + per_chunk],
                                   grad_length[s:s + per_chunk])
-        gz = _mlp_backward_chunk(gg.view(p, -1), zc.reshape(p, d), feats, derivs, weights, centres, lam, wr)
+        gz = ref.features_backward(gg.view(p, -1), zc.reshape(p, d), feats, derivs, weights, centres, lam, wr)
         grad[s:s + per_chunk] = gz.view(bc, t1, d)
     return grad
 

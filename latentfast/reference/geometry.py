@@ -160,10 +160,7 @@ def curve_energy_backward(grad_energy: Tensor, grad_length: Tensor, curves: Tens
         h = activation(a, code)
     feats = h
     if rbf_centres is not None:
-        diff = z[:, None, :] - rbf_centres
-        v = torch.exp(-rbf_lambda * (diff ** 2).sum(-1))
-        sigma = (v @ rbf_weight.T + zeta).rsqrt()
-        feats = torch.cat([h, sigma], dim=1)
+        feats = torch.cat([h, rbf_sigma(z, rbf_centres, rbf_lambda, rbf_weight, zeta)], dim=1)
     g = feats.view(b, t1, -1)
     delta = g[:, 1:] - g[:, :-1]
     norm = delta.norm(dim=-1)
@@ -173,7 +170,15 @@ def curve_energy_backward(grad_energy: Tensor, grad_length: Tensor, curves: Tens
     gg = torch.zeros_like(g)
     gg[:, :-1] -= gd
     gg[:, 1:] += gd
-    gg = gg.view(b * t1, -1)
+    gz = features_backward(gg.view(b * t1, -1), z, feats, derivs, weights, rbf_centres, rbf_lambda, rbf_weight)
+    return gz.view(b, t1, d)
+
+
+def features_backward(gg: Tensor, z: Tensor, feats: Tensor, derivs: list[Tensor], weights: list[Tensor],
+                      rbf_centres: Tensor | None = None, rbf_lambda: Tensor | None = None,
+                      rbf_weight: Tensor | None = None) -> Tensor:
+    """d(gg . g(z)) / dz [p, d] for z [p, d], from each layer's act'(a) (derivs) and the
+    features g = feats [p, D or 2D] (sigma is its second half); gg [p, D or 2D]."""
     n_out = weights[-1].shape[0]
     ga = gg[:, :n_out] * derivs[-1]
     for li in range(len(weights) - 1, -1, -1):
@@ -181,6 +186,9 @@ def curve_energy_backward(grad_energy: Tensor, grad_length: Tensor, curves: Tens
         if li > 0:
             ga = gz * derivs[li - 1]
     if rbf_centres is not None:
-        gv = (gg[:, n_out:] * (-0.5) * sigma ** 3) @ rbf_weight
+        # sigma = beta^-1/2: d sigma / d beta = -sigma^3 / 2; d v_k / dz = -2 lam_k v_k diff_k
+        diff = z[:, None, :] - rbf_centres
+        v = torch.exp(-rbf_lambda * (diff ** 2).sum(-1))
+        gv = (gg[:, n_out:] * (-0.5) * feats[:, n_out:] ** 3) @ rbf_weight  # [p, K]
         gz = gz + torch.einsum("pk,pkd->pd", gv * v * (-2.0 * rbf_lambda), diff)
-    return gz.view(b, t1, d)
+    return gz
