@@ -20,7 +20,25 @@ from latentfast.ops.dynamics import rnn_lyapunov_spectrum
 from latentfast.reference.dynamics import gru_step, lstm_step
 
 
-class GRU(nn.Module):
+class _SingleLayerRNN(nn.Module):
+    """The parameters of a 1-layer torch.nn RNN (same names, shapes and initialisation)."""
+
+    def __init__(self, input_size: int, hidden_size: int, batch_first: bool, n_gates: int):
+        super().__init__()
+        self.input_size, self.hidden_size, self.batch_first = input_size, hidden_size, batch_first
+        self.weight_ih_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, input_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, hidden_size))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(n_gates * hidden_size))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(n_gates * hidden_size))
+        k = 1.0 / math.sqrt(hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -k, k)
+
+    def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
+
+
+class GRU(_SingleLayerRNN):
     """Single-layer GRU with torch.nn.GRU's parameters and call signature.
 
     forward(x [T, B, I] or [B, T, I] with batch_first, h0 [1, B, H] or None)
@@ -28,18 +46,7 @@ class GRU(nn.Module):
     """
 
     def __init__(self, input_size: int, hidden_size: int, batch_first: bool = False):
-        super().__init__()
-        self.input_size, self.hidden_size, self.batch_first = input_size, hidden_size, batch_first
-        self.weight_ih_l0 = nn.Parameter(torch.empty(3 * hidden_size, input_size))
-        self.weight_hh_l0 = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
-        self.bias_ih_l0 = nn.Parameter(torch.empty(3 * hidden_size))
-        self.bias_hh_l0 = nn.Parameter(torch.empty(3 * hidden_size))
-        k = 1.0 / math.sqrt(hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -k, k)
-
-    def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
+        super().__init__(input_size, hidden_size, batch_first, n_gates=3)
 
     def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if h0 is not None:
@@ -50,7 +57,7 @@ class GRU(nn.Module):
         return out, h_n[None]
 
 
-class LSTM(nn.Module):
+class LSTM(_SingleLayerRNN):
     """Single-layer LSTM with torch.nn.LSTM's parameters and call signature.
 
     forward(x [T, B, I] or [B, T, I] with batch_first, hx = (h0, c0) each [1, B, H], or None)
@@ -58,18 +65,7 @@ class LSTM(nn.Module):
     """
 
     def __init__(self, input_size: int, hidden_size: int, batch_first: bool = False):
-        super().__init__()
-        self.input_size, self.hidden_size, self.batch_first = input_size, hidden_size, batch_first
-        self.weight_ih_l0 = nn.Parameter(torch.empty(4 * hidden_size, input_size))
-        self.weight_hh_l0 = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
-        self.bias_ih_l0 = nn.Parameter(torch.empty(4 * hidden_size))
-        self.bias_hh_l0 = nn.Parameter(torch.empty(4 * hidden_size))
-        k = 1.0 / math.sqrt(hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -k, k)
-
-    def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
+        super().__init__(input_size, hidden_size, batch_first, n_gates=4)
 
     def forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
