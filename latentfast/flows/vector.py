@@ -1,0 +1,308 @@
+"""Flows on latent vectors: MADE, IAF, MAF, vector couplings, permutations, LU linear layers.
+
+Convention for every transform here (base -> data, as torch.distributions transforms):
+``forward(z, context=None) -> (x, logdet)`` with logdet = log|det dx/dz| [B], and
+``inverse(x, context=None) -> (z, logdet)`` with the same logdet (the forward's, evaluated
+at z), so that log p(x) = log p_base(z) - logdet.
+
+IAF, MAF and the couplings are stacks of K masked-MLP steps that run as one
+``latentfast::vector_flow_stack`` call per direction (C++ on CPU, Triton on GPU):
+- IAF (Kingma et al. 2016): forward (sampling) is one fast pass with the gated update
+  z <- sigma z + (1 - sigma) m; the density direction needs d sequential sweeps.
+- MAF (Papamakarios et al. 2017): the same steps used the other way round: the density
+  direction (inverse) is the fast pass, sampling takes the sweeps.
+- VectorAffineCoupling / VectorAdditiveCoupling (RealNVP / NICE): half masks, so both
+  directions are one pass per step.
+Consecutive MADE steps reverse the variable order; couplings alternate the halves.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from latentfast.ops import flows as flow_ops
+from latentfast.ops import vector_flows as ops
+from latentfast.ops._checks import check_finite, check_tensor
+
+
+def made_degrees(d: int, hidden: int, order: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """MADE degrees (Germain et al. 2015): inputs get 1..d in `order` (default natural),
+    hidden units cycle through 1..d-1 (0 when d = 1, i.e. no input feeds them)."""
+    deg_in = torch.arange(1, d + 1) if order is None else torch.as_tensor(order).long() + 1
+    if sorted(deg_in.tolist()) != list(range(1, d + 1)):
+        raise ValueError(f"order must be a permutation of 0..{d - 1}")
+    deg_h = torch.arange(hidden) % max(d - 1, 1) + 1 if d > 1 else torch.zeros(hidden, dtype=torch.long)
+    return deg_in, deg_h
+
+
+def made_masks(deg_in: Tensor, deg_h: Tensor, n_out_blocks: int) -> tuple[Tensor, Tensor]:
+    """Masks of input->hidden [H, d] (deg_h >= deg_in) and hidden->output [n*d, H]
+    (deg_out > deg_h, with deg_out = deg_in repeated for each output block)."""
+    m1 = (deg_h[:, None] >= deg_in[None, :]).float()
+    m2 = (deg_in[:, None] > deg_h[None, :]).float().repeat(n_out_blocks, 1)
+    return m1, m2
+
+
+class MaskedLinear(nn.Linear):
+    """nn.Linear whose weight is multiplied by a fixed 0/1 mask [out, in] (MADE)."""
+
+    def __init__(self, in_features: int, out_features: int, mask: Tensor, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        if tuple(mask.shape) != (out_features, in_features):
+            raise ValueError(f"mask must be [{out_features}, {in_features}], got {tuple(mask.shape)}")
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def masked_weight(self) -> Tensor:
+        return self.weight * self.mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.masked_weight(), self.bias)
+
+
+class MaskedFlowStack(nn.Module):
+    """K masked-MLP flow steps fused into one op call (see module docstring).
+
+    Args:
+        dim: d.  hidden: H.  n_steps: K.
+        kind: "made" (autoregressive), "affine_coupling" or "additive_coupling".
+        context_dim: size of a conditioning vector h (IAF posteriors); 0 for none.
+        gate_bias: initial bias of s, so sigma = sigmoid(s) starts near 1 (Kingma's
+            recommendation; ignored by additive steps).
+
+    forward_stack(x, h) runs the stack (fast pass); inverse_stack(y, h) inverts it.
+    """
+
+    def __init__(self, dim: int, hidden: int = 64, n_steps: int = 1, kind: str = "made", context_dim: int = 0,
+                 gate_bias: float = 2.0) -> None:
+        super().__init__()
+        if kind not in ("made", "affine_coupling", "additive_coupling"):
+            raise ValueError(f"kind must be 'made', 'affine_coupling' or 'additive_coupling', got {kind!r}")
+        if dim < 1 or hidden < 1 or n_steps < 1:
+            raise ValueError(f"dim, hidden and n_steps must be >= 1, got {dim}, {hidden}, {n_steps}")
+        if kind != "made" and dim < 2:
+            raise ValueError("a coupling needs dim >= 2")
+        self.dim, self.hidden, self.n_steps, self.kind = dim, hidden, n_steps, kind
+        self.additive = kind == "additive_coupling"
+        n_blocks = 1 if self.additive else 2
+        m1s, m2s, acts = [], [], []
+        for k in range(n_steps):
+            if kind == "made":
+                order = torch.arange(dim) if k % 2 == 0 else torch.arange(dim).flip(0)
+                deg_in, deg_h = made_degrees(dim, hidden, order)
+                act = torch.ones(dim)
+            else:
+                first = torch.arange(dim) < dim // 2
+                cond = first if k % 2 == 0 else ~first
+                deg_in = torch.where(cond, 1, 2)
+                deg_h = torch.ones(hidden, dtype=torch.long)
+                act = (~cond).float()
+            m1, m2 = made_masks(deg_in, deg_h, n_blocks)
+            m1s.append(m1)
+            m2s.append(m2)
+            acts.append(act)
+        self.register_buffer("mask1", torch.stack(m1s))
+        self.register_buffer("mask2", torch.stack(m2s))
+        self.register_buffer("act", torch.stack(acts))
+        # The inverse sweeps: d for an autoregressive order, 1 for a coupling (its
+        # conditioning half is never changed, so one sweep recovers the other half).
+        self.n_passes = dim if kind == "made" else 1
+        bound1, bound2 = dim ** -0.5, hidden ** -0.5
+        self.w1 = nn.Parameter(torch.empty(n_steps, hidden, dim).uniform_(-bound1, bound1))
+        self.b1 = nn.Parameter(torch.zeros(n_steps, hidden))
+        self.w2 = nn.Parameter(torch.empty(n_steps, n_blocks * dim, hidden).uniform_(-bound2, bound2) * 0.1)
+        b2 = torch.zeros(n_steps, n_blocks * dim)
+        if not self.additive:
+            b2[:, dim:] = gate_bias
+        self.b2 = nn.Parameter(b2)
+        self.context = nn.Linear(context_dim, n_steps * hidden) if context_dim > 0 else None
+        self.context_dim = context_dim
+
+    def _args(self, x: Tensor, h: Tensor | None) -> tuple:
+        check_tensor("x", x, 2)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"expected latent vectors of size {self.dim}, got shape {tuple(x.shape)}")
+        ctx = None
+        if self.context is not None:
+            if h is None:
+                raise ValueError(f"this flow is conditioned on a context of size {self.context_dim}; pass context=")
+            check_tensor("context", h, 2)
+            if h.shape != (x.shape[0], self.context_dim):
+                raise ValueError(f"context must be [{x.shape[0]}, {self.context_dim}], got {tuple(h.shape)}")
+            ctx = self.context(h).view(x.shape[0], self.n_steps, self.hidden).transpose(0, 1).contiguous()
+        elif h is not None:
+            raise ValueError("this flow takes no context (context_dim=0)")
+        return (self.w1 * self.mask1, self.b1, self.w2 * self.mask2, self.b2, self.act.to(x.dtype), ctx)
+
+    def forward_stack(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        w1, b1, w2, b2, act, ctx = self._args(x, h)
+        return ops.vector_flow_stack(x, w1, b1, w2, b2, act, ctx, self.additive)
+
+    def inverse_stack(self, y: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        w1, b1, w2, b2, act, ctx = self._args(y, h)
+        return ops.vector_flow_stack_inverse(y, w1, b1, w2, b2, act, ctx, self.additive, self.n_passes)
+
+
+class IAF(MaskedFlowStack):
+    """Inverse autoregressive flow: forward(z) -> (x, logdet) is one fast pass (sampling,
+    reparameterised posteriors); inverse(x) takes d sweeps and is not differentiable."""
+
+    def __init__(self, dim: int, hidden: int = 64, n_steps: int = 1, context_dim: int = 0,
+                 gate_bias: float = 2.0) -> None:
+        super().__init__(dim, hidden, n_steps, "made", context_dim, gate_bias)
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.forward_stack(z, context)
+
+    def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.inverse_stack(x, context)
+
+
+class MAF(MaskedFlowStack):
+    """Masked autoregressive flow: inverse(x) -> (z, logdet) is one fast, differentiable pass
+    (density estimation, flow priors); forward(z) (sampling) takes d sweeps."""
+
+    def __init__(self, dim: int, hidden: int = 64, n_steps: int = 1, context_dim: int = 0,
+                 gate_bias: float = 2.0) -> None:
+        super().__init__(dim, hidden, n_steps, "made", context_dim, gate_bias)
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x, neg = self.inverse_stack(z, context)
+        return x, -neg
+
+    def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        z, ld = self.forward_stack(x, context)
+        return z, -ld
+
+
+class VectorAffineCoupling(MaskedFlowStack):
+    """RealNVP-style affine coupling on vectors with Glow's gated scale, K steps alternating
+    halves: y_b = sigma x_b + (1 - sigma) m with (m, s) = MLP(x_a). Both directions fast."""
+
+    def __init__(self, dim: int, hidden: int = 64, n_steps: int = 2, context_dim: int = 0,
+                 gate_bias: float = 2.0) -> None:
+        super().__init__(dim, hidden, n_steps, "affine_coupling", context_dim, gate_bias)
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.forward_stack(z, context)
+
+    def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.inverse_stack(x, context)
+
+
+class VectorAdditiveCoupling(VectorAffineCoupling):
+    """NICE additive coupling on vectors: y_b = x_b + m(x_a), logdet 0, halves alternating."""
+
+    def __init__(self, dim: int, hidden: int = 64, n_steps: int = 2, context_dim: int = 0) -> None:
+        MaskedFlowStack.__init__(self, dim, hidden, n_steps, "additive_coupling", context_dim)
+
+
+class Permutation(nn.Module):
+    """A fixed permutation of the coordinates (default: reversal); logdet 0."""
+
+    def __init__(self, dim: int, perm: Tensor | None = None) -> None:
+        super().__init__()
+        perm = torch.arange(dim).flip(0) if perm is None else torch.as_tensor(perm).long()
+        if sorted(perm.tolist()) != list(range(dim)):
+            raise ValueError(f"perm must be a permutation of 0..{dim - 1}")
+        self.register_buffer("perm", perm)
+        self.register_buffer("inv_perm", torch.argsort(perm))
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z[:, self.perm], z.new_zeros(z.shape[0])
+
+    def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x[:, self.inv_perm], x.new_zeros(x.shape[0])
+
+
+class LULinear(nn.Module):
+    """x = W z + b with W = P L (U + diag(sign_s exp(log_abs_s))) (the lu_weight op):
+    log|det W| = sum(log_abs_s), inverse by the triangular-solve W^-1. Starts at a random
+    rotation."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        w = torch.linalg.qr(torch.randn(dim, dim))[0]
+        p, low, up = torch.linalg.lu(w)
+        s = torch.diagonal(up)
+        self.register_buffer("perm", p)
+        self.register_buffer("sign_s", torch.sign(s))
+        self.lower = nn.Parameter(torch.tril(low, -1))
+        self.upper = nn.Parameter(torch.triu(up, 1))
+        self.log_abs_s = nn.Parameter(torch.log(torch.abs(s)))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(W, W^-1, log|det W|)."""
+        return flow_ops.lu_weight(self.perm, self.lower, self.upper, self.sign_s, self.log_abs_s)
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        w, _, logdet = self.weights()
+        return torch.addmm(self.bias, z, w.t()), logdet.expand(z.shape[0])
+
+    def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _, w_inv, logdet = self.weights()
+        return (x - self.bias) @ w_inv.t(), logdet.expand(x.shape[0])
+
+
+class Flow(nn.Module):
+    """A base distribution pushed through transforms (base -> data), used like a
+    torch.distributions.Distribution: log_prob, sample, rsample, sample_and_log_prob.
+
+    Args: dim: d; transforms: list of the modules above (applied in order when sampling);
+    base: a torch Distribution over [d] (default: standard normal on the flow's device).
+
+    Example:
+        >>> flow = Flow(8, [MAF(8, 64, n_steps=4), LULinear(8)])
+        >>> loss = -flow.log_prob(x).mean()
+    """
+
+    def __init__(self, dim: int, transforms: list[nn.Module],
+                 base: torch.distributions.Distribution | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.transforms = nn.ModuleList(transforms)
+        self._base = base
+        self.register_buffer("_anchor", torch.zeros(dim))
+
+    @property
+    def event_shape(self) -> torch.Size:
+        return torch.Size([self.dim])
+
+    def base(self) -> torch.distributions.Distribution:
+        if self._base is not None:
+            return self._base
+        loc = self._anchor
+        return torch.distributions.Independent(torch.distributions.Normal(loc, torch.ones_like(loc)), 1)
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """log p(x) [B] for x [B, d]."""
+        check_tensor("x", x, 2)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"expected [B, {self.dim}], got {tuple(x.shape)}")
+        check_finite("x", x)
+        total = x.new_zeros(x.shape[0])
+        for t in reversed(self.transforms):
+            x, ld = t.inverse(x, context)
+            total = total + ld
+        return self.base().log_prob(x) - total
+
+    def rsample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """n reparameterised samples [n, d] and their log-density [n]."""
+        z = self.base().rsample((n,))
+        logp = self.base().log_prob(z)
+        for t in self.transforms:
+            z, ld = t(z, context)
+            logp = logp - ld
+        return z, logp
+
+    def sample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            return self.rsample_and_log_prob(n, context)
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] | int = (), context: Tensor | None = None) -> Tensor:
+        shape = torch.Size([sample_shape]) if isinstance(sample_shape, int) else torch.Size(sample_shape)
+        return self.rsample_and_log_prob(shape.numel(), context)[0].reshape(*shape, self.dim)
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] | int = (), context: Tensor | None = None) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape, context)

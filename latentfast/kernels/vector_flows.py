@@ -1,0 +1,247 @@
+"""Triton kernels of the vector flow stack (GPU, and CPU under TRITON_INTERPRET=1).
+
+One program owns BLOCK_B rows of the batch and runs all K steps on them in one launch: the
+rows stay in registers between steps and each step's weights stream through on-chip
+tiles, BLOCK_H hidden units at a time (so d up to 512 and H up to 1024 fit). Per step:
+
+    a = x W1^T + b1 (+ ctx);  g = relu(a);  (m, s) = g W2^T + b2
+    y = x + act (1 - sigmoid(s)) (m - x),  logdet += sum act log sigmoid(s)   (affine)
+    y = x + act m                                                             (additive)
+
+The backward runs the steps in reverse from the saved step inputs, hidden layers and
+outputs, writing grad x and the per-step gradients of the pre-activations (grad a) and
+outputs (grad o); the weight gradients are batched GEMMs in torch. The inverse does
+`n_passes` fixed-point sweeps per step. Math: latentfast/reference/vector_flows.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from latentfast.backend import triton_interpret
+
+
+@triton.jit
+def _sig_logsig(s):
+    e = tl.exp(-tl.abs(s))
+    r = 1.0 / (1.0 + e)
+    sig = tl.where(s < 0, e * r, r)
+    logsig = tl.minimum(s, 0.0) - tl.log(1.0 + e)
+    return sig, logsig
+
+
+@triton.jit
+def _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, hid_ptr, B, D, H,
+                 HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr, SAVE: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(m, s) [BLOCK_B, BLOCK_D] of step k for the rows x; s is zeros when ADDITIVE."""
+    O = D if ADDITIVE else 2 * D
+    om = tl.zeros([BLOCK_B, BLOCK_D], x.dtype)
+    os_ = tl.zeros([BLOCK_B, BLOCK_D], x.dtype)
+    for h0 in range(0, H, BLOCK_H):
+        hc = h0 + tl.arange(0, BLOCK_H)
+        hm = hc < H
+        w1t = tl.load(w1_ptr + k * H * D + hc[None, :] * D + cols[:, None], mask=cm[:, None] & hm[None, :],
+                      other=0.0)
+        a = tl.dot(x, w1t, input_precision="ieee")
+        a += tl.load(b1_ptr + k * H + hc, mask=hm, other=0.0)[None, :]
+        if HAS_CTX:
+            a += tl.load(ctx_ptr + (k * B + rows[:, None]) * H + hc[None, :], mask=rm[:, None] & hm[None, :],
+                         other=0.0)
+        g = tl.maximum(a, 0.0)
+        if SAVE:
+            tl.store(hid_ptr + (k * B + rows[:, None]) * H + hc[None, :], g, mask=rm[:, None] & hm[None, :])
+        wmask = hm[:, None] & cm[None, :]
+        w2m = tl.load(w2_ptr + k * O * H + cols[None, :] * H + hc[:, None], mask=wmask, other=0.0)
+        om += tl.dot(g, w2m, input_precision="ieee")
+        if not ADDITIVE:
+            w2s = tl.load(w2_ptr + k * O * H + (D + cols[None, :]) * H + hc[:, None], mask=wmask, other=0.0)
+            os_ += tl.dot(g, w2s, input_precision="ieee")
+    om += tl.load(b2_ptr + k * O + cols, mask=cm, other=0.0)[None, :]
+    if not ADDITIVE:
+        os_ += tl.load(b2_ptr + k * O + D + cols, mask=cm, other=0.0)[None, :]
+    return om, os_
+
+
+@triton.jit
+def _vector_flow_fwd_kernel(x_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_ptr, y_ptr, ld_ptr, xs_ptr,
+                            hid_ptr, out_ptr, B, D, H, K, HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr,
+                            SAVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_D)
+    rm = rows < B
+    cm = cols < D
+    m2 = rm[:, None] & cm[None, :]
+    off = rows[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + off, mask=m2, other=0.0)
+    ld = tl.zeros([BLOCK_B], x.dtype)
+    O = D if ADDITIVE else 2 * D
+    for k in range(K):
+        if SAVE:
+            tl.store(xs_ptr + k * B * D + off, x, mask=m2)
+        om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, hid_ptr, B, D,
+                               H, HAS_CTX, ADDITIVE, SAVE, BLOCK_B, BLOCK_D, BLOCK_H)
+        act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
+        if SAVE:
+            tl.store(out_ptr + (k * B + rows[:, None]) * O + cols[None, :], om, mask=m2)
+            if not ADDITIVE:
+                tl.store(out_ptr + (k * B + rows[:, None]) * O + D + cols[None, :], os_, mask=m2)
+        if ADDITIVE:
+            x = x + act * om
+        else:
+            sig, logsig = _sig_logsig(os_)
+            x = x + act * (1.0 - sig) * (om - x)
+            ld += tl.sum(act * logsig, axis=1)
+    tl.store(y_ptr + off, x, mask=m2)
+    tl.store(ld_ptr + rows, ld, mask=rm)
+
+
+@triton.jit
+def _vector_flow_bwd_kernel(gy_ptr, gl_ptr, xs_ptr, hid_ptr, out_ptr, w1_ptr, w2_ptr, act_ptr, gx_ptr, ga_ptr,
+                            go_ptr, B, D, H, K, ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_D)
+    rm = rows < B
+    cm = cols < D
+    m2 = rm[:, None] & cm[None, :]
+    off = rows[:, None] * D + cols[None, :]
+    g = tl.load(gy_ptr + off, mask=m2, other=0.0)
+    gl = tl.load(gl_ptr + rows, mask=rm, other=0.0)[:, None]
+    O = D if ADDITIVE else 2 * D
+    for kk in range(K):
+        k = K - 1 - kk
+        act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
+        o_off = (k * B + rows[:, None]) * O + cols[None, :]
+        om = tl.load(out_ptr + o_off, mask=m2, other=0.0)
+        if ADDITIVE:
+            gm = g * act
+            gs = gm
+            gx = g
+        else:
+            x = tl.load(xs_ptr + k * B * D + off, mask=m2, other=0.0)
+            sig, _ = _sig_logsig(tl.load(out_ptr + o_off + D, mask=m2, other=0.0))
+            one_m = 1.0 - sig
+            gm = g * act * one_m
+            gs = act * (gl - g * (om - x) * sig) * one_m
+            gx = g * (1.0 - act * one_m)
+            tl.store(go_ptr + o_off + D, gs, mask=m2)
+        tl.store(go_ptr + o_off, gm, mask=m2)
+        for h0 in range(0, H, BLOCK_H):
+            hc = h0 + tl.arange(0, BLOCK_H)
+            hm = hc < H
+            hmask = rm[:, None] & hm[None, :]
+            h_off = (k * B + rows[:, None]) * H + hc[None, :]
+            wmask = cm[:, None] & hm[None, :]
+            w2m = tl.load(w2_ptr + k * O * H + cols[:, None] * H + hc[None, :], mask=wmask, other=0.0)
+            gh = tl.dot(gm, w2m, input_precision="ieee")
+            if not ADDITIVE:
+                w2s = tl.load(w2_ptr + k * O * H + (D + cols[:, None]) * H + hc[None, :], mask=wmask, other=0.0)
+                gh += tl.dot(gs, w2s, input_precision="ieee")
+            hid = tl.load(hid_ptr + h_off, mask=hmask, other=0.0)
+            ga = tl.where(hid > 0, gh, 0.0)
+            tl.store(ga_ptr + h_off, ga, mask=hmask)
+            w1c = tl.load(w1_ptr + k * H * D + hc[:, None] * D + cols[None, :], mask=hm[:, None] & cm[None, :],
+                          other=0.0)
+            gx += tl.dot(ga, w1c, input_precision="ieee")
+        g = gx
+    tl.store(gx_ptr + off, g, mask=m2)
+
+
+@triton.jit
+def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_ptr, x_ptr, ld_ptr, B, D, H, K,
+                            n_passes, HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_D)
+    rm = rows < B
+    cm = cols < D
+    m2 = rm[:, None] & cm[None, :]
+    off = rows[:, None] * D + cols[None, :]
+    y = tl.load(y_ptr + off, mask=m2, other=0.0)
+    ld = tl.zeros([BLOCK_B], y.dtype)
+    for kk in range(K):
+        k = K - 1 - kk
+        act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
+        x = y
+        for _ in range(n_passes):
+            om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, B, D,
+                                   H, HAS_CTX, ADDITIVE, False, BLOCK_B, BLOCK_D, BLOCK_H)
+            if ADDITIVE:
+                x = y - act * om
+            else:
+                sig, _ = _sig_logsig(os_)
+                x = tl.where(act > 0, (y - (1.0 - sig) * om) / sig, y)
+        if not ADDITIVE:
+            om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, B, D,
+                                   H, HAS_CTX, ADDITIVE, False, BLOCK_B, BLOCK_D, BLOCK_H)
+            _, logsig = _sig_logsig(os_)
+            ld += tl.sum(act * logsig, axis=1)
+        y = x
+    tl.store(x_ptr + off, y, mask=m2)
+    tl.store(ld_ptr + rows, ld, mask=rm)
+
+
+def _blocks(d: int, h: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_D, BLOCK_H, num_warps): tl.dot needs every tile side >= 16."""
+    block_d = max(16, triton.next_power_of_2(d))
+    block_h = max(16, min(64, triton.next_power_of_2(h)))
+    block_b = 16 if (triton_interpret() or block_d >= 256) else 32
+    return block_b, block_d, block_h, 4 if block_d <= 64 else 8
+
+
+def _c(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def vector_flow_fwd(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor,
+                    additive: bool, save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, logdet, xs, hidden, out) as in reference.vector_flow_stack (the last three empty
+    unless save)."""
+    x, ctx, w1, b1, w2, b2, act = (_c(t) for t in (x, ctx, w1, b1, w2, b2, act))
+    (B, D), (K, H, _), O = x.shape, w1.shape, w2.shape[1]
+    y = torch.full_like(x, float("nan"))
+    ld = x.new_full((B,), float("nan"))
+    empty = x.new_empty(0)
+    xs = x.new_full((K, B, D), float("nan")) if save else empty
+    hid = x.new_full((K, B, H), float("nan")) if save else empty
+    out = x.new_full((K, B, O), float("nan")) if save else empty
+    bb, bd, bh, nw = _blocks(D, H)
+    _vector_flow_fwd_kernel[(triton.cdiv(B, bb),)](
+        x, ctx if ctx is not None else x, w1, b1, w2, b2, act, y, ld, xs, hid, out, B, D, H, K,
+        HAS_CTX=ctx is not None, ADDITIVE=additive, SAVE=save, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh, num_warps=nw)
+    return y, ld, xs, hid, out
+
+
+def vector_flow_bwd(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, hidden: Tensor, out: Tensor, w1: Tensor,
+                    w2: Tensor, act: Tensor, additive: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x, grad a [K, B, H], grad o [K, B, O])."""
+    grad_y, grad_logdet, xs, hidden, out, w1, w2, act = (
+        t.contiguous() for t in (grad_y, grad_logdet, xs, hidden, out, w1, w2, act))
+    K, B, D = xs.shape
+    H, O = hidden.shape[2], out.shape[2]
+    gx = torch.full_like(grad_y, float("nan"))
+    ga = hidden.new_full((K, B, H), float("nan"))
+    go = out.new_full((K, B, O), float("nan"))
+    bb, bd, bh, nw = _blocks(D, H)
+    _vector_flow_bwd_kernel[(triton.cdiv(B, bb),)](
+        grad_y, grad_logdet, xs, hidden, out, w1, w2, act, gx, ga, go, B, D, H, K, ADDITIVE=additive,
+        BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh, num_warps=nw)
+    return gx, ga, go
+
+
+def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor,
+                    additive: bool, n_passes: int) -> tuple[Tensor, Tensor]:
+    """(x, forward logdet at x) with stack(x) = y."""
+    y, ctx, w1, b1, w2, b2, act = (_c(t) for t in (y, ctx, w1, b1, w2, b2, act))
+    (B, D), (K, H, _) = y.shape, w1.shape
+    x = torch.full_like(y, float("nan"))
+    ld = y.new_full((B,), float("nan"))
+    bb, bd, bh, nw = _blocks(D, H)
+    _vector_flow_inv_kernel[(triton.cdiv(B, bb),)](
+        y, ctx if ctx is not None else y, w1, b1, w2, b2, act, x, ld, B, D, H, K, n_passes,
+        HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh, num_warps=nw)
+    return x, ld

@@ -1,0 +1,230 @@
+"""Vector flow ops: registration, backend dispatch, autograd, fake kernels.
+
+Ops (namespace ``latentfast::``), a stack of K masked-MLP flow steps on x [B, d] (math in
+latentfast/reference/vector_flows.py):
+- ``vector_flow_stack(x, ctx, w1, b1, w2, b2, act, additive)`` -> (y [B, d], logdet [B]);
+- ``vector_flow_stack_train(...)`` -> (y, logdet, xs, hidden, out): the same, keeping what
+  the backward needs (what the public wrapper calls when gradients are needed);
+- ``vector_flow_stack_backward(grad_y, grad_logdet, xs, hidden, out, w1, w2, act, additive)``
+  -> (grad x, grad a [K, B, H], grad o [K, B, O]); the weight gradients are batched GEMMs;
+- ``vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes)`` -> (x,
+  logdet): the slow direction, all fixed-point sweeps inside one call (not differentiable).
+
+Public functions: :func:`vector_flow_stack`, :func:`vector_flow_stack_inverse` and the
+one-step forms :func:`made_flow_step`, :func:`made_flow_step_inverse` (K = 1, act = 1).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
+from latentfast import backend
+from latentfast.ops._checks import check_finite, check_tensor
+from latentfast.reference import vector_flows as ref
+
+
+def _triton():
+    return backend.triton_kernels("vector_flows")
+
+
+def _fwd(x, ctx, w1, b1, w2, b2, act, additive: bool, save: bool):
+    be = backend.select(x.device)
+    if be == "cpp":
+        return torch.ops.latentfast_cpp.vector_flow_fwd(x, ctx, w1, b1, w2, b2, act, additive, save)
+    if be == "triton":
+        return _triton().vector_flow_fwd(x, ctx, w1, b1, w2, b2, act, additive, save)
+    y, ld, xs, hid, out = ref.vector_flow_stack(x, ctx, w1, b1, w2, b2, act, additive)
+    if not save:
+        xs = hid = out = x.new_empty(0)
+    return y.contiguous(), ld.contiguous(), xs.contiguous(), hid.contiguous(), out.contiguous()
+
+
+@torch.library.custom_op("latentfast::vector_flow_stack", mutates_args=())
+def _vector_flow_stack(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor,
+                       additive: bool) -> tuple[Tensor, Tensor]:
+    y, ld, *_ = _fwd(x, ctx, w1, b1, w2, b2, act, additive, False)
+    return y, ld
+
+
+@torch.library.custom_op("latentfast::vector_flow_stack_train", mutates_args=())
+def _vector_flow_stack_train(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                             act: Tensor, additive: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _fwd(x, ctx, w1, b1, w2, b2, act, additive, True)
+
+
+@torch.library.custom_op("latentfast::vector_flow_stack_backward", mutates_args=())
+def _vector_flow_stack_backward(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, hidden: Tensor, out: Tensor,
+                                w1: Tensor, w2: Tensor, act: Tensor, additive: bool
+                                ) -> tuple[Tensor, Tensor, Tensor]:
+    be = backend.select(xs.device)
+    args = (grad_y, grad_logdet, xs, hidden, out, w1, w2, act, additive)
+    if be == "cpp":
+        return torch.ops.latentfast_cpp.vector_flow_bwd(*args)
+    if be == "triton":
+        return _triton().vector_flow_bwd(*args)
+    return tuple(t.contiguous() for t in ref.vector_flow_stack_backward(*args))
+
+
+@torch.library.custom_op("latentfast::vector_flow_stack_inverse", mutates_args=())
+def _vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                               act: Tensor, additive: bool, n_passes: int) -> tuple[Tensor, Tensor]:
+    be = backend.select(y.device)
+    if be == "cpp":
+        return torch.ops.latentfast_cpp.vector_flow_inv(y, ctx, w1, b1, w2, b2, act, additive, n_passes)
+    if be == "triton":
+        return _triton().vector_flow_inv(y, ctx, w1, b1, w2, b2, act, additive, n_passes)
+    x, ld = ref.vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes)
+    return x.contiguous(), ld.contiguous()
+
+
+@_vector_flow_stack.register_fake
+def _(x, ctx, w1, b1, w2, b2, act, additive):
+    return torch.empty_like(x), x.new_empty(x.shape[0])
+
+
+@_vector_flow_stack_train.register_fake
+def _(x, ctx, w1, b1, w2, b2, act, additive):
+    (b, d), (k, h, _) = x.shape, w1.shape
+    return (torch.empty_like(x), x.new_empty(b), x.new_empty((k, b, d)), x.new_empty((k, b, h)),
+            x.new_empty((k, b, w2.shape[1])))
+
+
+@_vector_flow_stack_backward.register_fake
+def _(grad_y, grad_logdet, xs, hidden, out, w1, w2, act, additive):
+    return torch.empty_like(grad_y), torch.empty_like(hidden), torch.empty_like(out)
+
+
+@_vector_flow_stack_inverse.register_fake
+def _(y, ctx, w1, b1, w2, b2, act, additive, n_passes):
+    return torch.empty_like(y), y.new_empty(y.shape[0])
+
+
+def _grads(ctx_obj, gx, ga, go, xs, hidden):
+    gw1, gb1, gw2, gb2 = ref.weight_grads(ga, go, xs, hidden)
+    gctx = ga if ctx_obj.has_ctx else None
+    return gx, gctx, gw1, gb1, gw2, gb2, None, None
+
+
+def _zeros_if_none(g, like):
+    return torch.zeros_like(like) if g is None else g
+
+
+def _save_stack_inputs(ctx, inputs, output):
+    x, c, w1, b1, w2, b2, act, additive = inputs
+    ctx.set_materialize_grads(False)
+    ctx.has_ctx, ctx.additive = c is not None, additive
+    ctx.save_for_backward(x, c, w1, b1, w2, b2, act)
+
+
+def _vector_flow_stack_bwd(ctx, grad_y, grad_logdet):
+    # Inference op under autograd (direct torch.ops call): recompute keeping the activations.
+    x, c, w1, b1, w2, b2, act = ctx.saved_tensors
+    y, ld, xs, hidden, out = _fwd(x, c, w1, b1, w2, b2, act, ctx.additive, True)
+    gx, ga, go = _vector_flow_stack_backward(_zeros_if_none(grad_y, y), _zeros_if_none(grad_logdet, ld), xs,
+                                             hidden, out, w1, w2, act, ctx.additive)
+    return _grads(ctx, gx, ga, go, xs, hidden)
+
+
+def _save_stack_train(ctx, inputs, output):
+    x, c, w1, b1, w2, b2, act, additive = inputs
+    ctx.set_materialize_grads(False)
+    ctx.has_ctx, ctx.additive = c is not None, additive
+    ctx.save_for_backward(w1, w2, act, *output)
+
+
+def _vector_flow_stack_train_bwd(ctx, grad_y, grad_logdet, *_unused):
+    w1, w2, act, y, ld, xs, hidden, out = ctx.saved_tensors
+    gx, ga, go = _vector_flow_stack_backward(_zeros_if_none(grad_y, y), _zeros_if_none(grad_logdet, ld), xs,
+                                             hidden, out, w1, w2, act, ctx.additive)
+    return _grads(ctx, gx, ga, go, xs, hidden)
+
+
+_vector_flow_stack.register_autograd(_vector_flow_stack_bwd, setup_context=_save_stack_inputs)
+_vector_flow_stack_train.register_autograd(_vector_flow_stack_train_bwd, setup_context=_save_stack_train)
+
+
+def _check_stack(name: str, x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                 act: Tensor | None, additive: bool) -> Tensor:
+    """Validate a stack call; returns act (ones when None)."""
+    check_tensor("x", x, 2)
+    b, d = x.shape
+    check_tensor("w1", w1, 3, like=x)
+    k, h = w1.shape[0], w1.shape[1]
+    o = d if additive else 2 * d
+    if k < 1 or w1.shape[2] != d:
+        raise ValueError(f"{name}: w1 must be [K >= 1, H, {d}], got {tuple(w1.shape)}")
+    expect = {"b1": (k, h), "w2": (k, o, h), "b2": (k, o)}
+    for tname, t in (("b1", b1), ("w2", w2), ("b2", b2)):
+        check_tensor(tname, t, len(expect[tname]), like=x)
+        if tuple(t.shape) != expect[tname]:
+            kind = "additive" if additive else "affine"
+            raise ValueError(f"{name}: {tname} must be {expect[tname]} ({kind} steps), got {tuple(t.shape)}")
+    if act is None:
+        act = x.new_ones((k, d))
+    check_tensor("act", act, 2, like=x)
+    if tuple(act.shape) != (k, d):
+        raise ValueError(f"{name}: act must be [{k}, {d}], got {tuple(act.shape)}")
+    if not torch.compiler.is_compiling() and not bool(((act == 0) | (act == 1)).all()):
+        raise ValueError(f"{name}: act must hold only 0 and 1")
+    if ctx is not None:
+        check_tensor("ctx", ctx, 3, like=x)
+        if tuple(ctx.shape) != (k, b, h):
+            raise ValueError(f"{name}: ctx must be [{k}, {b}, {h}], got {tuple(ctx.shape)}")
+    return act
+
+
+def vector_flow_stack(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor | None = None,
+                      ctx: Tensor | None = None, additive: bool = False) -> tuple[Tensor, Tensor]:
+    """K masked-MLP flow steps on latent vectors in one call per direction.
+
+    Args: x [B, d]; w1 [K, H, d], b1 [K, H], w2 [K, 2d, H] (d rows when additive), b2 [K, 2d]
+    (already masked: MADE masks for autoregressive steps, half masks for couplings);
+    act [K, d] in {0, 1}: the dimensions each step changes (default all); ctx [K, B, H]:
+    per-step context added to the hidden pre-activation (IAF), or None.
+    Returns (y [B, d], logdet [B] = log|det dy/dx|).
+
+    Example:
+        >>> y, logdet = vector_flow_stack(x, w1, b1, w2, b2)
+    """
+    act = _check_stack("vector_flow_stack", x, ctx, w1, b1, w2, b2, act, additive)
+    check_finite("x", x)
+    args = (x.contiguous(), ctx, w1, b1, w2, b2, act, bool(additive))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
+        y, ld, *_ = _vector_flow_stack_train(*args)
+        return y, ld
+    return _vector_flow_stack(*args)
+
+
+def vector_flow_stack_inverse(y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor | None = None,
+                              ctx: Tensor | None = None, additive: bool = False, n_passes: int | None = None
+                              ) -> tuple[Tensor, Tensor]:
+    """x with vector_flow_stack(x) = y, and the forward log-determinant at x (so that
+    log p(y) = log p_base(x) - logdet). Each step takes `n_passes` fixed-point sweeps inside
+    the kernel (default d: exact for any MADE ordering; 2 suffices for a coupling). Not
+    differentiable: train through the forward direction."""
+    act = _check_stack("vector_flow_stack_inverse", y, ctx, w1, b1, w2, b2, act, additive)
+    check_finite("y", y)
+    n_passes = y.shape[1] if n_passes is None else int(n_passes)
+    if n_passes < 1:
+        raise ValueError(f"n_passes must be >= 1, got {n_passes}")
+    with torch.no_grad():
+        return _vector_flow_stack_inverse(y.contiguous(), ctx, w1, b1, w2, b2, act, bool(additive), n_passes)
+
+
+def made_flow_step(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ctx: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """One autoregressive gated step (MADE + IAF update), the K = 1 case of the stack.
+
+    y = sigma x + (1 - sigma) m with (m, s) = MADE(x), sigma = sigmoid(s), logdet =
+    sum log sigma. x [B, d]; w1 [H, d], b1 [H], w2 [2d, H], b2 [2d] (masked); ctx [B, H].
+    """
+    return vector_flow_stack(x, w1[None], b1[None], w2[None], b2[None], None,
+                             None if ctx is None else ctx[None])
+
+
+def made_flow_step_inverse(y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ctx: Tensor | None = None,
+                           n_passes: int | None = None) -> tuple[Tensor, Tensor]:
+    """Inverse of made_flow_step by d sequential sweeps in one call: (x, logdet at x)."""
+    return vector_flow_stack_inverse(y, w1[None], b1[None], w2[None], b2[None], None,
+                                     None if ctx is None else ctx[None], n_passes=n_passes)

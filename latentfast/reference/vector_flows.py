@@ -1,0 +1,126 @@
+"""Reference of the vector flow ops: a stack of K masked-MLP flow steps on latent vectors.
+
+One step k maps x [B, d] to y [B, d]; its weights arrive already masked (MADE masks for an
+autoregressive step, half masks for a coupling step):
+
+    a = x W1^T + b1 (+ ctx_k)                 W1 [H, d], b1 [H], ctx_k [B, H] (IAF context)
+    g = relu(a)
+    affine:   (m, s) = split(g W2^T + b2)      W2 [2d, H], b2 [2d]
+              sigma = sigmoid(s)
+              y = x + act * (1 - sigma) * (m - x)     i.e. y = sigma x + (1 - sigma) m where act = 1
+              logdet = sum_j act_j log sigma_j        (Kingma et al. 2016, the gated IAF update)
+    additive: m = g W2^T + b2                  W2 [d, H], b2 [d]
+              y = x + act * m, logdet = 0            (NICE)
+
+act [d] in {0, 1} marks the dimensions a step changes (all ones for MADE, one half for a
+coupling). The stack runs k = 0 .. K-1 and sums the log-determinants.
+
+Inverse: the parameters of dimension j depend only on dimensions of lower MADE degree, so
+`n_passes` fixed-point sweeps x <- (y - (1 - sigma(x)) m(x)) / sigma(x) (where act, else y)
+recover x exactly when n_passes >= the number of distinct degrees (d for MADE, 2 for a
+coupling).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def flow_step_params(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                     ctx: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The masked MLP of one step: (hidden g [B, H], output o [B, 2d | d])."""
+    a = torch.addmm(b1, x, w1.t())
+    if ctx is not None:
+        a = a + ctx
+    g = torch.relu(a)
+    return g, torch.addmm(b2, g, w2.t())
+
+
+def flow_step_transform(x: Tensor, o: Tensor, act: Tensor, additive: bool) -> tuple[Tensor, Tensor]:
+    """y and logdet [B] of one step given the MLP output o."""
+    d = x.shape[1]
+    if additive:
+        return x + act * o, x.new_zeros(x.shape[0])
+    m, s = o[:, :d], o[:, d:]
+    sigma = torch.sigmoid(s)
+    y = x + act * (1.0 - sigma) * (m - x)
+    return y, (act * torch.nn.functional.logsigmoid(s)).sum(1)
+
+
+def vector_flow_stack(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                      act: Tensor, additive: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward of K steps. x [B, d]; ctx [K, B, H] or None; w1 [K, H, d]; b1 [K, H];
+    w2 [K, O, H]; b2 [K, O] (O = 2d affine, d additive); act [K, d].
+
+    Returns (y [B, d], logdet [B], xs [K, B, d] the input of each step, hidden [K, B, H],
+    out [K, B, O]): the last three are what the backward needs.
+    """
+    logdet = x.new_zeros(x.shape[0])
+    xs, hs, os_ = [], [], []
+    for k in range(w1.shape[0]):
+        g, o = flow_step_params(x, w1[k], b1[k], w2[k], b2[k], None if ctx is None else ctx[k])
+        xs.append(x)
+        hs.append(g)
+        os_.append(o)
+        x, ld = flow_step_transform(x, o, act[k], additive)
+        logdet = logdet + ld
+    return x, logdet, torch.stack(xs), torch.stack(hs), torch.stack(os_)
+
+
+def vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                              act: Tensor, additive: bool, n_passes: int) -> tuple[Tensor, Tensor]:
+    """x with stack(x) = y, and the forward log-determinant at x (so log p(y) =
+    log p_base(x) - logdet). Each step is inverted by `n_passes` fixed-point sweeps."""
+    logdet = y.new_zeros(y.shape[0])
+    d = y.shape[1]
+    for k in reversed(range(w1.shape[0])):
+        c = None if ctx is None else ctx[k]
+        x = y
+        for _ in range(n_passes):
+            _, o = flow_step_params(x, w1[k], b1[k], w2[k], b2[k], c)
+            if additive:
+                x = y - act[k] * o
+            else:
+                sigma = torch.sigmoid(o[:, d:])
+                x = torch.where(act[k] > 0, (y - (1.0 - sigma) * o[:, :d]) / sigma, y)
+        _, o = flow_step_params(x, w1[k], b1[k], w2[k], b2[k], c)
+        logdet = logdet + flow_step_transform(x, o, act[k], additive)[1]
+        y = x
+    return y, logdet
+
+
+def flow_step_backward(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, hidden: Tensor, o: Tensor, w1: Tensor,
+                       w2: Tensor, act: Tensor, additive: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of one step: (grad x [B, d], grad a [B, H] (pre-activation, = grad ctx),
+    grad o [B, O]). The weight gradients follow from these (see weight_grads)."""
+    if additive:
+        go = grad_y * act
+        gx = grad_y
+    else:
+        d = x.shape[1]
+        m, sigma = o[:, :d], torch.sigmoid(o[:, d:])
+        gm = grad_y * act * (1.0 - sigma)
+        gs = (act * (grad_logdet[:, None] - grad_y * (m - x) * sigma)) * (1.0 - sigma)
+        go = torch.cat([gm, gs], 1)
+        gx = grad_y * (1.0 - act * (1.0 - sigma))
+    ga = (go @ w2) * (hidden > 0)
+    return gx + ga @ w1, ga, go
+
+
+def vector_flow_stack_backward(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, hidden: Tensor, out: Tensor,
+                               w1: Tensor, w2: Tensor, act: Tensor, additive: bool
+                               ) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x [B, d], grad a [K, B, H], grad o [K, B, O]) of the stack, steps in reverse."""
+    gas, gos = [], []
+    g = grad_y
+    for k in reversed(range(w1.shape[0])):
+        g, ga, go = flow_step_backward(g, grad_logdet, xs[k], hidden[k], out[k], w1[k], w2[k], act[k], additive)
+        gas.append(ga)
+        gos.append(go)
+    return g, torch.stack(gas[::-1]), torch.stack(gos[::-1])
+
+
+def weight_grads(ga: Tensor, go: Tensor, xs: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad w1 [K, H, d], grad b1 [K, H], grad w2 [K, O, H], grad b2 [K, O]) from the
+    per-step gradients of the pre-activations and outputs: batched GEMMs over K."""
+    return (torch.bmm(ga.transpose(1, 2), xs), ga.sum(1), torch.bmm(go.transpose(1, 2), hidden), go.sum(1))
