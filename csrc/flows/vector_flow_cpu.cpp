@@ -76,20 +76,22 @@ Dims check_stack(const at::Tensor& x, const c10::optional<at::Tensor>& ctx, cons
   return n;
 }
 
-// One step's hidden layer and output: g = relu(x W1^T + b1 + ctx) into g, o = g W2^T + b2.
+// One step's hidden layer and output: g = relu(x W1^T + b1 + ctx), o = g W2^T + b2 (the bias
+// and ReLU fused in one pass over g).
 template <typename scalar_t>
 void step_params(const at::Tensor& x, const at::Tensor* ctx_k, const at::Tensor& w1, const at::Tensor& b1,
-                 const at::Tensor& w2, const at::Tensor& b2, at::Tensor& g, at::Tensor& o, int64_t H) {
-  at::addmm_out(g, b1, x, w1.t());
+                 const at::Tensor& w2, const at::Tensor& b2, at::Tensor& g, at::Tensor* o, int64_t H) {
+  at::mm_out(g, x, w1.t());
   scalar_t* gp = g.mutable_data_ptr<scalar_t>();
+  const scalar_t* bp = b1.const_data_ptr<scalar_t>();
   const scalar_t* cp = ctx_k ? ctx_k->const_data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, x.size(0), grain(H), [&](int64_t begin, int64_t end) {
-    LF_VF_CALL(vf_relu_rows<scalar_t>, gp, cp, H, begin, end);
+    LF_VF_CALL(vf_relu_rows<scalar_t>, gp, bp, cp, H, begin, end);
   });
-  at::addmm_out(o, b2, g, w2.t());
+  if (o) at::addmm_out(*o, b2, g, w2.t());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_flow_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_flow_fwd(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& ctx_in, const at::Tensor& w1_in,
     const at::Tensor& b1_in, const at::Tensor& w2_in, const at::Tensor& b2_in, const at::Tensor& act_in,
     bool additive, bool save) {
@@ -100,20 +102,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_fl
                                                            : c10::nullopt;
   const auto opt = x.options();
   at::Tensor y = at::empty({n.B, n.d}, opt), logdet = at::zeros({n.B}, opt);
+  // Kept for the backward: each step's input and MLP output (the hidden layers are recomputed).
   at::Tensor xs = save ? at::empty({n.K, n.B, n.d}, opt) : at::empty({0}, opt);
-  at::Tensor hidden = save ? at::empty({n.K, n.B, n.H}, opt) : at::empty({0}, opt);
   at::Tensor out = save ? at::empty({n.K, n.B, n.O}, opt) : at::empty({0}, opt);
-  at::Tensor g_buf = save ? at::Tensor() : at::empty({n.B, n.H}, opt);
+  at::Tensor g = at::empty({n.B, n.H}, opt);
   at::Tensor o_buf = save ? at::Tensor() : at::empty({n.B, n.O}, opt);
   at::Tensor tmp = at::empty({n.B, n.d}, opt);
   if (save) xs[0].copy_(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vector_flow_fwd", [&] {
     at::Tensor cur = x;
     for (int64_t k = 0; k < n.K; ++k) {
-      at::Tensor g = save ? hidden[k] : g_buf;
       at::Tensor o = save ? out[k] : o_buf;
       const at::Tensor ctx_k = ctx.has_value() ? (*ctx)[k] : at::Tensor();
-      step_params<scalar_t>(cur, ctx.has_value() ? &ctx_k : nullptr, w1[k], b1[k], w2[k], b2[k], g, o, n.H);
+      step_params<scalar_t>(cur, ctx.has_value() ? &ctx_k : nullptr, w1[k], b1[k], w2[k], b2[k], g, &o, n.H);
       // Ping-pong so the last step lands in y; with save, each step's output is the next input row.
       at::Tensor dst = (save && k + 1 < n.K) ? xs[k + 1] : (((n.K - 1 - k) % 2 == 0) ? y : tmp);
       const scalar_t* xp = cur.const_data_ptr<scalar_t>();
@@ -127,46 +128,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_fl
       cur = dst;
     }
   });
-  return {y, logdet, xs, hidden, out};
+  return {y, logdet, xs, out};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_flow_bwd(
-    const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& xs_in, const at::Tensor& hidden_in,
-    const at::Tensor& out_in, const at::Tensor& w1_in, const at::Tensor& w2_in, const at::Tensor& act_in,
-    bool additive) {
-  const at::Tensor xs = xs_in.contiguous(), hidden = hidden_in.contiguous(), out = out_in.contiguous();
-  const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous(), act = act_in.contiguous();
-  const at::Tensor gl = grad_logdet.contiguous();
-  TORCH_CHECK(xs.dim() == 3 && hidden.dim() == 3 && out.dim() == 3 && w1.dim() == 3 && w2.dim() == 3,
-              "vector_flow_bwd: xs, hidden, out, w1, w2 must be rank 3");
-  const int64_t K = xs.size(0), B = xs.size(1), d = xs.size(2), H = hidden.size(2), O = out.size(2);
+// Steps in reverse; per step: recompute the hidden layer, the gate backward, then grad W2 =
+// go^T g, grad a = (go W2) * [a > 0], grad W1 = ga^T x, grad x = direct + ga W1. The
+// [B, H] buffers are reused across steps, so nothing of size K*B*H is written.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_flow_bwd(
+    const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& xs_in, const at::Tensor& out_in,
+    const c10::optional<at::Tensor>& ctx_in, const at::Tensor& w1_in, const at::Tensor& b1_in,
+    const at::Tensor& w2_in, const at::Tensor& act_in, bool additive) {
+  const at::Tensor xs = xs_in.contiguous(), out = out_in.contiguous();
+  const at::Tensor w1 = w1_in.contiguous(), b1 = b1_in.contiguous(), w2 = w2_in.contiguous();
+  const at::Tensor act = act_in.contiguous(), gl = grad_logdet.contiguous();
+  TORCH_CHECK(xs.dim() == 3 && out.dim() == 3 && w1.dim() == 3 && w2.dim() == 3,
+              "vector_flow_bwd: xs, out, w1, w2 must be rank 3");
+  const int64_t K = xs.size(0), B = xs.size(1), d = xs.size(2), H = w1.size(1), O = out.size(2);
   TORCH_CHECK(grad_y.size(0) == B && grad_y.size(1) == d && gl.numel() == B, "vector_flow_bwd: grad shapes");
-  at::Tensor g = grad_y.contiguous().clone();
-  at::Tensor gxd = at::empty({B, d}, xs.options());
-  at::Tensor ga = at::empty({K, B, H}, xs.options()), go = at::empty({K, B, O}, xs.options());
+  const c10::optional<at::Tensor> ctx = ctx_in.has_value() ? c10::optional<at::Tensor>(ctx_in->contiguous())
+                                                           : c10::nullopt;
+  const auto opt = xs.options();
+  at::Tensor g = grad_y.contiguous().clone(), gxd = at::empty({B, d}, opt);
+  at::Tensor hid = at::empty({B, H}, opt), go = at::empty({B, O}, opt);
+  at::Tensor gctx = ctx.has_value() ? at::empty({K, B, H}, opt) : at::empty({0}, opt);
+  at::Tensor ga_buf = ctx.has_value() ? at::Tensor() : at::empty({B, H}, opt);
+  at::Tensor gw1 = at::empty({K, H, d}, opt), gb1 = at::empty({K, H}, opt);
+  at::Tensor gw2 = at::empty({K, O, H}, opt), gb2 = at::empty({K, O}, opt);
   AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "vector_flow_bwd", [&] {
     for (int64_t k = K - 1; k >= 0; --k) {
+      const at::Tensor x_k = xs[k];
+      const at::Tensor ctx_k = ctx.has_value() ? (*ctx)[k] : at::Tensor();
+      step_params<scalar_t>(x_k, ctx.has_value() ? &ctx_k : nullptr, w1[k], b1[k], w2[k], b1[k], hid, nullptr, H);
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
       const scalar_t* glp = gl.const_data_ptr<scalar_t>();
-      const scalar_t* xp = xs.const_data_ptr<scalar_t>() + k * B * d;
+      const scalar_t* xp = x_k.const_data_ptr<scalar_t>();
       const scalar_t* op = out.const_data_ptr<scalar_t>() + k * B * O;
       const scalar_t* ap = act.const_data_ptr<scalar_t>() + k * d;
-      scalar_t* gop = go.mutable_data_ptr<scalar_t>() + k * B * O;
+      scalar_t* gop = go.mutable_data_ptr<scalar_t>();
       scalar_t* gxp = gxd.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, B, grain(d), [&](int64_t begin, int64_t end) {
         LF_VF_CALL(vf_gate_bwd_rows<scalar_t>, gp, glp, xp, op, ap, gop, gxp, d, additive, begin, end);
       });
-      at::Tensor ga_k = ga[k];
-      at::mm_out(ga_k, go[k], w2[k]);
-      scalar_t* gap = ga_k.mutable_data_ptr<scalar_t>();
-      const scalar_t* hp = hidden.const_data_ptr<scalar_t>() + k * B * H;
+      at::Tensor gw2_k = gw2[k], gb2_k = gb2[k], gw1_k = gw1[k], gb1_k = gb1[k];
+      at::mm_out(gw2_k, go.t(), hid);
+      at::sum_out(gb2_k, go, {0});
+      at::Tensor ga = ctx.has_value() ? gctx[k] : ga_buf;
+      at::mm_out(ga, go, w2[k]);
+      scalar_t* gap = ga.mutable_data_ptr<scalar_t>();
+      const scalar_t* hp = hid.const_data_ptr<scalar_t>();
       at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
         LF_VF_CALL(vf_relu_mask_rows<scalar_t>, gap, hp, H, begin, end);
       });
-      at::addmm_out(g, gxd, ga_k, w1[k]);
+      at::mm_out(gw1_k, ga.t(), x_k);
+      at::sum_out(gb1_k, ga, {0});
+      at::addmm_out(g, gxd, ga, w1[k]);
     }
   });
-  return {g, ga, go};
+  return {g, gctx, gw1, gb1, gw2, gb2};
 }
 
 std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const c10::optional<at::Tensor>& ctx_in,
@@ -189,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
       const scalar_t* ap = act.const_data_ptr<scalar_t>() + k * n.d;
       x.copy_(cur_y);
       for (int64_t p = 0; p < n_passes; ++p) {
-        step_params<scalar_t>(x, cp, w1[k], b1[k], w2[k], b2[k], g, o, n.H);
+        step_params<scalar_t>(x, cp, w1[k], b1[k], w2[k], b2[k], g, &o, n.H);
         const scalar_t* yp = cur_y.const_data_ptr<scalar_t>();
         const scalar_t* op = o.const_data_ptr<scalar_t>();
         scalar_t* xp = x.mutable_data_ptr<scalar_t>();
@@ -198,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
         });
       }
       if (!additive) {  // log-det of the forward step at the recovered x
-        step_params<scalar_t>(x, cp, w1[k], b1[k], w2[k], b2[k], g, o, n.H);
+        step_params<scalar_t>(x, cp, w1[k], b1[k], w2[k], b2[k], g, &o, n.H);
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         const scalar_t* op = o.const_data_ptr<scalar_t>();
         scalar_t* sp = scratch.mutable_data_ptr<scalar_t>();

@@ -109,6 +109,9 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
     cases += geometry_cases(device, quick, gen)
     cases += rnn_cases(device, quick, gen)
     cases += lyapunov_cases(device, quick, gen)
+    from latentfast.bench.vector_cases import vector_flow_cases
+
+    cases += vector_flow_cases(device, quick, gen)
     return cases
 
 

@@ -8,9 +8,10 @@ tiles, BLOCK_H hidden units at a time (so d up to 512 and H up to 1024 fit). Per
     y = x + act (1 - sigmoid(s)) (m - x),  logdet += sum act log sigmoid(s)   (affine)
     y = x + act m                                                             (additive)
 
-The backward runs the steps in reverse from the saved step inputs, hidden layers and
-outputs, writing grad x and the per-step gradients of the pre-activations (grad a) and
-outputs (grad o); the weight gradients are batched GEMMs in torch. The inverse does
+The backward runs the steps in reverse from the saved step inputs and MLP outputs,
+recomputing each hidden layer, and writes grad x and the per-step gradients of the
+pre-activations (grad a) and outputs (grad o); the weight gradients are batched GEMMs in
+torch. The inverse does
 `n_passes` fixed-point sweeps per step. Math: latentfast/reference/vector_flows.py.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from latentfast.backend import triton_interpret
+from latentfast.reference.vector_flows import weight_grads
 
 
 @triton.jit
@@ -33,9 +35,9 @@ def _sig_logsig(s):
 
 
 @triton.jit
-def _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, hid_ptr, B, D, H,
-                 HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr, SAVE: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+def _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
+                 HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
     """(m, s) [BLOCK_B, BLOCK_D] of step k for the rows x; s is zeros when ADDITIVE."""
     O = D if ADDITIVE else 2 * D
     om = tl.zeros([BLOCK_B, BLOCK_D], x.dtype)
@@ -51,8 +53,6 @@ def _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_p
             a += tl.load(ctx_ptr + (k * B + rows[:, None]) * H + hc[None, :], mask=rm[:, None] & hm[None, :],
                          other=0.0)
         g = tl.maximum(a, 0.0)
-        if SAVE:
-            tl.store(hid_ptr + (k * B + rows[:, None]) * H + hc[None, :], g, mask=rm[:, None] & hm[None, :])
         wmask = hm[:, None] & cm[None, :]
         w2m = tl.load(w2_ptr + k * O * H + cols[None, :] * H + hc[:, None], mask=wmask, other=0.0)
         om += tl.dot(g, w2m, input_precision="ieee")
@@ -67,7 +67,7 @@ def _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_p
 
 @triton.jit
 def _vector_flow_fwd_kernel(x_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_ptr, y_ptr, ld_ptr, xs_ptr,
-                            hid_ptr, out_ptr, B, D, H, K, HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr,
+                            out_ptr, B, D, H, K, HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr,
                             SAVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
                             BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -82,8 +82,8 @@ def _vector_flow_fwd_kernel(x_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_
     for k in range(K):
         if SAVE:
             tl.store(xs_ptr + k * B * D + off, x, mask=m2)
-        om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, hid_ptr, B, D,
-                               H, HAS_CTX, ADDITIVE, SAVE, BLOCK_B, BLOCK_D, BLOCK_H)
+        om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
+                               HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)
         act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
         if SAVE:
             tl.store(out_ptr + (k * B + rows[:, None]) * O + cols[None, :], om, mask=m2)
@@ -100,9 +100,9 @@ def _vector_flow_fwd_kernel(x_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_
 
 
 @triton.jit
-def _vector_flow_bwd_kernel(gy_ptr, gl_ptr, xs_ptr, hid_ptr, out_ptr, w1_ptr, w2_ptr, act_ptr, gx_ptr, ga_ptr,
-                            go_ptr, B, D, H, K, ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+def _vector_flow_bwd_kernel(gy_ptr, gl_ptr, xs_ptr, out_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, act_ptr, gx_ptr,
+                            ga_ptr, go_ptr, hid_ptr, B, D, H, K, HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr,
+                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_D)
     rm = rows < B
@@ -117,12 +117,12 @@ def _vector_flow_bwd_kernel(gy_ptr, gl_ptr, xs_ptr, hid_ptr, out_ptr, w1_ptr, w2
         act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
         o_off = (k * B + rows[:, None]) * O + cols[None, :]
         om = tl.load(out_ptr + o_off, mask=m2, other=0.0)
+        x = tl.load(xs_ptr + k * B * D + off, mask=m2, other=0.0)
         if ADDITIVE:
             gm = g * act
             gs = gm
             gx = g
         else:
-            x = tl.load(xs_ptr + k * B * D + off, mask=m2, other=0.0)
             sig, _ = _sig_logsig(tl.load(out_ptr + o_off + D, mask=m2, other=0.0))
             one_m = 1.0 - sig
             gm = g * act * one_m
@@ -136,17 +136,21 @@ def _vector_flow_bwd_kernel(gy_ptr, gl_ptr, xs_ptr, hid_ptr, out_ptr, w1_ptr, w2
             hmask = rm[:, None] & hm[None, :]
             h_off = (k * B + rows[:, None]) * H + hc[None, :]
             wmask = cm[:, None] & hm[None, :]
+            # recompute the hidden layer of this chunk: a = x W1^T + b1 (+ ctx)
+            w1t = tl.load(w1_ptr + k * H * D + hc[None, :] * D + cols[:, None], mask=wmask, other=0.0)
+            a = tl.dot(x, w1t, input_precision="ieee")
+            a += tl.load(b1_ptr + k * H + hc, mask=hm, other=0.0)[None, :]
+            if HAS_CTX:
+                a += tl.load(ctx_ptr + h_off, mask=hmask, other=0.0)
+            tl.store(hid_ptr + h_off, tl.maximum(a, 0.0), mask=hmask)
             w2m = tl.load(w2_ptr + k * O * H + cols[:, None] * H + hc[None, :], mask=wmask, other=0.0)
             gh = tl.dot(gm, w2m, input_precision="ieee")
             if not ADDITIVE:
                 w2s = tl.load(w2_ptr + k * O * H + (D + cols[:, None]) * H + hc[None, :], mask=wmask, other=0.0)
                 gh += tl.dot(gs, w2s, input_precision="ieee")
-            hid = tl.load(hid_ptr + h_off, mask=hmask, other=0.0)
-            ga = tl.where(hid > 0, gh, 0.0)
+            ga = tl.where(a > 0, gh, 0.0)
             tl.store(ga_ptr + h_off, ga, mask=hmask)
-            w1c = tl.load(w1_ptr + k * H * D + hc[:, None] * D + cols[None, :], mask=hm[:, None] & cm[None, :],
-                          other=0.0)
-            gx += tl.dot(ga, w1c, input_precision="ieee")
+            gx += tl.dot(ga, tl.trans(w1t), input_precision="ieee")
         g = gx
     tl.store(gx_ptr + off, g, mask=m2)
 
@@ -168,16 +172,16 @@ def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_
         act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
         x = y
         for _ in range(n_passes):
-            om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, B, D,
-                                   H, HAS_CTX, ADDITIVE, False, BLOCK_B, BLOCK_D, BLOCK_H)
+            om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
+                                   HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)
             if ADDITIVE:
                 x = y - act * om
             else:
                 sig, _ = _sig_logsig(os_)
                 x = tl.where(act > 0, (y - (1.0 - sig) * om) / sig, y)
         if not ADDITIVE:
-            om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, B, D,
-                                   H, HAS_CTX, ADDITIVE, False, BLOCK_B, BLOCK_D, BLOCK_H)
+            om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
+                                   HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)
             _, logsig = _sig_logsig(os_)
             ld += tl.sum(act * logsig, axis=1)
         y = x
@@ -198,39 +202,42 @@ def _c(t: Tensor | None) -> Tensor | None:
 
 
 def vector_flow_fwd(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor,
-                    additive: bool, save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, logdet, xs, hidden, out) as in reference.vector_flow_stack (the last three empty
-    unless save)."""
+                    additive: bool, save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, logdet, xs, out) as in reference.vector_flow_stack (the last two empty unless
+    save)."""
     x, ctx, w1, b1, w2, b2, act = (_c(t) for t in (x, ctx, w1, b1, w2, b2, act))
     (B, D), (K, H, _), O = x.shape, w1.shape, w2.shape[1]
     y = torch.full_like(x, float("nan"))
     ld = x.new_full((B,), float("nan"))
     empty = x.new_empty(0)
     xs = x.new_full((K, B, D), float("nan")) if save else empty
-    hid = x.new_full((K, B, H), float("nan")) if save else empty
     out = x.new_full((K, B, O), float("nan")) if save else empty
     bb, bd, bh, nw = _blocks(D, H)
     _vector_flow_fwd_kernel[(triton.cdiv(B, bb),)](
-        x, ctx if ctx is not None else x, w1, b1, w2, b2, act, y, ld, xs, hid, out, B, D, H, K,
+        x, ctx if ctx is not None else x, w1, b1, w2, b2, act, y, ld, xs, out, B, D, H, K,
         HAS_CTX=ctx is not None, ADDITIVE=additive, SAVE=save, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh, num_warps=nw)
-    return y, ld, xs, hid, out
+    return y, ld, xs, out
 
 
-def vector_flow_bwd(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, hidden: Tensor, out: Tensor, w1: Tensor,
-                    w2: Tensor, act: Tensor, additive: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad x, grad a [K, B, H], grad o [K, B, O])."""
-    grad_y, grad_logdet, xs, hidden, out, w1, w2, act = (
-        t.contiguous() for t in (grad_y, grad_logdet, xs, hidden, out, w1, w2, act))
+def vector_flow_bwd(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, out: Tensor, ctx: Tensor | None, w1: Tensor,
+                    b1: Tensor, w2: Tensor, act: Tensor, additive: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, ctx, w1, b1, w2, b2): the kernel writes grad x and the per-step grad a,
+    grad o and recomputed hidden layers; the weight gradients are batched GEMMs."""
+    grad_y, grad_logdet, xs, out, ctx, w1, b1, w2, act = (
+        _c(t) for t in (grad_y, grad_logdet, xs, out, ctx, w1, b1, w2, act))
     K, B, D = xs.shape
-    H, O = hidden.shape[2], out.shape[2]
+    H, O = w1.shape[1], out.shape[2]
     gx = torch.full_like(grad_y, float("nan"))
-    ga = hidden.new_full((K, B, H), float("nan"))
+    ga = xs.new_full((K, B, H), float("nan"))
+    hid = xs.new_full((K, B, H), float("nan"))
     go = out.new_full((K, B, O), float("nan"))
     bb, bd, bh, nw = _blocks(D, H)
     _vector_flow_bwd_kernel[(triton.cdiv(B, bb),)](
-        grad_y, grad_logdet, xs, hidden, out, w1, w2, act, gx, ga, go, B, D, H, K, ADDITIVE=additive,
-        BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh, num_warps=nw)
-    return gx, ga, go
+        grad_y, grad_logdet, xs, out, ctx if ctx is not None else xs, w1, b1, w2, act, gx, ga, go, hid, B, D, H, K,
+        HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh, num_warps=nw)
+    gw1, gb1, gw2, gb2 = weight_grads(ga, go, xs, hid)
+    return gx, (ga if ctx is not None else xs.new_empty(0)), gw1, gb1, gw2, gb2
 
 
 def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor,

@@ -3,10 +3,11 @@
 Ops (namespace ``latentfast::``), a stack of K masked-MLP flow steps on x [B, d] (math in
 latentfast/reference/vector_flows.py):
 - ``vector_flow_stack(x, ctx, w1, b1, w2, b2, act, additive)`` -> (y [B, d], logdet [B]);
-- ``vector_flow_stack_train(...)`` -> (y, logdet, xs, hidden, out): the same, keeping what
-  the backward needs (what the public wrapper calls when gradients are needed);
-- ``vector_flow_stack_backward(grad_y, grad_logdet, xs, hidden, out, w1, w2, act, additive)``
-  -> (grad x, grad a [K, B, H], grad o [K, B, O]); the weight gradients are batched GEMMs;
+- ``vector_flow_stack_train(...)`` -> (y, logdet, xs [K, B, d], out [K, B, O]): the same,
+  keeping each step's input and MLP output for the backward (the hidden layers are
+  recomputed there); what the public wrapper calls when gradients are needed;
+- ``vector_flow_stack_backward(grad_y, grad_logdet, xs, out, ctx, w1, b1, w2, act, additive)``
+  -> grads of (x, ctx (empty without ctx), w1, b1, w2, b2);
 - ``vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes)`` -> (x,
   logdet): the slow direction, all fixed-point sweeps inside one call (not differentiable).
 
@@ -34,10 +35,10 @@ def _fwd(x, ctx, w1, b1, w2, b2, act, additive: bool, save: bool):
         return torch.ops.latentfast_cpp.vector_flow_fwd(x, ctx, w1, b1, w2, b2, act, additive, save)
     if be == "triton":
         return _triton().vector_flow_fwd(x, ctx, w1, b1, w2, b2, act, additive, save)
-    y, ld, xs, hid, out = ref.vector_flow_stack(x, ctx, w1, b1, w2, b2, act, additive)
+    y, ld, xs, out = ref.vector_flow_stack(x, ctx, w1, b1, w2, b2, act, additive)
     if not save:
-        xs = hid = out = x.new_empty(0)
-    return y.contiguous(), ld.contiguous(), xs.contiguous(), hid.contiguous(), out.contiguous()
+        xs = out = x.new_empty(0)
+    return y.contiguous(), ld.contiguous(), xs.contiguous(), out.contiguous()
 
 
 @torch.library.custom_op("latentfast::vector_flow_stack", mutates_args=())
@@ -49,16 +50,16 @@ def _vector_flow_stack(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2
 
 @torch.library.custom_op("latentfast::vector_flow_stack_train", mutates_args=())
 def _vector_flow_stack_train(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-                             act: Tensor, additive: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                             act: Tensor, additive: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _fwd(x, ctx, w1, b1, w2, b2, act, additive, True)
 
 
 @torch.library.custom_op("latentfast::vector_flow_stack_backward", mutates_args=())
-def _vector_flow_stack_backward(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, hidden: Tensor, out: Tensor,
-                                w1: Tensor, w2: Tensor, act: Tensor, additive: bool
-                                ) -> tuple[Tensor, Tensor, Tensor]:
+def _vector_flow_stack_backward(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, out: Tensor, ctx: Tensor | None,
+                                w1: Tensor, b1: Tensor, w2: Tensor, act: Tensor, additive: bool
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     be = backend.select(xs.device)
-    args = (grad_y, grad_logdet, xs, hidden, out, w1, w2, act, additive)
+    args = (grad_y, grad_logdet, xs, out, ctx, w1, b1, w2, act, additive)
     if be == "cpp":
         return torch.ops.latentfast_cpp.vector_flow_bwd(*args)
     if be == "triton":
@@ -85,14 +86,15 @@ def _(x, ctx, w1, b1, w2, b2, act, additive):
 
 @_vector_flow_stack_train.register_fake
 def _(x, ctx, w1, b1, w2, b2, act, additive):
-    (b, d), (k, h, _) = x.shape, w1.shape
-    return (torch.empty_like(x), x.new_empty(b), x.new_empty((k, b, d)), x.new_empty((k, b, h)),
-            x.new_empty((k, b, w2.shape[1])))
+    (b, d), k = x.shape, w1.shape[0]
+    return torch.empty_like(x), x.new_empty(b), x.new_empty((k, b, d)), x.new_empty((k, b, w2.shape[1]))
 
 
 @_vector_flow_stack_backward.register_fake
-def _(grad_y, grad_logdet, xs, hidden, out, w1, w2, act, additive):
-    return torch.empty_like(grad_y), torch.empty_like(hidden), torch.empty_like(out)
+def _(grad_y, grad_logdet, xs, out, ctx, w1, b1, w2, act, additive):
+    gctx = torch.empty_like(ctx) if ctx is not None else xs.new_empty(0)
+    return (torch.empty_like(grad_y), gctx, torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2),
+            xs.new_empty((w2.shape[0], w2.shape[1])))
 
 
 @_vector_flow_stack_inverse.register_fake
@@ -100,10 +102,9 @@ def _(y, ctx, w1, b1, w2, b2, act, additive, n_passes):
     return torch.empty_like(y), y.new_empty(y.shape[0])
 
 
-def _grads(ctx_obj, gx, ga, go, xs, hidden):
-    gw1, gb1, gw2, gb2 = ref.weight_grads(ga, go, xs, hidden)
-    gctx = ga if ctx_obj.has_ctx else None
-    return gx, gctx, gw1, gb1, gw2, gb2, None, None
+def _grads(grads, has_ctx: bool):
+    gx, gctx, gw1, gb1, gw2, gb2 = grads
+    return gx, (gctx if has_ctx else None), gw1, gb1, gw2, gb2, None, None
 
 
 def _zeros_if_none(g, like):
@@ -120,24 +121,24 @@ def _save_stack_inputs(ctx, inputs, output):
 def _vector_flow_stack_bwd(ctx, grad_y, grad_logdet):
     # Inference op under autograd (direct torch.ops call): recompute keeping the activations.
     x, c, w1, b1, w2, b2, act = ctx.saved_tensors
-    y, ld, xs, hidden, out = _fwd(x, c, w1, b1, w2, b2, act, ctx.additive, True)
-    gx, ga, go = _vector_flow_stack_backward(_zeros_if_none(grad_y, y), _zeros_if_none(grad_logdet, ld), xs,
-                                             hidden, out, w1, w2, act, ctx.additive)
-    return _grads(ctx, gx, ga, go, xs, hidden)
+    y, ld, xs, out = _fwd(x, c, w1, b1, w2, b2, act, ctx.additive, True)
+    grads = _vector_flow_stack_backward(_zeros_if_none(grad_y, y), _zeros_if_none(grad_logdet, ld), xs, out, c,
+                                        w1, b1, w2, act, ctx.additive)
+    return _grads(grads, ctx.has_ctx)
 
 
 def _save_stack_train(ctx, inputs, output):
     x, c, w1, b1, w2, b2, act, additive = inputs
     ctx.set_materialize_grads(False)
     ctx.has_ctx, ctx.additive = c is not None, additive
-    ctx.save_for_backward(w1, w2, act, *output)
+    ctx.save_for_backward(c, w1, b1, w2, act, *output)
 
 
 def _vector_flow_stack_train_bwd(ctx, grad_y, grad_logdet, *_unused):
-    w1, w2, act, y, ld, xs, hidden, out = ctx.saved_tensors
-    gx, ga, go = _vector_flow_stack_backward(_zeros_if_none(grad_y, y), _zeros_if_none(grad_logdet, ld), xs,
-                                             hidden, out, w1, w2, act, ctx.additive)
-    return _grads(ctx, gx, ga, go, xs, hidden)
+    c, w1, b1, w2, act, y, ld, xs, out = ctx.saved_tensors
+    grads = _vector_flow_stack_backward(_zeros_if_none(grad_y, y), _zeros_if_none(grad_logdet, ld), xs, out, c,
+                                        w1, b1, w2, act, ctx.additive)
+    return _grads(grads, ctx.has_ctx)
 
 
 _vector_flow_stack.register_autograd(_vector_flow_stack_bwd, setup_context=_save_stack_inputs)

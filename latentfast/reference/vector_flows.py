@@ -48,23 +48,23 @@ def flow_step_transform(x: Tensor, o: Tensor, act: Tensor, additive: bool) -> tu
 
 
 def vector_flow_stack(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-                      act: Tensor, additive: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      act: Tensor, additive: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward of K steps. x [B, d]; ctx [K, B, H] or None; w1 [K, H, d]; b1 [K, H];
     w2 [K, O, H]; b2 [K, O] (O = 2d affine, d additive); act [K, d].
 
-    Returns (y [B, d], logdet [B], xs [K, B, d] the input of each step, hidden [K, B, H],
-    out [K, B, O]): the last three are what the backward needs.
+    Returns (y [B, d], logdet [B], xs [K, B, d] the input of each step, out [K, B, O] the
+    MLP output of each step): the last two are what the backward keeps (the hidden layers
+    [K, B, H], the big ones, are recomputed).
     """
     logdet = x.new_zeros(x.shape[0])
-    xs, hs, os_ = [], [], []
+    xs, os_ = [], []
     for k in range(w1.shape[0]):
-        g, o = flow_step_params(x, w1[k], b1[k], w2[k], b2[k], None if ctx is None else ctx[k])
+        _, o = flow_step_params(x, w1[k], b1[k], w2[k], b2[k], None if ctx is None else ctx[k])
         xs.append(x)
-        hs.append(g)
         os_.append(o)
         x, ld = flow_step_transform(x, o, act[k], additive)
         logdet = logdet + ld
-    return x, logdet, torch.stack(xs), torch.stack(hs), torch.stack(os_)
+    return x, logdet, torch.stack(xs), torch.stack(os_)
 
 
 def vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
@@ -89,38 +89,43 @@ def vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Ten
     return y, logdet
 
 
-def flow_step_backward(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, hidden: Tensor, o: Tensor, w1: Tensor,
-                       w2: Tensor, act: Tensor, additive: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward of one step: (grad x [B, d], grad a [B, H] (pre-activation, = grad ctx),
-    grad o [B, O]). The weight gradients follow from these (see weight_grads)."""
+def gate_backward(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, o: Tensor, act: Tensor, additive: bool
+                  ) -> tuple[Tensor, Tensor]:
+    """(grad o [B, O], the direct part of grad x [B, d]) of one step's gated update."""
     if additive:
-        go = grad_y * act
-        gx = grad_y
-    else:
-        d = x.shape[1]
-        m, sigma = o[:, :d], torch.sigmoid(o[:, d:])
-        gm = grad_y * act * (1.0 - sigma)
-        gs = (act * (grad_logdet[:, None] - grad_y * (m - x) * sigma)) * (1.0 - sigma)
-        go = torch.cat([gm, gs], 1)
-        gx = grad_y * (1.0 - act * (1.0 - sigma))
-    ga = (go @ w2) * (hidden > 0)
-    return gx + ga @ w1, ga, go
+        return grad_y * act, grad_y
+    d = x.shape[1]
+    m, sigma = o[:, :d], torch.sigmoid(o[:, d:])
+    gm = grad_y * act * (1.0 - sigma)
+    gs = (act * (grad_logdet[:, None] - grad_y * (m - x) * sigma)) * (1.0 - sigma)
+    return torch.cat([gm, gs], 1), grad_y * (1.0 - act * (1.0 - sigma))
 
 
-def vector_flow_stack_backward(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, hidden: Tensor, out: Tensor,
-                               w1: Tensor, w2: Tensor, act: Tensor, additive: bool
-                               ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad x [B, d], grad a [K, B, H], grad o [K, B, O]) of the stack, steps in reverse."""
-    gas, gos = [], []
+def vector_flow_stack_backward(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, out: Tensor, ctx: Tensor | None,
+                               w1: Tensor, b1: Tensor, w2: Tensor, act: Tensor, additive: bool
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, ctx (empty when None), w1, b1, w2, b2) of the stack, steps in reverse,
+    recomputing each hidden layer from the saved step input."""
     g = grad_y
+    grads = {n: [] for n in ("ctx", "w1", "b1", "w2", "b2")}
     for k in reversed(range(w1.shape[0])):
-        g, ga, go = flow_step_backward(g, grad_logdet, xs[k], hidden[k], out[k], w1[k], w2[k], act[k], additive)
-        gas.append(ga)
-        gos.append(go)
-    return g, torch.stack(gas[::-1]), torch.stack(gos[::-1])
+        a = torch.addmm(b1[k], xs[k], w1[k].t())
+        if ctx is not None:
+            a = a + ctx[k]
+        hidden = torch.relu(a)
+        go, gx = gate_backward(g, grad_logdet, xs[k], out[k], act[k], additive)
+        ga = (go @ w2[k]) * (a > 0)
+        g = gx + ga @ w1[k]
+        for n, v in (("ctx", ga), ("w1", ga.t() @ xs[k]), ("b1", ga.sum(0)), ("w2", go.t() @ hidden),
+                     ("b2", go.sum(0))):
+            grads[n].append(v)
+    stacked = {n: torch.stack(v[::-1]) for n, v in grads.items()}
+    gctx = stacked["ctx"] if ctx is not None else xs.new_empty(0)
+    return g, gctx, stacked["w1"], stacked["b1"], stacked["w2"], stacked["b2"]
 
 
 def weight_grads(ga: Tensor, go: Tensor, xs: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad w1 [K, H, d], grad b1 [K, H], grad w2 [K, O, H], grad b2 [K, O]) from the
-    per-step gradients of the pre-activations and outputs: batched GEMMs over K."""
+    per-step gradients of the pre-activations ga [K, B, H] and outputs go [K, B, O]:
+    batched GEMMs over K."""
     return (torch.bmm(ga.transpose(1, 2), xs), ga.sum(1), torch.bmm(go.transpose(1, 2), hidden), go.sum(1))

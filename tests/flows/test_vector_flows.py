@@ -81,10 +81,11 @@ def test_stack_gradcheck_and_opcheck(backend):
         torch.library.opcheck(lib.vector_flow_stack, args)
         torch.library.opcheck(lib.vector_flow_stack_train, args)
         torch.library.opcheck(lib.vector_flow_stack_train, (*leaves, p["act"], additive))
-        _, _, xs, hid, out = ref.vector_flow_stack(*args)
-        torch.library.opcheck(lib.vector_flow_stack_backward,
-                              (torch.randn_like(x), torch.randn(3, dtype=torch.float64, device=dev), xs, hid, out,
-                               p["w1"], p["w2"], p["act"], additive))
+        _, _, xs, out = ref.vector_flow_stack(*args)
+        for c in (p["ctx"], None):
+            torch.library.opcheck(lib.vector_flow_stack_backward,
+                                  (torch.randn_like(x), torch.randn(3, dtype=torch.float64, device=dev), xs, out, c,
+                                   p["w1"], p["b1"], p["w2"], p["act"], additive))
         torch.library.opcheck(lib.vector_flow_stack_inverse, (*args, 2))
 
 
