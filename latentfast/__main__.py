@@ -41,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     b.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
     dm = sub.add_parser("demo", help="run a demo that writes PNGs")
-    dm.add_argument("name", choices=["geodesics", "dynamics"],
+    dm.add_argument("name", choices=["geodesics", "dynamics", "betavae"],
                     help="geodesics: VAE latent geometry on the digits; dynamics: latent sequence model "
-                         "of a pendulum")
+                         "of a pendulum; betavae: beta sweep and disentanglement scores on sprites")
     dm.add_argument("--out", default="demo_out", help="folder for the PNGs (default: demo_out)")
-    dm.add_argument("--epochs", type=int, default=150, help="training epochs")
+    dm.add_argument("--epochs", type=int, default=None,
+                    help="training epochs (default: 150 geodesics/dynamics, 40 betavae)")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         info()
@@ -57,14 +58,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--device cuda: no CUDA device is available")
         run_suite(args.ops, device, args.quick, args.json_path)
     elif args.cmd == "demo":
+        kw = {} if args.epochs is None else {"epochs": args.epochs}
         if args.name == "geodesics":
             from latentfast.demos import geodesics
 
-            geodesics.run(args.out, epochs=args.epochs)
-        else:
+            geodesics.run(args.out, **kw)
+        elif args.name == "dynamics":
             from latentfast.demos import dynamics
 
-            dynamics.run(args.out, epochs=args.epochs)
+            dynamics.run(args.out, **kw)
+        else:
+            from latentfast.demos import betavae
+
+            betavae.run(args.out, **kw)
     return 0
 
 

@@ -1,5 +1,19 @@
-"""Normalizing flows: Glow layers and the multi-scale Glow model."""
+"""Normalizing flows: Glow layers, the multi-scale Glow model, and flows on latent vectors
+(IAF, MAF, couplings, permutations, LU linear layers, the Flow distribution)."""
 from latentfast.flows.glow import Glow
+from latentfast.flows.vector import (
+    IAF,
+    MAF,
+    Flow,
+    LULinear,
+    MaskedFlowStack,
+    MaskedLinear,
+    Permutation,
+    VectorAdditiveCoupling,
+    VectorAffineCoupling,
+    made_degrees,
+    made_masks,
+)
 from latentfast.flows.layers import (
     ActNorm,
     AdditiveCoupling,
@@ -13,5 +27,6 @@ from latentfast.flows.layers import (
     unsqueeze2d,
 )
 
-__all__ = ["ActNorm", "AdditiveCoupling", "AffineCoupling", "Glow", "GlowStep", "InvConv1x1",
+__all__ = ["IAF", "MAF", "Flow", "LULinear", "MaskedFlowStack", "MaskedLinear", "Permutation",
+           "VectorAdditiveCoupling", "VectorAffineCoupling", "made_degrees", "made_masks", "ActNorm", "AdditiveCoupling", "AffineCoupling", "Glow", "GlowStep", "InvConv1x1",
            "Split", "Squeeze", "ZeroConv2d", "squeeze2d", "unsqueeze2d"]

@@ -56,6 +56,10 @@ class VAE(nn.Module):
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.encoder(x.flatten(1))
 
+    def embed(self, x: Tensor) -> Tensor:
+        """The deterministic code of x [N, d] (the posterior mean)."""
+        return self.encode(x)[0]
+
     def neg_log_lik(self, x: Tensor, z: Tensor) -> Tensor:
         """-log p(x | z) per sample [N]."""
         x = x.flatten(1)
