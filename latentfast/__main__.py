@@ -20,7 +20,8 @@ def info() -> None:
           f"LATENTFAST_BACKEND: {backend.requested()}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for op in ("actnorm_invconv", "actnorm_invconv_coupling", "affine_coupling", "lu_weight",
-               "pullback_metric", "curve_energy"):
+               "pullback_metric", "curve_energy", "gru_sequence", "lstm_sequence", "rnn_lyapunov",
+               "lorenz_lyapunov", "vector_flow_stack", "vector_flow_stack_inverse"):
         chosen = []
         for d in devices:
             try:
