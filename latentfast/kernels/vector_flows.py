@@ -179,6 +179,8 @@ def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_
             else:
                 sig, _ = _sig_logsig(os_)
                 x = tl.where(act > 0, (y - (1.0 - sig) * om) / sig, y)
+            # clamp the garbage of the dimensions not yet fixed (reference.sanitize_sweep)
+            x = tl.where(x == x, tl.minimum(tl.maximum(x, -1e15), 1e15), 0.0)
         if not ADDITIVE:
             om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
                                    HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)

@@ -18,7 +18,7 @@ coupling). The stack runs k = 0 .. K-1 and sums the log-determinants.
 Inverse: the parameters of dimension j depend only on dimensions of lower MADE degree, so
 `n_passes` fixed-point sweeps x <- (y - (1 - sigma(x)) m(x)) / sigma(x) (where act, else y)
 recover x exactly when n_passes >= the number of distinct degrees (d for MADE, 2 for a
-coupling).
+coupling). Each sweep is clamped to +-1e15 (NaN to 0), see sanitize_sweep.
 """
 from __future__ import annotations
 
@@ -67,6 +67,17 @@ def vector_flow_stack(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2:
     return x, logdet, torch.stack(xs), torch.stack(os_)
 
 
+SWEEP_BOUND = 1e15
+
+
+def sanitize_sweep(x: Tensor) -> Tensor:
+    """Clamp an intermediate sweep to [-SWEEP_BOUND, SWEEP_BOUND] and NaN to 0. The dimensions
+    not yet fixed hold garbage that can overflow, and a masked (zero) weight times Inf is
+    NaN, which would reach the fixed dimensions too; clamping garbage changes nothing else,
+    so the result is exact whenever the true inverse lies within the bound."""
+    return torch.nan_to_num(x, nan=0.0).clamp(-SWEEP_BOUND, SWEEP_BOUND)
+
+
 def vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                               act: Tensor, additive: bool, n_passes: int) -> tuple[Tensor, Tensor]:
     """x with stack(x) = y, and the forward log-determinant at x (so log p(y) =
@@ -83,6 +94,7 @@ def vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Ten
             else:
                 sigma = torch.sigmoid(o[:, d:])
                 x = torch.where(act[k] > 0, (y - (1.0 - sigma) * o[:, :d]) / sigma, y)
+            x = sanitize_sweep(x)
         _, o = flow_step_params(x, w1[k], b1[k], w2[k], b2[k], c)
         logdet = logdet + flow_step_transform(x, o, act[k], additive)[1]
         y = x

@@ -253,3 +253,30 @@ def test_gaussian_base_log_prob():
     x = torch.randn(4, 3)
     expect = -0.5 * (x ** 2).sum(1) - 1.5 * math.log(2 * math.pi)
     torch.testing.assert_close(flow.log_prob(x), expect)
+
+
+def test_made_flow_step_at_the_widest_size(backend):
+    """d = 512, H = 1024 (the largest size the op is meant for): values, gradients, inverse."""
+    dev = device_for(backend)
+    f = vf.IAF(512, 1024).double().to(dev)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # a trained-looking perturbation (fan-in 1024: keep the gates away from 0)
+        for p in f.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.03)
+    x = torch.randn(5, 512, dtype=torch.float64, device=dev)
+    w1, b1, w2, b2, _, _ = f._args(x, None)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w1[0], b1[0], w2[0], b2[0])]
+    y, ld = ops.made_flow_step(*leaves)
+    gy = torch.randn_like(y)
+    g = torch.autograd.grad((y * gy).sum() + ld.sum(), leaves)
+    y0, l0, *_ = ref.vector_flow_stack(leaves[0], None, *(t[None] for t in leaves[1:]),
+                                       torch.ones(1, 512, dtype=torch.float64, device=dev), False)
+    g0 = torch.autograd.grad((y0 * gy).sum() + l0.sum(), leaves)
+    assert_close(y, y0, scale=10)
+    assert_close(ld, l0, scale=100)
+    for a, e in zip(g, g0):
+        assert_close(a, e, scale=100)
+    if interpreting():
+        return  # 512 sweeps x 16 hidden tiles is minutes in the interpreter; smaller d covers the sweeps
+    x2, _ = ops.made_flow_step_inverse(y.detach(), *(t.detach() for t in leaves[1:]))
+    assert_close(x2, x, scale=1e4)
