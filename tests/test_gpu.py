@@ -1,5 +1,6 @@
-"""The Triton kernels on a CUDA device: the op tests of tests/ops and tests/geometry, run
-with backend "triton" on CUDA tensors, and a geodesic solved on the GPU against the CPU.
+"""The Triton kernels on a CUDA device: the op tests of tests/ops, tests/geometry, tests/rnn
+and tests/flows (vector flows), run with backend "triton" on CUDA tensors, and a geodesic
+solved on the GPU against the CPU.
 
 Run on a GPU machine with `pytest -m gpu`; skipped without CUDA.
 """
@@ -10,8 +11,11 @@ import torch
 
 import latentfast
 from latentfast import backend as lf_backend
+from tests.flows import test_vector_flows as vec_t
 from tests.geometry import test_geometry_ops as geo_t
 from tests.ops import test_flows_ops as flow_t
+from tests.rnn import test_lyapunov_ops as lyap_t
+from tests.rnn import test_rnn_ops as rnn_t
 
 pytestmark = [
     pytest.mark.gpu,
@@ -79,3 +83,39 @@ def test_geodesic_on_cuda_matches_cpu(triton_cuda):
         cpu = geo.geodesic(z0, z1, dec.cpu(), n_segments=16)
     assert gpu.converged.all() and cpu.converged.all()
     torch.testing.assert_close(gpu.lengths.cpu(), cpu.lengths, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", rnn_t.SHAPES)
+def test_rnn_ops_on_cuda(triton_cuda, shape, dtype):
+    rnn_t.test_gru_sequence_matches_nn_gru(triton_cuda, shape, dtype)
+    rnn_t.test_lstm_sequence_matches_nn_lstm(triton_cuda, shape, dtype)
+
+
+def test_rnn_gradients_and_lyapunov_on_cuda(triton_cuda):
+    rnn_t.test_gradcheck_and_opcheck(triton_cuda)
+    rnn_t.test_lstm_gradcheck_and_opcheck(triton_cuda)
+    for cell in ("rnn_tanh", "gru", "lstm"):
+        for dtype in DTYPES:
+            lyap_t.test_rnn_lyapunov_backends_match_reference(triton_cuda, cell, dtype)
+    for system, n, k in (("lorenz63", 3, 3), ("lorenz96", 11, 5)):
+        for dtype in DTYPES:
+            lyap_t.test_lorenz_lyapunov_backends_match_reference(triton_cuda, system, n, k, dtype)
+    lyap_t.test_opcheck(triton_cuda)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 7, 5, 17), (2, 33, 12, 40), (8, 4096, 32, 256)])
+def test_vector_flow_stack_on_cuda(triton_cuda, shape, dtype):
+    for additive in (False, True):
+        vec_t.test_stack_matches_reference(triton_cuda, shape, additive, dtype)
+
+
+def test_vector_flow_modules_on_cuda(triton_cuda):
+    vec_t.test_stack_noncontiguous_and_no_ctx(triton_cuda)
+    vec_t.test_stack_gradcheck_and_opcheck(triton_cuda)
+    for d in (1, 5):
+        vec_t.test_modules_invert_and_logdet_matches_jacobian(triton_cuda, d)
+    vec_t.test_modules_invert_fp32(triton_cuda)
+    vec_t.test_made_flow_step_one_step(triton_cuda)
+    vec_t.test_made_flow_step_at_the_widest_size(triton_cuda)
