@@ -158,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (int64_t k = K - 1; k >= 0; --k) {
       const at::Tensor x_k = xs[k];
       const at::Tensor ctx_k = ctx.has_value() ? (*ctx)[k] : at::Tensor();
-      step_params<scalar_t>(x_k, ctx.has_value() ? &ctx_k : nullptr, w1[k], b1[k], w2[k], b1[k], hid, nullptr, H);
+      step_params<scalar_t>(x_k, ctx.has_value() ? &ctx_k : nullptr, w1[k], b1[k], w2[k], at::Tensor(), hid, nullptr,
+                            H);  // hidden layer only (no output, so no b2)
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
       const scalar_t* glp = gl.const_data_ptr<scalar_t>();
       const scalar_t* xp = x_k.const_data_ptr<scalar_t>();

@@ -287,7 +287,9 @@ class Flow(nn.Module):
         return self.base().log_prob(x) - total
 
     def rsample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """n reparameterised samples [n, d] and their log-density [n]."""
+        """n reparameterised samples [n, d] and their log-density [n]. Differentiable through
+        transforms whose forward is the fast pass (IAF, couplings, LULinear); a MAF's forward
+        is the sequential inverse and passes no gradient."""
         z = self.base().rsample((n,))
         logp = self.base().log_prob(z)
         for t in self.transforms:
