@@ -67,7 +67,9 @@ void check_gru(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih
               "gru_sequence: float32 or float64 only");
 }
 
-int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1)); }
+// Rows per parallel chunk of a gate loop: about 2048 elements, so B = 64, H = 64 already
+// splits across two threads.
+int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1)); }
 
 std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, const at::Tensor& h0_in,
                                                     const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -80,19 +82,20 @@ std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, cons
   at::Tensor gates = save ? at::empty({T, B, 4 * H}, x.options()) : at::empty({0}, x.options());
   if (T == 0) return {out, gates};
   const at::Tensor gi_all = at::addmm(b_ih, x.reshape({T * B, x.size(2)}), w_ih.t()).view({T, B, 3 * H});
-  const at::Tensor w_hh_t = w_hh.t();
+  const at::Tensor w_hh_t = w_hh.t(), b_hh_c = b_hh.contiguous();
   at::Tensor gh = at::empty({B, 3 * H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_sequence_fwd", [&] {
     for (int64_t t = 0; t < T; ++t) {
       const at::Tensor h = t == 0 ? h0 : out[t - 1];
-      at::addmm_out(gh, b_hh, h, w_hh_t);
+      at::mm_out(gh, h, w_hh_t);  // b_hh is added in the gate loop (addmm would copy it first)
       const scalar_t* gi = gi_all.const_data_ptr<scalar_t>() + t * B * 3 * H;
       const scalar_t* ghp = gh.const_data_ptr<scalar_t>();
+      const scalar_t* bhp = b_hh_c.const_data_ptr<scalar_t>();
       const scalar_t* hp = h.const_data_ptr<scalar_t>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>() + t * B * H;
       scalar_t* sp = save ? gates.mutable_data_ptr<scalar_t>() + t * B * 4 * H : nullptr;
       at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
-        LF_RNN_CALL(gru_gates_fwd_rows<scalar_t>, gi, ghp, hp, op, sp, H, begin, end);
+        LF_RNN_CALL(gru_gates_fwd_rows<scalar_t>, gi, ghp, bhp, hp, op, sp, H, begin, end);
       });
     }
   });
@@ -110,22 +113,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dgi = at::empty({T, B, 3 * H}, x.options());
   at::Tensor dgh = at::empty({T, B, 3 * H}, x.options());
   at::Tensor dh = at::zeros({B, H}, x.options());
-  at::Tensor dh_acc = at::empty({B, H}, x.options());
-  at::Tensor dh_direct = at::empty({B, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_sequence_bwd", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
-      at::add_out(dh_acc, dh, grad_out[t]);
       const at::Tensor h_prev = t == 0 ? h0 : out[t - 1];
-      const scalar_t* dp = dh_acc.const_data_ptr<scalar_t>();
+      const scalar_t* gop = grad_out.const_data_ptr<scalar_t>() + t * B * H;
       const scalar_t* hp = h_prev.const_data_ptr<scalar_t>();
       const scalar_t* gp = gates.const_data_ptr<scalar_t>() + t * B * 4 * H;
       scalar_t* gip = dgi.mutable_data_ptr<scalar_t>() + t * B * 3 * H;
       scalar_t* ghp = dgh.mutable_data_ptr<scalar_t>() + t * B * 3 * H;
-      scalar_t* ddp = dh_direct.mutable_data_ptr<scalar_t>();
+      scalar_t* dhp = dh.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
-        LF_RNN_CALL(gru_gates_bwd_rows<scalar_t>, dp, hp, gp, gip, ghp, ddp, H, begin, end);
+        LF_RNN_CALL(gru_gates_bwd_rows<scalar_t>, dhp, gop, hp, gp, gip, ghp, H, begin, end);
       });
-      at::addmm_out(dh, dh_direct, dgh[t], w_hh);  // dh_t = dh z + dGH_t W_hh
+      dh.addmm_(dgh[t], w_hh);  // dh_t = (dh + grad_out_t) z + dGH_t W_hh, in place (no copy)
     }
   });
   const at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
@@ -165,14 +165,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd(
   at::Tensor gates = save ? at::empty({T, B, 4 * H}, x.options()) : at::empty({0}, x.options());
   if (T == 0) return {out, cells, gates};
   // both biases folded into the input projections of all steps (one GEMM)
-  const at::Tensor a_all = at::addmm(b_ih + b_hh, x.reshape({T * B, x.size(2)}), w_ih.t()).view({T, B, 4 * H});
+  at::Tensor a_all = at::addmm(b_ih + b_hh, x.reshape({T * B, x.size(2)}), w_ih.t()).view({T, B, 4 * H});
   const at::Tensor w_hh_t = w_hh.t();
-  at::Tensor a = at::empty({B, 4 * H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_sequence_fwd", [&] {
     for (int64_t t = 0; t < T; ++t) {
       const at::Tensor h = t == 0 ? h0 : out[t - 1];
       const at::Tensor c = t == 0 ? c0 : cells[t - 1];
-      at::addmm_out(a, a_all[t], h, w_hh_t);
+      at::Tensor a = a_all[t];
+      a.addmm_(h, w_hh_t);  // in place on this step's input projection (addmm_out would copy it)
       const scalar_t* ap = a.const_data_ptr<scalar_t>();
       const scalar_t* cp = c.const_data_ptr<scalar_t>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>() + t * B * H;
