@@ -28,8 +28,14 @@ DTYPES = [torch.float32, torch.float64]
 @pytest.fixture
 def triton_cuda():
     assert lf_backend.select(torch.device("cuda")) == "triton"
-    with latentfast.use_backend("triton"):
-        yield "triton"
+    # the references (cuDNN RNNs, cuBLAS) in full fp32, not TF32, to meet the fp32 tolerances
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with latentfast.use_backend("triton"):
+            yield "triton"
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -90,6 +96,12 @@ def test_geodesic_on_cuda_matches_cpu(triton_cuda):
 def test_rnn_ops_on_cuda(triton_cuda, shape, dtype):
     rnn_t.test_gru_sequence_matches_nn_gru(triton_cuda, shape, dtype)
     rnn_t.test_lstm_sequence_matches_nn_lstm(triton_cuda, shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("persistent", [True, False])
+def test_rnn_persistent_and_stepwise_on_cuda(triton_cuda, persistent, dtype):
+    rnn_t.check_triton_paths(torch.device("cuda"), persistent, dtype)
 
 
 def test_rnn_gradients_and_lyapunov_on_cuda(triton_cuda):

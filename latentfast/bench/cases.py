@@ -179,12 +179,49 @@ def geometry_cases(device: torch.device, quick: bool, gen: torch.Generator) -> l
     return cases
 
 
+class _TritonStepwise(torch.autograd.Function):
+    """The Triton per-step RNN path (GEMM + gate kernel per step), forward and backward, for
+    the comparison with the persistent kernels on CUDA (inputs x, h0, w_ih, w_hh, b_ih, b_hh;
+    LSTM with c0 = h0 as in the cases)."""
+
+    @staticmethod
+    def forward(ctx, lstm, x, h0, w_ih, w_hh, b_ih, b_hh):
+        from latentfast.kernels import rnn as kernels
+        ctx.lstm = lstm
+        if lstm:
+            out, cells, gates = kernels._lstm_sequence_fwd_stepwise(x, h0, h0, w_ih, w_hh, b_ih, b_hh, True)
+            ctx.save_for_backward(x, h0, w_ih, w_hh, out, cells, gates)
+        else:
+            out, gates = kernels._gru_sequence_fwd_stepwise(x, h0, w_ih, w_hh, b_ih, b_hh, True)
+            ctx.save_for_backward(x, h0, w_ih, w_hh, out, gates)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from latentfast.kernels import rnn as kernels
+        if ctx.lstm:
+            x, h0, w_ih, w_hh, out, cells, gates = ctx.saved_tensors
+            gx, gh, gc, gwi, gwh, gbi, gbh = kernels._lstm_sequence_bwd_stepwise(
+                grad_out, torch.zeros_like(cells), x, h0, h0, w_ih, w_hh, out, cells, gates)
+            return None, gx, gh + gc, gwi, gwh, gbi, gbh
+        x, h0, w_ih, w_hh, out, gates = ctx.saved_tensors
+        return (None, *kernels._gru_sequence_bwd_stepwise(grad_out, x, h0, w_ih, w_hh, out, gates))
+
+
+def _stepwise_extra(device: torch.device, lstm: bool) -> dict:
+    """On CUDA, the Triton per-step path next to the default persistent kernels."""
+    if device.type != "cuda":
+        return {}
+    return {"triton_stepwise": lambda *args: (_TritonStepwise.apply(lstm, *args),)}
+
+
 def rnn_cases(device: torch.device, quick: bool, gen: torch.Generator) -> list[Case]:
     """gru_sequence and lstm_sequence against a Python loop over the cell (eager and
     compiled) and nn.GRU / nn.LSTM."""
     t, b, n_in = (20, 16, 8) if quick else (100, 64, 32)
     cases = []
-    for hs in ((32,) if quick else (64, 256)):
+    sizes = (32,) if quick else (64, 256, 512) if device.type == "cuda" else (64, 256)
+    for hs in sizes:
         k = hs ** -0.5
         w_ih = (k * (2 * torch.rand(3 * hs, n_in, generator=gen) - 1)).to(device)
         w_hh = (k * (2 * torch.rand(3 * hs, hs, generator=gen) - 1)).to(device)
@@ -212,7 +249,7 @@ def rnn_cases(device: torch.device, quick: bool, gen: torch.Generator) -> list[C
         cases.append(Case("gru_sequence", f"gru_sequence T={t} B={b} I={n_in} H={hs}",
                           (x, h0, w_ih, w_hh, b_ih, b_hh), cell_loop, fast, (0, 2, 3, 4, 5),
                           bytes_moved=4 * (x.numel() + t * b * hs + w_ih.numel() + w_hh.numel()),
-                          flops=flops, extras={"nn_GRU": nn_gru}))
+                          flops=flops, extras={"nn_GRU": nn_gru, **_stepwise_extra(device, False)}))
 
         lstm_p = [(k * (2 * torch.rand(*shape, generator=gen) - 1)).to(device)
                   for shape in ((4 * hs, n_in), (4 * hs, hs), (4 * hs,), (4 * hs,))]
@@ -235,7 +272,8 @@ def rnn_cases(device: torch.device, quick: bool, gen: torch.Generator) -> list[C
         cases.append(Case("lstm_sequence", f"lstm_sequence T={t} B={b} I={n_in} H={hs}",
                           (x, h0, *lstm_p), lstm_loop, lstm_fast, (0, 2, 3, 4, 5),
                           bytes_moved=4 * (x.numel() + 2 * t * b * hs + lstm_p[0].numel() + lstm_p[1].numel()),
-                          flops=2 * t * b * 4 * hs * (n_in + hs), extras={"nn_LSTM": nn_lstm}))
+                          flops=2 * t * b * 4 * hs * (n_in + hs),
+                          extras={"nn_LSTM": nn_lstm, **_stepwise_extra(device, True)}))
     return cases
 
 

@@ -1,9 +1,19 @@
 """Triton kernels of gru_sequence and lstm_sequence (GPU, and CPU under TRITON_INTERPRET=1).
 
-Per step, one cuBLAS GEMM (h W_hh^T) and one fused Triton kernel for the gates; the input
-projections of all steps are one GEMM up front, and the backward through time mirrors it.
-(The step loop is issued from Python; a persistent kernel holding W_hh on chip across
-steps is not written yet.) Math: latentfast/reference/rnn.py.
+Two implementations of each direction, both with the input projections of all steps as one
+GEMM up front and the weight gradients as GEMMs over the whole sequence afterwards:
+
+- persistent (the default, ``PERSISTENT = True``): the whole recurrence in ONE launch. Each
+  program owns BLOCK_B batch rows and walks all T steps; per step it forms h W_hh^T tile by
+  tile with tl.dot (W_hh stays in L2/L1 across steps, h never leaves the program) and writes
+  h_t, the cell and the saved gates; a barrier per step (two in the backward: gate gradients,
+  then dh = dG W_hh) makes the program's own writes visible to all of its threads. Batch rows
+  are independent, so no grid-wide synchronisation is needed; the price is that only
+  ceil(B / BLOCK_B) programs run.
+- stepwise (``PERSISTENT = False``): per step one cuBLAS GEMM and one fused gate kernel,
+  issued from Python (2 launches per step, more SMs busy per step).
+
+Math: latentfast/reference/rnn.py.
 """
 from __future__ import annotations
 
@@ -11,6 +21,16 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+PERSISTENT = True  # False: the per-step path (GEMM + gate kernel per step), kept for comparison
+
+
+def _persistent_blocks(b: int, h: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps); tl.dot needs every tile side >= 16."""
+    block_b = 16 if b <= 512 else 32
+    block_n = max(16, min(64, triton.next_power_of_2(h)))
+    block_k = max(16, min(32, triton.next_power_of_2(h)))
+    return block_b, block_n, block_k, 4
 
 
 @triton.jit
@@ -76,13 +96,121 @@ def _gates_bwd_kernel(dh_ptr, hp_ptr, gates_ptr, dgi_ptr, dgh_ptr, dd_ptr, B, H,
     tl.store(dd_ptr + h1, d * z, mask=m)
 
 
+@triton.jit
+def _gate_dot(acc, h, w_ptr, row0, cols, cm, ks, km, H):
+    """acc + h [BB, BK] @ W[row0 + cols, ks]^T (a [BK, BN] tile of W^T, W row-major with H columns)."""
+    w = tl.load(w_ptr + (row0 + cols[None, :]) * H + ks[:, None], mask=km[:, None] & cm[None, :], other=0.0)
+    return acc + tl.dot(h, w, input_precision="ieee")
+
+
+@triton.jit
+def _gru_fwd_persistent_kernel(gi_ptr, h0_ptr, w_ptr, bh_ptr, out_ptr, gates_ptr, T, B, H, SAVE: tl.constexpr,
+                               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rm = rows < B
+    for t in range(T):
+        if t == 0:
+            hp_ptr = h0_ptr
+        else:
+            hp_ptr = out_ptr + (t - 1) * B * H
+        for n0 in range(0, H, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cm = cols < H
+            m = rm[:, None] & cm[None, :]
+            h_old = tl.load(hp_ptr + rows[:, None] * H + cols[None, :], mask=m, other=0.0)
+            acc_r = tl.zeros([BLOCK_B, BLOCK_N], h_old.dtype)
+            acc_z = tl.zeros([BLOCK_B, BLOCK_N], h_old.dtype)
+            acc_n = tl.zeros([BLOCK_B, BLOCK_N], h_old.dtype)
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                km = ks < H
+                h = tl.load(hp_ptr + rows[:, None] * H + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                acc_r = _gate_dot(acc_r, h, w_ptr, 0, cols, cm, ks, km, H)
+                acc_z = _gate_dot(acc_z, h, w_ptr, H, cols, cm, ks, km, H)
+                acc_n = _gate_dot(acc_n, h, w_ptr, 2 * H, cols, cm, ks, km, H)
+            g3 = gi_ptr + t * B * 3 * H + rows[:, None] * 3 * H + cols[None, :]
+            r = _sigmoid(tl.load(g3, mask=m, other=0.0) + acc_r
+                         + tl.load(bh_ptr + cols, mask=cm, other=0.0)[None, :])
+            z = _sigmoid(tl.load(g3 + H, mask=m, other=0.0) + acc_z
+                         + tl.load(bh_ptr + H + cols, mask=cm, other=0.0)[None, :])
+            ghn = acc_n + tl.load(bh_ptr + 2 * H + cols, mask=cm, other=0.0)[None, :]
+            n = _tanh(tl.load(g3 + 2 * H, mask=m, other=0.0) + r * ghn)
+            tl.store(out_ptr + t * B * H + rows[:, None] * H + cols[None, :], n + z * (h_old - n), mask=m)
+            if SAVE:
+                g4 = gates_ptr + t * B * 4 * H + rows[:, None] * 4 * H + cols[None, :]
+                tl.store(g4, r, mask=m)
+                tl.store(g4 + H, z, mask=m)
+                tl.store(g4 + 2 * H, n, mask=m)
+                tl.store(g4 + 3 * H, ghn, mask=m)
+        tl.debug_barrier()  # h_t, written by all threads of this program, is read whole next step
+
+
+@triton.jit
+def _dh_from_gates_grad(dg_ptr, w_ptr, dd_ptr, dh_ptr, rows, rm, G: tl.constexpr, H, HAS_DD: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dh[rows] = dd[rows] (if HAS_DD) + dG[rows] [.., G*H] @ W [G*H, H]."""
+    for n0 in range(0, H, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cm = cols < H
+        m = rm[:, None] & cm[None, :]
+        if HAS_DD:
+            acc = tl.load(dd_ptr + rows[:, None] * H + cols[None, :], mask=m, other=0.0)
+        else:
+            acc = tl.zeros([BLOCK_B, BLOCK_N], dh_ptr.dtype.element_ty)
+        for k0 in range(0, G * H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            km = ks < G * H
+            dg = tl.load(dg_ptr + rows[:, None] * G * H + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+            acc += tl.dot(dg, w, input_precision="ieee")
+        tl.store(dh_ptr + rows[:, None] * H + cols[None, :], acc, mask=m)
+
+
+@triton.jit
+def _gru_bwd_persistent_kernel(go_ptr, hp_ptr, gates_ptr, w_ptr, dgi_ptr, dgh_ptr, dd_ptr, dh_ptr, T, B, H,
+                               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Backward through time; hp = the previous hidden states [T, B, H] (h0, out[:-1]); dh
+    [B, H] starts at zero and ends as the gradient of h0; dd [B, H] is scratch."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rm = rows < B
+    for i in range(T):
+        t = T - 1 - i
+        for n0 in range(0, H, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cm = cols < H
+            m = rm[:, None] & cm[None, :]
+            h1 = rows[:, None] * H + cols[None, :]
+            g4 = gates_ptr + t * B * 4 * H + rows[:, None] * 4 * H + cols[None, :]
+            r = tl.load(g4, mask=m, other=0.0)
+            z = tl.load(g4 + H, mask=m, other=0.0)
+            n = tl.load(g4 + 2 * H, mask=m, other=0.0)
+            ghn = tl.load(g4 + 3 * H, mask=m, other=0.0)
+            d = tl.load(dh_ptr + h1, mask=m, other=0.0) + tl.load(go_ptr + t * B * H + h1, mask=m, other=0.0)
+            hp = tl.load(hp_ptr + t * B * H + h1, mask=m, other=0.0)
+            da_n = d * (1.0 - z) * (1.0 - n * n)
+            da_r = da_n * ghn * r * (1.0 - r)
+            da_z = d * (hp - n) * z * (1.0 - z)
+            g3 = t * B * 3 * H + rows[:, None] * 3 * H + cols[None, :]
+            tl.store(dgi_ptr + g3, da_r, mask=m)
+            tl.store(dgi_ptr + g3 + H, da_z, mask=m)
+            tl.store(dgi_ptr + g3 + 2 * H, da_n, mask=m)
+            tl.store(dgh_ptr + g3, da_r, mask=m)
+            tl.store(dgh_ptr + g3 + H, da_z, mask=m)
+            tl.store(dgh_ptr + g3 + 2 * H, da_n * r, mask=m)
+            tl.store(dd_ptr + h1, d * z, mask=m)
+        tl.debug_barrier()  # dGH_t and the direct part complete before the GEMM reads them
+        _dh_from_gates_grad(dgh_ptr + t * B * 3 * H, w_ptr, dd_ptr, dh_ptr, rows, rm, 3, H, True, BLOCK_B,
+                            BLOCK_N, BLOCK_K)
+        tl.debug_barrier()  # dh complete before the next step's gate gradients read it
+
+
 def _grid(b: int, h: int) -> tuple[tuple[int, int], int, int]:
     block_h = min(128, triton.next_power_of_2(max(h, 1)))
     block_b = max(1, min(16, 2048 // block_h))
     return (triton.cdiv(b, block_b), triton.cdiv(h, block_h)), block_b, block_h
 
 
-def gru_sequence_fwd(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+def _gru_sequence_fwd_stepwise(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
                      bias_hh: Tensor, save: bool) -> tuple[Tensor, Tensor]:
     x, h0 = x.contiguous(), h0.contiguous()
     t_len, b, n_in = x.shape
@@ -103,7 +231,7 @@ def gru_sequence_fwd(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor
     return out, gates
 
 
-def gru_sequence_bwd(grad_out: Tensor, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+def _gru_sequence_bwd_stepwise(grad_out: Tensor, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                      out: Tensor, gates: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     x, h0, out, gates, grad_out = (t.contiguous() for t in (x, h0, out, gates, grad_out))
     t_len, b, n_in = x.shape
@@ -123,6 +251,57 @@ def gru_sequence_bwd(grad_out: Tensor, x: Tensor, h0: Tensor, weight_ih: Tensor,
     h_prev = torch.cat([h0[None], out[:-1]], 0).view(-1, hs)
     return (dgi2 @ weight_ih).view(t_len, b, n_in), dh, dgi2.T @ x.view(-1, n_in), dgh2.T @ h_prev, \
         dgi2.sum(0), dgh2.sum(0)
+
+
+def _gru_sequence_fwd_persistent(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                                 bias_hh: Tensor, save: bool) -> tuple[Tensor, Tensor]:
+    x, h0 = x.contiguous(), h0.contiguous()
+    t_len, b, n_in = x.shape
+    hs = h0.shape[1]
+    out = torch.empty((t_len, b, hs), dtype=x.dtype, device=x.device)
+    gates = torch.empty((t_len, b, 4 * hs) if save else (0,), dtype=x.dtype, device=x.device)
+    if t_len == 0 or b == 0:
+        return out, gates
+    gi_all = torch.addmm(bias_ih, x.view(t_len * b, n_in), weight_ih.T)
+    bb, bn, bk, nw = _persistent_blocks(b, hs)
+    _gru_fwd_persistent_kernel[(triton.cdiv(b, bb),)](
+        gi_all, h0, weight_hh.contiguous(), bias_hh.contiguous(), out, gates if save else out, t_len, b, hs,
+        SAVE=save, BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    return out, gates
+
+
+def _gru_sequence_bwd_persistent(grad_out: Tensor, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                                 out: Tensor, gates: Tensor
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x, h0, out, gates, grad_out = (t.contiguous() for t in (x, h0, out, gates, grad_out))
+    t_len, b, n_in = x.shape
+    hs = h0.shape[1]
+    dgi = torch.empty((t_len, b, 3 * hs), dtype=x.dtype, device=x.device)
+    dgh = torch.empty_like(dgi)
+    dh = torch.zeros_like(h0)
+    h_prev = torch.cat([h0[None], out[:-1]], 0)
+    if t_len > 0 and b > 0:
+        bb, bn, bk, nw = _persistent_blocks(b, hs)
+        _gru_bwd_persistent_kernel[(triton.cdiv(b, bb),)](
+            grad_out, h_prev, gates, weight_hh.contiguous(), dgi, dgh, torch.empty_like(h0), dh, t_len, b, hs,
+            BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    dgi2, dgh2 = dgi.view(-1, 3 * hs), dgh.view(-1, 3 * hs)
+    return (dgi2 @ weight_ih).view(t_len, b, n_in), dh, dgi2.T @ x.view(-1, n_in), \
+        dgh2.T @ h_prev.view(-1, hs), dgi2.sum(0), dgh2.sum(0)
+
+
+def gru_sequence_fwd(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                     bias_hh: Tensor, save: bool) -> tuple[Tensor, Tensor]:
+    """(out [T, B, H], gates [T, B, 4H] = r, z, n, h W_hn^T + b_hn when save, else empty)."""
+    fn = _gru_sequence_fwd_persistent if PERSISTENT else _gru_sequence_fwd_stepwise
+    return fn(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, save)
+
+
+def gru_sequence_bwd(grad_out: Tensor, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                     out: Tensor, gates: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)."""
+    fn = _gru_sequence_bwd_persistent if PERSISTENT else _gru_sequence_bwd_stepwise
+    return fn(grad_out, x, h0, weight_ih, weight_hh, out, gates)
 
 
 # ---------------------------------------------------------------------------------- LSTM
@@ -171,7 +350,145 @@ def _lstm_bwd_kernel(dh_ptr, go_ptr, dc_ptr, gc_ptr, gates_ptr, cp_ptr, cn_ptr, 
     tl.store(dcp_ptr + h1, c * f, mask=m)
 
 
+@triton.jit
+def _lstm_fwd_persistent_kernel(a_ptr, h0_ptr, c0_ptr, w_ptr, out_ptr, cells_ptr, gates_ptr, T, B, H,
+                                SAVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rm = rows < B
+    for t in range(T):
+        if t == 0:
+            hp_ptr = h0_ptr
+            cp_ptr = c0_ptr
+        else:
+            hp_ptr = out_ptr + (t - 1) * B * H
+            cp_ptr = cells_ptr + (t - 1) * B * H
+        for n0 in range(0, H, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cm = cols < H
+            m = rm[:, None] & cm[None, :]
+            h1 = rows[:, None] * H + cols[None, :]
+            c_old = tl.load(cp_ptr + h1, mask=m, other=0.0)
+            acc_i = tl.zeros([BLOCK_B, BLOCK_N], c_old.dtype)
+            acc_f = tl.zeros([BLOCK_B, BLOCK_N], c_old.dtype)
+            acc_g = tl.zeros([BLOCK_B, BLOCK_N], c_old.dtype)
+            acc_o = tl.zeros([BLOCK_B, BLOCK_N], c_old.dtype)
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                km = ks < H
+                h = tl.load(hp_ptr + rows[:, None] * H + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                acc_i = _gate_dot(acc_i, h, w_ptr, 0, cols, cm, ks, km, H)
+                acc_f = _gate_dot(acc_f, h, w_ptr, H, cols, cm, ks, km, H)
+                acc_g = _gate_dot(acc_g, h, w_ptr, 2 * H, cols, cm, ks, km, H)
+                acc_o = _gate_dot(acc_o, h, w_ptr, 3 * H, cols, cm, ks, km, H)
+            a4 = a_ptr + t * B * 4 * H + rows[:, None] * 4 * H + cols[None, :]
+            i = _sigmoid(tl.load(a4, mask=m, other=0.0) + acc_i)
+            f = _sigmoid(tl.load(a4 + H, mask=m, other=0.0) + acc_f)
+            g = _tanh(tl.load(a4 + 2 * H, mask=m, other=0.0) + acc_g)
+            o = _sigmoid(tl.load(a4 + 3 * H, mask=m, other=0.0) + acc_o)
+            c = f * c_old + i * g
+            tl.store(cells_ptr + t * B * H + h1, c, mask=m)
+            tl.store(out_ptr + t * B * H + h1, o * _tanh(c), mask=m)
+            if SAVE:
+                g4 = gates_ptr + t * B * 4 * H + rows[:, None] * 4 * H + cols[None, :]
+                tl.store(g4, i, mask=m)
+                tl.store(g4 + H, f, mask=m)
+                tl.store(g4 + 2 * H, g, mask=m)
+                tl.store(g4 + 3 * H, o, mask=m)
+        tl.debug_barrier()  # h_t and c_t complete before the next step reads them
+
+
+@triton.jit
+def _lstm_bwd_persistent_kernel(go_ptr, gc_ptr, gates_ptr, cells_ptr, cp_ptr, w_ptr, da_ptr, dc_ptr, dh_ptr,
+                                T, B, H, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Backward through time; cp = the previous cells [T, B, H] (c0, cells[:-1]); dh and dc
+    [B, H] start at zero and end as the gradients of h0 and c0."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rm = rows < B
+    for s in range(T):
+        t = T - 1 - s
+        for n0 in range(0, H, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cm = cols < H
+            m = rm[:, None] & cm[None, :]
+            h1 = rows[:, None] * H + cols[None, :]
+            g4 = t * B * 4 * H + rows[:, None] * 4 * H + cols[None, :]
+            i = tl.load(gates_ptr + g4, mask=m, other=0.0)
+            f = tl.load(gates_ptr + g4 + H, mask=m, other=0.0)
+            g = tl.load(gates_ptr + g4 + 2 * H, mask=m, other=0.0)
+            o = tl.load(gates_ptr + g4 + 3 * H, mask=m, other=0.0)
+            d = tl.load(dh_ptr + h1, mask=m, other=0.0) + tl.load(go_ptr + t * B * H + h1, mask=m, other=0.0)
+            tc = _tanh(tl.load(cells_ptr + t * B * H + h1, mask=m, other=0.0))
+            c = tl.load(dc_ptr + h1, mask=m, other=0.0) + tl.load(gc_ptr + t * B * H + h1, mask=m, other=0.0) \
+                + d * o * (1.0 - tc * tc)
+            tl.store(da_ptr + g4, c * g * i * (1.0 - i), mask=m)
+            tl.store(da_ptr + g4 + H, c * tl.load(cp_ptr + t * B * H + h1, mask=m, other=0.0) * f * (1.0 - f),
+                     mask=m)
+            tl.store(da_ptr + g4 + 2 * H, c * i * (1.0 - g * g), mask=m)
+            tl.store(da_ptr + g4 + 3 * H, d * tc * o * (1.0 - o), mask=m)
+            tl.store(dc_ptr + h1, c * f, mask=m)  # each element read and rewritten by the same lanes
+        tl.debug_barrier()  # dA_t complete before the GEMM reads it
+        _dh_from_gates_grad(da_ptr + t * B * 4 * H, w_ptr, dh_ptr, dh_ptr, rows, rm, 4, H, False, BLOCK_B,
+                            BLOCK_N, BLOCK_K)
+        tl.debug_barrier()  # dh complete before the next step reads it
+
+
+def _lstm_sequence_fwd_persistent(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                                  bias_ih: Tensor, bias_hh: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
+    t_len, b, n_in = x.shape
+    hs = h0.shape[1]
+    out = torch.empty((t_len, b, hs), dtype=x.dtype, device=x.device)
+    cells = torch.empty_like(out)
+    gates = torch.empty((t_len, b, 4 * hs) if save else (0,), dtype=x.dtype, device=x.device)
+    if t_len == 0 or b == 0:
+        return out, cells, gates
+    a_all = torch.addmm(bias_ih + bias_hh, x.view(t_len * b, n_in), weight_ih.T)
+    bb, bn, bk, nw = _persistent_blocks(b, hs)
+    _lstm_fwd_persistent_kernel[(triton.cdiv(b, bb),)](
+        a_all, h0, c0, weight_hh.contiguous(), out, cells, gates if save else out, t_len, b, hs, SAVE=save,
+        BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    return out, cells, gates
+
+
+def _lstm_sequence_bwd_persistent(grad_out: Tensor, grad_cells: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
+                                  weight_ih: Tensor, weight_hh: Tensor, out: Tensor, cells: Tensor, gates: Tensor
+                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grad_out, grad_cells, x, h0, c0, out, cells, gates = (
+        t.contiguous() for t in (grad_out, grad_cells, x, h0, c0, out, cells, gates))
+    t_len, b, n_in = x.shape
+    hs = h0.shape[1]
+    da = torch.empty((t_len, b, 4 * hs), dtype=x.dtype, device=x.device)
+    dh, dc = torch.zeros_like(h0), torch.zeros_like(c0)
+    if t_len > 0 and b > 0:
+        c_prev = torch.cat([c0[None], cells[:-1]], 0)
+        bb, bn, bk, nw = _persistent_blocks(b, hs)
+        _lstm_bwd_persistent_kernel[(triton.cdiv(b, bb),)](
+            grad_out, grad_cells, gates, cells, c_prev, weight_hh.contiguous(), da, dc, dh, t_len, b, hs,
+            BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    da2 = da.view(-1, 4 * hs)
+    h_prev = torch.cat([h0[None], out[:-1]], 0).view(-1, hs)
+    db = da2.sum(0)
+    return (da2 @ weight_ih).view(t_len, b, n_in), dh, dc, da2.T @ x.view(-1, n_in), da2.T @ h_prev, db, \
+        db.clone()
+
+
 def lstm_sequence_fwd(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                      bias_hh: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, cells [T, B, H], gates [T, B, 4H] = i, f, g, o when save, else empty)."""
+    fn = _lstm_sequence_fwd_persistent if PERSISTENT else _lstm_sequence_fwd_stepwise
+    return fn(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, save)
+
+
+def lstm_sequence_bwd(grad_out: Tensor, grad_cells: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
+                      weight_ih: Tensor, weight_hh: Tensor, out: Tensor, cells: Tensor, gates: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)."""
+    fn = _lstm_sequence_bwd_persistent if PERSISTENT else _lstm_sequence_bwd_stepwise
+    return fn(grad_out, grad_cells, x, h0, c0, weight_ih, weight_hh, out, cells, gates)
+
+
+def _lstm_sequence_fwd_stepwise(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
                       bias_hh: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
     x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
     t_len, b, n_in = x.shape
@@ -194,7 +511,7 @@ def lstm_sequence_fwd(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weig
     return out, cells, gates
 
 
-def lstm_sequence_bwd(grad_out: Tensor, grad_cells: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
+def _lstm_sequence_bwd_stepwise(grad_out: Tensor, grad_cells: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
                       weight_ih: Tensor, weight_hh: Tensor, out: Tensor, cells: Tensor, gates: Tensor
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grad_out, grad_cells, x, h0, c0, out, cells, gates = (

@@ -5,9 +5,16 @@ import pytest
 import torch
 from torch import nn
 
+import latentfast
+from latentfast import backend as lf_backend
+
 from latentfast.ops import rnn as ops
 from latentfast.reference import rnn as ref
-from tests.conftest import assert_close, device_for
+from tests.conftest import assert_close, device_for, interpreting
+
+# Under the Triton interpreter each sequence call costs ~0.1 s, so gradcheck projects the
+# Jacobians on random directions (fast_mode) instead of building them column by column.
+FAST_GC = dict(fast_mode=True) if interpreting() else {}
 
 SHAPES = [(1, 1, 1, 1), (7, 3, 5, 4), (5, 2, 3, 17), (12, 6, 2, 33)]  # T, B, I, H
 
@@ -60,9 +67,10 @@ def test_gradcheck_and_opcheck(backend):
     x = torch.randn(4, 2, 2, dtype=torch.float64).to(dev).requires_grad_()
     h0 = torch.randn(2, 3, dtype=torch.float64).to(dev).requires_grad_()
     params = [p.detach().clone().requires_grad_() for p in _params(g)]
-    assert torch.autograd.gradcheck(lambda *a: ops.gru_sequence(*a)[0], (x, h0, *params))
+    assert torch.autograd.gradcheck(lambda *a: ops.gru_sequence(*a)[0], (x, h0, *params), **FAST_GC)
     # the inference op differentiated directly (recomputes the gates)
-    assert torch.autograd.gradcheck(lambda *a: torch.ops.latentfast.gru_sequence(*a), (x, h0, *params))
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.latentfast.gru_sequence(*a), (x, h0, *params),
+                                    **FAST_GC)
     lib = torch.ops.latentfast
     args = (x.detach(), h0.detach(), *[p.detach() for p in params])
     out, gates = ref.gru_sequence(*args)
@@ -143,8 +151,9 @@ def test_lstm_gradcheck_and_opcheck(backend):
         out, (_, cn) = ops.lstm_sequence(x, (h0, c0), *p)
         return out, cn
 
-    assert torch.autograd.gradcheck(public, (x, h0, c0, *params))
-    assert torch.autograd.gradcheck(lambda *a: torch.ops.latentfast.lstm_sequence(*a), (x, h0, c0, *params))
+    assert torch.autograd.gradcheck(public, (x, h0, c0, *params), **FAST_GC)
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.latentfast.lstm_sequence(*a), (x, h0, c0, *params),
+                                    **FAST_GC)
     lib = torch.ops.latentfast
     args = (x.detach(), h0.detach(), c0.detach(), *[p.detach() for p in params])
     out, cells, gates = ref.lstm_sequence(*args)
@@ -165,3 +174,49 @@ def test_lstm_bad_inputs_raise():
         ops.lstm_sequence(x, torch.zeros(2, 4), *_params(m))
     with pytest.raises(TypeError, match="dtype"):
         ops.lstm_sequence(x.double(), None, *_params(m))
+
+
+def _triton_runs_here() -> bool:
+    return lf_backend.why_unavailable("triton", torch.device("cpu")) is None
+
+
+def check_triton_paths(device: torch.device, persistent: bool, dtype: torch.dtype) -> None:
+    """The persistent (one launch) and the per-step Triton paths against nn.GRU / nn.LSTM at a
+    size with several programs (B > BLOCK_B), several hidden tiles (H > BLOCK_N) and a masked
+    last tile, values and gradients through out and the last cell."""
+    from latentfast.kernels import rnn as kernels
+    t, b, i, h = 4, 19, 5, 70
+    old = kernels.PERSISTENT
+    kernels.PERSISTENT = persistent
+    try:
+        with latentfast.use_backend("triton"):
+            g = _gru(i, h, dtype, device, seed=7)
+            x = torch.randn(t, b, i, dtype=dtype).to(device).requires_grad_()
+            h0 = torch.randn(b, h, dtype=dtype).to(device).requires_grad_()
+            out, _ = ops.gru_sequence(x, h0, *_params(g))
+            want, _ = g(x, h0[None])
+            assert_close(out, want, scale=10, msg="gru out")
+            go = torch.randn_like(out)
+            wrt = [x, h0, *g.parameters()]
+            for a, w in zip(torch.autograd.grad((out * go).sum(), wrt), torch.autograd.grad((want * go).sum(), wrt)):
+                assert_close(a, w, scale=100, msg="gru grad")
+            m = _lstm(i, h, dtype, device, seed=8)
+            c0 = torch.randn(b, h, dtype=dtype).to(device).requires_grad_()
+            out, (_, cn) = ops.lstm_sequence(x, (h0, c0), *_params(m))
+            want, (_, want_cn) = m(x, (h0[None], c0[None]))
+            assert_close(out, want, scale=10, msg="lstm out")
+            assert_close(cn, want_cn[0], scale=10, msg="lstm c_n")
+            gc = torch.randn_like(cn)
+            wrt = [x, h0, c0, *m.parameters()]
+            for a, w in zip(torch.autograd.grad((out * go).sum() + (cn * gc).sum(), wrt),
+                            torch.autograd.grad((want * go).sum() + (want_cn[0] * gc).sum(), wrt)):
+                assert_close(a, w, scale=100, msg="lstm grad")
+    finally:
+        kernels.PERSISTENT = old
+
+
+@pytest.mark.skipif(not _triton_runs_here(), reason="Triton on CPU needs TRITON_INTERPRET=1 (the CI's 2nd pass)")
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_persistent_and_stepwise_paths(persistent, dtype):
+    check_triton_paths(torch.device("cpu"), persistent, dtype)
