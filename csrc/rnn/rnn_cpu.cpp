@@ -2,8 +2,11 @@
 // Lyapunov ops rnn_lyapunov and lorenz_lyapunov (the whole Benettin run in one call). The input projections of
 // all steps are one GEMM; each step is one GEMM (h W_hh^T) plus one fused gate loop; the
 // backward through time is one GEMM and one fused loop per step, then one GEMM per weight.
+// With >= 16 batch rows per thread each thread owns a block of rows for all T steps (rows
+// are independent), so there is no fork/join per step.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -71,6 +74,16 @@ void check_gru(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih
 // splits across two threads.
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1)); }
 
+// Batch rows are independent through the whole recurrence, so with enough rows per thread
+// each thread takes a block of rows and walks all T steps on its own (its own small GEMM per
+// step, no barrier between steps). Returns the rows per block, or 0 for the per-step path
+// (one threaded GEMM and one parallel gate loop per step), used when rows are too few.
+int64_t rows_per_thread_block(int64_t B) {
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per = (B + nt - 1) / nt;
+  return per >= 16 ? per : 0;
+}
+
 std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, const at::Tensor& h0_in,
                                                     const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                     const at::Tensor& b_ih, const at::Tensor& b_hh,
@@ -83,14 +96,32 @@ std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, cons
   if (T == 0) return {out, gates};
   const at::Tensor gi_all = at::addmm(b_ih, x.reshape({T * B, x.size(2)}), w_ih.t()).view({T, B, 3 * H});
   const at::Tensor w_hh_t = w_hh.t(), b_hh_c = b_hh.contiguous();
-  at::Tensor gh = at::empty({B, 3 * H}, x.options());
+  const int64_t block = rows_per_thread_block(B);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_sequence_fwd", [&] {
+    const scalar_t* bhp = b_hh_c.const_data_ptr<scalar_t>();
+    if (block > 0) {
+      at::parallel_for(0, B, block, [&](int64_t begin, int64_t end) {
+        // worker threads do not inherit the caller's dispatch state: skip autograd here too
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        const int64_t n = end - begin;
+        at::Tensor gh = at::empty({n, 3 * H}, x.options());
+        for (int64_t t = 0; t < T; ++t) {
+          const at::Tensor h = (t == 0 ? h0 : out[t - 1]).narrow(0, begin, n);
+          at::mm_out(gh, h, w_hh_t);  // b_hh is added in the gate loop
+          scalar_t* sp = save ? gates.mutable_data_ptr<scalar_t>() + (t * B + begin) * 4 * H : nullptr;
+          LF_RNN_CALL(gru_gates_fwd_rows<scalar_t>, gi_all.const_data_ptr<scalar_t>() + (t * B + begin) * 3 * H,
+                      gh.const_data_ptr<scalar_t>(), bhp, h.const_data_ptr<scalar_t>(),
+                      out.mutable_data_ptr<scalar_t>() + (t * B + begin) * H, sp, H, 0, n);
+        }
+      });
+      return;
+    }
+    at::Tensor gh = at::empty({B, 3 * H}, x.options());
     for (int64_t t = 0; t < T; ++t) {
       const at::Tensor h = t == 0 ? h0 : out[t - 1];
       at::mm_out(gh, h, w_hh_t);  // b_hh is added in the gate loop (addmm would copy it first)
       const scalar_t* gi = gi_all.const_data_ptr<scalar_t>() + t * B * 3 * H;
       const scalar_t* ghp = gh.const_data_ptr<scalar_t>();
-      const scalar_t* bhp = b_hh_c.const_data_ptr<scalar_t>();
       const scalar_t* hp = h.const_data_ptr<scalar_t>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>() + t * B * H;
       scalar_t* sp = save ? gates.mutable_data_ptr<scalar_t>() + t * B * 4 * H : nullptr;
@@ -113,18 +144,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dgi = at::empty({T, B, 3 * H}, x.options());
   at::Tensor dgh = at::empty({T, B, 3 * H}, x.options());
   at::Tensor dh = at::zeros({B, H}, x.options());
+  const int64_t block = rows_per_thread_block(B);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_sequence_bwd", [&] {
-    for (int64_t t = T - 1; t >= 0; --t) {
+    // rows [begin, end) of step t; dh_rows is dh.narrow(0, begin, n)
+    auto step = [&](int64_t t, int64_t begin, int64_t end) {
       const at::Tensor h_prev = t == 0 ? h0 : out[t - 1];
-      const scalar_t* gop = grad_out.const_data_ptr<scalar_t>() + t * B * H;
-      const scalar_t* hp = h_prev.const_data_ptr<scalar_t>();
-      const scalar_t* gp = gates.const_data_ptr<scalar_t>() + t * B * 4 * H;
-      scalar_t* gip = dgi.mutable_data_ptr<scalar_t>() + t * B * 3 * H;
-      scalar_t* ghp = dgh.mutable_data_ptr<scalar_t>() + t * B * 3 * H;
-      scalar_t* dhp = dh.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
-        LF_RNN_CALL(gru_gates_bwd_rows<scalar_t>, dhp, gop, hp, gp, gip, ghp, H, begin, end);
+      const int64_t o3 = (t * B + begin) * 3 * H;
+      LF_RNN_CALL(gru_gates_bwd_rows<scalar_t>, dh.mutable_data_ptr<scalar_t>() + begin * H,
+                  grad_out.const_data_ptr<scalar_t>() + (t * B + begin) * H,
+                  h_prev.const_data_ptr<scalar_t>() + begin * H,
+                  gates.const_data_ptr<scalar_t>() + (t * B + begin) * 4 * H,
+                  dgi.mutable_data_ptr<scalar_t>() + o3, dgh.mutable_data_ptr<scalar_t>() + o3, H, 0, end - begin);
+    };
+    if (block > 0) {
+      at::parallel_for(0, B, block, [&](int64_t begin, int64_t end) {
+        // worker threads do not inherit the caller's dispatch state: skip autograd here too
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        at::Tensor dh_rows = dh.narrow(0, begin, end - begin);
+        for (int64_t t = T - 1; t >= 0; --t) {
+          step(t, begin, end);
+          dh_rows.addmm_(dgh[t].narrow(0, begin, end - begin), w_hh);
+        }
       });
+      return;
+    }
+    for (int64_t t = T - 1; t >= 0; --t) {
+      at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) { step(t, begin, end); });
       dh.addmm_(dgh[t], w_hh);  // dh_t = (dh + grad_out_t) z + dGH_t W_hh, in place (no copy)
     }
   });
@@ -167,14 +212,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd(
   // both biases folded into the input projections of all steps (one GEMM)
   at::Tensor a_all = at::addmm(b_ih + b_hh, x.reshape({T * B, x.size(2)}), w_ih.t()).view({T, B, 4 * H});
   const at::Tensor w_hh_t = w_hh.t();
+  const int64_t block = rows_per_thread_block(B);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_sequence_fwd", [&] {
+    auto step = [&](int64_t t, int64_t begin, int64_t end) {
+      const int64_t n = end - begin;
+      const at::Tensor h = (t == 0 ? h0 : out[t - 1]).narrow(0, begin, n);
+      const at::Tensor c = t == 0 ? c0 : cells[t - 1];
+      at::Tensor a = a_all[t].narrow(0, begin, n);
+      a.addmm_(h, w_hh_t);  // in place on this step's input projection (addmm_out would copy it)
+      scalar_t* sp = save ? gates.mutable_data_ptr<scalar_t>() + (t * B + begin) * 4 * H : nullptr;
+      LF_RNN_CALL(lstm_gates_fwd_rows<scalar_t>, a.const_data_ptr<scalar_t>(),
+                  c.const_data_ptr<scalar_t>() + begin * H, out.mutable_data_ptr<scalar_t>() + (t * B + begin) * H,
+                  cells.mutable_data_ptr<scalar_t>() + (t * B + begin) * H, sp, H, 0, n);
+    };
+    if (block > 0) {
+      at::parallel_for(0, B, block, [&](int64_t begin, int64_t end) {
+        // worker threads do not inherit the caller's dispatch state: skip autograd here too
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        for (int64_t t = 0; t < T; ++t) step(t, begin, end);
+      });
+      return;
+    }
     for (int64_t t = 0; t < T; ++t) {
       const at::Tensor h = t == 0 ? h0 : out[t - 1];
-      const at::Tensor c = t == 0 ? c0 : cells[t - 1];
-      at::Tensor a = a_all[t];
-      a.addmm_(h, w_hh_t);  // in place on this step's input projection (addmm_out would copy it)
-      const scalar_t* ap = a.const_data_ptr<scalar_t>();
-      const scalar_t* cp = c.const_data_ptr<scalar_t>();
+      a_all[t].addmm_(h, w_hh_t);
+      const scalar_t* ap = a_all.const_data_ptr<scalar_t>() + t * B * 4 * H;
+      const scalar_t* cp = (t == 0 ? c0 : cells[t - 1]).const_data_ptr<scalar_t>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>() + t * B * H;
       scalar_t* cn = cells.mutable_data_ptr<scalar_t>() + t * B * H;
       scalar_t* sp = save ? gates.mutable_data_ptr<scalar_t>() + t * B * 4 * H : nullptr;
@@ -203,20 +266,41 @@ lstm_sequence_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_cells_in
   at::Tensor dh = at::zeros({B, H}, x.options());
   at::Tensor dc = at::zeros({B, H}, x.options());
   at::Tensor dc_next = at::empty({B, H}, x.options());
+  const int64_t block = rows_per_thread_block(B);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_sequence_bwd", [&] {
-    for (int64_t t = T - 1; t >= 0; --t) {
+    // rows [begin, end) of step t: reads dc_in, writes dc_out (row-local pointers)
+    auto step = [&](int64_t t, int64_t begin, int64_t end, const scalar_t* dc_in, scalar_t* dc_out) {
       const at::Tensor c_prev = t == 0 ? c0 : cells[t - 1];
-      const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
-      const scalar_t* gop = grad_out.const_data_ptr<scalar_t>() + t * B * H;
+      const int64_t o1 = (t * B + begin) * H;
+      LF_RNN_CALL(lstm_gates_bwd_rows<scalar_t>, dh.const_data_ptr<scalar_t>() + begin * H,
+                  grad_out.const_data_ptr<scalar_t>() + o1, dc_in, grad_cells.const_data_ptr<scalar_t>() + o1,
+                  gates.const_data_ptr<scalar_t>() + (t * B + begin) * 4 * H,
+                  c_prev.const_data_ptr<scalar_t>() + begin * H, cells.const_data_ptr<scalar_t>() + o1,
+                  da.mutable_data_ptr<scalar_t>() + (t * B + begin) * 4 * H, dc_out, H, 0, end - begin);
+    };
+    if (block > 0) {
+      at::parallel_for(0, B, block, [&](int64_t begin, int64_t end) {
+        // worker threads do not inherit the caller's dispatch state: skip autograd here too
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        const int64_t n = end - begin;
+        at::Tensor dh_rows = dh.narrow(0, begin, n);
+        scalar_t* bufs[2] = {dc.mutable_data_ptr<scalar_t>() + begin * H,
+                             dc_next.mutable_data_ptr<scalar_t>() + begin * H};
+        int cur = 0;
+        for (int64_t t = T - 1; t >= 0; --t) {
+          step(t, begin, end, bufs[cur], bufs[1 - cur]);
+          cur = 1 - cur;
+          at::mm_out(dh_rows, da[t].narrow(0, begin, n), w_hh);  // dh_t = dA_t W_hh
+        }
+        if (cur == 1) std::memcpy(bufs[0], bufs[1], sizeof(scalar_t) * n * H);  // result into dc
+      });
+      return;
+    }
+    for (int64_t t = T - 1; t >= 0; --t) {
       const scalar_t* dcp = dc.const_data_ptr<scalar_t>();
-      const scalar_t* gcp = grad_cells.const_data_ptr<scalar_t>() + t * B * H;
-      const scalar_t* gp = gates.const_data_ptr<scalar_t>() + t * B * 4 * H;
-      const scalar_t* cpp = c_prev.const_data_ptr<scalar_t>();
-      const scalar_t* cnp = cells.const_data_ptr<scalar_t>() + t * B * H;
-      scalar_t* dap = da.mutable_data_ptr<scalar_t>() + t * B * 4 * H;
       scalar_t* dnp = dc_next.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
-        LF_RNN_CALL(lstm_gates_bwd_rows<scalar_t>, dhp, gop, dcp, gcp, gp, cpp, cnp, dap, dnp, H, begin, end);
+        step(t, begin, end, dcp + begin * H, dnp + begin * H);
       });
       std::swap(dc, dc_next);
       at::mm_out(dh, da[t], w_hh);  // dh_t = dA_t W_hh

@@ -16,7 +16,8 @@ from tests.conftest import assert_close, device_for, interpreting
 # Jacobians on random directions (fast_mode) instead of building them column by column.
 FAST_GC = dict(fast_mode=True) if interpreting() else {}
 
-SHAPES = [(1, 1, 1, 1), (7, 3, 5, 4), (5, 2, 3, 17), (12, 6, 2, 33)]  # T, B, I, H
+# the last: B = 37 takes the C++ kernels' rows-per-thread path (>= 16 rows per thread)
+SHAPES = [(1, 1, 1, 1), (7, 3, 5, 4), (5, 2, 3, 17), (12, 6, 2, 33), (6, 37, 4, 20)]  # T, B, I, H
 
 
 def _gru(i, h, dtype, device, seed):
