@@ -22,8 +22,8 @@ TORCH_LIBRARY(latentfast_cpp, m) {
   m.def("affine_coupling_fwd(Tensor x, Tensor h, bool additive, bool inverse) -> (Tensor, Tensor)");
   m.def("affine_coupling_bwd(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor h, bool additive) -> (Tensor, Tensor)");
   // Vector flow stacks (K masked-MLP steps on [B, d]; see latentfast/reference/vector_flows.py).
-  m.def("vector_flow_fwd(Tensor x, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor act, bool additive, bool save) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("vector_flow_bwd(Tensor grad_y, Tensor grad_logdet, Tensor xs, Tensor out, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor act, bool additive) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("vector_flow_fwd(Tensor x, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor act, bool additive, bool save, bool keep_hidden=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("vector_flow_bwd(Tensor grad_y, Tensor grad_logdet, Tensor xs, Tensor out, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor act, bool additive, Tensor? hidden=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("vector_flow_inv(Tensor y, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor act, bool additive, int n_passes) -> (Tensor, Tensor)");
   m.def("lu_weight(Tensor perm, Tensor lower, Tensor upper, Tensor sign_s, Tensor log_abs_s) -> (Tensor, Tensor)");
   // Latent geometry (act codes: 0 identity, 1 tanh, 2 softplus, 3 elu, 4 sigmoid).

@@ -91,10 +91,10 @@ void step_params(const at::Tensor& x, const at::Tensor* ctx_k, const at::Tensor&
   if (o) at::addmm_out(*o, b2, g, w2.t());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_flow_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_flow_fwd(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& ctx_in, const at::Tensor& w1_in,
     const at::Tensor& b1_in, const at::Tensor& w2_in, const at::Tensor& b2_in, const at::Tensor& act_in,
-    bool additive, bool save) {
+    bool additive, bool save, bool keep_hidden) {
   const Dims n = check_stack(x_in, ctx_in, w1_in, b1_in, w2_in, b2_in, act_in, additive);
   const at::Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), b1 = b1_in.contiguous();
   const at::Tensor w2 = w2_in.contiguous(), b2 = b2_in.contiguous(), act = act_in.contiguous();
@@ -105,7 +105,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_flow_fwd(
   // Kept for the backward: each step's input and MLP output (the hidden layers are recomputed).
   at::Tensor xs = save ? at::empty({n.K, n.B, n.d}, opt) : at::empty({0}, opt);
   at::Tensor out = save ? at::empty({n.K, n.B, n.O}, opt) : at::empty({0}, opt);
-  at::Tensor g = at::empty({n.B, n.H}, opt);
+  // keep_hidden (with save): also each step's hidden layer [K, B, H], so the backward skips
+  // recomputing it (one [B, d] x [d, H] GEMM per step) at the cost of K*B*H memory
+  const bool keep = save && keep_hidden;
+  at::Tensor hid_all = keep ? at::empty({n.K, n.B, n.H}, opt) : at::empty({0}, opt);
+  at::Tensor g_buf = keep ? at::Tensor() : at::empty({n.B, n.H}, opt);
   at::Tensor o_buf = save ? at::Tensor() : at::empty({n.B, n.O}, opt);
   at::Tensor tmp = at::empty({n.B, n.d}, opt);
   if (save) xs[0].copy_(x);
@@ -114,6 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_flow_fwd(
     for (int64_t k = 0; k < n.K; ++k) {
       at::Tensor o = save ? out[k] : o_buf;
       const at::Tensor ctx_k = ctx.has_value() ? (*ctx)[k] : at::Tensor();
+      at::Tensor g = keep ? hid_all[k] : g_buf;
       step_params<scalar_t>(cur, ctx.has_value() ? &ctx_k : nullptr, w1[k], b1[k], w2[k], b2[k], g, &o, n.H);
       // Ping-pong so the last step lands in y; with save, each step's output is the next input row.
       at::Tensor dst = (save && k + 1 < n.K) ? xs[k + 1] : (((n.K - 1 - k) % 2 == 0) ? y : tmp);
@@ -128,16 +133,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_flow_fwd(
       cur = dst;
     }
   });
-  return {y, logdet, xs, out};
+  return {y, logdet, xs, out, hid_all};
 }
 
-// Steps in reverse; per step: recompute the hidden layer, the gate backward, then grad W2 =
+// Steps in reverse; per step: the hidden layer (kept by the forward, or recomputed), the gate backward, then grad W2 =
 // go^T g, grad a = (go W2) * [a > 0], grad W1 = ga^T x, grad x = direct + ga W1. The
 // [B, H] buffers are reused across steps, so nothing of size K*B*H is written.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_flow_bwd(
     const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& xs_in, const at::Tensor& out_in,
     const c10::optional<at::Tensor>& ctx_in, const at::Tensor& w1_in, const at::Tensor& b1_in,
-    const at::Tensor& w2_in, const at::Tensor& act_in, bool additive) {
+    const at::Tensor& w2_in, const at::Tensor& act_in, bool additive, const c10::optional<at::Tensor>& hidden_in) {
   const at::Tensor xs = xs_in.contiguous(), out = out_in.contiguous();
   const at::Tensor w1 = w1_in.contiguous(), b1 = b1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor act = act_in.contiguous(), gl = grad_logdet.contiguous();
@@ -149,7 +154,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                            : c10::nullopt;
   const auto opt = xs.options();
   at::Tensor g = grad_y.contiguous().clone(), gxd = at::empty({B, d}, opt);
-  at::Tensor hid = at::empty({B, H}, opt), go = at::empty({B, O}, opt);
+  const bool have_hidden = hidden_in.has_value() && hidden_in->numel() > 0;
+  const at::Tensor hidden = have_hidden ? hidden_in->contiguous() : at::Tensor();
+  TORCH_CHECK(!have_hidden || (hidden.dim() == 3 && hidden.size(0) == K && hidden.size(1) == B &&
+                               hidden.size(2) == H && hidden.scalar_type() == xs.scalar_type()),
+              "vector_flow_bwd: hidden must be [K, B, H] of xs's dtype");
+  at::Tensor hid_buf = have_hidden ? at::Tensor() : at::empty({B, H}, opt), go = at::empty({B, O}, opt);
   at::Tensor gctx = ctx.has_value() ? at::empty({K, B, H}, opt) : at::empty({0}, opt);
   at::Tensor ga_buf = ctx.has_value() ? at::Tensor() : at::empty({B, H}, opt);
   at::Tensor gw1 = at::empty({K, H, d}, opt), gb1 = at::empty({K, H}, opt);
@@ -158,8 +168,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (int64_t k = K - 1; k >= 0; --k) {
       const at::Tensor x_k = xs[k];
       const at::Tensor ctx_k = ctx.has_value() ? (*ctx)[k] : at::Tensor();
-      step_params<scalar_t>(x_k, ctx.has_value() ? &ctx_k : nullptr, w1[k], b1[k], w2[k], at::Tensor(), hid, nullptr,
-                            H);  // hidden layer only (no output, so no b2)
+      at::Tensor hid = have_hidden ? hidden[k] : hid_buf;
+      if (!have_hidden)
+        step_params<scalar_t>(x_k, ctx.has_value() ? &ctx_k : nullptr, w1[k], b1[k], w2[k], at::Tensor(), hid,
+                              nullptr, H);  // hidden layer only (no output, so no b2)
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
       const scalar_t* glp = gl.const_data_ptr<scalar_t>();
       const scalar_t* xp = x_k.const_data_ptr<scalar_t>();

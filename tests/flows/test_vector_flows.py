@@ -54,6 +54,37 @@ def test_stack_matches_reference(backend, shape, additive, dtype):
     assert_close(l2, l0, scale=scale)
 
 
+@pytest.mark.parametrize("with_ctx", [True, False])
+def test_kept_and_recomputed_hidden_give_the_reference_gradients(backend, monkeypatch, with_ctx):
+    """The eager backward with the hidden layers kept by the forward and with them recomputed
+    both match the reference."""
+    dev = device_for(backend)
+    k, b, d, h = 3, 33, 12, 40
+    p = _stack_params(k, b, d, h, False, torch.float64, dev, seed=21, with_ctx=with_ctx)
+    x = torch.randn(b, d, dtype=torch.float64, device=dev)
+    names = ("x", "ctx", "w1", "b1", "w2", "b2") if with_ctx else ("x", "w1", "b1", "w2", "b2")
+    base = {"x": x, **p}
+    gy, gl = torch.randn(b, d, dtype=torch.float64, device=dev), torch.randn(b, dtype=torch.float64, device=dev)
+
+    def grads(fn):
+        leaves = {n: base[n].detach().clone().requires_grad_() for n in names}
+        y, ld = fn(leaves)
+        return torch.autograd.grad((y * gy).sum() + (ld * gl).sum(), [leaves[n] for n in names])
+
+    def public(lv):
+        return ops.vector_flow_stack(lv["x"], lv["w1"], lv["b1"], lv["w2"], lv["b2"], p["act"], lv.get("ctx"))
+
+    want = grads(lambda lv: ref.vector_flow_stack(lv["x"], lv.get("ctx"), lv["w1"], lv["b1"], lv["w2"], lv["b2"],
+                                                  p["act"], False)[:2])
+    monkeypatch.setattr(ops, "KEEP_HIDDEN_MIN_D", 1)
+    kept = grads(public)
+    monkeypatch.setattr(ops, "KEEP_HIDDEN_MAX_BYTES", 0)
+    recomputed = grads(public)
+    for name, a, r, w in zip(names, kept, recomputed, want):
+        assert_close(a, w, scale=10, msg=f"kept: grad {name}")
+        assert_close(r, w, scale=10, msg=f"recomputed: grad {name}")
+
+
 def test_stack_noncontiguous_and_no_ctx(backend):
     dev = device_for(backend)
     p = _stack_params(2, 9, 6, 20, False, torch.float64, dev, seed=5, with_ctx=False)
