@@ -10,6 +10,10 @@
 #include <cmath>
 #include <vector>
 
+#ifndef LF_LU_BLAS_FROM_C
+#define LF_LU_BLAS_FROM_C 128
+#endif
+
 namespace latentfast {
 namespace {
 
@@ -81,6 +85,9 @@ void lu_weight_kernel(const T* perm, const T* lower, const T* upper, const T* si
   });
 }
 
+// From this many channels lu_weight calls BLAS/LAPACK instead of its own loops.
+constexpr int64_t kBlasFromC = LF_LU_BLAS_FROM_C;
+
 std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::Tensor& lower,
                                              const at::Tensor& upper, const at::Tensor& sign_s,
                                              const at::Tensor& log_abs_s) {
@@ -96,6 +103,17 @@ std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::T
                 "lu_weight: all inputs must be CPU tensors of one dtype");
   const at::Tensor p = perm.contiguous(), l = lower.contiguous(), u = upper.contiguous();
   const at::Tensor sg = sign_s.contiguous(), la = log_abs_s.contiguous();
+  if (C >= kBlasFromC) {
+    // O(C^3) work: BLAS GEMMs and LAPACK triangular solves beat the row-update loops above
+    // from about this size. Paired A/B on 2 cores (fp32): level at C = 128, 0.95 vs 0.63 ms
+    // at C = 192, 1.90 vs 1.19 ms at C = 256, 17.1 vs 8.1 ms at C = 512; the loops win
+    // below (0.13 vs 0.16 ms at C = 96). Same factors, same order of products.
+    const at::Tensor low = at::tril(l, -1) + at::eye(C, l.options());
+    const at::Tensor up = at::triu(u, 1) + at::diag(sg * at::exp(la));
+    const at::Tensor z = at::linalg_solve_triangular(low, p.t(), /*upper=*/false, /*left=*/true,
+                                                     /*unitriangular=*/true);
+    return {at::mm(p, at::mm(low, up)), at::linalg_solve_triangular(up, z, /*upper=*/true)};
+  }
   at::Tensor w = at::empty({C, C}, perm.options());
   at::Tensor w_inv = at::empty({C, C}, perm.options());
   AT_DISPATCH_FLOATING_TYPES(perm.scalar_type(), "lu_weight", [&] {
