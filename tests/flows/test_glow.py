@@ -2,6 +2,8 @@
 bad input, and training on the digits."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -55,7 +57,11 @@ def test_glow_logdet_equals_jacobian_slogdet(backend):
         zs, _ = glow(v.view(1, 1, 8, 8))
         return torch.cat([z.flatten() for z in zs])
 
-    jac = torch.autograd.functional.jacobian(flat_latents, x.flatten())
+    # Under the Triton interpreter the 64 backward passes of the Jacobian take about a minute,
+    # so there it is built with the reference kernels (the same function; the Triton backward
+    # is gradchecked in tests/ops); the log-determinant checked is always the backend's own.
+    with latentfast.use_backend("reference") if interpreting() else contextlib.nullcontext():
+        jac = torch.autograd.functional.jacobian(flat_latents, x.flatten())
     _, logdet = glow(x)
     sign, logabs = torch.linalg.slogdet(jac)
     assert sign != 0
@@ -155,9 +161,10 @@ def _train(backend_name: str, steps: int, seed: int = 0, batch: int = 64) -> lis
 def test_backends_give_same_loss_curve():
     # Step 1 sees identical parameters: fp32 agreement. Later steps differ by summation
     # order, which Adam's normalised updates amplify: 1e-3 relative.
-    base = _train("reference", 3, batch=16)
+    steps = 2 if interpreting() else 3  # step 2 already runs on updated parameters
+    base = _train("reference", steps, batch=16)
     for name in backends_under_test():
-        curve = _train(name, 3, batch=16)
+        curve = _train(name, steps, batch=16)
         assert curve[0] == pytest.approx(base[0], rel=1e-5), f"{name}: {curve} vs reference {base}"
         assert curve == pytest.approx(base, rel=1e-3), f"{name}: {curve} vs reference {base}"
 

@@ -12,7 +12,7 @@ import latentfast
 from latentfast.flows import vector as vf
 from latentfast.ops import vector_flows as ops
 from latentfast.reference import vector_flows as ref
-from tests.conftest import assert_close, device_for, interpreting
+from tests.conftest import FAST_GC, assert_close, device_for, interpreting
 
 
 def _stack_params(k, b, d, h, additive, dtype, dev, seed, with_ctx=True):
@@ -105,9 +105,9 @@ def test_stack_gradcheck_and_opcheck(backend):
         def public(x_, c_, w1, b1, w2, b2):
             return ops.vector_flow_stack(x_, w1, b1, w2, b2, p["act"], c_, additive)
 
-        assert torch.autograd.gradcheck(public, leaves)
+        assert torch.autograd.gradcheck(public, leaves, **FAST_GC)
         lib = torch.ops.latentfast
-        assert torch.autograd.gradcheck(lambda *a: lib.vector_flow_stack(*a, p["act"], additive), leaves)
+        assert torch.autograd.gradcheck(lambda *a: lib.vector_flow_stack(*a, p["act"], additive), leaves, **FAST_GC)
         args = (x, p["ctx"], p["w1"], p["b1"], p["w2"], p["b2"], p["act"], additive)
         torch.library.opcheck(lib.vector_flow_stack, args)
         torch.library.opcheck(lib.vector_flow_stack_train, args)

@@ -6,7 +6,7 @@ import torch
 
 from latentfast.ops import flows as ops
 from latentfast.reference import flows as ref
-from tests.conftest import assert_close, device_for
+from tests.conftest import FAST_GC, assert_close, device_for
 
 SHAPES = [(1, 3, 1, 1), (2, 5, 3, 7), (3, 12, 7, 3), (2, 12, 7, 7)]
 EVEN_SHAPES = [(1, 4, 1, 1), (2, 6, 3, 7), (3, 12, 7, 3), (2, 12, 7, 7)]
@@ -140,15 +140,15 @@ def test_gradcheck_float64(backend):
     for additive in (False, True):
         hh = _rand(n, c // 2 if additive else c, h, w, dtype=d, device=dev, gen=gen).requires_grad_()
         assert torch.autograd.gradcheck(
-            lambda *a: ops.actnorm_invconv_coupling(*a, additive), (x, weight, bias, hh))
+            lambda *a: ops.actnorm_invconv_coupling(*a, additive), (x, weight, bias, hh), **FAST_GC)
         x_b = x[:, : c // 2].detach().clone().requires_grad_()
-        assert torch.autograd.gradcheck(lambda *a: ops.affine_coupling(*a, additive), (x_b, hh))
-        assert torch.autograd.gradcheck(lambda *a: ops.affine_coupling_inverse(*a, additive), (x_b, hh))
-    assert torch.autograd.gradcheck(ops.actnorm_invconv, (x, weight, bias))
+        assert torch.autograd.gradcheck(lambda *a: ops.affine_coupling(*a, additive), (x_b, hh), **FAST_GC)
+        assert torch.autograd.gradcheck(lambda *a: ops.affine_coupling_inverse(*a, additive), (x_b, hh), **FAST_GC)
+    assert torch.autograd.gradcheck(ops.actnorm_invconv, (x, weight, bias), **FAST_GC)
     perm, lower, upper, sign_s, log_abs_s = _lu_inputs(5, d, dev, gen)
     lower.requires_grad_(), upper.requires_grad_(), log_abs_s.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda lo, up, la: ops.lu_weight(perm, lo, up, sign_s, la)[:2], (lower, upper, log_abs_s))
+        lambda lo, up, la: ops.lu_weight(perm, lo, up, sign_s, la)[:2], (lower, upper, log_abs_s), **FAST_GC)
 
 
 def test_opcheck(backend):

@@ -10,11 +10,7 @@ from latentfast import backend as lf_backend
 
 from latentfast.ops import rnn as ops
 from latentfast.reference import rnn as ref
-from tests.conftest import assert_close, device_for, interpreting
-
-# Under the Triton interpreter each sequence call costs ~0.1 s, so gradcheck projects the
-# Jacobians on random directions (fast_mode) instead of building them column by column.
-FAST_GC = dict(fast_mode=True) if interpreting() else {}
+from tests.conftest import FAST_GC, assert_close, device_for, interpreting
 
 # the last: B = 37 takes the C++ kernels' rows-per-thread path (>= 16 rows per thread)
 SHAPES = [(1, 1, 1, 1), (7, 3, 5, 4), (5, 2, 3, 17), (12, 6, 2, 33), (6, 37, 4, 20)]  # T, B, I, H

@@ -2,9 +2,11 @@
 trains."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from latentfast.vae import VAE, FlowVAE, fit
+from tests.conftest import interpreting
 
 
 def test_mc_kl_matches_analytic_without_flows():
@@ -40,6 +42,9 @@ def test_iaf_posterior_log_q_is_the_density_of_its_samples():
     assert m.embed(x).shape == (6, 4)
 
 
+@pytest.mark.skipif(interpreting(), reason="module-level modelling test (60 training steps); the vector-flow "
+                    "kernels it calls are checked against the reference in tests/flows, and it runs too many "
+                    "launches to interpret")
 def test_flow_vae_trains_and_beats_nothing_learned():
     from latentfast.data.digits import load_digits_images
 
