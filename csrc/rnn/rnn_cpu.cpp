@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -86,6 +87,16 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
             const int* ldc) __attribute__((weak));
 }
 
+// LATENTFAST_RNN_ATEN_GEMM=1 forces the at::mm_out fallback (read once; the tests use it to
+// check that path in a subprocess).
+bool aten_gemm_forced() {
+  static const bool forced = [] {
+    const char* e = std::getenv("LATENTFAST_RNN_ATEN_GEMM");
+    return e != nullptr && e[0] == '1';
+  }();
+  return forced;
+}
+
 // Row-major C[m, n] = A[m, k] op(W) + beta C, with op(W) = W^T for W stored [n, k] (w_nk) or
 // W for W stored [k, n]; A has row stride lda, C row stride ldc, W is contiguous.
 template <typename T>
@@ -97,7 +108,7 @@ void step_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T
   }();
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   const bool fits = std::max({m, n, k, lda, ldc}) <= kIntMax;
-  if (blas != nullptr && fits && k > 0) {
+  if (blas != nullptr && fits && k > 0 && !aten_gemm_forced()) {
     // column-major view: C^T [n, m] = op(W)^T [n, k] A^T [k, m]
     const char ta = w_nk ? 'T' : 'N', tb = 'N';
     const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);

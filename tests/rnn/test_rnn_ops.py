@@ -1,6 +1,10 @@
 """gru_sequence against torch.nn.GRU and the reference, values and gradients."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +14,7 @@ from latentfast import backend as lf_backend
 
 from latentfast.ops import rnn as ops
 from latentfast.reference import rnn as ref
-from tests.conftest import FAST_GC, assert_close, device_for, interpreting
+from tests.conftest import FAST_GC, assert_close, backends_under_test, device_for, interpreting
 
 # the last: B = 37 takes the C++ kernels' rows-per-thread path (>= 16 rows per thread)
 SHAPES = [(1, 1, 1, 1), (7, 3, 5, 4), (5, 2, 3, 17), (12, 6, 2, 33), (6, 37, 4, 20)]  # T, B, I, H
@@ -171,6 +175,46 @@ def test_lstm_bad_inputs_raise():
         ops.lstm_sequence(x, torch.zeros(2, 4), *_params(m))
     with pytest.raises(TypeError, match="dtype"):
         ops.lstm_sequence(x.double(), None, *_params(m))
+
+
+_ATEN_GEMM_SCRIPT = """
+import torch
+from torch import nn
+from latentfast.ops import rnn as ops
+import latentfast
+torch.manual_seed(0)
+t, b, i, h = 6, 37, 4, 20  # >= 16 rows per thread on 2 threads: the row-block paths
+x = torch.randn(t, b, i, dtype=torch.float64, requires_grad=True)
+h0 = torch.randn(b, h, dtype=torch.float64, requires_grad=True)
+c0 = torch.randn(b, h, dtype=torch.float64, requires_grad=True)
+worst = 0.0
+with latentfast.use_backend("cpp"):
+    for mod in (nn.GRU(i, h).double(), nn.LSTM(i, h).double()):
+        p = (mod.weight_ih_l0, mod.weight_hh_l0, mod.bias_ih_l0, mod.bias_hh_l0)
+        if isinstance(mod, nn.GRU):
+            out, _ = ops.gru_sequence(x, h0, *p)
+            want, _ = mod(x, h0[None])
+        else:
+            out, _ = ops.lstm_sequence(x, (h0, c0), *p)
+            want, _ = mod(x, (h0[None], c0[None]))
+        go = torch.randn_like(out)
+        wrt = [x, h0, *p]
+        pairs = [(out, want), *zip(torch.autograd.grad((out * go).sum(), wrt),
+                                   torch.autograd.grad((want * go).sum(), wrt))]
+        worst = max([worst] + [float((a - w).abs().max() / w.abs().max()) for a, w in pairs])
+print(worst)
+"""
+
+
+@pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' at::mm_out fallback")
+def test_cpp_aten_gemm_fallback_matches_nn():
+    """The C++ row-block paths call sgemm_/dgemm_ directly; LATENTFAST_RNN_ATEN_GEMM=1 makes
+    them use at::mm_out instead (the path for a libtorch without those symbols)."""
+    env = {**os.environ, "LATENTFAST_RNN_ATEN_GEMM": "1", "OMP_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", _ATEN_GEMM_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) < 1e-10, run.stdout
 
 
 def _triton_runs_here() -> bool:
