@@ -16,8 +16,9 @@ from latentfast.ops import rnn as ops
 from latentfast.reference import rnn as ref
 from tests.conftest import FAST_GC, assert_close, backends_under_test, device_for, interpreting
 
-# the last: B = 37 takes the C++ kernels' rows-per-thread path (>= 16 rows per thread)
-SHAPES = [(1, 1, 1, 1), (7, 3, 5, 4), (5, 2, 3, 17), (12, 6, 2, 33), (6, 37, 4, 20)]  # T, B, I, H
+# B = 37 takes the C++ kernels' rows-per-thread path (>= 16 rows per thread); H = 512 is the
+# top of the hidden sizes the ops are meant for (several Triton hidden tiles)
+SHAPES = [(1, 1, 1, 1), (7, 3, 5, 4), (5, 2, 3, 17), (12, 6, 2, 33), (6, 37, 4, 20), (2, 3, 3, 512)]  # T, B, I, H
 
 
 def _gru(i, h, dtype, device, seed):
