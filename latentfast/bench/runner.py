@@ -19,19 +19,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, min_reps: int, budget_s: float) -> float:
-    """Median wall time of fn() in ms, after warm-up (compilation stays out)."""
-    for _ in range(3):
-        fn()
+def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int,
+                        budget_s: float, max_rounds: int = 200) -> dict[str, float]:
+    """Median wall time in ms of each callable, timed in interleaved rounds.
+
+    Each round runs every callable once, in an order that rotates from round to round, so a
+    slow phase of a shared or throttled machine hits all of them alike and the ratios between
+    them stay meaningful (timing one callable for seconds, then the next, lets such a phase
+    land on one of them only). Runs at least `min_reps` rounds and goes on while the
+    time spent stays under `budget_s` per callable, up to `max_rounds`.
+    """
+    names = list(fns)
+    for name in names:  # warm-up (compilation and allocator growth stay out)
+        for _ in range(3):
+            fns[name]()
     _sync(device)
-    times: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in names}
     start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 200):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    rounds = 0
+    while rounds < min_reps or (time.perf_counter() - start < budget_s * len(names) and rounds < max_rounds):
+        k = rounds % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _fwd(fn, inputs):
@@ -80,9 +94,12 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
             make = lambda fn: _fwd(fn, case.inputs)  # noqa: E731
         else:
             make = lambda fn: _fwd_bwd(fn, case.inputs, case.grad_inputs)  # noqa: E731
-        t_eager = time_ms(make(case.eager), device, reps, budget)
-        t_compile = time_ms(make(compiled), device, reps, budget) if compiled is not None else None
-        t_fast = time_ms(make(case.fast), device, reps, budget)
+        fns = {"eager": make(case.eager), "latentfast": make(case.fast)}
+        if compiled is not None:
+            fns["compile"] = make(compiled)
+        fns.update({f"extra:{name}": make(fn) for name, fn in case.extras.items()})
+        med = time_interleaved_ms(fns, device, reps, budget)
+        t_eager, t_fast, t_compile = med["eager"], med["latentfast"], med.get("compile")
         row = {
             "op": case.op, "case": case.name, "pass": pass_name,
             "backend": backend.select(device),
@@ -91,11 +108,12 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
             "speedup_vs_eager": round(t_eager / t_fast, 3),
             "speedup_vs_compile": None if t_compile is None else round(t_compile / t_fast, 3),
             "max_rel_err": float(f"{err:.3e}"),
+            "timing": "interleaved rounds",
             "peak_mem_mb_eager": _peak_mb(make(case.eager), device),
             "peak_mem_mb_latentfast": _peak_mb(make(case.fast), device),
         }
-        for name, fn in case.extras.items():
-            t_extra = time_ms(make(fn), device, reps, budget)
+        for name in case.extras:
+            t_extra = med[f"extra:{name}"]
             row[f"{name}_ms"] = round(t_extra, 4)
             row[f"speedup_vs_{name}"] = round(t_extra / t_fast, 3)
         if pass_name == "fwd":

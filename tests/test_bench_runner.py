@@ -1,0 +1,55 @@
+"""The benchmark runner's timer: interleaved rounds with a rotating order, medians per callable.
+
+A fake clock stands in for time.perf_counter, so nothing here depends on how fast the
+machine is."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentfast.bench import runner
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_interleaved_rounds_rotate_and_give_medians(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(runner.time, "perf_counter", clock)
+    calls: list[str] = []
+    # each callable advances the fake clock by its own cost; "b" has one slow outlier call
+    costs = {"a": [0.002], "b": [0.005], "c": [0.001]}
+    n_calls = {"a": 0, "b": 0, "c": 0}
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            n_calls[name] += 1
+            clock.now += 1.0 if (name == "b" and n_calls[name] == 6) else costs[name][0]
+        return fn
+
+    med = runner.time_interleaved_ms({k: make(k) for k in "abc"}, torch.device("cpu"), min_reps=7, budget_s=0.0)
+    timed = calls[9:]  # after 3 warm-up calls of each
+    assert len(timed) == 7 * 3
+    rounds = [timed[i:i + 3] for i in range(0, len(timed), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c", "a"]  # the order rotates
+    assert med == pytest.approx({"a": 2.0, "b": 5.0, "c": 1.0})  # medians: the outlier drops out
+
+
+def test_interleaved_rounds_stop_at_the_budget(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(runner.time, "perf_counter", clock)
+
+    def fn():
+        clock.now += 0.125  # exact in binary, so the clock sums without rounding
+
+    med = runner.time_interleaved_ms({"x": fn, "y": fn}, torch.device("cpu"), min_reps=2, budget_s=1.0)
+    assert med == pytest.approx({"x": 125.0, "y": 125.0})
+    # warm-up 6 calls, then 2 callables x 1.0 s of budget at 0.25 s a round: 8 rounds
+    assert clock.now == 6 * 0.125 + 8 * 0.25
