@@ -23,14 +23,14 @@ def test_interleaved_rounds_rotate_and_give_medians(monkeypatch):
     monkeypatch.setattr(runner.time, "perf_counter", clock)
     calls: list[str] = []
     # each callable advances the fake clock by its own cost; "b" has one slow outlier call
-    costs = {"a": [0.002], "b": [0.005], "c": [0.001]}
+    costs = {"a": 0.002, "b": 0.005, "c": 0.001}
     n_calls = {"a": 0, "b": 0, "c": 0}
 
     def make(name):
         def fn():
             calls.append(name)
             n_calls[name] += 1
-            clock.now += 1.0 if (name == "b" and n_calls[name] == 6) else costs[name][0]
+            clock.now += 1.0 if (name == "b" and n_calls[name] == 6) else costs[name]
         return fn
 
     med = runner.time_interleaved_ms({k: make(k) for k in "abc"}, torch.device("cpu"), min_reps=7, budget_s=0.0)

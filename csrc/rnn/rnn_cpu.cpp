@@ -124,6 +124,13 @@ void step_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T
   if (beta == T(0)) at::mm_out(tc, ta, tw); else tc.addmm_(ta, tw, beta);
 }
 
+// Row `begin` of the state that step t reads: `first` ([B, H]) at t = 0, else seq[t - 1] of a
+// contiguous [T, B, H] sequence (pointer arithmetic: no tensor view per step).
+template <typename T>
+const T* prev_rows(const at::Tensor& first, const at::Tensor& seq, int64_t t, int64_t B, int64_t H, int64_t begin) {
+  return (t == 0 ? first.const_data_ptr<T>() : seq.const_data_ptr<T>() + (t - 1) * B * H) + begin * H;
+}
+
 // Rows per parallel chunk of a gate loop: about 2048 elements, so B = 64, H = 64 already
 // splits across two threads.
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1)); }
@@ -161,8 +168,7 @@ std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, cons
         const int64_t n = end - begin;
         std::vector<scalar_t> gh(static_cast<size_t>(n * 3 * H));
         for (int64_t t = 0; t < T; ++t) {
-          const scalar_t* hp = (t == 0 ? h0.const_data_ptr<scalar_t>()
-                                       : out.const_data_ptr<scalar_t>() + (t - 1) * B * H) + begin * H;
+          const scalar_t* hp = prev_rows<scalar_t>(h0, out, t, B, H, begin);
           step_gemm<scalar_t>(n, 3 * H, H, hp, H, whp, true, scalar_t(0), gh.data(), 3 * H);  // + b_hh in the gates
           scalar_t* sp = save ? gates.mutable_data_ptr<scalar_t>() + (t * B + begin) * 4 * H : nullptr;
           LF_RNN_CALL(gru_gates_fwd_rows<scalar_t>, gi_all.const_data_ptr<scalar_t>() + (t * B + begin) * 3 * H,
@@ -204,11 +210,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_sequence_bwd", [&] {
     // rows [begin, end) of step t
     auto step = [&](int64_t t, int64_t begin, int64_t end) {
-      const at::Tensor h_prev = t == 0 ? h0 : out[t - 1];
       const int64_t o3 = (t * B + begin) * 3 * H;
       LF_RNN_CALL(gru_gates_bwd_rows<scalar_t>, dh.mutable_data_ptr<scalar_t>() + begin * H,
                   grad_out.const_data_ptr<scalar_t>() + (t * B + begin) * H,
-                  h_prev.const_data_ptr<scalar_t>() + begin * H,
+                  prev_rows<scalar_t>(h0, out, t, B, H, begin),
                   gates.const_data_ptr<scalar_t>() + (t * B + begin) * 4 * H,
                   dgi.mutable_data_ptr<scalar_t>() + o3, dgh.mutable_data_ptr<scalar_t>() + o3, H, 0, end - begin);
     };
@@ -276,10 +281,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd(
     const scalar_t* whp = w_hh_c.const_data_ptr<scalar_t>();
     auto step = [&](int64_t t, int64_t begin, int64_t end) {
       const int64_t n = end - begin;
-      const scalar_t* hp = (t == 0 ? h0.const_data_ptr<scalar_t>()
-                                   : out.const_data_ptr<scalar_t>() + (t - 1) * B * H) + begin * H;
-      const scalar_t* cp = (t == 0 ? c0.const_data_ptr<scalar_t>()
-                                   : cells.const_data_ptr<scalar_t>() + (t - 1) * B * H) + begin * H;
+      const scalar_t* hp = prev_rows<scalar_t>(h0, out, t, B, H, begin);
+      const scalar_t* cp = prev_rows<scalar_t>(c0, cells, t, B, H, begin);
       scalar_t* ap = a_all.mutable_data_ptr<scalar_t>() + (t * B + begin) * 4 * H;
       // in place on this step's input projection: a += h W_hh^T
       step_gemm<scalar_t>(n, 4 * H, H, hp, H, whp, true, scalar_t(1), ap, 4 * H);
@@ -299,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd(
       const at::Tensor h = t == 0 ? h0 : out[t - 1];
       a_all[t].addmm_(h, w_hh_t);
       const scalar_t* ap = a_all.const_data_ptr<scalar_t>() + t * B * 4 * H;
-      const scalar_t* cp = (t == 0 ? c0 : cells[t - 1]).const_data_ptr<scalar_t>();
+      const scalar_t* cp = prev_rows<scalar_t>(c0, cells, t, B, H, 0);
       scalar_t* op = out.mutable_data_ptr<scalar_t>() + t * B * H;
       scalar_t* cn = cells.mutable_data_ptr<scalar_t>() + t * B * H;
       scalar_t* sp = save ? gates.mutable_data_ptr<scalar_t>() + t * B * 4 * H : nullptr;
@@ -333,12 +336,11 @@ lstm_sequence_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_cells_in
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_sequence_bwd", [&] {
     // rows [begin, end) of step t: reads dc_in, writes dc_out (row-local pointers)
     auto step = [&](int64_t t, int64_t begin, int64_t end, const scalar_t* dc_in, scalar_t* dc_out) {
-      const at::Tensor c_prev = t == 0 ? c0 : cells[t - 1];
       const int64_t o1 = (t * B + begin) * H;
       LF_RNN_CALL(lstm_gates_bwd_rows<scalar_t>, dh.const_data_ptr<scalar_t>() + begin * H,
                   grad_out.const_data_ptr<scalar_t>() + o1, dc_in, grad_cells.const_data_ptr<scalar_t>() + o1,
                   gates.const_data_ptr<scalar_t>() + (t * B + begin) * 4 * H,
-                  c_prev.const_data_ptr<scalar_t>() + begin * H, cells.const_data_ptr<scalar_t>() + o1,
+                  prev_rows<scalar_t>(c0, cells, t, B, H, begin), cells.const_data_ptr<scalar_t>() + o1,
                   da.mutable_data_ptr<scalar_t>() + (t * B + begin) * 4 * H, dc_out, H, 0, end - begin);
     };
     if (block > 0) {
