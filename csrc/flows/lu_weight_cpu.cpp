@@ -10,10 +10,6 @@
 #include <cmath>
 #include <vector>
 
-#ifndef LF_LU_BLAS_FROM_C
-#define LF_LU_BLAS_FROM_C 128
-#endif
-
 namespace latentfast {
 namespace {
 
@@ -86,7 +82,7 @@ void lu_weight_kernel(const T* perm, const T* lower, const T* upper, const T* si
 }
 
 // From this many channels lu_weight calls BLAS/LAPACK instead of its own loops.
-constexpr int64_t kBlasFromC = LF_LU_BLAS_FROM_C;
+constexpr int64_t kBlasFromC = 128;
 
 std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::Tensor& lower,
                                              const at::Tensor& upper, const at::Tensor& sign_s,

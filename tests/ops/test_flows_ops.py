@@ -72,7 +72,7 @@ def test_affine_coupling_and_inverse(backend, shape, dtype, additive):
     assert_close(logdet_inv, -logdet_ref)
 
 
-# c = 130 is past the C++ kernel's switch to BLAS/LAPACK (LF_LU_BLAS_FROM_C = 128).
+# c = 130 is past the C++ kernel's switch to BLAS/LAPACK (kBlasFromC = 128 in csrc/flows/lu_weight_cpu.cpp).
 @pytest.mark.parametrize("c", [1, 3, 5, 12, 33, 130])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lu_weight_matches_reference(backend, c, dtype):
