@@ -178,19 +178,44 @@ def test_lstm_bad_inputs_raise():
         ops.lstm_sequence(x.double(), None, *_params(m))
 
 
-_ATEN_GEMM_SCRIPT = """
+@pytest.mark.parametrize("shape", [(3, 37, 4, 45), (3, 5, 3, 45), (2, 3, 3, 512)])
+def test_float32_forward_close_to_float64(backend, shape):
+    """The float32 gate math (fast exp and reciprocal in the C++ kernels) stays within a few
+    float32 ulps of the float64 computation on the same inputs: a tighter check than the
+    nn.GRU comparison's tolerance. Pre-activations reach about +-10 (weights scaled by 3)."""
+    t, b, i, h = shape
+    dev = device_for(backend)
+    torch.manual_seed(sum(shape))
+    x, h0, c0 = torch.randn(t, b, i) * 2, torch.randn(b, h), torch.randn(b, h)
+    for mod in (nn.GRU(i, h), nn.LSTM(i, h)):
+        p = [w.detach() * 3 for w in _params(mod)]
+        with torch.no_grad():
+            args = [[v.to(dev, dtype) for v in (x, h0, c0, *p)] for dtype in (torch.float32, torch.float64)]
+            if isinstance(mod, nn.GRU):
+                got, want = (ops.gru_sequence(a[0], a[1], *a[3:])[0] for a in args)
+            else:
+                got, want = (ops.lstm_sequence(a[0], (a[1], a[2]), *a[3:])[0] for a in args)
+        err = (got.double() - want).abs().max().item()
+        assert err < 4e-6, (type(mod).__name__, err)
+
+
+# argv: dtype name, then T B I H. B = 37 takes the C++ row-block paths (>= 16 rows per thread on
+# 2 threads), B = 5 the per-step paths.
+_SUBPROCESS_RNN_SCRIPT = """
+import sys
 import torch
 from torch import nn
 from latentfast.ops import rnn as ops
 import latentfast
 torch.manual_seed(0)
-t, b, i, h = 6, 37, 4, 20  # >= 16 rows per thread on 2 threads: the row-block paths
-x = torch.randn(t, b, i, dtype=torch.float64, requires_grad=True)
-h0 = torch.randn(b, h, dtype=torch.float64, requires_grad=True)
-c0 = torch.randn(b, h, dtype=torch.float64, requires_grad=True)
+dtype = getattr(torch, sys.argv[1])
+t, b, i, h = map(int, sys.argv[2:6])
+x = torch.randn(t, b, i, dtype=dtype, requires_grad=True)
+h0 = torch.randn(b, h, dtype=dtype, requires_grad=True)
+c0 = torch.randn(b, h, dtype=dtype, requires_grad=True)
 worst = 0.0
 with latentfast.use_backend("cpp"):
-    for mod in (nn.GRU(i, h).double(), nn.LSTM(i, h).double()):
+    for mod in (nn.GRU(i, h).to(dtype), nn.LSTM(i, h).to(dtype)):
         p = (mod.weight_ih_l0, mod.weight_hh_l0, mod.bias_ih_l0, mod.bias_hh_l0)
         if isinstance(mod, nn.GRU):
             out, _ = ops.gru_sequence(x, h0, *p)
@@ -202,7 +227,7 @@ with latentfast.use_backend("cpp"):
         wrt = [x, h0, *p]
         pairs = [(out, want), *zip(torch.autograd.grad((out * go).sum(), wrt),
                                    torch.autograd.grad((want * go).sum(), wrt))]
-        worst = max([worst] + [float((a - w).abs().max() / w.abs().max()) for a, w in pairs])
+        worst = max([worst] + [float(((a - w).abs().max() / w.abs().max()).detach()) for a, w in pairs])
 print(worst)
 """
 
@@ -212,10 +237,23 @@ def test_cpp_aten_gemm_fallback_matches_nn():
     """The C++ row-block paths call sgemm_/dgemm_ directly; LATENTFAST_RNN_ATEN_GEMM=1 makes
     them use at::mm_out instead (the path for a libtorch without those symbols)."""
     env = {**os.environ, "LATENTFAST_RNN_ATEN_GEMM": "1", "OMP_NUM_THREADS": "2"}
-    run = subprocess.run([sys.executable, "-c", _ATEN_GEMM_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([sys.executable, "-c", _SUBPROCESS_RNN_SCRIPT, "float64", "6", "37", "4", "20"], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert float(run.stdout.split()[-1]) < 1e-10, run.stdout
+
+
+@pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' baseline-ISA build")
+@pytest.mark.parametrize("shape", [(6, 37, 4, 45), (3, 5, 3, 45)])
+def test_cpp_baseline_isa_matches_nn(shape):
+    """On an AVX2 machine the float gate loops run the lockstep intrinsics kernels;
+    LATENTFAST_RNN_NO_AVX2=1 runs the baseline-ISA (auto-vectorised) build instead, the path of a
+    machine without AVX2. H = 45: lockstep blocks of 4 and 1 vectors and a scalar tail."""
+    env = {**os.environ, "LATENTFAST_RNN_NO_AVX2": "1", "OMP_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", _SUBPROCESS_RNN_SCRIPT, "float32", *map(str, shape)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) < 2e-5, run.stdout
 
 
 def _triton_runs_here() -> bool:
