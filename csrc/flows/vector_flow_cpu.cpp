@@ -8,9 +8,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/blas_gemm.h"
+
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 namespace latentfast {
 namespace vf_base {
@@ -91,6 +96,114 @@ void step_params(const at::Tensor& x, const at::Tensor* ctx_k, const at::Tensor&
   if (o) at::addmm_out(*o, b2, g, w2.t());
 }
 
+// Row tiles. Batch rows are independent through the whole stack, so each thread can take a
+// tile of rows through all K steps (and, in the backward, back) with the tile's hidden layer
+// and MLP output staying in its L2 cache: small BLAS GEMMs per tile and step, the ReLU and
+// gate loops on cached rows, and no [B, H] buffer written to memory and read back per step.
+// Used when one step's weights are small (they are re-read from cache by every tile) and the
+// batch gives each thread a few tiles; otherwise the whole-batch path below runs: one
+// threaded GEMM per layer and step. LATENTFAST_VF_TILE_ROWS (read per call, for tests and
+// A/B runs) overrides the choice: 0 forces the whole-batch path, n > 0 tiles of n rows.
+constexpr int64_t kTileWeightBytesMax = 1 << 20;  // per step, W1 + W2
+constexpr int64_t kTileBytes = 192 << 10;         // hidden + output rows of one tile
+
+// Rows per tile, or 0 for the whole-batch path.
+int64_t tile_rows(const Dims& n, int64_t elem) {
+  if (const char* e = std::getenv("LATENTFAST_VF_TILE_ROWS"); e != nullptr && e[0] != '\0')
+    return std::max<int64_t>(0, std::atoll(e));
+  if ((n.H * n.d + n.O * n.H) * elem > kTileWeightBytesMax) return 0;
+  const int64_t rows = std::clamp<int64_t>(kTileBytes / ((n.H + n.O + 2 * n.d) * elem), 16, 512);
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  return n.B >= 2 * nt * rows || n.B >= 4 * rows ? rows : 0;
+}
+
+// LATENTFAST_VF_POISON=1 (read per call; for tests): the outputs the row-tile kernels write
+// are filled with NaN first, so a row that no tile writes shows up as NaN.
+at::Tensor poisoned(at::Tensor t) {
+  const char* e = std::getenv("LATENTFAST_VF_POISON");
+  if (e != nullptr && e[0] == '1' && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+template <typename T>
+struct StackPtrs {
+  const T *w1, *b1, *w2, *b2, *act, *ctx;  // ctx null without context
+};
+
+// The forward of rows [r0, r0 + rows) through all K steps. xs/out/hid: the saved [K, B, .]
+// tensors (null when not saved); logdet (zeroed by the caller) accumulates.
+template <typename T>
+void fwd_tile(const Dims& n, const StackPtrs<T>& p, bool additive, const T* x, T* y, T* logdet, T* xs, T* out,
+              T* hid, T* gbuf, T* obuf, T* ping, T* pong, int64_t r0, int64_t rows) {
+  const T* cur = x + r0 * n.d;
+  if (xs) std::memcpy(xs + r0 * n.d, cur, sizeof(T) * rows * n.d);
+  for (int64_t k = 0; k < n.K; ++k) {
+    T* g = hid ? hid + (k * n.B + r0) * n.H : gbuf;
+    T* o = out ? out + (k * n.B + r0) * n.O : obuf;
+    step_gemm<T>(rows, n.H, n.d, cur, n.d, p.w1 + k * n.H * n.d, true, T(0), g, n.H);
+    LF_VF_CALL(vf_relu_rows<T>, g, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
+               int64_t(0), rows);
+    const T* b2k = p.b2 + k * n.O;
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * n.O, b2k, sizeof(T) * n.O);
+    step_gemm<T>(rows, n.O, n.H, g, n.H, p.w2 + k * n.O * n.H, true, T(1), o, n.O);
+    T* dst = k + 1 == n.K ? y + r0 * n.d : (xs ? xs + ((k + 1) * n.B + r0) * n.d : (k % 2 == 0 ? ping : pong));
+    LF_VF_CALL(vf_gate_fwd_rows<T>, cur, o, p.act + k * n.d, dst, logdet + r0, n.d, additive, int64_t(0), rows);
+    cur = dst;
+  }
+}
+
+// Column sums of rows x cols (row stride cols) added to acc.
+template <typename T>
+void add_col_sums(const T* a, int64_t rows, int64_t cols, T* __restrict__ acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ ar = a + r * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) acc[j] += ar[j];
+  }
+}
+
+// The backward of rows [r0, r0 + rows) through all K steps in reverse, as vector_flow_bwd
+// below does for the whole batch. The weight and bias gradients of these rows are added to
+// one chunk's accumulators (gw1 [K, H, d], gb1 [K, H], gw2 [K, O, H], gb2 [K, O]; zeroed by
+// the caller and summed over the chunks after). hidden: the kept hidden layers or null
+// (recomputed per tile); gctx: grad ctx [K, B, H] or null.
+template <typename T>
+struct BwdTileBufs {
+  T *hid, *go, *ga, *gcur, *gxd;
+};
+
+template <typename T>
+void bwd_tile(const Dims& n, const StackPtrs<T>& p, bool additive, const T* gy, const T* gl, const T* xs,
+              const T* out, const T* hidden, T* gx, T* gctx, T* gw1, T* gb1, T* gw2, T* gb2, BwdTileBufs<T> buf,
+              int64_t r0, int64_t rows) {
+  T* gcur = buf.gcur;
+  T* gxd = buf.gxd;
+  std::memcpy(gcur, gy + r0 * n.d, sizeof(T) * rows * n.d);
+  for (int64_t k = n.K - 1; k >= 0; --k) {
+    const T* xk = xs + (k * n.B + r0) * n.d;
+    const T* w1k = p.w1 + k * n.H * n.d;
+    const T* w2k = p.w2 + k * n.O * n.H;
+    const T* hk = hidden ? hidden + (k * n.B + r0) * n.H : buf.hid;
+    if (!hidden) {
+      step_gemm<T>(rows, n.H, n.d, xk, n.d, w1k, true, T(0), buf.hid, n.H);
+      LF_VF_CALL(vf_relu_rows<T>, buf.hid, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
+                 int64_t(0), rows);
+    }
+    LF_VF_CALL(vf_gate_bwd_rows<T>, gcur, gl + r0, xk, out + (k * n.B + r0) * n.O, p.act + k * n.d, buf.go, gxd,
+               n.d, additive, int64_t(0), rows);
+    gemm_rm<T>(true, false, n.O, n.H, rows, buf.go, n.O, hk, n.H, T(1), gw2 + k * n.O * n.H, n.H);
+    add_col_sums<T>(buf.go, rows, n.O, gb2 + k * n.O);
+    T* ga = gctx ? gctx + (k * n.B + r0) * n.H : buf.ga;
+    step_gemm<T>(rows, n.H, n.O, buf.go, n.O, w2k, false, T(0), ga, n.H);
+    LF_VF_CALL(vf_relu_mask_rows<T>, ga, hk, n.H, int64_t(0), rows);
+    gemm_rm<T>(true, false, n.H, n.d, rows, ga, n.H, xk, n.d, T(1), gw1 + k * n.H * n.d, n.d);
+    add_col_sums<T>(ga, rows, n.H, gb1 + k * n.H);
+    step_gemm<T>(rows, n.d, n.H, ga, n.H, w1k, false, T(1), gxd, n.d);  // grad x = direct + ga W1
+    std::swap(gcur, gxd);
+  }
+  std::memcpy(gx + r0 * n.d, gcur, sizeof(T) * rows * n.d);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_flow_fwd(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& ctx_in, const at::Tensor& w1_in,
     const at::Tensor& b1_in, const at::Tensor& w2_in, const at::Tensor& b2_in, const at::Tensor& act_in,
@@ -109,6 +222,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_fl
   // recomputing it (one [B, d] x [d, H] GEMM per step) at the cost of K*B*H memory
   const bool keep = save && keep_hidden;
   at::Tensor hid_all = keep ? at::empty({n.K, n.B, n.H}, opt) : at::empty({0}, opt);
+  const int64_t tile = tile_rows(n, x.element_size());
+  if (tile > 0) {
+    for (at::Tensor* t : {&y, &xs, &out, &hid_all}) *t = poisoned(*t);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vector_flow_fwd_tiles", [&] {
+      using T = scalar_t;
+      const StackPtrs<T> p{w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), w2.const_data_ptr<T>(),
+                           b2.const_data_ptr<T>(), act.const_data_ptr<T>(),
+                           ctx.has_value() ? ctx->const_data_ptr<T>() : nullptr};
+      const int64_t ntiles = (n.B + tile - 1) / tile;
+      at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<T> gbuf(keep ? 0 : tile * n.H), obuf(save ? 0 : tile * n.O), pp(save ? 0 : 2 * tile * n.d);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r0 = t * tile, rows = std::min(tile, n.B - r0);
+          fwd_tile<T>(n, p, additive, x.const_data_ptr<T>(), y.mutable_data_ptr<T>(), logdet.mutable_data_ptr<T>(),
+                      save ? xs.mutable_data_ptr<T>() : nullptr, save ? out.mutable_data_ptr<T>() : nullptr,
+                      keep ? hid_all.mutable_data_ptr<T>() : nullptr, gbuf.data(), obuf.data(), pp.data(),
+                      pp.data() + (save ? 0 : tile * n.d), r0, rows);
+        }
+      });
+    });
+    return {y, logdet, xs, out, hid_all};
+  }
   at::Tensor g_buf = keep ? at::Tensor() : at::empty({n.B, n.H}, opt);
   at::Tensor o_buf = save ? at::Tensor() : at::empty({n.B, n.O}, opt);
   at::Tensor tmp = at::empty({n.B, n.d}, opt);
@@ -153,12 +288,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::optional<at::Tensor> ctx = ctx_in.has_value() ? c10::optional<at::Tensor>(ctx_in->contiguous())
                                                            : c10::nullopt;
   const auto opt = xs.options();
-  at::Tensor g = grad_y.contiguous().clone(), gxd = at::empty({B, d}, opt);
   const bool have_hidden = hidden_in.has_value() && hidden_in->numel() > 0;
   const at::Tensor hidden = have_hidden ? hidden_in->contiguous() : at::Tensor();
   TORCH_CHECK(!have_hidden || (hidden.dim() == 3 && hidden.size(0) == K && hidden.size(1) == B &&
                                hidden.size(2) == H && hidden.scalar_type() == xs.scalar_type()),
               "vector_flow_bwd: hidden must be [K, B, H] of xs's dtype");
+  const Dims n{K, B, d, H, O};
+  const int64_t tile = tile_rows(n, xs.element_size());
+  if (tile > 0) {
+    // Chunks of tiles, one per thread, each with its own weight-gradient accumulators
+    // (summed after, so the result does not depend on which thread ran which chunk).
+    const int64_t ntiles = (B + tile - 1) / tile;
+    const int64_t nchunks = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), ntiles);
+    const int64_t per = K * (H * d + H + O * H + O);
+    at::Tensor acc = at::zeros({nchunks, per}, opt);
+    at::Tensor gx = poisoned(at::empty({B, d}, opt));
+    at::Tensor gctx = poisoned(ctx.has_value() ? at::empty({K, B, H}, opt) : at::empty({0}, opt));
+    AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "vector_flow_bwd_tiles", [&] {
+      using T = scalar_t;
+      const StackPtrs<T> p{w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), w2.const_data_ptr<T>(), nullptr,
+                           act.const_data_ptr<T>(), ctx.has_value() ? ctx->const_data_ptr<T>() : nullptr};
+      const at::Tensor gy = grad_y.contiguous();
+      const T* gyp = gy.const_data_ptr<T>();
+      const T* glp = gl.const_data_ptr<T>();
+      const T* xsp = xs.const_data_ptr<T>();
+      const T* outp = out.const_data_ptr<T>();
+      const T* hidp = have_hidden ? hidden.const_data_ptr<T>() : nullptr;
+      T* gxp = gx.mutable_data_ptr<T>();
+      T* gctxp = ctx.has_value() ? gctx.mutable_data_ptr<T>() : nullptr;
+      T* accp = acc.mutable_data_ptr<T>();
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<T> mem(tile * (2 * H + O + 2 * d));
+        BwdTileBufs<T> buf{mem.data(), mem.data() + tile * H, mem.data() + tile * (H + O),
+                           mem.data() + tile * (2 * H + O), mem.data() + tile * (2 * H + O + d)};
+        for (int64_t c = c0; c < c1; ++c) {
+          T* gw1 = accp + c * per;
+          T* gb1 = gw1 + K * H * d;
+          T* gw2 = gb1 + K * H;
+          T* gb2 = gw2 + K * O * H;
+          for (int64_t t = c * ntiles / nchunks; t < (c + 1) * ntiles / nchunks; ++t) {
+            const int64_t r0 = t * tile;
+            bwd_tile<T>(n, p, additive, gyp, glp, xsp, outp, hidp, gxp, gctxp, gw1, gb1, gw2, gb2, buf, r0,
+                        std::min(tile, B - r0));
+          }
+        }
+      });
+    });
+    const at::Tensor sums = acc.sum(0);
+    int64_t off = 0;
+    auto take = [&](std::initializer_list<int64_t> shape) {
+      int64_t len = 1;
+      for (int64_t v : shape) len *= v;
+      at::Tensor t = sums.narrow(0, off, len).view(shape);
+      off += len;
+      return t;
+    };
+    at::Tensor gw1 = take({K, H, d}), gb1 = take({K, H}), gw2 = take({K, O, H}), gb2 = take({K, O});
+    return {gx, gctx, gw1, gb1, gw2, gb2};
+  }
+  at::Tensor g = grad_y.contiguous().clone(), gxd = at::empty({B, d}, opt);
   at::Tensor hid_buf = have_hidden ? at::Tensor() : at::empty({B, H}, opt), go = at::empty({B, O}, opt);
   at::Tensor gctx = ctx.has_value() ? at::empty({K, B, H}, opt) : at::empty({0}, opt);
   at::Tensor ga_buf = ctx.has_value() ? at::Tensor() : at::empty({B, H}, opt);

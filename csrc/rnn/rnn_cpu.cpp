@@ -10,6 +10,8 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include "common/blas_gemm.h"
+
 #include <cmath>
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
@@ -83,57 +85,6 @@ void check_gru(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih
   }
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "gru_sequence: float32 or float64 only");
-}
-
-// The per-step recurrent GEMMs of the row-block paths are small ([rows, H] x [H, 3H or 4H]), so
-// the dispatcher, the tensor views and the checks of at::mm_out are a visible share of a step.
-// These call the BLAS that libtorch_cpu carries (sgemm_/dgemm_, MKL in the x86 wheels) directly
-// when it exports them, and at::mm_out / addmm_ when it does not (weak symbols). Paired A/B on
-// 2 cores (T=100, B=64, I=32): 2-7% faster at H = 64, 0-2% at H = 256.
-extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
-
-// LATENTFAST_RNN_ATEN_GEMM=1 forces the at::mm_out fallback (read once; the tests use it to
-// check that path in a subprocess).
-bool aten_gemm_forced() {
-  static const bool forced = [] {
-    const char* e = std::getenv("LATENTFAST_RNN_ATEN_GEMM");
-    return e != nullptr && e[0] == '1';
-  }();
-  return forced;
-}
-
-// Row-major C[m, n] = A[m, k] op(W) + beta C, with op(W) = W^T for W stored [n, k] (w_nk) or
-// W for W stored [k, n]; A has row stride lda, C row stride ldc, W is contiguous.
-template <typename T>
-void step_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* w, bool w_nk, T beta, T* c,
-               int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  auto* blas = [] {
-    if constexpr (std::is_same_v<T, float>) return sgemm_; else return dgemm_;
-  }();
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  const bool fits = std::max({m, n, k, lda, ldc}) <= kIntMax;
-  if (blas != nullptr && fits && k > 0 && !aten_gemm_forced()) {
-    // column-major view: C^T [n, m] = op(W)^T [n, k] A^T [k, m]
-    const char ta = w_nk ? 'T' : 'N', tb = 'N';
-    const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
-    const int ilda = static_cast<int>(w_nk ? k : n), ildb = static_cast<int>(lda), ildc = static_cast<int>(ldc);
-    const T one = T(1);
-    blas(&ta, &tb, &im, &in, &ik, &one, w, &ilda, a, &ildb, &beta, c, &ildc);
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor ta = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opts);
-  const at::Tensor tw = w_nk ? at::from_blob(const_cast<T*>(w), {n, k}, opts).t() : at::from_blob(const_cast<T*>(w), {k, n}, opts);
-  at::Tensor tc = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  if (beta == T(0)) at::mm_out(tc, ta, tw); else tc.addmm_(ta, tw, beta);
 }
 
 // Row `begin` of the state that step t reads: `first` ([B, H]) at t = 0, else seq[t - 1] of a

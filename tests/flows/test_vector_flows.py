@@ -4,6 +4,9 @@ Jacobians, the Flow distribution)."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import latentfast
 from latentfast.flows import vector as vf
 from latentfast.ops import vector_flows as ops
 from latentfast.reference import vector_flows as ref
-from tests.conftest import FAST_GC, assert_close, device_for, interpreting
+from tests.conftest import FAST_GC, assert_close, backends_under_test, device_for, interpreting
 
 
 def _stack_params(k, b, d, h, additive, dtype, dev, seed, with_ctx=True):
@@ -83,6 +86,82 @@ def test_kept_and_recomputed_hidden_give_the_reference_gradients(backend, monkey
     for name, a, r, w in zip(names, kept, recomputed, want):
         assert_close(a, w, scale=10, msg=f"kept: grad {name}")
         assert_close(r, w, scale=10, msg=f"recomputed: grad {name}")
+
+
+@pytest.mark.parametrize("tile_rows", ["1", "5", "23", "64"])
+@pytest.mark.parametrize("additive,with_ctx,keep", [(False, True, False), (False, False, True), (True, True, True)])
+def test_cpp_row_tiles_match_whole_batch_and_reference(backend, monkeypatch, tile_rows, additive, with_ctx, keep):
+    """The C++ row-tile path (each thread takes tiles of rows through all K steps and back,
+    with per-chunk weight-gradient sums) against the whole-batch path and the reference, for
+    tiles of 1 row, tiles that leave a partial last tile (5 of 23), one tile, and a tile
+    larger than the batch. LATENTFAST_VF_TILE_ROWS forces the tile size; 0 forces the
+    whole-batch path. LATENTFAST_VF_POISON fills the op's outputs with NaN before the
+    kernels write them, so a row a tile misses shows up."""
+    if backend != "cpp":
+        pytest.skip("C++ kernel paths")
+    k, b, d, h = 3, 23, 5, 7
+    p = _stack_params(k, b, d, h, additive, torch.float64, "cpu", seed=31, with_ctx=with_ctx)
+    x = torch.randn(b, d, dtype=torch.float64)
+    gy, gl = torch.randn(b, d, dtype=torch.float64), torch.randn(b, dtype=torch.float64)
+    cpp = torch.ops.latentfast_cpp
+    args = (p["ctx"], p["w1"], p["b1"], p["w2"], p["b2"], p["act"], additive)
+
+    monkeypatch.setenv("LATENTFAST_VF_POISON", "1")
+
+    def run(rows):
+        monkeypatch.setenv("LATENTFAST_VF_TILE_ROWS", rows)
+        y, ld, xs, out, hid = cpp.vector_flow_fwd(x, *args, True, keep)
+        grads = cpp.vector_flow_bwd(gy, gl, xs, out, p["ctx"], p["w1"], p["b1"], p["w2"], p["act"], additive,
+                                    hid if keep else None)
+        y_inf, ld_inf, *_ = cpp.vector_flow_fwd(x, *args, False, False)
+        return (y, ld, xs, out, y_inf, ld_inf) + tuple(grads)
+
+    tiled, whole = run(tile_rows), run("0")
+    names = ("y", "logdet", "xs", "out", "y (no save)", "logdet (no save)", "grad x", "grad ctx", "grad w1",
+             "grad b1", "grad w2", "grad b2")
+    for name, a, w in zip(names, tiled, whole):
+        assert a.shape == w.shape, name
+        assert_close(a, w, msg=name)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, p["w1"], p["b1"], p["w2"], p["b2"])]
+    y0, l0, *_ = ref.vector_flow_stack(leaves[0], p["ctx"], *leaves[1:], p["act"], additive)
+    g0 = torch.autograd.grad((y0 * gy).sum() + (l0 * gl).sum(), leaves)
+    assert_close(tiled[0], y0, msg="y vs reference")
+    assert_close(tiled[1], l0, msg="logdet vs reference")
+    for name, a, w in zip(("x", "w1", "b1", "w2", "b2"), (tiled[6],) + tuple(tiled[8:]), g0):
+        assert_close(a, w, scale=10, msg=f"grad {name} vs reference")
+
+
+_SUBPROCESS_TILE_SCRIPT = """
+import torch
+import latentfast
+from latentfast.reference import vector_flows as ref
+g = torch.Generator().manual_seed(5)
+k, b, d, h = 3, 23, 5, 7
+x, w1, b1 = torch.randn(b, d, generator=g, dtype=torch.float64), torch.randn(k, h, d, generator=g, dtype=torch.float64), torch.randn(k, h, generator=g, dtype=torch.float64)
+w2, b2 = 0.3 * torch.randn(k, 2 * d, h, generator=g, dtype=torch.float64), torch.randn(k, 2 * d, generator=g, dtype=torch.float64)
+ctx, act = torch.randn(k, b, h, generator=g, dtype=torch.float64), torch.ones(k, d, dtype=torch.float64)
+gy, gl = torch.randn(b, d, generator=g, dtype=torch.float64), torch.randn(b, generator=g, dtype=torch.float64)
+cpp = torch.ops.latentfast_cpp
+y, ld, xs, out, _ = cpp.vector_flow_fwd(x, ctx, w1, b1, w2, b2, act, False, True, False)
+grads = cpp.vector_flow_bwd(gy, gl, xs, out, ctx, w1, b1, w2, act, False, None)
+leaves = [t.clone().requires_grad_() for t in (x, ctx, w1, b1, w2, b2)]
+y0, l0, *_ = ref.vector_flow_stack(*leaves, act, False)
+want = torch.autograd.grad((y0 * gy).sum() + (l0 * gl).sum(), leaves)
+worst = max(float(((a - w).abs().max() / w.abs().max())) for a, w in [(y, y0), (ld, l0), *zip(grads, want)])
+print(worst)
+"""
+
+
+@pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' at::mm_out fallback")
+def test_cpp_row_tiles_aten_gemm_fallback():
+    """The row-tile path calls sgemm_/dgemm_ directly, some with a transposed A (the weight
+    gradients); LATENTFAST_ATEN_GEMM=1 makes it use at::mm_out/addmm_ instead (the path for a
+    libtorch without those symbols). Tiles of 5 rows over a batch of 23."""
+    env = {**os.environ, "LATENTFAST_ATEN_GEMM": "1", "LATENTFAST_VF_TILE_ROWS": "5", "OMP_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", _SUBPROCESS_TILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) < 1e-10, run.stdout
 
 
 def test_stack_noncontiguous_and_no_ctx(backend):
