@@ -105,16 +105,19 @@ void step_params(const at::Tensor& x, const at::Tensor* ctx_k, const at::Tensor&
 // threaded GEMM per layer and step. LATENTFAST_VF_TILE_ROWS (read per call, for tests and
 // A/B runs) overrides the choice: 0 forces the whole-batch path, n > 0 tiles of n rows.
 constexpr int64_t kTileWeightBytesMax = 1 << 20;  // per step, W1 + W2
-constexpr int64_t kTileBytes = 192 << 10;         // hidden + output rows of one tile
+constexpr int64_t kTileBytes = 768 << 10;         // hidden + output rows of one tile (L2: 2 MB per core here)
 
 // Rows per tile, or 0 for the whole-batch path.
 int64_t tile_rows(const Dims& n, int64_t elem) {
   if (const char* e = std::getenv("LATENTFAST_VF_TILE_ROWS"); e != nullptr && e[0] != '\0')
     return std::max<int64_t>(0, std::atoll(e));
   if ((n.H * n.d + n.O * n.H) * elem > kTileWeightBytesMax) return 0;
-  const int64_t rows = std::clamp<int64_t>(kTileBytes / ((n.H + n.O + 2 * n.d) * elem), 16, 512);
+  // Up to 512 rows (paired A/B at B = 4096, d = 32, H = 256, K = 8: 512-row tiles 7-10%
+  // faster than 128), at least two tiles per thread, at least 16 rows.
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  return n.B >= 2 * nt * rows || n.B >= 4 * rows ? rows : 0;
+  const int64_t rows = std::min(std::clamp<int64_t>(kTileBytes / ((n.H + n.O + 2 * n.d) * elem), 16, 512),
+                                n.B / (2 * nt));
+  return rows >= 16 ? rows : 0;
 }
 
 // LATENTFAST_VF_POISON=1 (read per call; for tests): the outputs the row-tile kernels write
@@ -125,9 +128,157 @@ at::Tensor poisoned(at::Tensor t) {
   return t;
 }
 
+// Block structure of the masked weights. A MADE mask zeroes about half of W1 and W2, and with
+// the hidden units ordered by degree (made_degrees does) and the inputs in natural or reversed
+// order, the zeros form staircases: a group of consecutive hidden units reads a contiguous
+// range of inputs, a group of consecutive outputs a contiguous range of hidden units (a
+// coupling's masks are halves). The row-tile path finds these ranges from the exact zeros of
+// each step's weights (per call; K (H d + O H) reads) and runs one GEMM per group over its
+// range only. Products with the skipped entries are exact zeros, so the result is the dense
+// one (up to summation order), for any weights: without such structure the ranges are the
+// whole width and a layer runs as one GEMM. (One exception: a NaN or Inf in x or in a hidden
+// unit no longer spreads through a zero weight, 0 * Inf = NaN, as it does in the dense
+// product; the public wrappers reject non-finite inputs.) The weight gradients stay dense.
+// LATENTFAST_VF_GROUPS (read per call; for tests and A/B runs) sets the number of groups per
+// layer; 1 turns the blocking off.
+constexpr int64_t kDefaultGroups = 4;  // 2-4 were best in a paired A/B (8 and 16: slower, small GEMMs)
+constexpr double kBlockedMaxFraction = 0.85;  // above this share of the dense flops, one GEMM
+
+struct Span {
+  int64_t lo = 0, hi = 0;  // [lo, hi), empty when hi <= lo
+  int64_t len() const { return hi > lo ? hi - lo : 0; }
+  void add(int64_t a, int64_t b) {
+    if (b <= a) return;
+    if (len() == 0) {
+      lo = a, hi = b;
+    } else {
+      lo = std::min(lo, a), hi = std::max(hi, b);
+    }
+  }
+};
+
+struct StepBlocks {
+  int64_t g1 = 0, g2 = 0;        // hidden units per group (last may be short), outputs per group
+  std::vector<Span> in_of_hid;   // per hidden group: the inputs its W1 rows read
+  std::vector<Span> hid_of_out;  // per output group: the hidden units its W2 rows read
+  std::vector<Span> out_of_hid;  // per hidden group: the outputs whose W2 rows read it
+};
+
+int64_t groups_wanted() {
+  if (const char* e = std::getenv("LATENTFAST_VF_GROUPS"); e != nullptr && e[0] != '\0')
+    return std::max<int64_t>(1, std::atoll(e));
+  return kDefaultGroups;
+}
+
+// Nonzero column range of row r of a [rows, cols] row-major matrix.
+template <typename T>
+Span row_span(const T* a, int64_t cols, int64_t r) {
+  const T* ar = a + r * cols;
+  Span s;
+  int64_t j = 0;
+  while (j < cols && ar[j] == T(0)) ++j;
+  if (j == cols) return s;
+  int64_t e = cols;
+  while (ar[e - 1] == T(0)) --e;
+  s.lo = j, s.hi = e;
+  return s;
+}
+
+template <typename T>
+std::vector<StepBlocks> find_blocks(const Dims& n, const T* w1, const T* w2) {
+  const int64_t ng = groups_wanted();
+  std::vector<StepBlocks> all(n.K);
+  for (int64_t k = 0; k < n.K; ++k) {
+    const T* a = w1 + k * n.H * n.d;
+    const T* b = w2 + k * n.O * n.H;
+    StepBlocks& sb = all[k];
+    sb.g1 = std::max<int64_t>(1, (n.H + ng - 1) / ng);
+    sb.g2 = std::max<int64_t>(1, (n.O + ng - 1) / ng);
+    const int64_t n1 = (n.H + sb.g1 - 1) / sb.g1, n2 = (n.O + sb.g2 - 1) / sb.g2;
+    sb.in_of_hid.assign(n1, Span());
+    sb.hid_of_out.assign(n2, Span());
+    sb.out_of_hid.assign(n1, Span());
+    for (int64_t h = 0; h < n.H; ++h) {
+      const Span r = row_span(a, n.d, h);
+      sb.in_of_hid[h / sb.g1].add(r.lo, r.hi);
+    }
+    for (int64_t o = 0; o < n.O; ++o) {
+      const T* br = b + o * n.H;
+      const Span r = row_span(b, n.H, o);
+      sb.hid_of_out[o / sb.g2].add(r.lo, r.hi);
+      for (int64_t j = r.lo / sb.g1; j < n1 && j * sb.g1 < r.hi; ++j) {  // hidden groups this row reads
+        bool any = false;
+        for (int64_t h = std::max(r.lo, j * sb.g1); h < std::min(r.hi, (j + 1) * sb.g1) && !any; ++h)
+          any = br[h] != T(0);
+        if (any) sb.out_of_hid[j].add(o, o + 1);
+      }
+    }
+    // Not worth the extra GEMM calls when little is skipped: one group over the whole width.
+    double f1 = 0, f2 = 0;
+    for (int64_t j = 0; j < n1; ++j) f1 += double(std::min(sb.g1, n.H - j * sb.g1)) * sb.in_of_hid[j].len();
+    for (int64_t i = 0; i < n2; ++i) f2 += double(std::min(sb.g2, n.O - i * sb.g2)) * sb.hid_of_out[i].len();
+    if (f1 > kBlockedMaxFraction * n.H * n.d && f2 > kBlockedMaxFraction * n.O * n.H) {
+      sb.g1 = n.H, sb.g2 = n.O;
+      sb.in_of_hid.assign(1, Span{0, n.d});
+      sb.hid_of_out.assign(1, Span{0, n.H});
+      sb.out_of_hid.assign(1, Span{0, n.O});
+    }
+  }
+  return all;
+}
+
+// Blocked products of one tile (rows of the tile, row-major buffers as in the dense calls):
+// g = cur W1^T (beta 0); o += g W2^T; ga = go W2 (beta 0); gx += ga W1.
+template <typename T>
+void blocked_hidden(const StepBlocks& sb, int64_t rows, const Dims& n, const T* cur, const T* w1k, T* g) {
+  for (size_t j = 0; j < sb.in_of_hid.size(); ++j) {
+    const int64_t h0 = int64_t(j) * sb.g1, gh = std::min(sb.g1, n.H - h0);
+    const Span sp = sb.in_of_hid[j];
+    if (sp.len() == 0) {
+      for (int64_t r = 0; r < rows; ++r) std::memset(g + r * n.H + h0, 0, sizeof(T) * gh);
+      continue;
+    }
+    gemm_rm<T>(false, true, rows, gh, sp.len(), cur + sp.lo, n.d, w1k + h0 * n.d + sp.lo, n.d, T(0), g + h0, n.H);
+  }
+}
+
+template <typename T>
+void blocked_output(const StepBlocks& sb, int64_t rows, const Dims& n, const T* g, const T* w2k, T* o) {
+  for (size_t i = 0; i < sb.hid_of_out.size(); ++i) {
+    const int64_t o0 = int64_t(i) * sb.g2, go = std::min(sb.g2, n.O - o0);
+    const Span sp = sb.hid_of_out[i];
+    if (sp.len() > 0)
+      gemm_rm<T>(false, true, rows, go, sp.len(), g + sp.lo, n.H, w2k + o0 * n.H + sp.lo, n.H, T(1), o + o0, n.O);
+  }
+}
+
+template <typename T>
+void blocked_grad_hidden(const StepBlocks& sb, int64_t rows, const Dims& n, const T* go, const T* w2k, T* ga) {
+  for (size_t j = 0; j < sb.out_of_hid.size(); ++j) {
+    const int64_t h0 = int64_t(j) * sb.g1, gh = std::min(sb.g1, n.H - h0);
+    const Span sp = sb.out_of_hid[j];
+    if (sp.len() == 0) {
+      for (int64_t r = 0; r < rows; ++r) std::memset(ga + r * n.H + h0, 0, sizeof(T) * gh);
+      continue;
+    }
+    gemm_rm<T>(false, false, rows, gh, sp.len(), go + sp.lo, n.O, w2k + sp.lo * n.H + h0, n.H, T(0), ga + h0, n.H);
+  }
+}
+
+template <typename T>
+void blocked_grad_input(const StepBlocks& sb, int64_t rows, const Dims& n, const T* ga, const T* w1k, T* gx) {
+  for (size_t j = 0; j < sb.in_of_hid.size(); ++j) {
+    const int64_t h0 = int64_t(j) * sb.g1, gh = std::min(sb.g1, n.H - h0);
+    const Span sp = sb.in_of_hid[j];
+    if (sp.len() > 0)
+      gemm_rm<T>(false, false, rows, sp.len(), gh, ga + h0, n.H, w1k + h0 * n.d + sp.lo, n.d, T(1), gx + sp.lo, n.d);
+  }
+}
+
 template <typename T>
 struct StackPtrs {
   const T *w1, *b1, *w2, *b2, *act, *ctx;  // ctx null without context
+  const std::vector<StepBlocks>* blocks;   // per step
 };
 
 // The forward of rows [r0, r0 + rows) through all K steps. xs/out/hid: the saved [K, B, .]
@@ -140,12 +291,13 @@ void fwd_tile(const Dims& n, const StackPtrs<T>& p, bool additive, const T* x, T
   for (int64_t k = 0; k < n.K; ++k) {
     T* g = hid ? hid + (k * n.B + r0) * n.H : gbuf;
     T* o = out ? out + (k * n.B + r0) * n.O : obuf;
-    step_gemm<T>(rows, n.H, n.d, cur, n.d, p.w1 + k * n.H * n.d, true, T(0), g, n.H);
+    const StepBlocks& sb = (*p.blocks)[k];
+    blocked_hidden<T>(sb, rows, n, cur, p.w1 + k * n.H * n.d, g);
     LF_VF_CALL(vf_relu_rows<T>, g, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
                int64_t(0), rows);
     const T* b2k = p.b2 + k * n.O;
     for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * n.O, b2k, sizeof(T) * n.O);
-    step_gemm<T>(rows, n.O, n.H, g, n.H, p.w2 + k * n.O * n.H, true, T(1), o, n.O);
+    blocked_output<T>(sb, rows, n, g, p.w2 + k * n.O * n.H, o);
     T* dst = k + 1 == n.K ? y + r0 * n.d : (xs ? xs + ((k + 1) * n.B + r0) * n.d : (k % 2 == 0 ? ping : pong));
     LF_VF_CALL(vf_gate_fwd_rows<T>, cur, o, p.act + k * n.d, dst, logdet + r0, n.d, additive, int64_t(0), rows);
     cur = dst;
@@ -184,8 +336,9 @@ void bwd_tile(const Dims& n, const StackPtrs<T>& p, bool additive, const T* gy, 
     const T* w1k = p.w1 + k * n.H * n.d;
     const T* w2k = p.w2 + k * n.O * n.H;
     const T* hk = hidden ? hidden + (k * n.B + r0) * n.H : buf.hid;
+    const StepBlocks& sb = (*p.blocks)[k];
     if (!hidden) {
-      step_gemm<T>(rows, n.H, n.d, xk, n.d, w1k, true, T(0), buf.hid, n.H);
+      blocked_hidden<T>(sb, rows, n, xk, w1k, buf.hid);
       LF_VF_CALL(vf_relu_rows<T>, buf.hid, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
                  int64_t(0), rows);
     }
@@ -194,11 +347,11 @@ void bwd_tile(const Dims& n, const StackPtrs<T>& p, bool additive, const T* gy, 
     gemm_rm<T>(true, false, n.O, n.H, rows, buf.go, n.O, hk, n.H, T(1), gw2 + k * n.O * n.H, n.H);
     add_col_sums<T>(buf.go, rows, n.O, gb2 + k * n.O);
     T* ga = gctx ? gctx + (k * n.B + r0) * n.H : buf.ga;
-    step_gemm<T>(rows, n.H, n.O, buf.go, n.O, w2k, false, T(0), ga, n.H);
+    blocked_grad_hidden<T>(sb, rows, n, buf.go, w2k, ga);
     LF_VF_CALL(vf_relu_mask_rows<T>, ga, hk, n.H, int64_t(0), rows);
     gemm_rm<T>(true, false, n.H, n.d, rows, ga, n.H, xk, n.d, T(1), gw1 + k * n.H * n.d, n.d);
     add_col_sums<T>(ga, rows, n.H, gb1 + k * n.H);
-    step_gemm<T>(rows, n.d, n.H, ga, n.H, w1k, false, T(1), gxd, n.d);  // grad x = direct + ga W1
+    blocked_grad_input<T>(sb, rows, n, ga, w1k, gxd);  // grad x = direct + ga W1
     std::swap(gcur, gxd);
   }
   std::memcpy(gx + r0 * n.d, gcur, sizeof(T) * rows * n.d);
@@ -227,9 +380,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_fl
     for (at::Tensor* t : {&y, &xs, &out, &hid_all}) *t = poisoned(*t);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vector_flow_fwd_tiles", [&] {
       using T = scalar_t;
+      const std::vector<StepBlocks> blocks = find_blocks<T>(n, w1.const_data_ptr<T>(), w2.const_data_ptr<T>());
       const StackPtrs<T> p{w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), w2.const_data_ptr<T>(),
                            b2.const_data_ptr<T>(), act.const_data_ptr<T>(),
-                           ctx.has_value() ? ctx->const_data_ptr<T>() : nullptr};
+                           ctx.has_value() ? ctx->const_data_ptr<T>() : nullptr, &blocks};
       const int64_t ntiles = (n.B + tile - 1) / tile;
       at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
         std::vector<T> gbuf(keep ? 0 : tile * n.H), obuf(save ? 0 : tile * n.O), pp(save ? 0 : 2 * tile * n.d);
@@ -306,8 +460,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor gctx = poisoned(ctx.has_value() ? at::empty({K, B, H}, opt) : at::empty({0}, opt));
     AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "vector_flow_bwd_tiles", [&] {
       using T = scalar_t;
+      const std::vector<StepBlocks> blocks = find_blocks<T>(n, w1.const_data_ptr<T>(), w2.const_data_ptr<T>());
       const StackPtrs<T> p{w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), w2.const_data_ptr<T>(), nullptr,
-                           act.const_data_ptr<T>(), ctx.has_value() ? ctx->const_data_ptr<T>() : nullptr};
+                           act.const_data_ptr<T>(), ctx.has_value() ? ctx->const_data_ptr<T>() : nullptr, &blocks};
       const at::Tensor gy = grad_y.contiguous();
       const T* gyp = gy.const_data_ptr<T>();
       const T* glp = gl.const_data_ptr<T>();

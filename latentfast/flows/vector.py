@@ -27,11 +27,14 @@ from latentfast.ops._checks import check_finite, check_tensor
 
 def made_degrees(d: int, hidden: int, order: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """MADE degrees (Germain et al. 2015): inputs get 1..d in `order` (default natural),
-    hidden units cycle through 1..d-1 (0 when d = 1, i.e. no input feeds them)."""
+    hidden units take 1..d-1 in turn (0 when d = 1, i.e. no input feeds them), sorted so the
+    hidden units come in ascending degree. The order of the hidden units does not change what
+    the network can express; sorted, the masks are block-triangular, which the C++ kernel
+    uses to skip the zero blocks of the GEMMs."""
     deg_in = torch.arange(1, d + 1) if order is None else torch.as_tensor(order).long() + 1
     if sorted(deg_in.tolist()) != list(range(1, d + 1)):
         raise ValueError(f"order must be a permutation of 0..{d - 1}")
-    deg_h = torch.arange(hidden) % max(d - 1, 1) + 1 if d > 1 else torch.zeros(hidden, dtype=torch.long)
+    deg_h = (torch.arange(hidden) % (d - 1) + 1).sort().values if d > 1 else torch.zeros(hidden, dtype=torch.long)
     return deg_in, deg_h
 
 
