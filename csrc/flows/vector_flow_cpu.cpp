@@ -543,6 +543,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {g, gctx, gw1, gb1, gw2, gb2};
 }
 
+// The inverse of rows [r0, r0 + rows): per step in reverse, n_passes fixed-point sweeps with
+// the tile's rows in cache, then the forward log-det at the recovered x.
+template <typename T>
+void inv_tile(const Dims& n, const StackPtrs<T>& p, bool additive, int64_t n_passes, const T* y, T* x_out,
+              T* logdet, T* g, T* o, T* cy, T* cx, T* scratch, int64_t r0, int64_t rows) {
+  std::memcpy(cy, y + r0 * n.d, sizeof(T) * rows * n.d);
+  for (int64_t k = n.K - 1; k >= 0; --k) {
+    const StepBlocks& sb = (*p.blocks)[k];
+    const T* w1k = p.w1 + k * n.H * n.d;
+    const T* w2k = p.w2 + k * n.O * n.H;
+    const T* b2k = p.b2 + k * n.O;
+    const T* ak = p.act + k * n.d;
+    auto params = [&](const T* xin) {  // o = relu(xin W1^T + b1 + ctx) W2^T + b2
+      blocked_hidden<T>(sb, rows, n, xin, w1k, g);
+      LF_VF_CALL(vf_relu_rows<T>, g, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
+                 int64_t(0), rows);
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * n.O, b2k, sizeof(T) * n.O);
+      blocked_output<T>(sb, rows, n, g, w2k, o);
+    };
+    std::memcpy(cx, cy, sizeof(T) * rows * n.d);
+    for (int64_t pass = 0; pass < n_passes; ++pass) {
+      params(cx);
+      LF_VF_CALL(vf_gate_inv_rows<T>, cy, o, ak, cx, n.d, additive, int64_t(0), rows);
+    }
+    if (!additive) {
+      params(cx);
+      LF_VF_CALL(vf_gate_fwd_rows<T>, cx, o, ak, scratch, logdet + r0, n.d, additive, int64_t(0), rows);
+    }
+    std::swap(cy, cx);
+  }
+  std::memcpy(x_out + r0 * n.d, cy, sizeof(T) * rows * n.d);
+}
+
 std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const c10::optional<at::Tensor>& ctx_in,
                                                    const at::Tensor& w1_in, const at::Tensor& b1_in,
                                                    const at::Tensor& w2_in, const at::Tensor& b2_in,
@@ -554,6 +587,33 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
   const c10::optional<at::Tensor> ctx = ctx_in.has_value() ? c10::optional<at::Tensor>(ctx_in->contiguous())
                                                            : c10::nullopt;
   const auto opt = y_in.options();
+  const int64_t tile = tile_rows(n, y_in.element_size());
+  if (tile > 0) {
+    const at::Tensor y = y_in.contiguous();
+    at::Tensor x_out = poisoned(at::empty({n.B, n.d}, opt)), logdet = at::zeros({n.B}, opt);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "vector_flow_inv_tiles", [&] {
+      using T = scalar_t;
+      const std::vector<StepBlocks> blocks = find_blocks<T>(n, w1.const_data_ptr<T>(), w2.const_data_ptr<T>());
+      const StackPtrs<T> p{w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), w2.const_data_ptr<T>(),
+                           b2.const_data_ptr<T>(), act.const_data_ptr<T>(),
+                           ctx.has_value() ? ctx->const_data_ptr<T>() : nullptr, &blocks};
+      const T* yp = y.const_data_ptr<T>();
+      T* xp = x_out.mutable_data_ptr<T>();
+      T* lp = logdet.mutable_data_ptr<T>();
+      at::parallel_for(0, (n.B + tile - 1) / tile, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<T> mem(tile * (n.H + n.O + 3 * n.d));
+        T* g = mem.data();
+        T* o = g + tile * n.H;
+        T* cy = o + tile * n.O;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r0 = t * tile;
+          inv_tile<T>(n, p, additive, n_passes, yp, xp, lp, g, o, cy, cy + tile * n.d, cy + 2 * tile * n.d, r0,
+                      std::min(tile, n.B - r0));
+        }
+      });
+    });
+    return {x_out, logdet};
+  }
   at::Tensor cur_y = y_in.contiguous().clone(), x = at::empty({n.B, n.d}, opt), scratch = at::empty({n.B, n.d}, opt);
   at::Tensor g = at::empty({n.B, n.H}, opt), o = at::empty({n.B, n.O}, opt), logdet = at::zeros({n.B}, opt);
   AT_DISPATCH_FLOATING_TYPES(y_in.scalar_type(), "vector_flow_inv", [&] {
