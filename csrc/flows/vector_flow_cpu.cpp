@@ -81,21 +81,6 @@ Dims check_stack(const at::Tensor& x, const c10::optional<at::Tensor>& ctx, cons
   return n;
 }
 
-// One step's hidden layer and output: g = relu(x W1^T + b1 + ctx), o = g W2^T + b2 (the bias
-// and ReLU fused in one pass over g).
-template <typename scalar_t>
-void step_params(const at::Tensor& x, const at::Tensor* ctx_k, const at::Tensor& w1, const at::Tensor& b1,
-                 const at::Tensor& w2, const at::Tensor& b2, at::Tensor& g, at::Tensor* o, int64_t H) {
-  at::mm_out(g, x, w1.t());
-  scalar_t* gp = g.mutable_data_ptr<scalar_t>();
-  const scalar_t* bp = b1.const_data_ptr<scalar_t>();
-  const scalar_t* cp = ctx_k ? ctx_k->const_data_ptr<scalar_t>() : nullptr;
-  at::parallel_for(0, x.size(0), grain(H), [&](int64_t begin, int64_t end) {
-    LF_VF_CALL(vf_relu_rows<scalar_t>, gp, bp, cp, H, begin, end);
-  });
-  if (o) at::addmm_out(*o, b2, g, w2.t());
-}
-
 // Row tiles. Batch rows are independent through the whole stack, so each thread can take a
 // tile of rows through all K steps (and, in the backward, back) with the tile's hidden layer
 // and MLP output staying in its L2 cache: small BLAS GEMMs per tile and step, the ReLU and
@@ -275,6 +260,26 @@ void blocked_grad_input(const StepBlocks& sb, int64_t rows, const Dims& n, const
   }
 }
 
+// The whole-batch form of one step's hidden layer and output: g = relu(x W1^T + b1 + ctx),
+// o = g W2^T + b2, with the blocked GEMMs over all B rows (BLAS threads them), the bias and
+// ReLU fused in one parallel pass over g. x, g, o contiguous; o may be null (hidden only).
+template <typename T>
+void step_params(const Dims& n, const StepBlocks& sb, const at::Tensor& x, const T* ctx_k, const T* w1k,
+                 const T* b1k, const T* w2k, const T* b2k, at::Tensor& g, at::Tensor* o) {
+  const int64_t B = x.size(0), H = n.H;
+  T* gp = g.mutable_data_ptr<T>();
+  blocked_hidden<T>(sb, B, n, x.const_data_ptr<T>(), w1k, gp);
+  at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
+    LF_VF_CALL(vf_relu_rows<T>, gp, b1k, ctx_k, H, begin, end);
+  });
+  if (!o) return;
+  T* op = o->mutable_data_ptr<T>();
+  at::parallel_for(0, B, grain(n.O), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) std::memcpy(op + r * n.O, b2k, sizeof(T) * n.O);
+  });
+  blocked_output<T>(sb, B, n, gp, w2k, op);
+}
+
 template <typename T>
 struct StackPtrs {
   const T *w1, *b1, *w2, *b2, *act, *ctx;  // ctx null without context
@@ -403,12 +408,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_fl
   at::Tensor tmp = at::empty({n.B, n.d}, opt);
   if (save) xs[0].copy_(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vector_flow_fwd", [&] {
+    const std::vector<StepBlocks> blocks =
+        find_blocks<scalar_t>(n, w1.const_data_ptr<scalar_t>(), w2.const_data_ptr<scalar_t>());
     at::Tensor cur = x;
     for (int64_t k = 0; k < n.K; ++k) {
       at::Tensor o = save ? out[k] : o_buf;
       const at::Tensor ctx_k = ctx.has_value() ? (*ctx)[k] : at::Tensor();
       at::Tensor g = keep ? hid_all[k] : g_buf;
-      step_params<scalar_t>(cur, ctx.has_value() ? &ctx_k : nullptr, w1[k], b1[k], w2[k], b2[k], g, &o, n.H);
+      step_params<scalar_t>(n, blocks[k], cur, ctx.has_value() ? ctx_k.const_data_ptr<scalar_t>() : nullptr,
+                            w1.const_data_ptr<scalar_t>() + k * n.H * n.d, b1.const_data_ptr<scalar_t>() + k * n.H,
+                            w2.const_data_ptr<scalar_t>() + k * n.O * n.H, b2.const_data_ptr<scalar_t>() + k * n.O, g,
+                            &o);
       // Ping-pong so the last step lands in y; with save, each step's output is the next input row.
       at::Tensor dst = (save && k + 1 < n.K) ? xs[k + 1] : (((n.K - 1 - k) % 2 == 0) ? y : tmp);
       const scalar_t* xp = cur.const_data_ptr<scalar_t>();
@@ -508,13 +518,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gw1 = at::empty({K, H, d}, opt), gb1 = at::empty({K, H}, opt);
   at::Tensor gw2 = at::empty({K, O, H}, opt), gb2 = at::empty({K, O}, opt);
   AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "vector_flow_bwd", [&] {
+    const std::vector<StepBlocks> blocks =
+        find_blocks<scalar_t>(n, w1.const_data_ptr<scalar_t>(), w2.const_data_ptr<scalar_t>());
     for (int64_t k = K - 1; k >= 0; --k) {
+      const scalar_t* w1k = w1.const_data_ptr<scalar_t>() + k * H * d;
+      const scalar_t* w2k = w2.const_data_ptr<scalar_t>() + k * O * H;
       const at::Tensor x_k = xs[k];
       const at::Tensor ctx_k = ctx.has_value() ? (*ctx)[k] : at::Tensor();
       at::Tensor hid = have_hidden ? hidden[k] : hid_buf;
-      if (!have_hidden)
-        step_params<scalar_t>(x_k, ctx.has_value() ? &ctx_k : nullptr, w1[k], b1[k], w2[k], at::Tensor(), hid,
-                              nullptr, H);  // hidden layer only (no output, so no b2)
+      if (!have_hidden)  // hidden layer only (no output, so no b2)
+        step_params<scalar_t>(n, blocks[k], x_k, ctx.has_value() ? ctx_k.const_data_ptr<scalar_t>() : nullptr, w1k,
+                              b1.const_data_ptr<scalar_t>() + k * H, w2k, nullptr, hid, nullptr);
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
       const scalar_t* glp = gl.const_data_ptr<scalar_t>();
       const scalar_t* xp = x_k.const_data_ptr<scalar_t>();
@@ -529,7 +543,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::mm_out(gw2_k, go.t(), hid);
       at::sum_out(gb2_k, go, {0});
       at::Tensor ga = ctx.has_value() ? gctx[k] : ga_buf;
-      at::mm_out(ga, go, w2[k]);
+      blocked_grad_hidden<scalar_t>(blocks[k], B, n, go.const_data_ptr<scalar_t>(), w2k,
+                                    ga.mutable_data_ptr<scalar_t>());
       scalar_t* gap = ga.mutable_data_ptr<scalar_t>();
       const scalar_t* hp = hid.const_data_ptr<scalar_t>();
       at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
@@ -537,7 +552,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       });
       at::mm_out(gw1_k, ga.t(), x_k);
       at::sum_out(gb1_k, ga, {0});
-      at::addmm_out(g, gxd, ga, w1[k]);
+      // grad x = direct + ga W1, accumulated into the direct part, which becomes the running grad
+      blocked_grad_input<scalar_t>(blocks[k], B, n, ga.const_data_ptr<scalar_t>(), w1k,
+                                   gxd.mutable_data_ptr<scalar_t>());
+      std::swap(g, gxd);
     }
   });
   return {g, gctx, gw1, gb1, gw2, gb2};
@@ -617,13 +635,19 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
   at::Tensor cur_y = y_in.contiguous().clone(), x = at::empty({n.B, n.d}, opt), scratch = at::empty({n.B, n.d}, opt);
   at::Tensor g = at::empty({n.B, n.H}, opt), o = at::empty({n.B, n.O}, opt), logdet = at::zeros({n.B}, opt);
   AT_DISPATCH_FLOATING_TYPES(y_in.scalar_type(), "vector_flow_inv", [&] {
+    const std::vector<StepBlocks> blocks =
+        find_blocks<scalar_t>(n, w1.const_data_ptr<scalar_t>(), w2.const_data_ptr<scalar_t>());
     for (int64_t k = n.K - 1; k >= 0; --k) {
       const at::Tensor ctx_k = ctx.has_value() ? (*ctx)[k] : at::Tensor();
-      const at::Tensor* cp = ctx.has_value() ? &ctx_k : nullptr;
+      const scalar_t* cp = ctx.has_value() ? ctx_k.const_data_ptr<scalar_t>() : nullptr;
       const scalar_t* ap = act.const_data_ptr<scalar_t>() + k * n.d;
+      const scalar_t* w1k = w1.const_data_ptr<scalar_t>() + k * n.H * n.d;
+      const scalar_t* b1k = b1.const_data_ptr<scalar_t>() + k * n.H;
+      const scalar_t* w2k = w2.const_data_ptr<scalar_t>() + k * n.O * n.H;
+      const scalar_t* b2k = b2.const_data_ptr<scalar_t>() + k * n.O;
       x.copy_(cur_y);
       for (int64_t p = 0; p < n_passes; ++p) {
-        step_params<scalar_t>(x, cp, w1[k], b1[k], w2[k], b2[k], g, &o, n.H);
+        step_params<scalar_t>(n, blocks[k], x, cp, w1k, b1k, w2k, b2k, g, &o);
         const scalar_t* yp = cur_y.const_data_ptr<scalar_t>();
         const scalar_t* op = o.const_data_ptr<scalar_t>();
         scalar_t* xp = x.mutable_data_ptr<scalar_t>();
@@ -632,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
         });
       }
       if (!additive) {  // log-det of the forward step at the recovered x
-        step_params<scalar_t>(x, cp, w1[k], b1[k], w2[k], b2[k], g, &o, n.H);
+        step_params<scalar_t>(n, blocks[k], x, cp, w1k, b1k, w2k, b2k, g, &o);
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         const scalar_t* op = o.const_data_ptr<scalar_t>();
         scalar_t* sp = scratch.mutable_data_ptr<scalar_t>();

@@ -154,11 +154,12 @@ def _masked_params(kind, k, d, h, seed):
 
 @pytest.mark.parametrize("kind", ["made", "made_reversed", "made_random_order", "coupling", "zero_w2"])
 @pytest.mark.parametrize("groups", ["3", "4", "16"])
-def test_cpp_blocked_masked_gemms_match_reference(backend, monkeypatch, kind, groups):
-    """The row-tile path runs one GEMM per group of hidden units / outputs over the range of
-    nonzero weights it finds (MADE staircases, coupling halves). Against the unblocked path
+@pytest.mark.parametrize("tile_rows", ["5", "0"])
+def test_cpp_blocked_masked_gemms_match_reference(backend, monkeypatch, kind, groups, tile_rows):
+    """Both C++ paths run one GEMM per group of hidden units / outputs over the range of
+    nonzero weights they find (MADE staircases, coupling halves). Against the unblocked path
     (LATENTFAST_VF_GROUPS=1) and the reference, H = 13 (groups of uneven size, a short last
-    group; 16 groups: some of one unit), tiles of 5 rows over 23."""
+    group; 16 groups: some of one unit), tiles of 5 rows over 23, and the whole-batch path."""
     if backend != "cpp":
         pytest.skip("C++ kernel paths")
     k, b, d, h = 4, 23, 6, 13
@@ -169,7 +170,7 @@ def test_cpp_blocked_masked_gemms_match_reference(backend, monkeypatch, kind, gr
     gy, gl = torch.randn(b, d, dtype=torch.float64), torch.randn(b, dtype=torch.float64)
     cpp = torch.ops.latentfast_cpp
     monkeypatch.setenv("LATENTFAST_VF_POISON", "1")
-    monkeypatch.setenv("LATENTFAST_VF_TILE_ROWS", "5")
+    monkeypatch.setenv("LATENTFAST_VF_TILE_ROWS", tile_rows)
 
     def run(groups_env):
         monkeypatch.setenv("LATENTFAST_VF_GROUPS", groups_env)
@@ -188,7 +189,7 @@ def test_cpp_blocked_masked_gemms_match_reference(backend, monkeypatch, kind, gr
 
 
 @pytest.mark.parametrize("kind", ["made", "made_reversed", "made_random_order", "coupling"])
-@pytest.mark.parametrize("tile_rows,groups", [("5", "3"), ("5", "1"), ("23", "4"), ("0", "1")])
+@pytest.mark.parametrize("tile_rows,groups", [("5", "3"), ("5", "1"), ("23", "4"), ("0", "1"), ("0", "3")])
 def test_cpp_inverse_row_tiles_match_reference(backend, monkeypatch, kind, tile_rows, groups):
     """The inverse (fixed-point sweeps) on row tiles with blocked GEMMs, against the reference
     inverse, and it recovers x from the forward's y with the forward's log-det."""
