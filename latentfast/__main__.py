@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: cuda when available, else cpu")
     b.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     b.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
+    b.add_argument("--merge-into", dest="merge_path",
+                   help="also merge the rows into this results file (e.g. benchmarks/results/cpu.json): rows "
+                        "with the same op, case and pass are replaced and stamped with the run's time")
     dm = sub.add_parser("demo", help="run a demo that writes PNGs")
     dm.add_argument("name", choices=["geodesics", "dynamics", "betavae"],
                     help="geodesics: VAE latent geometry on the digits; dynamics: latent sequence model "
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
-        run_suite(args.ops, device, args.quick, args.json_path)
+        run_suite(args.ops, device, args.quick, args.json_path, args.merge_path)
     elif args.cmd == "demo":
         kw = {} if args.epochs is None else {"epochs": args.epochs}
         if args.name == "geodesics":

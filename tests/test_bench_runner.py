@@ -4,6 +4,8 @@ A fake clock stands in for time.perf_counter, so nothing here depends on how fas
 machine is."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -53,3 +55,26 @@ def test_interleaved_rounds_stop_at_the_budget(monkeypatch):
     assert med == pytest.approx({"x": 125.0, "y": 125.0})
     # warm-up 6 calls, then 2 callables x 1.0 s of budget at 0.25 s a round: 8 rounds
     assert clock.now == 6 * 0.125 + 8 * 0.25
+
+
+def test_merge_rows_replaces_matching_rows_and_keeps_the_rest(tmp_path):
+    from latentfast.bench.runner import merge_rows
+
+    def row(op, case, pas, ms):
+        return {"op": op, "case": case, "pass": pas, "latentfast_ms": ms}
+
+    path = tmp_path / "cpu.json"
+    old = {"device": "cpu: x", "time": "T0", "note": "kept",
+           "rows": [row("a", "a1", "fwd", 1.0), row("a", "a1", "fwd+bwd", 2.0), row("b", "b1", "fwd", 3.0)]}
+    path.write_text(json.dumps(old))
+    env = {"device": "cpu: x", "time": "T1", "cpu_model": "M"}
+    replaced, added = merge_rows(str(path), [row("a", "a1", "fwd+bwd", 20.0), row("c", "c1", "fwd", 5.0)], env)
+    data = json.loads(path.read_text())
+    assert (replaced, added) == (1, 1)
+    assert data["note"] == "kept" and data["time"] == "T0"
+    assert [(r["op"], r["pass"], r["latentfast_ms"]) for r in data["rows"]] == [
+        ("a", "fwd", 1.0), ("a", "fwd+bwd", 20.0), ("b", "fwd", 3.0), ("c", "fwd", 5.0)]
+    assert data["rows"][1]["measured"] == "T1" and data["rows"][1]["cpu_model"] == "M"
+    assert "measured" not in data["rows"][0]
+    with pytest.raises(ValueError, match="results for"):
+        merge_rows(str(path), [row("a", "a1", "fwd", 0.5)], {**env, "device": "cuda: y"})

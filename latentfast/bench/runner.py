@@ -160,9 +160,36 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge_rows(path: str, rows: list[dict], env: dict) -> tuple[int, int]:
+    """Put `rows` into the results file at `path` (which keeps its top-level fields): a row
+    with the same op, case and pass as a new one is replaced, the others are kept, new ones
+    are appended. Merged rows carry 'measured' (this run's time) and 'cpu_model', since a
+    results file gathers runs of different days. Returns (replaced, added)."""
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("device") != env["device"]:
+        raise ValueError(f"{path} holds results for {data.get('device')!r}, this run is on {env['device']!r}")
+    index = {(r["op"], r["case"], r["pass"]): i for i, r in enumerate(data["rows"])}
+    replaced = added = 0
+    for row in rows:
+        row = {**row, "measured": env["time"], "cpu_model": env["cpu_model"]}
+        key = (row["op"], row["case"], row["pass"])
+        if key in index:
+            data["rows"][index[key]] = row
+            replaced += 1
+        else:
+            index[key] = len(data["rows"])
+            data["rows"].append(row)
+            added += 1
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    return replaced, added
+
+
 def run_suite(ops: list[str] | None = None, device: str = "cpu", quick: bool = False,
-              json_path: str | None = None) -> list[dict]:
-    """Run every case (or those whose op or case name is in `ops`) and print the table."""
+              json_path: str | None = None, merge_path: str | None = None) -> list[dict]:
+    """Run every case (or those whose op or case name is in `ops`) and print the table; write
+    the rows to `json_path` (a new file) and/or merge them into `merge_path` (see merge_rows)."""
     dev = torch.device(device)
     cases = [c for c in make_cases(dev, quick) if not ops or c.op in ops or c.name in ops]
     want_geodesics = not ops or bool({"geodesic", "geodesics_1000"} & set(ops))
@@ -182,4 +209,9 @@ def run_suite(ops: list[str] | None = None, device: str = "cpu", quick: bool = F
         with open(json_path, "w") as f:
             json.dump({**env, "quick": quick, "rows": rows}, f, indent=1)
         print(f"wrote {json_path}")
+    if merge_path:
+        if quick:
+            raise ValueError("--merge-into takes full runs only (not --quick)")
+        replaced, added = merge_rows(merge_path, rows, env)
+        print(f"merged into {merge_path}: {replaced} rows replaced, {added} added")
     return rows
