@@ -18,6 +18,11 @@ from latentfast.reference import vector_flows as ref
 from tests.conftest import FAST_GC, assert_close, backends_under_test, device_for, interpreting
 
 
+# Tests of the C++ kernels' own paths (row tiles, blocked GEMMs, the BLAS fallback): they run
+# once, in the pass whose backends include cpp, not once per backend.
+_NEEDS_CPP = pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' own paths")
+
+
 def _stack_params(k, b, d, h, additive, dtype, dev, seed, with_ctx=True):
     g = torch.Generator().manual_seed(seed)
     o = d if additive else 2 * d
@@ -90,15 +95,14 @@ def test_kept_and_recomputed_hidden_give_the_reference_gradients(backend, monkey
 
 @pytest.mark.parametrize("tile_rows", ["1", "5", "23", "64"])
 @pytest.mark.parametrize("additive,with_ctx,keep", [(False, True, False), (False, False, True), (True, True, True)])
-def test_cpp_row_tiles_match_whole_batch_and_reference(backend, monkeypatch, tile_rows, additive, with_ctx, keep):
+@_NEEDS_CPP
+def test_cpp_row_tiles_match_whole_batch_and_reference(monkeypatch, tile_rows, additive, with_ctx, keep):
     """The C++ row-tile path (each thread takes tiles of rows through all K steps and back,
     with per-chunk weight-gradient sums) against the whole-batch path and the reference, for
     tiles of 1 row, tiles that leave a partial last tile (5 of 23), one tile, and a tile
     larger than the batch. LATENTFAST_VF_TILE_ROWS forces the tile size; 0 forces the
     whole-batch path. LATENTFAST_VF_POISON fills the op's outputs with NaN before the
     kernels write them, so a row a tile misses shows up."""
-    if backend != "cpp":
-        pytest.skip("C++ kernel paths")
     k, b, d, h = 3, 23, 5, 7
     p = _stack_params(k, b, d, h, additive, torch.float64, "cpu", seed=31, with_ctx=with_ctx)
     x = torch.randn(b, d, dtype=torch.float64)
@@ -155,13 +159,12 @@ def _masked_params(kind, k, d, h, seed):
 @pytest.mark.parametrize("kind", ["made", "made_reversed", "made_random_order", "coupling", "zero_w2"])
 @pytest.mark.parametrize("groups", ["3", "4", "16"])
 @pytest.mark.parametrize("tile_rows", ["5", "0"])
-def test_cpp_blocked_masked_gemms_match_reference(backend, monkeypatch, kind, groups, tile_rows):
+@_NEEDS_CPP
+def test_cpp_blocked_masked_gemms_match_reference(monkeypatch, kind, groups, tile_rows):
     """Both C++ paths run one GEMM per group of hidden units / outputs over the range of
     nonzero weights they find (MADE staircases, coupling halves). Against the unblocked path
     (LATENTFAST_VF_GROUPS=1) and the reference, H = 13 (groups of uneven size, a short last
     group; 16 groups: some of one unit), tiles of 5 rows over 23, and the whole-batch path."""
-    if backend != "cpp":
-        pytest.skip("C++ kernel paths")
     k, b, d, h = 4, 23, 6, 13
     w1, b1, w2, b2 = _masked_params(kind, k, d, h, seed=41)
     x = torch.randn(b, d, dtype=torch.float64)
@@ -190,11 +193,10 @@ def test_cpp_blocked_masked_gemms_match_reference(backend, monkeypatch, kind, gr
 
 @pytest.mark.parametrize("kind", ["made", "made_reversed", "made_random_order", "coupling"])
 @pytest.mark.parametrize("tile_rows,groups", [("5", "3"), ("5", "1"), ("23", "4"), ("0", "1"), ("0", "3")])
-def test_cpp_inverse_row_tiles_match_reference(backend, monkeypatch, kind, tile_rows, groups):
+@_NEEDS_CPP
+def test_cpp_inverse_row_tiles_match_reference(monkeypatch, kind, tile_rows, groups):
     """The inverse (fixed-point sweeps) on row tiles with blocked GEMMs, against the reference
     inverse, and it recovers x from the forward's y with the forward's log-det."""
-    if backend != "cpp":
-        pytest.skip("C++ kernel paths")
     k, b, d, h = 3, 23, 6, 13
     w1, b1, w2, b2 = _masked_params(kind, k, d, h, seed=43)
     g = torch.Generator().manual_seed(44)
@@ -235,7 +237,7 @@ print(worst)
 """
 
 
-@pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' at::mm_out fallback")
+@_NEEDS_CPP
 def test_cpp_row_tiles_aten_gemm_fallback():
     """The row-tile path calls sgemm_/dgemm_ directly, some with a transposed A (the weight
     gradients); LATENTFAST_ATEN_GEMM=1 makes it use at::mm_out/addmm_ instead (the path for a
