@@ -27,7 +27,7 @@ TORCH_LIBRARY(latentfast_cpp, m) {
   m.def("vector_flow_inv(Tensor y, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor act, bool additive, int n_passes) -> (Tensor, Tensor)");
   m.def("lu_weight(Tensor perm, Tensor lower, Tensor upper, Tensor sign_s, Tensor log_abs_s) -> (Tensor, Tensor)");
   // Latent geometry (act codes: 0 identity, 1 tanh, 2 softplus, 3 elu, 4 sigmoid).
-  m.def("mlp_act_tangent_(Tensor(a!) buf, Tensor(b!) deriv, int n_points, int n_dirs, int act) -> ()");
+  m.def("mlp_act_tangent_(Tensor(a!) buf, Tensor(b!) deriv, int n_points, int n_dirs, int act, Tensor? bias=None) -> ()");
   m.def("weighted_gram(Tensor p, Tensor q, Tensor? w) -> Tensor");
   m.def("curve_reduce(Tensor g, Tensor? grad_energy, Tensor? grad_length) -> (Tensor, Tensor, Tensor)");
   // RNNs (torch.nn.GRU / LSTM conventions, gates r, z, n / i, f, g, o).

@@ -50,7 +50,8 @@ void check_cpu_float(const at::Tensor& t, const char* name) {
               name, " must be float32 or float64");
 }
 
-void mlp_act_tangent_(at::Tensor& buf, at::Tensor& deriv, int64_t n_points, int64_t n_dirs, int64_t act) {
+void mlp_act_tangent_(at::Tensor& buf, at::Tensor& deriv, int64_t n_points, int64_t n_dirs, int64_t act,
+                      const c10::optional<at::Tensor>& bias_in) {
   check_cpu_float(buf, "buf");
   TORCH_CHECK(buf.dim() == 2 && buf.is_contiguous(), "mlp_act_tangent_: buf must be contiguous 2-D");
   TORCH_CHECK(buf.size(0) == n_points * (1 + n_dirs),
@@ -60,12 +61,20 @@ void mlp_act_tangent_(at::Tensor& buf, at::Tensor& deriv, int64_t n_points, int6
   TORCH_CHECK(deriv.is_contiguous() && deriv.dim() == 2 && deriv.size(0) == n_points && deriv.size(1) == H &&
                   deriv.scalar_type() == buf.scalar_type(),
               "mlp_act_tangent_: deriv must be a contiguous [n_points, H] tensor of buf's dtype");
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == H && bias_in->scalar_type() == buf.scalar_type() &&
+                    bias_in->device().is_cpu(),
+                "mlp_act_tangent_: bias must be a CPU [H] tensor of buf's dtype");
+    bias = bias_in->contiguous();
+  }
   AT_DISPATCH_FLOATING_TYPES(buf.scalar_type(), "mlp_act_tangent_", [&] {
     scalar_t* b = buf.mutable_data_ptr<scalar_t>();
     scalar_t* s = deriv.mutable_data_ptr<scalar_t>();
+    const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 16384 / ((1 + n_dirs) * std::max<int64_t>(H, 1)));
     at::parallel_for(0, n_points, grain, [&](int64_t begin, int64_t end) {
-      LF_GEOM_CALL(act_tangent_rows<scalar_t>, b, s, n_points, n_dirs, H, act, begin, end);
+      LF_GEOM_CALL(act_tangent_rows<scalar_t>, b, s, bp, n_points, n_dirs, H, act, begin, end);
     });
   });
 }

@@ -2,7 +2,7 @@
 
 The same three fused steps as the C++ backend (csrc/geometry/geometry_kernels.inc); the
 GEMMs between them go to cuBLAS through torch (latentfast/ops/geometry.py):
-- mlp_act_tangent_: h = act(a), tangent rows *= act'(a), in place;
+- mlp_act_tangent_: h = act(a + bias), tangent rows *= act'(a + bias), in place;
 - weighted_gram: M[n, i, j] = sum_x w[n, x] p[n, i, x] q[n, j, x];
 - curve_reduce: energy T * sum ||g_{t+1} - g_t||^2, length sum ||.||, and their gradient.
 """
@@ -43,8 +43,8 @@ def _act_and_deriv(a, CODE: tl.constexpr):
 
 
 @triton.jit
-def _act_tangent_kernel(buf_ptr, deriv_ptr, n_points, H, N_DIRS: tl.constexpr, CODE: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+def _act_tangent_kernel(buf_ptr, deriv_ptr, bias_ptr, n_points, H, N_DIRS: tl.constexpr, CODE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
     pn = tl.program_id(0)
     ph = tl.program_id(1)
     rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,6 +52,8 @@ def _act_tangent_kernel(buf_ptr, deriv_ptr, n_points, H, N_DIRS: tl.constexpr, C
     m = (rows < n_points)[:, None] & (cols < H)[None, :]
     off = rows[:, None] * H + cols[None, :]
     a = tl.load(buf_ptr + off, mask=m, other=0.0)
+    if HAS_BIAS:
+        a += tl.load(bias_ptr + cols, mask=cols < H, other=0.0)[None, :]
     f, df = _act_and_deriv(a, CODE)
     tl.store(buf_ptr + off, f, mask=m)
     tl.store(deriv_ptr + off, df, mask=m)
@@ -61,18 +63,23 @@ def _act_tangent_kernel(buf_ptr, deriv_ptr, n_points, H, N_DIRS: tl.constexpr, C
         tl.store(buf_ptr + t_off, t * df, mask=m)
 
 
-def mlp_act_tangent_(buf: Tensor, deriv: Tensor, n_points: int, n_dirs: int, act: int) -> None:
-    """In place on buf [n_points * (1 + n_dirs), H]; writes act'(a) into deriv [n_points, H]."""
+def mlp_act_tangent_(buf: Tensor, deriv: Tensor, n_points: int, n_dirs: int, act: int,
+                     bias: Tensor | None = None) -> None:
+    """In place on buf [n_points * (1 + n_dirs), H]: the first n_points rows become
+    act(a + bias), the tangent rows are scaled by act'(a + bias), which deriv [n_points, H]
+    receives (bias [H] or None)."""
     assert buf.is_contiguous() and buf.shape[0] == n_points * (1 + n_dirs)
     h = buf.shape[1]
     assert deriv.is_contiguous() and tuple(deriv.shape) == (n_points, h)
+    assert bias is None or (bias.shape == (h,) and bias.dtype == buf.dtype)
     if n_points == 0 or h == 0:
         return
     block_h = min(128, triton.next_power_of_2(h))
     block_n = 16
     grid = (triton.cdiv(n_points, block_n), triton.cdiv(h, block_h))
-    _act_tangent_kernel[grid](buf, deriv, n_points, h, N_DIRS=n_dirs, CODE=act,
-                              BLOCK_N=block_n, BLOCK_H=block_h)
+    _act_tangent_kernel[grid](buf, deriv, bias.contiguous() if bias is not None else buf, n_points, h,
+                              N_DIRS=n_dirs, CODE=act, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+                              BLOCK_H=block_h)
 
 
 @triton.jit

@@ -54,8 +54,7 @@ def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], ac
         buf = torch.cat([zc, eye.expand(m, d, d).reshape(m * d, d)])
         for w, b, act in zip(weights[:-1], biases[:-1], acts[:-1]):
             nxt = buf @ w.T
-            nxt[:m] += b
-            k.mlp_act_tangent_(nxt, nxt.new_empty((m, nxt.shape[1])), m, d, act)
+            k.mlp_act_tangent_(nxt, nxt.new_empty((m, nxt.shape[1])), m, d, act, b)  # adds b to the hidden rows
             buf = nxt
         tan = buf[m:].view(m, d, -1)
         if gram_w is not None:
@@ -63,8 +62,7 @@ def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], ac
             mc = k.weighted_gram(p, tan, None)
         else:
             nxt = buf @ last_w.T
-            nxt[:m] += biases[-1]
-            k.mlp_act_tangent_(nxt, nxt.new_empty((m, nxt.shape[1])), m, d, acts[-1])
+            k.mlp_act_tangent_(nxt, nxt.new_empty((m, nxt.shape[1])), m, d, acts[-1], biases[-1])
             u = nxt[m:].view(m, d, -1)
             mc = k.weighted_gram(u, u, None)
         if centres is not None:
@@ -85,9 +83,9 @@ def _mlp_forward_chunk(k, zf: Tensor, weights, biases, acts, centres, lam, wr, z
     h, derivs = zf, []
     p = zf.shape[0]
     for li, (w, b, act) in enumerate(zip(weights, biases, acts)):
-        a = torch.addmm(b, h, w.T)
+        a = h @ w.T  # the bias is added in the activation pass (no bias copy before the GEMM)
         dv = deriv_out[li] if deriv_out is not None else a.new_empty((p, w.shape[0]))
-        k.mlp_act_tangent_(a, dv, p, 0, act)
+        k.mlp_act_tangent_(a, dv, p, 0, act, b)
         derivs.append(dv)
         h = a
     if centres is None:
