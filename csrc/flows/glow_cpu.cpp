@@ -118,30 +118,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
   const int64_t P = x.size(2) * x.size(3);
   at::Tensor gx = at::empty_like(x);
   at::Tensor gh = mode ? at::empty_like(h) : at::zeros({0}, x.options());
-  const int64_t Cb = mode ? Co / 2 : 0;
-  at::Tensor gz_b = at::empty({N, Cb, P}, x.options());
+  at::Tensor ga, gc;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actnorm_invconv_bwd", [&] {
     const int64_t mac = base::Tiles<scalar_t>::macro;
-    const int64_t tiles = (P + mac - 1) / mac;
+    const int64_t width = base::Vec<scalar_t>::width;
+    const int64_t tiles = (P + mac - 1) / mac, total = N * tiles;
+    const int64_t cip = (Ci + width - 1) / width * width;
+    // grad A and grad c summed in the tile loop: one accumulator per chunk of tiles (one
+    // chunk per thread), added up after, so the sum does not depend on the thread schedule.
+    const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+    at::Tensor acc = at::zeros({nchunks, Co * cip + Co}, x.options());
     const scalar_t* hp = mode ? h.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* ghp = mode ? gh.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gzp = gz_b.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-      LF_ISA_CALL(glow_bwd_tiles<scalar_t>, gy.const_data_ptr<scalar_t>(),
-                  gld.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                  coef.const_data_ptr<scalar_t>(), coef_t.const_data_ptr<scalar_t>(),
-                  b.const_data_ptr<scalar_t>(), hp, gzp, gx.mutable_data_ptr<scalar_t>(), ghp,
-                  Ci, Co, P, mode, begin, end);
+    scalar_t* accp = acc.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        scalar_t* a = accp + c * (Co * cip + Co);
+        LF_ISA_CALL(glow_bwd_tiles<scalar_t>, gy.const_data_ptr<scalar_t>(),
+                    gld.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                    coef.const_data_ptr<scalar_t>(), coef_t.const_data_ptr<scalar_t>(),
+                    b.const_data_ptr<scalar_t>(), hp, a, a + Co * cip, gx.mutable_data_ptr<scalar_t>(), ghp,
+                    Ci, Co, P, mode, c * total / nchunks, (c + 1) * total / nchunks);
+      }
     });
+    const at::Tensor sums = acc.sum(0);
+    ga = sums.narrow(0, 0, Co * cip).view({Co, cip}).narrow(1, 0, Ci).clone();  // own storage: outputs may not alias
+    gc = sums.narrow(0, Co * cip, Co).clone();
   });
-  // grad A = sum_n gz_n x_n^T by batched GEMMs (the BLAS beats a hand-written reduction),
-  // taking gz_a = grad y_a straight from grad y.
-  const at::Tensor x3t = x.view({N, Ci, P}).transpose(1, 2);
-  const at::Tensor gy3 = gy.view({N, Co, P});
-  if (!mode) return {gx, at::bmm(gy3, x3t).sum(0), gy3.sum({0, 2}), gh};
-  const at::Tensor gy_a = gy3.narrow(1, 0, Co - Cb);
-  at::Tensor ga = at::cat({at::bmm(gy_a, x3t).sum(0), at::bmm(gz_b, x3t).sum(0)}, 0);
-  return {gx, ga, at::cat({gy_a.sum({0, 2}), gz_b.sum({0, 2})}), gh};
+  return {gx, ga, gc, gh};
 }
 
 void check_coupling(const at::Tensor& x, const at::Tensor& h, bool additive) {
