@@ -117,9 +117,9 @@ at::Tensor poisoned(at::Tensor t) {
 // the hidden units ordered by degree (made_degrees does) and the inputs in natural or reversed
 // order, the zeros form staircases: a group of consecutive hidden units reads a contiguous
 // range of inputs, a group of consecutive outputs a contiguous range of hidden units (a
-// coupling's masks are halves). The row-tile path finds these ranges from the exact zeros of
-// each step's weights (per call; K (H d + O H) reads) and runs one GEMM per group over its
-// range only. Products with the skipped entries are exact zeros, so the result is the dense
+// coupling's masks are halves). Both paths (row tiles and whole batch) find these ranges from
+// the exact zeros of each step's weights (per call; at most K (H d + O H) reads, far fewer for
+// dense rows) and run one GEMM per group over its range only. Products with the skipped entries are exact zeros, so the result is the dense
 // one (up to summation order), for any weights: without such structure the ranges are the
 // whole width and a layer runs as one GEMM. (One exception: a NaN or Inf in x or in a hidden
 // unit no longer spreads through a zero weight, 0 * Inf = NaN, as it does in the dense
