@@ -286,6 +286,22 @@ struct StackPtrs {
   const std::vector<StepBlocks>* blocks;   // per step
 };
 
+// Step k's hidden layer g = relu(xin W1^T + b1 + ctx) for the tile rows [r0, r0 + rows), and,
+// when o is not null, its MLP output o = g W2^T + b2 (blocked GEMMs, single-threaded loops:
+// the caller runs one tile per thread). The row-tile form of step_params.
+template <typename T>
+void tile_step_params(const Dims& n, const StackPtrs<T>& p, int64_t k, int64_t r0, int64_t rows, const T* xin,
+                      T* g, T* o) {
+  const StepBlocks& sb = (*p.blocks)[k];
+  blocked_hidden<T>(sb, rows, n, xin, p.w1 + k * n.H * n.d, g);
+  LF_VF_CALL(vf_relu_rows<T>, g, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H, int64_t(0),
+             rows);
+  if (!o) return;
+  const T* b2k = p.b2 + k * n.O;
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * n.O, b2k, sizeof(T) * n.O);
+  blocked_output<T>(sb, rows, n, g, p.w2 + k * n.O * n.H, o);
+}
+
 // The forward of rows [r0, r0 + rows) through all K steps. xs/out/hid: the saved [K, B, .]
 // tensors (null when not saved); logdet (zeroed by the caller) accumulates.
 template <typename T>
@@ -296,13 +312,7 @@ void fwd_tile(const Dims& n, const StackPtrs<T>& p, bool additive, const T* x, T
   for (int64_t k = 0; k < n.K; ++k) {
     T* g = hid ? hid + (k * n.B + r0) * n.H : gbuf;
     T* o = out ? out + (k * n.B + r0) * n.O : obuf;
-    const StepBlocks& sb = (*p.blocks)[k];
-    blocked_hidden<T>(sb, rows, n, cur, p.w1 + k * n.H * n.d, g);
-    LF_VF_CALL(vf_relu_rows<T>, g, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
-               int64_t(0), rows);
-    const T* b2k = p.b2 + k * n.O;
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * n.O, b2k, sizeof(T) * n.O);
-    blocked_output<T>(sb, rows, n, g, p.w2 + k * n.O * n.H, o);
+    tile_step_params<T>(n, p, k, r0, rows, cur, g, o);
     T* dst = k + 1 == n.K ? y + r0 * n.d : (xs ? xs + ((k + 1) * n.B + r0) * n.d : (k % 2 == 0 ? ping : pong));
     LF_VF_CALL(vf_gate_fwd_rows<T>, cur, o, p.act + k * n.d, dst, logdet + r0, n.d, additive, int64_t(0), rows);
     cur = dst;
@@ -342,11 +352,7 @@ void bwd_tile(const Dims& n, const StackPtrs<T>& p, bool additive, const T* gy, 
     const T* w2k = p.w2 + k * n.O * n.H;
     const T* hk = hidden ? hidden + (k * n.B + r0) * n.H : buf.hid;
     const StepBlocks& sb = (*p.blocks)[k];
-    if (!hidden) {
-      blocked_hidden<T>(sb, rows, n, xk, w1k, buf.hid);
-      LF_VF_CALL(vf_relu_rows<T>, buf.hid, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
-                 int64_t(0), rows);
-    }
+    if (!hidden) tile_step_params<T>(n, p, k, r0, rows, xk, buf.hid, static_cast<T*>(nullptr));  // hidden only
     LF_VF_CALL(vf_gate_bwd_rows<T>, gcur, gl + r0, xk, out + (k * n.B + r0) * n.O, p.act + k * n.d, buf.go, gxd,
                n.d, additive, int64_t(0), rows);
     gemm_rm<T>(true, false, n.O, n.H, rows, buf.go, n.O, hk, n.H, T(1), gw2 + k * n.O * n.H, n.H);
@@ -568,25 +574,14 @@ void inv_tile(const Dims& n, const StackPtrs<T>& p, bool additive, int64_t n_pas
               T* logdet, T* g, T* o, T* cy, T* cx, T* scratch, int64_t r0, int64_t rows) {
   std::memcpy(cy, y + r0 * n.d, sizeof(T) * rows * n.d);
   for (int64_t k = n.K - 1; k >= 0; --k) {
-    const StepBlocks& sb = (*p.blocks)[k];
-    const T* w1k = p.w1 + k * n.H * n.d;
-    const T* w2k = p.w2 + k * n.O * n.H;
-    const T* b2k = p.b2 + k * n.O;
     const T* ak = p.act + k * n.d;
-    auto params = [&](const T* xin) {  // o = relu(xin W1^T + b1 + ctx) W2^T + b2
-      blocked_hidden<T>(sb, rows, n, xin, w1k, g);
-      LF_VF_CALL(vf_relu_rows<T>, g, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
-                 int64_t(0), rows);
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * n.O, b2k, sizeof(T) * n.O);
-      blocked_output<T>(sb, rows, n, g, w2k, o);
-    };
     std::memcpy(cx, cy, sizeof(T) * rows * n.d);
     for (int64_t pass = 0; pass < n_passes; ++pass) {
-      params(cx);
+      tile_step_params<T>(n, p, k, r0, rows, cx, g, o);
       LF_VF_CALL(vf_gate_inv_rows<T>, cy, o, ak, cx, n.d, additive, int64_t(0), rows);
     }
     if (!additive) {
-      params(cx);
+      tile_step_params<T>(n, p, k, r0, rows, cx, g, o);
       LF_VF_CALL(vf_gate_fwd_rows<T>, cx, o, ak, scratch, logdet + r0, n.d, additive, int64_t(0), rows);
     }
     std::swap(cy, cx);
