@@ -6,7 +6,7 @@ import torch
 
 from latentfast.ops import flows as ops
 from latentfast.reference import flows as ref
-from tests.conftest import FAST_GC, assert_close, device_for
+from tests.conftest import FAST_GC, assert_close, backends_under_test, device_for
 
 SHAPES = [(1, 3, 1, 1), (2, 5, 3, 7), (3, 12, 7, 3), (2, 12, 7, 7)]
 EVEN_SHAPES = [(1, 4, 1, 1), (2, 6, 3, 7), (3, 12, 7, 3), (2, 12, 7, 7)]
@@ -200,3 +200,75 @@ def test_bad_inputs_raise():
         ops.affine_coupling(x[:, :2], torch.randn(2, 4, 3, 4))
     with pytest.raises(ValueError, match="square"):
         ops.lu_weight(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4), torch.ones(3), torch.zeros(3))
+
+
+# The C++ Glow kernels are built per instruction set (baseline, AVX2, AVX-512: different
+# vector widths, micro-tile sizes and GEMM row blocks). Each clone this CPU runs is checked
+# on shapes that cross its tile edges: P = 143 pixels (one 128-pixel AVX-512 macro tile +
+# 15; 2 AVX2 macro tiles + 15), Co = 50 (4 x 12 + 2 and 8 x 6 + 2 GEMM rows), Ci = 17.
+_GLOW_ISAS = ["base", "avx2", "avx512"]
+_NEEDS_CPP = pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' own clones")
+
+
+def _isa_runs(isa: str) -> bool:
+    try:
+        ops.actnorm_invconv(torch.zeros(1, 2, 1, 1), torch.eye(2), torch.zeros(2))
+    except RuntimeError as err:
+        if "does not run that instruction set" in str(err):
+            return False
+        raise
+    return True
+
+
+@_NEEDS_CPP
+@pytest.mark.parametrize("isa", _GLOW_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["conv", "additive", "affine"])
+def test_glow_isa_clones_match_reference(monkeypatch, isa, dtype, mode):
+    monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
+    monkeypatch.setenv("LATENTFAST_GLOW_ISA", isa)
+    if not _isa_runs(isa):
+        pytest.skip(f"this CPU does not run the {isa} clone")
+    gen = torch.Generator().manual_seed(17)
+    n, ci, h, w = 2, 17 if mode == "conv" else 50, 11, 13
+    co = 50
+    x = _rand(n, ci, h, w, dtype=dtype, device="cpu", gen=gen).requires_grad_()
+    weight = _rand(co, ci, dtype=dtype, device="cpu", gen=gen).requires_grad_()
+    bias = _rand(co, dtype=dtype, device="cpu", gen=gen).requires_grad_()
+    args = [x, weight, bias]
+    if mode == "conv":
+        fn, rfn = ops.actnorm_invconv, ref.actnorm_invconv
+    else:
+        additive = mode == "additive"
+        hh = 3 * _rand(n, co // 2 if additive else co, h, w, dtype=dtype, device="cpu", gen=gen)
+        args.append(hh.requires_grad_())
+        fn = lambda *a: ops.actnorm_invconv_coupling(*a, additive)  # noqa: E731
+        rfn = lambda *a: ref.actnorm_invconv_coupling(*a, additive)  # noqa: E731
+    got = fn(*args)
+    want = rfn(*args)
+    got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+    for g, r in zip(got, want):
+        assert_close(g, r)
+    for g, r in zip(_grads(fn, args, 1), _grads(rfn, args, 1)):
+        assert_close(g, r, scale=10.0)
+    if mode == "affine":  # the standalone coupling, forward, inverse and backward
+        xb = x.detach()[:, : co // 2].clone().requires_grad_()
+        hc = hh.detach().clone().requires_grad_()
+        yb, ld = ops.affine_coupling(xb, hc)
+        yr, ldr = ref.affine_coupling(xb, hc)
+        assert_close(yb, yr)
+        assert_close(ld, ldr)
+        xr, ldi = ops.affine_coupling_inverse(yr.detach(), hc.detach())
+        assert_close(xr, xb.detach(), scale=10.0)
+        assert_close(ldi, -ldr.detach())
+        for g, r in zip(_grads(ops.affine_coupling, (xb, hc), 2), _grads(ref.affine_coupling, (xb, hc), 2)):
+            assert_close(g, r, scale=10.0)
+
+
+def test_glow_isa_bad_value_raises(monkeypatch):
+    if "cpp" not in backends_under_test():
+        pytest.skip("checks the C++ kernels")
+    monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
+    monkeypatch.setenv("LATENTFAST_GLOW_ISA", "avx9")
+    with pytest.raises(RuntimeError, match="LATENTFAST_GLOW_ISA must be"):
+        ops.actnorm_invconv(torch.zeros(1, 2, 1, 1), torch.eye(2), torch.zeros(2))
