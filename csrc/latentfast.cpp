@@ -7,6 +7,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "common/isa.h"
+
 extern "C" {
 // Importing latentfast._C from Python runs the static TORCH_LIBRARY registrations.
 PyObject* PyInit__C(void) {
@@ -15,7 +19,17 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace {
+// The instruction-set build of the per-ISA kernel files that an op call would use now (the
+// widest the CPU runs, or LATENTFAST_CPU_ISA), and the widest the CPU runs; see common/isa.h.
+std::string cpu_isa() {
+  return std::string(latentfast::isa::name(latentfast::isa::selected())) + " (widest available: " +
+         latentfast::isa::name(latentfast::isa::best()) + ")";
+}
+}  // namespace
+
 TORCH_LIBRARY(latentfast_cpp, m) {
+  m.def("cpu_isa() -> str", &cpu_isa);
   // Flows. mode: 0 = no coupling, 1 = additive (NICE), 2 = affine (Glow).
   m.def("actnorm_invconv_fwd(Tensor x, Tensor weight, Tensor bias, Tensor? h, int mode) -> (Tensor, Tensor)");
   m.def("actnorm_invconv_bwd(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor weight, Tensor bias, Tensor? h, int mode) -> (Tensor, Tensor, Tensor, Tensor)");

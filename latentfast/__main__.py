@@ -16,6 +16,12 @@ def info() -> None:
     print(f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
     print(f"latentfast._C (C++ CPU kernels): "
           f"{'built' if _ext.has_cpp() else 'not loaded: ' + str(_ext.load_error)}")
+    if _ext.has_cpp():
+        try:
+            isa = torch.ops.latentfast_cpp.cpu_isa()
+        except RuntimeError as exc:  # e.g. a bad LATENTFAST_CPU_ISA
+            isa = f"error: {exc}"
+        print(f"C++ kernel build in use (Glow, vector flows, geometry): {isa}")
     print(f"TRITON_INTERPRET: {'on' if backend.triton_interpret() else 'off'}   "
           f"LATENTFAST_BACKEND: {backend.requested()}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -60,3 +60,14 @@ def interpreting() -> bool:
 # projects the Jacobians on random directions (fast_mode) instead of building them column by
 # column; the normal pass checks them in full.
 FAST_GC = dict(fast_mode=True) if interpreting() else {}
+
+
+CPU_ISAS = ("base", "avx2", "avx512")
+
+
+def skip_unless_cpu_isa(isa: str) -> None:
+    """Skips the calling test when this CPU (or this build) cannot run the C++ kernels' `isa`
+    clone (see csrc/common/isa.h); the widest clone comes from the cpu_isa op."""
+    best = torch.ops.latentfast_cpp.cpu_isa().split("widest available: ")[1].rstrip(")")
+    if CPU_ISAS.index(isa) > CPU_ISAS.index(best):
+        pytest.skip(f"this CPU runs the C++ kernels up to {best}, not {isa}")

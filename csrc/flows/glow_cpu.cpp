@@ -1,37 +1,35 @@
 // CPU kernels of the Glow step ops: fused ActNorm + invertible 1x1 conv (+ coupling), the
 // standalone coupling, forward and backward. See glow_kernels.inc for the math.
 //
-// The tile kernels are compiled three times, for the baseline ISA (SSE2, the wheel-wide
-// default, which would leave most of the FMA throughput unused), for AVX2+FMA (8-wide float
-// vectors) and for AVX-512 (16-wide, 32 registers: 12-row micro kernels), and the widest
-// clone the CPU runs is picked at run time; LATENTFAST_GLOW_ISA forces one (tests, A/B).
+// The tile kernels are compiled three times (see common/isa.h): for the baseline ISA, for
+// AVX2+FMA (8-wide float vectors, 6-row micro kernels) and for AVX-512 (16-wide, 32
+// registers: 12-row micro kernels); tile and vector sizes come from the clone in use.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/isa.h"
+
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 namespace latentfast {
 #define LF_VEC_BYTES 32
 #define LF_GEMM_MB 6
-namespace base {
+namespace glow_base {
 #include "flows/vec_math.inc"
 #include "flows/glow_kernels.inc"
-}  // namespace base
+}  // namespace glow_base
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define LATENTFAST_HAVE_X86_CLONES 1
+#ifdef LATENTFAST_X86_CLONES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-namespace avx2 {
+namespace glow_avx2 {
 #include "flows/vec_math.inc"
 #include "flows/glow_kernels.inc"
-}  // namespace avx2
+}  // namespace glow_avx2
 #pragma GCC pop_options
 #undef LF_VEC_BYTES
 #undef LF_GEMM_MB
@@ -39,10 +37,10 @@ namespace avx2 {
 #define LF_GEMM_MB 12
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")
-namespace avx512 {
+namespace glow_avx512 {
 #include "flows/vec_math.inc"
 #include "flows/glow_kernels.inc"
-}  // namespace avx512
+}  // namespace glow_avx512
 #pragma GCC pop_options
 #endif
 #undef LF_VEC_BYTES
@@ -50,48 +48,8 @@ namespace avx512 {
 
 namespace {
 
-enum class Isa { base = 0, avx2 = 1, avx512 = 2 };
-
-Isa best_isa() {
-#ifdef LATENTFAST_HAVE_X86_CLONES
-  static const Isa best = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-                              ? Isa::avx512
-                              : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::avx2
-                                                                                                 : Isa::base);
-  return best;
-#else
-  return Isa::base;
-#endif
-}
-
-// The clone a call uses: the widest one the CPU runs, or LATENTFAST_GLOW_ISA (base, avx2,
-// avx512; read per call) when set; forcing one the CPU (or this build) lacks is an error.
-Isa glow_isa() {
-  const char* e = std::getenv("LATENTFAST_GLOW_ISA");
-  if (!e || !*e || std::string(e) == "auto") return best_isa();
-  const std::string v(e);
-  Isa want;
-  if (v == "base") {
-    want = Isa::base;
-  } else if (v == "avx2") {
-    want = Isa::avx2;
-  } else if (v == "avx512") {
-    want = Isa::avx512;
-  } else {
-    TORCH_CHECK(false, "LATENTFAST_GLOW_ISA must be auto, base, avx2 or avx512, got '", v, "'");
-  }
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best_isa()), "LATENTFAST_GLOW_ISA=", v,
-              ": this CPU (or this build) does not run that instruction set");
-  return want;
-}
-
-#ifdef LATENTFAST_HAVE_X86_CLONES
-#define LF_ISA_SELECT(isa, expr_of_ns) \
-  ((isa) == Isa::avx512 ? avx512::expr_of_ns : (isa) == Isa::avx2 ? avx2::expr_of_ns : base::expr_of_ns)
-#else
-#define LF_ISA_SELECT(isa, expr_of_ns) base::expr_of_ns
-#endif
+using isa::Isa;
+#define LF_GLOW(isa_v, expr) LF_ISA_SELECT(isa_v, glow_, expr)
 
 void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   const c10::optional<at::Tensor>& h, int64_t mode) {
@@ -130,14 +88,14 @@ std::tuple<at::Tensor, at::Tensor> actnorm_invconv_fwd(const at::Tensor& x_in,
   const int64_t P = x.size(2) * x.size(3);
   at::Tensor y = at::empty({N, Co, x.size(2), x.size(3)}, x.options());
   at::Tensor logdet;
-  const Isa isa = glow_isa();
+  const Isa cpu_isa = isa::selected();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actnorm_invconv_fwd", [&] {
-    const int64_t mac = LF_ISA_SELECT(isa, Tiles<scalar_t>::macro);
+    const int64_t mac = LF_GLOW(cpu_isa, Tiles<scalar_t>::macro);
     const int64_t tiles = (P + mac - 1) / mac;
     at::Tensor part = at::empty({N, tiles}, x.options());
     const scalar_t* hp = mode ? h.const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-      LF_ISA_SELECT(isa, glow_fwd_tiles<scalar_t>(x.const_data_ptr<scalar_t>(),
+      LF_GLOW(cpu_isa, glow_fwd_tiles<scalar_t>(x.const_data_ptr<scalar_t>(),
                   coef_t.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), hp,
                   y.mutable_data_ptr<scalar_t>(), part.mutable_data_ptr<scalar_t>(), Ci, Co, P,
                   mode, begin, end));
@@ -166,10 +124,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
   at::Tensor gx = at::empty_like(x);
   at::Tensor gh = mode ? at::empty_like(h) : at::zeros({0}, x.options());
   at::Tensor ga, gc;
-  const Isa isa = glow_isa();
+  const Isa cpu_isa = isa::selected();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actnorm_invconv_bwd", [&] {
-    const int64_t mac = LF_ISA_SELECT(isa, Tiles<scalar_t>::macro);
-    const int64_t width = LF_ISA_SELECT(isa, Vec<scalar_t>::width);
+    const int64_t mac = LF_GLOW(cpu_isa, Tiles<scalar_t>::macro);
+    const int64_t width = LF_GLOW(cpu_isa, Vec<scalar_t>::width);
     const int64_t tiles = (P + mac - 1) / mac, total = N * tiles;
     const int64_t cip = (Ci + width - 1) / width * width;
     // grad A and grad c summed in the tile loop: one accumulator per chunk of tiles (one
@@ -182,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         scalar_t* a = accp + c * (Co * cip + Co);
-        LF_ISA_SELECT(isa, glow_bwd_tiles<scalar_t>(gy.const_data_ptr<scalar_t>(),
+        LF_GLOW(cpu_isa, glow_bwd_tiles<scalar_t>(gy.const_data_ptr<scalar_t>(),
                     gld.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                     coef.const_data_ptr<scalar_t>(), coef_t.const_data_ptr<scalar_t>(),
                     b.const_data_ptr<scalar_t>(), hp, a, a + Co * cip, gx.mutable_data_ptr<scalar_t>(), ghp,
@@ -214,11 +172,11 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_fwd(const at::Tensor& x_in,
   const int64_t N = x.size(0), Cb = x.size(1), P = x.size(2) * x.size(3);
   at::Tensor y = at::empty_like(x);
   at::Tensor part = at::zeros({N, Cb}, x.options());
-  const Isa isa = glow_isa();
+  const Isa cpu_isa = isa::selected();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_coupling_fwd", [&] {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(P, 1));
     at::parallel_for(0, N * Cb, grain, [&](int64_t begin, int64_t end) {
-      LF_ISA_SELECT(isa, coupling_rows<scalar_t>(x.const_data_ptr<scalar_t>(),
+      LF_GLOW(cpu_isa, coupling_rows<scalar_t>(x.const_data_ptr<scalar_t>(),
                   h.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                   part.mutable_data_ptr<scalar_t>(), Cb, P, additive, inverse, begin, end));
     });
@@ -236,11 +194,11 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& grad_y,
   TORCH_CHECK(gy.sizes() == x.sizes(), "affine_coupling_bwd: grad_y has the wrong shape");
   const int64_t N = x.size(0), Cb = x.size(1), P = x.size(2) * x.size(3);
   at::Tensor gx = at::empty_like(x), gh = at::empty_like(h);
-  const Isa isa = glow_isa();
+  const Isa cpu_isa = isa::selected();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_coupling_bwd", [&] {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(P, 1));
     at::parallel_for(0, N * Cb, grain, [&](int64_t begin, int64_t end) {
-      LF_ISA_SELECT(isa, coupling_bwd_rows<scalar_t>(gy.const_data_ptr<scalar_t>(),
+      LF_GLOW(cpu_isa, coupling_bwd_rows<scalar_t>(gy.const_data_ptr<scalar_t>(),
                   gld.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                   h.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
                   gh.mutable_data_ptr<scalar_t>(), Cb, P, additive, begin, end));

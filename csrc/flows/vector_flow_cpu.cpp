@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "common/blas_gemm.h"
+#include "common/isa.h"
 
 #include <cmath>
 #include <cstdint>
@@ -23,8 +24,9 @@ namespace vf_base {
 #include "flows/vector_flow_kernels.inc"
 }  // namespace vf_base
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define LATENTFAST_VF_AVX2 1
+// The row loops are also built for AVX2+FMA and AVX-512 (see common/isa.h); Dims carries the
+// clone an op call uses.
+#ifdef LATENTFAST_X86_CLONES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace vf_avx2 {
@@ -32,29 +34,24 @@ namespace vf_avx2 {
 #include "flows/vector_flow_kernels.inc"
 }  // namespace vf_avx2
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")
+namespace vf_avx512 {
+#include "flows/vec_math.inc"
+#include "flows/vector_flow_kernels.inc"
+}  // namespace vf_avx512
+#pragma GCC pop_options
 #endif
 
 namespace {
 
-bool vf_use_avx2() {
-#ifdef LATENTFAST_VF_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-#ifdef LATENTFAST_VF_AVX2
-#define LF_VF_CALL(fn, ...) (vf_use_avx2() ? vf_avx2::fn(__VA_ARGS__) : vf_base::fn(__VA_ARGS__))
-#else
-#define LF_VF_CALL(fn, ...) vf_base::fn(__VA_ARGS__)
-#endif
+#define LF_VF_CALL(isa_v, fn, ...) LF_ISA_SELECT(isa_v, vf_, fn(__VA_ARGS__))
 
 int64_t grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
 
 struct Dims {
   int64_t K, B, d, H, O;
+  isa::Isa isa;  // the clone of the row loops this call uses
 };
 
 Dims check_stack(const at::Tensor& x, const c10::optional<at::Tensor>& ctx, const at::Tensor& w1,
@@ -62,7 +59,7 @@ Dims check_stack(const at::Tensor& x, const c10::optional<at::Tensor>& ctx, cons
                  bool additive) {
   TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w2.dim() == 3 && b1.dim() == 2 && b2.dim() == 2 && act.dim() == 2,
               "vector_flow_stack: x [B, d], w1 [K, H, d], b1 [K, H], w2 [K, O, H], b2 [K, O], act [K, d]");
-  Dims n{w1.size(0), x.size(0), x.size(1), w1.size(1), w2.size(1)};
+  Dims n{w1.size(0), x.size(0), x.size(1), w1.size(1), w2.size(1), isa::selected()};
   TORCH_CHECK(n.K >= 1, "vector_flow_stack: needs at least one step");
   TORCH_CHECK(w1.size(2) == n.d && b1.size(0) == n.K && b1.size(1) == n.H, "vector_flow_stack: w1/b1 shapes");
   TORCH_CHECK(n.O == (additive ? n.d : 2 * n.d) && w2.size(0) == n.K && w2.size(2) == n.H,
@@ -270,7 +267,7 @@ void step_params(const Dims& n, const StepBlocks& sb, const at::Tensor& x, const
   T* gp = g.mutable_data_ptr<T>();
   blocked_hidden<T>(sb, B, n, x.const_data_ptr<T>(), w1k, gp);
   at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
-    LF_VF_CALL(vf_relu_rows<T>, gp, b1k, ctx_k, H, begin, end);
+    LF_VF_CALL(n.isa, vf_relu_rows<T>, gp, b1k, ctx_k, H, begin, end);
   });
   if (!o) return;
   T* op = o->mutable_data_ptr<T>();
@@ -294,7 +291,7 @@ void tile_step_params(const Dims& n, const StackPtrs<T>& p, int64_t k, int64_t r
                       T* g, T* o) {
   const StepBlocks& sb = (*p.blocks)[k];
   blocked_hidden<T>(sb, rows, n, xin, p.w1 + k * n.H * n.d, g);
-  LF_VF_CALL(vf_relu_rows<T>, g, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H, int64_t(0),
+  LF_VF_CALL(n.isa, vf_relu_rows<T>, g, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H, int64_t(0),
              rows);
   if (!o) return;
   const T* b2k = p.b2 + k * n.O;
@@ -314,7 +311,7 @@ void fwd_tile(const Dims& n, const StackPtrs<T>& p, bool additive, const T* x, T
     T* o = out ? out + (k * n.B + r0) * n.O : obuf;
     tile_step_params<T>(n, p, k, r0, rows, cur, g, o);
     T* dst = k + 1 == n.K ? y + r0 * n.d : (xs ? xs + ((k + 1) * n.B + r0) * n.d : (k % 2 == 0 ? ping : pong));
-    LF_VF_CALL(vf_gate_fwd_rows<T>, cur, o, p.act + k * n.d, dst, logdet + r0, n.d, additive, int64_t(0), rows);
+    LF_VF_CALL(n.isa, vf_gate_fwd_rows<T>, cur, o, p.act + k * n.d, dst, logdet + r0, n.d, additive, int64_t(0), rows);
     cur = dst;
   }
 }
@@ -353,13 +350,13 @@ void bwd_tile(const Dims& n, const StackPtrs<T>& p, bool additive, const T* gy, 
     const T* hk = hidden ? hidden + (k * n.B + r0) * n.H : buf.hid;
     const StepBlocks& sb = (*p.blocks)[k];
     if (!hidden) tile_step_params<T>(n, p, k, r0, rows, xk, buf.hid, static_cast<T*>(nullptr));  // hidden only
-    LF_VF_CALL(vf_gate_bwd_rows<T>, gcur, gl + r0, xk, out + (k * n.B + r0) * n.O, p.act + k * n.d, buf.go, gxd,
+    LF_VF_CALL(n.isa, vf_gate_bwd_rows<T>, gcur, gl + r0, xk, out + (k * n.B + r0) * n.O, p.act + k * n.d, buf.go, gxd,
                n.d, additive, int64_t(0), rows);
     gemm_rm<T>(true, false, n.O, n.H, rows, buf.go, n.O, hk, n.H, T(1), gw2 + k * n.O * n.H, n.H);
     add_col_sums<T>(buf.go, rows, n.O, gb2 + k * n.O);
     T* ga = gctx ? gctx + (k * n.B + r0) * n.H : buf.ga;
     blocked_grad_hidden<T>(sb, rows, n, buf.go, w2k, ga);
-    LF_VF_CALL(vf_relu_mask_rows<T>, ga, hk, n.H, int64_t(0), rows);
+    LF_VF_CALL(n.isa, vf_relu_mask_rows<T>, ga, hk, n.H, int64_t(0), rows);
     gemm_rm<T>(true, false, n.H, n.d, rows, ga, n.H, xk, n.d, T(1), gw1 + k * n.H * n.d, n.d);
     add_col_sums<T>(ga, rows, n.H, gb1 + k * n.H);
     blocked_grad_input<T>(sb, rows, n, ga, w1k, gxd);  // grad x = direct + ga W1
@@ -433,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_fl
       scalar_t* dp = dst.mutable_data_ptr<scalar_t>();
       scalar_t* lp = logdet.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, n.B, grain(n.d), [&](int64_t begin, int64_t end) {
-        LF_VF_CALL(vf_gate_fwd_rows<scalar_t>, xp, op, ap, dp, lp, n.d, additive, begin, end);
+        LF_VF_CALL(n.isa, vf_gate_fwd_rows<scalar_t>, xp, op, ap, dp, lp, n.d, additive, begin, end);
       });
       cur = dst;
     }
@@ -463,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(!have_hidden || (hidden.dim() == 3 && hidden.size(0) == K && hidden.size(1) == B &&
                                hidden.size(2) == H && hidden.scalar_type() == xs.scalar_type()),
               "vector_flow_bwd: hidden must be [K, B, H] of xs's dtype");
-  const Dims n{K, B, d, H, O};
+  const Dims n{K, B, d, H, O, isa::selected()};
   const int64_t tile = tile_rows(n, xs.element_size());
   if (tile > 0) {
     // Chunks of tiles, one per thread, each with its own weight-gradient accumulators
@@ -543,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       scalar_t* gop = go.mutable_data_ptr<scalar_t>();
       scalar_t* gxp = gxd.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, B, grain(d), [&](int64_t begin, int64_t end) {
-        LF_VF_CALL(vf_gate_bwd_rows<scalar_t>, gp, glp, xp, op, ap, gop, gxp, d, additive, begin, end);
+        LF_VF_CALL(n.isa, vf_gate_bwd_rows<scalar_t>, gp, glp, xp, op, ap, gop, gxp, d, additive, begin, end);
       });
       at::Tensor gw2_k = gw2[k], gb2_k = gb2[k], gw1_k = gw1[k], gb1_k = gb1[k];
       at::mm_out(gw2_k, go.t(), hid);
@@ -554,7 +551,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       scalar_t* gap = ga.mutable_data_ptr<scalar_t>();
       const scalar_t* hp = hid.const_data_ptr<scalar_t>();
       at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
-        LF_VF_CALL(vf_relu_mask_rows<scalar_t>, gap, hp, H, begin, end);
+        LF_VF_CALL(n.isa, vf_relu_mask_rows<scalar_t>, gap, hp, H, begin, end);
       });
       at::mm_out(gw1_k, ga.t(), x_k);
       at::sum_out(gb1_k, ga, {0});
@@ -578,11 +575,11 @@ void inv_tile(const Dims& n, const StackPtrs<T>& p, bool additive, int64_t n_pas
     std::memcpy(cx, cy, sizeof(T) * rows * n.d);
     for (int64_t pass = 0; pass < n_passes; ++pass) {
       tile_step_params<T>(n, p, k, r0, rows, cx, g, o);
-      LF_VF_CALL(vf_gate_inv_rows<T>, cy, o, ak, cx, n.d, additive, int64_t(0), rows);
+      LF_VF_CALL(n.isa, vf_gate_inv_rows<T>, cy, o, ak, cx, n.d, additive, int64_t(0), rows);
     }
     if (!additive) {
       tile_step_params<T>(n, p, k, r0, rows, cx, g, o);
-      LF_VF_CALL(vf_gate_fwd_rows<T>, cx, o, ak, scratch, logdet + r0, n.d, additive, int64_t(0), rows);
+      LF_VF_CALL(n.isa, vf_gate_fwd_rows<T>, cx, o, ak, scratch, logdet + r0, n.d, additive, int64_t(0), rows);
     }
     std::swap(cy, cx);
   }
@@ -647,7 +644,7 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
         const scalar_t* op = o.const_data_ptr<scalar_t>();
         scalar_t* xp = x.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, n.B, grain(n.d), [&](int64_t begin, int64_t end) {
-          LF_VF_CALL(vf_gate_inv_rows<scalar_t>, yp, op, ap, xp, n.d, additive, begin, end);
+          LF_VF_CALL(n.isa, vf_gate_inv_rows<scalar_t>, yp, op, ap, xp, n.d, additive, begin, end);
         });
       }
       if (!additive) {  // log-det of the forward step at the recovered x
@@ -657,7 +654,7 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
         scalar_t* sp = scratch.mutable_data_ptr<scalar_t>();
         scalar_t* lp = logdet.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, n.B, grain(n.d), [&](int64_t begin, int64_t end) {
-          LF_VF_CALL(vf_gate_fwd_rows<scalar_t>, xp, op, ap, sp, lp, n.d, additive, begin, end);
+          LF_VF_CALL(n.isa, vf_gate_fwd_rows<scalar_t>, xp, op, ap, sp, lp, n.d, additive, begin, end);
         });
       }
       std::swap(cur_y, x);

@@ -10,14 +10,16 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/isa.h"
+
 namespace latentfast {
 namespace geom_base {
 #include "flows/vec_math.inc"
 #include "geometry/geometry_kernels.inc"
 }  // namespace geom_base
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define LATENTFAST_GEOM_AVX2 1
+// Also built for AVX2+FMA and AVX-512 (see common/isa.h); each op call picks one.
+#ifdef LATENTFAST_X86_CLONES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace geom_avx2 {
@@ -25,24 +27,18 @@ namespace geom_avx2 {
 #include "geometry/geometry_kernels.inc"
 }  // namespace geom_avx2
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")
+namespace geom_avx512 {
+#include "flows/vec_math.inc"
+#include "geometry/geometry_kernels.inc"
+}  // namespace geom_avx512
+#pragma GCC pop_options
 #endif
 
 namespace {
 
-bool use_avx2() {
-#ifdef LATENTFAST_GEOM_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-#ifdef LATENTFAST_GEOM_AVX2
-#define LF_GEOM_CALL(fn, ...) (use_avx2() ? geom_avx2::fn(__VA_ARGS__) : geom_base::fn(__VA_ARGS__))
-#else
-#define LF_GEOM_CALL(fn, ...) geom_base::fn(__VA_ARGS__)
-#endif
+#define LF_GEOM_CALL(isa_v, fn, ...) LF_ISA_SELECT(isa_v, geom_, fn(__VA_ARGS__))
 
 void check_cpu_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "latentfast_cpp geometry kernels take CPU tensors (", name, ")");
@@ -68,13 +64,14 @@ void mlp_act_tangent_(at::Tensor& buf, at::Tensor& deriv, int64_t n_points, int6
                 "mlp_act_tangent_: bias must be a CPU [H] tensor of buf's dtype");
     bias = bias_in->contiguous();
   }
+  const isa::Isa cpu_isa = isa::selected();
   AT_DISPATCH_FLOATING_TYPES(buf.scalar_type(), "mlp_act_tangent_", [&] {
     scalar_t* b = buf.mutable_data_ptr<scalar_t>();
     scalar_t* s = deriv.mutable_data_ptr<scalar_t>();
     const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 16384 / ((1 + n_dirs) * std::max<int64_t>(H, 1)));
     at::parallel_for(0, n_points, grain, [&](int64_t begin, int64_t end) {
-      LF_GEOM_CALL(act_tangent_rows<scalar_t>, b, s, bp, n_points, n_dirs, H, act, begin, end);
+      LF_GEOM_CALL(cpu_isa, act_tangent_rows<scalar_t>, b, s, bp, n_points, n_dirs, H, act, begin, end);
     });
   });
 }
@@ -92,11 +89,12 @@ at::Tensor weighted_gram(const at::Tensor& p, const at::Tensor& q, const c10::op
     wc = w->contiguous();
   }
   at::Tensor out = at::empty({N, d, d}, p.options());
+  const isa::Isa cpu_isa = isa::selected();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "weighted_gram", [&] {
     const scalar_t* wp = wc.defined() ? wc.const_data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d * d * X, 1));
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      LF_GEOM_CALL(weighted_gram_points<scalar_t>, pc.const_data_ptr<scalar_t>(),
+      LF_GEOM_CALL(cpu_isa, weighted_gram_points<scalar_t>, pc.const_data_ptr<scalar_t>(),
                    qc.const_data_ptr<scalar_t>(), wp, out.mutable_data_ptr<scalar_t>(), d, X,
                    begin, end);
     });
@@ -121,13 +119,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curve_reduce(const at::Tensor& g,
       *dst = (*src)->to(g.scalar_type()).contiguous();
     }
   }
+  const isa::Isa cpu_isa = isa::selected();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "curve_reduce", [&] {
     const scalar_t* gep = ge.defined() ? ge.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* glp = gl.defined() ? gl.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* ggp = want ? gg.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(T1 * F, 1));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      LF_GEOM_CALL(curve_reduce_curves<scalar_t>, gc.const_data_ptr<scalar_t>(),
+      LF_GEOM_CALL(cpu_isa, curve_reduce_curves<scalar_t>, gc.const_data_ptr<scalar_t>(),
                    energy.mutable_data_ptr<scalar_t>(), length.mutable_data_ptr<scalar_t>(), gep,
                    glp, ggp, T1, F, begin, end);
     });

@@ -15,7 +15,8 @@ import latentfast
 from latentfast.flows import vector as vf
 from latentfast.ops import vector_flows as ops
 from latentfast.reference import vector_flows as ref
-from tests.conftest import FAST_GC, assert_close, backends_under_test, device_for, interpreting
+from tests.conftest import (CPU_ISAS, FAST_GC, assert_close, backends_under_test, device_for, interpreting,
+                            skip_unless_cpu_isa)
 
 
 # Tests of the C++ kernels' own paths (row tiles, blocked GEMMs, the BLAS fallback): they run
@@ -214,6 +215,41 @@ def test_cpp_inverse_row_tiles_match_reference(monkeypatch, kind, tile_rows, gro
     assert_close(ldr, l0, msg="logdet vs reference inverse")
     assert_close(xr, x, scale=100, msg="inverse(forward(x))")
     assert_close(ldr, ld, scale=100, msg="inverse logdet vs forward logdet")
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tile_rows,additive", [("5", False), ("0", False), ("5", True)])
+@_NEEDS_CPP
+def test_cpp_isa_clones_match_reference(monkeypatch, isa, dtype, tile_rows, additive):
+    """The row loops (ReLU, gate forward/backward, inverse sweep) are built per instruction set
+    (csrc/common/isa.h); each clone this CPU runs against the reference, forward, backward and
+    inverse, with d = 37 and H = 29 so the 16-wide loops have a tail, on row tiles and on the
+    whole-batch path, outputs poisoned first."""
+    skip_unless_cpu_isa(isa)
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    monkeypatch.setenv("LATENTFAST_VF_POISON", "1")
+    monkeypatch.setenv("LATENTFAST_VF_TILE_ROWS", tile_rows)
+    k, b, d, h = 2, 23, 37, 29
+    p = _stack_params(k, b, d, h, additive, dtype, "cpu", seed=53)
+    g = torch.Generator().manual_seed(54)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64).to(dtype)
+    gy, gl = torch.randn(b, d, generator=g, dtype=torch.float64).to(dtype), torch.randn(b, generator=g).to(dtype)
+    cpp = torch.ops.latentfast_cpp
+    args = (p["ctx"], p["w1"], p["b1"], p["w2"], p["b2"], p["act"], additive)
+    y, ld, xs, out, _ = cpp.vector_flow_fwd(x, *args, True, False)
+    grads = cpp.vector_flow_bwd(gy, gl, xs, out, p["ctx"], p["w1"], p["b1"], p["w2"], p["act"], additive, None)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, p["ctx"], p["w1"], p["b1"], p["w2"], p["b2"])]
+    y0, l0, *_ = ref.vector_flow_stack(*leaves, p["act"], additive)
+    want = torch.autograd.grad((y0 * gy).sum() + (l0 * gl).sum(), leaves)
+    assert_close(y, y0, scale=10, msg="y")
+    assert_close(ld, l0, scale=10, msg="logdet")
+    for name, a, w in zip(("x", "ctx", "w1", "b1", "w2", "b2"), grads, want):
+        assert_close(a, w, scale=100, msg=f"grad {name}")
+    xr, ldr = cpp.vector_flow_inv(y, *args, d)
+    x_ref, l_ref = ref.vector_flow_stack_inverse(y, *args, d)
+    assert_close(xr, x_ref, scale=100, msg="inverse x")
+    assert_close(ldr, l_ref, scale=100, msg="inverse logdet")
 
 
 _SUBPROCESS_TILE_SCRIPT = """

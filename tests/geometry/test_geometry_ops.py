@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import latentfast
+
 from latentfast.ops import geometry as ops
 from latentfast.reference import geometry as ref
-from tests.conftest import FAST_GC, assert_close, device_for
+from tests.conftest import CPU_ISAS, FAST_GC, assert_close, backends_under_test, device_for, skip_unless_cpu_isa
 
 DTYPES = [torch.float32, torch.float64]
 # (latent d, hidden widths, output D, activation codes per layer, with RBF variance)
@@ -80,6 +82,34 @@ def test_curve_energy_and_grad_match_reference(backend, net, dtype, shape):
     e3, l3, g3 = ops.curve_energy_and_grad(curves, w, b, a, *extra)
     assert_close(e3, e_ref, scale=10)
     assert_close(g3, torch.autograd.grad(e_ref.sum(), leaf)[0], scale=10)
+
+
+# Hidden widths 37 and 19 leave tails for 8- and 16-wide loops; every activation code.
+_ISA_NET = (3, (37, 19), 45, (1, 2, 3), True)
+_ISA_NET2 = (2, (21,), 17, (4, 0), False)
+
+
+@pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' own clones")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("net", [_ISA_NET, _ISA_NET2])
+def test_cpp_isa_clones_match_reference(monkeypatch, isa, dtype, net):
+    """The element-wise, Gram and curve-reduction loops are built per instruction set
+    (csrc/common/isa.h): each clone this CPU runs against the reference."""
+    skip_unless_cpu_isa(isa)
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    w, b, a, extra = make_net(*net, dtype, "cpu", seed=61)
+    with latentfast.use_backend("cpp"):
+        gen = torch.Generator().manual_seed(62)
+        z = torch.randn(11, net[0], dtype=dtype, generator=gen)
+        assert_close(ops.pullback_metric(z, w, b, a, *extra), ref.pullback_metric(z, w, b, a, *extra), scale=10)
+        curves = torch.randn(3, 9, net[0], dtype=dtype, generator=gen)
+        e3, l3, g3 = ops.curve_energy_and_grad(curves, w, b, a, *extra)
+        leaf = curves.clone().requires_grad_()
+        e_ref, l_ref = ref.curve_energy(leaf, w, b, a, *extra)
+        assert_close(e3, e_ref, scale=10)
+        assert_close(l3, l_ref, scale=10)
+        assert_close(g3, torch.autograd.grad(e_ref.sum(), leaf)[0], scale=10)
 
 
 def test_curve_energy_repeated_point_has_finite_grad(backend):

@@ -6,7 +6,7 @@ import torch
 
 from latentfast.ops import flows as ops
 from latentfast.reference import flows as ref
-from tests.conftest import FAST_GC, assert_close, backends_under_test, device_for
+from tests.conftest import CPU_ISAS, FAST_GC, assert_close, backends_under_test, device_for, skip_unless_cpu_isa
 
 SHAPES = [(1, 3, 1, 1), (2, 5, 3, 7), (3, 12, 7, 3), (2, 12, 7, 7)]
 EVEN_SHAPES = [(1, 4, 1, 1), (2, 6, 3, 7), (3, 12, 7, 3), (2, 12, 7, 7)]
@@ -206,29 +206,17 @@ def test_bad_inputs_raise():
 # vector widths, micro-tile sizes and GEMM row blocks). Each clone this CPU runs is checked
 # on shapes that cross its tile edges: P = 143 pixels (one 128-pixel AVX-512 macro tile +
 # 15; 2 AVX2 macro tiles + 15), Co = 50 (4 x 12 + 2 and 8 x 6 + 2 GEMM rows), Ci = 17.
-_GLOW_ISAS = ["base", "avx2", "avx512"]
 _NEEDS_CPP = pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' own clones")
 
 
-def _isa_runs(isa: str) -> bool:
-    try:
-        ops.actnorm_invconv(torch.zeros(1, 2, 1, 1), torch.eye(2), torch.zeros(2))
-    except RuntimeError as err:
-        if "does not run that instruction set" in str(err):
-            return False
-        raise
-    return True
-
-
 @_NEEDS_CPP
-@pytest.mark.parametrize("isa", _GLOW_ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["conv", "additive", "affine"])
 def test_glow_isa_clones_match_reference(monkeypatch, isa, dtype, mode):
     monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
-    monkeypatch.setenv("LATENTFAST_GLOW_ISA", isa)
-    if not _isa_runs(isa):
-        pytest.skip(f"this CPU does not run the {isa} clone")
+    skip_unless_cpu_isa(isa)
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(17)
     n, ci, h, w = 2, 17 if mode == "conv" else 50, 11, 13
     co = 50
@@ -265,10 +253,13 @@ def test_glow_isa_clones_match_reference(monkeypatch, isa, dtype, mode):
             assert_close(g, r, scale=10.0)
 
 
-def test_glow_isa_bad_value_raises(monkeypatch):
-    if "cpp" not in backends_under_test():
-        pytest.skip("checks the C++ kernels")
+@_NEEDS_CPP
+def test_cpu_isa_bad_value_raises(monkeypatch):
     monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
-    monkeypatch.setenv("LATENTFAST_GLOW_ISA", "avx9")
-    with pytest.raises(RuntimeError, match="LATENTFAST_GLOW_ISA must be"):
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", "avx9")
+    with pytest.raises(RuntimeError, match="LATENTFAST_CPU_ISA must be"):
         ops.actnorm_invconv(torch.zeros(1, 2, 1, 1), torch.eye(2), torch.zeros(2))
+    with pytest.raises(RuntimeError, match="LATENTFAST_CPU_ISA must be"):
+        torch.ops.latentfast_cpp.cpu_isa()
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", "base")
+    assert torch.ops.latentfast_cpp.cpu_isa().startswith("base (widest available: ")
