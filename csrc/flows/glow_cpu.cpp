@@ -16,13 +16,20 @@
 #include <vector>
 
 namespace latentfast {
-#define LF_VEC_BYTES 32
+// Baseline: 16-byte vectors, the native width of SSE2 and NEON (32-byte generic vectors there
+// are pairs of registers, and the 6-row micro kernel's accumulators then spilled to the stack:
+// 10x slower than the AVX2 build on x86).
+#define LF_VEC_BYTES 16
 #define LF_GEMM_MB 6
+#define LF_ISA_BASELINE 1
 namespace glow_base {
 #include "flows/vec_math.inc"
 #include "flows/glow_kernels.inc"
 }  // namespace glow_base
+#undef LF_ISA_BASELINE
 
+#undef LF_VEC_BYTES
+#define LF_VEC_BYTES 32
 #ifdef LATENTFAST_X86_CLONES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")

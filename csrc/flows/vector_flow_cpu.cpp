@@ -19,10 +19,12 @@
 #include <vector>
 
 namespace latentfast {
+#define LF_ISA_BASELINE 1
 namespace vf_base {
 #include "flows/vec_math.inc"
 #include "flows/vector_flow_kernels.inc"
 }  // namespace vf_base
+#undef LF_ISA_BASELINE
 
 // The row loops are also built for AVX2+FMA and AVX-512 (see common/isa.h); Dims carries the
 // clone an op call uses.

@@ -13,10 +13,12 @@
 #include "common/isa.h"
 
 namespace latentfast {
+#define LF_ISA_BASELINE 1
 namespace geom_base {
 #include "flows/vec_math.inc"
 #include "geometry/geometry_kernels.inc"
 }  // namespace geom_base
+#undef LF_ISA_BASELINE
 
 // Also built for AVX2+FMA and AVX-512 (see common/isa.h); each op call picks one.
 #ifdef LATENTFAST_X86_CLONES

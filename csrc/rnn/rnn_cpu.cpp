@@ -24,12 +24,14 @@
 #include <vector>
 
 namespace latentfast {
+#define LF_ISA_BASELINE 1
 namespace rnn_base {
 #include "flows/vec_math.inc"
 #include "rnn/gru_kernels.inc"
 #include "rnn/lstm_kernels.inc"
 #include "rnn/lyapunov_kernels.inc"
 }  // namespace rnn_base
+#undef LF_ISA_BASELINE
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define LATENTFAST_RNN_AVX2 1
