@@ -263,3 +263,47 @@ def test_cpu_isa_bad_value_raises(monkeypatch):
         torch.ops.latentfast_cpp.cpu_isa()
     monkeypatch.setenv("LATENTFAST_CPU_ISA", "base")
     assert torch.ops.latentfast_cpp.cpu_isa().startswith("base (widest available: ")
+
+
+def test_eager_path_matches_the_custom_ops(backend):
+    """In eager mode the public functions run the op implementations through one
+    autograd.Function (no custom-op dispatch); their values and gradients equal those of the
+    custom ops (torch.ops.latentfast.*, what torch.compile traces)."""
+    dev, gen = device_for(backend), torch.Generator().manual_seed(21)
+    d = torch.float64
+    x = _rand(2, 6, 3, 5, dtype=d, device=dev, gen=gen)
+    weight, bias = _rand(6, 6, dtype=d, device=dev, gen=gen), _rand(6, dtype=d, device=dev, gen=gen)
+    hh = _rand(2, 6, 3, 5, dtype=d, device=dev, gen=gen)
+    lib = torch.ops.latentfast
+    xb = x[:, :3].contiguous()
+    pairs = [
+        (lambda *a: ops.actnorm_invconv(*a), lib.actnorm_invconv, (x, weight, bias)),
+        (lambda *a: ops.actnorm_invconv_coupling(*a), lambda *a: lib.actnorm_invconv_coupling(*a, False),
+         (x, weight, bias, hh)),
+        (lambda *a: ops.actnorm_invconv_coupling(*a, True), lambda *a: lib.actnorm_invconv_coupling(*a, True),
+         (x, weight, bias, hh[:, :3].contiguous())),
+        (lambda *a: ops.affine_coupling(*a), lambda *a: lib.affine_coupling(*a, False), (xb, hh)),
+        (lambda *a: ops.affine_coupling_inverse(*a), lambda *a: lib.affine_coupling_inverse(*a, False), (xb, hh)),
+        (lambda *a: ops.lu_weight(*a)[:2], lib.lu_weight, _lu_inputs(5, d, dev, gen)),
+    ]
+    for fast, custom, args in pairs:
+        leaves = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+        got = fast(*leaves)
+        want = custom(*leaves)
+        got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+        for g, w in zip(got, want):
+            assert_close(g, w)
+        for g, w in zip(_grads_unused(fast, leaves), _grads_unused(custom, leaves)):
+            assert (g is None) == (w is None)
+            if g is not None:
+                assert_close(g, w)
+
+
+def _grads_unused(fn, inputs):
+    """_grads, with None for the inputs an op gives no gradient (lu_weight's perm, sign_s)."""
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(3)
+    loss = sum((o * torch.randn(o.shape, dtype=o.dtype, generator=gen).to(o.device)).sum() for o in outs)
+    return torch.autograd.grad(loss, inputs, allow_unused=True)
