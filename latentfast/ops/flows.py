@@ -70,17 +70,19 @@ def _actnorm_invconv_backward_impl(grad_y: Tensor, grad_logdet: Tensor, x: Tenso
     return _contiguous((gx, gw, gb, gh if gh is not None else x.new_zeros(0)))
 
 
+def _backward_caller(impl, op):
+    """How a registered backward calls its backward op: under _Eager (below; ctx.eager) the
+    implementation directly, since the custom op's Python dispatch costs more than the kernel
+    at small sizes; anywhere else (the custom op's own autograd, traced by torch.compile or
+    opcheck) the custom op."""
+    def call(ctx, *args):
+        return impl(*args) if getattr(ctx, "eager", False) else op(*args)
+    return call
+
+
 _actnorm_invconv_backward_op = torch.library.custom_op("latentfast::actnorm_invconv_backward", mutates_args=())(
     _actnorm_invconv_backward_impl)
-
-
-def _actnorm_invconv_backward(ctx, *args):
-    # Under _Eager (below) the backward calls the implementation directly (the custom op's
-    # Python dispatch costs more than the kernel at small sizes); anywhere else (the custom
-    # op's own autograd, traced by torch.compile or opcheck) it is the custom op.
-    if getattr(ctx, "eager", False):
-        return _actnorm_invconv_backward_impl(*args)
-    return _actnorm_invconv_backward_op(*args)
+_actnorm_invconv_backward = _backward_caller(_actnorm_invconv_backward_impl, _actnorm_invconv_backward_op)
 
 
 @_actnorm_invconv.register_fake
@@ -159,13 +161,7 @@ def _affine_coupling_backward_impl(grad_y: Tensor, grad_logdet: Tensor, x_b: Ten
 
 _affine_coupling_backward_op = torch.library.custom_op("latentfast::affine_coupling_backward", mutates_args=())(
     _affine_coupling_backward_impl)
-
-
-def _affine_coupling_backward(ctx, *args):
-    # under _Eager: the implementation directly (see _actnorm_invconv_backward)
-    if getattr(ctx, "eager", False):
-        return _affine_coupling_backward_impl(*args)
-    return _affine_coupling_backward_op(*args)
+_affine_coupling_backward = _backward_caller(_affine_coupling_backward_impl, _affine_coupling_backward_op)
 
 
 @_affine_coupling.register_fake
