@@ -17,6 +17,14 @@
 #define LATENTFAST_X86_CLONES 1
 #endif
 
+// The target of each clone, for `LF_TARGET_AVX2 namespace x_avx2 { ... } LF_TARGET_END`.
+// The AVX-512 set is the one best() checks for.
+#define LF_TARGET_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define LF_TARGET_AVX512  \
+  _Pragma("GCC push_options") \
+      _Pragma("GCC target(\"avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512\")")
+#define LF_TARGET_END _Pragma("GCC pop_options")
+
 namespace latentfast {
 namespace isa {
 

@@ -31,24 +31,22 @@ namespace glow_base {
 #undef LF_VEC_BYTES
 #define LF_VEC_BYTES 32
 #ifdef LATENTFAST_X86_CLONES
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+LF_TARGET_AVX2
 namespace glow_avx2 {
 #include "flows/vec_math.inc"
 #include "flows/glow_kernels.inc"
 }  // namespace glow_avx2
-#pragma GCC pop_options
+LF_TARGET_END
 #undef LF_VEC_BYTES
 #undef LF_GEMM_MB
 #define LF_VEC_BYTES 64
 #define LF_GEMM_MB 12
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")
+LF_TARGET_AVX512
 namespace glow_avx512 {
 #include "flows/vec_math.inc"
 #include "flows/glow_kernels.inc"
 }  // namespace glow_avx512
-#pragma GCC pop_options
+LF_TARGET_END
 #endif
 #undef LF_VEC_BYTES
 #undef LF_GEMM_MB

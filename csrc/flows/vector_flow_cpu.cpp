@@ -29,20 +29,18 @@ namespace vf_base {
 // The row loops are also built for AVX2+FMA and AVX-512 (see common/isa.h); Dims carries the
 // clone an op call uses.
 #ifdef LATENTFAST_X86_CLONES
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+LF_TARGET_AVX2
 namespace vf_avx2 {
 #include "flows/vec_math.inc"
 #include "flows/vector_flow_kernels.inc"
 }  // namespace vf_avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")
+LF_TARGET_END
+LF_TARGET_AVX512
 namespace vf_avx512 {
 #include "flows/vec_math.inc"
 #include "flows/vector_flow_kernels.inc"
 }  // namespace vf_avx512
-#pragma GCC pop_options
+LF_TARGET_END
 #endif
 
 namespace {

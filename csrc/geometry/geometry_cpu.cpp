@@ -22,20 +22,18 @@ namespace geom_base {
 
 // Also built for AVX2+FMA and AVX-512 (see common/isa.h); each op call picks one.
 #ifdef LATENTFAST_X86_CLONES
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+LF_TARGET_AVX2
 namespace geom_avx2 {
 #include "flows/vec_math.inc"
 #include "geometry/geometry_kernels.inc"
 }  // namespace geom_avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")
+LF_TARGET_END
+LF_TARGET_AVX512
 namespace geom_avx512 {
 #include "flows/vec_math.inc"
 #include "geometry/geometry_kernels.inc"
 }  // namespace geom_avx512
-#pragma GCC pop_options
+LF_TARGET_END
 #endif
 
 namespace {
