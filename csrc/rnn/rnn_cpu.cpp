@@ -2,8 +2,10 @@
 // Lyapunov ops rnn_lyapunov and lorenz_lyapunov (the whole Benettin run in one call).
 // With >= 16 batch rows per thread each thread owns a block of rows for all T steps (rows
 // are independent), so there is no fork/join per step: per step it projects its rows of x_t,
-// runs one GEMM (h W_hh^T) and one fused gate loop. With fewer rows the input projections of
-// all steps are one GEMM, then each step is one threaded GEMM plus one parallel gate loop.
+// runs one GEMM (h W_hh^T) and one fused gate loop; W_ih^T and W_hh^T are copied out
+// contiguous once per call (StepWeight, common/blas_gemm.h). With fewer rows the input
+// projections of all steps are one GEMM, then each step is one threaded GEMM plus one parallel
+// gate loop.
 // The backward through time is one GEMM and one fused loop per step, then one GEMM per weight.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -139,11 +141,11 @@ std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, cons
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         const int64_t n = end - begin;
         std::vector<scalar_t> gi(static_cast<size_t>(n * 3 * H)), gh(static_cast<size_t>(n * 3 * H));
+        const StepWeight<scalar_t> wih_t(n, 3 * H, I, wip, true), whh_t(n, 3 * H, H, whp, true);
         for (int64_t t = 0; t < T; ++t) {
           const scalar_t* hp = prev_rows<scalar_t>(h0, out, t, B, H, begin);
-          step_gemm<scalar_t>(n, 3 * H, I, x.const_data_ptr<scalar_t>() + (t * B + begin) * I, I, wip, true,
-                              scalar_t(0), gi.data(), 3 * H);
-          step_gemm<scalar_t>(n, 3 * H, H, hp, H, whp, true, scalar_t(0), gh.data(), 3 * H);
+          wih_t.apply(x.const_data_ptr<scalar_t>() + (t * B + begin) * I, I, scalar_t(0), gi.data(), 3 * H);
+          whh_t.apply(hp, H, scalar_t(0), gh.data(), 3 * H);
           scalar_t* sp = save ? gates.mutable_data_ptr<scalar_t>() + (t * B + begin) * 4 * H : nullptr;
           LF_RNN_CALL(gru_gates_fwd_rows<scalar_t>, gi.data(), gh.data(), bhp, bip, hp,
                       out.mutable_data_ptr<scalar_t>() + (t * B + begin) * H, sp, H, 0, n);
@@ -265,12 +267,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd(
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         const int64_t n = end - begin;
         std::vector<scalar_t> a(static_cast<size_t>(n * 4 * H));
+        const StepWeight<scalar_t> wih_t(n, 4 * H, I, wip, true), whh_t(n, 4 * H, H, whp, true);
         for (int64_t t = 0; t < T; ++t) {
           const scalar_t* hp = prev_rows<scalar_t>(h0, out, t, B, H, begin);
           const scalar_t* cp = prev_rows<scalar_t>(c0, cells, t, B, H, begin);
-          step_gemm<scalar_t>(n, 4 * H, I, x.const_data_ptr<scalar_t>() + (t * B + begin) * I, I, wip, true,
-                              scalar_t(0), a.data(), 4 * H);
-          step_gemm<scalar_t>(n, 4 * H, H, hp, H, whp, true, scalar_t(1), a.data(), 4 * H);
+          wih_t.apply(x.const_data_ptr<scalar_t>() + (t * B + begin) * I, I, scalar_t(0), a.data(), 4 * H);
+          whh_t.apply(hp, H, scalar_t(1), a.data(), 4 * H);
           scalar_t* sp = save ? gates.mutable_data_ptr<scalar_t>() + (t * B + begin) * 4 * H : nullptr;
           LF_RNN_CALL(lstm_gates_fwd_rows<scalar_t>, a.data(), biasp, cp,
                       out.mutable_data_ptr<scalar_t>() + (t * B + begin) * H,
