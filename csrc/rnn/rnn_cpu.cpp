@@ -112,6 +112,60 @@ int64_t rows_per_thread_block(int64_t B) {
   return per >= 16 ? per : 0;
 }
 
+// The row-block backward keeps no [T, B, gates] tensor of gate gradients: each thread holds
+// the gate gradients of `steps_per_chunk` steps of its rows (a small buffer that stays in
+// cache) and, per chunk, takes their share of grad x and adds their share of the weight and
+// bias gradients to its own accumulators (one GEMM each, k = the chunk's rows), summed over
+// the threads at the end. The whole-batch form allocated 2 x [T, B, 3H] (GRU) or [T, B, 4H]
+// (LSTM) of fresh memory per call and read it back for the weight GEMMs and the bias sums.
+int64_t steps_per_chunk(int64_t rows, int64_t T) {
+  // >= 128 rows per chunk GEMM: MKL's [G, k] x [k, H] runs at its full rate from k = 64 on
+  return std::max<int64_t>(1, std::min<int64_t>(T, (128 + rows - 1) / std::max<int64_t>(rows, 1)));
+}
+
+// One thread's per-chunk gradient work, for rows [begin, begin + n) of steps
+// [t_lo, t_lo + steps): dgi, dgh are [steps * n, G] (step-major; the same pointer for the
+// LSTM, whose two biases share one gradient), x [T, B, I], h_prev(t) = h0 at t = 0, else
+// out[t - 1]. Writes gx's rows of those steps; adds into acc_wih [G, I], acc_whh [G, H],
+// acc_bih [G] and, if not null, acc_bhh [G]. xs, hs, gxs: scratch of steps * n rows.
+template <typename T>
+struct ChunkGrads {
+  int64_t B, I, H, G, n, begin;
+  const T *x, *h0, *out, *w_ih;
+  T *gx, *acc_wih, *acc_whh, *acc_bih, *acc_bhh;
+  std::vector<T> xs, hs, gxs;
+
+  void run(int64_t t_lo, int64_t steps, const T* dgi, const T* dgh) {
+    const int64_t rows = steps * n;
+    if (xs.size() < static_cast<size_t>(rows * I)) {
+      xs.resize(rows * I), gxs.resize(rows * I), hs.resize(rows * H);
+    }
+    for (int64_t j = 0; j < steps; ++j) {
+      const int64_t t = t_lo + j;
+      std::memcpy(xs.data() + j * n * I, x + (t * B + begin) * I, sizeof(T) * n * I);
+      const T* hp = t == 0 ? h0 + begin * H : out + ((t - 1) * B + begin) * H;
+      std::memcpy(hs.data() + j * n * H, hp, sizeof(T) * n * H);
+    }
+    gemm_rm<T>(false, false, rows, I, G, dgi, G, w_ih, I, T(0), gxs.data(), I);  // gx = dG_i W_ih
+    for (int64_t j = 0; j < steps; ++j)
+      std::memcpy(gx + ((t_lo + j) * B + begin) * I, gxs.data() + j * n * I, sizeof(T) * n * I);
+    gemm_rm<T>(true, false, G, I, rows, dgi, G, xs.data(), I, T(1), acc_wih, I);      // += dG_i^T x
+    gemm_rm<T>(true, false, G, H, rows, dgh, G, hs.data(), H, T(1), acc_whh, H);      // += dG_h^T h_prev
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* a = dgi + r * G;
+#pragma omp simd
+      for (int64_t g = 0; g < G; ++g) acc_bih[g] += a[g];
+    }
+    if (acc_bhh != nullptr) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* a = dgh + r * G;
+#pragma omp simd
+        for (int64_t g = 0; g < G; ++g) acc_bhh[g] += a[g];
+      }
+    }
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, const at::Tensor& h0_in,
                                                     const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                     const at::Tensor& b_ih, const at::Tensor& b_hh,
@@ -177,45 +231,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_hh, const at::Tensor& out_in, const at::Tensor& gates_in) {
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), out = out_in.contiguous();
   const at::Tensor gates = gates_in.contiguous(), grad_out = grad_out_in.contiguous();
-  const int64_t T = x.size(0), B = x.size(1), H = h0.size(1), I = x.size(2);
+  const int64_t T = x.size(0), B = x.size(1), H = h0.size(1), I = x.size(2), G = 3 * H;
   TORCH_CHECK(gates.dim() == 3 && gates.size(0) == T && gates.size(2) == 4 * H,
               "gru_sequence_bwd: gates must be [T, B, 4H]");
-  at::Tensor dgi = at::empty({T, B, 3 * H}, x.options());
-  at::Tensor dgh = at::empty({T, B, 3 * H}, x.options());
   at::Tensor dh = at::zeros({B, H}, x.options());
-  const at::Tensor w_hh_c = w_hh.contiguous();
+  const at::Tensor w_hh_c = w_hh.contiguous(), w_ih_c = w_ih.contiguous();
   const int64_t block = rows_per_thread_block(B);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_sequence_bwd", [&] {
-    // rows [begin, end) of step t
-    auto step = [&](int64_t t, int64_t begin, int64_t end) {
-      const int64_t o3 = (t * B + begin) * 3 * H;
-      LF_RNN_CALL(gru_gates_bwd_rows<scalar_t>, dh.mutable_data_ptr<scalar_t>() + begin * H,
-                  grad_out.const_data_ptr<scalar_t>() + (t * B + begin) * H,
-                  prev_rows<scalar_t>(h0, out, t, B, H, begin),
-                  gates.const_data_ptr<scalar_t>() + (t * B + begin) * 4 * H,
-                  dgi.mutable_data_ptr<scalar_t>() + o3, dgh.mutable_data_ptr<scalar_t>() + o3, H, 0, end - begin);
-    };
-    if (block > 0) {
+  if (block > 0 && T > 0) {
+    // Row blocks, chunked weight gradients (see ChunkGrads): per step one fused gate loop and
+    // one GEMM (dh += dGH_t W_hh) for this thread's rows, per chunk of steps the GEMMs for
+    // grad x, W_ih and W_hh.
+    const int64_t n_blocks = (B + block - 1) / block;
+    at::Tensor gx = at::empty({T, B, I}, x.options());
+    at::Tensor acc_wih = at::zeros({n_blocks, G, I}, x.options()), acc_whh = at::zeros({n_blocks, G, H}, x.options());
+    at::Tensor acc_b = at::zeros({n_blocks, 2, G}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_sequence_bwd", [&] {
       at::parallel_for(0, B, block, [&](int64_t begin, int64_t end) {
         // worker threads do not inherit the caller's dispatch state: skip autograd here too
         at::AutoDispatchBelowADInplaceOrView below_autograd;
-        const int64_t n = end - begin;
+        const int64_t n = end - begin, id = begin / block, chunk = steps_per_chunk(n, T);
         scalar_t* dhp = dh.mutable_data_ptr<scalar_t>() + begin * H;
         const scalar_t* whp = w_hh_c.const_data_ptr<scalar_t>();
-        for (int64_t t = T - 1; t >= 0; --t) {
-          step(t, begin, end);
-          step_gemm<scalar_t>(n, H, 3 * H, dgh.const_data_ptr<scalar_t>() + (t * B + begin) * 3 * H, 3 * H, whp,
-                              false, scalar_t(1), dhp, H);  // dh += dGH_t W_hh
+        std::vector<scalar_t> dgi(static_cast<size_t>(chunk * n * G)), dgh(static_cast<size_t>(chunk * n * G));
+        scalar_t* accb = acc_b.mutable_data_ptr<scalar_t>() + id * 2 * G;
+        ChunkGrads<scalar_t> cg{B, I, H, G, n, begin, x.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),
+                                out.const_data_ptr<scalar_t>(), w_ih_c.const_data_ptr<scalar_t>(),
+                                gx.mutable_data_ptr<scalar_t>(), acc_wih.mutable_data_ptr<scalar_t>() + id * G * I,
+                                acc_whh.mutable_data_ptr<scalar_t>() + id * G * H, accb, accb + G, {}, {}, {}};
+        for (int64_t t_hi = T; t_hi > 0; t_hi -= chunk) {
+          const int64_t t_lo = std::max<int64_t>(0, t_hi - chunk);
+          for (int64_t t = t_hi - 1; t >= t_lo; --t) {
+            const int64_t o = (t - t_lo) * n * G;
+            LF_RNN_CALL(gru_gates_bwd_rows<scalar_t>, dhp, grad_out.const_data_ptr<scalar_t>() + (t * B + begin) * H,
+                        prev_rows<scalar_t>(h0, out, t, B, H, begin),
+                        gates.const_data_ptr<scalar_t>() + (t * B + begin) * 4 * H, dgi.data() + o, dgh.data() + o,
+                        H, 0, n);
+            step_gemm<scalar_t>(n, H, G, dgh.data() + o, G, whp, false, scalar_t(1), dhp, H);  // dh += dGH_t W_hh
+          }
+          cg.run(t_lo, t_hi - t_lo, dgi.data(), dgh.data());
         }
       });
-      return;
-    }
+    });
+    return {gx, dh, acc_wih.sum(0), acc_whh.sum(0), acc_b.select(1, 0).sum(0), acc_b.select(1, 1).sum(0)};
+  }
+  // per-step path (few rows per thread): whole [T, B, 3H] gate gradients, then one GEMM per weight
+  at::Tensor dgi = at::empty({T, B, G}, x.options());
+  at::Tensor dgh = at::empty({T, B, G}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_sequence_bwd", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
-      at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) { step(t, begin, end); });
+      at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
+        const int64_t o3 = (t * B + begin) * G;
+        LF_RNN_CALL(gru_gates_bwd_rows<scalar_t>, dh.mutable_data_ptr<scalar_t>() + begin * H,
+                    grad_out.const_data_ptr<scalar_t>() + (t * B + begin) * H,
+                    prev_rows<scalar_t>(h0, out, t, B, H, begin),
+                    gates.const_data_ptr<scalar_t>() + (t * B + begin) * 4 * H,
+                    dgi.mutable_data_ptr<scalar_t>() + o3, dgh.mutable_data_ptr<scalar_t>() + o3, H, 0, end - begin);
+      });
       dh.addmm_(dgh[t], w_hh);  // dh_t = (dh + grad_out_t) z + dGH_t W_hh, in place (no copy)
     }
   });
-  const at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
+  const at::Tensor dgi2 = dgi.view({T * B, G}), dgh2 = dgh.view({T * B, G});
   at::Tensor h_prev_all = at::cat({h0.unsqueeze(0), out.narrow(0, 0, std::max<int64_t>(T - 1, 0))}, 0);
   at::Tensor gx = at::mm(dgi2, w_ih).view({T, B, I});
   at::Tensor gw_ih = at::mm(dgi2.t(), x.view({T * B, I}));
@@ -313,53 +388,74 @@ lstm_sequence_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_cells_in
   TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_cells.sizes() == cells.sizes() &&
                   out.sizes() == cells.sizes(),
               "lstm_sequence_bwd: grad_out, grad_cells, out and cells must be [T, B, H]");
-  at::Tensor da = at::empty({T, B, 4 * H}, x.options());
+  const int64_t G = 4 * H;
   at::Tensor dh = at::zeros({B, H}, x.options());
   at::Tensor dc = at::zeros({B, H}, x.options());
   at::Tensor dc_next = at::empty({B, H}, x.options());
-  const at::Tensor w_hh_c = w_hh.contiguous();
+  const at::Tensor w_hh_c = w_hh.contiguous(), w_ih_c = w_ih.contiguous();
   const int64_t block = rows_per_thread_block(B);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_sequence_bwd", [&] {
-    // rows [begin, end) of step t: reads dc_in, writes dc_out (row-local pointers)
-    auto step = [&](int64_t t, int64_t begin, int64_t end, const scalar_t* dc_in, scalar_t* dc_out) {
-      const int64_t o1 = (t * B + begin) * H;
-      LF_RNN_CALL(lstm_gates_bwd_rows<scalar_t>, dh.const_data_ptr<scalar_t>() + begin * H,
-                  grad_out.const_data_ptr<scalar_t>() + o1, dc_in, grad_cells.const_data_ptr<scalar_t>() + o1,
-                  gates.const_data_ptr<scalar_t>() + (t * B + begin) * 4 * H,
-                  prev_rows<scalar_t>(c0, cells, t, B, H, begin), cells.const_data_ptr<scalar_t>() + o1,
-                  da.mutable_data_ptr<scalar_t>() + (t * B + begin) * 4 * H, dc_out, H, 0, end - begin);
-    };
-    if (block > 0) {
+  // rows [begin, end) of step t: reads dc_in, writes dc_out (row-local pointers) and dA rows at da
+  auto step = [&](auto* da, int64_t t, int64_t begin, int64_t end, const auto* dc_in, auto* dc_out) {
+    using scalar_t = std::remove_pointer_t<decltype(da)>;
+    const int64_t o1 = (t * B + begin) * H;
+    LF_RNN_CALL(lstm_gates_bwd_rows<scalar_t>, dh.const_data_ptr<scalar_t>() + begin * H,
+                grad_out.const_data_ptr<scalar_t>() + o1, dc_in, grad_cells.const_data_ptr<scalar_t>() + o1,
+                gates.const_data_ptr<scalar_t>() + (t * B + begin) * 4 * H,
+                prev_rows<scalar_t>(c0, cells, t, B, H, begin), cells.const_data_ptr<scalar_t>() + o1, da, dc_out,
+                H, 0, end - begin);
+  };
+  if (block > 0 && T > 0) {
+    // Row blocks, chunked weight gradients, as in gru_sequence_bwd (one dA for both biases).
+    const int64_t n_blocks = (B + block - 1) / block;
+    at::Tensor gx = at::empty({T, B, I}, x.options());
+    at::Tensor acc_wih = at::zeros({n_blocks, G, I}, x.options()), acc_whh = at::zeros({n_blocks, G, H}, x.options());
+    at::Tensor acc_b = at::zeros({n_blocks, G}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_sequence_bwd", [&] {
       at::parallel_for(0, B, block, [&](int64_t begin, int64_t end) {
         // worker threads do not inherit the caller's dispatch state: skip autograd here too
         at::AutoDispatchBelowADInplaceOrView below_autograd;
-        const int64_t n = end - begin;
+        const int64_t n = end - begin, id = begin / block, chunk = steps_per_chunk(n, T);
         scalar_t* dhp = dh.mutable_data_ptr<scalar_t>() + begin * H;
         const scalar_t* whp = w_hh_c.const_data_ptr<scalar_t>();
         scalar_t* bufs[2] = {dc.mutable_data_ptr<scalar_t>() + begin * H,
                              dc_next.mutable_data_ptr<scalar_t>() + begin * H};
+        std::vector<scalar_t> da(static_cast<size_t>(chunk * n * G));
+        ChunkGrads<scalar_t> cg{B, I, H, G, n, begin, x.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),
+                                out.const_data_ptr<scalar_t>(), w_ih_c.const_data_ptr<scalar_t>(),
+                                gx.mutable_data_ptr<scalar_t>(), acc_wih.mutable_data_ptr<scalar_t>() + id * G * I,
+                                acc_whh.mutable_data_ptr<scalar_t>() + id * G * H,
+                                acc_b.mutable_data_ptr<scalar_t>() + id * G, nullptr, {}, {}, {}};
         int cur = 0;
-        for (int64_t t = T - 1; t >= 0; --t) {
-          step(t, begin, end, bufs[cur], bufs[1 - cur]);
-          cur = 1 - cur;
-          step_gemm<scalar_t>(n, H, 4 * H, da.const_data_ptr<scalar_t>() + (t * B + begin) * 4 * H, 4 * H, whp,
-                              false, scalar_t(0), dhp, H);  // dh_t = dA_t W_hh
+        for (int64_t t_hi = T; t_hi > 0; t_hi -= chunk) {
+          const int64_t t_lo = std::max<int64_t>(0, t_hi - chunk);
+          for (int64_t t = t_hi - 1; t >= t_lo; --t) {
+            scalar_t* dap = da.data() + (t - t_lo) * n * G;
+            step(dap, t, begin, end, static_cast<const scalar_t*>(bufs[cur]), bufs[1 - cur]);
+            cur = 1 - cur;
+            step_gemm<scalar_t>(n, H, G, dap, G, whp, false, scalar_t(0), dhp, H);  // dh_t = dA_t W_hh
+          }
+          cg.run(t_lo, t_hi - t_lo, da.data(), da.data());
         }
         if (cur == 1) std::memcpy(bufs[0], bufs[1], sizeof(scalar_t) * n * H);  // result into dc
       });
-      return;
-    }
+    });
+    const at::Tensor db = acc_b.sum(0);
+    return {gx, dh, dc, acc_wih.sum(0), acc_whh.sum(0), db, db.clone()};
+  }
+  // per-step path (few rows per thread): whole [T, B, 4H] gate gradients, then one GEMM per weight
+  at::Tensor da = at::empty({T, B, G}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_sequence_bwd", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
       const scalar_t* dcp = dc.const_data_ptr<scalar_t>();
       scalar_t* dnp = dc_next.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
-        step(t, begin, end, dcp + begin * H, dnp + begin * H);
+        step(da.mutable_data_ptr<scalar_t>() + (t * B + begin) * G, t, begin, end, dcp + begin * H, dnp + begin * H);
       });
       std::swap(dc, dc_next);
       at::mm_out(dh, da[t], w_hh);  // dh_t = dA_t W_hh
     }
   });
-  const at::Tensor da2 = da.view({T * B, 4 * H});
+  const at::Tensor da2 = da.view({T * B, G});
   at::Tensor h_prev_all = at::cat({h0.unsqueeze(0), out.narrow(0, 0, std::max<int64_t>(T - 1, 0))}, 0);
   at::Tensor gx = at::mm(da2, w_ih).view({T, B, I});
   at::Tensor gw_ih = at::mm(da2.t(), x.view({T * B, I}));

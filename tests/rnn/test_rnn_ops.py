@@ -243,6 +243,19 @@ def test_cpp_aten_gemm_fallback_matches_nn():
     assert float(run.stdout.split()[-1]) < 1e-10, run.stdout
 
 
+@pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ row-block backward")
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 2e-5)])
+def test_cpp_row_block_backward_chunks_match_nn(dtype, tol):
+    """The row-block backward takes the weight, bias and input gradients per chunk of steps
+    (>= 128 rows a chunk: 7 steps of 19 and 18 rows on 2 threads), so T = 17 runs two full
+    chunks and a short one, on blocks of unequal rows."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", _SUBPROCESS_RNN_SCRIPT, dtype, "17", "37", "4", "45"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) < tol, run.stdout
+
+
 @pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' baseline-ISA build")
 @pytest.mark.parametrize("shape", [(6, 37, 4, 45), (3, 5, 3, 45)])
 def test_cpp_baseline_isa_matches_nn(shape):
