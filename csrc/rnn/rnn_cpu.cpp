@@ -6,7 +6,9 @@
 // contiguous once per call (StepWeight, common/blas_gemm.h). With fewer rows the input
 // projections of all steps are one GEMM, then each step is one threaded GEMM plus one parallel
 // gate loop.
-// The backward through time is one GEMM and one fused loop per step, then one GEMM per weight.
+// The backward through time is one GEMM and one fused loop per step; in the row-block path
+// the weight, bias and input gradients are taken per chunk of steps (ChunkGrads), otherwise by
+// one GEMM per weight at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
