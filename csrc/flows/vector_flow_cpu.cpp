@@ -1,8 +1,9 @@
 // CPU kernels of the vector flow stack (K masked-MLP flow steps on [B, d] latent vectors):
 // forward (optionally keeping what the backward needs), backward to x and to the per-step
-// pre-activations and outputs, and the inverse by fixed-point sweeps. Per step: two ATen
-// GEMMs over the whole batch and fused row loops for the ReLU and the gated update (the
-// loops eager PyTorch spends most of its time in). The weight gradients are batched GEMMs
+// pre-activations and outputs, and the inverse by fixed-point sweeps or, for autoregressive
+// steps, in dependency order (see SeqPlan). Per step: two ATen GEMMs over the whole batch
+// and fused row loops for the ReLU and the gated update (the loops eager PyTorch spends most
+// of its time in). The weight gradients are batched GEMMs
 // over the steps, done by the caller (latentfast/ops/vector_flows.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -11,6 +12,7 @@
 #include "common/blas_gemm.h"
 #include "common/isa.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -564,13 +566,116 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {g, gctx, gw1, gb1, gw2, gb2};
 }
 
+// The inverse by dependency order. From the weights' zero pattern, output dimension j (act > 0)
+// depends on input i (act > 0) when some hidden unit h has W1[h, i] != 0 and W2[j, h] != 0 (or,
+// affine, W2[d + j, h] != 0). If that graph has no cycle, its levels (a level's dimensions
+// depend only on earlier levels; act = 0 dimensions are known: x = y) solve the step exactly
+// in one pass: pre-activations of the known inputs by one GEMM, then per level each output
+// by dot products and each solved input folded into the pre-activations (a rank-1 update),
+// about 3 H multiply-adds per row and dimension, where the fixed-point sweeps evaluate the
+// whole MLP once per sweep (d sweeps for MADE). The sweeps reach the same fixed point when
+// n_passes >= the number of levels, so this path is taken only then; the values differ from
+// the sweeps' by rounding (the pre-activations are summed in another order).
+struct SeqPlan {
+  bool ok = false;
+  std::vector<int32_t> order, level_end;  // solved dimensions by level; level l ends at level_end[l]
+};
+
+template <typename T>
+SeqPlan seq_plan(const Dims& n, const T* w1k, const T* w2k, const T* actk, bool additive) {
+  SeqPlan plan;
+  const int64_t d = n.d, H = n.H, words = (d + 63) / 64;
+  std::vector<uint64_t> dep(static_cast<size_t>(d * words), 0);  // dep[j]: bitset of inputs
+  std::vector<uint64_t> in_h(static_cast<size_t>(words));
+  for (int64_t h = 0; h < H; ++h) {
+    std::fill(in_h.begin(), in_h.end(), 0);
+    bool any = false;
+    for (int64_t i = 0; i < d; ++i)
+      if (actk[i] > T(0) && w1k[h * d + i] != T(0)) in_h[i / 64] |= uint64_t(1) << (i % 64), any = true;
+    if (!any) continue;
+    for (int64_t j = 0; j < d; ++j) {
+      if (!(actk[j] > T(0))) continue;
+      if (w2k[j * H + h] != T(0) || (!additive && w2k[(d + j) * H + h] != T(0)))
+        for (int64_t w = 0; w < words; ++w) dep[j * words + w] |= in_h[w];
+    }
+  }
+  std::vector<uint64_t> solved(static_cast<size_t>(words), 0);
+  for (int64_t i = 0; i < d; ++i)
+    if (!(actk[i] > T(0))) solved[i / 64] |= uint64_t(1) << (i % 64);  // known: x = y
+  std::vector<int32_t> left;
+  for (int64_t j = 0; j < d; ++j)
+    if (actk[j] > T(0)) left.push_back(static_cast<int32_t>(j));
+  while (!left.empty()) {
+    std::vector<int32_t> level, rest;
+    for (const int32_t j : left) {
+      bool ready = true;
+      for (int64_t w = 0; w < words && ready; ++w) ready = (dep[j * words + w] & ~solved[w]) == 0;
+      (ready ? level : rest).push_back(j);
+    }
+    if (level.empty()) return plan;  // a cycle: no order solves it
+    for (const int32_t j : level) solved[j / 64] |= uint64_t(1) << (j % 64);
+    plan.order.insert(plan.order.end(), level.begin(), level.end());
+    plan.level_end.push_back(static_cast<int32_t>(plan.order.size()));
+    left.swap(rest);
+  }
+  plan.ok = true;
+  return plan;
+}
+
+// LATENTFAST_VF_SEQ_INV=0 (read per call; for tests and A/B runs): always the sweeps.
+bool seq_inverse_enabled() {
+  const char* e = std::getenv("LATENTFAST_VF_SEQ_INV");
+  return !(e != nullptr && e[0] == '0');
+}
+
+// Per step: the plan, or none (sweeps) when the graph has a cycle, n_passes is below its
+// level count, or it has a single level (a coupling: one sweep and the log-det pass are
+// already two GEMM pairs, no gain).
+template <typename T>
+std::vector<SeqPlan> seq_plans(const Dims& n, const T* w1, const T* w2, const T* act, bool additive,
+                               int64_t n_passes) {
+  std::vector<SeqPlan> plans(static_cast<size_t>(n.K));
+  if (!seq_inverse_enabled()) return plans;
+  for (int64_t k = 0; k < n.K; ++k) {
+    SeqPlan p = seq_plan<T>(n, w1 + k * n.H * n.d, w2 + k * n.O * n.H, act + k * n.d, additive);
+    const int64_t levels = static_cast<int64_t>(p.level_end.size());
+    if (p.ok && levels >= 2 && levels <= n_passes) plans[k] = std::move(p);
+  }
+  return plans;
+}
+
+// Step k of the inverse for the tile rows by its plan: cy holds the step's output y, cx gets x.
+template <typename T>
+void seq_inv_step(const Dims& n, const StackPtrs<T>& p, const SeqPlan& plan, const T* w1t_k, bool additive, int64_t k,
+                  int64_t r0, int64_t rows, const T* cy, T* cx, T* a, T* sv, T* logdet) {
+  const T* ak = p.act + k * n.d;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n.d; ++j) {
+      const T v = cy[r * n.d + j];
+      cx[r * n.d + j] = ak[j] > T(0) ? T(0) : vf_base::vf_sanitize(v);  // known: x = y, as the sweeps give
+    }
+  gemm_rm<T>(false, true, rows, n.H, n.d, cx, n.d, p.w1 + k * n.H * n.d, n.d, T(0), a, n.H);
+  LF_VF_CALL(n.isa, vf_bias_rows<T>, a, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
+             int64_t(0), rows);
+  LF_VF_CALL(n.isa, vf_seq_inv_rows<T>, a, cy, cx, logdet + r0, sv, w1t_k, p.w2 + k * n.O * n.H, p.b2 + k * n.O, ak,
+             plan.order.data(), plan.level_end.data(), static_cast<int64_t>(plan.level_end.size()), n.d, n.H,
+             additive, rows);
+}
+
 // The inverse of rows [r0, r0 + rows): per step in reverse, n_passes fixed-point sweeps with
 // the tile's rows in cache, then the forward log-det at the recovered x.
+// Steps with a plan (plans[k].ok) are solved by it instead (w1t: [K, d, H], W1 transposed).
 template <typename T>
 void inv_tile(const Dims& n, const StackPtrs<T>& p, bool additive, int64_t n_passes, const T* y, T* x_out,
-              T* logdet, T* g, T* o, T* cy, T* cx, T* scratch, int64_t r0, int64_t rows) {
+              T* logdet, T* g, T* o, T* cy, T* cx, T* scratch, int64_t r0, int64_t rows,
+              const std::vector<SeqPlan>& plans, const T* w1t) {
   std::memcpy(cy, y + r0 * n.d, sizeof(T) * rows * n.d);
   for (int64_t k = n.K - 1; k >= 0; --k) {
+    if (plans[k].ok) {
+      seq_inv_step<T>(n, p, plans[k], w1t + k * n.d * n.H, additive, k, r0, rows, cy, cx, g, scratch, logdet);
+      std::swap(cy, cx);
+      continue;
+    }
     const T* ak = p.act + k * n.d;
     std::memcpy(cx, cy, sizeof(T) * rows * n.d);
     for (int64_t pass = 0; pass < n_passes; ++pass) {
@@ -597,12 +702,31 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
   const c10::optional<at::Tensor> ctx = ctx_in.has_value() ? c10::optional<at::Tensor>(ctx_in->contiguous())
                                                            : c10::nullopt;
   const auto opt = y_in.options();
-  const int64_t tile = tile_rows(n, y_in.element_size());
+  int64_t tile = tile_rows(n, y_in.element_size());
+  std::vector<SeqPlan> plans;
+  AT_DISPATCH_FLOATING_TYPES(y_in.scalar_type(), "vector_flow_inv_plans", [&] {
+    plans = seq_plans<scalar_t>(n, w1.const_data_ptr<scalar_t>(), w2.const_data_ptr<scalar_t>(),
+                                act.const_data_ptr<scalar_t>(), additive, n_passes);
+  });
+  const bool all_seq = std::all_of(plans.begin(), plans.end(), [](const SeqPlan& q) { return q.ok; });
+  // Every step by its plan: row tiles at any batch size (the plans need no whole-batch GEMMs).
+  if (tile == 0 && all_seq && std::getenv("LATENTFAST_VF_TILE_ROWS") == nullptr) {
+    const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+    tile = std::clamp<int64_t>((n.B + nt - 1) / nt, 1, 256);
+  }
   if (tile > 0) {
     const at::Tensor y = y_in.contiguous();
     at::Tensor x_out = poisoned(at::empty({n.B, n.d}, opt)), logdet = at::zeros({n.B}, opt);
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "vector_flow_inv_tiles", [&] {
       using T = scalar_t;
+      std::vector<T> w1t;  // W1^T per step, for the steps with a plan
+      if (std::any_of(plans.begin(), plans.end(), [](const SeqPlan& q) { return q.ok; })) {
+        w1t.resize(static_cast<size_t>(n.K * n.d * n.H));
+        const T* w1p = w1.const_data_ptr<T>();
+        for (int64_t k = 0; k < n.K; ++k)
+          for (int64_t h = 0; h < n.H; ++h)
+            for (int64_t i = 0; i < n.d; ++i) w1t[(k * n.d + i) * n.H + h] = w1p[(k * n.H + h) * n.d + i];
+      }
       const std::vector<StepBlocks> blocks = find_blocks<T>(n, w1.const_data_ptr<T>(), w2.const_data_ptr<T>());
       const StackPtrs<T> p{w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), w2.const_data_ptr<T>(),
                            b2.const_data_ptr<T>(), act.const_data_ptr<T>(),
@@ -618,7 +742,7 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t r0 = t * tile;
           inv_tile<T>(n, p, additive, n_passes, yp, xp, lp, g, o, cy, cy + tile * n.d, cy + 2 * tile * n.d, r0,
-                      std::min(tile, n.B - r0));
+                      std::min(tile, n.B - r0), plans, w1t.data());
         }
       });
     });

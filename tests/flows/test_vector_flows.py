@@ -217,6 +217,91 @@ def test_cpp_inverse_row_tiles_match_reference(monkeypatch, kind, tile_rows, gro
     assert_close(ldr, ld, scale=100, msg="inverse logdet vs forward logdet")
 
 
+def _mixed_params(k, d, h, seed, additive):
+    """Steps alternating MADE (random input order) and coupling masks, so one stack has steps
+    of d levels and of 2."""
+    g = torch.Generator().manual_seed(seed)
+    o = d if additive else 2 * d
+    w1s, w2s = [], []
+    for i in range(k):
+        if i % 2:
+            first = torch.arange(d) < d // 2
+            m1, m2 = vf.made_masks(torch.where(first, 1, 2), torch.ones(h, dtype=torch.long), o // d)
+        else:
+            m1, m2 = vf.made_masks(*vf.made_degrees(d, h, torch.randperm(d, generator=g)), o // d)
+        w1s.append(torch.randn(h, d, generator=g, dtype=torch.float64) * m1)
+        w2s.append(torch.randn(o, h, generator=g, dtype=torch.float64) * 0.3 * m2)
+    b1 = torch.randn(k, h, generator=g, dtype=torch.float64)
+    b2 = torch.randn(k, o, generator=g, dtype=torch.float64)
+    if not additive:
+        b2[:, d:] += 2.0
+    return torch.stack(w1s), b1, torch.stack(w2s), b2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("b,tile_rows", [(3, None), (37, None), (37, "5")])
+@_NEEDS_CPP
+def test_cpp_inverse_by_dependency_order(monkeypatch, dtype, additive, b, tile_rows):
+    """Steps whose masked weights form an acyclic dependency graph with at least 2 and at most
+    n_passes levels are inverted in dependency order (one pass, rank-1 updates of the
+    pre-activations) instead of n_passes sweeps: against the reference and the sweeps
+    (LATENTFAST_VF_SEQ_INV=0), with act zeros, a context, d = 7, H = 19 (4-row blocks and a
+    remainder), batch 3 (too few rows for the usual tiles: one tile per thread) and 37."""
+    k, d, h = 4, 7, 19
+    w1, b1, w2, b2 = (t.to(dtype) for t in _mixed_params(k, d, h, seed=51, additive=additive))
+    g = torch.Generator().manual_seed(52)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64).to(dtype)
+    ctx = torch.randn(k, b, h, generator=g, dtype=torch.float64).to(dtype)
+    act = (torch.rand(k, d, generator=g) > 0.25).to(dtype)
+    monkeypatch.setenv("LATENTFAST_VF_POISON", "1")
+    if tile_rows is not None:
+        monkeypatch.setenv("LATENTFAST_VF_TILE_ROWS", tile_rows)
+    cpp = torch.ops.latentfast_cpp
+    y, ld, *_ = cpp.vector_flow_fwd(x, ctx, w1, b1, w2, b2, act, additive, False, False)
+    xr, ldr = cpp.vector_flow_inv(y, ctx, w1, b1, w2, b2, act, additive, d)
+    monkeypatch.setenv("LATENTFAST_VF_SEQ_INV", "0")
+    xs, lds = cpp.vector_flow_inv(y, ctx, w1, b1, w2, b2, act, additive, d)
+    x0, l0 = ref.vector_flow_stack_inverse(*(t.double() for t in (y, ctx, w1, b1, w2, b2, act)), additive, d)
+    if dtype == torch.float64:
+        assert_close(xr, x0, msg="x vs reference inverse")
+        assert_close(ldr, l0, msg="logdet vs reference inverse")
+        assert_close(xr, xs, msg="x vs the sweeps")
+        assert_close(ldr, lds, msg="logdet vs the sweeps")
+    else:
+        # These random stacks amplify float32 rounding (the sweeps too are up to 8e-4 off the
+        # float64 reference here): no worse than the sweeps.
+        for name, got, sweeps, want in (("x", xr, xs, x0), ("logdet", ldr, lds, l0)):
+            err, err_sweeps = ((t.double() - want).abs().max().item() for t in (got, sweeps))
+            assert err <= 2 * err_sweeps + 1e-5, (name, err, err_sweeps)
+    assert_close(xr, x, scale=100 if dtype == torch.float64 else 1000, msg="inverse(forward(x))")
+    assert_close(ldr, ld, scale=100 if dtype == torch.float64 else 1000, msg="inverse logdet vs forward logdet")
+
+
+@_NEEDS_CPP
+def test_cpp_inverse_keeps_the_sweeps_where_order_does_not_apply(monkeypatch):
+    """Fewer passes than levels (the sweeps' truncated answer is what was asked for) and
+    unmasked weights (a cyclic graph) take the sweeps: the same bits as LATENTFAST_VF_SEQ_INV=0."""
+    k, b, d, h = 2, 9, 6, 11
+    w1, b1, w2, b2 = _masked_params("made", k, d, h, seed=53)
+    g = torch.Generator().manual_seed(54)
+    y = torch.randn(b, d, generator=g, dtype=torch.float64)
+    act = torch.ones(k, d, dtype=torch.float64)
+    dense = (torch.randn(k, h, d, generator=g, dtype=torch.float64), b1,
+             0.1 * torch.randn(k, 2 * d, h, generator=g, dtype=torch.float64), b2)
+    cpp = torch.ops.latentfast_cpp
+    for params, passes in (((w1, b1, w2, b2), d - 2), (dense, d)):
+        monkeypatch.delenv("LATENTFAST_VF_SEQ_INV", raising=False)
+        got = cpp.vector_flow_inv(y, None, *params, act, False, passes)
+        monkeypatch.setenv("LATENTFAST_VF_SEQ_INV", "0")
+        want = cpp.vector_flow_inv(y, None, *params, act, False, passes)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    monkeypatch.delenv("LATENTFAST_VF_SEQ_INV", raising=False)
+    full = cpp.vector_flow_inv(y, None, w1, b1, w2, b2, act, False, d)
+    short = cpp.vector_flow_inv(y, None, w1, b1, w2, b2, act, False, d - 2)
+    assert not torch.allclose(full[0], short[0])  # the truncated sweeps are not converged
+
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tile_rows,additive", [("5", False), ("0", False), ("5", True)])
