@@ -13,9 +13,12 @@ CPU, cuBLAS on GPU) followed by one fused kernel (activation, its derivative, ta
 scaling). The Jacobian [N, D, d] is never formed: with a linear last layer, M_mu = T^T G T
 with G = W_L^T W_L precomputed and T the tangents entering the last layer; the RBF variance
 term is a weighted Gram of d x K features. Curve energies are reduced per chunk of curves,
-so the [B, T+1, D] decoder outputs of all curves are never held at once.
+so the [B, T+1, D] decoder outputs of all curves are never held at once, and with a linear
+last layer wider than its input they use R of W_L = Q R in its place (see _energy_last).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -36,6 +39,52 @@ def _native(be: str):
 
 # Points per chunk of the native pipelines: bounds the working set (rows x widest layer).
 _CHUNK_ELEMS = 1 << 22
+
+# (a copy of W_L, R) per last-layer weight (by address, shape and dtype; a hit also needs equal
+# values), the 8 most recent, for _energy_layers.
+_QR_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _reduces(w: Tensor, act: int) -> bool:
+    return act == 0 and w.shape[0] > w.shape[1] and os.environ.get("LATENTFAST_GEOM_QR", "1") != "0"
+
+
+def _energy_widths(weights: list[Tensor], acts: list[int]) -> list[int]:
+    """The layer widths the native curve-energy pipelines form (see _energy_layers)."""
+    w = weights[-1]
+    return [x.shape[0] for x in weights[:-1]] + [w.shape[1] if _reduces(w, acts[-1]) else w.shape[0]]
+
+
+def _energy_last(w: Tensor, act: int) -> Tensor | None:
+    """The last layer the native curve-energy pipelines run in place of W_L, or None for W_L
+    itself. Energy and length use mu only through ||mu(z_{t+1}) - mu(z_t)||, which for a
+    linear last layer (act 0; its bias cancels) is ||W_L (h_{t+1} - h_t)|| = ||R (h_{t+1} -
+    h_t)|| with W_L = Q R (reduced QR, Q with orthonormal columns). So where W_L [D, H] has
+    D > H, the last layer becomes R [H, H] with a zero bias: H mean features per point instead
+    of D (2-256-256-784: 256 instead of 784). R is cached and recomputed when the weight's
+    values change (a geodesic solver calls this every iteration with one decoder).
+    LATENTFAST_GEOM_QR=0 turns it off."""
+    if not _reduces(w, act):
+        return None
+    key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device)
+    hit = _QR_CACHE.get(key)
+    if hit is None or not torch.equal(hit[0], w):
+        with torch.no_grad():
+            hit = (w.detach().clone(), torch.linalg.qr(w.detach(), mode="r")[1].contiguous())
+        _QR_CACHE.pop(key, None)
+        while len(_QR_CACHE) >= 8:
+            _QR_CACHE.pop(next(iter(_QR_CACHE)))
+        _QR_CACHE[key] = hit
+    return hit[1]
+
+
+def _energy_layers(weights: list[Tensor], biases: list[Tensor], acts: list[int]
+                   ) -> tuple[list[Tensor], list[Tensor]]:
+    """(weights, biases) with the last layer replaced as _energy_last says."""
+    r = _energy_last(weights[-1], acts[-1])
+    if r is None:
+        return weights, biases
+    return [*weights[:-1], r], [*biases[:-1], biases[-1].new_zeros(r.shape[0])]
 
 
 def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
@@ -123,6 +172,7 @@ def _curve_native(k, curves: Tensor, weights: list[Tensor], biases: list[Tensor]
     chunk by chunk. With `saved` = (flat act'(a) buffer of B (T+1) sum(H_l), features
     [B (T+1), F]), each chunk's activations are stored there for a later backward."""
     b_all, t1, d = curves.shape
+    weights, biases = _energy_layers(weights, biases, acts)
     want = grad_energy is not None or grad_length is not None
     per_chunk = _curves_per_chunk(t1, d, weights, centres)
     energy = curves.new_empty(b_all)
@@ -303,8 +353,8 @@ _curve_energy.register_autograd(_curve_energy_bwd, setup_context=_save_all)
 # curve_energy under autograd (native backends): the forward keeps act'(a) and the
 # features so the backward does not recompute the decoder.
 
-def _feature_width(weights: list[Tensor], centres: Tensor | None) -> int:
-    return weights[-1].shape[0] * (2 if centres is not None else 1)
+def _feature_width(weights: list[Tensor], acts: list[int], wr: Tensor | None) -> int:
+    return _energy_widths(weights, acts)[-1] + (wr.shape[0] if wr is not None else 0)
 
 
 @torch.library.custom_op("latentfast::curve_energy_train", mutates_args=())
@@ -316,8 +366,8 @@ def _curve_energy_train(curves: Tensor, weights: list[Tensor], biases: list[Tens
         raise RuntimeError("curve_energy_train runs on the cpp and triton backends only "
                            "(the reference uses latentfast::curve_energy)")
     n = curves.shape[0] * curves.shape[1]
-    derivs = curves.new_empty(n * sum(w.shape[0] for w in weights))
-    feats = curves.new_empty((n, _feature_width(weights, rbf_centres)))
+    derivs = curves.new_empty(n * sum(_energy_widths(weights, acts)))
+    feats = curves.new_empty((n, _feature_width(weights, acts, rbf_weight)))
     e, ln, _ = _curve_native(_native(be), curves, weights, biases, acts, rbf_centres, rbf_lambda,
                              rbf_weight, zeta, None, None, (derivs, feats))
     return e, ln, derivs, feats
@@ -325,11 +375,13 @@ def _curve_energy_train(curves: Tensor, weights: list[Tensor], biases: list[Tens
 
 @torch.library.custom_op("latentfast::curve_energy_train_backward", mutates_args=())
 def _curve_energy_train_backward(grad_energy: Tensor, grad_length: Tensor, curves: Tensor,
-                                 derivs: Tensor, feats: Tensor, weights: list[Tensor], rbf_centres: Tensor | None,
-                                 rbf_lambda: Tensor | None, rbf_weight: Tensor | None) -> Tensor:
+                                 derivs: Tensor, feats: Tensor, weights: list[Tensor], acts: list[int],
+                                 rbf_centres: Tensor | None, rbf_lambda: Tensor | None,
+                                 rbf_weight: Tensor | None) -> Tensor:
     be = backend.select(curves.device)
     if be == "reference":
         raise RuntimeError("curve_energy_train_backward runs on the cpp and triton backends only")
+    weights = _energy_layers(weights, weights, acts)[0]  # the layers the forward ran (biases unused)
     return _curve_backward_saved(_native(be), grad_energy, grad_length, curves, derivs, feats, weights,
                                  rbf_centres, rbf_lambda, rbf_weight)
 
@@ -338,18 +390,18 @@ def _curve_energy_train_backward(grad_energy: Tensor, grad_length: Tensor, curve
 def _(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta):
     b, t1 = curves.shape[0], curves.shape[1]
     return (curves.new_empty(b), curves.new_empty(b),
-            curves.new_empty(b * t1 * sum(w.shape[0] for w in weights)),
-            curves.new_empty((b * t1, _feature_width(weights, rbf_centres))))
+            curves.new_empty(b * t1 * sum(_energy_widths(weights, acts))),
+            curves.new_empty((b * t1, _feature_width(weights, acts, rbf_weight))))
 
 
 @_curve_energy_train_backward.register_fake
-def _(grad_energy, grad_length, curves, derivs, feats, weights, rbf_centres, rbf_lambda, rbf_weight):
+def _(grad_energy, grad_length, curves, derivs, feats, weights, acts, rbf_centres, rbf_lambda, rbf_weight):
     return torch.empty_like(curves)
 
 
 def _save_train(ctx, inputs, output):
     curves, weights, biases, acts, c, lam, wr, zeta = inputs
-    ctx.n_layers, ctx.has_rbf = len(weights), c is not None
+    ctx.n_layers, ctx.has_rbf, ctx.acts = len(weights), c is not None, acts
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved outputs
     ctx.save_for_backward(curves, output[2], output[3], *weights, *([c, lam, wr] if c is not None else []))
 
@@ -357,11 +409,11 @@ def _save_train(ctx, inputs, output):
 def _curve_energy_train_bwd(ctx, grad_energy, grad_length, _grad_derivs, _grad_feats):
     curves, derivs, feats, *rest = ctx.saved_tensors
     nl = ctx.n_layers
-    weights, rbf = rest[:nl], (rest[nl:] if ctx.has_rbf else [None, None, None])
+    weights, rbf = list(rest[:nl]), (rest[nl:] if ctx.has_rbf else [None, None, None])
     zeros = curves.new_zeros(curves.shape[0])
     gz = _curve_energy_train_backward(grad_energy if grad_energy is not None else zeros,
                                       grad_length if grad_length is not None else zeros,
-                                      curves, derivs, feats, list(weights), *rbf)
+                                      curves, derivs, feats, weights, ctx.acts, *rbf)
     return gz, [None] * nl, [None] * nl, None, None, None, None, None
 
 

@@ -84,6 +84,44 @@ def test_curve_energy_and_grad_match_reference(backend, net, dtype, shape):
     assert_close(g3, torch.autograd.grad(e_ref.sum(), leaf)[0], scale=10)
 
 
+@pytest.mark.parametrize("rbf", [False, True])
+def test_curve_energy_linear_last_layer_by_its_qr(backend, monkeypatch, rbf):
+    """With a linear last layer wider than its input (D = 40 > H = 6) the native pipelines run
+    R of W_L = Q R in its place (6 mean features a point, not 40): energies, lengths and
+    gradients (recomputing and activation-saving paths) as with W_L itself
+    (LATENTFAST_GEOM_QR=0) and as the reference; and R follows the weight when its values
+    change without a version bump (.data)."""
+    dev = device_for(backend)
+    w, b, a, extra = make_net(2, (9, 6), 40, (1, 3, 0), rbf, torch.float64, dev, seed=71)
+    gen = torch.Generator().manual_seed(72)
+    curves = torch.randn(4, 7, 2, dtype=torch.float64, generator=gen).to(dev)
+    ge = torch.randn(4, dtype=torch.float64, generator=gen).to(dev)
+    gl = torch.randn(4, dtype=torch.float64, generator=gen).to(dev)
+
+    def run():
+        e, ln, g = ops.curve_energy_and_grad(curves, w, b, a, *extra)
+        leaf = curves.clone().requires_grad_()
+        e2, l2 = ops.curve_energy(leaf, w, b, a, *extra)
+        g2 = torch.autograd.grad((e2 * ge + l2 * gl).sum(), leaf)[0]
+        return e, ln, g, g2
+
+    def want():
+        leaf = curves.clone().requires_grad_()
+        e, ln = ref.curve_energy(leaf, w, b, a, *extra)
+        g = torch.autograd.grad(e.sum(), leaf, retain_graph=True)[0]
+        return e, ln, g, torch.autograd.grad((e * ge + ln * gl).sum(), leaf)[0]
+
+    for trial in range(2):
+        got = run()
+        monkeypatch.setenv("LATENTFAST_GEOM_QR", "0")
+        plain = run()
+        monkeypatch.delenv("LATENTFAST_GEOM_QR")
+        for name, x, y, z in zip(("energy", "length", "grad", "grad (autograd)"), got, plain, want()):
+            assert_close(x, y, scale=10, msg=f"{name}: with R vs with W_L")
+            assert_close(x, z, scale=10, msg=f"{name}: vs reference")
+        w[-1].data.mul_(-0.5).add_(0.1)  # new values, same tensor, no version bump
+
+
 # Hidden widths 37 and 19 leave tails for 8- and 16-wide loops; every activation code.
 _ISA_NET = (3, (37, 19), 45, (1, 2, 3), True)
 _ISA_NET2 = (2, (21,), 17, (4, 0), False)
@@ -157,7 +195,7 @@ def test_opcheck(backend):
         cases += [
             (lib.curve_energy_train, (curves, w, b, a, *extra), True),
             (lib.curve_energy_train_backward, (torch.ones(2).to(dev), torch.ones(2).to(dev), curves,
-                                               derivs, feats, w, *extra[:3]), False),
+                                               derivs, feats, w, a, *extra[:3]), False),
         ]
     for op, args, grads in cases:
         torch.library.opcheck(op, args)
