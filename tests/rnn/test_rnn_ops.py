@@ -243,6 +243,20 @@ def test_cpp_aten_gemm_fallback_matches_nn():
     assert float(run.stdout.split()[-1]) < 1e-10, run.stdout
 
 
+@pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ per-step path")
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 2e-5)])
+@pytest.mark.parametrize("b", [13, 5])
+def test_cpp_per_step_path_matches_nn(dtype, tol, b):
+    """Fewer than 16 rows per thread (2 threads) take the per-step path: one threaded GEMM per
+    step, against a contiguous copy of W_hh^T from 8 rows on (B = 13), through the transposed
+    view below (B = 5)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", _SUBPROCESS_RNN_SCRIPT, dtype, "9", str(b), "4", "45"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) < tol, run.stdout
+
+
 @pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ row-block backward")
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 2e-5)])
 def test_cpp_row_block_backward_chunks_match_nn(dtype, tol):
