@@ -256,9 +256,11 @@ def vector_flow_stack_inverse(y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2:
                               ctx: Tensor | None = None, additive: bool = False, n_passes: int | None = None
                               ) -> tuple[Tensor, Tensor]:
     """x with vector_flow_stack(x) = y, and the forward log-determinant at x (so that
-    log p(y) = log p_base(x) - logdet). Each step takes `n_passes` fixed-point sweeps inside
-    the kernel (default d: exact for any MADE ordering; 2 suffices for a coupling). Not
-    differentiable: train through the forward direction."""
+    log p(y) = log p_base(x) - logdet). Each step is defined by `n_passes` fixed-point
+    sweeps inside the kernel (default d: exact for any MADE ordering; 2 suffices for a
+    coupling). The C++ kernel solves a step in dependency order in one pass instead when its
+    masked weights allow it and n_passes covers the dependency depth (the same fixed point, to
+    rounding). Not differentiable: train through the forward direction."""
     act = _check_stack("vector_flow_stack_inverse", y, ctx, w1, b1, w2, b2, act, additive)
     check_finite("y", y)
     n_passes = y.shape[1] if n_passes is None else int(n_passes)
@@ -281,6 +283,8 @@ def made_flow_step(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ct
 
 def made_flow_step_inverse(y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ctx: Tensor | None = None,
                            n_passes: int | None = None) -> tuple[Tensor, Tensor]:
-    """Inverse of made_flow_step by d sequential sweeps in one call: (x, logdet at x)."""
+    """Inverse of made_flow_step in one call: (x, logdet at x). Defined by n_passes (default d)
+    fixed-point sweeps; the C++ kernel solves the d dimensions in dependency order instead,
+    which gives the same fixed point (see vector_flow_stack_inverse)."""
     return vector_flow_stack_inverse(y, w1[None], b1[None], w2[None], b2[None], None,
                                      None if ctx is None else ctx[None], n_passes=n_passes)
