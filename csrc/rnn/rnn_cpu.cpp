@@ -188,7 +188,6 @@ std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, cons
   at::Tensor gates = save ? at::empty({T, B, 4 * H}, x.options()) : at::empty({0}, x.options());
   if (T == 0) return {out, gates};
   const at::Tensor w_hh_c = w_hh.contiguous(), b_hh_c = b_hh.contiguous();
-  const at::Tensor w_hh_t = step_weight_t(w_hh, T, B);
   const at::Tensor w_ih_c = w_ih.contiguous(), b_ih_c = b_ih.contiguous();
   const int64_t block = rows_per_thread_block(B);
   const int64_t I = x.size(2);
@@ -221,6 +220,7 @@ std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, cons
     }
     // per-step path (few rows per thread): the input projections of all steps are one GEMM
     const at::Tensor gi_all = at::addmm(b_ih, x.reshape({T * B, I}), w_ih.t()).view({T, B, 3 * H});
+    const at::Tensor w_hh_t = step_weight_t(w_hh, T, B);
     at::Tensor gh = at::empty({B, 3 * H}, x.options());
     for (int64_t t = 0; t < T; ++t) {
       const at::Tensor h = t == 0 ? h0 : out[t - 1];
@@ -341,7 +341,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd(
   const int64_t block = rows_per_thread_block(B);
   const at::Tensor bias = (b_ih + b_hh).contiguous();
   const at::Tensor w_hh_c = w_hh.contiguous(), w_ih_c = w_ih.contiguous();
-  const at::Tensor w_hh_t = step_weight_t(w_hh, T, B);
   const int64_t I = x.size(2);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_sequence_fwd", [&] {
     if (block > 0) {
@@ -372,6 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd(
     // per-step path (few rows per thread): both biases folded into the input projections of all
     // steps (one GEMM)
     at::Tensor a_all = at::addmm(bias, x.reshape({T * B, I}), w_ih.t()).view({T, B, 4 * H});
+    const at::Tensor w_hh_t = step_weight_t(w_hh, T, B);
     for (int64_t t = 0; t < T; ++t) {
       const at::Tensor h = t == 0 ? h0 : out[t - 1];
       a_all[t].addmm_(h, w_hh_t);
