@@ -8,9 +8,11 @@ at z), so that log p(x) = log p_base(z) - logdet.
 IAF, MAF and the couplings are stacks of K masked-MLP steps that run as one
 ``latentfast::vector_flow_stack`` call per direction (C++ on CPU, Triton on GPU):
 - IAF (Kingma et al. 2016): forward (sampling) is one fast pass with the gated update
-  z <- sigma z + (1 - sigma) m; the density direction needs d sequential sweeps.
+  z <- sigma z + (1 - sigma) m; the density direction is sequential over the d dimensions
+  (defined as d fixed-point sweeps; the C++ kernel solves them in dependency order in one
+  pass, the Triton kernel runs the sweeps), still one call.
 - MAF (Papamakarios et al. 2017): the same steps used the other way round: the density
-  direction (inverse) is the fast pass, sampling takes the sweeps.
+  direction (inverse) is the fast pass, sampling is the sequential one.
 - VectorAffineCoupling / VectorAdditiveCoupling (RealNVP / NICE): half masks, so both
   directions are one pass per step.
 Consecutive MADE steps reverse the variable order; couplings alternate the halves.
@@ -147,7 +149,8 @@ class MaskedFlowStack(nn.Module):
 
 class IAF(MaskedFlowStack):
     """Inverse autoregressive flow: forward(z) -> (x, logdet) is one fast pass (sampling,
-    reparameterised posteriors); inverse(x) takes d sweeps and is not differentiable."""
+    reparameterised posteriors); inverse(x) is the sequential direction (one call) and is
+    not differentiable."""
 
     def __init__(self, dim: int, hidden: int = 64, n_steps: int = 1, context_dim: int = 0,
                  gate_bias: float = 2.0) -> None:
@@ -162,7 +165,8 @@ class IAF(MaskedFlowStack):
 
 class MAF(MaskedFlowStack):
     """Masked autoregressive flow: inverse(x) -> (z, logdet) is one fast, differentiable pass
-    (density estimation, flow priors); forward(z) (sampling) takes d sweeps."""
+    (density estimation, flow priors); forward(z) (sampling) is the sequential direction
+    (one call; not differentiable)."""
 
     def __init__(self, dim: int, hidden: int = 64, n_steps: int = 1, context_dim: int = 0,
                  gate_bias: float = 2.0) -> None:
