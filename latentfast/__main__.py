@@ -21,7 +21,7 @@ def info() -> None:
             isa = torch.ops.latentfast_cpp.cpu_isa()
         except RuntimeError as exc:  # e.g. a bad LATENTFAST_CPU_ISA
             isa = f"error: {exc}"
-        print(f"C++ kernel build in use (Glow, vector flows, geometry): {isa}")
+        print(f"C++ kernel build in use (Glow, vector flows, geometry, RNN): {isa}")
     print(f"TRITON_INTERPRET: {'on' if backend.triton_interpret() else 'off'}   "
           f"LATENTFAST_BACKEND: {backend.requested()}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

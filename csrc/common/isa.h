@@ -1,7 +1,7 @@
 // Run-time choice among the per-instruction-set builds of the C++ kernel files.
 //
 // Kernel files written once (flows/glow_kernels.inc, flows/vector_flow_kernels.inc,
-// geometry/geometry_kernels.inc) are compiled in several namespaces: the baseline ISA (the
+// geometry/geometry_kernels.inc, the rnn/*_kernels.inc) are compiled in several namespaces: the baseline ISA (the
 // wheel-wide default, SSE2 on x86-64), AVX2+FMA and AVX-512 (F, VL, DQ, BW). An op picks one
 // clone per call: the widest the CPU runs, or the one LATENTFAST_CPU_ISA names (base, avx2,
 // avx512; read once per op call, for tests and A/B runs). Asking for one the CPU or this build

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "common/blas_gemm.h"
+#include "common/isa.h"
 
 #include <cmath>
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -37,43 +38,92 @@ namespace rnn_base {
 }  // namespace rnn_base
 #undef LF_ISA_BASELINE
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define LATENTFAST_RNN_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#ifdef LATENTFAST_X86_CLONES
+// The lockstep gate loops (rnn/lockstep.inc) in AVX2 and AVX-512: one set of intrinsics
+// names per clone.
+LF_TARGET_AVX2
 namespace rnn_avx2 {
-#define LATENTFAST_RNN_GATES_AVX2 1
+#define LATENTFAST_RNN_LOCKSTEP 1
+using LfV = __m256;
+using LfVi = __m256i;
+constexpr int64_t LF_W = 8;
+#define LF_ADD _mm256_add_ps
+#define LF_SUB _mm256_sub_ps
+#define LF_MUL _mm256_mul_ps
+#define LF_FMADD _mm256_fmadd_ps
+#define LF_FNMADD _mm256_fnmadd_ps
+#define LF_FMSUB _mm256_fmsub_ps
+#define LF_MIN _mm256_min_ps
+#define LF_MAX _mm256_max_ps
+#define LF_SET1 _mm256_set1_ps
+#define LF_ZERO _mm256_setzero_ps
+#define LF_RCP _mm256_rcp_ps
+#define LF_LOAD _mm256_loadu_ps
+#define LF_STORE _mm256_storeu_ps
+#define LF_ROUND(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define LF_CVT_I _mm256_cvtps_epi32
+#define LF_ADD_I _mm256_add_epi32
+#define LF_SLLI_I _mm256_slli_epi32
+#define LF_SET1_I _mm256_set1_epi32
+#define LF_CAST_IF _mm256_castsi256_ps
 #include "flows/vec_math.inc"
 #include "rnn/gru_kernels.inc"
 #include "rnn/lstm_kernels.inc"
 #include "rnn/lyapunov_kernels.inc"
-#undef LATENTFAST_RNN_GATES_AVX2
+#include "rnn/lockstep_undef.inc"
 }  // namespace rnn_avx2
-#pragma GCC pop_options
+LF_TARGET_END
+
+LF_TARGET_AVX512
+namespace rnn_avx512 {
+#define LATENTFAST_RNN_LOCKSTEP 1
+using LfV = __m512;
+using LfVi = __m512i;
+constexpr int64_t LF_W = 16;
+#define LF_ADD _mm512_add_ps
+#define LF_SUB _mm512_sub_ps
+#define LF_MUL _mm512_mul_ps
+#define LF_FMADD _mm512_fmadd_ps
+#define LF_FNMADD _mm512_fnmadd_ps
+#define LF_FMSUB _mm512_fmsub_ps
+#define LF_MIN _mm512_min_ps
+#define LF_MAX _mm512_max_ps
+#define LF_SET1 _mm512_set1_ps
+#define LF_ZERO _mm512_setzero_ps
+#define LF_RCP _mm512_rcp14_ps
+#define LF_LOAD _mm512_loadu_ps
+#define LF_STORE _mm512_storeu_ps
+#define LF_ROUND(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define LF_CVT_I _mm512_cvtps_epi32
+#define LF_ADD_I _mm512_add_epi32
+#define LF_SLLI_I _mm512_slli_epi32
+#define LF_SET1_I _mm512_set1_epi32
+#define LF_CAST_IF _mm512_castsi512_ps
+#include "flows/vec_math.inc"
+#include "rnn/gru_kernels.inc"
+#include "rnn/lstm_kernels.inc"
+#include "rnn/lyapunov_kernels.inc"
+#include "rnn/lockstep_undef.inc"
+}  // namespace rnn_avx512
+LF_TARGET_END
 #endif
 
 namespace {
 
-// LATENTFAST_RNN_NO_AVX2=1 (read once) runs the baseline-ISA kernels on an AVX2 machine too, so
-// the tests can check that path in a subprocess.
-bool use_avx2() {
-#ifdef LATENTFAST_RNN_AVX2
-  static const bool ok = [] {
+// The clone of the RNN kernel files an op call runs: the one isa::selected() names (the widest
+// the CPU runs, or LATENTFAST_CPU_ISA; read once per op call), except that
+// LATENTFAST_RNN_NO_AVX2=1 (read once per process; older switch, kept for the tests and scripts
+// that use it) always takes the baseline build.
+isa::Isa rnn_isa() {
+  static const bool base_only = [] {
     const char* e = std::getenv("LATENTFAST_RNN_NO_AVX2");
-    const bool off = e != nullptr && e[0] == '1';
-    return !off && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return e != nullptr && e[0] == '1';
   }();
-  return ok;
-#else
-  return false;
-#endif
+  return base_only ? isa::Isa::base : isa::selected();
 }
 
-#ifdef LATENTFAST_RNN_AVX2
-#define LF_RNN_CALL(fn, ...) (use_avx2() ? rnn_avx2::fn(__VA_ARGS__) : rnn_base::fn(__VA_ARGS__))
-#else
-#define LF_RNN_CALL(fn, ...) rnn_base::fn(__VA_ARGS__)
-#endif
+// fn(args) in the clone `lf_isa` names (a local of every op: const isa::Isa lf_isa = rnn_isa()).
+#define LF_RNN_CALL(fn, ...) LF_ISA_SELECT(lf_isa, rnn_, fn(__VA_ARGS__))
 
 void check_gru(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                const at::Tensor& b_ih, const at::Tensor& b_hh) {
@@ -181,6 +231,7 @@ std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, cons
                                                     const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                     const at::Tensor& b_ih, const at::Tensor& b_hh,
                                                     bool save) {
+  const isa::Isa lf_isa = rnn_isa();
   check_gru(x_in, h0_in, w_ih, w_hh, b_ih, b_hh);
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous();
   const int64_t T = x.size(0), B = x.size(1), H = h0.size(1);
@@ -241,6 +292,7 @@ std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_bwd(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& out_in, const at::Tensor& gates_in) {
+  const isa::Isa lf_isa = rnn_isa();
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), out = out_in.contiguous();
   const at::Tensor gates = gates_in.contiguous(), grad_out = grad_out_in.contiguous();
   const int64_t T = x.size(0), B = x.size(1), H = h0.size(1), I = x.size(2), G = 3 * H;
@@ -331,6 +383,7 @@ void check_lstm(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd(
     const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, bool save) {
+  const isa::Isa lf_isa = rnn_isa();
   check_lstm(x_in, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh);
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const int64_t T = x.size(0), B = x.size(1), H = h0.size(1);
@@ -392,6 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 lstm_sequence_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_cells_in, const at::Tensor& x_in,
                   const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
                   const at::Tensor& out_in, const at::Tensor& cells_in, const at::Tensor& gates_in) {
+  const isa::Isa lf_isa = rnn_isa();
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const at::Tensor out = out_in.contiguous(), cells = cells_in.contiguous(), gates = gates_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous(), grad_cells = grad_cells_in.contiguous();
@@ -490,6 +544,7 @@ void check_lyap(const char* name, const at::Tensor& s0, const at::Tensor& q0) {
 std::tuple<at::Tensor, at::Tensor> rnn_lyapunov(const at::Tensor& s0, const at::Tensor& q0, const at::Tensor& mat_in,
                                                 const at::Tensor& bias_in, int64_t cell, int64_t n_steps,
                                                 int64_t qr_every, int64_t transient, double dt) {
+  const isa::Isa lf_isa = rnn_isa();
   check_lyap("rnn_lyapunov", s0, q0);
   const at::Tensor mat = mat_in.contiguous(), bias = bias_in.contiguous();
   const int64_t B = s0.size(0), S = s0.size(1), k = q0.size(2), G = mat.size(0), H = mat.size(1);
@@ -539,6 +594,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_lyapunov(const at::Tensor& s0, const at::
 std::tuple<at::Tensor, at::Tensor> lorenz_lyapunov(const at::Tensor& x0_in, const at::Tensor& q0_in, int64_t system,
                                                    double p0, double p1, double p2, double dt, int64_t n_steps,
                                                    int64_t qr_every, int64_t transient) {
+  const isa::Isa lf_isa = rnn_isa();
   check_lyap("lorenz_lyapunov", x0_in, q0_in);
   TORCH_CHECK(system == 0 || system == 1, "lorenz_lyapunov: system must be 0 (Lorenz-63) or 1 (Lorenz-96)");
   TORCH_CHECK(system == 1 || x0_in.size(1) == 3, "lorenz_lyapunov: Lorenz-63 states are [B, 3]");

@@ -14,7 +14,8 @@ from latentfast import backend as lf_backend
 
 from latentfast.ops import rnn as ops
 from latentfast.reference import rnn as ref
-from tests.conftest import FAST_GC, assert_close, backends_under_test, device_for, interpreting
+from tests.conftest import (CPU_ISAS, FAST_GC, assert_close, backends_under_test, device_for, interpreting,
+                            skip_unless_cpu_isa)
 
 # B = 37 takes the C++ kernels' rows-per-thread path (>= 16 rows per thread); H = 512 is the
 # top of the hidden sizes the ops are meant for (several Triton hidden tiles)
@@ -268,6 +269,22 @@ def test_cpp_row_block_backward_chunks_match_nn(dtype, tol):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert float(run.stdout.split()[-1]) < tol, run.stdout
+
+
+@pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' per-ISA builds")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("shape", [(6, 37, 4, 70), (4, 5, 3, 70)])
+def test_cpp_isa_clones_match_nn(isa, shape):
+    """The RNN kernel files are built for base, AVX2 and AVX-512 (LATENTFAST_CPU_ISA picks one
+    per op call); the float gate loops of the AVX2 and AVX-512 builds are lockstep intrinsics
+    with 8- and 16-float vectors. H = 70: blocks of 4 vectors (64 columns in AVX-512), then
+    single vectors and a scalar tail; the row-block (B = 37) and per-step (B = 5) paths."""
+    skip_unless_cpu_isa(isa)
+    env = {**os.environ, "LATENTFAST_CPU_ISA": isa, "OMP_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", _SUBPROCESS_RNN_SCRIPT, "float32", *map(str, shape)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) < 2e-5, run.stdout
 
 
 @pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' baseline-ISA build")
