@@ -39,33 +39,19 @@ namespace rnn_base {
 #undef LF_ISA_BASELINE
 
 #ifdef LATENTFAST_X86_CLONES
-// The lockstep gate loops (rnn/lockstep.inc) in AVX2 and AVX-512: one set of intrinsics
-// names per clone.
+// The lockstep gate loops (rnn/lockstep.inc) in AVX2 and AVX-512: each clone names its vector
+// types and width, its intrinsics prefix and the three operations whose names differ;
+// rnn/lockstep_names.inc derives the rest from the prefix.
 LF_TARGET_AVX2
 namespace rnn_avx2 {
-#define LATENTFAST_RNN_LOCKSTEP 1
 using LfV = __m256;
 using LfVi = __m256i;
 constexpr int64_t LF_W = 8;
-#define LF_ADD _mm256_add_ps
-#define LF_SUB _mm256_sub_ps
-#define LF_MUL _mm256_mul_ps
-#define LF_FMADD _mm256_fmadd_ps
-#define LF_FNMADD _mm256_fnmadd_ps
-#define LF_FMSUB _mm256_fmsub_ps
-#define LF_MIN _mm256_min_ps
-#define LF_MAX _mm256_max_ps
-#define LF_SET1 _mm256_set1_ps
-#define LF_ZERO _mm256_setzero_ps
+#define LF_PFX(op) _mm256_##op
 #define LF_RCP _mm256_rcp_ps
-#define LF_LOAD _mm256_loadu_ps
-#define LF_STORE _mm256_storeu_ps
 #define LF_ROUND(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define LF_CVT_I _mm256_cvtps_epi32
-#define LF_ADD_I _mm256_add_epi32
-#define LF_SLLI_I _mm256_slli_epi32
-#define LF_SET1_I _mm256_set1_epi32
 #define LF_CAST_IF _mm256_castsi256_ps
+#include "rnn/lockstep_names.inc"
 #include "flows/vec_math.inc"
 #include "rnn/gru_kernels.inc"
 #include "rnn/lstm_kernels.inc"
@@ -76,29 +62,14 @@ LF_TARGET_END
 
 LF_TARGET_AVX512
 namespace rnn_avx512 {
-#define LATENTFAST_RNN_LOCKSTEP 1
 using LfV = __m512;
 using LfVi = __m512i;
 constexpr int64_t LF_W = 16;
-#define LF_ADD _mm512_add_ps
-#define LF_SUB _mm512_sub_ps
-#define LF_MUL _mm512_mul_ps
-#define LF_FMADD _mm512_fmadd_ps
-#define LF_FNMADD _mm512_fnmadd_ps
-#define LF_FMSUB _mm512_fmsub_ps
-#define LF_MIN _mm512_min_ps
-#define LF_MAX _mm512_max_ps
-#define LF_SET1 _mm512_set1_ps
-#define LF_ZERO _mm512_setzero_ps
+#define LF_PFX(op) _mm512_##op
 #define LF_RCP _mm512_rcp14_ps
-#define LF_LOAD _mm512_loadu_ps
-#define LF_STORE _mm512_storeu_ps
 #define LF_ROUND(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define LF_CVT_I _mm512_cvtps_epi32
-#define LF_ADD_I _mm512_add_epi32
-#define LF_SLLI_I _mm512_slli_epi32
-#define LF_SET1_I _mm512_set1_epi32
 #define LF_CAST_IF _mm512_castsi512_ps
+#include "rnn/lockstep_names.inc"
 #include "flows/vec_math.inc"
 #include "rnn/gru_kernels.inc"
 #include "rnn/lstm_kernels.inc"
