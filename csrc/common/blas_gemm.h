@@ -79,6 +79,17 @@ void step_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T
   gemm_rm<T>(false, w_nk, m, n, k, a, lda, w, w_nk ? k : n, beta, c, ldc);
 }
 
+// dst [cols, rows] = src [rows, cols] transposed (both contiguous), by 32 x 32 blocks so both
+// sides of the copy stay in cache.
+template <typename T>
+void transpose_blocked(const T* src, int64_t rows, int64_t cols, T* dst) {
+  constexpr int64_t kBlock = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
+      for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * rows + r] = src[r * cols + c];
+}
+
 // The weight of row-major C[m, n] = A[m, k] op(W) + beta C, for a loop that applies the same W
 // to many m-row blocks (the RNN forward's W_ih and W_hh, every time step). Given W stored
 // [n, k] (w_nk: op(W) = W^T, nn.GRU's layout) it keeps a contiguous copy of W^T [k, n], made
@@ -94,11 +105,7 @@ class StepWeight {
   StepWeight(int64_t m, int64_t n, int64_t k, const T* w, bool w_nk) : m_(m), n_(n), k_(k), w_(w) {
     if (!w_nk) return;
     wt_.resize(static_cast<size_t>(n * k));
-    constexpr int64_t kBlock = 32;  // blocks of W, so both sides of the copy stay in cache
-    for (int64_t j0 = 0; j0 < n; j0 += kBlock)
-      for (int64_t i0 = 0; i0 < k; i0 += kBlock)
-        for (int64_t j = j0; j < std::min(n, j0 + kBlock); ++j)
-          for (int64_t i = i0; i < std::min(k, i0 + kBlock); ++i) wt_[i * n + j] = w[j * k + i];
+    transpose_blocked(w, n, k, wt_.data());
     w_ = wt_.data();
   }
   // C = A op(W) + beta C for an A of m rows (the m given at construction), row stride lda.

@@ -722,10 +722,8 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
       std::vector<T> w1t;  // W1^T per step, for the steps with a plan
       if (std::any_of(plans.begin(), plans.end(), [](const SeqPlan& q) { return q.ok; })) {
         w1t.resize(static_cast<size_t>(n.K * n.d * n.H));
-        const T* w1p = w1.const_data_ptr<T>();
         for (int64_t k = 0; k < n.K; ++k)
-          for (int64_t h = 0; h < n.H; ++h)
-            for (int64_t i = 0; i < n.d; ++i) w1t[(k * n.d + i) * n.H + h] = w1p[(k * n.H + h) * n.d + i];
+          transpose_blocked(w1.const_data_ptr<T>() + k * n.H * n.d, n.H, n.d, w1t.data() + k * n.d * n.H);
       }
       const std::vector<StepBlocks> blocks = find_blocks<T>(n, w1.const_data_ptr<T>(), w2.const_data_ptr<T>());
       const StackPtrs<T> p{w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), w2.const_data_ptr<T>(),
