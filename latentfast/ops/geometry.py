@@ -78,13 +78,19 @@ def _energy_last(w: Tensor, act: int) -> Tensor | None:
     return hit[1]
 
 
+def _energy_weights(weights: list[Tensor], acts: list[int]) -> list[Tensor]:
+    """weights with the last one replaced as _energy_last says."""
+    r = _energy_last(weights[-1], acts[-1])
+    return weights if r is None else [*weights[:-1], r]
+
+
 def _energy_layers(weights: list[Tensor], biases: list[Tensor], acts: list[int]
                    ) -> tuple[list[Tensor], list[Tensor]]:
-    """(weights, biases) with the last layer replaced as _energy_last says."""
-    r = _energy_last(weights[-1], acts[-1])
-    if r is None:
+    """(weights, biases) with the last layer replaced as _energy_last says (zero bias)."""
+    ws = _energy_weights(weights, acts)
+    if ws is weights:
         return weights, biases
-    return [*weights[:-1], r], [*biases[:-1], biases[-1].new_zeros(r.shape[0])]
+    return ws, [*biases[:-1], biases[-1].new_zeros(ws[-1].shape[0])]
 
 
 def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
@@ -381,7 +387,7 @@ def _curve_energy_train_backward(grad_energy: Tensor, grad_length: Tensor, curve
     be = backend.select(curves.device)
     if be == "reference":
         raise RuntimeError("curve_energy_train_backward runs on the cpp and triton backends only")
-    weights = _energy_layers(weights, weights, acts)[0]  # the layers the forward ran (biases unused)
+    weights = _energy_weights(weights, acts)  # the layers the forward ran
     return _curve_backward_saved(_native(be), grad_energy, grad_length, curves, derivs, feats, weights,
                                  rbf_centres, rbf_lambda, rbf_weight)
 
