@@ -253,6 +253,44 @@ def test_glow_isa_clones_match_reference(monkeypatch, isa, dtype, mode):
             assert_close(g, r, scale=10.0)
 
 
+# The C++ coupling log-dets multiply w = 1 + exp(-|raw + 2|) (each in [1, 2]) per pixel lane
+# and take one log per 32 factors (vec_math.inc's sigmoid_parts / log_prod). At raw = -2
+# every w is 2, so a lane that took more than 127 factors without its log would overflow:
+# Cb = 35 channels x 4 micro tiles of one macro tile (fused step), and P = 4160 pixels
+# (130+ blocks of a row at every clone's tile width; standalone coupling).
+@_NEEDS_CPP
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("raw", ["zero", "random"])
+def test_glow_logdet_products_per_isa(monkeypatch, isa, dtype, raw):
+    monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
+    skip_unless_cpu_isa(isa)
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(23)
+    for n, c, h, w in ((2, 70, 11, 13), (2, 4, 64, 65)):
+        x = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+        weight = _rand(c, c, dtype=dtype, device="cpu", gen=gen) / c ** 0.5
+        bias = _rand(c, dtype=dtype, device="cpu", gen=gen)
+        hh = 3 * _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+        if raw == "zero":
+            hh[:, c // 2:] = -2.0
+        y, ld = ops.actnorm_invconv_coupling(x, weight, bias, hh)
+        y_ref, ld_ref = ref.actnorm_invconv_coupling(x.double(), weight.double(), bias.double(), hh.double())
+        assert_close(y, y_ref, dtype=dtype)
+        assert_close(ld, ld_ref, dtype=dtype)
+        xb = x[:, : c // 2].contiguous()
+        yb, ldb = ops.affine_coupling(xb, hh)
+        yb_ref, ldb_ref = ref.affine_coupling(xb.double(), hh.double())
+        assert_close(yb, yb_ref, dtype=dtype)
+        assert_close(ldb, ldb_ref, dtype=dtype)
+        xi, ldi = ops.affine_coupling_inverse(yb, hh)
+        assert_close(xi, xb, scale=10.0)
+        assert_close(ldi, -ldb_ref, dtype=dtype)
+        if raw == "zero":
+            want = -(c // 2) * h * w * torch.log(torch.tensor(2.0, dtype=torch.float64))
+            assert_close(ld, want.expand(n), dtype=dtype)
+
+
 @_NEEDS_CPP
 def test_cpu_isa_bad_value_raises(monkeypatch):
     monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
