@@ -40,6 +40,9 @@ def _native(be: str):
 # Points per chunk of the native pipelines: bounds the working set (rows x widest layer).
 _CHUNK_ELEMS = 1 << 22
 
+# Rows of R per block in the metric's triangular product R T (see _metric_native).
+_TRI_BLOCK = 128
+
 # (a copy of W_L, R) per last-layer weight (by address, shape and dtype; a hit also needs equal
 # values), the 8 most recent, for _energy_layers.
 _QR_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -100,7 +103,11 @@ def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], ac
     chunk = max(1, _CHUNK_ELEMS // ((1 + d) * widest))
     out = z.new_empty((n, d, d))
     last_w = weights[-1]
-    gram_w = last_w.T @ last_w if acts[-1] == 0 else None  # [H, H], once for all points
+    # A linear last layer W_L [D, H] enters as J^T W_L^T W_L J: with D > H through R of its
+    # QR (cached, see _energy_last), whose upper triangle the column blocks below skip;
+    # otherwise through the Gram matrix W_L^T W_L, formed once for all points.
+    r = _energy_last(last_w, acts[-1])
+    gram_w = last_w.T @ last_w if acts[-1] == 0 and r is None else None
     eye = torch.eye(d, dtype=z.dtype, device=z.device)
     for s in range(0, n, chunk):
         zc = z[s:s + chunk]
@@ -112,7 +119,16 @@ def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], ac
             k.mlp_act_tangent_(nxt, nxt.new_empty((m, nxt.shape[1])), m, d, act, b)  # adds b to the hidden rows
             buf = nxt
         tan = buf[m:].view(m, d, -1)
-        if gram_w is not None:
+        if r is not None:
+            # R T = sum over column blocks [i0, i1) of R's rows: R[i0:i1, i0:] T[i0:] (R is
+            # upper triangular: 3/4 of the dense product's flops at H = 256, block 128)
+            hw = r.shape[0]
+            mc = None
+            for i0 in range(0, hw, _TRI_BLOCK):
+                p = (buf[m:, i0:] @ r[i0:i0 + _TRI_BLOCK, i0:].T).view(m, d, -1)
+                g = k.weighted_gram(p, p, None)
+                mc = g if mc is None else mc + g
+        elif gram_w is not None:
             p = (tan.reshape(m * d, -1) @ gram_w).view(m, d, -1)
             mc = k.weighted_gram(p, tan, None)
         else:
@@ -121,12 +137,18 @@ def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], ac
             u = nxt[m:].view(m, d, -1)
             mc = k.weighted_gram(u, u, None)
         if centres is not None:
+            # sigma = beta^-1/2, beta = wr v + zeta: J_sigma = -1/2 beta^-3/2 wr dv, so the
+            # metric gains sum_D beta^-3 / 4 (wr dv)_i (wr dv)_j. One GEMM forms beta - zeta
+            # (rows v) and wr dv (rows dv, point-major) together; the weights are made in place.
             diff = zc[:, None, :] - centres  # [m, K, d]
             v = torch.exp(-lam * diff.pow(2).sum(-1))  # [m, K]
-            dv = (-2.0 * lam * v)[:, None, :] * diff.transpose(1, 2)  # [m, d, K]
-            beta = torch.addmm(torch.full_like(wr[:, 0], zeta), v, wr.T)  # [m, D]
-            a = (dv.reshape(m * d, -1) @ wr.T).view(m, d, -1)  # J_beta rows
-            mc = mc + k.weighted_gram(a, a, 0.25 * beta.pow(-3))
+            feats = v.new_empty(((1 + d) * m, v.shape[1]))
+            feats[:m] = v
+            torch.mul((-2.0 * lam * v)[:, None, :], diff.transpose(1, 2), out=feats[m:].view(m, d, -1))
+            ab = feats @ wr.T  # [(1 + d) m, D]
+            wgt = ab[:m].add_(zeta).reciprocal_().pow_(3).mul_(0.25)  # beta^-3 / 4 (pow_(3): x*x*x)
+            a = ab[m:].view(m, d, -1)  # J_beta rows
+            mc = mc + k.weighted_gram(a, a, wgt)
         out[s:s + chunk] = mc
     return out
 

@@ -122,6 +122,28 @@ def test_curve_energy_linear_last_layer_by_its_qr(backend, monkeypatch, rbf):
         w[-1].data.mul_(-0.5).add_(0.1)  # new values, same tensor, no version bump
 
 
+@pytest.mark.parametrize("rbf", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_metric_linear_last_layer_by_its_qr(backend, monkeypatch, rbf, dtype):
+    """pullback_metric with a linear last layer wider than its input (D = 40 > H = 9) forms
+    J^T R^T R J from R of W_L = Q R in row blocks of R (_TRI_BLOCK, set to 4 here: blocks of
+    4, 4 and 1 rows, each skipping R's zero lower triangle): the same metric as through
+    W_L^T W_L (LATENTFAST_GEOM_QR=0) and as the reference, also after the weight's values
+    change in place."""
+    dev = device_for(backend)
+    monkeypatch.setattr(ops, "_TRI_BLOCK", 4)
+    w, b, a, extra = make_net(2, (11, 9), 40, (1, 3, 0), rbf, dtype, dev, seed=81)
+    z = torch.randn(23, 2, dtype=dtype, generator=torch.Generator().manual_seed(82)).to(dev)
+    for trial in range(2):
+        got = ops.pullback_metric(z, w, b, a, *extra)
+        monkeypatch.setenv("LATENTFAST_GEOM_QR", "0")
+        plain = ops.pullback_metric(z, w, b, a, *extra)
+        monkeypatch.delenv("LATENTFAST_GEOM_QR")
+        assert_close(got, plain, scale=10, msg="with R vs with W_L^T W_L")
+        assert_close(got, ref.pullback_metric(z, w, b, a, *extra), scale=10, msg="vs reference")
+        w[-1].data.mul_(-0.5).add_(0.1)  # new values, same tensor, no version bump
+
+
 # Hidden widths 37 and 19 leave tails for 8- and 16-wide loops; every activation code.
 _ISA_NET = (3, (37, 19), 45, (1, 2, 3), True)
 _ISA_NET2 = (2, (21,), 17, (4, 0), False)
