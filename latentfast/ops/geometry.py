@@ -99,8 +99,6 @@ def _energy_layers(weights: list[Tensor], biases: list[Tensor], acts: list[int]
 def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
                    centres: Tensor | None, lam: Tensor | None, wr: Tensor | None, zeta: float) -> Tensor:
     n, d = z.shape
-    widest = max(w.shape[0] for w in weights)
-    chunk = max(1, _CHUNK_ELEMS // ((1 + d) * widest))
     out = z.new_empty((n, d, d))
     last_w = weights[-1]
     # A linear last layer W_L [D, H] enters as J^T W_L^T W_L J: with D > H through R of its
@@ -108,6 +106,11 @@ def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], ac
     # otherwise through the Gram matrix W_L^T W_L, formed once for all points.
     r = _energy_last(last_w, acts[-1])
     gram_w = last_w.T @ last_w if acts[-1] == 0 and r is None else None
+    # the widest rows a chunk materialises: hidden layers, the last layer only when it is
+    # run (not linear), the RBF network's D outputs
+    widths = [w.shape[0] for w in weights[:-1]] + [last_w.shape[0] if acts[-1] != 0 or centres is not None
+                                                  else last_w.shape[1]]
+    chunk = max(1, _CHUNK_ELEMS // ((1 + d) * max(widths)))
     eye = torch.eye(d, dtype=z.dtype, device=z.device)
     for s in range(0, n, chunk):
         zc = z[s:s + chunk]

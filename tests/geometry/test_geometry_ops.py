@@ -144,6 +144,28 @@ def test_metric_linear_last_layer_by_its_qr(backend, monkeypatch, rbf, dtype):
         w[-1].data.mul_(-0.5).add_(0.1)  # new values, same tensor, no version bump
 
 
+@pytest.mark.parametrize("net", [*NETS, (2, (11, 9), 40, (1, 3, 0), True), (2, (11, 9), 40, (1, 3, 0), False)])
+@pytest.mark.parametrize("budget", ["one", "few"])
+def test_native_pipelines_in_chunks(backend, monkeypatch, net, budget):
+    """The native metric and curve-energy pipelines split the points (curves) into chunks of
+    _CHUNK_ELEMS elements of their widest rows; with a tiny budget every chunk holds one point
+    (curve), or a few and a last, shorter one: the results are the reference's."""
+    dev = device_for(backend)
+    elems = 1 if budget == "one" else 2 * (1 + net[0]) * max(*net[1], net[2], 1) + 1
+    monkeypatch.setattr(ops, "_CHUNK_ELEMS", elems)
+    w, b, a, extra = make_net(*net, torch.float64, dev, seed=91)
+    gen = torch.Generator().manual_seed(92)
+    z = torch.randn(11, net[0], dtype=torch.float64, generator=gen).to(dev)
+    assert_close(ops.pullback_metric(z, w, b, a, *extra), ref.pullback_metric(z, w, b, a, *extra), scale=10)
+    curves = torch.randn(5, 4, net[0], dtype=torch.float64, generator=gen).to(dev)
+    e, ln, g = ops.curve_energy_and_grad(curves, w, b, a, *extra)
+    leaf = curves.clone().requires_grad_()
+    e_ref, l_ref = ref.curve_energy(leaf, w, b, a, *extra)
+    assert_close(e, e_ref, scale=10)
+    assert_close(ln, l_ref, scale=10)
+    assert_close(g, torch.autograd.grad(e_ref.sum(), leaf)[0], scale=10)
+
+
 # Hidden widths 37 and 19 leave tails for 8- and 16-wide loops; every activation code.
 _ISA_NET = (3, (37, 19), 45, (1, 2, 3), True)
 _ISA_NET2 = (2, (21,), 17, (4, 0), False)
