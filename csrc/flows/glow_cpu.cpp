@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "common/isa.h"
+#include "common/scratch.h"
 
 #include <cmath>
 #include <cstdint>

@@ -11,6 +11,7 @@
 
 #include "common/blas_gemm.h"
 #include "common/isa.h"
+#include "common/scratch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -396,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_fl
                            ctx.has_value() ? ctx->const_data_ptr<T>() : nullptr, &blocks};
       const int64_t ntiles = (n.B + tile - 1) / tile;
       at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<T> gbuf(keep ? 0 : tile * n.H), obuf(save ? 0 : tile * n.O), pp(save ? 0 : 2 * tile * n.d);
+        AlignedScratch<T> gbuf(keep ? 0 : tile * n.H), obuf(save ? 0 : tile * n.O), pp(save ? 0 : 2 * tile * n.d);
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t r0 = t * tile, rows = std::min(tile, n.B - r0);
           fwd_tile<T>(n, p, additive, x.const_data_ptr<T>(), y.mutable_data_ptr<T>(), logdet.mutable_data_ptr<T>(),
@@ -488,7 +489,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       T* gctxp = ctx.has_value() ? gctx.mutable_data_ptr<T>() : nullptr;
       T* accp = acc.mutable_data_ptr<T>();
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<T> mem(tile * (2 * H + O + 2 * d));
+        AlignedScratch<T> mem(tile * (2 * H + O + 2 * d));
         BwdTileBufs<T> buf{mem.data(), mem.data() + tile * H, mem.data() + tile * (H + O),
                            mem.data() + tile * (2 * H + O), mem.data() + tile * (2 * H + O + d)};
         for (int64_t c = c0; c < c1; ++c) {

@@ -16,6 +16,7 @@
 
 #include "common/blas_gemm.h"
 #include "common/isa.h"
+#include "common/scratch.h"
 
 #include <cmath>
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -165,11 +166,11 @@ struct ChunkGrads {
   int64_t B, I, H, G, n, begin;
   const T *x, *h0, *out, *w_ih;
   T *gx, *acc_wih, *acc_whh, *acc_bih, *acc_bhh;
-  std::vector<T> xs, hs, gxs;
+  AlignedScratch<T> xs, hs, gxs;
 
   void run(int64_t t_lo, int64_t steps, const T* dgi, const T* dgh) {
     const int64_t rows = steps * n;
-    if (xs.size() < static_cast<size_t>(rows * I)) {
+    if (xs.size() < rows * I) {
       xs.resize(rows * I), gxs.resize(rows * I), hs.resize(rows * H);
     }
     for (int64_t j = 0; j < steps; ++j) {
@@ -227,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> gru_sequence_fwd(const at::Tensor& x_in, cons
         // worker threads do not inherit the caller's dispatch state: skip autograd here too
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         const int64_t n = end - begin;
-        std::vector<scalar_t> gi(static_cast<size_t>(n * 3 * H)), gh(static_cast<size_t>(n * 3 * H));
+        AlignedScratch<scalar_t> gi(n * 3 * H), gh(n * 3 * H);
         const StepWeight<scalar_t> wih_t(n, 3 * H, I, wip, true), whh_t(n, 3 * H, H, whp, true);
         for (int64_t t = 0; t < T; ++t) {
           const scalar_t* hp = prev_rows<scalar_t>(h0, out, t, B, H, begin);
@@ -287,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const int64_t n = end - begin, id = begin / block, chunk = steps_per_chunk(n, T);
         scalar_t* dhp = dh.mutable_data_ptr<scalar_t>() + begin * H;
         const scalar_t* whp = w_hh_c.const_data_ptr<scalar_t>();
-        std::vector<scalar_t> dgi(static_cast<size_t>(chunk * n * G)), dgh(static_cast<size_t>(chunk * n * G));
+        AlignedScratch<scalar_t> dgi(chunk * n * G), dgh(chunk * n * G);
         scalar_t* accb = acc_b.mutable_data_ptr<scalar_t>() + id * 2 * G;
         ChunkGrads<scalar_t> cg{B, I, H, G, n, begin, x.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),
                                 out.const_data_ptr<scalar_t>(), w_ih_c.const_data_ptr<scalar_t>(),
@@ -377,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd(
         // worker threads do not inherit the caller's dispatch state: skip autograd here too
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         const int64_t n = end - begin;
-        std::vector<scalar_t> a(static_cast<size_t>(n * 4 * H));
+        AlignedScratch<scalar_t> a(n * 4 * H);
         const StepWeight<scalar_t> wih_t(n, 4 * H, I, wip, true), whh_t(n, 4 * H, H, whp, true);
         for (int64_t t = 0; t < T; ++t) {
           const scalar_t* hp = prev_rows<scalar_t>(h0, out, t, B, H, begin);
@@ -457,7 +458,7 @@ lstm_sequence_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_cells_in
         const scalar_t* whp = w_hh_c.const_data_ptr<scalar_t>();
         scalar_t* bufs[2] = {dc.mutable_data_ptr<scalar_t>() + begin * H,
                              dc_next.mutable_data_ptr<scalar_t>() + begin * H};
-        std::vector<scalar_t> da(static_cast<size_t>(chunk * n * G));
+        AlignedScratch<scalar_t> da(chunk * n * G);
         ChunkGrads<scalar_t> cg{B, I, H, G, n, begin, x.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),
                                 out.const_data_ptr<scalar_t>(), w_ih_c.const_data_ptr<scalar_t>(),
                                 gx.mutable_data_ptr<scalar_t>(), acc_wih.mutable_data_ptr<scalar_t>() + id * G * I,
