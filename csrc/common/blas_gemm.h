@@ -14,6 +14,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/scratch.h"
+
 extern "C" {
 void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
@@ -104,7 +106,7 @@ class StepWeight {
  public:
   StepWeight(int64_t m, int64_t n, int64_t k, const T* w, bool w_nk) : m_(m), n_(n), k_(k), w_(w) {
     if (!w_nk) return;
-    wt_.resize(static_cast<size_t>(n * k));
+    wt_.resize(n * k);
     transpose_blocked(w, n, k, wt_.data());
     w_ = wt_.data();
   }
@@ -116,7 +118,7 @@ class StepWeight {
  private:
   int64_t m_, n_, k_;
   const T* w_;
-  std::vector<T> wt_;
+  AlignedScratch<T> wt_;
 };
 
 }  // namespace latentfast

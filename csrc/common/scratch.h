@@ -18,6 +18,12 @@ class AlignedScratch {
  public:
   AlignedScratch() = default;
   explicit AlignedScratch(int64_t n) { resize(n); }
+  // data() points into raw_: a copy would point into the original's storage (a move keeps
+  // the vector's buffer, so data() stays valid)
+  AlignedScratch(const AlignedScratch&) = delete;
+  AlignedScratch& operator=(const AlignedScratch&) = delete;
+  AlignedScratch(AlignedScratch&&) = default;
+  AlignedScratch& operator=(AlignedScratch&&) = default;
 
   // Makes it n elements (the old contents are not kept), zero-filled.
   void resize(int64_t n) {

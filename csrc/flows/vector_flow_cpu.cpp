@@ -720,9 +720,9 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
     at::Tensor x_out = poisoned(at::empty({n.B, n.d}, opt)), logdet = at::zeros({n.B}, opt);
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "vector_flow_inv_tiles", [&] {
       using T = scalar_t;
-      std::vector<T> w1t;  // W1^T per step, for the steps with a plan
+      AlignedScratch<T> w1t;  // W1^T per step, for the steps with a plan
       if (std::any_of(plans.begin(), plans.end(), [](const SeqPlan& q) { return q.ok; })) {
-        w1t.resize(static_cast<size_t>(n.K * n.d * n.H));
+        w1t.resize(n.K * n.d * n.H);
         for (int64_t k = 0; k < n.K; ++k)
           transpose_blocked(w1.const_data_ptr<T>() + k * n.H * n.d, n.H, n.d, w1t.data() + k * n.d * n.H);
       }
@@ -734,7 +734,7 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
       T* xp = x_out.mutable_data_ptr<T>();
       T* lp = logdet.mutable_data_ptr<T>();
       at::parallel_for(0, (n.B + tile - 1) / tile, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<T> mem(tile * (n.H + n.O + 3 * n.d));
+        AlignedScratch<T> mem(tile * (n.H + n.O + 3 * n.d));
         T* g = mem.data();
         T* o = g + tile * n.H;
         T* cy = o + tile * n.O;
