@@ -44,7 +44,7 @@ _CHUNK_ELEMS = 1 << 22
 _TRI_BLOCK = 128
 
 # (a copy of W_L, R) per last-layer weight (by address, shape and dtype; a hit also needs equal
-# values), the 8 most recent, for _energy_layers.
+# values), the 8 most recent, for _energy_layers and _metric_native.
 _QR_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
@@ -66,7 +66,7 @@ def _energy_last(w: Tensor, act: int) -> Tensor | None:
     D > H, the last layer becomes R [H, H] with a zero bias: H mean features per point instead
     of D (2-256-256-784: 256 instead of 784). R is cached and recomputed when the weight's
     values change (a geodesic solver calls this every iteration with one decoder).
-    LATENTFAST_GEOM_QR=0 turns it off."""
+    LATENTFAST_GEOM_QR=0 turns it off. The native metric uses the same R (M = (R J)^T (R J))."""
     if not _reduces(w, act):
         return None
     key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device)
@@ -123,8 +123,9 @@ def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], ac
             buf = nxt
         tan = buf[m:].view(m, d, -1)
         if r is not None:
-            # R T = sum over column blocks [i0, i1) of R's rows: R[i0:i1, i0:] T[i0:] (R is
-            # upper triangular: 3/4 of the dense product's flops at H = 256, block 128)
+            # (R T)^T (R T) summed over row blocks [i0, i1) of R: each block's rows R[i0:i1, i0:]
+            # meet only T's rows from i0 on (R is upper triangular: 3/4 of the dense flops at
+            # H = 256, blocks of 128)
             hw = r.shape[0]
             mc = None
             for i0 in range(0, hw, _TRI_BLOCK):
