@@ -176,10 +176,30 @@ def _mlp_forward_chunk(k, zf: Tensor, weights, biases, acts, centres, lam, wr, z
         return h, derivs
     diff = zf[:, None, :] - centres  # [p, K, d]
     v = torch.exp(-lam * diff.pow(2).sum(-1))
-    sigma = torch.addmm(torch.full_like(wr[:, 0], zeta), v, wr.T).rsqrt()
-    if feats_out is not None:
-        return torch.cat([h, sigma], dim=1, out=feats_out), derivs
-    return torch.cat([h, sigma], dim=1), derivs
+    n_mean = h.shape[1]
+    feats = feats_out if feats_out is not None else h.new_empty((p, n_mean + wr.shape[0]))
+    feats[:, :n_mean] = h
+    sigma = feats[:, n_mean:]  # beta = wr v + zeta written into the feature rows, then beta^-1/2
+    torch.mm(v, wr.T, out=sigma)  # (mm takes the row stride; an addmm with a broadcast bias
+    sigma.add_(zeta).rsqrt_()     # copied it first, and rsqrt and cat made two more copies)
+    return feats, derivs
+
+
+def _features_backward(gg: Tensor, z: Tensor, feats: Tensor, derivs: list[Tensor], weights: list[Tensor],
+                       centres: Tensor | None, lam: Tensor | None, wr: Tensor | None) -> Tensor:
+    """reference.features_backward, with the RBF part in fewer passes over the [p, D] sigma
+    block (one product tensor, made in place, instead of pow, mul and mul)."""
+    gz = ref.features_backward(gg, z, feats, derivs, weights)
+    if centres is None:
+        return gz
+    n_out = weights[-1].shape[0]
+    sig = feats[:, n_out:]
+    t = torch.mul(sig, sig)
+    t.mul_(sig).mul_(gg[:, n_out:])  # sigma^3 g; d sigma / d beta = -sigma^3 / 2
+    gv = (t @ wr).mul_(-0.5)  # [p, K]
+    diff = z[:, None, :] - centres
+    v = torch.exp(-lam * diff.pow(2).sum(-1))
+    return gz + torch.einsum("pk,pkd->pd", gv * v * (-2.0 * lam), diff)
 
 
 def _deriv_views(flat: Tensor, n_points: int, widths: list[int]) -> list[Tensor]:
@@ -226,7 +246,7 @@ def _curve_native(k, curves: Tensor, weights: list[Tensor], biases: list[Tensor]
         energy[s:s + per_chunk] = e
         length[s:s + per_chunk] = ln
         if want:
-            gz = ref.features_backward(gg.view(p, -1), zf, feats, derivs, weights, centres, lam, wr)
+            gz = _features_backward(gg.view(p, -1), zf, feats, derivs, weights, centres, lam, wr)
             grad[s:s + per_chunk] = gz.view(bc, t1, d)
     return energy, length, grad
 
@@ -246,7 +266,7 @@ def _curve_backward_saved(k, grad_energy: Tensor, grad_length: Tensor, curves: T
         derivs, feats = [v[rows] for v in views], feats_all[rows]
         _, _, gg = k.curve_reduce(feats.reshape(bc, t1, -1), grad_energy[s:s + per_chunk],
                                   grad_length[s:s + per_chunk])
-        gz = ref.features_backward(gg.view(p, -1), zc.reshape(p, d), feats, derivs, weights, centres, lam, wr)
+        gz = _features_backward(gg.view(p, -1), zc.reshape(p, d), feats, derivs, weights, centres, lam, wr)
         grad[s:s + per_chunk] = gz.view(bc, t1, d)
     return grad
 
