@@ -211,9 +211,14 @@ def _deriv_views(flat: Tensor, n_points: int, widths: list[int]) -> list[Tensor]
     return views
 
 
-def _curves_per_chunk(t1: int, d: int, weights, centres) -> int:
+def _curves_per_chunk(t1: int, d: int, weights, centres, wr) -> int:
+    """Curves per chunk: t1 rows each of the widest row a chunk forms (a layer, or the
+    features: the last layer's outputs and, with the RBF network, its D sigmas beside them,
+    plus the [K, d] differences to the centres)."""
     widest = max(w.shape[0] for w in weights)
-    return max(1, _CHUNK_ELEMS // (t1 * (widest + (0 if centres is None else centres.shape[0] * d))))
+    if centres is not None:
+        widest = max(widest, weights[-1].shape[0] + wr.shape[0]) + centres.shape[0] * d
+    return max(1, _CHUNK_ELEMS // (t1 * widest))
 
 
 def _curve_native(k, curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
@@ -226,7 +231,7 @@ def _curve_native(k, curves: Tensor, weights: list[Tensor], biases: list[Tensor]
     b_all, t1, d = curves.shape
     weights, biases = _energy_layers(weights, biases, acts)
     want = grad_energy is not None or grad_length is not None
-    per_chunk = _curves_per_chunk(t1, d, weights, centres)
+    per_chunk = _curves_per_chunk(t1, d, weights, centres, wr)
     energy = curves.new_empty(b_all)
     length = curves.new_empty(b_all)
     grad = torch.empty_like(curves) if want else None
@@ -255,7 +260,7 @@ def _curve_backward_saved(k, grad_energy: Tensor, grad_length: Tensor, curves: T
                           feats_all: Tensor, weights, centres, lam, wr) -> Tensor:
     """The gradient wrt the curves from the activations saved by _curve_native."""
     b_all, t1, d = curves.shape
-    per_chunk = _curves_per_chunk(t1, d, weights, centres)
+    per_chunk = _curves_per_chunk(t1, d, weights, centres, wr)
     views = _deriv_views(derivs_flat, b_all * t1, [w.shape[0] for w in weights])
     grad = torch.empty_like(curves)
     for s in range(0, b_all, per_chunk):
