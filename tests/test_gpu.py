@@ -70,6 +70,18 @@ def test_geometry_ops_on_cuda(triton_cuda, net, dtype):
         geo_t.test_curve_energy_and_grad_match_reference(triton_cuda, net, dtype, shape)
 
 
+@pytest.mark.parametrize("rbf", [False, True])
+def test_geometry_qr_and_chunks_on_cuda(triton_cuda, monkeypatch, rbf):
+    """The native pipelines' Python-side paths on CUDA: R of the last layer's QR (curve energy
+    and metric, R's row blocks), the one-GEMM RBF part, and point/curve chunks."""
+    geo_t.test_curve_energy_linear_last_layer_by_its_qr(triton_cuda, monkeypatch, rbf)
+    for dtype in DTYPES:
+        geo_t.test_metric_linear_last_layer_by_its_qr(triton_cuda, monkeypatch, rbf, dtype)
+    for net in geo_t.NETS[:3]:
+        for budget in ("one", "few"):
+            geo_t.test_native_pipelines_in_chunks(triton_cuda, monkeypatch, net, budget)
+
+
 def test_geometry_gradients_on_cuda(triton_cuda):
     geo_t.test_gradcheck(triton_cuda)
     geo_t.test_opcheck(triton_cuda)
