@@ -96,6 +96,13 @@ def _energy_layers(weights: list[Tensor], biases: list[Tensor], acts: list[int]
     return ws, [*biases[:-1], biases[-1].new_zeros(ws[-1].shape[0])]
 
 
+def _rbf_values(z: Tensor, centres: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """The RBF network's differences z - c_k [p, K, d] and features v_k = exp(-lam_k ||z - c_k||^2)
+    [p, K], for z [p, d]."""
+    diff = z[:, None, :] - centres
+    return diff, torch.exp(-lam * diff.pow(2).sum(-1))
+
+
 def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
                    centres: Tensor | None, lam: Tensor | None, wr: Tensor | None, zeta: float) -> Tensor:
     n, d = z.shape
@@ -144,8 +151,7 @@ def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], ac
             # sigma = beta^-1/2, beta = wr v + zeta: J_sigma = -1/2 beta^-3/2 wr dv, so the
             # metric gains sum_D beta^-3 / 4 (wr dv)_i (wr dv)_j. One GEMM forms beta - zeta
             # (rows v) and wr dv (rows dv, point-major) together; the weights are made in place.
-            diff = zc[:, None, :] - centres  # [m, K, d]
-            v = torch.exp(-lam * diff.pow(2).sum(-1))  # [m, K]
+            diff, v = _rbf_values(zc, centres, lam)  # [m, K, d], [m, K]
             feats = v.new_empty(((1 + d) * m, v.shape[1]))
             feats[:m] = v
             torch.mul((-2.0 * lam * v)[:, None, :], diff.transpose(1, 2), out=feats[m:].view(m, d, -1))
@@ -174,8 +180,7 @@ def _mlp_forward_chunk(k, zf: Tensor, weights, biases, acts, centres, lam, wr, z
             feats_out.copy_(h)
             return feats_out, derivs
         return h, derivs
-    diff = zf[:, None, :] - centres  # [p, K, d]
-    v = torch.exp(-lam * diff.pow(2).sum(-1))
+    _, v = _rbf_values(zf, centres, lam)
     n_mean = h.shape[1]
     feats = feats_out if feats_out is not None else h.new_empty((p, n_mean + wr.shape[0]))
     feats[:, :n_mean] = h
@@ -197,8 +202,7 @@ def _features_backward(gg: Tensor, z: Tensor, feats: Tensor, derivs: list[Tensor
     t = torch.mul(sig, sig)
     t.mul_(sig).mul_(gg[:, n_out:])  # sigma^3 g; d sigma / d beta = -sigma^3 / 2
     gv = (t @ wr).mul_(-0.5)  # [p, K]
-    diff = z[:, None, :] - centres
-    v = torch.exp(-lam * diff.pow(2).sum(-1))
+    diff, v = _rbf_values(z, centres, lam)
     return gz + torch.einsum("pk,pkd->pd", gv * v * (-2.0 * lam), diff)
 
 

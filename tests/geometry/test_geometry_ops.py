@@ -144,6 +144,18 @@ def test_metric_linear_last_layer_by_its_qr(backend, monkeypatch, rbf, dtype):
         w[-1].data.mul_(-0.5).add_(0.1)  # new values, same tensor, no version bump
 
 
+def _check_metric_and_curves(z, curves, w, b, a, extra):
+    """pullback_metric at z, and curve_energy_and_grad on curves (energy, length, gradient of
+    the energy), against the reference."""
+    assert_close(ops.pullback_metric(z, w, b, a, *extra), ref.pullback_metric(z, w, b, a, *extra), scale=10)
+    e, ln, g = ops.curve_energy_and_grad(curves, w, b, a, *extra)
+    leaf = curves.clone().requires_grad_()
+    e_ref, l_ref = ref.curve_energy(leaf, w, b, a, *extra)
+    assert_close(e, e_ref, scale=10)
+    assert_close(ln, l_ref, scale=10)
+    assert_close(g, torch.autograd.grad(e_ref.sum(), leaf)[0], scale=10)
+
+
 @pytest.mark.parametrize("net", [*NETS, (2, (11, 9), 40, (1, 3, 0), True), (2, (11, 9), 40, (1, 3, 0), False)])
 @pytest.mark.parametrize("budget", ["one", "few"])
 def test_native_pipelines_in_chunks(backend, monkeypatch, net, budget):
@@ -156,14 +168,8 @@ def test_native_pipelines_in_chunks(backend, monkeypatch, net, budget):
     w, b, a, extra = make_net(*net, torch.float64, dev, seed=91)
     gen = torch.Generator().manual_seed(92)
     z = torch.randn(11, net[0], dtype=torch.float64, generator=gen).to(dev)
-    assert_close(ops.pullback_metric(z, w, b, a, *extra), ref.pullback_metric(z, w, b, a, *extra), scale=10)
     curves = torch.randn(5, 4, net[0], dtype=torch.float64, generator=gen).to(dev)
-    e, ln, g = ops.curve_energy_and_grad(curves, w, b, a, *extra)
-    leaf = curves.clone().requires_grad_()
-    e_ref, l_ref = ref.curve_energy(leaf, w, b, a, *extra)
-    assert_close(e, e_ref, scale=10)
-    assert_close(ln, l_ref, scale=10)
-    assert_close(g, torch.autograd.grad(e_ref.sum(), leaf)[0], scale=10)
+    _check_metric_and_curves(z, curves, w, b, a, extra)
 
 
 # Hidden widths 37 and 19 leave tails for 8- and 16-wide loops; every activation code.
@@ -184,14 +190,8 @@ def test_cpp_isa_clones_match_reference(monkeypatch, isa, dtype, net):
     with latentfast.use_backend("cpp"):
         gen = torch.Generator().manual_seed(62)
         z = torch.randn(11, net[0], dtype=dtype, generator=gen)
-        assert_close(ops.pullback_metric(z, w, b, a, *extra), ref.pullback_metric(z, w, b, a, *extra), scale=10)
         curves = torch.randn(3, 9, net[0], dtype=dtype, generator=gen)
-        e3, l3, g3 = ops.curve_energy_and_grad(curves, w, b, a, *extra)
-        leaf = curves.clone().requires_grad_()
-        e_ref, l_ref = ref.curve_energy(leaf, w, b, a, *extra)
-        assert_close(e3, e_ref, scale=10)
-        assert_close(l3, l_ref, scale=10)
-        assert_close(g3, torch.autograd.grad(e_ref.sum(), leaf)[0], scale=10)
+        _check_metric_and_curves(z, curves, w, b, a, extra)
 
 
 def test_curve_energy_repeated_point_has_finite_grad(backend):
