@@ -32,9 +32,9 @@ TORCH_LIBRARY(latentfast_cpp, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   // Flows. mode: 0 = no coupling, 1 = additive (NICE), 2 = affine (Glow).
   m.def("actnorm_invconv_fwd(Tensor x, Tensor weight, Tensor bias, Tensor? h, int mode) -> (Tensor, Tensor)");
-  m.def("actnorm_invconv_bwd(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor weight, Tensor bias, Tensor? h, int mode) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("actnorm_invconv_bwd(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor weight, Tensor bias, Tensor? h, int mode, Tensor? y=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("affine_coupling_fwd(Tensor x, Tensor h, bool additive, bool inverse) -> (Tensor, Tensor)");
-  m.def("affine_coupling_bwd(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor h, bool additive) -> (Tensor, Tensor)");
+  m.def("affine_coupling_bwd(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor h, bool additive, Tensor? y=None) -> (Tensor, Tensor)");
   // Vector flow stacks (K masked-MLP steps on [B, d]; see latentfast/reference/vector_flows.py).
   m.def("vector_flow_fwd(Tensor x, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor act, bool additive, bool save, bool keep_hidden=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("vector_flow_bwd(Tensor grad_y, Tensor grad_logdet, Tensor xs, Tensor out, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor act, bool additive, Tensor? hidden=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

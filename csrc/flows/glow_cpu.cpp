@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> actnorm_invconv_fwd(const at::Tensor& x_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
     const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& x_in,
     const at::Tensor& weight, const at::Tensor& bias, const c10::optional<at::Tensor>& h_in,
-    int64_t mode) {
+    int64_t mode, const c10::optional<at::Tensor>& y_in) {
   check_common(x_in, weight, bias, h_in, mode);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor gy = grad_y.contiguous();
@@ -125,6 +125,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
   const at::Tensor coef_t = weight.t().contiguous();
   const at::Tensor b = bias.contiguous();
   const at::Tensor h = mode ? h_in->contiguous() : at::Tensor();
+  // y, the forward's output, lets mode 2 skip recomputing z_b (optional: None recomputes)
+  const bool use_y = mode == 2 && y_in.has_value() && y_in->defined();
+  const at::Tensor y = use_y ? y_in->contiguous() : at::Tensor();
+  if (use_y)
+    TORCH_CHECK(y.sizes() == gy.sizes() && y.scalar_type() == x.scalar_type() && y.device() == x.device(),
+                "actnorm_invconv_bwd: y must be the forward output, shape ", gy.sizes());
   const int64_t N = x.size(0), Ci = x.size(1), Co = weight.size(0);
   const int64_t P = x.size(2) * x.size(3);
   at::Tensor gx = at::empty_like(x);
@@ -149,7 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
         LF_GLOW(cpu_isa, glow_bwd_tiles<scalar_t>(gy.const_data_ptr<scalar_t>(),
                     gld.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                     coef.const_data_ptr<scalar_t>(), coef_t.const_data_ptr<scalar_t>(),
-                    b.const_data_ptr<scalar_t>(), hp, a, a + Co * cip, gx.mutable_data_ptr<scalar_t>(), ghp,
+                    b.const_data_ptr<scalar_t>(), hp, use_y ? y.const_data_ptr<scalar_t>() : nullptr,
+                    a, a + Co * cip, gx.mutable_data_ptr<scalar_t>(), ghp,
                     Ci, Co, P, mode, c * total / nchunks, (c + 1) * total / nchunks));
       }
     });
@@ -193,11 +200,18 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_fwd(const at::Tensor& x_in,
 std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& grad_y,
                                                        const at::Tensor& grad_logdet,
                                                        const at::Tensor& x_in,
-                                                       const at::Tensor& h_in, bool additive) {
+                                                       const at::Tensor& h_in, bool additive,
+                                                       const c10::optional<at::Tensor>& y_in) {
   check_coupling(x_in, h_in, additive);
   const at::Tensor x = x_in.contiguous(), h = h_in.contiguous();
   const at::Tensor gy = grad_y.contiguous(), gld = grad_logdet.contiguous();
   TORCH_CHECK(gy.sizes() == x.sizes(), "affine_coupling_bwd: grad_y has the wrong shape");
+  // y, the forward's output, replaces x + shift by y / s (optional: None reads x and shift)
+  const bool use_y = !additive && y_in.has_value() && y_in->defined();
+  const at::Tensor y = use_y ? y_in->contiguous() : at::Tensor();
+  if (use_y)
+    TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type() && y.device() == x.device(),
+                "affine_coupling_bwd: y must be the forward output, shape ", x.sizes());
   const int64_t N = x.size(0), Cb = x.size(1), P = x.size(2) * x.size(3);
   at::Tensor gx = at::empty_like(x), gh = at::empty_like(h);
   const Isa cpu_isa = isa::selected();
@@ -206,7 +220,8 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& grad_y,
     at::parallel_for(0, N * Cb, grain, [&](int64_t begin, int64_t end) {
       LF_GLOW(cpu_isa, coupling_bwd_rows<scalar_t>(gy.const_data_ptr<scalar_t>(),
                   gld.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                  h.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
+                  h.const_data_ptr<scalar_t>(), use_y ? y.const_data_ptr<scalar_t>() : nullptr,
+                  gx.mutable_data_ptr<scalar_t>(),
                   gh.mutable_data_ptr<scalar_t>(), Cb, P, additive, begin, end));
     });
   });

@@ -59,11 +59,13 @@ def _actnorm_invconv_coupling(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor
 
 
 def _actnorm_invconv_backward_impl(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, weight: Tensor,
-                                   bias: Tensor, h: Tensor | None, mode: int
+                                   bias: Tensor, h: Tensor | None, mode: int, y: Tensor | None = None
                                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # y: the forward's output (mode 2). The C++ kernel takes z_b + shift = y_b / s from it
+    # instead of recomputing z_b = (A x + c)_b; the reference and Triton recompute z_b.
     be = backend.select(x.device)
     if be == "cpp":
-        return _cpp().actnorm_invconv_bwd(grad_y, grad_logdet, x, weight, bias, h, mode)
+        return _cpp().actnorm_invconv_bwd(grad_y, grad_logdet, x, weight, bias, h, mode, y)
     if be == "triton":
         return _triton().actnorm_invconv_bwd(grad_y, grad_logdet, x, weight, bias, h, mode)
     gx, gw, gb, gh = ref.actnorm_invconv_backward(grad_y, grad_logdet, x, weight, bias, h, mode)
@@ -97,14 +99,16 @@ def _(x, weight, bias, h, additive):
 
 
 @_actnorm_invconv_backward_op.register_fake
-def _(grad_y, grad_logdet, x, weight, bias, h, mode):
+def _(grad_y, grad_logdet, x, weight, bias, h, mode, y=None):
     gh = torch.empty_like(h) if mode else x.new_empty((0,))
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), gh
 
 
 def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4] if len(inputs) > 3 else inputs[:3])
     ctx.mode = 0 if len(inputs) == 3 else (1 if inputs[4] else 2)
+    # mode 2 also keeps y (the next layer usually holds it anyway): the backward reads
+    # z_b + shift = y_b / s from it instead of recomputing z_b
+    ctx.save_for_backward(*inputs[:4] if ctx.mode else inputs[:3], *((output[0],) if ctx.mode == 2 else ()))
 
 
 def _actnorm_invconv_bwd(ctx, grad_y):
@@ -114,12 +118,13 @@ def _actnorm_invconv_bwd(ctx, grad_y):
 
 
 def _actnorm_invconv_coupling_bwd(ctx, grad_y, grad_logdet):
-    x, weight, bias, h = ctx.saved_tensors
+    x, weight, bias, h, *y = ctx.saved_tensors
     if grad_y is None:
         grad_y = x.new_zeros((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
     if grad_logdet is None:
         grad_logdet = x.new_zeros(x.shape[0])
-    gx, gw, gb, gh = _actnorm_invconv_backward(ctx, grad_y, grad_logdet, x, weight, bias, h, ctx.mode)
+    gx, gw, gb, gh = _actnorm_invconv_backward(ctx, grad_y, grad_logdet, x, weight, bias, h, ctx.mode,
+                                               y[0] if y else None)
     return gx, gw, gb, gh, None
 
 
@@ -150,10 +155,12 @@ def _affine_coupling_inverse(y_b: Tensor, h: Tensor, additive: bool) -> tuple[Te
 
 
 def _affine_coupling_backward_impl(grad_y: Tensor, grad_logdet: Tensor, x_b: Tensor, h: Tensor,
-                                   additive: bool) -> tuple[Tensor, Tensor]:
+                                   additive: bool, y_b: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    # y_b: the forward's output. The C++ kernel reads x_b + shift = y_b / s from it (one
+    # stream less); the reference and Triton use x_b and shift.
     be = backend.select(x_b.device)
     if be == "cpp":
-        return _cpp().affine_coupling_bwd(grad_y, grad_logdet, x_b, h, additive)
+        return _cpp().affine_coupling_bwd(grad_y, grad_logdet, x_b, h, additive, y_b)
     if be == "triton":
         return _triton().affine_coupling_bwd(grad_y, grad_logdet, x_b, h, additive)
     return _contiguous(ref.affine_coupling_backward(grad_y, grad_logdet, x_b, h, additive))
@@ -175,7 +182,7 @@ def _(y_b, h, additive):
 
 
 @_affine_coupling_backward_op.register_fake
-def _(grad_y, grad_logdet, x_b, h, additive):
+def _(grad_y, grad_logdet, x_b, h, additive, y_b=None):
     return torch.empty_like(x_b), torch.empty_like(h)
 
 
@@ -191,9 +198,9 @@ def _grads_or_zeros(x: Tensor, grad_y: Tensor | None, grad_logdet: Tensor | None
 
 
 def _affine_coupling_bwd(ctx, grad_y, grad_logdet):
-    x, h, _ = ctx.saved_tensors
+    x, h, y = ctx.saved_tensors
     grad_y, grad_logdet = _grads_or_zeros(x, grad_y, grad_logdet)
-    gx, gh = _affine_coupling_backward(ctx, grad_y, grad_logdet, x, h, ctx.additive)
+    gx, gh = _affine_coupling_backward(ctx, grad_y, grad_logdet, x, h, ctx.additive, y)
     return gx, gh, None
 
 

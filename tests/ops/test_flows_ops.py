@@ -165,9 +165,13 @@ def test_opcheck(backend):
         (lib.actnorm_invconv_coupling, (x, weight, bias, hh, False)),
         (lib.actnorm_invconv_coupling, (x, weight, bias, hh[:, :3].contiguous(), True)),
         (lib.actnorm_invconv_backward, (gy, gld, x, weight, bias, hh, 2)),
+        (lib.actnorm_invconv_backward, (gy, gld, x, weight, bias, hh, 2,
+                                        ops.actnorm_invconv_coupling(x, weight, bias, hh)[0])),
         (lib.affine_coupling, (x[:, :3].contiguous(), hh, False)),
         (lib.affine_coupling_inverse, (x[:, :3].contiguous(), hh, False)),
         (lib.affine_coupling_backward, (gy[:, :3].contiguous(), gld, x[:, :3].contiguous(), hh, False)),
+        (lib.affine_coupling_backward, (gy[:, :3].contiguous(), gld, x[:, :3].contiguous(), hh, False,
+                                        ops.affine_coupling(x[:, :3].contiguous(), hh)[0])),
         (lib.lu_weight, _lu_inputs(5, d, dev, gen)),
     ]
     for op, args in cases:
@@ -289,6 +293,56 @@ def test_glow_logdet_products_per_isa(monkeypatch, isa, dtype, raw):
         if raw == "zero":
             want = -(c // 2) * h * w * torch.log(torch.tensor(2.0, dtype=torch.float64))
             assert_close(ld, want.expand(n), dtype=dtype)
+
+
+# The affine step's backward takes z_b + shift = y_b / s from the saved forward output y
+# (C++) instead of recomputing z_b = (A x + c)_b, and the standalone coupling's instead of
+# reading x_b and shift: with and without y against the float64 reference, on shapes with
+# partial tiles, in every ISA clone.
+@_NEEDS_CPP
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_glow_backwards_from_saved_output_per_isa(monkeypatch, isa, dtype):
+    monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
+    skip_unless_cpu_isa(isa)
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(29)
+    bwd = torch.ops.latentfast_cpp.actnorm_invconv_bwd
+    for n, c, h, w in ((3, 6, 7, 5), (2, 34, 9, 31)):
+        x = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+        weight = _rand(c, c, dtype=dtype, device="cpu", gen=gen) / c ** 0.5
+        bias = _rand(c, dtype=dtype, device="cpu", gen=gen)
+        hh = 2 * _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+        gy, gld = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen), _rand(n, dtype=dtype, device="cpu", gen=gen)
+        y, _ = ops.actnorm_invconv_coupling(x, weight, bias, hh)
+        want = ref.actnorm_invconv_backward(*(t.double() for t in (gy, gld, x, weight, bias, hh)), 2)
+        for got in (bwd(gy, gld, x, weight, bias, hh, 2, y), bwd(gy, gld, x, weight, bias, hh, 2)):
+            for g, r in zip(got, want):
+                assert_close(g, r, dtype=dtype, scale=10.0)
+        with pytest.raises(RuntimeError, match="forward output"):
+            bwd(gy, gld, x, weight, bias, hh, 2, y[:, 1:])
+        xb, gyb = x[:, : c // 2].contiguous(), gy[:, : c // 2].contiguous()
+        yb, _ = ops.affine_coupling(xb, hh)
+        want = ref.affine_coupling_backward(*(t.double() for t in (gyb, gld, xb, hh)))
+        cbwd = torch.ops.latentfast_cpp.affine_coupling_bwd
+        for got in (cbwd(gyb, gld, xb, hh, False, yb), cbwd(gyb, gld, xb, hh, False)):
+            for g, r in zip(got, want):
+                assert_close(g, r, dtype=dtype, scale=10.0)
+        with pytest.raises(RuntimeError, match="forward output"):
+            cbwd(gyb, gld, xb, hh, False, yb[:1])
+
+
+def test_glow_step_backward_sees_changes_to_its_output(backend):
+    """The affine step saves its output y for the backward: changing y in place before the
+    backward is an error, as for any saved tensor, not a silently wrong gradient."""
+    dev, gen = device_for(backend), torch.Generator().manual_seed(31)
+    x = _rand(2, 4, 3, 3, dtype=torch.float32, device=dev, gen=gen).requires_grad_()
+    weight, bias = torch.eye(4, device=dev), torch.zeros(4, device=dev)
+    hh = _rand(2, 4, 3, 3, dtype=torch.float32, device=dev, gen=gen)
+    y, ld = ops.actnorm_invconv_coupling(x, weight, bias, hh)
+    y.mul_(2.0)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        (y.sum() + ld.sum()).backward()
 
 
 @_NEEDS_CPP
