@@ -2,87 +2,108 @@
 // W^-1 = U'^-1 L^-1 P^T by forward and back substitution (no general inverse).
 // L is unit lower triangular (strict lower part of `lower`), U' upper triangular.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "common/isa.h"
+#include "common/scratch.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace latentfast {
+// The small-C kernel (flows/lu_weight_kernels.inc) per instruction set, as the Glow kernels.
+// LF_LU_PARTS: partial sums per row combination, as many as the registers hold (a block of
+// 32 floats is 8 SSE, 4 AVX2 or 2 AVX-512 registers per partial sum).
+#define LF_LU_PARTS 1
+namespace lu_base {
+#include "flows/lu_weight_kernels.inc"
+}  // namespace lu_base
+#undef LF_LU_PARTS
+#ifdef LATENTFAST_X86_CLONES
+#define LF_LU_PARTS 2
+LF_TARGET_AVX2
+namespace lu_avx2 {
+#include "flows/lu_weight_kernels.inc"
+}  // namespace lu_avx2
+LF_TARGET_END
+#undef LF_LU_PARTS
+#define LF_LU_PARTS 4
+LF_TARGET_AVX512
+namespace lu_avx512 {
+#include "flows/lu_weight_kernels.inc"
+}  // namespace lu_avx512
+LF_TARGET_END
+#undef LF_LU_PARTS
+#endif
+
 namespace {
 
-// Every loop is a row update (axpy over a contiguous row), so the inner loops vectorise and
-// walk memory with unit stride; work is split over blocks of columns, which are independent
-// in every step (including the triangular solves).
+// rows[i] = the column of the 1 in row i of perm when every row of perm is one 1 and zeros
+// (a permutation matrix, as the flows build it): then P M is exactly a row gather of M.
+template <typename T>
+bool permutation_rows(const T* perm, int64_t C, std::vector<int64_t>& rows) {
+  rows.assign(C, -1);
+  for (int64_t i = 0; i < C; ++i) {
+    for (int64_t j = 0; j < C; ++j) {
+      const T v = perm[i * C + j];
+      if (v == T(0)) continue;
+      if (v != T(1) || rows[i] >= 0) return false;
+      rows[i] = j;
+    }
+    if (rows[i] < 0) return false;
+  }
+  return true;
+}
+
+// Below kBlasFromC: the operands of lu_small (U' and -U' in rows padded to a multiple of
+// kLuCols, -L, 1 / d), then one call per block of columns.
 template <typename T>
 void lu_weight_kernel(const T* perm, const T* lower, const T* upper, const T* sign_s,
                       const T* log_abs_s, T* w, T* w_inv, int64_t C) {
-  using acc_t = at::opmath_type<T>;
-  std::vector<acc_t> diag(C), up(C * C, acc_t(0)), lu(C * C), z(C * C);
-  for (int64_t i = 0; i < C; ++i) diag[i] = acc_t(sign_s[i]) * std::exp(acc_t(log_abs_s[i]));
-  for (int64_t i = 0; i < C; ++i) {  // U' = strict upper part of `upper` + diag
-    up[i * C + i] = diag[i];
-    for (int64_t j = i + 1; j < C; ++j) up[i * C + j] = acc_t(upper[i * C + j]);
-  }
-  constexpr int64_t kCols = 64;
-  const int64_t nblk = (C + kCols - 1) / kCols;
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t j0 = b * kCols, j1 = std::min(C, j0 + kCols);
-      // lu[i, :] = U'[i, :] + sum_{k<i} L[i, k] U'[k, :]
-      for (int64_t i = 0; i < C; ++i) {
-        acc_t* row = &lu[i * C];
-        for (int64_t j = j0; j < j1; ++j) row[j] = up[i * C + j];
-        for (int64_t k = 0; k < i; ++k) {
-          const acc_t l = acc_t(lower[i * C + k]);
-          const acc_t* src = &up[k * C];
-          for (int64_t j = std::max(j0, k); j < j1; ++j) row[j] += l * src[j];
-        }
-      }
-      // W[i, :] = sum_k P[i, k] lu[k, :]; P is a permutation, so skip its zeros.
-      for (int64_t i = 0; i < C; ++i) {
-        acc_t* acc = &z[i * C];  // z is scratch here, overwritten below
-        for (int64_t j = j0; j < j1; ++j) acc[j] = 0;
-        for (int64_t k = 0; k < C; ++k) {
-          const acc_t p = acc_t(perm[i * C + k]);
-          if (p == acc_t(0)) continue;
-          const acc_t* src = &lu[k * C];
-          for (int64_t j = j0; j < j1; ++j) acc[j] += p * src[j];
-        }
-        for (int64_t j = j0; j < j1; ++j) w[i * C + j] = T(acc[j]);
-      }
-      // Z = L^-1 P^T: Z[i, :] = P^T[i, :] - sum_{k<i} L[i, k] Z[k, :]
-      for (int64_t i = 0; i < C; ++i) {
-        acc_t* row = &z[i * C];
-        for (int64_t j = j0; j < j1; ++j) row[j] = acc_t(perm[j * C + i]);
-        for (int64_t k = 0; k < i; ++k) {
-          const acc_t l = acc_t(lower[i * C + k]);
-          const acc_t* src = &z[k * C];
-          for (int64_t j = j0; j < j1; ++j) row[j] -= l * src[j];
-        }
-      }
-      // W^-1 = U'^-1 Z, from the bottom row up: V[i, :] = (Z[i, :] - sum_{k>i} U'[i, k] V[k, :]) / d_i
-      for (int64_t i = C - 1; i >= 0; --i) {
-        acc_t* row = &z[i * C];
-        for (int64_t k = i + 1; k < C; ++k) {
-          const acc_t u = up[i * C + k];
-          const acc_t* src = &z[k * C];
-          for (int64_t j = j0; j < j1; ++j) row[j] -= u * src[j];
-        }
-        const acc_t inv_d = acc_t(1) / diag[i];
-        for (int64_t j = j0; j < j1; ++j) {
-          row[j] *= inv_d;
-          w_inv[i * C + j] = T(row[j]);
-        }
-      }
+  constexpr int64_t cols = lu_base::kLuCols;
+  const int64_t nblk = (C + cols - 1) / cols, ld = nblk * cols;
+  AlignedScratch<T> up(C * ld), up_neg(C * ld), lower_neg(C * C), inv_d(C), lu(C * ld), z(C * ld);
+  for (int64_t i = 0; i < C; ++i) {
+    const T d = sign_s[i] * std::exp(log_abs_s[i]);
+    inv_d.data()[i] = T(1) / d;
+    up.data()[i * ld + i] = d;
+    for (int64_t j = i + 1; j < C; ++j) {
+      up.data()[i * ld + j] = upper[i * C + j];
+      up_neg.data()[i * ld + j] = -upper[i * C + j];
     }
+    for (int64_t j = 0; j < i; ++j) lower_neg.data()[i * C + j] = -lower[i * C + j];
+  }
+  std::vector<int64_t> rows;
+  const int64_t* prow = permutation_rows(perm, C, rows) ? rows.data() : nullptr;
+  const isa::Isa cpu_isa = isa::selected();
+  // Threads from C = 101 on: below, the parallel region costs more than it saves (paired,
+  // 2 threads: one thread 1.2x faster at C = 48 and 64, level at 96, 1.23x slower at 127).
+  const int64_t grain = C * C * C < (int64_t(1) << 20) ? nblk : 1;
+  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+    LF_ISA_SELECT(cpu_isa, lu_, lu_small<T>(perm, prow, lower, lower_neg.data(), up.data(), up_neg.data(),
+                                            inv_d.data(), lu.data(), z.data(), w, w_inv, C, ld, b0, b1));
   });
 }
 
 // From this many channels lu_weight calls BLAS/LAPACK instead of its own loops.
 constexpr int64_t kBlasFromC = 128;
+
+// low = unit lower triangle of `lower`, up = strict upper part of `upper` + diag(sign_s
+// e^log_abs_s), in one pass each (at::tril / at::triu plus eye and diag took 4 passes).
+template <typename T>
+void triangles(const T* lower, const T* upper, const T* sign_s, const T* log_abs_s, T* low, T* up,
+               int64_t C) {
+  for (int64_t i = 0; i < C; ++i) {
+    for (int64_t j = 0; j < C; ++j) {
+      low[i * C + j] = j < i ? lower[i * C + j] : T(0);
+      up[i * C + j] = j > i ? upper[i * C + j] : T(0);
+    }
+    low[i * C + i] = T(1);
+    up[i * C + i] = sign_s[i] * std::exp(log_abs_s[i]);
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::Tensor& lower,
                                              const at::Tensor& upper, const at::Tensor& sign_s,
@@ -100,15 +121,24 @@ std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::T
   const at::Tensor p = perm.contiguous(), l = lower.contiguous(), u = upper.contiguous();
   const at::Tensor sg = sign_s.contiguous(), la = log_abs_s.contiguous();
   if (C >= kBlasFromC) {
-    // O(C^3) work: BLAS GEMMs and LAPACK triangular solves beat the row-update loops above
-    // from about this size. Paired A/B on 2 cores (fp32): level at C = 128, 0.95 vs 0.63 ms
-    // at C = 192, 1.90 vs 1.19 ms at C = 256, 17.1 vs 8.1 ms at C = 512; the loops win
-    // below (0.13 vs 0.16 ms at C = 96). Same factors, same order of products.
-    const at::Tensor low = at::tril(l, -1) + at::eye(C, l.options());
-    const at::Tensor up = at::triu(u, 1) + at::diag(sg * at::exp(la));
+    // O(C^3) work: BLAS GEMMs and LAPACK triangular solves against lu_small (AVX-512 clone,
+    // paired, fp32, 2 threads): BLAS 1.56x slower at C = 64 and 1.18x at 96, level from 128
+    // to 192, 1.4x faster at 256 and 1.6x at 384 (1 thread: the same picture).
+    // P (L U') as a row gather when P's rows are unit rows (the GEMM otherwise).
+    at::Tensor low = at::empty({C, C}, perm.options()), up = at::empty({C, C}, perm.options());
+    std::vector<int64_t> rows;
+    bool is_perm = false;
+    AT_DISPATCH_FLOATING_TYPES(perm.scalar_type(), "lu_weight", [&] {
+      triangles<scalar_t>(l.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                          sg.const_data_ptr<scalar_t>(), la.const_data_ptr<scalar_t>(),
+                          low.mutable_data_ptr<scalar_t>(), up.mutable_data_ptr<scalar_t>(), C);
+      is_perm = permutation_rows<scalar_t>(p.const_data_ptr<scalar_t>(), C, rows);
+    });
+    const at::Tensor lu = at::mm(low, up);
+    const at::Tensor w = is_perm ? lu.index_select(0, at::tensor(rows, at::kLong)) : at::mm(p, lu);
     const at::Tensor z = at::linalg_solve_triangular(low, p.t(), /*upper=*/false, /*left=*/true,
                                                      /*unitriangular=*/true);
-    return {at::mm(p, at::mm(low, up)), at::linalg_solve_triangular(up, z, /*upper=*/true)};
+    return {w, at::linalg_solve_triangular(up, z, /*upper=*/true)};
   }
   at::Tensor w = at::empty({C, C}, perm.options());
   at::Tensor w_inv = at::empty({C, C}, perm.options());

@@ -250,14 +250,14 @@ def _lu_weight_bwd(ctx, grad_w, grad_w_inv):
     # W = P L U', U' = triu(upper, 1) + diag(d), d = sign_s * exp(log_abs_s);
     # d(W^-1) = -W^-1 dW W^-1, so grad W gains -W^-T grad_{W^-1} W^-T.
     perm, lower, sign_s, log_abs_s, upper, w_inv = ctx.saved_tensors
-    c = perm.shape[0]
     g = torch.zeros_like(perm) if grad_w is None else grad_w
     if grad_w_inv is not None:
         g = g - w_inv.T @ grad_w_inv @ w_inv.T
-    eye = torch.eye(c, dtype=perm.dtype, device=perm.device)
     d = sign_s * torch.exp(log_abs_s)
-    low = torch.tril(lower, -1) + eye
-    up = torch.triu(upper, 1) + torch.diag(d)
+    low = torch.tril(lower, -1)  # diagonals set in place: one pass fewer than + eye / + diag
+    low.diagonal().fill_(1.0)
+    up = torch.triu(upper, 1)
+    up.diagonal().copy_(d)
     pg = perm.T @ g
     g_low = torch.tril(pg @ up.T, -1)
     g_up = low.T @ pg

@@ -94,6 +94,32 @@ def test_lu_weight_matches_reference(backend, c, dtype):
     assert_close(logdet, torch.linalg.slogdet(w_ref.double())[1].to(dtype), scale=10.0)
 
 
+@pytest.mark.parametrize("c", [12, 130])
+@pytest.mark.parametrize("kind", ["negated_row", "scaled_entry", "repeated_row", "dense"])
+def test_lu_weight_general_perm_matrix(backend, c, kind):
+    """perm is used as the matrix it is: the C++ kernel's row gather (taken when every row of
+    perm is a unit row, as in a permutation matrix or one with a repeated row) must not be
+    taken for a matrix that only looks like one."""
+    dev, gen = device_for(backend), torch.Generator().manual_seed(c + 7)
+    d = torch.float64
+    perm = torch.eye(c, dtype=d)[torch.randperm(c, generator=gen)]
+    if kind == "negated_row":
+        perm[3] = -perm[3]
+    elif kind == "scaled_entry":
+        perm[5] = 2.0 * perm[5]
+    elif kind == "repeated_row":
+        perm[1] = perm[0]
+    else:
+        perm = perm + 0.05 * torch.randn(c, c, dtype=d, generator=gen)
+    off = 0.3 * min(1.0, 3.0 / c**0.5)
+    args = (perm.to(dev), off * _rand(c, c, dtype=d, device=dev, gen=gen), off * _rand(c, c, dtype=d, device=dev, gen=gen),
+            torch.ones(c, dtype=d, device=dev), 0.2 * _rand(c, dtype=d, device=dev, gen=gen))
+    w, w_inv, _ = ops.lu_weight(*args)
+    w_ref, w_inv_ref = ref.lu_weight(*args)
+    assert_close(w, w_ref)
+    assert_close(w_inv, w_inv_ref, scale=10.0)
+
+
 def _grads(fn, inputs, seed):
     inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
     outs = fn(*inputs)
@@ -343,6 +369,33 @@ def test_glow_step_backward_sees_changes_to_its_output(backend):
     y.mul_(2.0)
     with pytest.raises(RuntimeError, match="inplace operation"):
         (y.sum() + ld.sum()).backward()
+
+
+# The C++ lu_weight below C = 128 (flows/lu_weight_kernels.inc) in every ISA clone: blocks
+# of 32 columns with zero-padded rows, 1 to 4 partial sums with their k tails, one thread
+# below C = 101 and both from there, a permutation's row copy and a general perm's product.
+@_NEEDS_CPP
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lu_weight_small_kernel_per_isa(monkeypatch, isa, dtype):
+    monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
+    skip_unless_cpu_isa(isa)
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(37)
+    for c in (1, 2, 7, 32, 33, 64, 100, 101, 127):
+        perm = torch.eye(c, dtype=dtype)[torch.randperm(c, generator=gen)]
+        off = 0.3 * min(1.0, 3.0 / c**0.5)
+        args = [perm, off * _rand(c, c, dtype=dtype, device="cpu", gen=gen),
+                off * _rand(c, c, dtype=dtype, device="cpu", gen=gen),
+                torch.where(_rand(c, dtype=dtype, device="cpu", gen=gen) > 0, 1.0, -1.0).to(dtype),
+                0.2 * _rand(c, dtype=dtype, device="cpu", gen=gen)]
+        for general in (False, True):
+            if general:
+                args[0] = perm + 0.05 * _rand(c, c, dtype=dtype, device="cpu", gen=gen)
+            w, w_inv, _ = ops.lu_weight(*args)
+            w_ref, w_inv_ref = ref.lu_weight(*(t.double() for t in args))
+            assert_close(w, w_ref, dtype=dtype)
+            assert_close(w_inv, w_inv_ref, dtype=dtype, scale=10.0)
 
 
 @_NEEDS_CPP
