@@ -9,31 +9,40 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "common/isa.h"
+#include "common/scratch.h"
 
 namespace latentfast {
+// LF_GEOM_VEC_BYTES: the clone's vector size, for the register blocking of rbf_metric_points.
 #define LF_ISA_BASELINE 1
+#define LF_GEOM_VEC_BYTES 16
 namespace geom_base {
 #include "flows/vec_math.inc"
 #include "geometry/geometry_kernels.inc"
 }  // namespace geom_base
 #undef LF_ISA_BASELINE
+#undef LF_GEOM_VEC_BYTES
 
 // Also built for AVX2+FMA and AVX-512 (see common/isa.h); each op call picks one.
 #ifdef LATENTFAST_X86_CLONES
+#define LF_GEOM_VEC_BYTES 32
 LF_TARGET_AVX2
 namespace geom_avx2 {
 #include "flows/vec_math.inc"
 #include "geometry/geometry_kernels.inc"
 }  // namespace geom_avx2
 LF_TARGET_END
+#undef LF_GEOM_VEC_BYTES
+#define LF_GEOM_VEC_BYTES 64
 LF_TARGET_AVX512
 namespace geom_avx512 {
 #include "flows/vec_math.inc"
 #include "geometry/geometry_kernels.inc"
 }  // namespace geom_avx512
 LF_TARGET_END
+#undef LF_GEOM_VEC_BYTES
 #endif
 
 namespace {
@@ -134,10 +143,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curve_reduce(const at::Tensor& g,
   return {energy, length, gg};
 }
 
+// The RBF network's metric term for latent dimensions d <= kRbfMaxDim (rbf_metric_points):
+// out [m, d, d], added to `base` when given (a new tensor either way).
+constexpr int64_t kRbfMaxDim = 7;
+
+template <typename T>
+void rbf_metric_run(isa::Isa cpu_isa, const at::Tensor& z, const at::Tensor& centres, const at::Tensor& lam,
+                    const at::Tensor& wr, double zeta, at::Tensor& out, bool accumulate) {
+  const int64_t m = z.size(0), nc = 1 + z.size(1), K = centres.size(0), D = wr.size(0);
+  const int64_t Dp = LF_GEOM_CALL(cpu_isa, rbf_padded_nc<T>, nc, D);
+  at::Tensor wrT = at::zeros({K, Dp}, wr.options());
+  wrT.narrow(1, 0, D).copy_(wr.t());
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(K * Dp / 16, 1));
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    LF_GEOM_CALL(cpu_isa, rbf_metric_points_nc<T>, nc, z.const_data_ptr<T>(), centres.const_data_ptr<T>(),
+                 lam.const_data_ptr<T>(), wrT.const_data_ptr<T>(), T(zeta), out.mutable_data_ptr<T>(), K, D,
+                 Dp, accumulate, begin, end);
+  });
+}
+
+at::Tensor rbf_metric(const at::Tensor& z_in, const at::Tensor& centres_in, const at::Tensor& lam_in,
+                      const at::Tensor& wr_in, double zeta, const c10::optional<at::Tensor>& base) {
+  check_cpu_float(z_in, "z");
+  TORCH_CHECK(z_in.dim() == 2, "rbf_metric: z must be [m, d]");
+  const int64_t m = z_in.size(0), d = z_in.size(1);
+  TORCH_CHECK(d >= 1 && d <= kRbfMaxDim, "rbf_metric: latent dimension must be 1..", kRbfMaxDim, ", got ", d);
+  TORCH_CHECK(centres_in.dim() == 2 && centres_in.size(1) == d, "rbf_metric: centres must be [K, d]");
+  const int64_t K = centres_in.size(0);
+  TORCH_CHECK(lam_in.dim() == 1 && lam_in.size(0) == K, "rbf_metric: lam must be [K]");
+  TORCH_CHECK(wr_in.dim() == 2 && wr_in.size(1) == K, "rbf_metric: wr must be [D, K]");
+  for (const at::Tensor* t : {&centres_in, &lam_in, &wr_in})
+    TORCH_CHECK(t->scalar_type() == z_in.scalar_type() && t->device().is_cpu(),
+                "rbf_metric: all inputs must be CPU tensors of z's dtype");
+  const at::Tensor z = z_in.contiguous(), centres = centres_in.contiguous(), lam = lam_in.contiguous();
+  at::Tensor out;
+  if (base.has_value()) {
+    TORCH_CHECK(base->dim() == 3 && base->size(0) == m && base->size(1) == d && base->size(2) == d &&
+                    base->scalar_type() == z.scalar_type() && base->device().is_cpu(),
+                "rbf_metric: base must be [m, d, d] of z's dtype");
+    out = base->contiguous().clone();
+  } else {
+    out = at::empty({m, d, d}, z.options());
+  }
+  const bool accumulate = base.has_value();
+  const isa::Isa cpu_isa = isa::selected();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rbf_metric", [&] {
+    rbf_metric_run<scalar_t>(cpu_isa, z, centres, lam, wr_in, zeta, out, accumulate);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace latentfast
 
 TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) {
+  m.impl("rbf_metric", &latentfast::rbf_metric);
   m.impl("mlp_act_tangent_", &latentfast::mlp_act_tangent_);
   m.impl("weighted_gram", &latentfast::weighted_gram);
   m.impl("curve_reduce", &latentfast::curve_reduce);

@@ -148,19 +148,35 @@ def _metric_native(k, z: Tensor, weights: list[Tensor], biases: list[Tensor], ac
             u = nxt[m:].view(m, d, -1)
             mc = k.weighted_gram(u, u, None)
         if centres is not None:
-            # sigma = beta^-1/2, beta = wr v + zeta: J_sigma = -1/2 beta^-3/2 wr dv, so the
-            # metric gains sum_D beta^-3 / 4 (wr dv)_i (wr dv)_j. One GEMM forms beta - zeta
-            # (rows v) and wr dv (rows dv, point-major) together; the weights are made in place.
-            diff, v = _rbf_values(zc, centres, lam)  # [m, K, d], [m, K]
-            feats = v.new_empty(((1 + d) * m, v.shape[1]))
-            feats[:m] = v
-            torch.mul((-2.0 * lam * v)[:, None, :], diff.transpose(1, 2), out=feats[m:].view(m, d, -1))
-            ab = feats @ wr.T  # [(1 + d) m, D]
-            wgt = ab[:m].add_(zeta).reciprocal_().pow_(3).mul_(0.25)  # beta^-3 / 4 (pow_(3): x*x*x)
-            a = ab[m:].view(m, d, -1)  # J_beta rows
-            mc = mc + k.weighted_gram(a, a, wgt)
+            mc = _rbf_metric_term(k, zc, centres, lam, wr, zeta, mc)
         out[s:s + chunk] = mc
     return out
+
+
+# Latent dimensions up to which the C++ backend fuses the RBF metric term (rbf_metric).
+_RBF_FUSED_MAX_D = 7
+
+
+def _rbf_metric_term(k, zc: Tensor, centres: Tensor, lam: Tensor, wr: Tensor, zeta: float, mc: Tensor) -> Tensor:
+    """mc + the RBF variance network's metric term at the points zc [m, d].
+
+    sigma = beta^-1/2, beta = wr v + zeta: J_sigma = -1/2 beta^-3/2 wr dv, so the metric gains
+    sum_D beta^-3 / 4 (wr dv)_i (wr dv)_j. The C++ backend (d <= 7) does it in one kernel that
+    never forms the [(1 + d) m, D] product (latentfast_cpp::rbf_metric); otherwise one GEMM
+    forms beta - zeta (rows v) and wr dv (rows dv, point-major) together, the weights are made
+    in place, and a weighted Gram sums them.
+    """
+    m, d = zc.shape
+    if k is torch.ops.latentfast_cpp and d <= _RBF_FUSED_MAX_D:
+        return k.rbf_metric(zc, centres, lam, wr, float(zeta), mc)
+    diff, v = _rbf_values(zc, centres, lam)  # [m, K, d], [m, K]
+    feats = v.new_empty(((1 + d) * m, v.shape[1]))
+    feats[:m] = v
+    torch.mul((-2.0 * lam * v)[:, None, :], diff.transpose(1, 2), out=feats[m:].view(m, d, -1))
+    ab = feats @ wr.T  # [(1 + d) m, D]
+    wgt = ab[:m].add_(zeta).reciprocal_().pow_(3).mul_(0.25)  # beta^-3 / 4 (pow_(3): x*x*x)
+    a = ab[m:].view(m, d, -1)  # J_beta rows
+    return mc + k.weighted_gram(a, a, wgt)
 
 
 def _mlp_forward_chunk(k, zf: Tensor, weights, biases, acts, centres, lam, wr, zeta,

@@ -194,6 +194,58 @@ def test_cpp_isa_clones_match_reference(monkeypatch, isa, dtype, net):
         _check_metric_and_curves(z, curves, w, b, a, extra)
 
 
+def _rbf_metric_by_jacobian(z, centres, lam, wr, zeta):
+    """J_sigma^T J_sigma per point, sigma(z) = (wr exp(-lam ||z - c||^2) + zeta)^-1/2, from
+    torch.func's Jacobian in float64 (independent of the ops' formula)."""
+    z, centres, lam, wr = (t.double() for t in (z, centres, lam, wr))
+
+    def sigma(zp):
+        v = torch.exp(-lam * ((zp - centres) ** 2).sum(-1))
+        return (wr @ v + zeta).rsqrt()
+
+    jac = torch.vmap(torch.func.jacrev(sigma))(z)  # [m, D, d]
+    return jac.transpose(1, 2) @ jac
+
+
+# The C++ RBF metric term (rbf_metric, geometry_kernels.inc): blocks of output columns with a
+# padded tail (D = 1, 17, 100: every clone's block width leaves one; zeta = 0 checks that its
+# lanes get weight 0), groups of 16 points with 1-3 points per wrT load and their remainders
+# (m = 1, 19, 37), d = 1..7, with and without a base metric to add to.
+@pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' own clones")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_rbf_metric_per_isa(monkeypatch, isa, dtype):
+    skip_unless_cpu_isa(isa)
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(71)
+    op = torch.ops.latentfast_cpp.rbf_metric
+    for d, D, m, k in ((1, 17, 19, 5), (2, 100, 37, 7), (2, 1, 1, 3), (3, 100, 19, 6), (5, 17, 37, 4), (7, 100, 19, 9)):
+        z = torch.randn(m, d, dtype=dtype, generator=gen)
+        centres = torch.randn(k, d, dtype=dtype, generator=gen)
+        lam = 0.5 + torch.rand(k, dtype=dtype, generator=gen)
+        wr = torch.rand(D, k, dtype=dtype, generator=gen)
+        want = _rbf_metric_by_jacobian(z, centres, lam, wr, 0.05)
+        assert_close(op(z, centres, lam, wr, 0.05), want, dtype=dtype, scale=10.0)
+        base = torch.randn(m, d, d, dtype=dtype, generator=gen)
+        assert_close(op(z, centres, lam, wr, 0.05, base), base.double() + want, dtype=dtype, scale=10.0)
+        # zeta = 0: a padding lane's beta is 0, so only its zero weight keeps inf * 0 out
+        assert_close(op(z, 0.3 * centres, lam, wr, 0.0), _rbf_metric_by_jacobian(z, 0.3 * centres, lam, wr, 0.0),
+                     dtype=dtype, scale=10.0)
+    with pytest.raises(RuntimeError, match="latent dimension"):
+        op(torch.randn(3, 8), torch.randn(4, 8), torch.rand(4), torch.rand(5, 4), 0.1)
+    with pytest.raises(RuntimeError, match="wr must be"):
+        op(torch.randn(3, 2), torch.randn(4, 2), torch.rand(4), torch.rand(5, 3), 0.1)
+
+
+def test_rbf_metric_beyond_the_fused_dims(backend):
+    """d = 8 (above the fused C++ kernel's 7) takes the GEMM path: same metric as the reference."""
+    w, b, a, extra = make_net(8, (6,), 9, (1, 0), True, torch.float64, device_for(backend), seed=73)
+    z = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(74)).to(device_for(backend))
+    with latentfast.use_backend(backend):
+        got = ops.pullback_metric(z, w, b, a, *extra)
+    assert_close(got, ref.pullback_metric(z, w, b, a, *extra))
+
+
 def test_curve_energy_repeated_point_has_finite_grad(backend):
     """A zero-length segment: the length's subgradient there is 0, never NaN."""
     dev = device_for(backend)
