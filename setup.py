@@ -21,8 +21,11 @@ if os.environ.get("LATENTFAST_BUILD_EXT", "1") != "0":
             sources,
             include_dirs=[os.path.abspath("csrc")],
             # fp-contract: a*b+c as one FMA in the AVX2 clones; no-trapping-math: lets GCC
-            # if-convert and vectorise the branch-free sigmoid/log loops (no FP traps are used).
-            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"],
+            # if-convert and vectorise the branch-free sigmoid/log loops (no FP traps are used);
+            # no-math-errno: sqrt as a vector instruction (errno is never read; torch builds
+            # with it too).
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math",
+                                "-fno-math-errno"],
             extra_link_args=["-fopenmp"],
         )
     )

@@ -13,6 +13,9 @@
 
 #include "common/isa.h"
 #include "common/scratch.h"
+#ifdef LATENTFAST_X86_CLONES
+#include <immintrin.h>  // rbf_rsqrt's AVX-512 estimate (geometry_kernels.inc)
+#endif
 
 namespace latentfast {
 // LF_GEOM_VEC_BYTES: the clone's vector size, for the register blocking of rbf_metric_points.
@@ -193,10 +196,45 @@ at::Tensor rbf_metric(const at::Tensor& z_in, const at::Tensor& centres_in, cons
   return out;
 }
 
+// out [p, D] (rows may be strided, columns contiguous) = (wr v(z) + zeta)^-1/2, the RBF
+// variance network's sigma, without the [p, D] product of a separate GEMM, add and rsqrt.
+void rbf_sigma_(at::Tensor& out, const at::Tensor& z_in, const at::Tensor& centres_in, const at::Tensor& lam_in,
+                const at::Tensor& wr_in, double zeta) {
+  check_cpu_float(z_in, "z");
+  TORCH_CHECK(z_in.dim() == 2, "rbf_sigma_: z must be [p, d]");
+  const int64_t p = z_in.size(0), d = z_in.size(1);
+  TORCH_CHECK(centres_in.dim() == 2 && centres_in.size(1) == d, "rbf_sigma_: centres must be [K, d]");
+  const int64_t K = centres_in.size(0);
+  TORCH_CHECK(lam_in.dim() == 1 && lam_in.size(0) == K, "rbf_sigma_: lam must be [K]");
+  TORCH_CHECK(wr_in.dim() == 2 && wr_in.size(1) == K, "rbf_sigma_: wr must be [D, K]");
+  const int64_t D = wr_in.size(0);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == p && out.size(1) == D && (D <= 1 || out.stride(1) == 1) &&
+                  out.stride(0) >= D && out.scalar_type() == z_in.scalar_type() && out.device().is_cpu(),
+              "rbf_sigma_: out must be a [p, D] CPU view with contiguous rows of z's dtype");
+  for (const at::Tensor* t : {&centres_in, &lam_in, &wr_in})
+    TORCH_CHECK(t->scalar_type() == z_in.scalar_type() && t->device().is_cpu(),
+                "rbf_sigma_: all inputs must be CPU tensors of z's dtype");
+  const at::Tensor z = z_in.contiguous(), centres_t = centres_in.t().contiguous(), lam = lam_in.contiguous();
+  const isa::Isa cpu_isa = isa::selected();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rbf_sigma_", [&] {
+    const int64_t Dp = LF_GEOM_CALL(cpu_isa, rbf_padded_nc<scalar_t>, 1, D);
+    at::Tensor wrT = at::zeros({K, Dp}, wr_in.options());
+    wrT.narrow(1, 0, D).copy_(wr_in.t());
+    const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(K * Dp / 16, 1));
+    at::parallel_for(0, p, grain, [&](int64_t begin, int64_t end) {
+      LF_GEOM_CALL(cpu_isa, rbf_sigma_points<scalar_t>, z.const_data_ptr<scalar_t>(),
+                   centres_t.const_data_ptr<scalar_t>(), lam.const_data_ptr<scalar_t>(),
+                   wrT.const_data_ptr<scalar_t>(), scalar_t(zeta), out.mutable_data_ptr<scalar_t>(), out.stride(0),
+                   d, K, D, Dp, begin, end);
+    });
+  });
+}
+
 }  // namespace
 }  // namespace latentfast
 
 TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) {
+  m.impl("rbf_sigma_", &latentfast::rbf_sigma_);
   m.impl("rbf_metric", &latentfast::rbf_metric);
   m.impl("mlp_act_tangent_", &latentfast::mlp_act_tangent_);
   m.impl("weighted_gram", &latentfast::weighted_gram);

@@ -196,13 +196,16 @@ def _mlp_forward_chunk(k, zf: Tensor, weights, biases, acts, centres, lam, wr, z
             feats_out.copy_(h)
             return feats_out, derivs
         return h, derivs
-    _, v = _rbf_values(zf, centres, lam)
     n_mean = h.shape[1]
     feats = feats_out if feats_out is not None else h.new_empty((p, n_mean + wr.shape[0]))
     feats[:, :n_mean] = h
-    sigma = feats[:, n_mean:]  # beta = wr v + zeta written into the feature rows, then beta^-1/2
-    torch.mm(v, wr.T, out=sigma)  # (mm takes the row stride; an addmm with a broadcast bias
-    sigma.add_(zeta).rsqrt_()     # copied it first, and rsqrt and cat made two more copies)
+    sigma = feats[:, n_mean:]  # sigma = (wr v + zeta)^-1/2 written into the feature rows
+    if k is torch.ops.latentfast_cpp:
+        k.rbf_sigma_(sigma, zf, centres, lam, wr, float(zeta))  # one kernel, no [p, D] product pass
+    else:
+        _, v = _rbf_values(zf, centres, lam)
+        torch.mm(v, wr.T, out=sigma)  # (mm takes the row stride; an addmm with a broadcast bias
+        sigma.add_(zeta).rsqrt_()     # copied it first, and rsqrt and cat made two more copies)
     return feats, derivs
 
 

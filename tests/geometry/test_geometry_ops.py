@@ -237,6 +237,33 @@ def test_cpp_rbf_metric_per_isa(monkeypatch, isa, dtype):
         op(torch.randn(3, 2), torch.randn(4, 2), torch.rand(4), torch.rand(5, 3), 0.1)
 
 
+# The C++ RBF sigma (rbf_sigma_, the curve energies' variance features): written into a
+# strided column block of a wider buffer (NaN around it must stay), padded block tails
+# (D = 1, 17, 100), 1-6 points per wrT load and their remainders, run-time d; the AVX-512
+# float clone's rsqrt estimate + Newton step against 1 / sqrt in float64.
+@pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' own clones")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_rbf_sigma_per_isa(monkeypatch, isa, dtype):
+    skip_unless_cpu_isa(isa)
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(75)
+    for d, D, p, k in ((1, 17, 19, 5), (2, 100, 37, 7), (3, 1, 1, 3), (9, 100, 23, 11)):
+        z = torch.randn(p, d, dtype=dtype, generator=gen)
+        centres = torch.randn(k, d, dtype=dtype, generator=gen)
+        lam = 0.5 + torch.rand(k, dtype=dtype, generator=gen)
+        wr = torch.rand(D, k, dtype=dtype, generator=gen)
+        v = torch.exp(-lam.double() * ((z.double()[:, None] - centres.double()) ** 2).sum(-1))
+        want = (v @ wr.double().T + 0.05).rsqrt()
+        buf = torch.full((p, D + 9), float("nan"), dtype=dtype)
+        torch.ops.latentfast_cpp.rbf_sigma_(buf[:, 4:4 + D], z, centres, lam, wr, 0.05)
+        assert_close(buf[:, 4:4 + D], want, dtype=dtype)
+        assert buf[:, :4].isnan().all() and buf[:, 4 + D:].isnan().all()
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.latentfast_cpp.rbf_sigma_(torch.empty(3, 5).t(), torch.randn(5, 2), torch.randn(4, 2),
+                                            torch.rand(4), torch.rand(3, 4), 0.1)
+
+
 def test_rbf_metric_beyond_the_fused_dims(backend):
     """d = 8 (above the fused C++ kernel's 7) takes the GEMM path: same metric as the reference."""
     w, b, a, extra = make_net(8, (6,), 9, (1, 0), True, torch.float64, device_for(backend), seed=73)
