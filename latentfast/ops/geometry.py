@@ -12,7 +12,8 @@ with the hidden state as extra rows of one matrix, so each layer is one GEMM (AT
 CPU, cuBLAS on GPU) followed by one fused kernel (activation, its derivative, tangent
 scaling). The Jacobian [N, D, d] is never formed: with a linear last layer, M_mu = T^T G T
 with G = W_L^T W_L precomputed and T the tangents entering the last layer; the RBF variance
-term is a weighted Gram of d x K features. Curve energies are reduced per chunk of curves,
+term is a weighted Gram of d x K features (on CPU one C++ kernel, rbf_metric, that never
+forms the [(1 + d) N, D] product; curve energies get their RBF sigmas from rbf_sigma_). Curve energies are reduced per chunk of curves,
 so the [B, T+1, D] decoder outputs of all curves are never held at once, and with a linear
 last layer wider than its input they use R of W_L = Q R in its place (see _energy_last).
 """
