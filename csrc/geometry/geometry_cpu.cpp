@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/isa.h"
@@ -230,10 +231,51 @@ void rbf_sigma_(at::Tensor& out, const at::Tensor& z_in, const at::Tensor& centr
   });
 }
 
+// gz [p, d] += the gradient through rbf_sigma_'s sigmas: sigma and grad_sigma are [p, D]
+// (rows may be strided, columns contiguous), z [p, d] the points (see rbf_sigma_bwd_points).
+void rbf_sigma_backward_(at::Tensor& gz, const at::Tensor& sigma, const at::Tensor& grad_sigma,
+                         const at::Tensor& z_in, const at::Tensor& centres_in, const at::Tensor& lam_in,
+                         const at::Tensor& wr_in) {
+  check_cpu_float(z_in, "z");
+  TORCH_CHECK(z_in.dim() == 2, "rbf_sigma_backward_: z must be [p, d]");
+  const int64_t p = z_in.size(0), d = z_in.size(1);
+  TORCH_CHECK(centres_in.dim() == 2 && centres_in.size(1) == d, "rbf_sigma_backward_: centres must be [K, d]");
+  const int64_t K = centres_in.size(0);
+  TORCH_CHECK(lam_in.dim() == 1 && lam_in.size(0) == K, "rbf_sigma_backward_: lam must be [K]");
+  TORCH_CHECK(wr_in.dim() == 2 && wr_in.size(1) == K, "rbf_sigma_backward_: wr must be [D, K]");
+  const int64_t D = wr_in.size(0);
+  for (const at::Tensor* t : {&sigma, &grad_sigma})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == p && t->size(1) == D && (D <= 1 || t->stride(1) == 1) &&
+                    t->scalar_type() == z_in.scalar_type() && t->device().is_cpu(),
+                "rbf_sigma_backward_: sigma and grad_sigma must be [p, D] CPU views with contiguous rows");
+  TORCH_CHECK(gz.dim() == 2 && gz.size(0) == p && gz.size(1) == d && gz.is_contiguous() &&
+                  gz.scalar_type() == z_in.scalar_type() && gz.device().is_cpu(),
+              "rbf_sigma_backward_: gz must be a contiguous [p, d] CPU tensor");
+  for (const at::Tensor* t : {&centres_in, &lam_in, &wr_in})
+    TORCH_CHECK(t->scalar_type() == z_in.scalar_type() && t->device().is_cpu(),
+                "rbf_sigma_backward_: all inputs must be CPU tensors of z's dtype");
+  const at::Tensor z = z_in.contiguous(), centres_t = centres_in.t().contiguous(), lam = lam_in.contiguous();
+  const isa::Isa cpu_isa = isa::selected();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rbf_sigma_backward_", [&] {
+    const int64_t kb = LF_GEOM_CALL(cpu_isa, rbf_kblock<scalar_t>);
+    const int64_t Kp = (K + kb - 1) / kb * kb;
+    at::Tensor wrp = at::zeros({D, Kp}, wr_in.options());
+    wrp.narrow(1, 0, K).copy_(wr_in);
+    const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(Kp * D / 16, 1));
+    at::parallel_for(0, p, grain, [&](int64_t begin, int64_t end) {
+      LF_GEOM_CALL(cpu_isa, rbf_sigma_bwd_points<scalar_t>, sigma.const_data_ptr<scalar_t>(), sigma.stride(0),
+                   grad_sigma.const_data_ptr<scalar_t>(), grad_sigma.stride(0), z.const_data_ptr<scalar_t>(),
+                   centres_t.const_data_ptr<scalar_t>(), lam.const_data_ptr<scalar_t>(),
+                   wrp.const_data_ptr<scalar_t>(), gz.mutable_data_ptr<scalar_t>(), d, K, Kp, D, begin, end);
+    });
+  });
+}
+
 }  // namespace
 }  // namespace latentfast
 
 TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) {
+  m.impl("rbf_sigma_backward_", &latentfast::rbf_sigma_backward_);
   m.impl("rbf_sigma_", &latentfast::rbf_sigma_);
   m.impl("rbf_metric", &latentfast::rbf_metric);
   m.impl("mlp_act_tangent_", &latentfast::mlp_act_tangent_);

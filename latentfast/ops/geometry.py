@@ -210,14 +210,19 @@ def _mlp_forward_chunk(k, zf: Tensor, weights, biases, acts, centres, lam, wr, z
     return feats, derivs
 
 
-def _features_backward(gg: Tensor, z: Tensor, feats: Tensor, derivs: list[Tensor], weights: list[Tensor],
+def _features_backward(k, gg: Tensor, z: Tensor, feats: Tensor, derivs: list[Tensor], weights: list[Tensor],
                        centres: Tensor | None, lam: Tensor | None, wr: Tensor | None) -> Tensor:
-    """reference.features_backward, with the RBF part in fewer passes over the [p, D] sigma
+    """reference.features_backward; its RBF part on CPU in one C++ kernel (rbf_sigma_backward_:
+    no [p, D] sigma^3 g tensor, no [p, K] GEMM), elsewhere in fewer passes over the [p, D] sigma
     block (one product tensor, made in place, instead of pow, mul and mul)."""
     gz = ref.features_backward(gg, z, feats, derivs, weights)
     if centres is None:
         return gz
     n_out = weights[-1].shape[0]
+    if k is torch.ops.latentfast_cpp:
+        gz = gz.contiguous()
+        k.rbf_sigma_backward_(gz, feats[:, n_out:], gg[:, n_out:], z, centres, lam, wr)
+        return gz
     sig = feats[:, n_out:]
     t = torch.mul(sig, sig)
     t.mul_(sig).mul_(gg[:, n_out:])  # sigma^3 g; d sigma / d beta = -sigma^3 / 2
@@ -275,7 +280,7 @@ def _curve_native(k, curves: Tensor, weights: list[Tensor], biases: list[Tensor]
         energy[s:s + per_chunk] = e
         length[s:s + per_chunk] = ln
         if want:
-            gz = _features_backward(gg.view(p, -1), zf, feats, derivs, weights, centres, lam, wr)
+            gz = _features_backward(k, gg.view(p, -1), zf, feats, derivs, weights, centres, lam, wr)
             grad[s:s + per_chunk] = gz.view(bc, t1, d)
     return energy, length, grad
 
@@ -295,7 +300,7 @@ def _curve_backward_saved(k, grad_energy: Tensor, grad_length: Tensor, curves: T
         derivs, feats = [v[rows] for v in views], feats_all[rows]
         _, _, gg = k.curve_reduce(feats.reshape(bc, t1, -1), grad_energy[s:s + per_chunk],
                                   grad_length[s:s + per_chunk])
-        gz = _features_backward(gg.view(p, -1), zc.reshape(p, d), feats, derivs, weights, centres, lam, wr)
+        gz = _features_backward(k, gg.view(p, -1), zc.reshape(p, d), feats, derivs, weights, centres, lam, wr)
         grad[s:s + per_chunk] = gz.view(bc, t1, d)
     return grad
 

@@ -264,6 +264,38 @@ def test_cpp_rbf_sigma_per_isa(monkeypatch, isa, dtype):
                                             torch.rand(4), torch.rand(3, 4), 0.1)
 
 
+# The C++ backward through the RBF sigmas (rbf_sigma_backward_): strided sigma and gradient
+# blocks, K = 5 / 70 / 64 (padded to the clone's block of centres), 1-4 points per load of
+# w_r and their remainders, d = 1..9, added into gz; against torch.func's vector-Jacobian
+# product of sigma(z) in float64.
+@pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' own clones")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_rbf_sigma_backward_per_isa(monkeypatch, isa, dtype):
+    skip_unless_cpu_isa(isa)
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(77)
+    for d, D, p, k in ((1, 17, 19, 5), (2, 100, 37, 70), (3, 1, 1, 3), (9, 100, 23, 64)):
+        z = torch.randn(p, d, dtype=dtype, generator=gen)
+        centres = torch.randn(k, d, dtype=dtype, generator=gen)
+        lam = 0.5 + torch.rand(k, dtype=dtype, generator=gen)
+        wr = torch.rand(D, k, dtype=dtype, generator=gen)
+        gs = torch.randn(p, D + 5, dtype=dtype, generator=gen)[:, 5:]
+        zd, cd, ld, wd = (t.double() for t in (z, centres, lam, wr))
+
+        def sigma(zp):
+            return (wd @ torch.exp(-ld * ((zp - cd) ** 2).sum(-1)) + 0.05).rsqrt()
+
+        sig = torch.vmap(sigma)(zd)
+        want = torch.vmap(lambda zp, g: torch.func.vjp(sigma, zp)[1](g)[0])(zd, gs.double())
+        feats = torch.empty(p, D + 3, dtype=dtype)
+        feats[:, 3:] = sig.to(dtype)
+        base = torch.randn(p, d, dtype=dtype, generator=gen)
+        gz = base.clone()
+        torch.ops.latentfast_cpp.rbf_sigma_backward_(gz, feats[:, 3:], gs, z, centres, lam, wr)
+        assert_close(gz, base.double() + want, dtype=dtype, scale=10.0)
+
+
 def test_rbf_metric_beyond_the_fused_dims(backend):
     """d = 8 (above the fused C++ kernel's 7) takes the GEMM path: same metric as the reference."""
     w, b, a, extra = make_net(8, (6,), 9, (1, 0), True, torch.float64, device_for(backend), seed=73)
