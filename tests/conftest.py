@@ -71,3 +71,10 @@ def skip_unless_cpu_isa(isa: str) -> None:
     best = torch.ops.latentfast_cpp.cpu_isa().split("widest available: ")[1].rstrip(")")
     if CPU_ISAS.index(isa) > CPU_ISAS.index(best):
         pytest.skip(f"this CPU runs the C++ kernels up to {best}, not {isa}")
+
+
+def use_cpu_isa(monkeypatch, isa: str) -> None:
+    """Runs the rest of the calling test on the C++ kernels' `isa` clone (LATENTFAST_CPU_ISA),
+    or skips it where this CPU cannot (skip_unless_cpu_isa)."""
+    skip_unless_cpu_isa(isa)
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)

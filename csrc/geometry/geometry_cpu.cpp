@@ -151,13 +151,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curve_reduce(const at::Tensor& g,
 // out [m, d, d], added to `base` when given (a new tensor either way).
 constexpr int64_t kRbfMaxDim = 7;
 
+// The RBF network's inputs of the rbf_* ops: z [p, d], centres [K, d], lam [K], wr [D, K], all
+// CPU tensors of z's dtype (messages prefixed with the op's name).
+void check_rbf_network(const char* op, const at::Tensor& z, const at::Tensor& centres, const at::Tensor& lam,
+                       const at::Tensor& wr) {
+  check_cpu_float(z, "z");
+  TORCH_CHECK(z.dim() == 2, op, ": z must be [p, d]");
+  TORCH_CHECK(centres.dim() == 2 && centres.size(1) == z.size(1), op, ": centres must be [K, d]");
+  TORCH_CHECK(lam.dim() == 1 && lam.size(0) == centres.size(0), op, ": lam must be [K]");
+  TORCH_CHECK(wr.dim() == 2 && wr.size(1) == centres.size(0), op, ": wr must be [D, K]");
+  for (const at::Tensor* t : {&centres, &lam, &wr})
+    TORCH_CHECK(t->scalar_type() == z.scalar_type() && t->device().is_cpu(), op,
+                ": all inputs must be CPU tensors of z's dtype");
+}
+
+// src [r, c] copied into the first c columns of a zero [r, cols] tensor (cols >= c).
+at::Tensor zero_padded_cols(const at::Tensor& src, int64_t cols) {
+  at::Tensor out = at::zeros({src.size(0), cols}, src.options());
+  out.narrow(1, 0, src.size(1)).copy_(src);
+  return out;
+}
+
 template <typename T>
 void rbf_metric_run(isa::Isa cpu_isa, const at::Tensor& z, const at::Tensor& centres, const at::Tensor& lam,
                     const at::Tensor& wr, double zeta, at::Tensor& out, bool accumulate) {
   const int64_t m = z.size(0), nc = 1 + z.size(1), K = centres.size(0), D = wr.size(0);
   const int64_t Dp = LF_GEOM_CALL(cpu_isa, rbf_padded_nc<T>, nc, D);
-  at::Tensor wrT = at::zeros({K, Dp}, wr.options());
-  wrT.narrow(1, 0, D).copy_(wr.t());
+  const at::Tensor wrT = zero_padded_cols(wr.t(), Dp);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(K * Dp / 16, 1));
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     LF_GEOM_CALL(cpu_isa, rbf_metric_points_nc<T>, nc, z.const_data_ptr<T>(), centres.const_data_ptr<T>(),
@@ -168,17 +188,9 @@ void rbf_metric_run(isa::Isa cpu_isa, const at::Tensor& z, const at::Tensor& cen
 
 at::Tensor rbf_metric(const at::Tensor& z_in, const at::Tensor& centres_in, const at::Tensor& lam_in,
                       const at::Tensor& wr_in, double zeta, const c10::optional<at::Tensor>& base) {
-  check_cpu_float(z_in, "z");
-  TORCH_CHECK(z_in.dim() == 2, "rbf_metric: z must be [m, d]");
+  check_rbf_network("rbf_metric", z_in, centres_in, lam_in, wr_in);
   const int64_t m = z_in.size(0), d = z_in.size(1);
   TORCH_CHECK(d >= 1 && d <= kRbfMaxDim, "rbf_metric: latent dimension must be 1..", kRbfMaxDim, ", got ", d);
-  TORCH_CHECK(centres_in.dim() == 2 && centres_in.size(1) == d, "rbf_metric: centres must be [K, d]");
-  const int64_t K = centres_in.size(0);
-  TORCH_CHECK(lam_in.dim() == 1 && lam_in.size(0) == K, "rbf_metric: lam must be [K]");
-  TORCH_CHECK(wr_in.dim() == 2 && wr_in.size(1) == K, "rbf_metric: wr must be [D, K]");
-  for (const at::Tensor* t : {&centres_in, &lam_in, &wr_in})
-    TORCH_CHECK(t->scalar_type() == z_in.scalar_type() && t->device().is_cpu(),
-                "rbf_metric: all inputs must be CPU tensors of z's dtype");
   const at::Tensor z = z_in.contiguous(), centres = centres_in.contiguous(), lam = lam_in.contiguous();
   at::Tensor out;
   if (base.has_value()) {
@@ -201,26 +213,16 @@ at::Tensor rbf_metric(const at::Tensor& z_in, const at::Tensor& centres_in, cons
 // variance network's sigma, without the [p, D] product of a separate GEMM, add and rsqrt.
 void rbf_sigma_(at::Tensor& out, const at::Tensor& z_in, const at::Tensor& centres_in, const at::Tensor& lam_in,
                 const at::Tensor& wr_in, double zeta) {
-  check_cpu_float(z_in, "z");
-  TORCH_CHECK(z_in.dim() == 2, "rbf_sigma_: z must be [p, d]");
-  const int64_t p = z_in.size(0), d = z_in.size(1);
-  TORCH_CHECK(centres_in.dim() == 2 && centres_in.size(1) == d, "rbf_sigma_: centres must be [K, d]");
-  const int64_t K = centres_in.size(0);
-  TORCH_CHECK(lam_in.dim() == 1 && lam_in.size(0) == K, "rbf_sigma_: lam must be [K]");
-  TORCH_CHECK(wr_in.dim() == 2 && wr_in.size(1) == K, "rbf_sigma_: wr must be [D, K]");
-  const int64_t D = wr_in.size(0);
+  check_rbf_network("rbf_sigma_", z_in, centres_in, lam_in, wr_in);
+  const int64_t p = z_in.size(0), d = z_in.size(1), K = centres_in.size(0), D = wr_in.size(0);
   TORCH_CHECK(out.dim() == 2 && out.size(0) == p && out.size(1) == D && (D <= 1 || out.stride(1) == 1) &&
                   out.stride(0) >= D && out.scalar_type() == z_in.scalar_type() && out.device().is_cpu(),
               "rbf_sigma_: out must be a [p, D] CPU view with contiguous rows of z's dtype");
-  for (const at::Tensor* t : {&centres_in, &lam_in, &wr_in})
-    TORCH_CHECK(t->scalar_type() == z_in.scalar_type() && t->device().is_cpu(),
-                "rbf_sigma_: all inputs must be CPU tensors of z's dtype");
   const at::Tensor z = z_in.contiguous(), centres_t = centres_in.t().contiguous(), lam = lam_in.contiguous();
   const isa::Isa cpu_isa = isa::selected();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rbf_sigma_", [&] {
     const int64_t Dp = LF_GEOM_CALL(cpu_isa, rbf_padded_nc<scalar_t>, 1, D);
-    at::Tensor wrT = at::zeros({K, Dp}, wr_in.options());
-    wrT.narrow(1, 0, D).copy_(wr_in.t());
+    const at::Tensor wrT = zero_padded_cols(wr_in.t(), Dp);
     const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(K * Dp / 16, 1));
     at::parallel_for(0, p, grain, [&](int64_t begin, int64_t end) {
       LF_GEOM_CALL(cpu_isa, rbf_sigma_points<scalar_t>, z.const_data_ptr<scalar_t>(),
@@ -236,14 +238,8 @@ void rbf_sigma_(at::Tensor& out, const at::Tensor& z_in, const at::Tensor& centr
 void rbf_sigma_backward_(at::Tensor& gz, const at::Tensor& sigma, const at::Tensor& grad_sigma,
                          const at::Tensor& z_in, const at::Tensor& centres_in, const at::Tensor& lam_in,
                          const at::Tensor& wr_in) {
-  check_cpu_float(z_in, "z");
-  TORCH_CHECK(z_in.dim() == 2, "rbf_sigma_backward_: z must be [p, d]");
-  const int64_t p = z_in.size(0), d = z_in.size(1);
-  TORCH_CHECK(centres_in.dim() == 2 && centres_in.size(1) == d, "rbf_sigma_backward_: centres must be [K, d]");
-  const int64_t K = centres_in.size(0);
-  TORCH_CHECK(lam_in.dim() == 1 && lam_in.size(0) == K, "rbf_sigma_backward_: lam must be [K]");
-  TORCH_CHECK(wr_in.dim() == 2 && wr_in.size(1) == K, "rbf_sigma_backward_: wr must be [D, K]");
-  const int64_t D = wr_in.size(0);
+  check_rbf_network("rbf_sigma_backward_", z_in, centres_in, lam_in, wr_in);
+  const int64_t p = z_in.size(0), d = z_in.size(1), K = centres_in.size(0), D = wr_in.size(0);
   for (const at::Tensor* t : {&sigma, &grad_sigma})
     TORCH_CHECK(t->dim() == 2 && t->size(0) == p && t->size(1) == D && (D <= 1 || t->stride(1) == 1) &&
                     t->scalar_type() == z_in.scalar_type() && t->device().is_cpu(),
@@ -251,16 +247,12 @@ void rbf_sigma_backward_(at::Tensor& gz, const at::Tensor& sigma, const at::Tens
   TORCH_CHECK(gz.dim() == 2 && gz.size(0) == p && gz.size(1) == d && gz.is_contiguous() &&
                   gz.scalar_type() == z_in.scalar_type() && gz.device().is_cpu(),
               "rbf_sigma_backward_: gz must be a contiguous [p, d] CPU tensor");
-  for (const at::Tensor* t : {&centres_in, &lam_in, &wr_in})
-    TORCH_CHECK(t->scalar_type() == z_in.scalar_type() && t->device().is_cpu(),
-                "rbf_sigma_backward_: all inputs must be CPU tensors of z's dtype");
   const at::Tensor z = z_in.contiguous(), centres_t = centres_in.t().contiguous(), lam = lam_in.contiguous();
   const isa::Isa cpu_isa = isa::selected();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rbf_sigma_backward_", [&] {
     const int64_t kb = LF_GEOM_CALL(cpu_isa, rbf_kblock<scalar_t>);
     const int64_t Kp = (K + kb - 1) / kb * kb;
-    at::Tensor wrp = at::zeros({D, Kp}, wr_in.options());
-    wrp.narrow(1, 0, K).copy_(wr_in);
+    const at::Tensor wrp = zero_padded_cols(wr_in, Kp);
     const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(Kp * D / 16, 1));
     at::parallel_for(0, p, grain, [&](int64_t begin, int64_t end) {
       LF_GEOM_CALL(cpu_isa, rbf_sigma_bwd_points<scalar_t>, sigma.const_data_ptr<scalar_t>(), sigma.stride(0),

@@ -16,7 +16,7 @@ from latentfast.flows import vector as vf
 from latentfast.ops import vector_flows as ops
 from latentfast.reference import vector_flows as ref
 from tests.conftest import (CPU_ISAS, FAST_GC, assert_close, backends_under_test, device_for, interpreting,
-                            skip_unless_cpu_isa)
+                            use_cpu_isa)
 
 
 # Tests of the C++ kernels' own paths (row tiles, blocked GEMMs, the BLAS fallback): they run
@@ -311,8 +311,7 @@ def test_cpp_isa_clones_match_reference(monkeypatch, isa, dtype, tile_rows, addi
     (csrc/common/isa.h); each clone this CPU runs against the reference, forward, backward and
     inverse, with d = 37 and H = 29 so the 16-wide loops have a tail, on row tiles and on the
     whole-batch path, outputs poisoned first."""
-    skip_unless_cpu_isa(isa)
-    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     monkeypatch.setenv("LATENTFAST_VF_POISON", "1")
     monkeypatch.setenv("LATENTFAST_VF_TILE_ROWS", tile_rows)
     k, b, d, h = 2, 23, 37, 29

@@ -8,7 +8,7 @@ import latentfast
 
 from latentfast.ops import geometry as ops
 from latentfast.reference import geometry as ref
-from tests.conftest import CPU_ISAS, FAST_GC, assert_close, backends_under_test, device_for, skip_unless_cpu_isa
+from tests.conftest import CPU_ISAS, FAST_GC, assert_close, backends_under_test, device_for, use_cpu_isa
 
 DTYPES = [torch.float32, torch.float64]
 # (latent d, hidden widths, output D, activation codes per layer, with RBF variance)
@@ -184,8 +184,7 @@ _ISA_NET2 = (2, (21,), 17, (4, 0), False)
 def test_cpp_isa_clones_match_reference(monkeypatch, isa, dtype, net):
     """The element-wise, Gram and curve-reduction loops are built per instruction set
     (csrc/common/isa.h): each clone this CPU runs against the reference."""
-    skip_unless_cpu_isa(isa)
-    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     w, b, a, extra = make_net(*net, dtype, "cpu", seed=61)
     with latentfast.use_backend("cpp"):
         gen = torch.Generator().manual_seed(62)
@@ -194,16 +193,29 @@ def test_cpp_isa_clones_match_reference(monkeypatch, isa, dtype, net):
         _check_metric_and_curves(z, curves, w, b, a, extra)
 
 
-def _rbf_metric_by_jacobian(z, centres, lam, wr, zeta):
-    """J_sigma^T J_sigma per point, sigma(z) = (wr exp(-lam ||z - c||^2) + zeta)^-1/2, from
-    torch.func's Jacobian in float64 (independent of the ops' formula)."""
-    z, centres, lam, wr = (t.double() for t in (z, centres, lam, wr))
+def _rbf_inputs(d, D, p, k, dtype, gen):
+    """Points z [p, d] and an RBF network: centres [k, d], bandwidths lam [k], weights wr [D, k]."""
+    z = torch.randn(p, d, dtype=dtype, generator=gen)
+    centres = torch.randn(k, d, dtype=dtype, generator=gen)
+    lam = 0.5 + torch.rand(k, dtype=dtype, generator=gen)
+    wr = torch.rand(D, k, dtype=dtype, generator=gen)
+    return z, centres, lam, wr
+
+
+def _rbf_sigma_f64(centres, lam, wr, zeta):
+    """sigma(z) = (wr exp(-lam ||z - c||^2) + zeta)^-1/2 of one point, in float64, for torch.func
+    (independent of the ops' formulas)."""
+    centres, lam, wr = (t.double() for t in (centres, lam, wr))
 
     def sigma(zp):
-        v = torch.exp(-lam * ((zp - centres) ** 2).sum(-1))
-        return (wr @ v + zeta).rsqrt()
+        return (wr @ torch.exp(-lam * ((zp - centres) ** 2).sum(-1)) + zeta).rsqrt()
 
-    jac = torch.vmap(torch.func.jacrev(sigma))(z)  # [m, D, d]
+    return sigma
+
+
+def _rbf_metric_by_jacobian(z, centres, lam, wr, zeta):
+    """J_sigma^T J_sigma per point, from torch.func's Jacobian of sigma in float64."""
+    jac = torch.vmap(torch.func.jacrev(_rbf_sigma_f64(centres, lam, wr, zeta)))(z.double())  # [m, D, d]
     return jac.transpose(1, 2) @ jac
 
 
@@ -215,15 +227,11 @@ def _rbf_metric_by_jacobian(z, centres, lam, wr, zeta):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpp_rbf_metric_per_isa(monkeypatch, isa, dtype):
-    skip_unless_cpu_isa(isa)
-    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(71)
     op = torch.ops.latentfast_cpp.rbf_metric
     for d, D, m, k in ((1, 17, 19, 5), (2, 100, 37, 7), (2, 1, 1, 3), (3, 100, 19, 6), (5, 17, 37, 4), (7, 100, 19, 9)):
-        z = torch.randn(m, d, dtype=dtype, generator=gen)
-        centres = torch.randn(k, d, dtype=dtype, generator=gen)
-        lam = 0.5 + torch.rand(k, dtype=dtype, generator=gen)
-        wr = torch.rand(D, k, dtype=dtype, generator=gen)
+        z, centres, lam, wr = _rbf_inputs(d, D, m, k, dtype, gen)
         want = _rbf_metric_by_jacobian(z, centres, lam, wr, 0.05)
         assert_close(op(z, centres, lam, wr, 0.05), want, dtype=dtype, scale=10.0)
         base = torch.randn(m, d, d, dtype=dtype, generator=gen)
@@ -245,16 +253,11 @@ def test_cpp_rbf_metric_per_isa(monkeypatch, isa, dtype):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpp_rbf_sigma_per_isa(monkeypatch, isa, dtype):
-    skip_unless_cpu_isa(isa)
-    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(75)
     for d, D, p, k in ((1, 17, 19, 5), (2, 100, 37, 7), (3, 1, 1, 3), (9, 100, 23, 11)):
-        z = torch.randn(p, d, dtype=dtype, generator=gen)
-        centres = torch.randn(k, d, dtype=dtype, generator=gen)
-        lam = 0.5 + torch.rand(k, dtype=dtype, generator=gen)
-        wr = torch.rand(D, k, dtype=dtype, generator=gen)
-        v = torch.exp(-lam.double() * ((z.double()[:, None] - centres.double()) ** 2).sum(-1))
-        want = (v @ wr.double().T + 0.05).rsqrt()
+        z, centres, lam, wr = _rbf_inputs(d, D, p, k, dtype, gen)
+        want = torch.vmap(_rbf_sigma_f64(centres, lam, wr, 0.05))(z.double())
         buf = torch.full((p, D + 9), float("nan"), dtype=dtype)
         torch.ops.latentfast_cpp.rbf_sigma_(buf[:, 4:4 + D], z, centres, lam, wr, 0.05)
         assert_close(buf[:, 4:4 + D], want, dtype=dtype)
@@ -272,20 +275,13 @@ def test_cpp_rbf_sigma_per_isa(monkeypatch, isa, dtype):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpp_rbf_sigma_backward_per_isa(monkeypatch, isa, dtype):
-    skip_unless_cpu_isa(isa)
-    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(77)
     for d, D, p, k in ((1, 17, 19, 5), (2, 100, 37, 70), (3, 1, 1, 3), (9, 100, 23, 64)):
-        z = torch.randn(p, d, dtype=dtype, generator=gen)
-        centres = torch.randn(k, d, dtype=dtype, generator=gen)
-        lam = 0.5 + torch.rand(k, dtype=dtype, generator=gen)
-        wr = torch.rand(D, k, dtype=dtype, generator=gen)
+        z, centres, lam, wr = _rbf_inputs(d, D, p, k, dtype, gen)
         gs = torch.randn(p, D + 5, dtype=dtype, generator=gen)[:, 5:]
-        zd, cd, ld, wd = (t.double() for t in (z, centres, lam, wr))
-
-        def sigma(zp):
-            return (wd @ torch.exp(-ld * ((zp - cd) ** 2).sum(-1)) + 0.05).rsqrt()
-
+        sigma = _rbf_sigma_f64(centres, lam, wr, 0.05)
+        zd = z.double()
         sig = torch.vmap(sigma)(zd)
         want = torch.vmap(lambda zp, g: torch.func.vjp(sigma, zp)[1](g)[0])(zd, gs.double())
         feats = torch.empty(p, D + 3, dtype=dtype)

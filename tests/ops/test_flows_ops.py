@@ -6,7 +6,7 @@ import torch
 
 from latentfast.ops import flows as ops
 from latentfast.reference import flows as ref
-from tests.conftest import CPU_ISAS, FAST_GC, assert_close, backends_under_test, device_for, skip_unless_cpu_isa
+from tests.conftest import CPU_ISAS, FAST_GC, assert_close, backends_under_test, device_for, use_cpu_isa
 
 SHAPES = [(1, 3, 1, 1), (2, 5, 3, 7), (3, 12, 7, 3), (2, 12, 7, 7)]
 EVEN_SHAPES = [(1, 4, 1, 1), (2, 6, 3, 7), (3, 12, 7, 3), (2, 12, 7, 7)]
@@ -245,8 +245,7 @@ _NEEDS_CPP = pytest.mark.skipif("cpp" not in backends_under_test(), reason="chec
 @pytest.mark.parametrize("mode", ["conv", "additive", "affine"])
 def test_glow_isa_clones_match_reference(monkeypatch, isa, dtype, mode):
     monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
-    skip_unless_cpu_isa(isa)
-    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(17)
     n, ci, h, w = 2, 17 if mode == "conv" else 50, 11, 13
     co = 50
@@ -294,8 +293,7 @@ def test_glow_isa_clones_match_reference(monkeypatch, isa, dtype, mode):
 @pytest.mark.parametrize("raw", ["zero", "random"])
 def test_glow_logdet_products_per_isa(monkeypatch, isa, dtype, raw):
     monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
-    skip_unless_cpu_isa(isa)
-    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(23)
     for n, c, h, w in ((2, 70, 11, 13), (2, 4, 64, 65)):
         x = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
@@ -330,8 +328,7 @@ def test_glow_logdet_products_per_isa(monkeypatch, isa, dtype, raw):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_glow_backwards_from_saved_output_per_isa(monkeypatch, isa, dtype):
     monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
-    skip_unless_cpu_isa(isa)
-    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(29)
     bwd = torch.ops.latentfast_cpp.actnorm_invconv_bwd
     for n, c, h, w in ((3, 6, 7, 5), (2, 34, 9, 31)):
@@ -379,8 +376,7 @@ def test_glow_step_backward_sees_changes_to_its_output(backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lu_weight_small_kernel_per_isa(monkeypatch, isa, dtype):
     monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
-    skip_unless_cpu_isa(isa)
-    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(37)
     for c in (1, 2, 7, 32, 33, 64, 100, 101, 127):
         perm = torch.eye(c, dtype=dtype)[torch.randperm(c, generator=gen)]
