@@ -16,6 +16,7 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
+from latentfast.ops._autograd import graph_wanted, reference_vjp
 from latentfast.ops._checks import check_tensor
 from latentfast.reference import flows as ref
 
@@ -113,12 +114,17 @@ def _save_inputs(ctx, inputs, output):
 
 def _actnorm_invconv_bwd(ctx, grad_y):
     x, weight, bias = ctx.saved_tensors
+    if graph_wanted(grad_y, x, weight, bias):  # create_graph=True: see ops/_autograd.py
+        return reference_vjp(ref.actnorm_invconv, (x, weight, bias), (grad_y,))
     gx, gw, gb, _ = _actnorm_invconv_backward(ctx, grad_y, x.new_zeros(x.shape[0]), x, weight, bias, None, 0)
     return gx, gw, gb
 
 
 def _actnorm_invconv_coupling_bwd(ctx, grad_y, grad_logdet):
     x, weight, bias, h, *y = ctx.saved_tensors
+    if graph_wanted(grad_y, grad_logdet, x, weight, bias, h):
+        return reference_vjp(ref.actnorm_invconv_coupling, (x, weight, bias, h, ctx.mode == 1),
+                             (grad_y, grad_logdet))
     if grad_y is None:
         grad_y = x.new_zeros((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
     if grad_logdet is None:
@@ -199,6 +205,8 @@ def _grads_or_zeros(x: Tensor, grad_y: Tensor | None, grad_logdet: Tensor | None
 
 def _affine_coupling_bwd(ctx, grad_y, grad_logdet):
     x, h, y = ctx.saved_tensors
+    if graph_wanted(grad_y, grad_logdet, x, h):
+        return reference_vjp(ref.affine_coupling, (x, h, ctx.additive), (grad_y, grad_logdet))
     grad_y, grad_logdet = _grads_or_zeros(x, grad_y, grad_logdet)
     gx, gh = _affine_coupling_backward(ctx, grad_y, grad_logdet, x, h, ctx.additive, y)
     return gx, gh, None

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
+from latentfast.ops._autograd import graph_wanted, reference_vjp
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import geometry as ref
 
@@ -346,8 +347,11 @@ def _unpack(ctx):
 
 def _reference_vjp(ctx, fn, grads_out):
     """Gradients of the reference `fn` wrt every saved input that wants one (torch autograd
-    on recomputed values); returned in the op's input structure."""
+    on recomputed values); returned in the op's input structure. Under create_graph=True
+    (see ops/_autograd.py) they are built as a graph of the saved inputs."""
     z, weights, biases, rbf = _unpack(ctx)
+    if graph_wanted(grads_out, z, weights, biases, rbf):
+        return reference_vjp(fn, (z, list(weights), list(biases), ctx.acts, *rbf, ctx.zeta), grads_out)
     flat = [z, *weights, *biases, *[t for t in rbf if t is not None]]
     leaves = [t.detach().requires_grad_(w) for t, w in zip(flat, ctx.wants)]
     nl = ctx.n_layers
@@ -423,9 +427,10 @@ def _(grad_energy, grad_length, curves, weights, biases, acts, rbf_centres, rbf_
 
 
 def _curve_energy_bwd(ctx, grad_energy, grad_length):
-    if any(ctx.wants[1:]):  # decoder parameters want gradients: autograd through the reference
-        return _reference_vjp(ctx, ref.curve_energy, (grad_energy, grad_length))
     z, weights, biases, rbf = _unpack(ctx)
+    # decoder parameters want gradients, or create_graph=True: autograd through the reference
+    if any(ctx.wants[1:]) or graph_wanted(grad_energy, grad_length, z):
+        return _reference_vjp(ctx, ref.curve_energy, (grad_energy, grad_length))
     ge = grad_energy if grad_energy is not None else z.new_zeros(z.shape[0])
     gl = grad_length if grad_length is not None else z.new_zeros(z.shape[0])
     gz = _curve_energy_backward(ge, gl, z, weights, biases, ctx.acts, *rbf, ctx.zeta)
@@ -487,15 +492,20 @@ def _(grad_energy, grad_length, curves, derivs, feats, weights, acts, rbf_centre
 
 def _save_train(ctx, inputs, output):
     curves, weights, biases, acts, c, lam, wr, zeta = inputs
-    ctx.n_layers, ctx.has_rbf, ctx.acts = len(weights), c is not None, acts
+    ctx.n_layers, ctx.has_rbf, ctx.acts, ctx.zeta = len(weights), c is not None, acts, zeta
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved outputs
-    ctx.save_for_backward(curves, output[2], output[3], *weights, *([c, lam, wr] if c is not None else []))
+    # (the biases only for a double backward)
+    ctx.save_for_backward(curves, output[2], output[3], *weights, *biases, *([c, lam, wr] if c is not None else []))
 
 
 def _curve_energy_train_bwd(ctx, grad_energy, grad_length, _grad_derivs, _grad_feats):
     curves, derivs, feats, *rest = ctx.saved_tensors
     nl = ctx.n_layers
-    weights, rbf = list(rest[:nl]), (rest[nl:] if ctx.has_rbf else [None, None, None])
+    weights, biases = list(rest[:nl]), list(rest[nl:2 * nl])
+    rbf = rest[2 * nl:] if ctx.has_rbf else [None, None, None]
+    if graph_wanted(grad_energy, grad_length, curves, weights, biases, rbf):  # see ops/_autograd.py
+        return reference_vjp(ref.curve_energy, (curves, weights, biases, ctx.acts, *rbf, ctx.zeta),
+                             (grad_energy, grad_length))
     zeros = curves.new_zeros(curves.shape[0])
     gz = _curve_energy_train_backward(grad_energy if grad_energy is not None else zeros,
                                       grad_length if grad_length is not None else zeros,

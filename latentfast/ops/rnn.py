@@ -18,6 +18,7 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
+from latentfast.ops._autograd import graph_wanted, reference_vjp
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import rnn as ref
 
@@ -86,18 +87,21 @@ def _save_inputs(ctx, inputs, output):
 def _gru_sequence_bwd(ctx, grad_out):
     # Inference op under autograd (direct torch.ops call): recompute with the gates kept.
     x, h0, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+    if graph_wanted(grad_out, *ctx.saved_tensors):  # create_graph=True: see ops/_autograd.py
+        return reference_vjp(ref.gru_sequence, ctx.saved_tensors, (grad_out,))
     out, gates = _fwd(x, h0, w_ih, w_hh, b_ih, b_hh, True)
     return _gru_sequence_backward(grad_out, x, h0, w_ih, w_hh, out, gates)
 
 
 def _save_train(ctx, inputs, output):
-    x, h0, w_ih, w_hh, _, _ = inputs
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], output[1])
+    ctx.save_for_backward(*inputs, output[0], output[1])  # the biases for a double backward only
 
 
 def _gru_sequence_train_bwd(ctx, grad_out, _grad_gates):
-    x, h0, w_ih, w_hh, out, gates = ctx.saved_tensors
+    x, h0, w_ih, w_hh, b_ih, b_hh, out, gates = ctx.saved_tensors
+    if graph_wanted(grad_out, x, h0, w_ih, w_hh, b_ih, b_hh):
+        return reference_vjp(ref.gru_sequence, (x, h0, w_ih, w_hh, b_ih, b_hh), (grad_out,))
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     return _gru_sequence_backward(grad_out, x, h0, w_ih, w_hh, out, gates)
@@ -220,6 +224,8 @@ def _zeros_if_none(g, like):
 def _lstm_sequence_bwd(ctx, grad_out, grad_cells):
     # Inference op under autograd (direct torch.ops call): recompute with the gates kept.
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+    if graph_wanted(grad_out, grad_cells, *ctx.saved_tensors):  # create_graph=True: ops/_autograd.py
+        return reference_vjp(ref.lstm_sequence, ctx.saved_tensors, (grad_out, grad_cells))
     out, cells, gates = _lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, True)
     return _lstm_sequence_backward(_zeros_if_none(grad_out, out), _zeros_if_none(grad_cells, cells), x, h0, c0,
                                    w_ih, w_hh, out, cells, gates)
@@ -231,13 +237,14 @@ def _save_lstm_inputs(ctx, inputs, output):
 
 
 def _save_lstm_train(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, _, _ = inputs
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, *output)
+    ctx.save_for_backward(*inputs, *output)  # the biases for a double backward only
 
 
 def _lstm_sequence_train_bwd(ctx, grad_out, grad_cells, _grad_gates):
-    x, h0, c0, w_ih, w_hh, out, cells, gates = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, cells, gates = ctx.saved_tensors
+    if graph_wanted(grad_out, grad_cells, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        return reference_vjp(ref.lstm_sequence, (x, h0, c0, w_ih, w_hh, b_ih, b_hh), (grad_out, grad_cells))
     return _lstm_sequence_backward(_zeros_if_none(grad_out, out), _zeros_if_none(grad_cells, cells), x, h0, c0,
                                    w_ih, w_hh, out, cells, gates)
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
+from latentfast.ops._autograd import graph_wanted, reference_vjp
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import vector_flows as ref
 
@@ -139,6 +140,11 @@ def _zeros_if_none(g, like):
     return torch.zeros_like(like) if g is None else g
 
 
+def _reference_grads(ctx, x, c, w1, b1, w2, b2, act, grad_y, grad_logdet):
+    # create_graph=True (see ops/_autograd.py): the reference's gradients, as a graph
+    return reference_vjp(ref.vector_flow_stack, (x, c, w1, b1, w2, b2, act, ctx.additive), (grad_y, grad_logdet))
+
+
 def _save_stack_inputs(ctx, inputs, output):
     x, c, w1, b1, w2, b2, act, additive = inputs
     ctx.set_materialize_grads(False)
@@ -149,6 +155,8 @@ def _save_stack_inputs(ctx, inputs, output):
 def _vector_flow_stack_bwd(ctx, grad_y, grad_logdet):
     # Inference op under autograd (direct torch.ops call): recompute keeping the activations.
     x, c, w1, b1, w2, b2, act = ctx.saved_tensors
+    if graph_wanted(grad_y, grad_logdet, x, c, w1, b1, w2, b2):
+        return _reference_grads(ctx, x, c, w1, b1, w2, b2, act, grad_y, grad_logdet)
     y, ld, xs, out = _fwd(x, c, w1, b1, w2, b2, act, ctx.additive, True)
     grads = _vector_flow_stack_backward(_zeros_if_none(grad_y, y), _zeros_if_none(grad_logdet, ld), xs, out, c,
                                         w1, b1, w2, act, ctx.additive)
@@ -159,11 +167,13 @@ def _save_stack_train(ctx, inputs, output):
     x, c, w1, b1, w2, b2, act, additive = inputs
     ctx.set_materialize_grads(False)
     ctx.has_ctx, ctx.additive = c is not None, additive
-    ctx.save_for_backward(c, w1, b1, w2, act, *output)
+    ctx.save_for_backward(x, c, w1, b1, w2, b2, act, *output)  # x, b2: for a double backward only
 
 
 def _vector_flow_stack_train_bwd(ctx, grad_y, grad_logdet, *_unused):
-    c, w1, b1, w2, act, y, ld, xs, out = ctx.saved_tensors
+    x, c, w1, b1, w2, b2, act, y, ld, xs, out = ctx.saved_tensors
+    if graph_wanted(grad_y, grad_logdet, x, c, w1, b1, w2, b2):
+        return _reference_grads(ctx, x, c, w1, b1, w2, b2, act, grad_y, grad_logdet)
     grads = _vector_flow_stack_backward(_zeros_if_none(grad_y, y), _zeros_if_none(grad_logdet, ld), xs, out, c,
                                         w1, b1, w2, act, ctx.additive)
     return _grads(grads, ctx.has_ctx)
@@ -183,12 +193,14 @@ class _EagerStack(torch.autograd.Function):
         y, ld, xs, out, hidden = _fwd_kept(x, c, w1, b1, w2, b2, act, additive, True, _keep_hidden(x, w1))
         ctx.set_materialize_grads(False)
         ctx.has_ctx, ctx.additive, ctx.kept = c is not None, additive, hidden is not None
-        ctx.save_for_backward(c, w1, b1, w2, act, xs, out, hidden)
+        ctx.save_for_backward(c, w1, b1, w2, act, xs, out, hidden, x, b2)  # x, b2: for a double backward
         return y, ld
 
     @staticmethod
     def backward(ctx, grad_y, grad_logdet):
-        c, w1, b1, w2, act, xs, out, hidden = ctx.saved_tensors
+        c, w1, b1, w2, act, xs, out, hidden, x, b2 = ctx.saved_tensors
+        if graph_wanted(grad_y, grad_logdet, x, c, w1, b1, w2, b2):
+            return _reference_grads(ctx, x, c, w1, b1, w2, b2, act, grad_y, grad_logdet)
         grad_y = torch.zeros_like(xs[0]) if grad_y is None else grad_y.contiguous()
         grad_logdet = xs.new_zeros(xs.shape[1]) if grad_logdet is None else grad_logdet.contiguous()
         return _grads(_bwd(grad_y, grad_logdet, xs, out, c, w1, b1, w2, act, ctx.additive, hidden), ctx.has_ctx)

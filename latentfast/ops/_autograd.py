@@ -1,0 +1,69 @@
+"""Double backward for the ops.
+
+The registered backward of every op calls a kernel (C++ or Triton), so the gradients it
+returns carry no autograd graph: differentiating them again (``torch.autograd.grad(...,
+create_graph=True)`` for a gradient penalty, a Hessian-vector product, a gradient of a
+gradient) would silently see constants. Autograd runs a backward with grad mode on only under
+``create_graph=True``; there, :func:`graph_wanted` is true and the backward returns
+:func:`reference_vjp` instead: the same first derivatives through the op's pure-PyTorch
+reference, built as a graph, so every higher derivative is PyTorch's own (and slower: the
+reference recomputes the forward). A plain ``loss.backward()`` never takes this path.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _tensors(items) -> list[Tensor]:
+    out = []
+    for t in items:
+        if isinstance(t, Tensor):
+            out.append(t)
+        elif isinstance(t, (list, tuple)):
+            out.extend(_tensors(t))
+    return out
+
+
+def graph_wanted(*items: Any) -> bool:
+    """True inside a backward run with ``create_graph=True`` whose results need a graph: grad
+    mode is on (autograd turns it on for a backward only then) and one of the given tensors
+    (incoming gradients, saved inputs; lists are searched) requires grad. Always false while
+    torch.compile traces (it does not support double backward and raises on its own)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return any(t.requires_grad for t in _tensors(items))
+
+
+def reference_vjp(fn: Callable[..., Any], inputs: Sequence[Any], grads: Sequence[Tensor | None]) -> tuple:
+    """Gradients of ``fn(*inputs)`` weighted by ``grads``, as a differentiable graph.
+
+    fn: the op's reference, pure PyTorch, with the op's inputs (tensors, lists of tensors,
+    other arguments passed through). Outputs whose gradient is None (or that do not depend on
+    the inputs) are left out; fn's outputs beyond len(grads) are ignored. Returns one entry per
+    input: the gradient for a tensor that requires grad (zeros if the output does not depend
+    on it), a list of them for a list of tensors, None for anything else."""
+    with torch.enable_grad():
+        outs = fn(*inputs)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    wanted = [t for t in _tensors(inputs) if t.requires_grad]
+    got = {}
+    if wanted and pairs:
+        res = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                  allow_unused=True)
+        got = {id(t): (r if r is not None else torch.zeros_like(t)) for t, r in zip(wanted, res)}
+    elif wanted:
+        got = {id(t): torch.zeros_like(t) for t in wanted}
+
+    def pick(t):
+        if isinstance(t, Tensor):
+            return got.get(id(t)) if t.requires_grad else None
+        if isinstance(t, (list, tuple)) and any(isinstance(u, Tensor) for u in t):
+            return [pick(u) for u in t]
+        return None
+
+    return tuple(pick(t) for t in inputs)
