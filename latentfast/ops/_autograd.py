@@ -1,4 +1,4 @@
-"""Double backward for the ops.
+"""Double backward, forward-mode AD and torch.func transforms for the ops.
 
 The registered backward of every op calls a kernel (C++ or Triton), so the gradients it
 returns carry no autograd graph: differentiating them again (``torch.autograd.grad(...,
@@ -8,6 +8,12 @@ gradient) would silently see constants. Autograd runs a backward with grad mode 
 :func:`reference_vjp` instead: the same first derivatives through the op's pure-PyTorch
 reference, built as a graph, so every higher derivative is PyTorch's own (and slower: the
 reference recomputes the forward). A plain ``loss.backward()`` never takes this path.
+
+The kernels know nothing of forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) or
+of torch.func's transforms (vmap, grad, jacrev, jacfwd, hessian): their outputs would carry
+no tangent (silently zero directional derivatives) or fail. :func:`under_transform` tells
+the public functions when one of these sees their inputs; they then compute with the
+pure-PyTorch reference, which every transform handles.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
 
@@ -67,3 +74,24 @@ def reference_vjp(fn: Callable[..., Any], inputs: Sequence[Any], grads: Sequence
         return None
 
     return tuple(pick(t) for t in inputs)
+
+
+def functorch_active() -> bool:
+    """True inside a torch.func transform (vmap, grad, jvp, jacrev, jacfwd, ...)."""
+    try:
+        return torch._C._functorch.maybe_current_level() is not None
+    except AttributeError:  # pragma: no cover - older or stripped builds
+        return False
+
+
+def under_transform(*items: Any) -> bool:
+    """True when a torch.func transform (vmap, grad, jvp, jacrev, jacfwd, ...) is active, or
+    forward-mode AD is and one of the given tensors (lists are searched) carries a tangent.
+    Always false while torch.compile traces (it traces the custom ops)."""
+    if torch.compiler.is_compiling():
+        return False
+    if functorch_active():
+        return True
+    if getattr(fwad, "_current_level", -1) >= 0:
+        return any(fwad.unpack_dual(t).tangent is not None for t in _tensors(items))
+    return False

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from latentfast.ops._autograd import functorch_active
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _skip_finite: contextvars.ContextVar[bool] = contextvars.ContextVar("latentfast_skip_finite", default=False)
 
@@ -39,8 +41,9 @@ def finite_checks_enabled() -> bool:
 
 def check_finite(name: str, t: Tensor) -> None:
     """Raise ValueError if `t` holds NaN or Inf. Skipped inside an already-checked model
-    (see checked_once), under torch.compile tracing, or with LATENTFAST_CHECK_FINITE=0."""
-    if torch.compiler.is_compiling() or _skip_finite.get() or not finite_checks_enabled():
+    (see checked_once), under torch.compile tracing, inside torch.func transforms (vmap cannot
+    read a value back), or with LATENTFAST_CHECK_FINITE=0."""
+    if torch.compiler.is_compiling() or _skip_finite.get() or not finite_checks_enabled() or functorch_active():
         return
     if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
         return

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
+from latentfast.ops._autograd import under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import dynamics as ref
 
@@ -64,6 +65,14 @@ def _(x0, q0, system, p0, p1, p2, dt, n_steps, qr_every, transient):
     return x0.new_empty((x0.shape[0], q0.shape[2])), torch.empty_like(x0)
 
 
+def _no_transform(name: str, *tensors) -> None:
+    # the spectra run under no_grad, but forward-mode AD and torch.func transforms would
+    # still see the inputs (and get no tangent or batching from the kernels): refuse them
+    if under_transform(tensors):
+        raise ValueError(f"{name} is not differentiable and batches its initial states itself: forward-mode AD "
+                         "and torch.func transforms (vmap, jvp, grad, ...) are not supported")
+
+
 def _check_run(k: int, n: int, n_steps: int, qr_every: int, transient: int, dt: float) -> None:
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
@@ -93,8 +102,10 @@ def rnn_lyapunov_spectrum(cell: str, s0: Tensor, k: int, n_steps: int, weight_ih
     The map is s' = Cell(x, s) with x = readout_weight h + readout_bias (zero input when
     readout_weight is None); weights follow torch.nn.RNNCell / GRUCell / LSTMCell.
     cell: "rnn_tanh", "gru" or "lstm". s0 [B, S]: S = H, or 2H for the LSTM (h then c).
-    Returns (exponents [B, k] per unit time with dt, final state [B, S]).
+    Returns (exponents [B, k] per unit time with dt, final state [B, S]). Not differentiable.
     """
+    _no_transform("rnn_lyapunov_spectrum", s0, weight_ih, weight_hh, bias_ih, bias_hh, readout_weight,
+                  readout_bias, q0)
     if cell not in ref.RNN_CELLS:
         raise ValueError(f"cell must be one of {sorted(ref.RNN_CELLS)}, got {cell!r}")
     check_tensor("s0", s0, 2)
@@ -136,8 +147,9 @@ def lorenz_lyapunov_spectrum(system: str, x0: Tensor, k: int, n_steps: int, dt: 
     exact RK4 tangent map, for many initial conditions x0 [B, N] at once.
 
     system: "lorenz63" (N = 3; sigma, rho, beta) or "lorenz96" (N >= 4; forcing).
-    Returns (exponents [B, k], final state [B, N]).
+    Returns (exponents [B, k], final state [B, N]). Not differentiable.
     """
+    _no_transform("lorenz_lyapunov_spectrum", x0, q0)
     if system not in ref.LORENZ_SYSTEMS:
         raise ValueError(f"system must be one of {sorted(ref.LORENZ_SYSTEMS)}, got {system!r}")
     check_tensor("x0", x0, 2)

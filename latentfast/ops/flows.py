@@ -16,7 +16,7 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
-from latentfast.ops._autograd import graph_wanted, reference_vjp
+from latentfast.ops._autograd import graph_wanted, reference_vjp, under_transform
 from latentfast.ops._checks import check_tensor
 from latentfast.reference import flows as ref
 
@@ -301,10 +301,13 @@ def _wants_grad(tensors) -> bool:
 
 
 def _call(op, spec, *inputs):
-    """The custom op when compiling; otherwise its implementation, through _Eager when an
-    input needs a gradient."""
+    """The custom op when compiling; the reference under forward-mode AD or a torch.func
+    transform (ops/_autograd.py); otherwise its implementation, through _Eager when an input
+    needs a gradient."""
     if torch.compiler.is_compiling():
         return op(*inputs)
+    if under_transform(inputs):
+        return _REFERENCE[op](*inputs)
     if _wants_grad(inputs):
         return _Eager.apply(spec, *inputs)
     return spec[0](*inputs)
@@ -318,6 +321,9 @@ _SPEC_COUPLING = (lambda x, h, additive: _coupling_impl(x, h, additive, False), 
 _SPEC_COUPLING_INV = (lambda y, h, additive: _coupling_impl(y, h, additive, True), _save_coupling,
                       _affine_coupling_inverse_bwd)
 _SPEC_LU = (_lu_weight_impl, _save_lu, _lu_weight_bwd)
+_REFERENCE = {_actnorm_invconv: ref.actnorm_invconv, _actnorm_invconv_coupling: ref.actnorm_invconv_coupling,
+              _affine_coupling: ref.affine_coupling, _affine_coupling_inverse: ref.affine_coupling_inverse,
+              _lu_weight: ref.lu_weight}
 
 
 # ------------------------------------------------------------------ public functional API

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
-from latentfast.ops._autograd import graph_wanted, reference_vjp
+from latentfast.ops._autograd import graph_wanted, reference_vjp, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import geometry as ref
 
@@ -576,8 +576,11 @@ def pullback_metric(z: Tensor, weights: list[Tensor], biases: list[Tensor], acts
     check_tensor("z", z, 2)
     check_mlp(z, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
     check_finite("z", z)
-    return _pullback_metric(z, list(weights), list(biases), [int(a) for a in acts],
-                            *_rbf_args(rbf_centres, rbf_lambda, rbf_weight), float(zeta))
+    args = (z, list(weights), list(biases), [int(a) for a in acts], *_rbf_args(rbf_centres, rbf_lambda, rbf_weight),
+            float(zeta))
+    if under_transform(args):  # forward-mode AD or torch.func: the reference (ops/_autograd.py)
+        return ref.pullback_metric(*args)
+    return _pullback_metric(*args)
 
 
 def _check_curves(curves: Tensor) -> None:
@@ -598,6 +601,8 @@ def curve_energy(curves: Tensor, weights: list[Tensor], biases: list[Tensor], ac
     args = (curves, list(weights), list(biases), [int(a) for a in acts],
             *_rbf_args(rbf_centres, rbf_lambda, rbf_weight), float(zeta))
     params = [*weights, *biases, *[t for t in (rbf_centres, rbf_lambda, rbf_weight) if t is not None]]
+    if under_transform(curves, params):  # forward-mode AD or torch.func: the reference (ops/_autograd.py)
+        return ref.curve_energy(*args)
     if (torch.is_grad_enabled() and curves.requires_grad and not any(t.requires_grad for t in params)
             and backend.select(curves.device) != "reference"):
         # Training-style call: keep the decoder activations for the backward (memory
@@ -615,6 +620,9 @@ def curve_energy_and_grad(curves: Tensor, weights: list[Tensor], biases: list[Te
     autograd: what a geodesic solver needs per iteration."""
     _check_curves(curves)
     check_mlp(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
+    if under_transform(curves, weights, biases, rbf_centres, rbf_lambda, rbf_weight):
+        raise ValueError("curve_energy_and_grad runs without autograd and does not support forward-mode AD or "
+                         "torch.func transforms; use curve_energy (differentiable) instead")
     with torch.no_grad():
         e, ln, g = _curve_impl(curves, list(weights), list(biases), [int(a) for a in acts],
                                *_rbf_args(rbf_centres, rbf_lambda, rbf_weight), float(zeta),

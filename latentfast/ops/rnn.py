@@ -18,7 +18,7 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
-from latentfast.ops._autograd import graph_wanted, reference_vjp
+from latentfast.ops._autograd import graph_wanted, reference_vjp, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import rnn as ref
 
@@ -153,7 +153,9 @@ def gru_sequence(x: Tensor, h0: Tensor | None, weight_ih: Tensor, weight_hh: Ten
     x, h0, _ = _check_rnn("gru_sequence", 3, x, (h0,), weight_ih, weight_hh, bias_ih, bias_hh, batch_first)
     h0 = h0[0]
     args = (x.contiguous(), h0, weight_ih, weight_hh, bias_ih, bias_hh)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+    if under_transform(args):  # forward-mode AD or torch.func: the reference (ops/_autograd.py)
+        out = ref.gru_sequence(*args)[0]
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in args):
         out = _gru_sequence_train(*args)[0]
     else:
         out = _gru_sequence(*args)
@@ -268,7 +270,9 @@ def lstm_sequence(x: Tensor, hx: tuple[Tensor, Tensor] | None, weight_ih: Tensor
     x, (h0, c0), _ = _check_rnn("lstm_sequence", 4, x, (h0, c0), weight_ih, weight_hh, bias_ih, bias_hh,
                                 batch_first)
     args = (x.contiguous(), h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+    if under_transform(args):  # forward-mode AD or torch.func: the reference (ops/_autograd.py)
+        out, cells, _ = ref.lstm_sequence(*args)
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in args):
         out, cells, _ = _lstm_sequence_train(*args)
     else:
         out, cells = _lstm_sequence(*args)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
-from latentfast.ops._autograd import graph_wanted, reference_vjp
+from latentfast.ops._autograd import graph_wanted, reference_vjp, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import vector_flows as ref
 
@@ -252,6 +252,9 @@ def vector_flow_stack(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     act = _check_stack("vector_flow_stack", x, ctx, w1, b1, w2, b2, act, additive)
     check_finite("x", x)
     args = (x.contiguous(), ctx, w1, b1, w2, b2, act, bool(additive))
+    if under_transform(args):  # forward-mode AD or torch.func: the reference (ops/_autograd.py)
+        y, ld, *_ = ref.vector_flow_stack(*args)
+        return y, ld
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
     if torch.compiler.is_compiling():
         if needs_grad:
@@ -279,6 +282,8 @@ def vector_flow_stack_inverse(y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2:
     if n_passes < 1:
         raise ValueError(f"n_passes must be >= 1, got {n_passes}")
     with torch.no_grad():
+        if under_transform(y, ctx, w1, b1, w2, b2):  # torch.func transforms: the reference
+            return ref.vector_flow_stack_inverse(y.contiguous(), ctx, w1, b1, w2, b2, act, bool(additive), n_passes)
         return _vector_flow_stack_inverse(y.contiguous(), ctx, w1, b1, w2, b2, act, bool(additive), n_passes)
 
 
