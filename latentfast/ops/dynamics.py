@@ -20,6 +20,7 @@ from torch import Tensor
 
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
+from latentfast.ops._amp import float32_under_autocast
 from latentfast.ops._autograd import under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import dynamics as ref
@@ -91,6 +92,7 @@ def _frame(q0: Tensor | None, b: int, n: int, k: int, like: Tensor, generator: t
     return q0.contiguous()
 
 
+@float32_under_autocast
 @torch.no_grad()
 def rnn_lyapunov_spectrum(cell: str, s0: Tensor, k: int, n_steps: int, weight_ih: Tensor, weight_hh: Tensor,
                           bias_ih: Tensor, bias_hh: Tensor, readout_weight: Tensor | None = None,
@@ -138,6 +140,7 @@ def rnn_lyapunov_spectrum(cell: str, s0: Tensor, k: int, n_steps: int, weight_ih
                          n_steps, qr_every, transient, float(dt))
 
 
+@float32_under_autocast
 @torch.no_grad()
 def lorenz_lyapunov_spectrum(system: str, x0: Tensor, k: int, n_steps: int, dt: float = 0.01,
                              qr_every: int = 1, transient: int = 0, sigma: float = 10.0, rho: float = 28.0,

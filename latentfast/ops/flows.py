@@ -16,6 +16,7 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
+from latentfast.ops._amp import float32_under_autocast
 from latentfast.ops._autograd import graph_wanted, reference_vjp, under_transform
 from latentfast.ops._checks import check_tensor
 from latentfast.reference import flows as ref
@@ -346,6 +347,7 @@ def _check_map(x: Tensor, weight: Tensor, bias: Tensor) -> None:
         raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
+@float32_under_autocast
 def actnorm_invconv(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """Per-pixel affine map y[n, :, i, j] = weight @ x[n, :, i, j] + bias.
 
@@ -361,6 +363,7 @@ def actnorm_invconv(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return _call(_actnorm_invconv, _SPEC_MAP, x, weight, bias)
 
 
+@float32_under_autocast
 def actnorm_invconv_coupling(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor,
                              additive: bool = False) -> tuple[Tensor, Tensor]:
     """actnorm_invconv, then the coupling of the second channel half given h, in one pass.
@@ -382,6 +385,7 @@ def _check_coupling(x_b: Tensor, h: Tensor, additive: bool) -> None:
     _check_pixels("h", h, x_b, x_b.shape[1] if additive else 2 * x_b.shape[1])
 
 
+@float32_under_autocast
 def affine_coupling(x_b: Tensor, h: Tensor, additive: bool = False) -> tuple[Tensor, Tensor]:
     """Glow's affine coupling y_b = (x_b + shift) * sigmoid(raw + 2), h = cat(shift, raw),
     or NICE's additive y_b = x_b + h. Returns (y_b [N, Cb, H, W], logdet [N])."""
@@ -389,12 +393,14 @@ def affine_coupling(x_b: Tensor, h: Tensor, additive: bool = False) -> tuple[Ten
     return _call(_affine_coupling, _SPEC_COUPLING, x_b, h, bool(additive))
 
 
+@float32_under_autocast
 def affine_coupling_inverse(y_b: Tensor, h: Tensor, additive: bool = False) -> tuple[Tensor, Tensor]:
     """Inverse of affine_coupling: (x_b, logdet of the inverse = -forward logdet)."""
     _check_coupling(y_b, h, additive)
     return _call(_affine_coupling_inverse, _SPEC_COUPLING_INV, y_b, h, bool(additive))
 
 
+@float32_under_autocast
 def lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_abs_s: Tensor
               ) -> tuple[Tensor, Tensor, Tensor]:
     """W = P L (U + diag(sign_s * exp(log_abs_s))), its inverse, and log|det W|.

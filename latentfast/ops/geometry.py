@@ -26,6 +26,7 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
+from latentfast.ops._amp import float32_under_autocast
 from latentfast.ops._autograd import graph_wanted, reference_vjp, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import geometry as ref
@@ -555,6 +556,7 @@ def check_mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list
             raise ValueError(f"zeta must be > 0 (it bounds sigma), got {zeta}")
 
 
+@float32_under_autocast
 def pullback_metric(z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
                     rbf_centres: Tensor | None = None, rbf_lambda: Tensor | None = None,
                     rbf_weight: Tensor | None = None, zeta: float = 0.0) -> Tensor:
@@ -590,6 +592,7 @@ def _check_curves(curves: Tensor) -> None:
     check_finite("curves", curves)
 
 
+@float32_under_autocast
 def curve_energy(curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
                  rbf_centres: Tensor | None = None, rbf_lambda: Tensor | None = None,
                  rbf_weight: Tensor | None = None, zeta: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -612,6 +615,7 @@ def curve_energy(curves: Tensor, weights: list[Tensor], biases: list[Tensor], ac
     return _curve_energy(*args)
 
 
+@float32_under_autocast
 def curve_energy_and_grad(curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
                           rbf_centres: Tensor | None = None, rbf_lambda: Tensor | None = None,
                           rbf_weight: Tensor | None = None, zeta: float = 0.0

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
+from latentfast.ops._amp import float32_under_autocast
 from latentfast.ops._autograd import graph_wanted, reference_vjp, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import rnn as ref
@@ -142,6 +143,7 @@ def _check_rnn(name: str, n_gates: int, x: Tensor, states: tuple, weight_ih: Ten
     return x, tuple(filled), hs
 
 
+@float32_under_autocast
 def gru_sequence(x: Tensor, h0: Tensor | None, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
                  bias_hh: Tensor, batch_first: bool = False) -> tuple[Tensor, Tensor]:
     """A single-layer GRU over a whole sequence (torch.nn.GRU math and weight layout).
@@ -255,6 +257,7 @@ _lstm_sequence.register_autograd(_lstm_sequence_bwd, setup_context=_save_lstm_in
 _lstm_sequence_train.register_autograd(_lstm_sequence_train_bwd, setup_context=_save_lstm_train)
 
 
+@float32_under_autocast
 def lstm_sequence(x: Tensor, hx: tuple[Tensor, Tensor] | None, weight_ih: Tensor, weight_hh: Tensor,
                   bias_ih: Tensor, bias_hh: Tensor, batch_first: bool = False
                   ) -> tuple[Tensor, tuple[Tensor, Tensor]]:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
+from latentfast.ops._amp import float32_under_autocast
 from latentfast.ops._autograd import graph_wanted, reference_vjp, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import vector_flows as ref
@@ -236,6 +237,7 @@ def _check_stack(name: str, x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tenso
     return act
 
 
+@float32_under_autocast
 def vector_flow_stack(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor | None = None,
                       ctx: Tensor | None = None, additive: bool = False) -> tuple[Tensor, Tensor]:
     """K masked-MLP flow steps on latent vectors in one call per direction.
@@ -267,6 +269,7 @@ def vector_flow_stack(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     return y, ld
 
 
+@float32_under_autocast
 def vector_flow_stack_inverse(y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor | None = None,
                               ctx: Tensor | None = None, additive: bool = False, n_passes: int | None = None
                               ) -> tuple[Tensor, Tensor]:

@@ -77,10 +77,10 @@ def _stack(additive, with_ctx):
         c = _rnd(gen, k, b, h, scale=0.3) if with_ctx else None
 
         def fast(x, w1, b1, w2, b2, c):
-            return vops.vector_flow_stack(x, w1, b1, w2, b2, act, c, additive)
+            return vops.vector_flow_stack(x, w1, b1, w2, b2, act.to(x), c, additive)
 
         def slow(x, w1, b1, w2, b2, c):
-            return vref.vector_flow_stack(x, c, w1, b1, w2, b2, act, additive)[:2]
+            return vref.vector_flow_stack(x, c, w1, b1, w2, b2, act.to(x), additive)[:2]
         return (x, w1, b1, w2, b2, c), (fast, slow)
     return make
 
@@ -92,7 +92,7 @@ def _stack_custom_ops(train):
         op = torch.ops.latentfast.vector_flow_stack_train if train else torch.ops.latentfast.vector_flow_stack
 
         def fast(x, w1, b1, w2, b2, c):
-            return op(x, c, w1, b1, w2, b2, act.to(x.device), False)[:2]
+            return op(x, c, w1, b1, w2, b2, act.to(x), False)[:2]
         return args, (fast, slow)
     return make
 

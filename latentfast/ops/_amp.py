@@ -1,0 +1,57 @@
+"""Autocast (automatic mixed precision) for the public op functions.
+
+Inside ``torch.autocast`` the layers around an op produce float16 / bfloat16 tensors (a
+coupling net's conv, the matmul that folds ActNorm into the 1x1 conv), while the kernels take
+float32 and float64 only. The ops follow autocast's policy for precision-sensitive operations
+(log-determinants, recurrences, metrics): :func:`float32_under_autocast` casts float16 and
+bfloat16 inputs to float32, runs the op with autocast off (so the reference backend too
+computes in float32) and returns float32 outputs. float64 inputs are left alone, and outside
+autocast nothing changes (a half-precision input still raises the usual TypeError).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+_LOW = (torch.float16, torch.bfloat16)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _first_device(items) -> torch.device | None:
+    for t in items:
+        if isinstance(t, Tensor):
+            return t.device
+        if isinstance(t, (list, tuple)):
+            dev = _first_device(t)
+            if dev is not None:
+                return dev
+    return None
+
+
+def _upcast(t: Any) -> Any:
+    if isinstance(t, Tensor):
+        return t.float() if t.dtype in _LOW else t
+    if isinstance(t, list):
+        return [_upcast(u) for u in t]
+    if isinstance(t, tuple):
+        return tuple(_upcast(u) for u in t)
+    return t
+
+
+def float32_under_autocast(fn: F) -> F:
+    """Decorator: under torch.autocast for the inputs' device, upcast half-precision inputs to
+    float32 and run `fn` with autocast disabled; otherwise call `fn` unchanged."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = _first_device(args) or _first_device(kwargs.values())
+        if dev is None or not torch.is_autocast_enabled(dev.type):
+            return fn(*args, **kwargs)
+        args = tuple(_upcast(a) for a in args)
+        kwargs = {k: _upcast(v) for k, v in kwargs.items()}
+        with torch.autocast(dev.type, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,60 @@
+"""torch.autocast: the public functions upcast half-precision inputs to float32 and return
+float32 (latentfast/ops/_amp.py), so layers around them may run in bfloat16 / float16."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import latentfast
+from latentfast.flows import Glow, GlowStep
+from tests.conftest import device_for
+from tests.ops.test_transforms import CASES
+
+LOW = torch.bfloat16
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_autocast_upcasts_to_float32(backend, name):
+    inputs, (fast, _) = CASES[name](torch.Generator().manual_seed(3))
+    dev = device_for(backend)
+    wanted = [isinstance(t, torch.Tensor) and t.requires_grad for t in inputs]
+    # what the layers before the op would hand over under autocast: half-precision tensors
+    low = tuple(t.detach().to(dev, LOW).requires_grad_(w) if w else (t.to(dev).float() if isinstance(t, torch.Tensor)
+                else t) for t, w in zip(inputs, wanted))
+    with torch.autocast(dev.type, dtype=LOW):
+        outs = fast(*low)
+    up = tuple(t.detach().float() if isinstance(t, torch.Tensor) else t for t in low)
+    expect = fast(*up)  # the same function on the upcast values, outside autocast
+    for k, (o, e) in enumerate(zip(outs, expect)):
+        assert o.dtype == torch.float32, f"{name}: output {k} is {o.dtype}"
+        torch.testing.assert_close(o, e, rtol=0, atol=0, msg=f"{name}: output {k} differs from float32")
+    loss = sum(o.sum() for o in outs)
+    grads = torch.autograd.grad(loss, [t for t, w in zip(low, wanted) if w], allow_unused=True)
+    for g in grads:
+        assert g is None or (g.dtype == LOW and torch.isfinite(g.float()).all())
+
+
+def test_outside_autocast_half_precision_still_raises():
+    inputs, (fast, _) = CASES["affine_coupling"](torch.Generator().manual_seed(3))
+    with pytest.raises(TypeError, match="dtype"):
+        fast(*(t.detach().to(LOW) for t in inputs))
+
+
+def test_glow_trains_under_autocast(backend):
+    torch.manual_seed(0)
+    glow = Glow(in_channels=1, image_size=8, n_levels=2, steps_per_level=2, hidden=16)
+    x = torch.rand(8, 1, 8, 8) - 0.5
+    with torch.no_grad():
+        full = glow.bits_per_dim(x, n_bins=17)  # also the data-dependent ActNorm init
+    with torch.autocast("cpu", dtype=LOW):
+        loss = glow.bits_per_dim(x, n_bins=17)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - full.item()) < 0.05 * abs(full.item())  # the coupling nets ran in bfloat16
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in glow.parameters() if p.requires_grad)
+    step = GlowStep(4, hidden=8)
+    step(torch.randn(2, 4, 4, 4))
+    with torch.autocast("cpu", dtype=LOW):
+        y, ld = step(torch.randn(2, 4, 4, 4))
+    assert y.dtype == ld.dtype == torch.float32
+    assert latentfast.backend.requested() == backend
