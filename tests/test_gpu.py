@@ -1,6 +1,7 @@
 """The Triton kernels on a CUDA device: the op tests of tests/ops, tests/geometry, tests/rnn
-and tests/flows (vector flows), run with backend "triton" on CUDA tensors, and a geodesic
-solved on the GPU against the CPU.
+and tests/flows (vector flows), run with backend "triton" on CUDA tensors (with double
+backward, forward-mode AD, torch.func transforms and autocast), and a geodesic solved on the
+GPU against the CPU.
 
 Run on a GPU machine with `pytest -m gpu`; skipped without CUDA.
 """
@@ -13,7 +14,10 @@ import latentfast
 from latentfast import backend as lf_backend
 from tests.flows import test_vector_flows as vec_t
 from tests.geometry import test_geometry_ops as geo_t
+from tests.ops import test_autocast as amp_t
+from tests.ops import test_double_backward as dbl_t
 from tests.ops import test_flows_ops as flow_t
+from tests.ops import test_transforms as tf_t
 from tests.rnn import test_lyapunov_ops as lyap_t
 from tests.rnn import test_rnn_ops as rnn_t
 
@@ -143,3 +147,13 @@ def test_vector_flow_modules_on_cuda(triton_cuda):
     vec_t.test_modules_invert_fp32(triton_cuda)
     vec_t.test_made_flow_step_one_step(triton_cuda)
     vec_t.test_made_flow_step_at_the_widest_size(triton_cuda)
+
+
+@pytest.mark.parametrize("name", list(dbl_t.CASES))
+def test_double_backward_transforms_and_autocast_on_cuda(triton_cuda, name):
+    dbl_t.test_double_backward_matches_reference(triton_cuda, name)
+    if name in tf_t.CASES:
+        tf_t.test_forward_ad_matches_reference(triton_cuda, name)
+        tf_t.test_func_jvp_and_grad_match_reference(triton_cuda, name)
+        tf_t.test_vmap_matches_reference(triton_cuda, name)
+        amp_t.test_autocast_upcasts_to_float32(triton_cuda, name)
