@@ -149,8 +149,9 @@ class MaskedFlowStack(nn.Module):
 
 class IAF(MaskedFlowStack):
     """Inverse autoregressive flow: forward(z) -> (x, logdet) is one fast pass (sampling,
-    reparameterised posteriors); inverse(x) is the sequential direction (one call) and is
-    not differentiable."""
+    reparameterised posteriors); inverse(x) is the sequential direction: one kernel call
+    without gradients, the reference's sweeps under autograd when gradients are wanted
+    (ops.vector_flow_stack_inverse)."""
 
     def __init__(self, dim: int, hidden: int = 64, n_steps: int = 1, context_dim: int = 0,
                  gate_bias: float = 2.0) -> None:
@@ -166,7 +167,8 @@ class IAF(MaskedFlowStack):
 class MAF(MaskedFlowStack):
     """Masked autoregressive flow: inverse(x) -> (z, logdet) is one fast, differentiable pass
     (density estimation, flow priors); forward(z) (sampling) is the sequential direction
-    (one call; not differentiable)."""
+    (one kernel call without gradients; the reference's sweeps under autograd when
+    gradients are wanted, see ops.vector_flow_stack_inverse)."""
 
     def __init__(self, dim: int, hidden: int = 64, n_steps: int = 1, context_dim: int = 0,
                  gate_bias: float = 2.0) -> None:
@@ -296,7 +298,8 @@ class Flow(nn.Module):
     def rsample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """n reparameterised samples [n, d] and their log-density [n]. Differentiable through
         transforms whose forward is the fast pass (IAF, couplings, LULinear); a MAF's forward
-        is the sequential inverse and passes no gradient."""
+        is the sequential inverse: differentiable too, but it then runs the reference's d sweeps
+        per step under autograd (see ops.vector_flow_stack_inverse)."""
         z = self.base().rsample((n,))
         logp = self.base().log_prob(z)
         for t in self.transforms:

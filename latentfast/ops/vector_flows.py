@@ -11,7 +11,8 @@ latentfast/reference/vector_flows.py):
 - ``vector_flow_stack_backward(grad_y, grad_logdet, xs, out, ctx, w1, b1, w2, act, additive)``
   -> grads of (x, ctx (empty without ctx), w1, b1, w2, b2);
 - ``vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes)`` -> (x,
-  logdet): the slow direction, all fixed-point sweeps inside one call (not differentiable).
+  logdet): the slow direction, all fixed-point sweeps inside one call (no autograd: the public
+  function runs the reference's sweeps instead when gradients are wanted).
 
 Public functions: :func:`vector_flow_stack`, :func:`vector_flow_stack_inverse` and the
 one-step forms :func:`made_flow_step`, :func:`made_flow_step_inverse` (K = 1, act = 1).
@@ -278,16 +279,26 @@ def vector_flow_stack_inverse(y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2:
     sweeps inside the kernel (default d: exact for any MADE ordering; 2 suffices for a
     coupling). The C++ kernel solves a step in dependency order in one pass instead when its
     masked weights allow it and n_passes covers the dependency depth (the same fixed point, to
-    rounding). Not differentiable: train through the forward direction."""
+    rounding).
+
+    Differentiable: when gradients are wanted (grad mode on and an input requires grad, as
+    for a module's parameters), and under forward-mode AD or torch.func, it runs the
+    reference's n_passes sweeps per step under autograd instead of the kernel. With MADE
+    masks, d sweeps give the inverse exactly as a function of y and the weights, so those
+    derivatives are exact (the implicit-function derivative); the cost is n_passes MLP
+    evaluations per step each way. Sample with torch.no_grad() (Flow.sample does) to keep
+    the kernel."""
     act = _check_stack("vector_flow_stack_inverse", y, ctx, w1, b1, w2, b2, act, additive)
     check_finite("y", y)
     n_passes = y.shape[1] if n_passes is None else int(n_passes)
     if n_passes < 1:
         raise ValueError(f"n_passes must be >= 1, got {n_passes}")
+    args = (y.contiguous(), ctx, w1, b1, w2, b2, act, bool(additive), n_passes)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
+    if wants_grad or under_transform(args[:6]):
+        return ref.vector_flow_stack_inverse(*args)
     with torch.no_grad():
-        if under_transform(y, ctx, w1, b1, w2, b2):  # torch.func transforms: the reference
-            return ref.vector_flow_stack_inverse(y.contiguous(), ctx, w1, b1, w2, b2, act, bool(additive), n_passes)
-        return _vector_flow_stack_inverse(y.contiguous(), ctx, w1, b1, w2, b2, act, bool(additive), n_passes)
+        return _vector_flow_stack_inverse(*args)
 
 
 def made_flow_step(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ctx: Tensor | None = None
