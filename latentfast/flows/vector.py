@@ -150,7 +150,7 @@ class MaskedFlowStack(nn.Module):
 class IAF(MaskedFlowStack):
     """Inverse autoregressive flow: forward(z) -> (x, logdet) is one fast pass (sampling,
     reparameterised posteriors); inverse(x) is the sequential direction: one kernel call
-    without gradients, the reference's sweeps under autograd when gradients are wanted
+    without gradients, differentiated by the implicit-function theorem when they are wanted
     (ops.vector_flow_stack_inverse)."""
 
     def __init__(self, dim: int, hidden: int = 64, n_steps: int = 1, context_dim: int = 0,
@@ -167,7 +167,7 @@ class IAF(MaskedFlowStack):
 class MAF(MaskedFlowStack):
     """Masked autoregressive flow: inverse(x) -> (z, logdet) is one fast, differentiable pass
     (density estimation, flow priors); forward(z) (sampling) is the sequential direction
-    (one kernel call without gradients; the reference's sweeps under autograd when
+    (one kernel call; differentiated by the implicit-function theorem when
     gradients are wanted, see ops.vector_flow_stack_inverse)."""
 
     def __init__(self, dim: int, hidden: int = 64, n_steps: int = 1, context_dim: int = 0,
@@ -298,8 +298,8 @@ class Flow(nn.Module):
     def rsample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """n reparameterised samples [n, d] and their log-density [n]. Differentiable through
         transforms whose forward is the fast pass (IAF, couplings, LULinear); a MAF's forward
-        is the sequential inverse: differentiable too, but it then runs the reference's d sweeps
-        per step under autograd (see ops.vector_flow_stack_inverse)."""
+        is the sequential inverse: differentiable too (the implicit-function theorem, slower than
+        the fast direction's backward; see ops.vector_flow_stack_inverse)."""
         z = self.base().rsample((n,))
         logp = self.base().log_prob(z)
         for t in self.transforms:

@@ -12,7 +12,7 @@ latentfast/reference/vector_flows.py):
   -> grads of (x, ctx (empty without ctx), w1, b1, w2, b2);
 - ``vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes)`` -> (x,
   logdet): the slow direction, all fixed-point sweeps inside one call (no autograd: the public
-  function runs the reference's sweeps instead when gradients are wanted).
+  public function differentiates it by the implicit-function theorem when gradients are wanted).
 
 Public functions: :func:`vector_flow_stack`, :func:`vector_flow_stack_inverse` and the
 one-step forms :func:`made_flow_step`, :func:`made_flow_step_inverse` (K = 1, act = 1).
@@ -25,7 +25,7 @@ from torch import Tensor
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import graph_wanted, reference_vjp, under_transform
+from latentfast.ops._autograd import functorch_active, graph_wanted, reference_vjp, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import vector_flows as ref
 
@@ -208,6 +208,70 @@ class _EagerStack(torch.autograd.Function):
         return _grads(_bwd(grad_y, grad_logdet, xs, out, c, w1, b1, w2, act, ctx.additive, hidden), ctx.has_ctx)
 
 
+class _ImplicitInverse(torch.autograd.Function):
+    """The inverse by the kernel, differentiated by the implicit-function theorem.
+
+    Step k's inverse x_{k-1} = f_k^-1(x_k) has d x_{k-1} / d x_k = J_k^-1 and
+    d x_{k-1} / d theta_k = -J_k^-1 df_k/dtheta_k (J_k = df_k/dx at the solution), so from the
+    cotangent a on x_{k-1} (plus the log-det's share, ld_k being a function of x_{k-1}) the
+    backward solves J_k^T u = a', passes u on to x_k and takes the weight gradients as the
+    forward step's vector-Jacobian product with cotangents (-u, grad_logdet). J_k = D + N with
+    D the gate's diagonal and N the MLP's part, nilpotent for MADE masks, so u = (a' - N^T u)
+    / D converges exactly, each iteration one vector-Jacobian product through the step's MLP
+    (two GEMMs) at fixed hidden values. When n_passes sweeps from x = y reach the inverse
+    exactly, (D^-1 N)^(n_passes + 1) = 0 (the sweeps start exact on the dimensions a step
+    leaves alone, whose rows of N are zero, and a cotangent may sit on those too), so
+    n_passes + 1 terms are exact: a coupling inverted in one sweep needs two.
+    These are the derivatives of the exact inverse, the same as autograd through the
+    reference's sweeps (test_inverse_gradients_are_the_implicit_function_derivatives)."""
+
+    @staticmethod
+    def forward(ctx, y, c, w1, b1, w2, b2, act, additive, n_passes):
+        with torch.no_grad():
+            x, ld = _vector_flow_stack_inverse(y, c, w1, b1, w2, b2, act, additive, n_passes)
+        ctx.set_materialize_grads(False)
+        ctx.additive, ctx.n_passes, ctx.has_ctx = additive, n_passes, c is not None
+        ctx.save_for_backward(y, x, c, w1, b1, w2, b2, act)
+        return x, ld
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_ld):
+        y, x, c, w1, b1, w2, b2, act = ctx.saved_tensors
+        if graph_wanted(grad_x, grad_ld, y, c, w1, b1, w2, b2):  # create_graph=True: the reference's sweeps
+            return (*reference_vjp(ref.vector_flow_stack_inverse, (y, c, w1, b1, w2, b2, act, ctx.additive,
+                                                                   ctx.n_passes), (grad_x, grad_ld)),)
+        additive = ctx.additive
+        a = torch.zeros_like(x) if grad_x is None else grad_x
+        gld = x.new_zeros(x.shape[0]) if grad_ld is None else grad_ld
+        _, _, xs, out = _fwd(x, c, w1, b1, w2, b2, act, additive, True)  # step inputs at the solution
+        zeros = torch.zeros_like(x)
+        grads = {n: [] for n in ("ctx", "w1", "b1", "w2", "b2")}
+        for k in range(w1.shape[0]):
+            xk, ok = xs[k], out[k]
+            pre = torch.addmm(b1[k], xk, w1[k].t())
+            if c is not None:
+                pre = pre + c[k]
+            on = pre > 0
+
+            def mlp_vjp(go):  # go [B, O] -> its vector-Jacobian product on x through the MLP
+                return ((go @ w2[k]) * on) @ w1[k]
+
+            go_ld, _ = ref.gate_backward(zeros, gld, xk, ok, act[k], additive)
+            a_full = a + mlp_vjp(go_ld)  # the cotangent on x_{k-1}, with the log-det's share
+            diag = torch.ones_like(x) if additive else 1.0 - act[k] * (1.0 - torch.sigmoid(ok[:, x.shape[1]:]))
+            u = a_full / diag
+            for _ in range(ctx.n_passes):  # n_passes + 1 terms in all, see below
+                u = (a_full - mlp_vjp(ref.gate_backward(u, x.new_zeros(x.shape[0]), xk, ok, act[k], additive)[0])) / diag
+            go, _ = ref.gate_backward(-u, gld, xk, ok, act[k], additive)
+            ga = (go @ w2[k]) * on
+            for n, v in (("ctx", ga), ("w1", ga.t() @ xk), ("b1", ga.sum(0)), ("w2", go.t() @ torch.relu(pre)),
+                         ("b2", go.sum(0))):
+                grads[n].append(v)
+            a = u
+        st = {n: torch.stack(v) for n, v in grads.items()}
+        return a, (st["ctx"] if ctx.has_ctx else None), st["w1"], st["b1"], st["w2"], st["b2"], None, None, None
+
+
 def _check_stack(name: str, x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                  act: Tensor | None, additive: bool) -> Tensor:
     """Validate a stack call; returns act (ones when None)."""
@@ -229,7 +293,8 @@ def _check_stack(name: str, x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tenso
     check_tensor("act", act, 2, like=x)
     if tuple(act.shape) != (k, d):
         raise ValueError(f"{name}: act must be [{k}, {d}], got {tuple(act.shape)}")
-    if not torch.compiler.is_compiling() and not bool(((act == 0) | (act == 1)).all()):
+    # (not while tracing, nor inside torch.func transforms: vmap cannot read a value back)
+    if not torch.compiler.is_compiling() and not functorch_active() and not bool(((act == 0) | (act == 1)).all()):
         raise ValueError(f"{name}: act must hold only 0 and 1")
     if ctx is not None:
         check_tensor("ctx", ctx, 3, like=x)
@@ -281,13 +346,13 @@ def vector_flow_stack_inverse(y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2:
     masked weights allow it and n_passes covers the dependency depth (the same fixed point, to
     rounding).
 
-    Differentiable: when gradients are wanted (grad mode on and an input requires grad, as
-    for a module's parameters), and under forward-mode AD or torch.func, it runs the
-    reference's n_passes sweeps per step under autograd instead of the kernel. With MADE
-    masks, d sweeps give the inverse exactly as a function of y and the weights, so those
-    derivatives are exact (the implicit-function derivative); the cost is n_passes MLP
-    evaluations per step each way. Sample with torch.no_grad() (Flow.sample does) to keep
-    the kernel."""
+    Differentiable: with gradients wanted (grad mode on and an input requiring grad, as for a
+    module's parameters) the kernel's inverse is differentiated by the implicit-function
+    theorem (_ImplicitInverse: per step up to n_passes + 1 vector-Jacobian products through
+    the step's MLP in the backward); these are the exact inverse's derivatives when the sweeps
+    reach it (MADE or coupling masks with enough passes). Under double backward, forward-mode
+    AD, torch.func or torch.compile it runs the reference's sweeps instead (the same
+    derivatives, slower)."""
     act = _check_stack("vector_flow_stack_inverse", y, ctx, w1, b1, w2, b2, act, additive)
     check_finite("y", y)
     n_passes = y.shape[1] if n_passes is None else int(n_passes)
@@ -295,8 +360,10 @@ def vector_flow_stack_inverse(y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2:
         raise ValueError(f"n_passes must be >= 1, got {n_passes}")
     args = (y.contiguous(), ctx, w1, b1, w2, b2, act, bool(additive), n_passes)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
-    if wants_grad or under_transform(args[:6]):
+    if under_transform(args[:6]) or (wants_grad and torch.compiler.is_compiling()):
         return ref.vector_flow_stack_inverse(*args)
+    if wants_grad:
+        return _ImplicitInverse.apply(*args)
     with torch.no_grad():
         return _vector_flow_stack_inverse(*args)
 

@@ -597,36 +597,63 @@ def test_made_flow_step_at_the_widest_size(backend):
     assert_close(x2, x, scale=1e4)
 
 
-@pytest.mark.parametrize("kind", ["made", "made_random_order", "coupling"])
-def test_inverse_gradients_are_the_implicit_function_derivatives(backend, kind):
-    """With gradients wanted, the inverse runs the reference's sweeps under autograd; its
-    derivatives must be those of the exact inverse x*(y, W): dL/dy = u and dL/dtheta =
-    -u^T df/dtheta at x*, with J_f(x*)^T u = dL/dx (J from autograd of the forward, per row)."""
+@pytest.mark.parametrize("kind", ["made", "made_random_order", "coupling", "coupling_one_sweep"])
+@pytest.mark.parametrize("variant", ["affine", "additive", "ctx"])
+def test_inverse_gradients_are_the_implicit_function_derivatives(backend, kind, variant):
+    """With gradients wanted, the inverse (kernel) is differentiated by the implicit-function
+    theorem; its derivatives must be those of the exact inverse x*(y, W, ctx): dL/dy = u and
+    dL/dtheta = -u^T df/dtheta at x*, with J_f(x*)^T u = dL/dx (J from autograd of the
+    reference forward, per row), for a cotangent on x and one on the log-det."""
     dev = device_for(backend)
     k, d, h, b = 2, 4, 6, 3
-    w1, b1, w2, b2 = (t.to(dev) for t in _masked_params(kind, k, d, h, seed=5))
+    additive = variant == "additive"
+    w1, b1, w2, b2 = (t.to(dev) for t in _masked_params(kind.replace("_one_sweep", ""), k, d, h, seed=5))
+    if additive:
+        w2, b2 = w2[:, :d].contiguous(), b2[:, :d].contiguous()
     masks = (w1 != 0).to(w1.dtype), (w2 != 0).to(w2.dtype)
     act = torch.ones(k, d, dtype=torch.float64, device=dev)
+    n_passes = None
+    if kind == "coupling_one_sweep":  # as the coupling modules run: one half conditions, one sweep
+        first = (torch.arange(d, device=dev) < d // 2).to(act)
+        act = torch.stack([1 - first if i % 2 == 0 else first for i in range(k)])
+        n_passes = 1
     g = torch.Generator().manual_seed(6)
     y = torch.randn(b, d, generator=g, dtype=torch.float64).to(dev)
+    c = (0.5 * torch.randn(k, b, h, generator=g, dtype=torch.float64)).to(dev) if variant == "ctx" else None
     cot = torch.randn(b, d, generator=g, dtype=torch.float64).to(dev)
-    leaves = [t.clone().requires_grad_() for t in (y, w1, b1, w2, b2)]
-    yl, w1l, b1l, w2l, b2l = leaves
-    x, _ = ops.vector_flow_stack_inverse(yl, w1l * masks[0], b1l, w2l * masks[1], b2l, act)
-    got = torch.autograd.grad((x * cot).sum(), leaves)
+    cot_ld = torch.randn(b, generator=g, dtype=torch.float64).to(dev)
+    leaves = [t.clone().requires_grad_() for t in (y, w1, b1, w2, b2, *([c] if c is not None else []))]
+    yl, w1l, b1l, w2l, b2l, *cl = leaves
+    x, ld = ops.vector_flow_stack_inverse(yl, w1l * masks[0], b1l, w2l * masks[1], b2l, act,
+                                          cl[0] if cl else None, additive, n_passes)
+    got = torch.autograd.grad((x * cot).sum() + (ld * cot_ld).sum(), leaves)
 
     with torch.no_grad():
-        x_star = ops.vector_flow_stack_inverse(y, w1, b1, w2, b2, act)[0]  # the kernel, no autograd
+        x_star = ops.vector_flow_stack_inverse(y, w1, b1, w2, b2, act, c, additive, n_passes)[0]  # the kernel
     assert_close(x.detach(), x_star, msg="the differentiable path's inverse")
 
-    def fwd(xx, w1_, b1_, w2_, b2_):
-        return ref.vector_flow_stack(xx, None, w1_ * masks[0], b1_, w2_ * masks[1], b2_, act, False)[0]
+    def fwd(xx, w1_, b1_, w2_, b2_, *c_):
+        return ref.vector_flow_stack(xx, c_[0] if c_ else None, w1_ * masks[0], b1_, w2_ * masks[1], b2_, act,
+                                     additive)[:2]
 
-    u = torch.stack([torch.linalg.solve(torch.autograd.functional.jacobian(
-        lambda r: fwd(r[None], w1, b1, w2, b2)[0], x_star[i]).T, cot[i]) for i in range(b)])
-    params = [t.clone().requires_grad_() for t in (w1, b1, w2, b2)]
-    want = [u, *(-gp for gp in torch.autograd.grad(fwd(x_star, *params), params, u))]
-    for name, a, e in zip(("y", "w1", "b1", "w2", "b2"), got, want):
+    params = [t.clone().requires_grad_() for t in (w1, b1, w2, b2, *([c] if c is not None else []))]
+    xs_ = x_star.clone().requires_grad_()
+    _, ld_star = fwd(xs_, *params)
+    # the log-det's cotangent adds its derivative wrt x* to the cotangent on x
+    if ld_star.requires_grad:  # (the additive steps' log-det is a constant 0)
+        cot_x = cot + torch.autograd.grad((ld_star * cot_ld).sum(), xs_, retain_graph=True)[0]
+    else:
+        cot_x = cot
+    rows = []
+    for i in range(b):
+        ci = [t[:, i:i + 1] for t in ([c] if c is not None else [])]
+        jac = torch.autograd.functional.jacobian(lambda r: fwd(r[None], w1, b1, w2, b2, *ci)[0][0], x_star[i])
+        rows.append(torch.linalg.solve(jac.T, cot_x[i]))
+    u = torch.stack(rows)
+    y_star, ld_star = fwd(x_star, *params)
+    direct = torch.autograd.grad((y_star * -u).sum() + (ld_star * cot_ld).sum(), params)
+    want = [u, *direct]
+    for name, a, e in zip(("y", "w1", "b1", "w2", "b2", "ctx"), got, want):
         assert_close(a, e, scale=1e3, msg=f"d/d{name}")
 
 

@@ -85,6 +85,28 @@ def _stack(additive, with_ctx):
     return make
 
 
+def _stack_inverse(gen):
+    """The slow direction with MADE masks (its sweeps then give the exact inverse)."""
+    from latentfast.flows import vector as vf
+
+    k, b, d, h = 2, 4, 3, 5
+    m1, m2 = vf.made_masks(*vf.made_degrees(d, h, torch.arange(d)), 2)
+    m1, m2 = m1.to(D), m2.to(D)
+    y = _rnd(gen, b, d)
+    w1, b1 = _rnd(gen, k, h, d, scale=0.5), _rnd(gen, k, h, scale=0.1)
+    w2 = _rnd(gen, k, 2 * d, h, scale=0.3)
+    b2 = (0.1 * torch.randn(k, 2 * d, generator=gen, dtype=D) + torch.tensor([0.0] * d + [2.0] * d, dtype=D)
+          ).requires_grad_()  # gates near sigmoid(2), as the modules start
+
+    def fast(y, w1, b1, w2, b2):
+        return vops.vector_flow_stack_inverse(y, w1 * m1.to(y), b1, w2 * m2.to(y), b2)
+
+    def slow(y, w1, b1, w2, b2):
+        return vref.vector_flow_stack_inverse(y, None, w1 * m1.to(y), b1, w2 * m2.to(y), b2,
+                                              torch.ones(k, d, dtype=y.dtype), False, d)
+    return (y, w1, b1, w2, b2), (fast, slow)
+
+
 def _stack_custom_ops(train):
     def make(gen):
         args, (_, slow) = _stack(False, True)(gen)
@@ -171,6 +193,7 @@ CASES = {
     "vector_flow_stack": _stack(False, False),
     "vector_flow_stack_ctx": _stack(False, True),
     "vector_flow_stack_additive": _stack(True, False),
+    "vector_flow_stack_inverse": _stack_inverse,
     "vector_flow_stack_op": _stack_custom_ops(False),
     "vector_flow_stack_train_op": _stack_custom_ops(True),
     "gru_sequence": _gru,
