@@ -259,13 +259,14 @@ _lstm_sequence_train.register_autograd(_lstm_sequence_train_bwd, setup_context=_
 
 @float32_under_autocast
 def lstm_sequence(x: Tensor, hx: tuple[Tensor, Tensor] | None, weight_ih: Tensor, weight_hh: Tensor,
-                  bias_ih: Tensor, bias_hh: Tensor, batch_first: bool = False
-                  ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                  bias_ih: Tensor, bias_hh: Tensor, batch_first: bool = False, return_cells: bool = False
+                  ) -> tuple[Tensor, tuple[Tensor, Tensor]] | tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
     """A single-layer LSTM over a whole sequence (torch.nn.LSTM math and weight layout).
 
     Args: x [T, B, I] ([B, T, I] with batch_first); hx = (h0, c0), each [B, H], or None
     (zeros); weight_ih [4H, I], weight_hh [4H, H], bias_ih, bias_hh [4H] (gates i, f, g, o).
-    Returns (out [T, B, H] or [B, T, H], (h_n, c_n) each [B, H]).
+    Returns (out [T, B, H] or [B, T, H], (h_n, c_n) each [B, H]), and with return_cells the
+    cell states of every step [T, B, H] (time first) as a third item.
     """
     if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
         raise ValueError("lstm_sequence: hx must be a pair (h0, c0) or None")
@@ -280,4 +281,5 @@ def lstm_sequence(x: Tensor, hx: tuple[Tensor, Tensor] | None, weight_ih: Tensor
     else:
         out, cells = _lstm_sequence(*args)
     h_n, c_n = (out[-1], cells[-1]) if out.shape[0] else (h0, c0)
-    return (out.transpose(0, 1) if batch_first else out), (h_n, c_n)
+    res = (out.transpose(0, 1) if batch_first else out), (h_n, c_n)
+    return (*res, cells) if return_cells else res

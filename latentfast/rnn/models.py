@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -21,15 +22,33 @@ from latentfast.reference.dynamics import gru_step, lstm_step
 
 
 class _SingleLayerRNN(nn.Module):
-    """The parameters of a 1-layer torch.nn RNN (same names, shapes and initialisation)."""
+    """The parameters of a 1-layer torch.nn RNN (same names, shapes and initialisation), and
+    what its forward shares: torch.nn's constructor signature, unbatched inputs and
+    PackedSequence inputs."""
 
-    def __init__(self, input_size: int, hidden_size: int, batch_first: bool, n_gates: int):
+    def __init__(self, name: str, n_gates: int, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None):
         super().__init__()
+        unsupported = [f"{k}={v!r}" for k, v, ok in (("num_layers", num_layers, num_layers == 1),
+                                                     ("bias", bias, bias is True),
+                                                     ("bidirectional", bidirectional, not bidirectional))
+                       if not ok]
+        if unsupported:
+            raise ValueError(f"latentfast {name} is a single-layer, unidirectional {name} with biases "
+                             f"(torch.nn.{name} for the rest); got {', '.join(unsupported)}")
+        if not 0 <= dropout <= 1:
+            raise ValueError(f"dropout should be a number in [0, 1], got {dropout!r}")
+        if dropout > 0:  # as torch.nn does: dropout acts between layers, and there is one
+            warnings.warn(f"dropout={dropout} and num_layers=1: dropout applies between recurrent layers only, "
+                          "so it does nothing here (as in torch.nn)", UserWarning, stacklevel=3)
         self.input_size, self.hidden_size, self.batch_first = input_size, hidden_size, batch_first
-        self.weight_ih_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, input_size))
-        self.weight_hh_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, hidden_size))
-        self.bias_ih_l0 = nn.Parameter(torch.empty(n_gates * hidden_size))
-        self.bias_hh_l0 = nn.Parameter(torch.empty(n_gates * hidden_size))
+        self.num_layers, self.bias, self.dropout, self.bidirectional = 1, True, float(dropout), False
+        f = {"device": device, "dtype": dtype}
+        self.weight_ih_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, input_size, **f))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, hidden_size, **f))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, **f))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, **f))
         k = 1.0 / math.sqrt(hidden_size)
         for p in self.parameters():
             nn.init.uniform_(p, -k, k)
@@ -37,44 +56,110 @@ class _SingleLayerRNN(nn.Module):
     def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
 
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}" + (", batch_first=True" if self.batch_first else "")
+
+    def _run(self, x, states: tuple, seq_fn):
+        """torch.nn's input forms around seq_fn(x [batched, self.batch_first layout], states
+        [B, H] or None) -> (out, final states [B, H]): returns (out, final states [1, B, H],
+        or [1, H] for an unbatched x; out a PackedSequence for a packed x)."""
+        for st in states:
+            if st is not None and not isinstance(st, Tensor):
+                raise TypeError(f"initial states must be tensors, got {type(st).__name__}")
+        if isinstance(x, nn.utils.rnn.PackedSequence):
+            return self._run_packed(x, states, seq_fn)
+        if isinstance(x, Tensor) and x.dim() == 2:  # unbatched [T, I]: states [1, H]
+            for st in states:
+                if st is not None and (st.dim() != 2 or st.shape[0] != 1):
+                    raise ValueError(f"for an unbatched input the initial states must be [1, H], got "
+                                     f"{tuple(st.shape)}")
+            out, finals = seq_fn(x.unsqueeze(0 if self.batch_first else 1), tuple(
+                None if st is None else st for st in states))
+            return out.squeeze(0 if self.batch_first else 1), tuple(f for f in finals)
+        for st in states:
+            if st is not None and (st.dim() != 3 or st.shape[0] != 1):
+                raise ValueError(f"initial states must be [1, B, H], got shape {tuple(st.shape)}")
+        out, finals = seq_fn(x, tuple(None if st is None else st[0] for st in states))
+        return out, tuple(f[None] for f in finals)
+
+    def _run_packed(self, x, states: tuple, seq_fn):
+        # the padded batch through the whole sequence (a recurrence is causal, so the padding
+        # steps change no valid output); the final states taken at each sequence's own length
+        padded, lengths = nn.utils.rnn.pad_packed_sequence(x, batch_first=self.batch_first)
+        for st in states:
+            if st is not None and (st.dim() != 3 or st.shape[0] != 1):
+                raise ValueError(f"initial states must be [1, B, H], got shape {tuple(st.shape)}")
+        # states come in the batch's original order, as pad_packed_sequence returns it
+        out, _, all_states = seq_fn(padded, tuple(None if st is None else st[0] for st in states), True)
+        last = (lengths - 1).clamp_min(0).to(padded.device)
+        idx = torch.arange(padded.shape[0 if self.batch_first else 1], device=padded.device)
+        finals = tuple(s_all[last, idx] for s_all in all_states)  # all_states: [T, B, H] each
+        sorted_idx = x.sorted_indices
+        out_sorted = out if sorted_idx is None else out.index_select(0 if self.batch_first else 1, sorted_idx)
+        lengths_sorted = lengths if sorted_idx is None else lengths[sorted_idx.cpu()]
+        data = nn.utils.rnn.pack_padded_sequence(out_sorted, lengths_sorted, batch_first=self.batch_first).data
+        packed = nn.utils.rnn.PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+        return packed, tuple(f[None] for f in finals)
+
 
 class GRU(_SingleLayerRNN):
-    """Single-layer GRU with torch.nn.GRU's parameters and call signature.
+    """Single-layer GRU with torch.nn.GRU's parameters, constructor and call signature.
 
-    forward(x [T, B, I] or [B, T, I] with batch_first, h0 [1, B, H] or None)
-    -> (out, h_n [1, B, H]).
+    forward(x [T, B, I] ([B, T, I] with batch_first), [T, I] unbatched, or a PackedSequence;
+    h0 [1, B, H] ([1, H] unbatched) or None) -> (out, h_n [1, B, H]). num_layers must be 1,
+    bias True and bidirectional False (a ValueError otherwise). A packed batch runs padded to
+    its longest sequence; h_n is each sequence's state at its own length.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, batch_first: bool = False):
-        super().__init__(input_size, hidden_size, batch_first, n_gates=3)
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None,
+                 dtype=None):
+        super().__init__("GRU", 3, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         device, dtype)
 
-    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if h0 is not None:
-            if h0.dim() != 3 or h0.shape[0] != 1:
-                raise ValueError(f"h0 must be [1, B, H], got shape {tuple(h0.shape)}")
-            h0 = h0[0]
-        out, h_n = gru_sequence(x, h0, *self.params(), batch_first=self.batch_first)
-        return out, h_n[None]
+    def forward(self, x, h0: Tensor | None = None):
+        def seq(xx, states, all_states=False):
+            out, h_n = gru_sequence(xx, states[0], *self.params(), batch_first=self.batch_first)
+            if all_states:
+                return out, (h_n,), (out.transpose(0, 1) if self.batch_first else out,)
+            return out, (h_n,)
+
+        out, (h_n,) = self._run(x, (h0,), seq)
+        return out, h_n
 
 
 class LSTM(_SingleLayerRNN):
-    """Single-layer LSTM with torch.nn.LSTM's parameters and call signature.
+    """Single-layer LSTM with torch.nn.LSTM's parameters, constructor and call signature.
 
-    forward(x [T, B, I] or [B, T, I] with batch_first, hx = (h0, c0) each [1, B, H], or None)
-    -> (out, (h_n, c_n) each [1, B, H]).
+    forward(x [T, B, I] ([B, T, I] with batch_first), [T, I] unbatched, or a PackedSequence;
+    hx = (h0, c0) each [1, B, H] ([1, H] unbatched), or None) -> (out, (h_n, c_n) each
+    [1, B, H]). num_layers must be 1, bias True, bidirectional False and proj_size 0.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, batch_first: bool = False):
-        super().__init__(input_size, hidden_size, batch_first, n_gates=4)
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None):
+        if proj_size:
+            raise ValueError(f"latentfast LSTM has no projection (proj_size={proj_size!r}); use torch.nn.LSTM")
+        super().__init__("LSTM", 4, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         device, dtype)
 
-    def forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        if hx is not None:
-            if len(hx) != 2 or any(t.dim() != 3 or t.shape[0] != 1 for t in hx):
-                raise ValueError("hx must be (h0, c0), each [1, B, H]")
-            hx = (hx[0][0], hx[1][0])
-        out, (h_n, c_n) = lstm_sequence(x, hx, *self.params(), batch_first=self.batch_first)
-        return out, (h_n[None], c_n[None])
+    def forward(self, x, hx: tuple[Tensor, Tensor] | None = None):
+        if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise ValueError("hx must be (h0, c0), each [1, B, H], or None")
+
+        def seq(xx, states, all_states=False):
+            if (states[0] is None) != (states[1] is None):
+                raise ValueError("hx must give both h0 and c0")
+            pair = None if states[0] is None else states
+            out, (h_n, c_n), cells = lstm_sequence(xx, pair, *self.params(), batch_first=self.batch_first,
+                                                   return_cells=True)
+            if all_states:
+                return out, (h_n, c_n), (out.transpose(0, 1) if self.batch_first else out, cells)
+            return out, (h_n, c_n)
+
+        out, (h_n, c_n) = self._run(x, (None, None) if hx is None else tuple(hx), seq)
+        return out, (h_n, c_n)
 
 
 class SequenceModel(nn.Module):

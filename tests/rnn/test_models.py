@@ -97,3 +97,79 @@ def test_model_spectrum_equals_benettin_on_its_closed_loop_jacobian(backend, cel
     want = lyapunov_spectrum(model.closed_loop_step, s0, 3, 30, dt=0.1, qr_every=2,
                              q0=torch.randn(2, model.state_size, 3, dtype=torch.float64))
     torch.testing.assert_close(got, want)
+
+
+def _states(cls, b, h, unbatched=False):
+    shape = (1, h) if unbatched else (1, b, h)
+    if cls is GRU:
+        return torch.randn(*shape, dtype=torch.float64)
+    return torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+
+
+def _flat(states):
+    return states if isinstance(states, tuple) else (states,)
+
+
+@pytest.mark.parametrize("cls", [GRU, LSTM])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+@pytest.mark.parametrize("with_states", [False, True])
+def test_packed_sequences_match_nn(backend, cls, batch_first, enforce_sorted, with_states):
+    """PackedSequence in, PackedSequence out (same batch_sizes and index order as torch.nn), the
+    final states at each sequence's own length, the same parameter and state gradients."""
+    torch.manual_seed(3)
+    ours = cls(3, 5, batch_first=batch_first).double()
+    ref = getattr(nn, cls.__name__)(3, 5, batch_first=batch_first).double()
+    ref.load_state_dict(ours.state_dict())
+    lengths = torch.tensor([6, 4, 4, 1]) if enforce_sorted else torch.tensor([4, 6, 1, 4])
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=enforce_sorted)
+    hx = _states(cls, 4, 5) if with_states else None
+    leaves = [t.requires_grad_() for t in _flat(hx)] if with_states else []
+    got, got_s = ours(packed, hx)
+    want, want_s = ref(packed, hx)
+    assert isinstance(got, nn.utils.rnn.PackedSequence)
+    assert torch.equal(got.batch_sizes, want.batch_sizes)
+    for a, b in ((got.sorted_indices, want.sorted_indices), (got.unsorted_indices, want.unsorted_indices)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    torch.testing.assert_close(got.data, want.data)
+    for a, b in zip(_flat(got_s), _flat(want_s)):
+        torch.testing.assert_close(a, b)
+    g = torch.randn(want.data.shape, dtype=torch.float64)
+    targets_ours, targets_ref = list(ours.parameters()) + leaves, list(ref.parameters()) + leaves
+    ga = torch.autograd.grad((got.data * g).sum() + sum(s.sum() for s in _flat(got_s)), targets_ours)
+    gb = torch.autograd.grad((want.data * g).sum() + sum(s.sum() for s in _flat(want_s)), targets_ref)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", [GRU, LSTM])
+def test_unbatched_input_and_nn_constructor(backend, cls):
+    torch.manual_seed(4)
+    name = cls.__name__
+    ours = cls(3, 5).double()
+    ref = getattr(nn, name)(3, 5).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 3, dtype=torch.float64)
+    hx = _states(cls, 1, 5, unbatched=True)
+    for args in ((x,), (x, hx)):
+        got, got_s = ours(*args)
+        want, want_s = ref(*args)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(_flat(got_s), _flat(want_s)):
+            assert a.shape == b.shape == (1, 5)
+            torch.testing.assert_close(a, b)
+    # torch.nn's positional order: (input_size, hidden_size, num_layers, bias, batch_first, ...)
+    assert cls(3, 5, 1, True, True).batch_first
+    for bad in (dict(num_layers=2), dict(bidirectional=True), dict(bias=False)):
+        with pytest.raises(ValueError, match="single-layer"):
+            cls(3, 5, **bad)
+    with pytest.warns(UserWarning, match="dropout"):
+        m = cls(3, 5, dropout=0.2)
+    assert m.dropout == 0.2
+    m = cls(3, 5, dtype=torch.float64)
+    assert m.weight_ih_l0.dtype == torch.float64
+    if cls is LSTM:
+        with pytest.raises(ValueError, match="proj_size"):
+            LSTM(3, 5, proj_size=2)
