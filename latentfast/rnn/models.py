@@ -59,40 +59,41 @@ class _SingleLayerRNN(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}" + (", batch_first=True" if self.batch_first else "")
 
+    @staticmethod
+    def _check_states(states: tuple, unbatched: bool) -> None:
+        want = "[1, H]" if unbatched else "[1, B, H]"
+        for st in states:
+            if st is None:
+                continue
+            if not isinstance(st, Tensor):
+                raise TypeError(f"initial states must be tensors, got {type(st).__name__}")
+            if st.dim() != (2 if unbatched else 3) or st.shape[0] != 1:
+                raise ValueError(f"initial states must be {want}{' for an unbatched input' if unbatched else ''}, "
+                                 f"got shape {tuple(st.shape)}")
+
     def _run(self, x, states: tuple, seq_fn):
         """torch.nn's input forms around seq_fn(x [batched, self.batch_first layout], states
         [B, H] or None) -> (out, final states [B, H]): returns (out, final states [1, B, H],
         or [1, H] for an unbatched x; out a PackedSequence for a packed x)."""
-        for st in states:
-            if st is not None and not isinstance(st, Tensor):
-                raise TypeError(f"initial states must be tensors, got {type(st).__name__}")
         if isinstance(x, nn.utils.rnn.PackedSequence):
+            self._check_states(states, unbatched=False)
             return self._run_packed(x, states, seq_fn)
-        if isinstance(x, Tensor) and x.dim() == 2:  # unbatched [T, I]: states [1, H]
-            for st in states:
-                if st is not None and (st.dim() != 2 or st.shape[0] != 1):
-                    raise ValueError(f"for an unbatched input the initial states must be [1, H], got "
-                                     f"{tuple(st.shape)}")
-            out, finals = seq_fn(x.unsqueeze(0 if self.batch_first else 1), tuple(
-                None if st is None else st for st in states))
-            return out.squeeze(0 if self.batch_first else 1), tuple(f for f in finals)
-        for st in states:
-            if st is not None and (st.dim() != 3 or st.shape[0] != 1):
-                raise ValueError(f"initial states must be [1, B, H], got shape {tuple(st.shape)}")
+        if isinstance(x, Tensor) and x.dim() == 2:  # unbatched [T, I]: a batch of one, states [1, H]
+            self._check_states(states, unbatched=True)
+            out, finals = seq_fn(x.unsqueeze(0 if self.batch_first else 1), states)
+            return out.squeeze(0 if self.batch_first else 1), finals
+        self._check_states(states, unbatched=False)
         out, finals = seq_fn(x, tuple(None if st is None else st[0] for st in states))
         return out, tuple(f[None] for f in finals)
 
     def _run_packed(self, x, states: tuple, seq_fn):
         # the padded batch through the whole sequence (a recurrence is causal, so the padding
-        # steps change no valid output); the final states taken at each sequence's own length
+        # steps change no valid output); the final states taken at each sequence's own length.
+        # Padded rows, initial and final states are in the batch's original order, as in torch.nn.
         padded, lengths = nn.utils.rnn.pad_packed_sequence(x, batch_first=self.batch_first)
-        for st in states:
-            if st is not None and (st.dim() != 3 or st.shape[0] != 1):
-                raise ValueError(f"initial states must be [1, B, H], got shape {tuple(st.shape)}")
-        # states come in the batch's original order, as pad_packed_sequence returns it
         out, _, all_states = seq_fn(padded, tuple(None if st is None else st[0] for st in states), True)
-        last = (lengths - 1).clamp_min(0).to(padded.device)
-        idx = torch.arange(padded.shape[0 if self.batch_first else 1], device=padded.device)
+        last = (lengths - 1).to(padded.device)
+        idx = torch.arange(len(lengths), device=padded.device)
         finals = tuple(s_all[last, idx] for s_all in all_states)  # all_states: [T, B, H] each
         sorted_idx = x.sorted_indices
         out_sorted = out if sorted_idx is None else out.index_select(0 if self.batch_first else 1, sorted_idx)
