@@ -13,21 +13,25 @@ from torch import Tensor
 from latentfast.ops._autograd import functorch_active
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
 _skip_finite: contextvars.ContextVar[bool] = contextvars.ContextVar("latentfast_skip_finite", default=False)
 
 
 def check_tensor(name: str, t: object, ndim: int | None = None, like: Tensor | None = None,
                  dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)) -> Tensor:
     """Raise TypeError/ValueError unless `t` is a tensor of rank `ndim`, a supported dtype,
-    and the dtype and device of `like`."""
+    and the dtype and device of `like`. Under torch.autocast for t's device, float16 and
+    bfloat16 pass where float32 does and floating dtypes may differ from `like`'s (the ops cast
+    them to float32, see ops/_amp.py)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
+    amp = t.is_floating_point() and torch.is_autocast_enabled(t.device.type)
+    if t.dtype not in dtypes and not (amp and t.dtype in _HALF and torch.float32 in dtypes):
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if like is not None:
-        if t.dtype != like.dtype:
+        if t.dtype != like.dtype and not (amp and like.is_floating_point()):
             raise TypeError(f"{name} has dtype {t.dtype} but the input has {like.dtype}")
         if t.device != like.device:
             raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")

@@ -58,3 +58,26 @@ def test_glow_trains_under_autocast(backend):
         y, ld = step(torch.randn(2, 4, 4, 4))
     assert y.dtype == ld.dtype == torch.float32
     assert latentfast.backend.requested() == backend
+
+
+def test_vector_flows_and_flow_vae_train_under_autocast(backend):
+    """Layers whose own checks see the bfloat16 output of an earlier autocast layer (an LU
+    layer's matmul feeding an IAF) accept it there; the ops upcast it."""
+    from latentfast.flows import IAF, MAF, Flow, LULinear
+    from latentfast.vae import FlowVAE
+
+    torch.manual_seed(1)
+    flow = Flow(4, [MAF(4, 8, n_steps=2), LULinear(4), IAF(4, 8, n_steps=2)])
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        full = -flow.log_prob(x).mean()
+    with torch.autocast("cpu", dtype=LOW):
+        loss = -flow.log_prob(x).mean()
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - full.item()) < 0.05 * abs(full.item())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in flow.parameters())
+    vae = FlowVAE(16, latent_dim=4, likelihood="gaussian", posterior_steps=2, prior_steps=1)
+    with torch.autocast("cpu", dtype=LOW):
+        total, _ = vae.loss(torch.randn(8, 16))
+    total.backward()
+    assert torch.isfinite(total) and all(p.grad is not None for p in vae.parameters() if p.requires_grad)
