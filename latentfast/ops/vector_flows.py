@@ -244,7 +244,7 @@ class _ImplicitInverse(torch.autograd.Function):
         a = torch.zeros_like(x) if grad_x is None else grad_x
         gld = x.new_zeros(x.shape[0]) if grad_ld is None else grad_ld
         _, _, xs, out = _fwd(x, c, w1, b1, w2, b2, act, additive, True)  # step inputs at the solution
-        zeros = torch.zeros_like(x)
+        zeros, d = torch.zeros_like(x), x.shape[1]
         grads = {n: [] for n in ("ctx", "w1", "b1", "w2", "b2")}
         for k in range(w1.shape[0]):
             xk, ok = xs[k], out[k]
@@ -258,10 +258,20 @@ class _ImplicitInverse(torch.autograd.Function):
 
             go_ld, _ = ref.gate_backward(zeros, gld, xk, ok, act[k], additive)
             a_full = a + mlp_vjp(go_ld)  # the cotangent on x_{k-1}, with the log-det's share
-            diag = torch.ones_like(x) if additive else 1.0 - act[k] * (1.0 - torch.sigmoid(ok[:, x.shape[1]:]))
-            u = a_full / diag
-            for _ in range(ctx.n_passes):  # n_passes + 1 terms in all, see below
-                u = (a_full - mlp_vjp(ref.gate_backward(u, x.new_zeros(x.shape[0]), xk, ok, act[k], additive)[0])) / diag
+            # The gate's part of J^T u is D u plus the MLP's VJP of go = coef * u (per part of
+            # the MLP output: m, and s for the affine gate), as ref.gate_backward(u, 0) gives.
+            if additive:
+                coef, base, neg_inv = act[k].expand(1, 1, d), a_full, None
+            else:
+                sig = torch.sigmoid(ok[:, d:])
+                gate = act[k] * (1.0 - sig)  # 1 - D
+                coef = torch.stack([gate, (xk - ok[:, :d]) * sig * gate], 1)
+                inv = 1.0 / (1.0 - gate)
+                base, neg_inv = a_full * inv, -inv
+            u = base
+            for _ in range(ctx.n_passes):  # n_passes + 1 terms in all, see the class docstring
+                v = mlp_vjp((coef * u[:, None, :]).reshape(u.shape[0], -1))
+                u = base - v if neg_inv is None else torch.addcmul(base, v, neg_inv)
             go, _ = ref.gate_backward(-u, gld, xk, ok, act[k], additive)
             ga = (go @ w2[k]) * on
             for n, v in (("ctx", ga), ("w1", ga.t() @ xk), ("b1", ga.sum(0)), ("w2", go.t() @ torch.relu(pre)),
