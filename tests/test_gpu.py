@@ -19,6 +19,7 @@ from tests.ops import test_double_backward as dbl_t
 from tests.ops import test_flows_ops as flow_t
 from tests.ops import test_transforms as tf_t
 from tests.rnn import test_lyapunov_ops as lyap_t
+from tests.rnn import test_models as rnn_models_t
 from tests.rnn import test_rnn_ops as rnn_t
 
 pytestmark = [
@@ -157,3 +158,12 @@ def test_double_backward_transforms_and_autocast_on_cuda(triton_cuda, name):
         tf_t.test_func_jvp_and_grad_match_reference(triton_cuda, name)
         tf_t.test_vmap_matches_reference(triton_cuda, name)
         amp_t.test_autocast_upcasts_to_float32(triton_cuda, name)
+
+
+@pytest.mark.parametrize("cls", [rnn_models_t.GRU, rnn_models_t.LSTM])
+def test_rnn_modules_packed_and_unbatched_on_cuda(triton_cuda, cls):
+    for batch_first in (False, True):
+        for enforce_sorted in (False, True):
+            for with_states in (False, True):
+                rnn_models_t.test_packed_sequences_match_nn(triton_cuda, cls, batch_first, enforce_sorted, with_states)
+    rnn_models_t.test_unbatched_input_and_nn_constructor(triton_cuda, cls)

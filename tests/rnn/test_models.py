@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from latentfast.rnn import GRU, LSTM, SequenceModel, fit_sequence_model, valid_prediction_time
-from tests.conftest import interpreting
+from tests.conftest import device_for, interpreting
 
 
 def test_gru_is_a_drop_in_for_nn_gru(backend):
@@ -99,11 +99,11 @@ def test_model_spectrum_equals_benettin_on_its_closed_loop_jacobian(backend, cel
     torch.testing.assert_close(got, want)
 
 
-def _states(cls, b, h, unbatched=False):
+def _states(cls, b, h, unbatched=False, dev="cpu"):
     shape = (1, h) if unbatched else (1, b, h)
     if cls is GRU:
-        return torch.randn(*shape, dtype=torch.float64)
-    return torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+        return torch.randn(*shape, dtype=torch.float64).to(dev)
+    return torch.randn(*shape, dtype=torch.float64).to(dev), torch.randn(*shape, dtype=torch.float64).to(dev)
 
 
 def _flat(states):
@@ -118,14 +118,15 @@ def test_packed_sequences_match_nn(backend, cls, batch_first, enforce_sorted, wi
     """PackedSequence in, PackedSequence out (same batch_sizes and index order as torch.nn), the
     final states at each sequence's own length, the same parameter and state gradients."""
     torch.manual_seed(3)
-    ours = cls(3, 5, batch_first=batch_first).double()
-    ref = getattr(nn, cls.__name__)(3, 5, batch_first=batch_first).double()
+    dev = device_for(backend)
+    ours = cls(3, 5, batch_first=batch_first).double().to(dev)
+    ref = getattr(nn, cls.__name__)(3, 5, batch_first=batch_first).double().to(dev)
     ref.load_state_dict(ours.state_dict())
     lengths = torch.tensor([6, 4, 4, 1]) if enforce_sorted else torch.tensor([4, 6, 1, 4])
-    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    x = torch.randn(4, 6, 3, dtype=torch.float64).to(dev)
     x = x if batch_first else x.transpose(0, 1)
     packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=enforce_sorted)
-    hx = _states(cls, 4, 5) if with_states else None
+    hx = _states(cls, 4, 5, dev=dev) if with_states else None
     leaves = [t.requires_grad_() for t in _flat(hx)] if with_states else []
     got, got_s = ours(packed, hx)
     want, want_s = ref(packed, hx)
@@ -136,7 +137,7 @@ def test_packed_sequences_match_nn(backend, cls, batch_first, enforce_sorted, wi
     torch.testing.assert_close(got.data, want.data)
     for a, b in zip(_flat(got_s), _flat(want_s)):
         torch.testing.assert_close(a, b)
-    g = torch.randn(want.data.shape, dtype=torch.float64)
+    g = torch.randn(want.data.shape, dtype=torch.float64).to(dev)
     targets_ours, targets_ref = list(ours.parameters()) + leaves, list(ref.parameters()) + leaves
     ga = torch.autograd.grad((got.data * g).sum() + sum(s.sum() for s in _flat(got_s)), targets_ours)
     gb = torch.autograd.grad((want.data * g).sum() + sum(s.sum() for s in _flat(want_s)), targets_ref)
@@ -147,12 +148,12 @@ def test_packed_sequences_match_nn(backend, cls, batch_first, enforce_sorted, wi
 @pytest.mark.parametrize("cls", [GRU, LSTM])
 def test_unbatched_input_and_nn_constructor(backend, cls):
     torch.manual_seed(4)
-    name = cls.__name__
-    ours = cls(3, 5).double()
-    ref = getattr(nn, name)(3, 5).double()
+    name, dev = cls.__name__, device_for(backend)
+    ours = cls(3, 5).double().to(dev)
+    ref = getattr(nn, name)(3, 5).double().to(dev)
     ref.load_state_dict(ours.state_dict())
-    x = torch.randn(7, 3, dtype=torch.float64)
-    hx = _states(cls, 1, 5, unbatched=True)
+    x = torch.randn(7, 3, dtype=torch.float64).to(dev)
+    hx = _states(cls, 1, 5, unbatched=True, dev=dev)
     for args in ((x,), (x, hx)):
         got, got_s = ours(*args)
         want, want_s = ref(*args)
