@@ -19,6 +19,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def median_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
+    """The median wall time of `reps` calls of fn in ms (the upper middle one for even reps)
+    after `warmup` calls; for standalone timing scripts (CPU; no device sync)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2] * 1e3
+
+
 def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int,
                         budget_s: float, max_rounds: int = 200) -> dict[str, float]:
     """Median wall time in ms of each callable, timed in interleaved rounds.

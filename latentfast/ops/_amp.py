@@ -17,24 +17,15 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-_LOW = (torch.float16, torch.bfloat16)
+from latentfast.ops._autograd import _tensors
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _first_device(items) -> torch.device | None:
-    for t in items:
-        if isinstance(t, Tensor):
-            return t.device
-        if isinstance(t, (list, tuple)):
-            dev = _first_device(t)
-            if dev is not None:
-                return dev
-    return None
 
 
 def _upcast(t: Any) -> Any:
     if isinstance(t, Tensor):
-        return t.float() if t.dtype in _LOW else t
+        return t.float() if t.dtype in HALF_DTYPES else t
     if isinstance(t, list):
         return [_upcast(u) for u in t]
     if isinstance(t, tuple):
@@ -47,7 +38,10 @@ def float32_under_autocast(fn: F) -> F:
     float32 and run `fn` with autocast disabled; otherwise call `fn` unchanged."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        dev = _first_device(args) or _first_device(kwargs.values())
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):  # the common case
+            return fn(*args, **kwargs)
+        tensors = _tensors((*args, *kwargs.values()))
+        dev = tensors[0].device if tensors else None
         if dev is None or not torch.is_autocast_enabled(dev.type):
             return fn(*args, **kwargs)
         args = tuple(_upcast(a) for a in args)

@@ -45,8 +45,11 @@ def graph_wanted(*items: Any) -> bool:
     return any(t.requires_grad for t in _tensors(items))
 
 
-def reference_vjp(fn: Callable[..., Any], inputs: Sequence[Any], grads: Sequence[Tensor | None]) -> tuple:
-    """Gradients of ``fn(*inputs)`` weighted by ``grads``, as a differentiable graph.
+def reference_vjp(fn: Callable[..., Any], inputs: Sequence[Any], grads: Sequence[Tensor | None],
+                  create_graph: bool = True) -> tuple:
+    """Gradients of ``fn(*inputs)`` weighted by ``grads``, as a differentiable graph (or, with
+    create_graph=False, as plain tensors: a backward that needs only autograd's first
+    derivatives of the reference).
 
     fn: the op's reference, pure PyTorch, with the op's inputs (tensors, lists of tensors,
     other arguments passed through). Outputs whose gradient is None (or that do not depend on
@@ -60,7 +63,7 @@ def reference_vjp(fn: Callable[..., Any], inputs: Sequence[Any], grads: Sequence
     wanted = [t for t in _tensors(inputs) if t.requires_grad]
     got = {}
     if wanted and pairs:
-        res = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+        res = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=create_graph,
                                   allow_unused=True)
         got = {id(t): (r if r is not None else torch.zeros_like(t)) for t, r in zip(wanted, res)}
     elif wanted:

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from latentfast.ops._amp import HALF_DTYPES
 from latentfast.ops._autograd import functorch_active
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_HALF = (torch.float16, torch.bfloat16)
 _skip_finite: contextvars.ContextVar[bool] = contextvars.ContextVar("latentfast_skip_finite", default=False)
 
 
@@ -26,7 +26,7 @@ def check_tensor(name: str, t: object, ndim: int | None = None, like: Tensor | N
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     amp = t.is_floating_point() and torch.is_autocast_enabled(t.device.type)
-    if t.dtype not in dtypes and not (amp and t.dtype in _HALF and torch.float32 in dtypes):
+    if t.dtype not in dtypes and not (amp and t.dtype in HALF_DTYPES and torch.float32 in dtypes):
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")

@@ -347,30 +347,12 @@ def _unpack(ctx):
 
 
 def _reference_vjp(ctx, fn, grads_out):
-    """Gradients of the reference `fn` wrt every saved input that wants one (torch autograd
-    on recomputed values); returned in the op's input structure. Under create_graph=True
-    (see ops/_autograd.py) they are built as a graph of the saved inputs."""
+    """Gradients of the reference `fn` wrt every saved input that requires grad (torch autograd
+    on recomputed values), in the op's input structure; built as a graph of the saved inputs
+    under create_graph=True (see ops/_autograd.py)."""
     z, weights, biases, rbf = _unpack(ctx)
-    if graph_wanted(grads_out, z, weights, biases, rbf):
-        return reference_vjp(fn, (z, list(weights), list(biases), ctx.acts, *rbf, ctx.zeta), grads_out)
-    flat = [z, *weights, *biases, *[t for t in rbf if t is not None]]
-    leaves = [t.detach().requires_grad_(w) for t, w in zip(flat, ctx.wants)]
-    nl = ctx.n_layers
-    lz, lw, lb = leaves[0], leaves[1:1 + nl], leaves[1 + nl:1 + 2 * nl]
-    lr = leaves[1 + 2 * nl:] if ctx.has_rbf else [None, None, None]
-    with torch.enable_grad():
-        outs = fn(lz, lw, lb, ctx.acts, *lr, ctx.zeta)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
-        wanted = [t for t in leaves if t.requires_grad]
-        got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                  allow_unused=True) if wanted and pairs else []
-    it = iter(got)
-    res = [next(it) if t.requires_grad else None for t in leaves]
-    res = [r if r is not None or not t.requires_grad else torch.zeros_like(t) for r, t in zip(res, leaves)]
-    rz, rw, rb = res[0], res[1:1 + nl], res[1 + nl:1 + 2 * nl]
-    rr = res[1 + 2 * nl:] if ctx.has_rbf else [None, None, None]
-    return (rz, rw, rb, None, *rr, None)
+    return reference_vjp(fn, (z, list(weights), list(biases), ctx.acts, *rbf, ctx.zeta), grads_out,
+                         create_graph=graph_wanted(grads_out, z, weights, biases, rbf))
 
 
 def _pullback_metric_bwd(ctx, grad):

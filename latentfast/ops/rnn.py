@@ -87,9 +87,10 @@ def _save_inputs(ctx, inputs, output):
 
 def _gru_sequence_bwd(ctx, grad_out):
     # Inference op under autograd (direct torch.ops call): recompute with the gates kept.
-    x, h0, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
-    if graph_wanted(grad_out, *ctx.saved_tensors):  # create_graph=True: see ops/_autograd.py
-        return reference_vjp(ref.gru_sequence, ctx.saved_tensors, (grad_out,))
+    saved = ctx.saved_tensors
+    if graph_wanted(grad_out, saved):  # create_graph=True: see ops/_autograd.py
+        return reference_vjp(ref.gru_sequence, saved, (grad_out,))
+    x, h0, w_ih, w_hh, b_ih, b_hh = saved
     out, gates = _fwd(x, h0, w_ih, w_hh, b_ih, b_hh, True)
     return _gru_sequence_backward(grad_out, x, h0, w_ih, w_hh, out, gates)
 
@@ -227,9 +228,10 @@ def _zeros_if_none(g, like):
 
 def _lstm_sequence_bwd(ctx, grad_out, grad_cells):
     # Inference op under autograd (direct torch.ops call): recompute with the gates kept.
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
-    if graph_wanted(grad_out, grad_cells, *ctx.saved_tensors):  # create_graph=True: ops/_autograd.py
-        return reference_vjp(ref.lstm_sequence, ctx.saved_tensors, (grad_out, grad_cells))
+    saved = ctx.saved_tensors
+    if graph_wanted(grad_out, grad_cells, saved):  # create_graph=True: see ops/_autograd.py
+        return reference_vjp(ref.lstm_sequence, saved, (grad_out, grad_cells))
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = saved
     out, cells, gates = _lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, True)
     return _lstm_sequence_backward(_zeros_if_none(grad_out, out), _zeros_if_none(grad_cells, cells), x, h0, c0,
                                    w_ih, w_hh, out, cells, gates)

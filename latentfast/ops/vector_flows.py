@@ -12,7 +12,7 @@ latentfast/reference/vector_flows.py):
   -> grads of (x, ctx (empty without ctx), w1, b1, w2, b2);
 - ``vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes)`` -> (x,
   logdet): the slow direction, all fixed-point sweeps inside one call (no autograd: the public
-  public function differentiates it by the implicit-function theorem when gradients are wanted).
+  function differentiates it by the implicit-function theorem when gradients are wanted).
 
 Public functions: :func:`vector_flow_stack`, :func:`vector_flow_stack_inverse` and the
 one-step forms :func:`made_flow_step`, :func:`made_flow_step_inverse` (K = 1, act = 1).
@@ -238,14 +238,14 @@ class _ImplicitInverse(torch.autograd.Function):
     def backward(ctx, grad_x, grad_ld):
         y, x, c, w1, b1, w2, b2, act = ctx.saved_tensors
         if graph_wanted(grad_x, grad_ld, y, c, w1, b1, w2, b2):  # create_graph=True: the reference's sweeps
-            return (*reference_vjp(ref.vector_flow_stack_inverse, (y, c, w1, b1, w2, b2, act, ctx.additive,
-                                                                   ctx.n_passes), (grad_x, grad_ld)),)
+            return reference_vjp(ref.vector_flow_stack_inverse, (y, c, w1, b1, w2, b2, act, ctx.additive,
+                                                                 ctx.n_passes), (grad_x, grad_ld))
         additive = ctx.additive
         a = torch.zeros_like(x) if grad_x is None else grad_x
         gld = x.new_zeros(x.shape[0]) if grad_ld is None else grad_ld
         _, _, xs, out = _fwd(x, c, w1, b1, w2, b2, act, additive, True)  # step inputs at the solution
         zeros, d = torch.zeros_like(x), x.shape[1]
-        grads = {n: [] for n in ("ctx", "w1", "b1", "w2", "b2")}
+        gas, gos, hidden = [], [], []  # per step: grad of the pre-activation and of the MLP output
         for k in range(w1.shape[0]):
             xk, ok = xs[k], out[k]
             pre = torch.addmm(b1[k], xk, w1[k].t())
@@ -273,13 +273,13 @@ class _ImplicitInverse(torch.autograd.Function):
                 v = mlp_vjp((coef * u[:, None, :]).reshape(u.shape[0], -1))
                 u = base - v if neg_inv is None else torch.addcmul(base, v, neg_inv)
             go, _ = ref.gate_backward(-u, gld, xk, ok, act[k], additive)
-            ga = (go @ w2[k]) * on
-            for n, v in (("ctx", ga), ("w1", ga.t() @ xk), ("b1", ga.sum(0)), ("w2", go.t() @ torch.relu(pre)),
-                         ("b2", go.sum(0))):
-                grads[n].append(v)
+            gos.append(go)
+            gas.append((go @ w2[k]) * on)
+            hidden.append(torch.relu(pre))
             a = u
-        st = {n: torch.stack(v) for n, v in grads.items()}
-        return a, (st["ctx"] if ctx.has_ctx else None), st["w1"], st["b1"], st["w2"], st["b2"], None, None, None
+        ga = torch.stack(gas)
+        return (a, (ga if ctx.has_ctx else None), *ref.weight_grads(ga, torch.stack(gos), xs, torch.stack(hidden)),
+                None, None, None)
 
 
 def _check_stack(name: str, x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
