@@ -9,23 +9,10 @@ coupling; 2: + affine coupling and log-det), and torch.add(x, h, out=y), which m
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 import latentfast.ops.flows  # noqa: F401  (loads the C++ kernels)
-
-
-def _median_ms(fn, reps: int = 60) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[reps // 2] * 1e3
+from latentfast.bench.runner import median_ms
 
 
 def main() -> None:
@@ -46,10 +33,10 @@ def main() -> None:
     all_threads = torch.get_num_threads()
     for threads in sorted({1, all_threads}):
         torch.set_num_threads(threads)
-        copy = _median_ms(lambda: torch.add(x, h, out=y))
-        m0 = _median_ms(lambda: op(x, w, b, None, 0))
-        m1 = _median_ms(lambda: op(x, w, b, h_add, 1))
-        m2 = _median_ms(lambda: op(x, w, b, h, 2))
+        copy = median_ms(lambda: torch.add(x, h, out=y), 60)
+        m0 = median_ms(lambda: op(x, w, b, None, 0), 60)
+        m1 = median_ms(lambda: op(x, w, b, h_add, 1), 60)
+        m2 = median_ms(lambda: op(x, w, b, h, 2), 60)
         print(f"{threads} thread(s): add(x, h, out=y) {copy:.3f} ms ({mbytes / copy:.0f} GB/s); "
               f"fused op: map {m0:.3f} ms, + additive coupling {m1:.3f} ms, "
               f"+ affine coupling {m2:.3f} ms")

@@ -10,22 +10,10 @@ Prints the medians of 5 calls of each for B = 1024, d = 32, H = 256, K = 8.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
+from latentfast.bench.runner import median_ms
 from latentfast.flows import vector as vf
-
-
-def _median_ms(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -42,8 +30,8 @@ def main() -> None:
         flow.zero_grad()
         (-flow.log_prob(x).mean()).backward()
 
-    print(f"IAF log_prob, B={b} d={d} H=256 K=8: without gradients (kernel) {_median_ms(no_grad):.1f} ms; "
-          f"forward+backward with gradients {_median_ms(with_grad):.1f} ms")
+    print(f"IAF log_prob, B={b} d={d} H=256 K=8: without gradients (kernel) {median_ms(no_grad, 5, warmup=1):.1f} ms; "
+          f"forward+backward with gradients {median_ms(with_grad, 5, warmup=1):.1f} ms")
 
 
 if __name__ == "__main__":
