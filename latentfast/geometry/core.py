@@ -389,26 +389,23 @@ def interpolate(decoder, curves: Tensor, n_points: int) -> Tensor:
 
 # ------------------------------------------------------------------ exponential map
 
-def _metric_single(decoder) -> Callable[[Tensor], Tensor]:
+def geodesic_acceleration(decoder, z: Tensor, v: Tensor) -> Tensor:
+    """z'' = -Gamma(z)[v, v] [B, d] from the geodesic equation of M = J^T J,
+    J^T (J z'' + g''(z)[v, v]) = 0, i.e. z'' = -M^-1 J^T g''(z)[v, v].
+
+    MLP decoders (as_mlp) carry J and g''[v, v] forward through the layers in one batched
+    pass (latentfast.reference.geometry.geodesic_acceleration); any other decoder gets J and
+    g''[v, v] from torch.func (jacfwd and a jvp of a jvp per point, under vmap)."""
+    p = as_mlp(decoder)
+    if p is not None:
+        return ref.geodesic_acceleration(z, v, *p.args())
     f = _feature_fn(decoder)
 
-    def m(z: Tensor) -> Tensor:  # z [d] -> [d, d], differentiable by torch.func
-        jac = torch.func.jacfwd(lambda x: f(x[None])[0])(z)
-        return jac.T @ jac
-    return m
-
-
-def geodesic_acceleration(decoder, z: Tensor, v: Tensor) -> Tensor:
-    """z'' = -Gamma(z)[v, v] [B, d] from the geodesic equation
-    M z'' = -(dM[v]) v + 1/2 grad_z (v^T M v)."""
-    m_fn = _metric_single(decoder)
-
     def acc(zi: Tensor, vi: Tensor) -> Tensor:
-        m = m_fn(zi)
-        dm = torch.func.jacfwd(m_fn)(zi)  # [d, d, d]: dm[i, j, k] = dM_ij / dz_k
-        dmv = dm @ vi  # sum_k dM_ij/dz_k v_k
-        rhs = -dmv @ vi + 0.5 * torch.einsum("i,ijk,j->k", vi, dm, vi)
-        return torch.linalg.solve(m, rhs)
+        g = lambda x: f(x[None])[0]  # noqa: E731
+        _, gvv = torch.func.jvp(lambda x: torch.func.jvp(g, (x,), (vi,))[1], (zi,), (vi,))
+        jac = torch.func.jacfwd(g)(zi)  # [D, d]
+        return -torch.linalg.solve(jac.T @ jac, jac.T @ gvv)
     return torch.func.vmap(acc)(z, v)
 
 

@@ -58,6 +58,24 @@ def activation_deriv(a: Tensor, code: int) -> Tensor:
     raise ValueError(f"unknown activation code {code}; known: {ACTIVATIONS}")
 
 
+def activation_second_deriv(a: Tensor, code: int) -> Tensor:
+    """act''(a) for an activation code (ELU's at 0 taken from the left, like its act')."""
+    if code == 0:
+        return torch.zeros_like(a)
+    if code == 1:
+        t = torch.tanh(a)
+        return -2.0 * t * (1.0 - t * t)
+    if code == 2:
+        s = torch.sigmoid(a)
+        return s * (1.0 - s)
+    if code == 3:
+        return torch.where(a > 0, torch.zeros_like(a), torch.exp(a))
+    if code == 4:
+        s = torch.sigmoid(a)
+        return s * (1.0 - s) * (1.0 - 2.0 * s)
+    raise ValueError(f"unknown activation code {code}; known: {ACTIVATIONS}")
+
+
 def mlp_mean(z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int]) -> Tensor:
     """mu(z) for z [..., d]."""
     h = z
@@ -113,6 +131,45 @@ def pullback_metric(z: Tensor, weights: list[Tensor], biases: list[Tensor], acts
         js = rbf_sigma_jacobian(z, rbf_centres, rbf_lambda, rbf_weight, zeta)
         metric = metric + js.transpose(1, 2) @ js
     return metric
+
+
+def geodesic_acceleration(z: Tensor, v: Tensor, weights: list[Tensor], biases: list[Tensor],
+                          acts: list[int], rbf_centres: Tensor | None = None,
+                          rbf_lambda: Tensor | None = None, rbf_weight: Tensor | None = None,
+                          zeta: float = 0.0) -> Tensor:
+    """z'' = -Gamma(z)[v, v] [N, d] of the pull-back metric, for z, v [N, d].
+
+    A curve is a geodesic of M = J^T J (J the Jacobian of g) when the acceleration of
+    g(z(t)) is normal to the surface: J^T (J z'' + g''(z)[v, v]) = 0, so
+    z'' = -M^-1 J^T g''(z)[v, v]. J, the velocity J v and g''[v, v] are carried forward
+    layer by layer (a = W h + b: J_a = W J_h, a' = W h', a'' = W h''; h = act(a):
+    J_h = act'(a) J_a, h' = act'(a) a', h'' = act''(a) a'^2 + act'(a) a''), and for the RBF
+    variance network sigma = beta^-1/2 in closed form. No third-order tensor is formed.
+    """
+    n, d = z.shape
+    h, hv, hvv = z, v, torch.zeros_like(v)
+    jac = torch.eye(d, dtype=z.dtype, device=z.device).expand(n, d, d)
+    for w, b, code in zip(weights, biases, acts):
+        a, av, avv = h @ w.T + b, hv @ w.T, hvv @ w.T
+        s1 = activation_deriv(a, code)
+        jac = s1[:, :, None] * torch.einsum("oi,nid->nod", w, jac)
+        hv, hvv = s1 * av, activation_second_deriv(a, code) * av * av + s1 * avv
+        h = activation(a, code)
+    metric = jac.transpose(1, 2) @ jac
+    rhs = (jac.transpose(1, 2) @ hvv[:, :, None])[..., 0]
+    if rbf_centres is not None:
+        diff = z[:, None, :] - rbf_centres[None]  # [N, K, d]
+        phi = torch.exp(-rbf_lambda * (diff ** 2).sum(-1))  # [N, K]
+        rv = 2.0 * (diff * v[:, None, :]).sum(-1)  # d/dt ||z - c||^2 along v
+        rvv = 2.0 * (v * v).sum(-1, keepdim=True)
+        phiv = -rbf_lambda * phi * rv
+        phivv = phi * (rbf_lambda ** 2 * rv * rv - rbf_lambda * rvv)
+        beta, betav, betavv = phi @ rbf_weight.T + zeta, phiv @ rbf_weight.T, phivv @ rbf_weight.T
+        sigvv = 0.75 * beta.pow(-2.5) * betav * betav - 0.5 * beta.pow(-1.5) * betavv
+        js = rbf_sigma_jacobian(z, rbf_centres, rbf_lambda, rbf_weight, zeta)
+        metric = metric + js.transpose(1, 2) @ js
+        rhs = rhs + (js.transpose(1, 2) @ sigvv[:, :, None])[..., 0]
+    return -torch.linalg.solve(metric, rhs)
 
 
 def curve_energy(curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
