@@ -580,7 +580,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 struct SeqPlan {
   bool ok = false;
   std::vector<int32_t> order, level_end;  // solved dimensions by level; level l ends at level_end[l]
+  // [lo, hi) over the hidden units, where the row loops run: per input j the nonzero span of
+  // W1[:, j] (d pairs), per output o that of W2[o, :] (O pairs), per dimension j the union
+  // of W2 rows j and d + j (d pairs). Products with the skipped zeros are exact zeros (see the
+  // block structure above for the one exception, non-finite values); a MADE step with its
+  // hidden units sorted by degree skips about half. The spans are widened to multiples of
+  // kSpanAlign units (the loops' vector width: no scalar tails, which cost as much as the
+  // vector body at these lengths). LATENTFAST_VF_GROUPS=1: the whole width.
+  std::vector<int32_t> spans;
 };
+
+constexpr int64_t kSpanAlign = 16;
+
+template <typename T>
+std::vector<int32_t> row_spans(const Dims& n, const T* w1k, const T* w2k) {
+  const bool full = groups_wanted() == 1;
+  auto aligned = [&](Span r) {
+    if (full) return Span{0, n.H};
+    if (r.len() == 0) return Span{};
+    return Span{r.lo / kSpanAlign * kSpanAlign, std::min(n.H, (r.hi + kSpanAlign - 1) / kSpanAlign * kSpanAlign)};
+  };
+  std::vector<int32_t> sp(static_cast<size_t>(2 * (2 * n.d + n.O)));
+  AlignedScratch<T> col(n.H);
+  for (int64_t j = 0; j < n.d; ++j) {
+    for (int64_t h = 0; h < n.H; ++h) col.data()[h] = w1k[h * n.d + j];
+    const Span r = aligned(row_span(col.data(), n.H, 0));
+    sp[2 * j] = static_cast<int32_t>(r.lo), sp[2 * j + 1] = static_cast<int32_t>(r.hi);
+  }
+  int32_t* s2 = sp.data() + 2 * n.d;
+  for (int64_t o = 0; o < n.O; ++o) {
+    const Span r = aligned(row_span(w2k, n.H, o));
+    s2[2 * o] = static_cast<int32_t>(r.lo), s2[2 * o + 1] = static_cast<int32_t>(r.hi);
+  }
+  int32_t* su = s2 + 2 * n.O;
+  for (int64_t j = 0; j < n.d; ++j) {
+    Span u{s2[2 * j], s2[2 * j + 1]};
+    if (n.O == 2 * n.d) u.add(s2[2 * (n.d + j)], s2[2 * (n.d + j) + 1]);
+    su[2 * j] = static_cast<int32_t>(u.lo), su[2 * j + 1] = static_cast<int32_t>(u.hi);
+  }
+  return sp;
+}
 
 template <typename T>
 SeqPlan seq_plan(const Dims& n, const T* w1k, const T* w2k, const T* actk, bool additive) {
@@ -619,6 +658,7 @@ SeqPlan seq_plan(const Dims& n, const T* w1k, const T* w2k, const T* actk, bool 
     plan.level_end.push_back(static_cast<int32_t>(plan.order.size()));
     left.swap(rest);
   }
+  plan.spans = row_spans<T>(n, w1k, w2k);
   plan.ok = true;
   return plan;
 }
@@ -660,7 +700,7 @@ void seq_inv_step(const Dims& n, const StackPtrs<T>& p, const SeqPlan& plan, con
              int64_t(0), rows);
   LF_VF_CALL(n.isa, vf_seq_inv_rows<T>, a, cy, cx, logdet + r0, sv, w1t_k, p.w2 + k * n.O * n.H, p.b2 + k * n.O, ak,
              plan.order.data(), plan.level_end.data(), static_cast<int64_t>(plan.level_end.size()), n.d, n.H,
-             additive, rows);
+             additive, plan.spans.data(), rows);
 }
 
 // The inverse of rows [r0, r0 + rows): per step in reverse, n_passes fixed-point sweeps with
@@ -786,10 +826,91 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
   return {cur_y, logdet};
 }
 
+// The inverse's backward (latentfast/ops/vector_flows.py, _ImplicitInverse): from the cotangents
+// grad_x [B, d] on the inverse's output x and grad_logdet [B] on its log-det, the cotangent on
+// y, u = J_K^-T (... J_1^-T (grad_x + gld dld_1/dx) ...), one transposed solve per step in
+// dependency order (vf_inv_grad_block), each row block through all K steps. xs, out, hidden:
+// the forward stack at x (vector_flow_fwd with save and keep_hidden). Where the Python
+// fallback iterates u <- (a' - N^T u) / D (n_passes + 1 vector-Jacobian products through the
+// MLP per step), this is one pass of about 3 H multiply-adds per row and dimension. The
+// weight gradients are then the stack's backward with cotangents (-u, grad_logdet) (the caller
+// runs vector_flow_bwd). Returns an empty tensor when a step has no dependency order with at
+// most n_passes levels (a cycle, or more levels than the forward's sweeps solve exactly):
+// the derivatives are then those of the sweeps the forward ran, and the caller iterates.
+at::Tensor vector_flow_inv_grad(const at::Tensor& grad_x, const at::Tensor& grad_logdet, const at::Tensor& xs_in,
+                                const at::Tensor& out_in, const at::Tensor& hidden_in, const at::Tensor& w1_in,
+                                const at::Tensor& w2_in, const at::Tensor& act_in, bool additive, int64_t n_passes) {
+  TORCH_CHECK(grad_x.dim() == 2 && grad_logdet.dim() == 1 && xs_in.dim() == 3 && out_in.dim() == 3 &&
+                  hidden_in.dim() == 3 && w1_in.dim() == 3 && w2_in.dim() == 3 && act_in.dim() == 2,
+              "vector_flow_inv_grad: grad_x [B, d], grad_logdet [B], xs [K, B, d], out [K, B, O], "
+              "hidden [K, B, H], w1 [K, H, d], w2 [K, O, H], act [K, d]");
+  const int64_t K = w1_in.size(0), B = grad_x.size(0), d = grad_x.size(1), H = w1_in.size(1);
+  const int64_t O = additive ? d : 2 * d;
+  TORCH_CHECK(grad_logdet.size(0) == B && w1_in.size(2) == d && w2_in.size(0) == K && w2_in.size(1) == O &&
+                  w2_in.size(2) == H && act_in.size(0) == K && act_in.size(1) == d,
+              "vector_flow_inv_grad: weight shapes do not match");
+  TORCH_CHECK(xs_in.sizes() == at::IntArrayRef({K, B, d}) && out_in.sizes() == at::IntArrayRef({K, B, O}) &&
+                  hidden_in.sizes() == at::IntArrayRef({K, B, H}),
+              "vector_flow_inv_grad: xs, out, hidden must be [K, B, d], [K, B, O], [K, B, H]");
+  for (const auto* t : {&grad_x, &grad_logdet, &xs_in, &out_in, &hidden_in, &w1_in, &w2_in, &act_in}) {
+    TORCH_CHECK(t->device().is_cpu(), "latentfast_cpp kernels take CPU tensors");
+    TORCH_CHECK(t->scalar_type() == grad_x.scalar_type(), "vector_flow_inv_grad: all tensors must share a dtype");
+  }
+  TORCH_CHECK(grad_x.scalar_type() == at::kFloat || grad_x.scalar_type() == at::kDouble,
+              "vector_flow_inv_grad: float32 or float64 only");
+  const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous(), act = act_in.contiguous();
+  const Dims n{K, B, d, H, O, isa::selected()};
+  std::vector<SeqPlan> plans(static_cast<size_t>(K));
+  AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "vector_flow_inv_grad_plans", [&] {
+    for (int64_t k = 0; k < K; ++k)
+      plans[k] = seq_plan<scalar_t>(n, w1.const_data_ptr<scalar_t>() + k * H * d,
+                                    w2.const_data_ptr<scalar_t>() + k * O * H, act.const_data_ptr<scalar_t>() + k * d,
+                                    additive);
+  });
+  for (const SeqPlan& q : plans)
+    if (!q.ok || static_cast<int64_t>(q.level_end.size()) > n_passes) return at::empty({0}, grad_x.options());
+  const at::Tensor xs = xs_in.contiguous(), out = out_in.contiguous(), hidden = hidden_in.contiguous();
+  const at::Tensor gld = grad_logdet.contiguous();
+  at::Tensor u = grad_x.contiguous().clone();  // solved in place, step by step
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "vector_flow_inv_grad", [&] {
+    using T = scalar_t;
+    AlignedScratch<T> w1t(K * d * H);
+    for (int64_t k = 0; k < K; ++k) transpose_blocked(w1.const_data_ptr<T>() + k * H * d, H, d, w1t.data() + k * d * H);
+    const T* xp = xs.const_data_ptr<T>();
+    const T* op = out.const_data_ptr<T>();
+    const T* hp = hidden.const_data_ptr<T>();
+    const T* gp = gld.const_data_ptr<T>();
+    const T* w2p = w2.const_data_ptr<T>();
+    const T* ap = act.const_data_ptr<T>();
+    T* up = u.mutable_data_ptr<T>();
+    at::parallel_for(0, (B + 3) / 4, std::max<int64_t>(1, 512 / std::max<int64_t>(K * d, 1)), [&](int64_t q0,
+                                                                                                  int64_t q1) {
+      AlignedScratch<T> r(4 * H), cf(4 * 4 * d);
+      for (int64_t qb = q0; qb < q1; ++qb) {
+        const int64_t b0 = qb * 4, rows = std::min<int64_t>(4, B - b0);
+        for (int64_t k = 0; k < K; ++k) {
+          const int32_t* order = plans[k].order.data();
+          const int32_t* ends = plans[k].level_end.data();
+          const int64_t nl = static_cast<int64_t>(plans[k].level_end.size());
+          const T* hk = hp + (k * B + b0) * H;
+          const T* xk = xp + (k * B + b0) * d;
+          const T* ok = op + (k * B + b0) * O;
+          const T* w1tk = w1t.data() + k * d * H;
+          const T* w2k = w2p + k * O * H;
+          LF_VF_CALL(n.isa, vf_inv_grad_rows<T>, r.data(), cf.data(), hk, xk, ok, gp + b0, up + b0 * d, w1tk, w2k,
+                     ap + k * d, order, ends, nl, d, H, additive, plans[k].spans.data(), rows);
+        }
+      }
+    });
+  });
+  return u;
+}
+
 }  // namespace
 }  // namespace latentfast
 
 TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) {
+  m.impl("vector_flow_inv_grad", &latentfast::vector_flow_inv_grad);
   m.impl("vector_flow_fwd", &latentfast::vector_flow_fwd);
   m.impl("vector_flow_bwd", &latentfast::vector_flow_bwd);
   m.impl("vector_flow_inv", &latentfast::vector_flow_inv);

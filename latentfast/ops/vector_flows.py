@@ -223,7 +223,11 @@ class _ImplicitInverse(torch.autograd.Function):
     leaves alone, whose rows of N are zero, and a cotangent may sit on those too), so
     n_passes + 1 terms are exact: a coupling inverted in one sweep needs two.
     These are the derivatives of the exact inverse, the same as autograd through the
-    reference's sweeps (test_inverse_gradients_are_the_implicit_function_derivatives)."""
+    reference's sweeps (test_inverse_gradients_are_the_implicit_function_derivatives).
+    On the cpp backend the same system is solved in one pass per step in dependency order
+    (vector_flow_inv_grad, csrc/flows/vector_flow_cpu.cpp), and the weight gradients come
+    from the stack's backward with cotangents (-u, grad_logdet); the iterations remain for
+    the other backends and for steps without such an order within n_passes levels."""
 
     @staticmethod
     def forward(ctx, y, c, w1, b1, w2, b2, act, additive, n_passes):
@@ -243,6 +247,17 @@ class _ImplicitInverse(torch.autograd.Function):
         additive = ctx.additive
         a = torch.zeros_like(x) if grad_x is None else grad_x
         gld = x.new_zeros(x.shape[0]) if grad_ld is None else grad_ld
+        if backend.select(x.device) == "cpp":
+            # The forward stack at x, then u = grad y by one transposed solve per step in
+            # dependency order (C++), and the weight gradients as the stack's backward with
+            # cotangents (-u, grad_logdet): for every step, -u_k on y_k is what the standard
+            # backward passes down, since J_k^T u_k = u_{k-1} + gld d ld_k / d x_{k-1}.
+            _, _, xs, out, hidden = _fwd_kept(x, c, w1, b1, w2, b2, act, additive, True, True)
+            u = torch.ops.latentfast_cpp.vector_flow_inv_grad(a, gld, xs, out, hidden, w1, w2, act, additive,
+                                                              ctx.n_passes)
+            if u.numel():  # (empty: a step without a dependency order within n_passes levels)
+                _, gctx, *gw = _bwd(-u, gld, xs, out, c, w1, b1, w2, act, additive, hidden)
+                return (u, (gctx if ctx.has_ctx else None), *gw, None, None, None)
         _, _, xs, out = _fwd(x, c, w1, b1, w2, b2, act, additive, True)  # step inputs at the solution
         zeros, d = torch.zeros_like(x), x.shape[1]
         gas, gos, hidden = [], [], []  # per step: grad of the pre-activation and of the MLP output
