@@ -40,9 +40,12 @@ class RBFVariance(nn.Module):
     def weight(self) -> Tensor:
         return F.softplus(self.raw_weight)
 
+    def features(self, z: Tensor) -> Tensor:
+        """v(z) [..., K]: the RBF responses (fixed buffers; no trained parameter)."""
+        return torch.exp(-self.bandwidths * ((z[..., None, :] - self.centres) ** 2).sum(-1))
+
     def precision(self, z: Tensor) -> Tensor:
-        v = torch.exp(-self.bandwidths * ((z[..., None, :] - self.centres) ** 2).sum(-1))
-        return v @ self.weight.T + self.zeta
+        return self.features(z) @ self.weight.T + self.zeta
 
     def forward(self, z: Tensor) -> Tensor:
         return self.precision(z).rsqrt()
@@ -159,9 +162,11 @@ def fit_rbf_variance(decoder: GaussianMLPDecoder, latents: Tensor, data: Tensor,
     with torch.no_grad():
         mu = decoder.mean(z)
     sq = (x - mu) ** 2
+    with torch.no_grad():
+        v = rbf.features(z)  # only W is trained: the RBF responses are computed once
     opt = torch.optim.Adam(rbf.parameters(), lr=lr)
     for _ in range(steps):
-        beta = rbf.precision(z)
+        beta = v @ rbf.weight.T + rbf.zeta
         nll = (0.5 * beta * sq - 0.5 * torch.log(beta)).sum(1).mean()
         opt.zero_grad()
         nll.backward()
