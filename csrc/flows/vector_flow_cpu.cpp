@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace latentfast {
@@ -883,23 +884,21 @@ at::Tensor vector_flow_inv_grad(const at::Tensor& grad_x, const at::Tensor& grad
     const T* w2p = w2.const_data_ptr<T>();
     const T* ap = act.const_data_ptr<T>();
     T* up = u.mutable_data_ptr<T>();
-    at::parallel_for(0, (B + 3) / 4, std::max<int64_t>(1, 512 / std::max<int64_t>(K * d, 1)), [&](int64_t q0,
-                                                                                                  int64_t q1) {
-      AlignedScratch<T> r(4 * H), cf(4 * 4 * d);
+    constexpr int64_t L = 64 / sizeof(T);
+    at::parallel_for(0, (B + L - 1) / L, 1, [&](int64_t q0, int64_t q1) {
+      AlignedScratch<T> rT(H * L), hT(H * L), cfT(4 * d * L), oT(O * L), xT(d * L), aT(d * L);
       for (int64_t qb = q0; qb < q1; ++qb) {
-        const int64_t b0 = qb * 4, rows = std::min<int64_t>(4, B - b0);
+        const int64_t b0 = qb * L, rows = std::min<int64_t>(L, B - b0);
+        LF_VF_CALL(n.isa, vf_to_lanes<T>, up + b0 * d, d, rows, d, aT.data());
         for (int64_t k = 0; k < K; ++k) {
-          const int32_t* order = plans[k].order.data();
-          const int32_t* ends = plans[k].level_end.data();
           const int64_t nl = static_cast<int64_t>(plans[k].level_end.size());
-          const T* hk = hp + (k * B + b0) * H;
-          const T* xk = xp + (k * B + b0) * d;
-          const T* ok = op + (k * B + b0) * O;
-          const T* w1tk = w1t.data() + k * d * H;
-          const T* w2k = w2p + k * O * H;
-          LF_VF_CALL(n.isa, vf_inv_grad_rows<T>, r.data(), cf.data(), hk, xk, ok, gp + b0, up + b0 * d, w1tk, w2k,
-                     ap + k * d, order, ends, nl, d, H, additive, plans[k].spans.data(), rows);
+          LF_VF_CALL(n.isa, vf_inv_grad_lanes<T>, rT.data(), hT.data(), cfT.data(), oT.data(), xT.data(), aT.data(),
+                     hp + (k * B + b0) * H, xp + (k * B + b0) * d, op + (k * B + b0) * O, gp + b0, rows,
+                     w1t.data() + k * d * H, w2p + k * O * H, ap + k * d, plans[k].order.data(),
+                     plans[k].level_end.data(), nl, d, H, additive, plans[k].spans.data());
         }
+        for (int64_t q = 0; q < rows; ++q)
+          for (int64_t j = 0; j < d; ++j) up[(b0 + q) * d + j] = aT.data()[j * L + q];
       }
     });
   });

@@ -661,19 +661,23 @@ def test_inverse_gradients_are_the_implicit_function_derivatives(backend, kind, 
 @pytest.mark.parametrize("additive", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("d", [5, 17])
 @_NEEDS_CPP
-def test_cpp_inverse_grad_matches_dense_solve(monkeypatch, kind, additive, dtype, isa):
+def test_cpp_inverse_grad_matches_dense_solve(monkeypatch, kind, additive, dtype, isa, d):
     """vector_flow_inv_grad (the inverse's backward: one transposed solve per step in
     dependency order) against a dense solve: grad y = J_F^-T (grad_x + gld d logdet / dx) with
     J_F and d logdet / dx from autograd through the reference stack at x, row by row.
-    K = 3, B = 7 (a 4-row block and 3 single rows), d = 5, H = 37 (16-wide loops with a tail),
-    a context, some act = 0 dimensions, each instruction-set clone this CPU runs; output
-    poisoned first. Without a dependency order within n_passes levels (n_passes too small,
-    or dense weights: a cycle) the op returns an empty tensor."""
+    K = 3, B = 21 (rows in lanes of 16 floats / 8 doubles: full blocks and a 5-row one),
+    d = 5 and 17, H = 37 (full 16 x 16 transposes and leftover columns), a context, some
+    act = 0 dimensions, each instruction-set clone this CPU runs; output poisoned first.
+    Without a dependency order within n_passes levels (n_passes too small, or dense weights:
+    a cycle) the op returns an empty tensor."""
     use_cpu_isa(monkeypatch, isa)
     monkeypatch.setenv("LATENTFAST_VF_POISON", "1")
-    k, b, d, h = 3, 7, 5, 37
-    w1, b1, w2, b2 = (t.to(dtype) for t in _masked_params(kind, k, d, h, seed=3))
+    k, b, h = 3, 21, 37
+    w1, b1, w2, b2 = _masked_params(kind, k, d, h, seed=3)
+    w1 = w1 * (2.0 / d) ** 0.5  # gates' s within about +-10 (unscaled, d = 17 reaches -44: sigma = 0 in float32)
+    w1, b1, w2, b2 = (t.to(dtype) for t in (w1, b1, w2, b2))
     if additive:
         w2, b2 = w2[:, :d].contiguous(), b2[:, :d].contiguous()
     act = torch.ones(k, d, dtype=dtype)
