@@ -689,7 +689,7 @@ std::vector<SeqPlan> seq_plans(const Dims& n, const T* w1, const T* w2, const T*
 // Step k of the inverse for the tile rows by its plan: cy holds the step's output y, cx gets x.
 template <typename T>
 void seq_inv_step(const Dims& n, const StackPtrs<T>& p, const SeqPlan& plan, const T* w1t_k, bool additive, int64_t k,
-                  int64_t r0, int64_t rows, const T* cy, T* cx, T* a, T* sv, T* logdet) {
+                  int64_t r0, int64_t rows, const T* cy, T* cx, T* a, T* logdet) {
   const T* ak = p.act + k * n.d;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < n.d; ++j) {
@@ -699,9 +699,14 @@ void seq_inv_step(const Dims& n, const StackPtrs<T>& p, const SeqPlan& plan, con
   gemm_rm<T>(false, true, rows, n.H, n.d, cx, n.d, p.w1 + k * n.H * n.d, n.d, T(0), a, n.H);
   LF_VF_CALL(n.isa, vf_bias_rows<T>, a, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
              int64_t(0), rows);
-  LF_VF_CALL(n.isa, vf_seq_inv_rows<T>, a, cy, cx, logdet + r0, sv, w1t_k, p.w2 + k * n.O * n.H, p.b2 + k * n.O, ak,
-             plan.order.data(), plan.level_end.data(), static_cast<int64_t>(plan.level_end.size()), n.d, n.H,
-             additive, plan.spans.data(), rows);
+  constexpr int64_t L = 64 / sizeof(T);  // rows per call: in the lanes of a 64-byte vector
+  AlignedScratch<T> lanes((n.H + 3 * n.d) * L);
+  T* aT = lanes.data();
+  for (int64_t b0 = 0; b0 < rows; b0 += L)
+    LF_VF_CALL(n.isa, vf_seq_inv_lanes<T>, aT, aT + n.H * L, aT + (n.H + n.d) * L, aT + (n.H + 2 * n.d) * L,
+               a + b0 * n.H, cy + b0 * n.d, cx + b0 * n.d, logdet + r0 + b0, std::min<int64_t>(L, rows - b0), w1t_k,
+               p.w2 + k * n.O * n.H, p.b2 + k * n.O, ak, plan.order.data(), plan.level_end.data(),
+               static_cast<int64_t>(plan.level_end.size()), n.d, n.H, additive, plan.spans.data());
 }
 
 // The inverse of rows [r0, r0 + rows): per step in reverse, n_passes fixed-point sweeps with
@@ -714,7 +719,7 @@ void inv_tile(const Dims& n, const StackPtrs<T>& p, bool additive, int64_t n_pas
   std::memcpy(cy, y + r0 * n.d, sizeof(T) * rows * n.d);
   for (int64_t k = n.K - 1; k >= 0; --k) {
     if (plans[k].ok) {
-      seq_inv_step<T>(n, p, plans[k], w1t + k * n.d * n.H, additive, k, r0, rows, cy, cx, g, scratch, logdet);
+      seq_inv_step<T>(n, p, plans[k], w1t + k * n.d * n.H, additive, k, r0, rows, cy, cx, g, logdet);
       std::swap(cy, cx);
       continue;
     }
@@ -830,7 +835,7 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
 // The inverse's backward (latentfast/ops/vector_flows.py, _ImplicitInverse): from the cotangents
 // grad_x [B, d] on the inverse's output x and grad_logdet [B] on its log-det, the cotangent on
 // y, u = J_K^-T (... J_1^-T (grad_x + gld dld_1/dx) ...), one transposed solve per step in
-// dependency order (vf_inv_grad_block), each row block through all K steps. xs, out, hidden:
+// dependency order (vf_inv_grad_lanes), each block of L rows through all K steps. xs, out, hidden:
 // the forward stack at x (vector_flow_fwd with save and keep_hidden). Where the Python
 // fallback iterates u <- (a' - N^T u) / D (n_passes + 1 vector-Jacobian products through the
 // MLP per step), this is one pass of about 3 H multiply-adds per row and dimension. The
