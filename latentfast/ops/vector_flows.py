@@ -247,18 +247,19 @@ class _ImplicitInverse(torch.autograd.Function):
         additive = ctx.additive
         a = torch.zeros_like(x) if grad_x is None else grad_x
         gld = x.new_zeros(x.shape[0]) if grad_ld is None else grad_ld
-        if backend.select(x.device) == "cpp":
-            # The forward stack at x, then u = grad y by one transposed solve per step in
-            # dependency order (C++), and the weight gradients as the stack's backward with
-            # cotangents (-u, grad_logdet): for every step, -u_k on y_k is what the standard
-            # backward passes down, since J_k^T u_k = u_{k-1} + gld d ld_k / d x_{k-1}.
-            _, _, xs, out, hidden = _fwd_kept(x, c, w1, b1, w2, b2, act, additive, True, True)
-            u = torch.ops.latentfast_cpp.vector_flow_inv_grad(a, gld, xs, out, hidden, w1, w2, act, additive,
+        cpp = backend.select(x.device) == "cpp"
+        # the step inputs and MLP outputs at the solution (and, for the C++ solve, the hidden layers)
+        _, _, xs, out, kept = _fwd_kept(x, c, w1, b1, w2, b2, act, additive, True, cpp)
+        if cpp:
+            # u = grad y by one transposed solve per step in dependency order (C++), then the
+            # weight gradients as the stack's backward with cotangents (-u, grad_logdet): for
+            # every step, -u_k on y_k is what the standard backward passes down, since
+            # J_k^T u_k = u_{k-1} + gld d ld_k / d x_{k-1}.
+            u = torch.ops.latentfast_cpp.vector_flow_inv_grad(a, gld, xs, out, kept, w1, w2, act, additive,
                                                               ctx.n_passes)
             if u.numel():  # (empty: a step without a dependency order within n_passes levels)
-                _, gctx, *gw = _bwd(-u, gld, xs, out, c, w1, b1, w2, act, additive, hidden)
+                _, gctx, *gw = _bwd(-u, gld, xs, out, c, w1, b1, w2, act, additive, kept)
                 return (u, (gctx if ctx.has_ctx else None), *gw, None, None, None)
-        _, _, xs, out = _fwd(x, c, w1, b1, w2, b2, act, additive, True)  # step inputs at the solution
         zeros, d = torch.zeros_like(x), x.shape[1]
         gas, gos, hidden = [], [], []  # per step: grad of the pre-activation and of the MLP output
         for k in range(w1.shape[0]):
