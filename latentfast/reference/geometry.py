@@ -148,15 +148,16 @@ def geodesic_acceleration(z: Tensor, v: Tensor, weights: list[Tensor], biases: l
     """
     n, d = z.shape
     h, hv, hvv = z, v, torch.zeros_like(v)
-    jac = torch.eye(d, dtype=z.dtype, device=z.device).expand(n, d, d)
+    # tangents as rows, [N, d, H]: each layer's Jacobian product is one [N d, H_in] x W^T GEMM
+    tan = torch.eye(d, dtype=z.dtype, device=z.device).expand(n, d, d)
     for w, b, code in zip(weights, biases, acts):
         a, av, avv = h @ w.T + b, hv @ w.T, hvv @ w.T
         s1 = activation_deriv(a, code)
-        jac = s1[:, :, None] * torch.einsum("oi,nid->nod", w, jac)
+        tan = s1[:, None, :] * (tan.reshape(n * d, -1) @ w.T).reshape(n, d, -1)
         hv, hvv = s1 * av, activation_second_deriv(a, code) * av * av + s1 * avv
         h = activation(a, code)
-    metric = jac.transpose(1, 2) @ jac
-    rhs = (jac.transpose(1, 2) @ hvv[:, :, None])[..., 0]
+    metric = tan @ tan.transpose(1, 2)
+    rhs = (tan @ hvv[:, :, None])[..., 0]
     if rbf_centres is not None:
         diff = z[:, None, :] - rbf_centres[None]  # [N, K, d]
         phi = torch.exp(-rbf_lambda * (diff ** 2).sum(-1))  # [N, K]
@@ -166,9 +167,10 @@ def geodesic_acceleration(z: Tensor, v: Tensor, weights: list[Tensor], biases: l
         phivv = phi * (rbf_lambda ** 2 * rv * rv - rbf_lambda * rvv)
         beta, betav, betavv = phi @ rbf_weight.T + zeta, phiv @ rbf_weight.T, phivv @ rbf_weight.T
         sigvv = 0.75 * beta.pow(-2.5) * betav * betav - 0.5 * beta.pow(-1.5) * betavv
-        js = rbf_sigma_jacobian(z, rbf_centres, rbf_lambda, rbf_weight, zeta)
-        metric = metric + js.transpose(1, 2) @ js
-        rhs = rhs + (js.transpose(1, 2) @ sigvv[:, :, None])[..., 0]
+        dphi = (-2.0 * rbf_lambda * phi)[:, None, :] * diff.transpose(1, 2)  # [N, d, K]
+        js = -0.5 * beta.pow(-1.5)[:, None, :] * (dphi.reshape(n * d, -1) @ rbf_weight.T).reshape(n, d, -1)
+        metric = metric + js @ js.transpose(1, 2)
+        rhs = rhs + (js @ sigvv[:, :, None])[..., 0]
     return -torch.linalg.solve(metric, rhs)
 
 
