@@ -13,7 +13,7 @@ from latentfast.bench.cases import make_cases
 CASES = make_cases(torch.device("cpu"), quick=True)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.name} {'+'.join(c.passes)}" for c in CASES])
 @pytest.mark.parametrize("impl", ["eager", "latentfast"])
 def test_case(benchmark, case, impl):
     fn = case.eager if impl == "eager" else case.fast

@@ -1,5 +1,6 @@
 """Benchmark cases of the vector flow ops: a K-step MADE/IAF stack (the issue's target
-shape), one wide MADE step, and the sequential inverse (MAF sampling)."""
+shape), one wide MADE step, and the sequential inverse (MAF sampling; with gradients, an
+IAF's density in training)."""
 from __future__ import annotations
 
 import torch
@@ -58,9 +59,17 @@ def vector_flow_cases(device: torch.device, quick: bool, gen: torch.Generator) -
         weight_bytes = sum(t.numel() for t in w) * 4
         flops = 6 * b * k * d * h * (d if inverse else 1)
         if inverse:
-            cases.append(Case("vector_flow_stack_inverse", f"vector_flow_inverse B={b} d={d} H={h} K={k}",
-                              (x, *w), eager_inverse, fast_inverse, (), bytes_moved=8 * b * d + weight_bytes,
-                              flops=flops, passes=("fwd",)))
+            name = f"vector_flow_inverse B={b} d={d} H={h} K={k}"
+            cases.append(Case("vector_flow_stack_inverse", name, (x, *w), eager_inverse, fast_inverse, (),
+                              bytes_moved=8 * b * d + weight_bytes, flops=flops, passes=("fwd",)))
+            # With gradients (an IAF's log_prob in training): eager is autograd through the d
+            # sweeps per step, latentfast the kernel and its implicit-function backward. No
+            # torch.compile baseline: at the full shape, compiling the unrolled K d sweeps and
+            # their backward took 368 s on the 2-core VM, and the compiled call then ran 1148 ms
+            # against eager's 1208 ms.
+            cases.append(Case("vector_flow_stack_inverse", name, (x, *w), eager_inverse, fast_inverse,
+                              (0, 1, 2, 3, 4), bytes_moved=8 * b * d + weight_bytes, flops=flops,
+                              passes=("fwd+bwd",), compile=False))
             continue
         op = "made_flow_step" if k == 1 else "vector_flow_stack"
         cases.append(Case(op, f"{op} B={b} d={d} H={h} K={k}", (x, *w), eager_stack, fast_stack, (0, 1, 2, 3, 4),
