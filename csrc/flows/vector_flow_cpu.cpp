@@ -840,7 +840,7 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
 // fallback iterates u <- (a' - N^T u) / D (n_passes + 1 vector-Jacobian products through the
 // MLP per step), this is one pass of about 3 H multiply-adds per row and dimension. The
 // weight gradients are then the stack's backward with cotangents (-u, grad_logdet) (the caller
-// runs vector_flow_bwd). Returns an empty tensor when a step has no dependency order with at
+// runs vector_flow_bwd). Returns a 1-D empty tensor when a step has no dependency order with at
 // most n_passes levels (a cycle, or more levels than the forward's sweeps solve exactly):
 // the derivatives are then those of the sweeps the forward ran, and the caller iterates.
 at::Tensor vector_flow_inv_grad(const at::Tensor& grad_x, const at::Tensor& grad_logdet, const at::Tensor& xs_in,

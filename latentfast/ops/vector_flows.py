@@ -257,7 +257,7 @@ class _ImplicitInverse(torch.autograd.Function):
             # J_k^T u_k = u_{k-1} + gld d ld_k / d x_{k-1}.
             u = torch.ops.latentfast_cpp.vector_flow_inv_grad(a, gld, xs, out, kept, w1, w2, act, additive,
                                                               ctx.n_passes)
-            if u.numel():  # (empty: a step without a dependency order within n_passes levels)
+            if u.dim() == 2:  # (a 1-D empty tensor: a step without a dependency order within n_passes levels)
                 _, gctx, *gw = _bwd(-u, gld, xs, out, c, w1, b1, w2, act, additive, kept)
                 return (u, (gctx if ctx.has_ctx else None), *gw, None, None, None)
         zeros, d = torch.zeros_like(x), x.shape[1]
@@ -286,7 +286,7 @@ class _ImplicitInverse(torch.autograd.Function):
                 base, neg_inv = a_full * inv, -inv
             u = base
             for _ in range(ctx.n_passes):  # n_passes + 1 terms in all, see the class docstring
-                v = mlp_vjp((coef * u[:, None, :]).reshape(u.shape[0], -1))
+                v = mlp_vjp((coef * u[:, None, :]).flatten(1))
                 u = base - v if neg_inv is None else torch.addcmul(base, v, neg_inv)
             go, _ = ref.gate_backward(-u, gld, xk, ok, act[k], additive)
             gos.append(go)

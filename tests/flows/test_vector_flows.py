@@ -674,7 +674,7 @@ def test_cpp_inverse_grad_matches_dense_solve(monkeypatch, kind, additive, dtype
     d = 5 and 17, H = 37 (full 16 x 16 transposes and leftover columns), a context, some
     act = 0 dimensions, each instruction-set clone this CPU runs; output poisoned first.
     Without a dependency order within n_passes levels (n_passes too small, or dense weights:
-    a cycle) the op returns an empty tensor."""
+    a cycle) the op returns a 1-D empty tensor (B = 0 gives [0, d])."""
     use_cpu_isa(monkeypatch, isa)
     monkeypatch.setenv("LATENTFAST_VF_POISON", "1")
     k, b, h = 3, 21, 37
@@ -710,9 +710,10 @@ def test_cpp_inverse_grad_matches_dense_solve(monkeypatch, kind, additive, dtype
         rows.append(torch.linalg.solve(jac.T, ga[i].double() + gld[i].double() * dld))
     assert_close(got, torch.stack(rows), dtype=dtype, scale=10)
     if kind != "coupling":  # a coupling step has one level, a MADE step here up to d - 1
-        assert inv_grad(ga, gld, xs, out, hidden, w1, w2, act, additive, 1).numel() == 0
+        assert inv_grad(ga, gld, xs, out, hidden, w1, w2, act, additive, 1).shape == (0,)
     dense1, dense2 = w1 + (w1 == 0).to(dtype), w2 + (w2 == 0).to(dtype)
-    assert inv_grad(ga, gld, xs, out, hidden, dense1, dense2, act, additive, d).numel() == 0
+    assert inv_grad(ga, gld, xs, out, hidden, dense1, dense2, act, additive, d).shape == (0,)
+    assert inv_grad(ga[:0], gld[:0], xs[:, :0], out[:, :0], hidden[:, :0], w1, w2, act, additive, d).shape == (0, d)
 
 
 @_NEEDS_CPP
@@ -731,6 +732,24 @@ def test_inverse_gradients_without_an_order_iterate_on_cpp():
             grads[name] = torch.autograd.grad(x.pow(2).sum() + ld.sum(), leaves)
     for a, e in zip(grads["cpp"], grads["reference"]):
         assert_close(a, e, scale=100)
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_inverse_with_gradients_on_an_empty_batch(backend, additive):
+    """B = 0 through the differentiable inverse: empty x and log-det, zero weight gradients
+    (the Python iterations' reshape of 0 rows failed before)."""
+    dev = device_for(backend)
+    k, d, h = 2, 4, 6
+    w1, b1, w2, b2 = (t.to(dev) for t in _masked_params("made", k, d, h, seed=12))
+    if additive:
+        w2, b2 = w2[:, :d].contiguous(), b2[:, :d].contiguous()
+    leaves = [t.clone().requires_grad_() for t in (torch.zeros(0, d, dtype=torch.float64, device=dev), w1, b1, w2, b2)]
+    x, ld = ops.vector_flow_stack_inverse(*leaves, None, None, additive)
+    assert x.shape == (0, d) and ld.shape == (0,)
+    grads = torch.autograd.grad(x.sum() + ld.sum(), leaves)
+    assert grads[0].shape == (0, d)
+    for g, t in zip(grads[1:], leaves[1:]):
+        assert g.shape == t.shape and not g.any()
 
 
 def test_iaf_log_prob_and_maf_rsample_train(backend):
