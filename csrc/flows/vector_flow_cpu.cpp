@@ -877,7 +877,8 @@ at::Tensor vector_flow_inv_grad(const at::Tensor& grad_x, const at::Tensor& grad
     if (!q.ok || static_cast<int64_t>(q.level_end.size()) > n_passes) return at::empty({0}, grad_x.options());
   const at::Tensor xs = xs_in.contiguous(), out = out_in.contiguous(), hidden = hidden_in.contiguous();
   const at::Tensor gld = grad_logdet.contiguous();
-  at::Tensor u = grad_x.contiguous().clone();  // solved in place, step by step
+  const at::Tensor gx = grad_x.contiguous();
+  at::Tensor u = poisoned(at::empty({B, d}, grad_x.options()));
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "vector_flow_inv_grad", [&] {
     using T = scalar_t;
     AlignedScratch<T> w1t(K * d * H);
@@ -888,13 +889,14 @@ at::Tensor vector_flow_inv_grad(const at::Tensor& grad_x, const at::Tensor& grad
     const T* gp = gld.const_data_ptr<T>();
     const T* w2p = w2.const_data_ptr<T>();
     const T* ap = act.const_data_ptr<T>();
+    const T* gxp = gx.const_data_ptr<T>();
     T* up = u.mutable_data_ptr<T>();
     constexpr int64_t L = 64 / sizeof(T);
     at::parallel_for(0, (B + L - 1) / L, 1, [&](int64_t q0, int64_t q1) {
       AlignedScratch<T> rT(H * L), hT(H * L), cfT(4 * d * L), oT(O * L), xT(d * L), aT(d * L);
       for (int64_t qb = q0; qb < q1; ++qb) {
         const int64_t b0 = qb * L, rows = std::min<int64_t>(L, B - b0);
-        LF_VF_CALL(n.isa, vf_to_lanes<T>, up + b0 * d, d, rows, d, aT.data());
+        LF_VF_CALL(n.isa, vf_to_lanes<T>, gxp + b0 * d, d, rows, d, aT.data());  // solved in place, step by step
         for (int64_t k = 0; k < K; ++k) {
           const int64_t nl = static_cast<int64_t>(plans[k].level_end.size());
           LF_VF_CALL(n.isa, vf_inv_grad_lanes<T>, rT.data(), hT.data(), cfT.data(), oT.data(), xT.data(), aT.data(),
