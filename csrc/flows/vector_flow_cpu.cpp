@@ -696,7 +696,11 @@ void seq_inv_step(const Dims& n, const StackPtrs<T>& p, const SeqPlan& plan, con
       const T v = cy[r * n.d + j];
       cx[r * n.d + j] = ak[j] > T(0) ? T(0) : vf_base::vf_sanitize(v);  // known: x = y, as the sweeps give
     }
-  gemm_rm<T>(false, true, rows, n.H, n.d, cx, n.d, p.w1 + k * n.H * n.d, n.d, T(0), a, n.H);
+  // the known inputs' share of the pre-activations (none when the step changes every dimension, as MADE steps do)
+  if (std::any_of(ak, ak + n.d, [](T v) { return !(v > T(0)); }))
+    gemm_rm<T>(false, true, rows, n.H, n.d, cx, n.d, p.w1 + k * n.H * n.d, n.d, T(0), a, n.H);
+  else
+    std::fill(a, a + rows * n.H, T(0));
   LF_VF_CALL(n.isa, vf_bias_rows<T>, a, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
              int64_t(0), rows);
   constexpr int64_t L = 64 / sizeof(T);  // rows per call: in the lanes of a 64-byte vector
