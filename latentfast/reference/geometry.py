@@ -116,9 +116,15 @@ def rbf_sigma_jacobian(z: Tensor, centres: Tensor, lam: Tensor, weight: Tensor, 
     """J_sigma(z) [N, D, d] of sigma = beta^(-1/2), beta = weight v(z) + zeta."""
     diff = z[:, None, :] - centres[None]  # [N, K, d]
     v = torch.exp(-lam * (diff ** 2).sum(-1))  # [N, K]
-    dv = -2.0 * lam[None, :, None] * diff * v[:, :, None]  # [N, K, d]
-    beta = v @ weight.T + zeta  # [N, D]
-    return -0.5 * beta.pow(-1.5)[:, :, None] * torch.einsum("ok,nkd->nod", weight, dv)
+    return _rbf_sigma_jacobian(diff, v, v @ weight.T + zeta, lam, weight)
+
+
+def _rbf_sigma_jacobian(diff: Tensor, v: Tensor, beta: Tensor, lam: Tensor, weight: Tensor) -> Tensor:
+    """J_sigma [N, D, d] from diff = z - c [N, K, d], v [N, K] and beta [N, D]."""
+    n, _, d = diff.shape
+    dv = (-2.0 * lam * v)[:, None, :] * diff.transpose(1, 2)  # [N, d, K]
+    # weight dv as one [N d, K] x [K, D] product (an einsum over N ran as N small products)
+    return -0.5 * beta.pow(-1.5)[:, :, None] * (dv.reshape(n * d, -1) @ weight.T).reshape(n, d, -1).transpose(1, 2)
 
 
 def pullback_metric(z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
@@ -167,8 +173,7 @@ def geodesic_acceleration(z: Tensor, v: Tensor, weights: list[Tensor], biases: l
         phivv = phi * (rbf_lambda ** 2 * rv * rv - rbf_lambda * rvv)
         beta, betav, betavv = phi @ rbf_weight.T + zeta, phiv @ rbf_weight.T, phivv @ rbf_weight.T
         sigvv = 0.75 * beta.pow(-2.5) * betav * betav - 0.5 * beta.pow(-1.5) * betavv
-        dphi = (-2.0 * rbf_lambda * phi)[:, None, :] * diff.transpose(1, 2)  # [N, d, K]
-        js = -0.5 * beta.pow(-1.5)[:, None, :] * (dphi.reshape(n * d, -1) @ rbf_weight.T).reshape(n, d, -1)
+        js = _rbf_sigma_jacobian(diff, phi, beta, rbf_lambda, rbf_weight).transpose(1, 2)  # [N, d, D]
         metric = metric + js @ js.transpose(1, 2)
         rhs = rhs + (js @ sigvv[:, :, None])[..., 0]
     return -torch.linalg.solve(metric, rhs)
