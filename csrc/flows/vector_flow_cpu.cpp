@@ -908,8 +908,7 @@ at::Tensor vector_flow_inv_grad(const at::Tensor& grad_x, const at::Tensor& grad
                      w1t.data() + k * d * H, w2p + k * O * H, ap + k * d, plans[k].order.data(),
                      plans[k].level_end.data(), nl, d, H, additive, plans[k].spans.data());
         }
-        for (int64_t q = 0; q < rows; ++q)
-          for (int64_t j = 0; j < d; ++j) up[(b0 + q) * d + j] = aT.data()[j * L + q];
+        LF_VF_CALL(n.isa, vf_from_lanes<T>, aT.data(), rows, d, up + b0 * d, d);
       }
     });
   });
