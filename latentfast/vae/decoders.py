@@ -44,8 +44,9 @@ class RBFVariance(nn.Module):
         """v(z) [..., K]: the RBF responses (fixed buffers; no trained parameter)."""
         return torch.exp(-self.bandwidths * ((z[..., None, :] - self.centres) ** 2).sum(-1))
 
-    def precision(self, z: Tensor) -> Tensor:
-        return self.features(z) @ self.weight.T + self.zeta
+    def precision(self, z: Tensor, features: Tensor | None = None) -> Tensor:
+        """beta(z) = W v(z) + zeta; `features` = v(z) when already computed."""
+        return (self.features(z) if features is None else features) @ self.weight.T + self.zeta
 
     def forward(self, z: Tensor) -> Tensor:
         return self.precision(z).rsqrt()
@@ -166,7 +167,7 @@ def fit_rbf_variance(decoder: GaussianMLPDecoder, latents: Tensor, data: Tensor,
         v = rbf.features(z)  # only W is trained: the RBF responses are computed once
     opt = torch.optim.Adam(rbf.parameters(), lr=lr)
     for _ in range(steps):
-        beta = v @ rbf.weight.T + rbf.zeta
+        beta = rbf.precision(z, v)
         nll = (0.5 * beta * sq - 0.5 * torch.log(beta)).sum(1).mean()
         opt.zero_grad()
         nll.backward()
