@@ -39,6 +39,7 @@ TORCH_LIBRARY(latentfast_cpp, m) {
   m.def("vector_flow_fwd(Tensor x, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor act, bool additive, bool save, bool keep_hidden=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("vector_flow_bwd(Tensor grad_y, Tensor grad_logdet, Tensor xs, Tensor out, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor act, bool additive, Tensor? hidden=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("vector_flow_inv(Tensor y, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor act, bool additive, int n_passes) -> (Tensor, Tensor)");
+  m.def("vector_flow_inv_train(Tensor y, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor act, bool additive, int n_passes) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("vector_flow_inv_grad(Tensor grad_x, Tensor grad_logdet, Tensor xs, Tensor out, Tensor hidden, Tensor w1, Tensor w2, Tensor act, bool additive, int n_passes) -> Tensor");
   m.def("lu_weight(Tensor perm, Tensor lower, Tensor upper, Tensor sign_s, Tensor log_abs_s) -> (Tensor, Tensor)");
   // Latent geometry (act codes: 0 identity, 1 tanh, 2 softplus, 3 elu, 4 sigmoid).

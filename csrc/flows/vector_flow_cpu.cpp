@@ -687,9 +687,10 @@ std::vector<SeqPlan> seq_plans(const Dims& n, const T* w1, const T* w2, const T*
 }
 
 // Step k of the inverse for the tile rows by its plan: cy holds the step's output y, cx gets x.
+// hid, o (null, or the tile rows' places in the saved [K, B, .] tensors): the forward step at x.
 template <typename T>
 void seq_inv_step(const Dims& n, const StackPtrs<T>& p, const SeqPlan& plan, const T* w1t_k, bool additive, int64_t k,
-                  int64_t r0, int64_t rows, const T* cy, T* cx, T* a, T* logdet) {
+                  int64_t r0, int64_t rows, const T* cy, T* cx, T* a, T* logdet, T* hid, T* o) {
   const T* ak = p.act + k * n.d;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < n.d; ++j) {
@@ -704,14 +705,24 @@ void seq_inv_step(const Dims& n, const StackPtrs<T>& p, const SeqPlan& plan, con
   LF_VF_CALL(n.isa, vf_bias_rows<T>, a, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
              int64_t(0), rows);
   constexpr int64_t L = 64 / sizeof(T);  // rows per call: in the lanes of a 64-byte vector
-  AlignedScratch<T> lanes((n.H + 3 * n.d) * L);
+  AlignedScratch<T> lanes((n.H + 3 * n.d + (hid ? n.O : 0)) * L);
   T* aT = lanes.data();
+  T* oT = hid ? aT + (n.H + 3 * n.d) * L : nullptr;
   for (int64_t b0 = 0; b0 < rows; b0 += L)
     LF_VF_CALL(n.isa, vf_seq_inv_lanes<T>, aT, aT + n.H * L, aT + (n.H + n.d) * L, aT + (n.H + 2 * n.d) * L,
                a + b0 * n.H, cy + b0 * n.d, cx + b0 * n.d, logdet + r0 + b0, std::min<int64_t>(L, rows - b0), w1t_k,
                p.w2 + k * n.O * n.H, p.b2 + k * n.O, ak, plan.order.data(), plan.level_end.data(),
-               static_cast<int64_t>(plan.level_end.size()), n.d, n.H, additive, plan.spans.data());
+               static_cast<int64_t>(plan.level_end.size()), n.d, n.H, additive, plan.spans.data(), oT,
+               hid ? hid + b0 * n.H : nullptr, o ? o + b0 * n.O : nullptr);
 }
+
+// Where the inverse saves the forward stack at its solution (vector_flow_inv_train): the
+// [K, B, .] tensors vector_flow_fwd with save and keep_hidden gives (xs[k]: step k's input,
+// out[k]: its MLP output, hid[k]: its hidden layer); all null when not saved.
+template <typename T>
+struct InvSave {
+  T *xs = nullptr, *out = nullptr, *hid = nullptr;
+};
 
 // The inverse of rows [r0, r0 + rows): per step in reverse, n_passes fixed-point sweeps with
 // the tile's rows in cache, then the forward log-det at the recovered x.
@@ -719,11 +730,14 @@ void seq_inv_step(const Dims& n, const StackPtrs<T>& p, const SeqPlan& plan, con
 template <typename T>
 void inv_tile(const Dims& n, const StackPtrs<T>& p, bool additive, int64_t n_passes, const T* y, T* x_out,
               T* logdet, T* g, T* o, T* cy, T* cx, T* scratch, int64_t r0, int64_t rows,
-              const std::vector<SeqPlan>& plans, const T* w1t) {
+              const std::vector<SeqPlan>& plans, const T* w1t, InvSave<T> sv) {
   std::memcpy(cy, y + r0 * n.d, sizeof(T) * rows * n.d);
   for (int64_t k = n.K - 1; k >= 0; --k) {
+    T* hid_k = sv.hid ? sv.hid + (k * n.B + r0) * n.H : nullptr;
+    T* out_k = sv.out ? sv.out + (k * n.B + r0) * n.O : nullptr;
     if (plans[k].ok) {
-      seq_inv_step<T>(n, p, plans[k], w1t + k * n.d * n.H, additive, k, r0, rows, cy, cx, g, logdet);
+      seq_inv_step<T>(n, p, plans[k], w1t + k * n.d * n.H, additive, k, r0, rows, cy, cx, g, logdet, hid_k, out_k);
+      if (sv.xs) std::memcpy(sv.xs + (k * n.B + r0) * n.d, cx, sizeof(T) * rows * n.d);
       std::swap(cy, cx);
       continue;
     }
@@ -733,19 +747,29 @@ void inv_tile(const Dims& n, const StackPtrs<T>& p, bool additive, int64_t n_pas
       tile_step_params<T>(n, p, k, r0, rows, cx, g, o);
       LF_VF_CALL(n.isa, vf_gate_inv_rows<T>, cy, o, ak, cx, n.d, additive, int64_t(0), rows);
     }
-    if (!additive) {
-      tile_step_params<T>(n, p, k, r0, rows, cx, g, o);
-      LF_VF_CALL(n.isa, vf_gate_fwd_rows<T>, cx, o, ak, scratch, logdet + r0, n.d, additive, int64_t(0), rows);
+    if (!additive || sv.xs) {  // the forward step at the recovered x: its log-det (and the saved values)
+      T* gk = hid_k ? hid_k : g;
+      T* ok = out_k ? out_k : o;
+      tile_step_params<T>(n, p, k, r0, rows, cx, gk, ok);
+      if (!additive)
+        LF_VF_CALL(n.isa, vf_gate_fwd_rows<T>, cx, ok, ak, scratch, logdet + r0, n.d, additive, int64_t(0), rows);
+      if (sv.xs) std::memcpy(sv.xs + (k * n.B + r0) * n.d, cx, sizeof(T) * rows * n.d);
     }
     std::swap(cy, cx);
   }
   std::memcpy(x_out + r0 * n.d, cy, sizeof(T) * rows * n.d);
 }
 
-std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const c10::optional<at::Tensor>& ctx_in,
-                                                   const at::Tensor& w1_in, const at::Tensor& b1_in,
-                                                   const at::Tensor& w2_in, const at::Tensor& b2_in,
-                                                   const at::Tensor& act_in, bool additive, int64_t n_passes) {
+// The inverse (x, logdet) and, with save, the forward stack at x as vector_flow_fwd with save
+// and keep_hidden gives it (xs, out, hidden [K, B, .]; empty otherwise): what the inverse's
+// backward needs, at no more than the cost of writing it (the one-pass steps have every value
+// at hand; a step solved by sweeps evaluates its MLP once more at x when additive).
+using InvResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+InvResult vector_flow_inv_impl(const at::Tensor& y_in, const c10::optional<at::Tensor>& ctx_in,
+                               const at::Tensor& w1_in, const at::Tensor& b1_in, const at::Tensor& w2_in,
+                               const at::Tensor& b2_in, const at::Tensor& act_in, bool additive, int64_t n_passes,
+                               bool save) {
   const Dims n = check_stack(y_in, ctx_in, w1_in, b1_in, w2_in, b2_in, act_in, additive);
   TORCH_CHECK(n_passes >= 1, "vector_flow_inv: n_passes must be >= 1");
   const at::Tensor w1 = w1_in.contiguous(), b1 = b1_in.contiguous(), w2 = w2_in.contiguous();
@@ -753,6 +777,9 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
   const c10::optional<at::Tensor> ctx = ctx_in.has_value() ? c10::optional<at::Tensor>(ctx_in->contiguous())
                                                            : c10::nullopt;
   const auto opt = y_in.options();
+  at::Tensor xs = save ? poisoned(at::empty({n.K, n.B, n.d}, opt)) : at::empty({0}, opt);
+  at::Tensor out = save ? poisoned(at::empty({n.K, n.B, n.O}, opt)) : at::empty({0}, opt);
+  at::Tensor hid = save ? poisoned(at::empty({n.K, n.B, n.H}, opt)) : at::empty({0}, opt);
   int64_t tile = tile_rows(n, y_in.element_size());
   std::vector<SeqPlan> plans;
   AT_DISPATCH_FLOATING_TYPES(y_in.scalar_type(), "vector_flow_inv_plans", [&] {
@@ -783,6 +810,8 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
       const T* yp = y.const_data_ptr<T>();
       T* xp = x_out.mutable_data_ptr<T>();
       T* lp = logdet.mutable_data_ptr<T>();
+      InvSave<T> sv;
+      if (save) sv = {xs.mutable_data_ptr<T>(), out.mutable_data_ptr<T>(), hid.mutable_data_ptr<T>()};
       at::parallel_for(0, (n.B + tile - 1) / tile, 1, [&](int64_t t0, int64_t t1) {
         AlignedScratch<T> mem(tile * (n.H + n.O + 3 * n.d));
         T* g = mem.data();
@@ -791,11 +820,11 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t r0 = t * tile;
           inv_tile<T>(n, p, additive, n_passes, yp, xp, lp, g, o, cy, cy + tile * n.d, cy + 2 * tile * n.d, r0,
-                      std::min(tile, n.B - r0), plans, w1t.data());
+                      std::min(tile, n.B - r0), plans, w1t.data(), sv);
         }
       });
     });
-    return {x_out, logdet};
+    return {x_out, logdet, xs, out, hid};
   }
   at::Tensor cur_y = y_in.contiguous().clone(), x = at::empty({n.B, n.d}, opt), scratch = at::empty({n.B, n.d}, opt);
   at::Tensor g = at::empty({n.B, n.H}, opt), o = at::empty({n.B, n.O}, opt), logdet = at::zeros({n.B}, opt);
@@ -820,21 +849,40 @@ std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y_in, const
           LF_VF_CALL(n.isa, vf_gate_inv_rows<scalar_t>, yp, op, ap, xp, n.d, additive, begin, end);
         });
       }
-      if (!additive) {  // log-det of the forward step at the recovered x
-        step_params<scalar_t>(n, blocks[k], x, cp, w1k, b1k, w2k, b2k, g, &o);
-        const scalar_t* xp = x.const_data_ptr<scalar_t>();
-        const scalar_t* op = o.const_data_ptr<scalar_t>();
-        scalar_t* sp = scratch.mutable_data_ptr<scalar_t>();
-        scalar_t* lp = logdet.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, n.B, grain(n.d), [&](int64_t begin, int64_t end) {
-          LF_VF_CALL(n.isa, vf_gate_fwd_rows<scalar_t>, xp, op, ap, sp, lp, n.d, additive, begin, end);
-        });
+      if (!additive || save) {  // the forward step at the recovered x: its log-det (and the saved values)
+        at::Tensor gk = save ? hid[k] : g, ok = save ? out[k] : o;
+        step_params<scalar_t>(n, blocks[k], x, cp, w1k, b1k, w2k, b2k, gk, &ok);
+        if (save) xs[k].copy_(x);
+        if (!additive) {
+          const scalar_t* xp = x.const_data_ptr<scalar_t>();
+          const scalar_t* op = ok.const_data_ptr<scalar_t>();
+          scalar_t* sp = scratch.mutable_data_ptr<scalar_t>();
+          scalar_t* lp = logdet.mutable_data_ptr<scalar_t>();
+          at::parallel_for(0, n.B, grain(n.d), [&](int64_t begin, int64_t end) {
+            LF_VF_CALL(n.isa, vf_gate_fwd_rows<scalar_t>, xp, op, ap, sp, lp, n.d, additive, begin, end);
+          });
+        }
       }
       std::swap(cur_y, x);
     }
   });
-  return {cur_y, logdet};
+  return {cur_y, logdet, xs, out, hid};
 }
+
+std::tuple<at::Tensor, at::Tensor> vector_flow_inv(const at::Tensor& y, const c10::optional<at::Tensor>& ctx,
+                                                   const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                                   const at::Tensor& b2, const at::Tensor& act, bool additive,
+                                                   int64_t n_passes) {
+  auto r = vector_flow_inv_impl(y, ctx, w1, b1, w2, b2, act, additive, n_passes, false);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+InvResult vector_flow_inv_train(const at::Tensor& y, const c10::optional<at::Tensor>& ctx, const at::Tensor& w1,
+                                const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                                const at::Tensor& act, bool additive, int64_t n_passes) {
+  return vector_flow_inv_impl(y, ctx, w1, b1, w2, b2, act, additive, n_passes, true);
+}
+
 
 // The inverse's backward (latentfast/ops/vector_flows.py, _ImplicitInverse): from the cotangents
 // grad_x [B, d] on the inverse's output x and grad_logdet [B] on its log-det, the cotangent on
@@ -923,4 +971,5 @@ TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) {
   m.impl("vector_flow_fwd", &latentfast::vector_flow_fwd);
   m.impl("vector_flow_bwd", &latentfast::vector_flow_bwd);
   m.impl("vector_flow_inv", &latentfast::vector_flow_inv);
+  m.impl("vector_flow_inv_train", &latentfast::vector_flow_inv_train);
 }

@@ -227,39 +227,52 @@ class _ImplicitInverse(torch.autograd.Function):
     On the cpp backend the same system is solved in one pass per step in dependency order
     (vector_flow_inv_grad, csrc/flows/vector_flow_cpu.cpp), and the weight gradients come
     from the stack's backward with cotangents (-u, grad_logdet); the iterations remain for
-    the other backends and for steps without such an order within n_passes levels."""
+    the other backends and for steps without such an order within n_passes levels. The cpp
+    inverse (vector_flow_inv_train) also returns the forward stack at its solution (step
+    inputs, MLP outputs, hidden layers) for this backward, which the other backends recompute
+    by a forward from x."""
 
     @staticmethod
     def forward(ctx, y, c, w1, b1, w2, b2, act, additive, n_passes):
+        stack = ()
         with torch.no_grad():
-            x, ld = _vector_flow_stack_inverse(y, c, w1, b1, w2, b2, act, additive, n_passes)
+            if backend.select(y.device) == "cpp":
+                # the inverse also returns the forward stack at its solution (step inputs, MLP
+                # outputs, hidden layers), which the backward would otherwise recompute
+                x, ld, *stack = torch.ops.latentfast_cpp.vector_flow_inv_train(y, c, w1, b1, w2, b2, act, additive,
+                                                                               n_passes)
+            else:
+                x, ld = _vector_flow_stack_inverse(y, c, w1, b1, w2, b2, act, additive, n_passes)
         ctx.set_materialize_grads(False)
-        ctx.additive, ctx.n_passes, ctx.has_ctx = additive, n_passes, c is not None
-        ctx.save_for_backward(y, x, c, w1, b1, w2, b2, act)
+        ctx.additive, ctx.n_passes, ctx.has_ctx, ctx.saved_stack = additive, n_passes, c is not None, bool(stack)
+        ctx.save_for_backward(y, x, c, w1, b1, w2, b2, act, *stack)
         return x, ld
 
     @staticmethod
     def backward(ctx, grad_x, grad_ld):
-        y, x, c, w1, b1, w2, b2, act = ctx.saved_tensors
+        y, x, c, w1, b1, w2, b2, act, *stack = ctx.saved_tensors
         if graph_wanted(grad_x, grad_ld, y, c, w1, b1, w2, b2):  # create_graph=True: the reference's sweeps
             return reference_vjp(ref.vector_flow_stack_inverse, (y, c, w1, b1, w2, b2, act, ctx.additive,
                                                                  ctx.n_passes), (grad_x, grad_ld))
         additive = ctx.additive
         a = torch.zeros_like(x) if grad_x is None else grad_x
         gld = x.new_zeros(x.shape[0]) if grad_ld is None else grad_ld
-        cpp = backend.select(x.device) == "cpp"
-        # the step inputs and MLP outputs at the solution (and, for the C++ solve, the hidden layers)
-        _, _, xs, out, kept = _fwd_kept(x, c, w1, b1, w2, b2, act, additive, True, cpp)
-        if cpp:
+        if ctx.saved_stack:
             # u = grad y by one transposed solve per step in dependency order (C++), then the
             # weight gradients as the stack's backward with cotangents (-u, grad_logdet): for
             # every step, -u_k on y_k is what the standard backward passes down, since
-            # J_k^T u_k = u_{k-1} + gld d ld_k / d x_{k-1}.
+            # J_k^T u_k = u_{k-1} + gld d ld_k / d x_{k-1}. xs, out, kept: the step inputs, MLP
+            # outputs and hidden layers at the solution, saved by the cpp backend's inverse.
+            xs, out, kept = stack
             u = torch.ops.latentfast_cpp.vector_flow_inv_grad(a, gld, xs, out, kept, w1, w2, act, additive,
                                                               ctx.n_passes)
             if u.dim() == 2:  # (a 1-D empty tensor: a step without a dependency order within n_passes levels)
                 _, gctx, *gw = _bwd(-u, gld, xs, out, c, w1, b1, w2, act, additive, kept)
                 return (u, (gctx if ctx.has_ctx else None), *gw, None, None, None)
+        # The iterations (other backends, or no order: truncated sweeps, which the inverse's own
+        # intermediate values would linearise elsewhere) at the forward stack from x, as on
+        # every backend.
+        _, _, xs, out, _ = _fwd_kept(x, c, w1, b1, w2, b2, act, additive, True, False)
         zeros, d = torch.zeros_like(x), x.shape[1]
         gas, gos, hidden = [], [], []  # per step: grad of the pre-activation and of the MLP output
         for k in range(w1.shape[0]):

@@ -307,6 +307,63 @@ def test_cpp_inverse_keeps_the_sweeps_where_order_does_not_apply(monkeypatch):
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("tile_rows,n_passes", [(None, "d"), (None, 3), ("5", 3), ("0", "d")])
+@pytest.mark.parametrize("d,h", [(7, 19), (17, 37)])
+@_NEEDS_CPP
+def test_cpp_inverse_saves_the_forward_stack_at_its_solution(monkeypatch, isa, dtype, additive, tile_rows, n_passes,
+                                                             d, h):
+    """vector_flow_inv_train (the differentiable inverse's forward on cpp) returns the same x and
+    log-det as vector_flow_inv, bit for bit, plus the forward stack at x that the backward
+    needs: xs[k] (step k's input), out[k] (its MLP output) and hidden[k] (its hidden layer), as
+    vector_flow_fwd with save and keep_hidden would give them. Checked per step against the MLP
+    evaluated at the saved input and the step's own inverse of its output, and (exact
+    inverse, float64) xs against the forward's chain from the x0 that gave y. Steps of d levels
+    and of 2 (MADE in a random order, couplings) with some act = 0 dimensions and a context;
+    n_passes = d (every step in dependency order) and 3 (the MADE steps by sweeps); the
+    default tiles, 5-row tiles and the whole-batch path (LATENTFAST_VF_TILE_ROWS=0);
+    B = 37 (full lane blocks of 16 floats / 8 doubles and a 5-row one), d and H below and
+    above a lane tile; every instruction-set clone this CPU runs; outputs poisoned first."""
+    use_cpu_isa(monkeypatch, isa)
+    monkeypatch.setenv("LATENTFAST_VF_POISON", "1")
+    if tile_rows is not None:
+        monkeypatch.setenv("LATENTFAST_VF_TILE_ROWS", tile_rows)
+    k, b = 4, 37
+    passes = d if n_passes == "d" else n_passes
+    w1, b1, w2, b2 = (t.to(dtype) for t in _mixed_params(k, d, h, seed=61, additive=additive))
+    w1 = w1 * (2.0 / d) ** 0.5
+    g = torch.Generator().manual_seed(62)
+    # hidden unit 0 sees every input and feeds no output: the levels stay the same, but the
+    # saved hidden layer needs the last level's inputs folded in too
+    w1[:, 0] = (torch.randn(k, d, generator=g, dtype=torch.float64) * (2.0 / d) ** 0.5).to(dtype)
+    w2[:, :, 0] = 0
+    x0 = torch.randn(b, d, generator=g, dtype=torch.float64).to(dtype)
+    ctx = (0.5 * torch.randn(k, b, h, generator=g, dtype=torch.float64)).to(dtype)
+    act = (torch.rand(k, d, generator=g) > 0.25).to(dtype)
+    y, _, xs_fwd, _ = ref.vector_flow_stack(x0, ctx, w1, b1, w2, b2, act, additive)
+    cpp = torch.ops.latentfast_cpp
+    x, ld, xs, out, hidden = cpp.vector_flow_inv_train(y, ctx, w1, b1, w2, b2, act, additive, passes)
+    x_plain, ld_plain = cpp.vector_flow_inv(y, ctx, w1, b1, w2, b2, act, additive, passes)
+    assert torch.equal(x, x_plain) and torch.equal(ld, ld_plain)
+    o = d if additive else 2 * d
+    assert xs.shape == (k, b, d) and out.shape == (k, b, o) and hidden.shape == (k, b, h)
+    assert torch.equal(xs[0], x)
+    scale = 10 if dtype == torch.float64 else 100
+    for i in range(k):  # the step's MLP at the saved input (differences: summation order only)
+        hid_i = torch.relu(xs[i].double() @ w1[i].double().T + b1[i].double() + ctx[i].double())
+        assert_close(hidden[i], hid_i, dtype=dtype, scale=scale, msg=f"hidden[{i}]")
+        assert_close(out[i], hid_i @ w2[i].double().T + b2[i].double(), dtype=dtype, scale=scale, msg=f"out[{i}]")
+    nxt = torch.cat([xs[1:], y[None]])  # step k's output: the next step's input, y for the last
+    for i in range(k):  # xs[k]: step k's own inverse of its output
+        xi, _ = cpp.vector_flow_inv(nxt[i], ctx[i:i + 1], w1[i:i + 1], b1[i:i + 1], w2[i:i + 1], b2[i:i + 1],
+                                    act[i:i + 1], additive, passes)
+        assert_close(xs[i], xi, dtype=dtype, scale=scale, msg=f"xs[{i}] vs step {i}'s inverse")
+    if passes == d and dtype == torch.float64:  # the exact inverse of y = forward(x0): the forward's chain from x0
+        assert_close(xs, xs_fwd, scale=100, msg="xs vs the forward's")  # (float32: a row of these stacks loses 8%)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tile_rows,additive", [("5", False), ("0", False), ("5", True)])
 @_NEEDS_CPP
 def test_cpp_isa_clones_match_reference(monkeypatch, isa, dtype, tile_rows, additive):
