@@ -186,6 +186,39 @@ def test_interpolate_spaces_points_evenly():
     assert (steps / steps.mean() - 1).abs().max() < 0.02
 
 
+def test_interpolate_many_curves_at_once():
+    """A batch of curves (different lengths, one of length 0) gives, per curve, what the curve
+    alone gives; points evenly spaced in decoded arc length on each (a linear decoder: the
+    decoded polyline's length divided evenly), end points kept; bad arguments raise."""
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(3, 2, dtype=F64, generator=gen)
+    dec = linear_decoder(a)
+    curves = torch.randn(4, 6, 2, dtype=F64, generator=gen).cumsum(1)
+    curves[2] = curves[2, :1]  # a constant curve
+    pts = geo.interpolate(dec, curves, 7)
+    assert pts.shape == (4, 7, 2)
+    for i in range(4):
+        torch.testing.assert_close(pts[i:i + 1], geo.interpolate(dec, curves[i:i + 1], 7), rtol=0, atol=1e-12)
+        torch.testing.assert_close(pts[i, 0], curves[i, 0])
+        torch.testing.assert_close(pts[i, -1], curves[i, -1])
+        if i == 2:
+            assert torch.equal(pts[i], curves[i, :1].expand(7, -1))
+            continue
+        g = pts[i] @ a.T
+        total = (curves[i, 1:] @ a.T - curves[i, :-1] @ a.T).norm(dim=-1).sum()
+        # consecutive points lie on the decoded polyline total / 6 apart in arc length; the
+        # chord between them is at most that (shorter where a corner falls between them)
+        chords = (g[1:] - g[:-1]).norm(dim=-1)
+        assert (chords <= total / 6 + 1e-12).all() and chords.max() > total / 6 - 1e-9
+    leaf = curves.clone().requires_grad_()
+    geo.interpolate(dec, leaf, 5).sum().backward()  # differentiable in the curve points
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        geo.interpolate(dec, curves[0], 5)
+    with pytest.raises(ValueError):
+        geo.interpolate(dec, curves, 1)
+
+
 def test_distance_matrix_kmedoids_and_knn():
     gen = torch.Generator().manual_seed(4)
     a = torch.randn(3, 2, dtype=F64, generator=gen)
