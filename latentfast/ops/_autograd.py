@@ -13,7 +13,9 @@ The kernels know nothing of forward-mode AD (torch.autograd.forward_ad, torch.fu
 of torch.func's transforms (vmap, grad, jacrev, jacfwd, hessian): their outputs would carry
 no tangent (silently zero directional derivatives) or fail. :func:`under_transform` tells
 the public functions when one of these sees their inputs; they then compute with the
-pure-PyTorch reference, which every transform handles.
+pure-PyTorch reference, which every transform handles. A registered op called directly
+(torch.ops.latentfast.*) has no such route: :func:`reject_tangents` makes its kernel raise
+when an input carries a forward-mode tangent instead of returning outputs without one.
 """
 from __future__ import annotations
 
@@ -98,3 +100,20 @@ def under_transform(*items: Any) -> bool:
     if getattr(fwad, "_current_level", -1) >= 0:
         return any(fwad.unpack_dual(t).tangent is not None for t in _tensors(items))
     return False
+
+
+def reject_tangents(op: str, *items: Any) -> None:
+    """Raise when one of the given tensors (lists are searched) carries a forward-mode AD
+    tangent (torch.autograd.forward_ad). Called first in every registered op's kernel: PyTorch
+    gives a custom op no forward-mode rule, so a direct call (torch.ops.latentfast.*) on dual
+    tensors that do not require grad would return outputs without a tangent, a silent zero
+    directional derivative. (The public functions never get here with tangents: they compute
+    with the reference then. Inside torch.func.jvp / jacfwd the kernel sees unwrapped tensors,
+    so a direct call there cannot be caught; the README says so.)"""
+    if getattr(fwad, "_current_level", -1) < 0:
+        return
+    if any(fwad.unpack_dual(t).tangent is not None for t in _tensors(items)):
+        raise RuntimeError(
+            f"latentfast::{op} has no forward-mode AD rule and would return no tangent: call the public "
+            f"function (latentfast.ops.*), which computes with the pure-PyTorch reference under forward-mode AD "
+            f"and torch.func transforms")

@@ -21,7 +21,7 @@ from torch import Tensor
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import under_transform
+from latentfast.ops._autograd import reject_tangents, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import dynamics as ref
 
@@ -33,6 +33,7 @@ def _triton():
 @torch.library.custom_op("latentfast::rnn_lyapunov", mutates_args=())
 def _rnn_lyapunov(s0: Tensor, q0: Tensor, mat: Tensor, bias: Tensor, cell: int, n_steps: int, qr_every: int,
                   transient: int, dt: float) -> tuple[Tensor, Tensor]:
+    reject_tangents("rnn_lyapunov", s0, q0, mat, bias, cell, n_steps, qr_every, transient, dt)
     be = backend.select(s0.device)
     args = (s0, q0, mat, bias, cell, n_steps, qr_every, transient, dt)
     if be == "cpp":
@@ -51,6 +52,7 @@ def _(s0, q0, mat, bias, cell, n_steps, qr_every, transient, dt):
 @torch.library.custom_op("latentfast::lorenz_lyapunov", mutates_args=())
 def _lorenz_lyapunov(x0: Tensor, q0: Tensor, system: int, p0: float, p1: float, p2: float, dt: float,
                      n_steps: int, qr_every: int, transient: int) -> tuple[Tensor, Tensor]:
+    reject_tangents("lorenz_lyapunov", x0, q0, system, p0, p1, p2, dt, n_steps, qr_every, transient)
     be = backend.select(x0.device)
     args = (x0, q0, system, p0, p1, p2, dt, n_steps, qr_every, transient)
     if be == "cpp":

@@ -17,7 +17,7 @@ from torch import Tensor
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import graph_wanted, reference_vjp, under_transform
+from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, under_transform
 from latentfast.ops._checks import check_tensor
 from latentfast.reference import flows as ref
 
@@ -51,12 +51,14 @@ def _fwd_impl(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor | None, mode: i
 
 @torch.library.custom_op("latentfast::actnorm_invconv", mutates_args=())
 def _actnorm_invconv(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    reject_tangents("actnorm_invconv", x, weight, bias)
     return _fwd_impl(x, weight, bias, None, 0)[0]
 
 
 @torch.library.custom_op("latentfast::actnorm_invconv_coupling", mutates_args=())
 def _actnorm_invconv_coupling(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor, additive: bool
                               ) -> tuple[Tensor, Tensor]:
+    reject_tangents("actnorm_invconv_coupling", x, weight, bias, h, additive)
     return _fwd_impl(x, weight, bias, h, 1 if additive else 2)
 
 
@@ -65,6 +67,7 @@ def _actnorm_invconv_backward_impl(grad_y: Tensor, grad_logdet: Tensor, x: Tenso
                                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # y: the forward's output (mode 2). The C++ kernel takes z_b + shift = y_b / s from it
     # instead of recomputing z_b = (A x + c)_b; the reference and Triton recompute z_b.
+    reject_tangents("actnorm_invconv_backward", grad_y, grad_logdet, x, weight, bias, h, mode, y)
     be = backend.select(x.device)
     if be == "cpp":
         return _cpp().actnorm_invconv_bwd(grad_y, grad_logdet, x, weight, bias, h, mode, y)
@@ -153,11 +156,13 @@ def _coupling_impl(x: Tensor, h: Tensor, additive: bool, inverse: bool) -> tuple
 
 @torch.library.custom_op("latentfast::affine_coupling", mutates_args=())
 def _affine_coupling(x_b: Tensor, h: Tensor, additive: bool) -> tuple[Tensor, Tensor]:
+    reject_tangents("affine_coupling", x_b, h, additive)
     return _coupling_impl(x_b, h, additive, False)
 
 
 @torch.library.custom_op("latentfast::affine_coupling_inverse", mutates_args=())
 def _affine_coupling_inverse(y_b: Tensor, h: Tensor, additive: bool) -> tuple[Tensor, Tensor]:
+    reject_tangents("affine_coupling_inverse", y_b, h, additive)
     return _coupling_impl(y_b, h, additive, True)
 
 
@@ -165,6 +170,7 @@ def _affine_coupling_backward_impl(grad_y: Tensor, grad_logdet: Tensor, x_b: Ten
                                    additive: bool, y_b: Tensor | None = None) -> tuple[Tensor, Tensor]:
     # y_b: the forward's output. The C++ kernel reads x_b + shift = y_b / s from it (one
     # stream less); the reference and Triton use x_b and shift.
+    reject_tangents("affine_coupling_backward", grad_y, grad_logdet, x_b, h, additive, y_b)
     be = backend.select(x_b.device)
     if be == "cpp":
         return _cpp().affine_coupling_bwd(grad_y, grad_logdet, x_b, h, additive, y_b)
@@ -234,6 +240,7 @@ _affine_coupling_inverse.register_autograd(_affine_coupling_inverse_bwd, setup_c
 
 def _lu_weight_impl(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_abs_s: Tensor
                     ) -> tuple[Tensor, Tensor]:
+    reject_tangents("lu_weight", perm, lower, upper, sign_s, log_abs_s)
     be = backend.select(perm.device)
     if be == "cpp":
         return _cpp().lu_weight(perm, lower, upper, sign_s, log_abs_s)

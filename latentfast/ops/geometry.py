@@ -27,7 +27,7 @@ from torch import Tensor
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import graph_wanted, reference_vjp, under_transform
+from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import geometry as ref
 
@@ -317,6 +317,7 @@ def _rbf_args(c, lam, wr):
 def _pullback_metric(z: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
                      rbf_centres: Tensor | None, rbf_lambda: Tensor | None, rbf_weight: Tensor | None,
                      zeta: float) -> Tensor:
+    reject_tangents("pullback_metric", z, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
     be = backend.select(z.device)
     if be == "reference":
         return ref.pullback_metric(z, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight,
@@ -385,6 +386,7 @@ def _curve_impl(curves, weights, biases, acts, c, lam, wr, zeta, grad_energy, gr
 def _curve_energy(curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
                   rbf_centres: Tensor | None, rbf_lambda: Tensor | None, rbf_weight: Tensor | None,
                   zeta: float) -> tuple[Tensor, Tensor]:
+    reject_tangents("curve_energy", curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
     e, ln, _ = _curve_impl(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta,
                            None, None)
     return e, ln
@@ -395,6 +397,8 @@ def _curve_energy_backward(grad_energy: Tensor, grad_length: Tensor, curves: Ten
                            weights: list[Tensor], biases: list[Tensor], acts: list[int],
                            rbf_centres: Tensor | None, rbf_lambda: Tensor | None,
                            rbf_weight: Tensor | None, zeta: float) -> Tensor:
+    reject_tangents("curve_energy_backward", grad_energy, grad_length, curves, weights, biases, acts, rbf_centres,
+                    rbf_lambda, rbf_weight, zeta)
     return _curve_impl(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta,
                        grad_energy, grad_length)[2]
 
@@ -435,6 +439,7 @@ def _feature_width(weights: list[Tensor], acts: list[int], wr: Tensor | None) ->
 def _curve_energy_train(curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
                         rbf_centres: Tensor | None, rbf_lambda: Tensor | None, rbf_weight: Tensor | None,
                         zeta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    reject_tangents("curve_energy_train", curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
     be = backend.select(curves.device)
     if be == "reference":
         raise RuntimeError("curve_energy_train runs on the cpp and triton backends only "
@@ -452,6 +457,8 @@ def _curve_energy_train_backward(grad_energy: Tensor, grad_length: Tensor, curve
                                  derivs: Tensor, feats: Tensor, weights: list[Tensor], acts: list[int],
                                  rbf_centres: Tensor | None, rbf_lambda: Tensor | None,
                                  rbf_weight: Tensor | None) -> Tensor:
+    reject_tangents("curve_energy_train_backward", grad_energy, grad_length, curves, derivs, feats, weights, acts,
+                    rbf_centres, rbf_lambda, rbf_weight)
     be = backend.select(curves.device)
     if be == "reference":
         raise RuntimeError("curve_energy_train_backward runs on the cpp and triton backends only")

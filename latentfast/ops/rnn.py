@@ -19,7 +19,7 @@ from torch import Tensor
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import graph_wanted, reference_vjp, under_transform
+from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import rnn as ref
 
@@ -41,12 +41,14 @@ def _fwd(x, h0, w_ih, w_hh, b_ih, b_hh, save: bool) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("latentfast::gru_sequence", mutates_args=())
 def _gru_sequence(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
                   bias_hh: Tensor) -> Tensor:
+    reject_tangents("gru_sequence", x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
     return _fwd(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, False)[0]
 
 
 @torch.library.custom_op("latentfast::gru_sequence_train", mutates_args=())
 def _gru_sequence_train(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
                         bias_hh: Tensor) -> tuple[Tensor, Tensor]:
+    reject_tangents("gru_sequence_train", x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
     return _fwd(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, True)
 
 
@@ -54,6 +56,7 @@ def _gru_sequence_train(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Ten
 def _gru_sequence_backward(grad_out: Tensor, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                            out: Tensor, gates: Tensor
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    reject_tangents("gru_sequence_backward", grad_out, x, h0, weight_ih, weight_hh, out, gates)
     be = backend.select(x.device)
     if be == "cpp":
         return torch.ops.latentfast_cpp.gru_sequence_bwd(grad_out, x, h0, weight_ih, weight_hh, out, gates)
@@ -180,6 +183,7 @@ def _lstm_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, save: bool) -> tuple[Tensor, Te
 @torch.library.custom_op("latentfast::lstm_sequence", mutates_args=())
 def _lstm_sequence(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
                    bias_hh: Tensor) -> tuple[Tensor, Tensor]:
+    reject_tangents("lstm_sequence", x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
     out, cells, _ = _lstm_fwd(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, False)
     return out, cells
 
@@ -187,6 +191,7 @@ def _lstm_sequence(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_
 @torch.library.custom_op("latentfast::lstm_sequence_train", mutates_args=())
 def _lstm_sequence_train(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                          bias_ih: Tensor, bias_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    reject_tangents("lstm_sequence_train", x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
     return _lstm_fwd(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, True)
 
 
@@ -194,6 +199,7 @@ def _lstm_sequence_train(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, w
 def _lstm_sequence_backward(grad_out: Tensor, grad_cells: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
                             weight_ih: Tensor, weight_hh: Tensor, out: Tensor, cells: Tensor, gates: Tensor
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    reject_tangents("lstm_sequence_backward", grad_out, grad_cells, x, h0, c0, weight_ih, weight_hh, out, cells, gates)
     be = backend.select(x.device)
     args = (grad_out, grad_cells, x, h0, c0, weight_ih, weight_hh, out, cells, gates)
     if be == "cpp":

@@ -25,7 +25,7 @@ from torch import Tensor
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import functorch_active, graph_wanted, reference_vjp, under_transform
+from latentfast.ops._autograd import functorch_active, graph_wanted, reference_vjp, reject_tangents, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import vector_flows as ref
 
@@ -71,6 +71,7 @@ def _fwd(x, ctx, w1, b1, w2, b2, act, additive: bool, save: bool):
 @torch.library.custom_op("latentfast::vector_flow_stack", mutates_args=())
 def _vector_flow_stack(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor,
                        additive: bool) -> tuple[Tensor, Tensor]:
+    reject_tangents("vector_flow_stack", x, ctx, w1, b1, w2, b2, act, additive)
     y, ld, *_ = _fwd(x, ctx, w1, b1, w2, b2, act, additive, False)
     return y, ld
 
@@ -78,6 +79,7 @@ def _vector_flow_stack(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2
 @torch.library.custom_op("latentfast::vector_flow_stack_train", mutates_args=())
 def _vector_flow_stack_train(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                              act: Tensor, additive: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    reject_tangents("vector_flow_stack_train", x, ctx, w1, b1, w2, b2, act, additive)
     return _fwd(x, ctx, w1, b1, w2, b2, act, additive, True)
 
 
@@ -95,12 +97,14 @@ def _bwd(grad_y, grad_logdet, xs, out, ctx, w1, b1, w2, act, additive: bool, hid
 def _vector_flow_stack_backward(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, out: Tensor, ctx: Tensor | None,
                                 w1: Tensor, b1: Tensor, w2: Tensor, act: Tensor, additive: bool
                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    reject_tangents("vector_flow_stack_backward", grad_y, grad_logdet, xs, out, ctx, w1, b1, w2, act, additive)
     return _bwd(grad_y, grad_logdet, xs, out, ctx, w1, b1, w2, act, additive)
 
 
 @torch.library.custom_op("latentfast::vector_flow_stack_inverse", mutates_args=())
 def _vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                                act: Tensor, additive: bool, n_passes: int) -> tuple[Tensor, Tensor]:
+    reject_tangents("vector_flow_stack_inverse", y, ctx, w1, b1, w2, b2, act, additive, n_passes)
     be = backend.select(y.device)
     if be == "cpp":
         return torch.ops.latentfast_cpp.vector_flow_inv(y, ctx, w1, b1, w2, b2, act, additive, n_passes)

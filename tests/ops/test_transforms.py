@@ -112,3 +112,76 @@ def test_non_differentiable_ops_refuse_transforms():
     ws, bs = [torch.randn(3, 2, dtype=D)], [torch.zeros(3, dtype=D)]
     with pytest.raises(ValueError, match="torch.func"):
         torch.func.jvp(lambda c: gops.curve_energy_and_grad(c, ws, bs, [0])[0], (curves,), (torch.ones_like(curves),))
+
+
+OP_CASES = [k for k in _ALL_CASES if k.endswith("_op")]
+
+
+@pytest.mark.parametrize("name", OP_CASES + ["direct_ops"])
+def test_registered_ops_called_directly_refuse_tangents(backend, name):
+    """A registered op called directly (torch.ops.latentfast.*) on dual tensors that do not
+    require grad raises instead of returning outputs without a tangent (a silent zero
+    directional derivative: PyTorch gives custom ops no forward-mode rule); with a dual level
+    open but no tangent on its inputs it runs as usual."""
+    dev = device_for(backend)
+    if name == "direct_ops":
+        gen = torch.Generator().manual_seed(3)
+        x, h = torch.randn(2, 3, 3, 2, generator=gen, dtype=D), torch.randn(2, 6, 3, 2, generator=gen, dtype=D)
+        c = 4
+        lu = (torch.eye(c, dtype=D)[torch.randperm(c, generator=gen)], torch.randn(c, c, generator=gen, dtype=D).tril(-1),
+              torch.randn(c, c, generator=gen, dtype=D).triu(1), torch.ones(c, dtype=D),
+              torch.randn(c, generator=gen, dtype=D))
+        z, w = torch.randn(5, 2, generator=gen, dtype=D), torch.randn(3, 2, generator=gen, dtype=D)
+        bias = torch.zeros(3, dtype=D)
+        inputs = (x, h, *lu, z, w, bias)
+        wanted = [0, 5, 7]
+
+        def fast(x, h, perm, lower, upper, sign_s, log_abs_s, z, w, bias):
+            ops = torch.ops.latentfast
+            return (ops.affine_coupling(x, h, False)[0], ops.lu_weight(perm, lower, upper, sign_s, log_abs_s)[0],
+                    ops.pullback_metric(z, [w], [bias], [0], None, None, None, 0.0))
+        cases = [(inputs, [j], lambda *a, i=i: (fast(*a)[i],)) for i, j in enumerate(wanted)]
+    else:
+        inputs, (fast, _) = _ALL_CASES[name](torch.Generator().manual_seed(5))
+        wanted = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+        cases = [(inputs, wanted, fast)]
+    for inputs, wanted, fn in cases:
+        inputs = tuple(t.detach().to(dev) if isinstance(t, torch.Tensor) else t for t in inputs)
+        want = [o.clone() for o in fn(*inputs)]
+        with fwad.dual_level():
+            got = fn(*inputs)  # no tangents: the kernel as usual
+            for a, b in zip(got, want):
+                assert_close(a, b, msg=f"{name}: no tangents under a dual level")
+            args = [fwad.make_dual(t, torch.ones_like(t)) if i in wanted else t for i, t in enumerate(inputs)]
+            with pytest.raises(RuntimeError, match="no forward-mode AD rule"):
+                fn(*args)
+
+
+def test_every_registered_op_kernel_checks_for_tangents():
+    """Each latentfast:: custom op's Python kernel starts with reject_tangents (the behaviour
+    is checked above on a sample of ops; this keeps a new op from leaving it out)."""
+    import ast
+    import pathlib
+
+    import latentfast.ops as ops_pkg
+    found = {}
+    for path in pathlib.Path(ops_pkg.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        kernels = {}
+        for node in ast.walk(tree):  # @custom_op("latentfast::name") def f / name = custom_op("latentfast::name")(f)
+            if isinstance(node, ast.FunctionDef):
+                for dec in node.decorator_list:
+                    if isinstance(dec, ast.Call) and getattr(dec.func, "attr", "") == "custom_op":
+                        kernels[node.name] = dec.args[0].value
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Call) \
+                    and getattr(node.func.func, "attr", "") == "custom_op":
+                kernels[node.args[0].id] = node.func.args[0].value
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name in kernels:
+                first = [s for s in node.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))][0]
+                call = first.value if isinstance(first, ast.Expr) else None
+                ok = isinstance(call, ast.Call) and getattr(call.func, "id", "") == "reject_tangents"
+                found[kernels[node.name]] = ok and call.args[0].value == kernels[node.name].split("::")[1]
+    registered = {f"latentfast::{n}" for n in dir(torch.ops.latentfast) if not n.startswith("_") and n != "name"}
+    assert set(found) == registered
+    assert all(found.values()), [k for k, v in found.items() if not v]
