@@ -8,64 +8,107 @@ where that op declines (or on the other backends), up to n_passes + 1 vector-Jac
 products through each step's MLP. Prints, for B = 1024, d = 32, H = 256, K = 8, the medians
 of 5 calls without gradients and with them, then a paired comparison of the two backward
 paths (10 alternating rounds of 3 calls; the iterations forced by making the C++ op
-decline) with the largest relative difference of the parameter gradients.
+decline) with the largest relative difference of the parameter gradients. With --device
+cuda (the Triton backend, no C++ solve there) the pair is instead the backward's two forms
+of the per-step solve: the iterations through the MLP and the explicit d x d matrices
+(LATENTFAST_VF_INV_GRAD=iterate / explicit, see latentfast.ops.vector_flows._step_cotangent),
+at d = 32 and d = 64.
 
-    python scripts/vf_inverse_cost.py
+    python scripts/vf_inverse_cost.py [--device cuda]
 """
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import time
 
 import torch
 
+from latentfast import backend
 from latentfast.bench.runner import median_ms
 from latentfast.flows import vector as vf
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    d, b = 32, 1024
-    flow = vf.Flow(d, [vf.IAF(d, 256, n_steps=8)])
-    x = torch.randn(b, d)
-
-    def no_grad():
-        with torch.no_grad():
-            flow.log_prob(x)
-
-    def with_grad():
-        flow.zero_grad()
-        (-flow.log_prob(x).mean()).backward()
-        return [p.grad.clone() for p in flow.parameters()]
-
-    print(f"IAF log_prob, B={b} d={d} H=256 K=8: without gradients (kernel) {median_ms(no_grad, 5, warmup=1):.1f} ms; "
-          f"forward+backward with gradients {median_ms(with_grad, 5, warmup=1):.1f} ms")
-
-    cpp = torch.ops.latentfast_cpp
-    one_pass = cpp.vector_flow_inv_grad
-
-    def declined(grad_x, *args):  # what the op returns for a step without a dependency order
-        return grad_x.new_empty(0)
-
-    paths = {"one C++ pass per step": one_pass, "iterations": declined}
+def _paired(paths: dict, run, rounds: int = 10) -> tuple[dict, dict]:
+    """Median ms per path over `rounds` alternating rounds of 3 calls, and each path's last
+    result. paths: name -> a function that switches to that path."""
     times: dict[str, list[float]] = {name: [] for name in paths}
-    grads = {}
-    try:
-        for rnd in range(10):
-            for name in (list(paths) if rnd % 2 == 0 else list(paths)[::-1]):
-                cpp.vector_flow_inv_grad = paths[name]
-                grads[name] = with_grad()
-                t0 = time.perf_counter()
-                for _ in range(3):
-                    with_grad()
-                times[name].append((time.perf_counter() - t0) / 3 * 1e3)
-    finally:
-        cpp.vector_flow_inv_grad = one_pass
-    fast, slow = (statistics.median(times[name]) for name in paths)
-    diff = max(((a - e).abs().max() / e.abs().max()).item()
-               for a, e in zip(grads["one C++ pass per step"], grads["iterations"]))
-    print(f"forward+backward, paired: one C++ pass per step {fast:.1f} ms, iterations {slow:.1f} ms, "
-          f"{slow / fast:.2f}x; largest relative gradient difference {diff:.1e}")
+    results = {}
+    for rnd in range(rounds):
+        for name in (list(paths) if rnd % 2 == 0 else list(paths)[::-1]):
+            paths[name]()
+            results[name] = run()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                run()
+            _sync()
+            times[name].append((time.perf_counter() - t0) / 3 * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}, results
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _rel_diff(a: list, b: list) -> float:
+    return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    for d in ((32,) if args.device == "cpu" else (32, 64)):
+        b = 1024
+        flow = vf.Flow(d, [vf.IAF(d, 256, n_steps=8)]).to(dev)
+        x = torch.randn(b, d, device=dev)
+
+        def no_grad():
+            with torch.no_grad():
+                flow.log_prob(x)
+            _sync()
+
+        def with_grad():
+            flow.zero_grad()
+            (-flow.log_prob(x).mean()).backward()
+            _sync()
+            return [p.grad.clone() for p in flow.parameters()]
+
+        print(f"IAF log_prob, B={b} d={d} H=256 K=8 on {args.device} ({backend.select(dev)} backend): without "
+              f"gradients (kernel) {median_ms(no_grad, 5, warmup=1):.1f} ms; forward+backward with gradients "
+              f"{median_ms(with_grad, 5, warmup=1):.1f} ms")
+        if backend.select(dev) == "cpp":
+            cpp = torch.ops.latentfast_cpp
+            one_pass = cpp.vector_flow_inv_grad
+
+            def declined(grad_x, *args):  # what the op returns for a step without a dependency order
+                return grad_x.new_empty(0)
+
+            def use(fn):
+                def switch():
+                    cpp.vector_flow_inv_grad = fn
+                return switch
+            try:
+                ms, grads = _paired({"one C++ pass per step": use(one_pass), "iterations": use(declined)}, with_grad)
+            finally:
+                cpp.vector_flow_inv_grad = one_pass
+        else:
+            def mode(name):
+                def switch():
+                    os.environ["LATENTFAST_VF_INV_GRAD"] = name
+                return switch
+            try:
+                ms, grads = _paired({"explicit d x d solve": mode("explicit"), "iterations": mode("iterate")},
+                                    with_grad)
+            finally:
+                os.environ.pop("LATENTFAST_VF_INV_GRAD", None)
+        (fast_name, fast), (slow_name, slow) = ms.items()
+        print(f"forward+backward, paired: {fast_name} {fast:.1f} ms, {slow_name} {slow:.1f} ms, {slow / fast:.2f}x; "
+              f"largest relative gradient difference {_rel_diff(grads[fast_name], grads[slow_name]):.1e}")
 
 
 if __name__ == "__main__":

@@ -659,11 +659,16 @@ def test_made_flow_step_at_the_widest_size(backend):
 
 @pytest.mark.parametrize("kind", ["made", "made_random_order", "coupling", "coupling_one_sweep"])
 @pytest.mark.parametrize("variant", ["affine", "additive", "ctx"])
-def test_inverse_gradients_are_the_implicit_function_derivatives(backend, kind, variant):
+@pytest.mark.parametrize("solve", ["iterate", "explicit"])
+def test_inverse_gradients_are_the_implicit_function_derivatives(monkeypatch, backend, kind, variant, solve):
     """With gradients wanted, the inverse (kernel) is differentiated by the implicit-function
     theorem; its derivatives must be those of the exact inverse x*(y, W, ctx): dL/dy = u and
     dL/dtheta = -u^T df/dtheta at x*, with J_f(x*)^T u = dL/dx (J from autograd of the
-    reference forward, per row), for a cotangent on x and one on the log-det."""
+    reference forward, per row), for a cotangent on x and one on the log-det. Both forms of
+    the per-step solve where the C++ one does not run (LATENTFAST_VF_INV_GRAD)."""
+    if solve == "explicit" and backend == "cpp":
+        pytest.skip("the cpp backend solves in C++ (the fallback's forms: the no-order test below)")
+    monkeypatch.setenv("LATENTFAST_VF_INV_GRAD", solve)
     dev = device_for(backend)
     k, d, h, b = 2, 4, 6, 3
     additive = variant == "additive"
@@ -782,19 +787,26 @@ def test_inverse_gradients_without_an_order_iterate_on_cpp():
     w1, b1, w2, b2 = _masked_params("made", k, d, h, seed=8)
     y = torch.randn(b, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     grads = {}
-    for name in ("reference", "cpp"):
+    for name, solve in (("reference", "iterate"), ("cpp", "iterate"), ("cpp", "explicit")):
+        os.environ["LATENTFAST_VF_INV_GRAD"] = solve
         leaves = [t.clone().requires_grad_() for t in (y, w1, b1, w2, b2)]
-        with latentfast.use_backend(name):
-            x, ld = ops.vector_flow_stack_inverse(*leaves, None, None, False, 2)
-            grads[name] = torch.autograd.grad(x.pow(2).sum() + ld.sum(), leaves)
-    for a, e in zip(grads["cpp"], grads["reference"]):
-        assert_close(a, e, scale=100)
+        try:
+            with latentfast.use_backend(name):
+                x, ld = ops.vector_flow_stack_inverse(*leaves, None, None, False, 2)
+                grads[name, solve] = torch.autograd.grad(x.pow(2).sum() + ld.sum(), leaves)
+        finally:
+            del os.environ["LATENTFAST_VF_INV_GRAD"]
+    for key in (("cpp", "iterate"), ("cpp", "explicit")):  # the explicit form: the same truncated series
+        for a, e in zip(grads[key], grads["reference", "iterate"]):
+            assert_close(a, e, scale=100, msg=str(key))
 
 
 @pytest.mark.parametrize("additive", [False, True])
-def test_inverse_with_gradients_on_an_empty_batch(backend, additive):
+@pytest.mark.parametrize("solve", ["iterate", "explicit"])
+def test_inverse_with_gradients_on_an_empty_batch(monkeypatch, backend, additive, solve):
     """B = 0 through the differentiable inverse: empty x and log-det, zero weight gradients
     (the Python iterations' reshape of 0 rows failed before)."""
+    monkeypatch.setenv("LATENTFAST_VF_INV_GRAD", solve)
     dev = device_for(backend)
     k, d, h = 2, 4, 6
     w1, b1, w2, b2 = (t.to(dev) for t in _masked_params("made", k, d, h, seed=12))
