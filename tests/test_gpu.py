@@ -140,6 +140,13 @@ def test_vector_flow_stack_on_cuda(triton_cuda, shape, dtype):
         vec_t.test_stack_matches_reference(triton_cuda, shape, additive, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vector_flow_inverse_by_dependency_order_on_cuda(triton_cuda, monkeypatch, dtype):
+    for additive in (False, True):
+        for b in (3, 37):
+            vec_t.test_triton_inverse_by_dependency_order(monkeypatch, dtype, additive, b)
+
+
 def test_vector_flow_modules_on_cuda(triton_cuda):
     vec_t.test_stack_noncontiguous_and_no_ctx(triton_cuda)
     vec_t.test_stack_gradcheck_and_opcheck(triton_cuda)

@@ -11,11 +11,16 @@ tiles, BLOCK_H hidden units at a time (so d up to 512 and H up to 1024 fit). Per
 The backward runs the steps in reverse from the saved step inputs and MLP outputs,
 recomputing each hidden layer, and writes grad x and the per-step gradients of the
 pre-activations (grad a) and outputs (grad o); the weight gradients are batched GEMMs in
-torch. The inverse does
-`n_passes` fixed-point sweeps per step. Math: latentfast/reference/vector_flows.py.
+torch. The inverse does `n_passes` fixed-point sweeps per step, or one pass in the step's
+dependency order where the masked weights give one (_inverse_plan): each dimension's outputs
+from the hidden layer held in registers, then a rank-1 update of it. Math:
+latentfast/reference/vector_flows.py.
 """
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -156,9 +161,10 @@ def _vector_flow_bwd_kernel(gy_ptr, gl_ptr, xs_ptr, out_ptr, ctx_ptr, w1_ptr, b1
 
 
 @triton.jit
-def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_ptr, x_ptr, ld_ptr, B, D, H, K,
-                            n_passes, HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_ptr, x_ptr, ld_ptr, w1t_ptr,
+                            order_ptr, count_ptr, plan_ptr, B, D, H, K, n_passes, HAS_CTX: tl.constexpr,
+                            ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_HF: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_D)
     rm = rows < B
@@ -167,25 +173,62 @@ def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_
     off = rows[:, None] * D + cols[None, :]
     y = tl.load(y_ptr + off, mask=m2, other=0.0)
     ld = tl.zeros([BLOCK_B], y.dtype)
+    O = D if ADDITIVE else 2 * D
+    hf = tl.arange(0, BLOCK_HF)
+    hfm = hf < H
     for kk in range(K):
         k = K - 1 - kk
         act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
-        x = y
-        for _ in range(n_passes):
-            om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
-                                   HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)
-            if ADDITIVE:
-                x = y - act * om
-            else:
-                sig, _ = _sig_logsig(os_)
-                x = tl.where(act > 0, (y - (1.0 - sig) * om) / sig, y)
-            # clamp the garbage of the dimensions not yet fixed (reference.sanitize_sweep)
-            x = tl.where(x == x, tl.minimum(tl.maximum(x, -1e15), 1e15), 0.0)
-        if not ADDITIVE:
-            om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
-                                   HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)
-            _, logsig = _sig_logsig(os_)
-            ld += tl.sum(act * logsig, axis=1)
+        if tl.load(plan_ptr + k) != 0:
+            # One pass in dependency order (plan from _inverse_plan): the pre-activations of the
+            # known (act = 0) inputs, then per dimension j of the order its outputs from the
+            # whole hidden layer in registers, x_j, and x_j folded into the pre-activations.
+            x = tl.where(act > 0, 0.0, y)
+            w1f = tl.load(w1_ptr + k * H * D + hf[None, :] * D + cols[:, None], mask=cm[:, None] & hfm[None, :],
+                          other=0.0)
+            a = tl.dot(x, w1f, input_precision="ieee")
+            a += tl.load(b1_ptr + k * H + hf, mask=hfm, other=0.0)[None, :]
+            if HAS_CTX:
+                a += tl.load(ctx_ptr + (k * B + rows[:, None]) * H + hf[None, :], mask=rm[:, None] & hfm[None, :],
+                             other=0.0)
+            s_all = tl.zeros([BLOCK_B, BLOCK_D], y.dtype)
+            for idx in range(0, tl.load(count_ptr + k)):
+                j = tl.load(order_ptr + k * D + idx)
+                g = tl.maximum(a, 0.0)
+                wm = tl.load(w2_ptr + (k * O + j) * H + hf, mask=hfm, other=0.0)
+                mj = tl.sum(g * wm[None, :], axis=1) + tl.load(b2_ptr + k * O + j)
+                yj = tl.sum(tl.where(cols[None, :] == j, y, 0.0), axis=1)
+                if ADDITIVE:
+                    xj = yj - mj
+                else:
+                    ws = tl.load(w2_ptr + (k * O + D + j) * H + hf, mask=hfm, other=0.0)
+                    sj = tl.sum(g * ws[None, :], axis=1) + tl.load(b2_ptr + k * O + D + j)
+                    sig, _ = _sig_logsig(sj)
+                    xj = (yj - (1.0 - sig) * mj) / sig
+                    s_all = tl.where(cols[None, :] == j, sj[:, None], s_all)
+                xj = tl.where(xj == xj, tl.minimum(tl.maximum(xj, -1e15), 1e15), 0.0)  # as the sweeps clamp
+                x = tl.where(cols[None, :] == j, xj[:, None], x)
+                a += xj[:, None] * tl.load(w1t_ptr + (k * D + j) * H + hf, mask=hfm, other=0.0)[None, :]
+            if not ADDITIVE:
+                _, logsig = _sig_logsig(s_all)
+                ld += tl.sum(act * logsig, axis=1)
+        else:
+            x = y
+            for _ in range(n_passes):
+                om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
+                                       HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)
+                if ADDITIVE:
+                    x = y - act * om
+                else:
+                    sig, _ = _sig_logsig(os_)
+                    x = tl.where(act > 0, (y - (1.0 - sig) * om) / sig, y)
+                # clamp the garbage of the dimensions not yet fixed (reference.sanitize_sweep)
+                x = tl.where(x == x, tl.minimum(tl.maximum(x, -1e15), 1e15), 0.0)
+            if not ADDITIVE:
+                om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
+                                       HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)
+                _, logsig = _sig_logsig(os_)
+                ld += tl.sum(act * logsig, axis=1)
         y = x
     tl.store(x_ptr + off, y, mask=m2)
     tl.store(ld_ptr + rows, ld, mask=rm)
@@ -242,15 +285,94 @@ def vector_flow_bwd(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, out: Tensor
     return gx, (ga if ctx is not None else xs.new_empty(0)), gw1, gb1, gw2, gb2
 
 
+def _levels(dep: np.ndarray) -> np.ndarray | None:
+    """Level of each node of a dependency graph (dep[j, i]: j depends on i; 0 for nodes with
+    no dependency, else 1 + the highest level among its dependencies), or None for a cycle.
+    Sorting by dependency count gives a topological order for MADE masks (nested dependency
+    sets), so one pass in that order settles every level; other graphs peel ready nodes off
+    round by round."""
+    n = dep.shape[0]
+    perm = np.argsort(dep.sum(1), kind="stable")
+    tri = dep[np.ix_(perm, perm)]
+    lev = np.zeros(n, dtype=np.int64)
+    if not np.triu(tri).any():  # strictly lower triangular: perm is a topological order
+        for t in range(1, n):
+            row = tri[t, :t]
+            if row.any():
+                lev[perm[t]] = lev[perm[:t][row]].max() + 1
+        return lev
+    solved = np.zeros(n, dtype=bool)
+    level = 0
+    while not solved.all():
+        ready = ~solved & ~(dep & ~solved[None, :]).any(1)
+        if not ready.any():
+            return None  # a cycle
+        lev[ready] = level
+        solved |= ready
+        level += 1
+    return lev
+
+
+def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes: int
+                  ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Per step, the order in which the one-pass inverse solves the dimensions it changes, or
+    none (sweeps): output j depends on input i when a hidden unit h has W1[h, i] != 0 and
+    W2[j, h] != 0 (or W2[d + j, h], affine); a step whose graph among its act dimensions has no
+    cycle and at most n_passes levels is solved exactly by its order, where n_passes sweeps reach
+    the same fixed point (the C++ kernel's rule, SeqPlan in csrc/flows/vector_flow_cpu.cpp, which
+    also leaves single-level steps to the sweeps). Returns (order [K, D] int32, count [K]
+    int32, planned [K] int32) on the weights' device, or None when no step has a plan. Reads
+    the [K, D, D] pattern back to the host (one synchronisation per call)."""
+    k, h, d = w1.shape
+    with torch.no_grad():
+        nz1 = (w1 != 0).to(torch.float32)
+        nz2 = w2[:, :d] != 0
+        if not additive:
+            nz2 = nz2 | (w2[:, d:] != 0)
+        dep = torch.bmm(nz2.to(torch.float32), nz1) > 0  # [K, D out, D in]
+        changed = act > 0
+        dep = (dep & changed[:, :, None] & changed[:, None, :]).cpu().numpy()
+        changed = changed.cpu().numpy()
+    order = np.zeros((k, d), dtype=np.int32)
+    count = np.zeros(k, dtype=np.int32)
+    planned = np.zeros(k, dtype=np.int32)
+    for i in range(k):
+        dims = np.nonzero(changed[i])[0]
+        lev = _levels(dep[i][np.ix_(dims, dims)])
+        if lev is None or len(dims) == 0 or lev.max() + 1 < 2 or lev.max() + 1 > n_passes:
+            continue
+        order[i, :len(dims)] = dims[np.argsort(lev, kind="stable")]
+        count[i], planned[i] = len(dims), 1
+    if not planned.any():
+        return None
+    dev = w1.device
+    return (torch.from_numpy(order).to(dev), torch.from_numpy(count).to(dev), torch.from_numpy(planned).to(dev))
+
+
 def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor,
                     additive: bool, n_passes: int) -> tuple[Tensor, Tensor]:
-    """(x, forward logdet at x) with stack(x) = y."""
+    """(x, forward logdet at x) with stack(x) = y: per step n_passes fixed-point sweeps, or,
+    for the steps _inverse_plan finds a dependency order for, one pass in that order (the same
+    fixed point; LATENTFAST_VF_SEQ_INV=0 keeps the sweeps, as for the C++ kernel)."""
     y, ctx, w1, b1, w2, b2, act = (_c(t) for t in (y, ctx, w1, b1, w2, b2, act))
     (B, D), (K, H, _) = y.shape, w1.shape
     x = torch.full_like(y, float("nan"))
     ld = y.new_full((B,), float("nan"))
     bb, bd, bh, nw = _blocks(D, H)
+    plan = _inverse_plan(w1, w2, act, additive, n_passes) if os.environ.get("LATENTFAST_VF_SEQ_INV") != "0" else None
+    if plan is None:
+        order = count = planned = torch.zeros(K, dtype=torch.int32, device=y.device)
+        w1t, bhf = w1, 16
+    else:
+        order, count, planned = plan
+        w1t = w1.transpose(1, 2).contiguous()  # [K, D, H]: the rank-1 updates' rows
+        bhf = max(16, triton.next_power_of_2(H))  # the whole hidden layer of a row block in registers
+        if bhf > 256 and not triton_interpret():
+            bb, nw = 16, 8
+    if B == 0:
+        return x, ld
     _vector_flow_inv_kernel[(triton.cdiv(B, bb),)](
-        y, ctx if ctx is not None else y, w1, b1, w2, b2, act, x, ld, B, D, H, K, n_passes,
-        HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh, num_warps=nw)
+        y, ctx if ctx is not None else y, w1, b1, w2, b2, act, x, ld, w1t, order, count, planned, B, D, H, K,
+        n_passes, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh, BLOCK_HF=bhf,
+        num_warps=nw)
     return x, ld

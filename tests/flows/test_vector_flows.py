@@ -305,6 +305,76 @@ def test_cpp_inverse_keeps_the_sweeps_where_order_does_not_apply(monkeypatch):
     assert not torch.allclose(full[0], short[0])  # the truncated sweeps are not converged
 
 
+def test_dependency_levels():
+    """The levels the Triton inverse's plan orders dimensions by (kernels.vector_flows._levels):
+    a chain, a MADE-like graph (nested dependency sets), a graph whose dependency counts do not
+    give a topological order (the round-by-round peeling), a cycle and a self-loop (None)."""
+    import numpy as np
+
+    from latentfast.kernels import vector_flows as tk
+
+    def graph(n, edges):
+        dep = np.zeros((n, n), dtype=bool)
+        for j, i in edges:  # j depends on i
+            dep[j, i] = True
+        return dep
+
+    assert tk._levels(graph(4, [(1, 0), (2, 1), (3, 2)])).tolist() == [0, 1, 2, 3]
+    made = graph(4, [(j, i) for j in range(4) for i in range(j)])  # output j sees inputs < j
+    assert tk._levels(made[::-1, ::-1].copy()).tolist() == [3, 2, 1, 0]
+    # counts: node 3 has one dependency (on 2) but sits above nodes 1, 2 with more
+    odd = graph(5, [(1, 0), (1, 4), (2, 0), (2, 1), (3, 2)])
+    assert tk._levels(odd).tolist() == [0, 1, 2, 3, 0]
+    assert tk._levels(graph(3, [(1, 0), (2, 1), (0, 2)])) is None
+    assert tk._levels(graph(2, [(1, 1)])) is None
+
+
+_NEEDS_TRITON = pytest.mark.skipif("triton" not in backends_under_test(), reason="checks the Triton kernel's own paths")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("b", [3, 37])
+@_NEEDS_TRITON
+def test_triton_inverse_by_dependency_order(monkeypatch, dtype, additive, b):
+    """The Triton inverse solves steps with a dependency order within n_passes levels in one
+    pass (the whole hidden layer of a row block in registers, one rank-1 update per solved
+    dimension): against the reference inverse and its own sweeps (LATENTFAST_VF_SEQ_INV=0),
+    with steps of d levels and of 2 (MADE in random orders, couplings), act zeros, a context;
+    n_passes = d plans every step, n_passes = 3 only the couplings; the plan is checked to be
+    taken."""
+    from latentfast.kernels import vector_flows as tk
+
+    dev = device_for("triton")
+    k, d, h = 4, 7, 19
+    w1, b1, w2, b2 = (t.to(dtype).to(dev) for t in _mixed_params(k, d, h, seed=51, additive=additive))
+    g = torch.Generator().manual_seed(52)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64).to(dtype).to(dev)
+    ctx = torch.randn(k, b, h, generator=g, dtype=torch.float64).to(dtype).to(dev)
+    act = (torch.rand(k, d, generator=g) > 0.25).to(dtype).to(dev)
+    y, ld, *_ = ref.vector_flow_stack(x, ctx, w1, b1, w2, b2, act, additive)
+    for passes, planned in ((d, [1, 1, 1, 1]), (3, [0, 1, 0, 1])):
+        plan = tk._inverse_plan(w1, w2, act, additive, passes)
+        assert plan[2].tolist() == planned
+        monkeypatch.delenv("LATENTFAST_VF_SEQ_INV", raising=False)
+        xr, ldr = tk.vector_flow_inv(y, ctx, w1, b1, w2, b2, act, additive, passes)
+        monkeypatch.setenv("LATENTFAST_VF_SEQ_INV", "0")
+        xs, lds = tk.vector_flow_inv(y, ctx, w1, b1, w2, b2, act, additive, passes)
+        x0, l0 = ref.vector_flow_stack_inverse(*(t.double() for t in (y, ctx, w1, b1, w2, b2, act)), additive, passes)
+        if dtype == torch.float64:
+            assert_close(xr, x0, msg="x vs reference inverse")
+            assert_close(ldr, l0, msg="logdet vs reference inverse")
+            assert_close(xr, xs, msg="x vs the sweeps")
+            assert_close(ldr, lds, msg="logdet vs the sweeps")
+        else:  # float32 rounding, amplified by these random stacks: within 5x the sweeps' error (as for C++)
+            for name, got, sweeps, want in (("x", xr, xs, x0), ("logdet", ldr, lds, l0)):
+                err, err_sweeps = ((t.double() - want).abs().max().item() for t in (got, sweeps))
+                assert err <= 5 * err_sweeps + 1e-5, (name, err, err_sweeps)
+        if passes == d:
+            assert_close(xr, x, dtype=dtype, scale=100 if dtype == torch.float64 else 1000, msg="inverse(forward(x))")
+            assert_close(ldr, ld, dtype=dtype, scale=100 if dtype == torch.float64 else 1000, msg="logdet vs forward")
+
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("additive", [False, True])
