@@ -234,6 +234,78 @@ def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_
     tl.store(ld_ptr + rows, ld, mask=rm)
 
 
+@triton.jit
+def _col(t, cols, j):
+    """Column j of a [BLOCK_B, BLOCK_D] tile, as a [BLOCK_B] vector."""
+    return tl.sum(tl.where(cols[None, :] == j, t, 0.0), axis=1)
+
+
+@triton.jit
+def _vector_flow_inv_grad_kernel(gx_ptr, gl_ptr, xs_ptr, out_ptr, ctx_ptr, w1_ptr, w1t_ptr, b1_ptr, w2_ptr, act_ptr,
+                                 order_ptr, count_ptr, u_ptr, B, D, H, K, HAS_CTX: tl.constexpr,
+                                 ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BLOCK_HF: tl.constexpr):
+    """The inverse's backward solve in dependency order (the C++ vf_inv_grad_lanes): per step
+    k from the first, J_k^T u = a + gld d ld_k / dx with J_k = D + C N at the step's input
+    x = xs[k], solved from the last level down, u_i = (a_i - t_i) / D_i with t_i = W1[:, i] .
+    (relu'(pre) * r), where r = W2^T v grows by a rank-1 update as each dimension is solved
+    (v_m = c1 u, v_s = c2 u - gld gate: the log-det's share has N's dependency pattern); then
+    the act = 0 dimensions (no row of N: u_i = a_i - t_i). The hidden layer of the row block is
+    recomputed in registers from x; r lives there too."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_D)
+    rm = rows < B
+    cm = cols < D
+    m2 = rm[:, None] & cm[None, :]
+    off = rows[:, None] * D + cols[None, :]
+    u = tl.load(gx_ptr + off, mask=m2, other=0.0)
+    gl = tl.load(gl_ptr + rows, mask=rm, other=0.0)
+    O = D if ADDITIVE else 2 * D
+    hf = tl.arange(0, BLOCK_HF)
+    hfm = hf < H
+    for k in range(K):
+        act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
+        x = tl.load(xs_ptr + k * B * D + off, mask=m2, other=0.0)
+        o_off = (k * B + rows[:, None]) * O + cols[None, :]
+        w1f = tl.load(w1_ptr + k * H * D + hf[None, :] * D + cols[:, None], mask=cm[:, None] & hfm[None, :],
+                      other=0.0)
+        pre = tl.dot(x, w1f, input_precision="ieee")
+        pre += tl.load(b1_ptr + k * H + hf, mask=hfm, other=0.0)[None, :]
+        if HAS_CTX:
+            pre += tl.load(ctx_ptr + (k * B + rows[:, None]) * H + hf[None, :], mask=rm[:, None] & hfm[None, :],
+                           other=0.0)
+        on = pre > 0
+        if ADDITIVE:
+            c0 = tl.zeros([BLOCK_B, BLOCK_D], u.dtype) + 1.0
+            c1 = act + tl.zeros([BLOCK_B, BLOCK_D], u.dtype)
+            c2 = tl.zeros([BLOCK_B, BLOCK_D], u.dtype)
+            c3 = c2
+        else:
+            m = tl.load(out_ptr + o_off, mask=m2, other=0.0)
+            sig, _ = _sig_logsig(tl.load(out_ptr + o_off + D, mask=m2, other=0.0))
+            gate = act * (1.0 - sig)
+            c0 = 1.0 / (1.0 - gate)
+            c1 = gate
+            c2 = (x - m) * sig * gate
+            c3 = -gl[:, None] * gate
+        r = tl.zeros([BLOCK_B, BLOCK_HF], u.dtype)
+        n = tl.load(count_ptr + k)
+        for t in range(0, D):
+            # the act dimensions from the last level down, then the act = 0 ones
+            i = tl.load(order_ptr + k * D + tl.where(t < n, n - 1 - t, t))
+            w1r = tl.load(w1t_ptr + (k * D + i) * H + hf, mask=hfm, other=0.0)
+            ti = tl.sum(tl.where(on, r, 0.0) * w1r[None, :], axis=1)
+            ui = (_col(u, cols, i) - ti) * _col(c0, cols, i)
+            u = tl.where(cols[None, :] == i, ui[:, None], u)
+            if t < n:
+                wm = tl.load(w2_ptr + (k * O + i) * H + hf, mask=hfm, other=0.0)
+                r += (_col(c1, cols, i) * ui)[:, None] * wm[None, :]
+                if not ADDITIVE:
+                    ws = tl.load(w2_ptr + (k * O + D + i) * H + hf, mask=hfm, other=0.0)
+                    r += (_col(c2, cols, i) * ui + _col(c3, cols, i))[:, None] * ws[None, :]
+    tl.store(u_ptr + off, u, mask=m2)
+
+
 def _blocks(d: int, h: int) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_D, BLOCK_H, num_warps): tl.dot needs every tile side >= 16."""
     block_d = max(16, triton.next_power_of_2(d))
@@ -313,16 +385,18 @@ def _levels(dep: np.ndarray) -> np.ndarray | None:
     return lev
 
 
-def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes: int
+def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes: int, min_levels: int = 2
                   ) -> tuple[Tensor, Tensor, Tensor] | None:
     """Per step, the order in which the one-pass inverse solves the dimensions it changes, or
     none (sweeps): output j depends on input i when a hidden unit h has W1[h, i] != 0 and
     W2[j, h] != 0 (or W2[d + j, h], affine); a step whose graph among its act dimensions has no
     cycle and at most n_passes levels is solved exactly by its order, where n_passes sweeps reach
     the same fixed point (the C++ kernel's rule, SeqPlan in csrc/flows/vector_flow_cpu.cpp, which
-    also leaves single-level steps to the sweeps). Returns (order [K, D] int32, count [K]
-    int32, planned [K] int32) on the weights' device, or None when no step has a plan. Reads
-    the [K, D, D] pattern back to the host (one synchronisation per call)."""
+    also leaves steps of fewer than min_levels levels, single-level couplings, to the sweeps;
+    the backward's solve takes those too, min_levels=1). Returns (order [K, D] int32: the act
+    dimensions by level, then the act = 0 ones; count [K] int32: how many act dimensions;
+    planned [K] int32) on the weights' device, or None when no step has a plan. Reads the
+    [K, D, D] pattern back to the host (one synchronisation per call)."""
     k, h, d = w1.shape
     with torch.no_grad():
         nz1 = (w1 != 0).to(torch.float32)
@@ -339,9 +413,10 @@ def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes:
     for i in range(k):
         dims = np.nonzero(changed[i])[0]
         lev = _levels(dep[i][np.ix_(dims, dims)])
-        if lev is None or len(dims) == 0 or lev.max() + 1 < 2 or lev.max() + 1 > n_passes:
+        n_levels = 0 if lev is None or len(dims) == 0 else lev.max() + 1
+        if lev is None or n_levels < min_levels or n_levels > n_passes:
             continue
-        order[i, :len(dims)] = dims[np.argsort(lev, kind="stable")]
+        order[i] = np.concatenate([dims[np.argsort(lev, kind="stable")], np.nonzero(~changed[i])[0]])
         count[i], planned[i] = len(dims), 1
     if not planned.any():
         return None
@@ -376,3 +451,34 @@ def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: T
         n_passes, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh, BLOCK_HF=bhf,
         num_warps=nw)
     return x, ld
+
+
+def vector_flow_inv_grad(grad_x: Tensor, grad_logdet: Tensor, xs: Tensor, out: Tensor, ctx: Tensor | None,
+                         w1: Tensor, b1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes: int
+                         ) -> Tensor | None:
+    """The inverse's backward solve, u = J_K^-T (... J_1^-T (grad_x + gld dld_1/dx) ...), in one
+    launch when every step has a dependency order within n_passes levels (the C++
+    vector_flow_inv_grad's rule); None otherwise (the caller iterates). xs, out: the forward
+    stack at the inverse's solution (the hidden layers are recomputed in the kernel)."""
+    if os.environ.get("LATENTFAST_VF_SEQ_INV") == "0":
+        return None
+    plan = _inverse_plan(w1, w2, act, additive, n_passes, min_levels=1)
+    if plan is None or not bool(plan[2].all()):
+        return None
+    order, count, _ = plan
+    grad_x, grad_logdet, xs, out, ctx, w1, b1, w2, act = (
+        _c(t) for t in (grad_x, grad_logdet, xs, out, ctx, w1, b1, w2, act))
+    K, B, D = xs.shape
+    H = w1.shape[1]
+    u = torch.full_like(grad_x, float("nan"))
+    if B == 0:
+        return u
+    bb, bd, _, nw = _blocks(D, H)
+    bhf = max(16, triton.next_power_of_2(H))
+    if bhf > 256 and not triton_interpret():
+        bb, nw = 16, 8
+    _vector_flow_inv_grad_kernel[(triton.cdiv(B, bb),)](
+        grad_x, grad_logdet, xs, out, ctx if ctx is not None else xs, w1, w1.transpose(1, 2).contiguous(), b1, w2,
+        act, order, count, u, B, D, H, K, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd,
+        BLOCK_HF=bhf, num_warps=nw)
+    return u

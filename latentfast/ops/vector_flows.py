@@ -291,10 +291,12 @@ class _ImplicitInverse(torch.autograd.Function):
     These are the derivatives of the exact inverse, the same as autograd through the
     reference's sweeps (test_inverse_gradients_are_the_implicit_function_derivatives).
     On the cpp backend the same system is solved in one pass per step in dependency order
-    (vector_flow_inv_grad, csrc/flows/vector_flow_cpu.cpp), and the weight gradients come
-    from the stack's backward with cotangents (-u, grad_logdet); the iterations remain for
-    the other backends and for steps without such an order within n_passes levels (in either
-    of _step_cotangent's forms: through the MLP, or with each row's d x d matrix). The cpp
+    (vector_flow_inv_grad, csrc/flows/vector_flow_cpu.cpp), and on the triton backend by its
+    Triton port (kernels/vector_flows.py, the order planned on the host), and the weight
+    gradients come from the stack's backward with cotangents (-u, grad_logdet); the iterations
+    remain for the reference backend and for steps without such an order within n_passes
+    levels (in either of _step_cotangent's forms: through the MLP, or with each row's d x d
+    matrix). The cpp
     inverse (vector_flow_inv_train) also returns the forward stack at its solution (step
     inputs, MLP outputs, hidden layers) for this backward, which the other backends recompute
     by a forward from x."""
@@ -336,10 +338,16 @@ class _ImplicitInverse(torch.autograd.Function):
             if u.dim() == 2:  # (a 1-D empty tensor: a step without a dependency order within n_passes levels)
                 _, gctx, *gw = _bwd(-u, gld, xs, out, c, w1, b1, w2, act, additive, kept)
                 return (u, (gctx if ctx.has_ctx else None), *gw, None, None, None)
-        # The iterations (other backends, or no order: truncated sweeps, which the inverse's own
-        # intermediate values would linearise elsewhere) at the forward stack from x, as on
-        # every backend.
+        # The forward stack from x (truncated sweeps: the iterations linearise there on every
+        # backend, not at the inverse's own intermediate values).
         _, _, xs, out, _ = _fwd_kept(x, c, w1, b1, w2, b2, act, additive, True, False)
+        if backend.select(x.device) == "triton":
+            # the same one-pass solve in a Triton kernel (None: a step without an order within
+            # n_passes levels), then the stack's backward kernel with cotangents (-u, grad_logdet)
+            u = _triton().vector_flow_inv_grad(a, gld, xs, out, c, w1, b1, w2, act, additive, ctx.n_passes)
+            if u is not None:
+                _, gctx, *gw = _bwd(-u, gld, xs, out, c, w1, b1, w2, act, additive)
+                return (u, (gctx if ctx.has_ctx else None), *gw, None, None, None)
         zeros, d = torch.zeros_like(x), x.shape[1]
         gas, gos, hidden = [], [], []  # per step: grad of the pre-activation and of the MLP output
         for k in range(w1.shape[0]):

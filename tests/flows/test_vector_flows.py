@@ -22,6 +22,7 @@ from tests.conftest import (CPU_ISAS, FAST_GC, assert_close, backends_under_test
 # Tests of the C++ kernels' own paths (row tiles, blocked GEMMs, the BLAS fallback): they run
 # once, in the pass whose backends include cpp, not once per backend.
 _NEEDS_CPP = pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' own paths")
+_NEEDS_TRITON = pytest.mark.skipif("triton" not in backends_under_test(), reason="checks the Triton kernel's own paths")
 
 
 def _stack_params(k, b, d, h, additive, dtype, dev, seed, with_ctx=True):
@@ -327,9 +328,6 @@ def test_dependency_levels():
     assert tk._levels(odd).tolist() == [0, 1, 2, 3, 0]
     assert tk._levels(graph(3, [(1, 0), (2, 1), (0, 2)])) is None
     assert tk._levels(graph(2, [(1, 1)])) is None
-
-
-_NEEDS_TRITON = pytest.mark.skipif("triton" not in backends_under_test(), reason="checks the Triton kernel's own paths")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -809,6 +807,24 @@ def test_cpp_inverse_grad_matches_dense_solve(monkeypatch, kind, additive, dtype
     a cycle) the op returns a 1-D empty tensor (B = 0 gives [0, d])."""
     use_cpu_isa(monkeypatch, isa)
     monkeypatch.setenv("LATENTFAST_VF_POISON", "1")
+    c = _inv_grad_case(kind, additive, dtype, d, "cpu")
+    ga, gld, xs, out, ctx, w1, b1, w2, act = (c[n] for n in ("ga", "gld", "xs", "out", "ctx", "w1", "b1", "w2", "act"))
+    hidden = torch.relu(torch.baddbmm(b1[:, None, :] + ctx, xs, w1.transpose(1, 2)))
+    inv_grad = torch.ops.latentfast_cpp.vector_flow_inv_grad
+    got = inv_grad(ga, gld, xs, out, hidden, w1, w2, act, additive, d)
+    assert_close(got, c["want"], dtype=dtype, scale=10)
+    if kind != "coupling":  # a coupling step has one level, a MADE step here up to d - 1
+        assert inv_grad(ga, gld, xs, out, hidden, w1, w2, act, additive, 1).shape == (0,)
+    dense1, dense2 = w1 + (w1 == 0).to(dtype), w2 + (w2 == 0).to(dtype)
+    assert inv_grad(ga, gld, xs, out, hidden, dense1, dense2, act, additive, d).shape == (0,)
+    assert inv_grad(ga[:0], gld[:0], xs[:, :0], out[:, :0], hidden[:, :0], w1, w2, act, additive, d).shape == (0, d)
+
+
+def _inv_grad_case(kind, additive, dtype, d, dev):
+    """Inputs of the inverse's backward solve and its answer by a dense solve: grad y =
+    J_F^-T (grad_x + gld d logdet / dx), J_F and d logdet / dx from autograd through the
+    reference stack at x, row by row, in float64. K = 3, B = 21, H = 37, a context, some
+    act = 0 dimensions (couplings: halves alternating, as the modules run)."""
     k, b, h = 3, 21, 37
     w1, b1, w2, b2 = _masked_params(kind, k, d, h, seed=3)
     w1 = w1 * (2.0 / d) ** 0.5  # gates' s within about +-10 (unscaled, d = 17 reaches -44: sigma = 0 in float32)
@@ -826,10 +842,6 @@ def test_cpp_inverse_grad_matches_dense_solve(monkeypatch, kind, additive, dtype
     gld = torch.randn(b, generator=g, dtype=torch.float64).to(dtype)
     ctx = (0.5 * torch.randn(k, b, h, generator=g, dtype=torch.float64)).to(dtype)
     _, _, xs, out = ref.vector_flow_stack(x, ctx, w1, b1, w2, b2, act, additive)
-    hidden = torch.relu(torch.baddbmm(b1[:, None, :] + ctx, xs, w1.transpose(1, 2)))
-    inv_grad = torch.ops.latentfast_cpp.vector_flow_inv_grad
-    got = inv_grad(ga, gld, xs, out, hidden, w1, w2, act, additive, d)
-
     p64 = [t.double() for t in (ctx, w1, b1, w2, b2, act)]
     rows = []
     for i in range(b):
@@ -840,12 +852,34 @@ def test_cpp_inverse_grad_matches_dense_solve(monkeypatch, kind, additive, dtype
         jac = torch.autograd.functional.jacobian(lambda r: fwd(r)[0][0], xi)
         dld = torch.autograd.functional.jacobian(lambda r: fwd(r)[1][0], xi)
         rows.append(torch.linalg.solve(jac.T, ga[i].double() + gld[i].double() * dld))
-    assert_close(got, torch.stack(rows), dtype=dtype, scale=10)
-    if kind != "coupling":  # a coupling step has one level, a MADE step here up to d - 1
-        assert inv_grad(ga, gld, xs, out, hidden, w1, w2, act, additive, 1).shape == (0,)
+    case = dict(ga=ga, gld=gld, xs=xs, out=out, ctx=ctx, w1=w1, b1=b1, w2=w2, act=act)
+    case = {n: t.to(dev) for n, t in case.items()}
+    case["want"] = torch.stack(rows)
+    return case
+
+
+@pytest.mark.parametrize("kind", ["made", "made_random_order", "coupling"])
+@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("d", [5, 17])
+@_NEEDS_TRITON
+def test_triton_inverse_grad_matches_dense_solve(kind, additive, dtype, d):
+    """The Triton port of the backward's one-pass solve (kernels.vector_flows.vector_flow_inv_grad,
+    hidden layers recomputed in the kernel) against the same dense solve as the C++ op; it
+    declines (None) without a dependency order within n_passes levels; B = 0 gives [0, d]."""
+    from latentfast.kernels import vector_flows as tk
+
+    c = _inv_grad_case(kind, additive, dtype, d, device_for("triton"))
+    args = [c[n] for n in ("ga", "gld", "xs", "out", "ctx", "w1", "b1", "w2", "act")]
+    got = tk.vector_flow_inv_grad(*args, additive, d)
+    assert_close(got, c["want"], dtype=dtype, scale=10)
+    ga, gld, xs, out, ctx, w1, b1, w2, act = args
+    if kind != "coupling":
+        assert tk.vector_flow_inv_grad(*args, additive, 1) is None
     dense1, dense2 = w1 + (w1 == 0).to(dtype), w2 + (w2 == 0).to(dtype)
-    assert inv_grad(ga, gld, xs, out, hidden, dense1, dense2, act, additive, d).shape == (0,)
-    assert inv_grad(ga[:0], gld[:0], xs[:, :0], out[:, :0], hidden[:, :0], w1, w2, act, additive, d).shape == (0, d)
+    assert tk.vector_flow_inv_grad(ga, gld, xs, out, ctx, dense1, b1, dense2, act, additive, d) is None
+    empty = tk.vector_flow_inv_grad(ga[:0], gld[:0], xs[:, :0], out[:, :0], ctx[:, :0], w1, b1, w2, act, additive, d)
+    assert empty.shape == (0, d)
 
 
 @_NEEDS_CPP
