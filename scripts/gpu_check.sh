@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one call, for a session lent a CUDA machine (device tool; about 15 minutes
 # of device time in all): device facts, the two ceilings (scripts/gpu_ceilings.py), the
-# gpu-marked tests, the vector-flow inverse's backward forms (scripts/vf_inverse_cost.py), then the benchmark suite on cuda one op group at a time, so a group that
+# gpu-marked tests, the vector-flow inverse's backward (scripts/vf_inverse_cost.py), then the benchmark suite on cuda one op group at a time, so a group that
 # runs long is cut off alone and the others' JSON survives. Uses the machine's python3 (torch,
 # triton, pytest there) with the repo on PYTHONPATH: no install, no C++ build. Logs and JSON go
 # to $OUT (the device tool's folder) or ./gpu_out.
@@ -19,7 +19,7 @@ timeout_flag=""
 $PY -c "import pytest_timeout" 2>/dev/null && timeout_flag="--timeout=150"
 timeout ${TEST_TIMEOUT:-300} $PY -m pytest -m gpu -q -rs $timeout_flag tests >"$OUT/pytest_gpu.txt" 2>&1
 echo "pytest -m gpu: exit $?"; tail -15 "$OUT/pytest_gpu.txt"
-# the inverse's backward on CUDA: its two forms of the per-step solve, paired (sets the default of LATENTFAST_VF_INV_GRAD)
+# the differentiable vector-flow inverse on CUDA: the Triton one-pass backward solve against the Python iterations, paired
 timeout ${VF_TIMEOUT:-180} $PY scripts/vf_inverse_cost.py --device cuda 2>&1 | tee "$OUT/vf_inverse_cost.txt"
 declare -A OPS=(
   [glow]="actnorm_invconv_coupling actnorm_invconv affine_coupling lu_weight"

@@ -9,17 +9,15 @@ products through each step's MLP. Prints, for B = 1024, d = 32, H = 256, K = 8, 
 of 5 calls without gradients and with them, then a paired comparison of the two backward
 paths (10 alternating rounds of 3 calls; the iterations forced by making the C++ op
 decline) with the largest relative difference of the parameter gradients. With --device
-cuda (the Triton backend, no C++ solve there) the pair is instead the backward's two forms
-of the per-step solve: the iterations through the MLP and the explicit d x d matrices
-(LATENTFAST_VF_INV_GRAD=iterate / explicit, see latentfast.ops.vector_flows._step_cotangent),
+cuda (the Triton backend) the pair is its one-pass solve (a Triton kernel) against the same
+iterations (forced by making latentfast.kernels.vector_flows.vector_flow_inv_grad decline),
 at d = 32 and d = 64.
 
-    python scripts/vf_inverse_cost.py [--device cuda]
+    python scripts/vf_inverse_cost.py [--device cuda] [--batch B] [--dims d ...] [--hidden H]
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -59,12 +57,15 @@ def _rel_diff(a: list, b: list) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--dims", type=int, nargs="+", default=None, help="latent sizes (default 32; 32 64 on cuda)")
+    parser.add_argument("--hidden", type=int, default=256)
     args = parser.parse_args()
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    for d in ((32,) if args.device == "cpu" else (32, 64)):
-        b = 1024
-        flow = vf.Flow(d, [vf.IAF(d, 256, n_steps=8)]).to(dev)
+    h, b = args.hidden, args.batch
+    for d in args.dims or ((32,) if args.device == "cpu" else (32, 64)):
+        flow = vf.Flow(d, [vf.IAF(d, h, n_steps=8)]).to(dev)
         x = torch.randn(b, d, device=dev)
 
         def no_grad():
@@ -78,34 +79,30 @@ def main() -> None:
             _sync()
             return [p.grad.clone() for p in flow.parameters()]
 
-        print(f"IAF log_prob, B={b} d={d} H=256 K=8 on {args.device} ({backend.select(dev)} backend): without "
+        print(f"IAF log_prob, B={b} d={d} H={h} K=8 on {args.device} ({backend.select(dev)} backend): without "
               f"gradients (kernel) {median_ms(no_grad, 5, warmup=1):.1f} ms; forward+backward with gradients "
               f"{median_ms(with_grad, 5, warmup=1):.1f} ms")
         if backend.select(dev) == "cpp":
-            cpp = torch.ops.latentfast_cpp
-            one_pass = cpp.vector_flow_inv_grad
+            owner, name = torch.ops.latentfast_cpp, "vector_flow_inv_grad"
 
             def declined(grad_x, *args):  # what the op returns for a step without a dependency order
                 return grad_x.new_empty(0)
-
-            def use(fn):
-                def switch():
-                    cpp.vector_flow_inv_grad = fn
-                return switch
-            try:
-                ms, grads = _paired({"one C++ pass per step": use(one_pass), "iterations": use(declined)}, with_grad)
-            finally:
-                cpp.vector_flow_inv_grad = one_pass
         else:
-            def mode(name):
-                def switch():
-                    os.environ["LATENTFAST_VF_INV_GRAD"] = name
-                return switch
-            try:
-                ms, grads = _paired({"explicit d x d solve": mode("explicit"), "iterations": mode("iterate")},
-                                    with_grad)
-            finally:
-                os.environ.pop("LATENTFAST_VF_INV_GRAD", None)
+            from latentfast.kernels import vector_flows as owner
+            name = "vector_flow_inv_grad"
+
+            def declined(*args):  # what the Triton solve returns for a step without a dependency order
+                return None
+        one_pass = getattr(owner, name)
+
+        def use(fn):
+            def switch():
+                setattr(owner, name, fn)
+            return switch
+        try:
+            ms, grads = _paired({"one-pass solve": use(one_pass), "iterations": use(declined)}, with_grad)
+        finally:
+            setattr(owner, name, one_pass)
         (fast_name, fast), (slow_name, slow) = ms.items()
         print(f"forward+backward, paired: {fast_name} {fast:.1f} ms, {slow_name} {slow:.1f} ms, {slow / fast:.2f}x; "
               f"largest relative gradient difference {_rel_diff(grads[fast_name], grads[slow_name]):.1e}")

@@ -19,8 +19,6 @@ one-step forms :func:`made_flow_step`, :func:`made_flow_step_inverse` (K = 1, ac
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -214,64 +212,17 @@ class _EagerStack(torch.autograd.Function):
         return _grads(_bwd(grad_y, grad_logdet, xs, out, c, w1, b1, w2, act, ctx.additive, hidden), ctx.has_ctx)
 
 
-# Elements of the per-row [H, d] products the explicit form builds at once (a chunk of rows).
-_EXPLICIT_CHUNK_ELEMS = 1 << 24
-
-
-def _explicit_inverse_grad() -> bool:
-    """Whether _step_cotangent forms each row's d x d matrix (LATENTFAST_VF_INV_GRAD=explicit)
-    or iterates through the MLP (=iterate, the default; read per call)."""
-    mode = os.environ.get("LATENTFAST_VF_INV_GRAD", "iterate")
-    if mode not in ("explicit", "iterate"):
-        raise ValueError(f"LATENTFAST_VF_INV_GRAD must be iterate or explicit, got {mode!r}")
-    return mode == "explicit"
-
-
 def _step_cotangent(base: Tensor, coef: Tensor, neg_inv: Tensor | None, on: Tensor, w1k: Tensor, w2k: Tensor,
                     n_passes: int) -> Tensor:
     """u = sum_{i <= n_passes} M^i base for one step of the inverse's backward, where M u =
     neg_inv * N^T u (additive: -N^T u) and N^T u = W1^T (on * (W2^T (coef * u))): the
-    iteration u <- base + M u from u = base, n_passes times (see _ImplicitInverse).
-
-    Iterated (the default), each term is a vector-Jacobian product through the step's MLP
-    (two GEMMs, five launches). Explicit (LATENTFAST_VF_INV_GRAD=explicit), each row's M
-    [d, d] is formed once, N^T = W1^T diag(on) P with P [H, d] = W2's m rows (and s rows)
-    transposed, scaled per column by coef (one batched product per chunk of rows), and the
-    terms are n_passes batched d x d matrix-vector products (one launch each): about half the
-    multiply-adds when n_passes = d and a fifth of the launches, meant for CUDA at small d,
-    where the iteration is bound by its launches (n_passes x 5 per step); but each term reads
-    all of M (B d^2 values), so at large d it is bound by memory instead. Untimed on a GPU
-    (scripts/gpu_check.sh times both); on this CPU it is 1.3-2.3x slower than the iteration
-    (reference backend, IAF log_prob at B = 1024, d = 32, H = 256, K = 8). The same terms
-    either way, so the same result to rounding (for nilpotent M, the MADE and coupling masks,
-    the terms past the dependency depth are exact zeros in both)."""
-    if not _explicit_inverse_grad():
-        u = base
-        for _ in range(n_passes):
-            v = ((((coef * u[:, None, :]).flatten(1)) @ w2k) * on) @ w1k
-            u = base - v if neg_inv is None else torch.addcmul(base, v, neg_inv)
-        return u
-    b, d = base.shape
-    if b == 0:
-        return base
-    h = w1k.shape[0]
-    w2t = w2k.view(coef.shape[1], d, h).transpose(1, 2)  # [parts, H, d]: W2's m (and s) rows, transposed
-    chunk = max(1, _EXPLICIT_CHUNK_ELEMS // (max(h, d) * d))
-    parts = []
-    for r0 in range(0, b, chunk):
-        rows = slice(r0, r0 + chunk)
-        cf = coef[rows] if coef.shape[0] > 1 else coef  # (the additive coef is act, one row for all)
-        p = w2t[0] * cf[:, 0, None, :]
-        if coef.shape[1] == 2:
-            p = torch.addcmul(p, w2t[1], cf[:, 1, None, :])
-        m = torch.matmul(w1k.t(), p * on[rows, :, None])  # [rows, d, d]: N^T
-        m = m * neg_inv[rows, :, None] if neg_inv is not None else -m
-        bs = base[rows, :, None]
-        u = bs
-        for _ in range(n_passes):
-            u = torch.baddbmm(bs, m, u)
-        parts.append(u[..., 0])
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    iteration u <- base + M u from u = base, n_passes times (see _ImplicitInverse), each
+    term a vector-Jacobian product through the step's MLP."""
+    u = base
+    for _ in range(n_passes):
+        v = ((((coef * u[:, None, :]).flatten(1)) @ w2k) * on) @ w1k
+        u = base - v if neg_inv is None else torch.addcmul(base, v, neg_inv)
+    return u
 
 
 class _ImplicitInverse(torch.autograd.Function):
@@ -295,8 +246,7 @@ class _ImplicitInverse(torch.autograd.Function):
     Triton port (kernels/vector_flows.py, the order planned on the host), and the weight
     gradients come from the stack's backward with cotangents (-u, grad_logdet); the iterations
     remain for the reference backend and for steps without such an order within n_passes
-    levels (in either of _step_cotangent's forms: through the MLP, or with each row's d x d
-    matrix). The cpp
+    levels. The cpp
     inverse (vector_flow_inv_train) also returns the forward stack at its solution (step
     inputs, MLP outputs, hidden layers) for this backward, which the other backends recompute
     by a forward from x."""

@@ -727,16 +727,11 @@ def test_made_flow_step_at_the_widest_size(backend):
 
 @pytest.mark.parametrize("kind", ["made", "made_random_order", "coupling", "coupling_one_sweep"])
 @pytest.mark.parametrize("variant", ["affine", "additive", "ctx"])
-@pytest.mark.parametrize("solve", ["iterate", "explicit"])
-def test_inverse_gradients_are_the_implicit_function_derivatives(monkeypatch, backend, kind, variant, solve):
+def test_inverse_gradients_are_the_implicit_function_derivatives(backend, kind, variant):
     """With gradients wanted, the inverse (kernel) is differentiated by the implicit-function
     theorem; its derivatives must be those of the exact inverse x*(y, W, ctx): dL/dy = u and
     dL/dtheta = -u^T df/dtheta at x*, with J_f(x*)^T u = dL/dx (J from autograd of the
-    reference forward, per row), for a cotangent on x and one on the log-det. Both forms of
-    the per-step solve where the C++ one does not run (LATENTFAST_VF_INV_GRAD)."""
-    if solve == "explicit" and backend == "cpp":
-        pytest.skip("the cpp backend solves in C++ (the fallback's forms: the no-order test below)")
-    monkeypatch.setenv("LATENTFAST_VF_INV_GRAD", solve)
+    reference forward, per row), for a cotangent on x and one on the log-det."""
     dev = device_for(backend)
     k, d, h, b = 2, 4, 6, 3
     additive = variant == "additive"
@@ -882,35 +877,30 @@ def test_triton_inverse_grad_matches_dense_solve(kind, additive, dtype, d):
     assert empty.shape == (0, d)
 
 
-@_NEEDS_CPP
-def test_inverse_gradients_without_an_order_iterate_on_cpp():
-    """With n_passes below a MADE step's level count the C++ transposed solve declines (the
-    sweeps did not reach the exact inverse) and the backward iterates n_passes + 1 terms, as
-    on the reference backend: the same gradients from both."""
+def test_inverse_gradients_without_an_order_iterate(backend):
+    """With n_passes below a MADE step's level count the one-pass transposed solve (C++ or
+    Triton) declines (the sweeps did not reach the exact inverse) and the backward iterates
+    n_passes + 1 terms, as on the reference backend: the same gradients from both."""
+    if backend == "reference":
+        pytest.skip("the comparison's own side")
+    dev = device_for(backend)
     k, d, h, b = 2, 4, 6, 5
-    w1, b1, w2, b2 = _masked_params("made", k, d, h, seed=8)
-    y = torch.randn(b, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    w1, b1, w2, b2 = (t.to(dev) for t in _masked_params("made", k, d, h, seed=8))
+    y = torch.randn(b, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dev)
     grads = {}
-    for name, solve in (("reference", "iterate"), ("cpp", "iterate"), ("cpp", "explicit")):
-        os.environ["LATENTFAST_VF_INV_GRAD"] = solve
+    for name in ("reference", backend):
         leaves = [t.clone().requires_grad_() for t in (y, w1, b1, w2, b2)]
-        try:
-            with latentfast.use_backend(name):
-                x, ld = ops.vector_flow_stack_inverse(*leaves, None, None, False, 2)
-                grads[name, solve] = torch.autograd.grad(x.pow(2).sum() + ld.sum(), leaves)
-        finally:
-            del os.environ["LATENTFAST_VF_INV_GRAD"]
-    for key in (("cpp", "iterate"), ("cpp", "explicit")):  # the explicit form: the same truncated series
-        for a, e in zip(grads[key], grads["reference", "iterate"]):
-            assert_close(a, e, scale=100, msg=str(key))
+        with latentfast.use_backend(name):
+            x, ld = ops.vector_flow_stack_inverse(*leaves, None, None, False, 2)
+            grads[name] = torch.autograd.grad(x.pow(2).sum() + ld.sum(), leaves)
+    for a, e in zip(grads[backend], grads["reference"]):
+        assert_close(a, e, scale=100)
 
 
 @pytest.mark.parametrize("additive", [False, True])
-@pytest.mark.parametrize("solve", ["iterate", "explicit"])
-def test_inverse_with_gradients_on_an_empty_batch(monkeypatch, backend, additive, solve):
+def test_inverse_with_gradients_on_an_empty_batch(backend, additive):
     """B = 0 through the differentiable inverse: empty x and log-det, zero weight gradients
     (the Python iterations' reshape of 0 rows failed before)."""
-    monkeypatch.setenv("LATENTFAST_VF_INV_GRAD", solve)
     dev = device_for(backend)
     k, d, h = 2, 4, 6
     w1, b1, w2, b2 = (t.to(dev) for t in _masked_params("made", k, d, h, seed=12))
