@@ -161,6 +161,12 @@ def _vector_flow_bwd_kernel(gy_ptr, gl_ptr, xs_ptr, out_ptr, ctx_ptr, w1_ptr, b1
 
 
 @triton.jit
+def _col(t, cols, j):
+    """Column j of a [BLOCK_B, BLOCK_D] tile, as a [BLOCK_B] vector."""
+    return tl.sum(tl.where(cols[None, :] == j, t, 0.0), axis=1)
+
+
+@triton.jit
 def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_ptr, x_ptr, ld_ptr, w1t_ptr,
                             order_ptr, count_ptr, plan_ptr, B, D, H, K, n_passes, HAS_CTX: tl.constexpr,
                             ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -183,21 +189,23 @@ def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_
             # One pass in dependency order (plan from _inverse_plan): the pre-activations of the
             # known (act = 0) inputs, then per dimension j of the order its outputs from the
             # whole hidden layer in registers, x_j, and x_j folded into the pre-activations.
+            # Rank-1 updates throughout (no [BLOCK_D, H] tile of W1: d = 512, H = 1024 fits).
             x = tl.where(act > 0, 0.0, y)
-            w1f = tl.load(w1_ptr + k * H * D + hf[None, :] * D + cols[:, None], mask=cm[:, None] & hfm[None, :],
-                          other=0.0)
-            a = tl.dot(x, w1f, input_precision="ieee")
-            a += tl.load(b1_ptr + k * H + hf, mask=hfm, other=0.0)[None, :]
+            a = tl.zeros([BLOCK_B, BLOCK_HF], y.dtype) + tl.load(b1_ptr + k * H + hf, mask=hfm, other=0.0)[None, :]
             if HAS_CTX:
                 a += tl.load(ctx_ptr + (k * B + rows[:, None]) * H + hf[None, :], mask=rm[:, None] & hfm[None, :],
                              other=0.0)
+            n_act = tl.load(count_ptr + k)
+            for idx in range(n_act, D):  # the known inputs, listed after the order
+                i = tl.load(order_ptr + k * D + idx)
+                a += _col(y, cols, i)[:, None] * tl.load(w1t_ptr + (k * D + i) * H + hf, mask=hfm, other=0.0)[None, :]
             s_all = tl.zeros([BLOCK_B, BLOCK_D], y.dtype)
-            for idx in range(0, tl.load(count_ptr + k)):
+            for idx in range(0, n_act):
                 j = tl.load(order_ptr + k * D + idx)
                 g = tl.maximum(a, 0.0)
                 wm = tl.load(w2_ptr + (k * O + j) * H + hf, mask=hfm, other=0.0)
                 mj = tl.sum(g * wm[None, :], axis=1) + tl.load(b2_ptr + k * O + j)
-                yj = tl.sum(tl.where(cols[None, :] == j, y, 0.0), axis=1)
+                yj = _col(y, cols, j)
                 if ADDITIVE:
                     xj = yj - mj
                 else:
@@ -235,13 +243,7 @@ def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_
 
 
 @triton.jit
-def _col(t, cols, j):
-    """Column j of a [BLOCK_B, BLOCK_D] tile, as a [BLOCK_B] vector."""
-    return tl.sum(tl.where(cols[None, :] == j, t, 0.0), axis=1)
-
-
-@triton.jit
-def _vector_flow_inv_grad_kernel(gx_ptr, gl_ptr, xs_ptr, out_ptr, ctx_ptr, w1_ptr, w1t_ptr, b1_ptr, w2_ptr, act_ptr,
+def _vector_flow_inv_grad_kernel(gx_ptr, gl_ptr, xs_ptr, out_ptr, ctx_ptr, w1t_ptr, b1_ptr, w2_ptr, act_ptr,
                                  order_ptr, count_ptr, u_ptr, B, D, H, K, HAS_CTX: tl.constexpr,
                                  ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_HF: tl.constexpr):
@@ -251,7 +253,7 @@ def _vector_flow_inv_grad_kernel(gx_ptr, gl_ptr, xs_ptr, out_ptr, ctx_ptr, w1_pt
     (relu'(pre) * r), where r = W2^T v grows by a rank-1 update as each dimension is solved
     (v_m = c1 u, v_s = c2 u - gld gate: the log-det's share has N's dependency pattern); then
     the act = 0 dimensions (no row of N: u_i = a_i - t_i). The hidden layer of the row block is
-    recomputed in registers from x; r lives there too."""
+    recomputed in registers from x by rank-1 updates; r lives there too."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_D)
     rm = rows < B
@@ -267,10 +269,9 @@ def _vector_flow_inv_grad_kernel(gx_ptr, gl_ptr, xs_ptr, out_ptr, ctx_ptr, w1_pt
         act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
         x = tl.load(xs_ptr + k * B * D + off, mask=m2, other=0.0)
         o_off = (k * B + rows[:, None]) * O + cols[None, :]
-        w1f = tl.load(w1_ptr + k * H * D + hf[None, :] * D + cols[:, None], mask=cm[:, None] & hfm[None, :],
-                      other=0.0)
-        pre = tl.dot(x, w1f, input_precision="ieee")
-        pre += tl.load(b1_ptr + k * H + hf, mask=hfm, other=0.0)[None, :]
+        pre = tl.zeros([BLOCK_B, BLOCK_HF], u.dtype) + tl.load(b1_ptr + k * H + hf, mask=hfm, other=0.0)[None, :]
+        for i in range(0, D):  # x W1^T by rank-1 updates (no [BLOCK_D, H] tile of W1)
+            pre += _col(x, cols, i)[:, None] * tl.load(w1t_ptr + (k * D + i) * H + hf, mask=hfm, other=0.0)[None, :]
         if HAS_CTX:
             pre += tl.load(ctx_ptr + (k * B + rows[:, None]) * H + hf[None, :], mask=rm[:, None] & hfm[None, :],
                            other=0.0)
@@ -478,7 +479,7 @@ def vector_flow_inv_grad(grad_x: Tensor, grad_logdet: Tensor, xs: Tensor, out: T
     if bhf > 256 and not triton_interpret():
         bb, nw = 16, 8
     _vector_flow_inv_grad_kernel[(triton.cdiv(B, bb),)](
-        grad_x, grad_logdet, xs, out, ctx if ctx is not None else xs, w1, w1.transpose(1, 2).contiguous(), b1, w2,
+        grad_x, grad_logdet, xs, out, ctx if ctx is not None else xs, w1.transpose(1, 2).contiguous(), b1, w2,
         act, order, count, u, B, D, H, K, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd,
         BLOCK_HF=bhf, num_warps=nw)
     return u
