@@ -2,7 +2,8 @@
 
 One program owns BLOCK_B rows of the batch and runs all K steps on them in one launch: the
 rows stay in registers between steps and each step's weights stream through on-chip
-tiles, BLOCK_H hidden units at a time (so d up to 512 and H up to 1024 fit). Per step:
+tiles, BLOCK_H hidden units at a time (_blocks sizes them to the GPU's shared memory; where a
+kernel cannot fit, float64 at d = 512, the wrappers fall back to the reference). Per step:
 
     a = x W1^T + b1 (+ ctx);  g = relu(a);  (m, s) = g W2^T + b2
     y = x + act (1 - sigmoid(s)) (m - x),  logdet += sum act log sigmoid(s)   (affine)
@@ -19,14 +20,17 @@ latentfast/reference/vector_flows.py.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from latentfast.backend import triton_interpret
+from latentfast.reference import vector_flows as ref
 from latentfast.reference.vector_flows import weight_grads
 
 
@@ -307,12 +311,48 @@ def _vector_flow_inv_grad_kernel(gx_ptr, gl_ptr, xs_ptr, out_ptr, ctx_ptr, w1t_p
     tl.store(u_ptr + off, u, mask=m2)
 
 
-def _blocks(d: int, h: int) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_D, BLOCK_H, num_warps): tl.dot needs every tile side >= 16."""
+def _blocks(d: int, h: int, itemsize: int = 4) -> tuple[int, int, int, int, int]:
+    """(BLOCK_B, BLOCK_D, BLOCK_H, num_warps, num_stages). tl.dot needs every tile side >= 16;
+    the tiles of the dots go through shared memory (227 KB a block on H100 / H200), so the
+    wider d is, the narrower the row block and the hidden chunks, and the loop over hidden
+    chunks is not software-pipelined (num_stages = 1, one copy of each staged tile) from
+    d = 128 on. The sizes come from compiling the kernels for sm_90 without a GPU
+    (scripts/triton_smem.py): the largest, the backward kernel, needs 86-180 KB with these
+    (float32: 147 KB at d = 64, 90 KB at 128, 180 KB at 256, 164 KB at 512; float64: 125 KB at
+    32, 119 KB at 64, 123 KB at 128, 147 KB at 256) and 278 KB for float64 at d = 512, which does
+    not fit (the launch raises OutOfResources and the wrappers below fall back to the reference).
+    Before, d > 64 in float32 and d > 32 in float64 asked for 250 KB to 1.7 MB."""
     block_d = max(16, triton.next_power_of_2(d))
-    block_h = max(16, min(64, triton.next_power_of_2(h)))
-    block_b = 16 if (triton_interpret() or block_d >= 256) else 32
-    return block_b, block_d, block_h, 4 if block_d <= 64 else 8
+    wide = block_d * itemsize  # bytes of one row of x
+    if block_d <= 32 or (block_d == 64 and itemsize <= 4):
+        block_b, block_h, stages = 32, 64, 3
+    elif block_d == 64:
+        block_b, block_h, stages = 16, 32, 3
+    else:
+        block_b, block_h, stages = 16, (64 if wide <= 1024 else 16), 1
+    block_h = max(16, min(block_h, triton.next_power_of_2(h)))
+    if triton_interpret():
+        block_b = 16
+    return block_b, block_d, block_h, 4 if block_d <= 64 else 8, stages
+
+
+_SMEM_WARNED: set = set()
+
+
+def _launch(kernel, grid, *args, **kwargs) -> bool:
+    """Launch a kernel; False (after a one-time warning per kernel) when the GPU cannot hold
+    its tiles (triton's OutOfResources at launch), for the caller to compute with the
+    reference instead. Any other error propagates."""
+    try:
+        kernel[grid](*args, **kwargs)
+        return True
+    except OutOfResources as e:
+        name = getattr(kernel, "__name__", str(kernel))
+        if name not in _SMEM_WARNED:
+            _SMEM_WARNED.add(name)
+            warnings.warn(f"latentfast: {name} does not fit on this GPU at these sizes ({e}); computing with the "
+                          f"pure-PyTorch reference instead (same results, slower)", RuntimeWarning, stacklevel=3)
+        return False
 
 
 def _c(t: Tensor | None) -> Tensor | None:
@@ -330,10 +370,15 @@ def vector_flow_fwd(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: T
     empty = x.new_empty(0)
     xs = x.new_full((K, B, D), float("nan")) if save else empty
     out = x.new_full((K, B, O), float("nan")) if save else empty
-    bb, bd, bh, nw = _blocks(D, H)
-    _vector_flow_fwd_kernel[(triton.cdiv(B, bb),)](
-        x, ctx if ctx is not None else x, w1, b1, w2, b2, act, y, ld, xs, out, B, D, H, K,
-        HAS_CTX=ctx is not None, ADDITIVE=additive, SAVE=save, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh, num_warps=nw)
+    bb, bd, bh, nw, ns = _blocks(D, H, x.element_size())
+    if not _launch(_vector_flow_fwd_kernel, (triton.cdiv(B, bb),),
+                   x, ctx if ctx is not None else x, w1, b1, w2, b2, act, y, ld, xs, out, B, D, H, K,
+                   HAS_CTX=ctx is not None, ADDITIVE=additive, SAVE=save, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh,
+                   num_warps=nw, num_stages=ns):
+        y, ld, xs_r, out_r = ref.vector_flow_stack(x, ctx, w1, b1, w2, b2, act, additive)
+        if save:
+            xs, out = xs_r.contiguous(), out_r.contiguous()
+        return y.contiguous(), ld.contiguous(), xs, out
     return y, ld, xs, out
 
 
@@ -350,10 +395,13 @@ def vector_flow_bwd(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, out: Tensor
     ga = xs.new_full((K, B, H), float("nan"))
     hid = xs.new_full((K, B, H), float("nan"))
     go = out.new_full((K, B, O), float("nan"))
-    bb, bd, bh, nw = _blocks(D, H)
-    _vector_flow_bwd_kernel[(triton.cdiv(B, bb),)](
-        grad_y, grad_logdet, xs, out, ctx if ctx is not None else xs, w1, b1, w2, act, gx, ga, go, hid, B, D, H, K,
-        HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh, num_warps=nw)
+    bb, bd, bh, nw, ns = _blocks(D, H, xs.element_size())
+    if not _launch(_vector_flow_bwd_kernel, (triton.cdiv(B, bb),),
+                   grad_y, grad_logdet, xs, out, ctx if ctx is not None else xs, w1, b1, w2, act, gx, ga, go, hid,
+                   B, D, H, K, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh,
+                   num_warps=nw, num_stages=ns):
+        return tuple(t.contiguous() for t in ref.vector_flow_stack_backward(grad_y, grad_logdet, xs, out, ctx, w1,
+                                                                              b1, w2, act, additive))
     gw1, gb1, gw2, gb2 = weight_grads(ga, go, xs, hid)
     return gx, (ga if ctx is not None else xs.new_empty(0)), gw1, gb1, gw2, gb2
 
@@ -434,7 +482,7 @@ def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: T
     (B, D), (K, H, _) = y.shape, w1.shape
     x = torch.full_like(y, float("nan"))
     ld = y.new_full((B,), float("nan"))
-    bb, bd, bh, nw = _blocks(D, H)
+    bb, bd, bh, nw, ns = _blocks(D, H, y.element_size())
     plan = _inverse_plan(w1, w2, act, additive, n_passes) if os.environ.get("LATENTFAST_VF_SEQ_INV") != "0" else None
     if plan is None:
         order = count = planned = torch.zeros(K, dtype=torch.int32, device=y.device)
@@ -447,10 +495,12 @@ def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: T
             bb, nw = 16, 8
     if B == 0:
         return x, ld
-    _vector_flow_inv_kernel[(triton.cdiv(B, bb),)](
-        y, ctx if ctx is not None else y, w1, b1, w2, b2, act, x, ld, w1t, order, count, planned, B, D, H, K,
-        n_passes, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh, BLOCK_HF=bhf,
-        num_warps=nw)
+    if not _launch(_vector_flow_inv_kernel, (triton.cdiv(B, bb),),
+                   y, ctx if ctx is not None else y, w1, b1, w2, b2, act, x, ld, w1t, order, count, planned, B, D, H,
+                   K, n_passes, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh,
+                   BLOCK_HF=bhf, num_warps=nw, num_stages=ns):
+        x, ld = ref.vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes)
+        return x.contiguous(), ld.contiguous()
     return x, ld
 
 
@@ -474,12 +524,13 @@ def vector_flow_inv_grad(grad_x: Tensor, grad_logdet: Tensor, xs: Tensor, out: T
     u = torch.full_like(grad_x, float("nan"))
     if B == 0:
         return u
-    bb, bd, _, nw = _blocks(D, H)
+    bb, bd, _, nw, _ = _blocks(D, H, xs.element_size())
     bhf = max(16, triton.next_power_of_2(H))
     if bhf > 256 and not triton_interpret():
         bb, nw = 16, 8
-    _vector_flow_inv_grad_kernel[(triton.cdiv(B, bb),)](
-        grad_x, grad_logdet, xs, out, ctx if ctx is not None else xs, w1.transpose(1, 2).contiguous(), b1, w2,
-        act, order, count, u, B, D, H, K, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd,
-        BLOCK_HF=bhf, num_warps=nw)
+    if not _launch(_vector_flow_inv_grad_kernel, (triton.cdiv(B, bb),),
+                   grad_x, grad_logdet, xs, out, ctx if ctx is not None else xs, w1.transpose(1, 2).contiguous(), b1,
+                   w2, act, order, count, u, B, D, H, K, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb,
+                   BLOCK_D=bd, BLOCK_HF=bhf, num_warps=nw):
+        return None
     return u

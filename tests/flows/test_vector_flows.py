@@ -928,3 +928,49 @@ def test_iaf_log_prob_and_maf_rsample_train(backend):
         loss_fn(flow).backward()
         grads = [p.grad for p in flow.parameters() if p.requires_grad]
         assert grads and all(gr is not None and gr.abs().sum() > 0 for gr in grads)
+
+
+def test_triton_wrappers_fall_back_when_a_kernel_does_not_fit(monkeypatch):
+    """A Triton launch that the GPU cannot hold (OutOfResources, e.g. float64 at d = 512: 278 KB
+    of shared memory per block against 227 KB on H100 / H200) makes the wrappers compute with the
+    reference, with one warning per kernel, instead of failing; the solve declines (the caller
+    iterates). The launch is replaced by one that raises, so this runs without a GPU."""
+    from triton.runtime.errors import OutOfResources
+
+    from latentfast.kernels import vector_flows as tk
+
+    class TooBig:
+        __name__ = "too_big_kernel"
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(278528, 232448, "shared memory")
+            return launch
+
+    for name in ("_vector_flow_fwd_kernel", "_vector_flow_bwd_kernel", "_vector_flow_inv_kernel",
+                 "_vector_flow_inv_grad_kernel"):
+        monkeypatch.setattr(tk, name, TooBig())
+    monkeypatch.setattr(tk, "_SMEM_WARNED", set())
+    k, b, d, h = 2, 5, 4, 6
+    w1, b1, w2, b2 = _masked_params("made", k, d, h, seed=21)
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    ctx = torch.randn(k, b, h, generator=g, dtype=torch.float64)
+    act = torch.ones(k, d, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="does not fit"):
+        y, ld, xs, out = tk.vector_flow_fwd(x, ctx, w1, b1, w2, b2, act, False, True)
+    want = ref.vector_flow_stack(x, ctx, w1, b1, w2, b2, act, False)
+    for got, exp in zip((y, ld, xs, out), want):
+        assert torch.equal(got, exp)
+    gy, gl = torch.randn(b, d, generator=g, dtype=torch.float64), torch.randn(b, generator=g, dtype=torch.float64)
+    got = tk.vector_flow_bwd(gy, gl, xs, out, ctx, w1, b1, w2, act, False)  # warned once already: no second
+    for a, e in zip(got, ref.vector_flow_stack_backward(gy, gl, xs, out, ctx, w1, b1, w2, act, False)):
+        assert torch.equal(a, e)
+    xi, li = tk.vector_flow_inv(y, ctx, w1, b1, w2, b2, act, False, d)
+    xr, lr = ref.vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, False, d)
+    assert torch.equal(xi, xr) and torch.equal(li, lr)
+    assert tk.vector_flow_inv_grad(gy, gl, xs, out, ctx, w1, b1, w2, act, False, d) is None
+    with pytest.raises(RuntimeError):  # other launch errors are not swallowed
+        monkeypatch.setattr(tk, "_vector_flow_fwd_kernel", type("Broken", (), {
+            "__getitem__": lambda self, grid: (lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("boom")))})())
+        tk.vector_flow_fwd(x, ctx, w1, b1, w2, b2, act, False, True)
