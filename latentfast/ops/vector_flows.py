@@ -246,10 +246,9 @@ class _ImplicitInverse(torch.autograd.Function):
     Triton port (kernels/vector_flows.py, the order planned on the host), and the weight
     gradients come from the stack's backward with cotangents (-u, grad_logdet); the iterations
     remain for the reference backend and for steps without such an order within n_passes
-    levels. The cpp
-    inverse (vector_flow_inv_train) also returns the forward stack at its solution (step
-    inputs, MLP outputs, hidden layers) for this backward, which the other backends recompute
-    by a forward from x."""
+    levels. The cpp inverse (vector_flow_inv_train) also returns the forward stack at its
+    solution (step inputs, MLP outputs, hidden layers) for this backward, which the other
+    backends recompute by a forward from x."""
 
     @staticmethod
     def forward(ctx, y, c, w1, b1, w2, b2, act, additive, n_passes):
