@@ -7,10 +7,11 @@ OutOfResources. This script runs the suite's cases (full size, plus the widest s
 document) through the Triton backend under the interpreter with the kernel launches recorded
 and skipped (no kernel runs: the outputs stay NaN, the glue around them does not care), then
 compiles each distinct (kernel, argument types, constexprs, num_warps, num_stages) with
-triton.compile for the target. Triton's bundled ptxas does the compiling; nothing else is
+triton.compile for the target, and reads each cubin's registers and stack (spill) bytes per
+thread with cuobjdump. Triton's bundled ptxas and cuobjdump do the work; nothing else is
 needed.
 
-    python scripts/triton_smem.py [--ops NAME ...] [--arch 90] [--json PATH]
+    python scripts/triton_smem.py [--ops NAME ...] [--arch 90] [--json PATH] [--num-warps N]
 
 Exit status 1 when a configuration exceeds the limit (a launch that would raise on the GPU;
 the vector-flow wrappers catch it and fall back to the reference, other kernels would fail).
@@ -179,8 +180,30 @@ def _record_launches(ops: list[str] | None) -> list[dict]:
     return list(_seen.values())
 
 
-def _compile(launches: list[dict], arch: int) -> list[dict]:
-    """In a process without TRITON_INTERPRET (jit kernels, not interpreted ones): compile each."""
+def _resources(compiled) -> tuple[int | None, int | None]:
+    """(registers per thread, stack bytes per thread: spills and local arrays) of a compiled
+    kernel, from the cubin by the cuobjdump that ships with Triton; (None, None) if unavailable."""
+    import re
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cubin = compiled.asm.get("cubin") if hasattr(compiled, "asm") else None
+    if not cubin or not os.path.exists(tool):
+        return None, None
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        res = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60)
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", res.stdout)
+    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
+
+
+def _compile(launches: list[dict], arch: int, num_warps: int | None = None) -> list[dict]:
+    """In a process without TRITON_INTERPRET (jit kernels, not interpreted ones): compile each
+    (with num_warps overriding every launch's, when given: a what-if for tuning)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -189,19 +212,24 @@ def _compile(launches: list[dict], arch: int) -> list[dict]:
     rows = []
     for ln in sorted(launches, key=lambda r: (r["kernel"], json.dumps(r["constexprs"], sort_keys=True))):
         kernel = getattr(importlib.import_module(ln["module"]), ln["kernel"])
+        if num_warps:
+            ln = dict(ln, options=dict(ln["options"], num_warps=num_warps))
         t0 = time.perf_counter()
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=ln["signature"], constexprs=ln["constexprs"]),
                                       target=target, options=dict(ln["options"]))
             shared = int(compiled.metadata.shared)
             status = "fits" if shared <= SMEM_LIMIT else "TOO BIG"
+            regs, stack = _resources(compiled)
         except Exception as e:
-            shared, status = -1, f"compile error: {type(e).__name__}: {str(e)[:160]}"
+            shared, regs, stack, status = -1, None, None, f"compile error: {type(e).__name__}: {str(e)[:160]}"
         types = sorted({t for t in ln["signature"].values() if t.startswith("*")})
         shown = {k: v for k, v in ln["constexprs"].items() if v is not None}
         rows.append(dict(kernel=ln["kernel"], constexprs=shown, pointer_types=types, options=ln["options"],
-                         shared=shared, status=status, seconds=round(time.perf_counter() - t0, 1)))
-        print(f"{status:8} {shared:8d} B  {ln['kernel']}  {shown}  {ln['options']}  {types}", flush=True)
+                         shared=shared, registers=regs, stack=stack, status=status,
+                         seconds=round(time.perf_counter() - t0, 1)))
+        print(f"{status:8} {shared:8d} B  regs {regs} stack {stack}  {ln['kernel']}  {shown}  {ln['options']}  {types}",
+              flush=True)
     return rows
 
 
@@ -210,12 +238,14 @@ def main() -> int:
     parser.add_argument("--ops", nargs="*", default=None, help="bench ops to run (default: all)")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability to compile for")
     parser.add_argument("--json", default=None, help="write the table as JSON here")
+    parser.add_argument("--num-warps", type=int, default=None,
+                        help="compile every launch with this many warps instead of its own (a what-if)")
     parser.add_argument("--compile-from", default=None, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.compile_from:
         with open(args.compile_from) as f:
             launches = json.load(f)
-        rows = _compile(launches, args.arch)
+        rows = _compile(launches, args.arch, args.num_warps)
         with open(args.compile_from + ".out", "w") as f:
             json.dump(rows, f)
         return 0
@@ -227,8 +257,10 @@ def main() -> int:
         with open(path, "w") as f:
             json.dump(launches, f)
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LATENTFAST_BACKEND")}
-        subprocess.run([sys.executable, __file__, "--compile-from", path, "--arch", str(args.arch)], env=env,
-                       check=True)
+        child = [sys.executable, __file__, "--compile-from", path, "--arch", str(args.arch)]
+        if args.num_warps:
+            child += ["--num-warps", str(args.num_warps)]
+        subprocess.run(child, env=env, check=True)
         with open(path + ".out") as f:
             rows = json.load(f)
     if args.json:

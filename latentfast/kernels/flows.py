@@ -221,8 +221,10 @@ def actnorm_invconv_fwd(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor | Non
     y = torch.empty((n, co, hh, ww), dtype=x.dtype, device=x.device)
     part = torch.zeros(grid, dtype=x.dtype, device=x.device)
     hc = h.contiguous() if mode else x  # unused pointer when mode == 0
+    # 8 warps: with 4 the sm_90 build needs all 255 registers and spills 360-936 bytes a thread
+    # (scripts/triton_smem.py); with 8, 142-192 registers and no spill (float64 at 64 channels: 88 bytes)
     _actnorm_invconv_fwd_kernel[grid](x, weight, bias, hc, y, part, ci, co, p, MODE=mode,
-                                      BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=block_p)
+                                      BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=8)
     return y, part.sum(dim=(1, 2))
 
 
@@ -243,7 +245,7 @@ def actnorm_invconv_bwd(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, weight: 
         grid = (n, triton.cdiv(p, block_p), triton.cdiv(co // 2, block_c))
         _coupling_grad_kernel[grid](grad_y, grad_logdet.contiguous(), x, weight, bias, h, gz, gh,
                                     ci, co, p, MODE=mode, BLOCK_C=block_c, BLOCK_K=block_k,
-                                    BLOCK_P=block_p)
+                                    BLOCK_P=block_p, num_warps=8)  # (as above: 4 warps spill)
     gx, _ = actnorm_invconv_fwd(gz, weight.t(), torch.zeros_like(weight[0]), None, 0)
     gz3, x3 = gz.view(n, co, p), x.view(n, ci, p)
     gw = torch.bmm(gz3, x3.transpose(1, 2)).sum(0)

@@ -26,11 +26,14 @@ PERSISTENT = True  # False: the per-step path (GEMM + gate kernel per step), kep
 
 
 def _persistent_blocks(b: int, h: int) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps); tl.dot needs every tile side >= 16."""
+    """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps); tl.dot needs every tile side >= 16. 8 warps:
+    with 4 the sm_90 builds of the forward kernels need all 255 registers and spill 224-568
+    bytes a thread (scripts/triton_smem.py); with 8 the GRU's use 188 (float32) and the
+    LSTM's spill 16-88 bytes."""
     block_b = 16 if b <= 512 else 32
     block_n = max(16, min(64, triton.next_power_of_2(h)))
     block_k = max(16, min(32, triton.next_power_of_2(h)))
-    return block_b, block_n, block_k, 4
+    return block_b, block_n, block_k, 8
 
 
 @triton.jit

@@ -333,7 +333,9 @@ def _blocks(d: int, h: int, itemsize: int = 4) -> tuple[int, int, int, int, int]
     block_h = max(16, min(block_h, triton.next_power_of_2(h)))
     if triton_interpret():
         block_b = 16
-    return block_b, block_d, block_h, 4 if block_d <= 64 else 8, stages
+    # 8 warps everywhere: at d = 32 with 4 the sm_90 builds need all 255 registers and spill
+    # 480-1176 bytes a thread, with 8 16-200 bytes (scripts/triton_smem.py --num-warps)
+    return block_b, block_d, block_h, 8, stages
 
 
 _SMEM_WARNED: set = set()
