@@ -526,10 +526,15 @@ def vector_flow_inv_grad(grad_x: Tensor, grad_logdet: Tensor, xs: Tensor, out: T
     u = torch.full_like(grad_x, float("nan"))
     if B == 0:
         return u
-    bb, bd, _, nw, _ = _blocks(D, H, xs.element_size())
+    _, bd, _, nw, _ = _blocks(D, H, xs.element_size())
     bhf = max(16, triton.next_power_of_2(H))
-    if bhf > 256 and not triton_interpret():
-        bb, nw = 16, 8
+    # Rows per program from a register budget of about 24K values (six [rows, BLOCK_D] tiles
+    # and two [rows, BLOCK_HF] ones; no tl.dot here, so fewer than 16 rows are fine): 32 at the
+    # IAF shape (124 registers), 4 at d = 512, H = 1024 (146 registers in float32, 228 in
+    # float64, no spill; 16 rows spilled 616 / 3144 bytes a thread; scripts/triton_smem.py)
+    bb = max(4, min(32, 1 << ((24576 // (6 * bd + 2 * bhf)).bit_length() - 1)))
+    if triton_interpret():
+        bb = min(bb, 16)
     if not _launch(_vector_flow_inv_grad_kernel, (triton.cdiv(B, bb),),
                    grad_x, grad_logdet, xs, out, ctx if ctx is not None else xs, w1.transpose(1, 2).contiguous(), b1,
                    w2, act, order, count, u, B, D, H, K, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb,
