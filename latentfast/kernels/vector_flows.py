@@ -171,6 +171,75 @@ def _col(t, cols, j):
 
 
 @triton.jit
+def _seq_inv_step(y, k, rows, cols, rm, cm, hf, hfm, act, ctx_ptr, w1t_ptr, b1_ptr, w2_ptr, b2_ptr, order_ptr,
+                  count_ptr, B, D, H, HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_HF: tl.constexpr):
+    """One step's inverse in dependency order (plan from _inverse_plan): the pre-activations of
+    the known (act = 0) inputs, then per dimension j of the order its outputs from the whole
+    hidden layer in registers, x_j, and x_j folded into the pre-activations. Rank-1 updates
+    throughout (no [BLOCK_D, H] tile of W1). Returns (x, the step's log-det per row)."""
+    O = D if ADDITIVE else 2 * D
+    x = tl.where(act > 0, 0.0, y)
+    a = tl.zeros([BLOCK_B, BLOCK_HF], y.dtype) + tl.load(b1_ptr + k * H + hf, mask=hfm, other=0.0)[None, :]
+    if HAS_CTX:
+        a += tl.load(ctx_ptr + (k * B + rows[:, None]) * H + hf[None, :], mask=rm[:, None] & hfm[None, :], other=0.0)
+    n_act = tl.load(count_ptr + k)
+    for idx in range(n_act, D):  # the known inputs, listed after the order
+        i = tl.load(order_ptr + k * D + idx)
+        a += _col(y, cols, i)[:, None] * tl.load(w1t_ptr + (k * D + i) * H + hf, mask=hfm, other=0.0)[None, :]
+    s_all = tl.zeros([BLOCK_B, BLOCK_D], y.dtype)
+    for idx in range(0, n_act):
+        j = tl.load(order_ptr + k * D + idx)
+        g = tl.maximum(a, 0.0)
+        wm = tl.load(w2_ptr + (k * O + j) * H + hf, mask=hfm, other=0.0)
+        mj = tl.sum(g * wm[None, :], axis=1) + tl.load(b2_ptr + k * O + j)
+        yj = _col(y, cols, j)
+        if ADDITIVE:
+            xj = yj - mj
+        else:
+            ws = tl.load(w2_ptr + (k * O + D + j) * H + hf, mask=hfm, other=0.0)
+            sj = tl.sum(g * ws[None, :], axis=1) + tl.load(b2_ptr + k * O + D + j)
+            sig, _ = _sig_logsig(sj)
+            xj = (yj - (1.0 - sig) * mj) / sig
+            s_all = tl.where(cols[None, :] == j, sj[:, None], s_all)
+        xj = tl.where(xj == xj, tl.minimum(tl.maximum(xj, -1e15), 1e15), 0.0)  # as the sweeps clamp
+        x = tl.where(cols[None, :] == j, xj[:, None], x)
+        a += xj[:, None] * tl.load(w1t_ptr + (k * D + j) * H + hf, mask=hfm, other=0.0)[None, :]
+    ld = tl.zeros([BLOCK_B], y.dtype)
+    if not ADDITIVE:
+        _, logsig = _sig_logsig(s_all)
+        ld = tl.sum(act * logsig, axis=1)
+    return x, ld
+
+
+@triton.jit
+def _vector_flow_seq_inv_kernel(y_ptr, ctx_ptr, b1_ptr, w2_ptr, b2_ptr, act_ptr, x_ptr, ld_ptr, w1t_ptr, order_ptr,
+                                count_ptr, B, D, H, K, HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr,
+                                BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HF: tl.constexpr):
+    """The inverse when every step has a plan: _seq_inv_step for each, no tl.dot anywhere, so a
+    program may hold fewer than 16 rows (its rows come from a register budget)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_D)
+    rm = rows < B
+    cm = cols < D
+    m2 = rm[:, None] & cm[None, :]
+    off = rows[:, None] * D + cols[None, :]
+    y = tl.load(y_ptr + off, mask=m2, other=0.0)
+    ld = tl.zeros([BLOCK_B], y.dtype)
+    hf = tl.arange(0, BLOCK_HF)
+    hfm = hf < H
+    for kk in range(K):
+        k = K - 1 - kk
+        act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
+        x, ld_k = _seq_inv_step(y, k, rows, cols, rm, cm, hf, hfm, act, ctx_ptr, w1t_ptr, b1_ptr, w2_ptr, b2_ptr,
+                                order_ptr, count_ptr, B, D, H, HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_HF)
+        ld += ld_k
+        y = x
+    tl.store(x_ptr + off, y, mask=m2)
+    tl.store(ld_ptr + rows, ld, mask=rm)
+
+
+@triton.jit
 def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_ptr, x_ptr, ld_ptr, w1t_ptr,
                             order_ptr, count_ptr, plan_ptr, B, D, H, K, n_passes, HAS_CTX: tl.constexpr,
                             ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -183,47 +252,15 @@ def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_
     off = rows[:, None] * D + cols[None, :]
     y = tl.load(y_ptr + off, mask=m2, other=0.0)
     ld = tl.zeros([BLOCK_B], y.dtype)
-    O = D if ADDITIVE else 2 * D
     hf = tl.arange(0, BLOCK_HF)
     hfm = hf < H
     for kk in range(K):
         k = K - 1 - kk
         act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
         if tl.load(plan_ptr + k) != 0:
-            # One pass in dependency order (plan from _inverse_plan): the pre-activations of the
-            # known (act = 0) inputs, then per dimension j of the order its outputs from the
-            # whole hidden layer in registers, x_j, and x_j folded into the pre-activations.
-            # Rank-1 updates throughout (no [BLOCK_D, H] tile of W1: d = 512, H = 1024 fits).
-            x = tl.where(act > 0, 0.0, y)
-            a = tl.zeros([BLOCK_B, BLOCK_HF], y.dtype) + tl.load(b1_ptr + k * H + hf, mask=hfm, other=0.0)[None, :]
-            if HAS_CTX:
-                a += tl.load(ctx_ptr + (k * B + rows[:, None]) * H + hf[None, :], mask=rm[:, None] & hfm[None, :],
-                             other=0.0)
-            n_act = tl.load(count_ptr + k)
-            for idx in range(n_act, D):  # the known inputs, listed after the order
-                i = tl.load(order_ptr + k * D + idx)
-                a += _col(y, cols, i)[:, None] * tl.load(w1t_ptr + (k * D + i) * H + hf, mask=hfm, other=0.0)[None, :]
-            s_all = tl.zeros([BLOCK_B, BLOCK_D], y.dtype)
-            for idx in range(0, n_act):
-                j = tl.load(order_ptr + k * D + idx)
-                g = tl.maximum(a, 0.0)
-                wm = tl.load(w2_ptr + (k * O + j) * H + hf, mask=hfm, other=0.0)
-                mj = tl.sum(g * wm[None, :], axis=1) + tl.load(b2_ptr + k * O + j)
-                yj = _col(y, cols, j)
-                if ADDITIVE:
-                    xj = yj - mj
-                else:
-                    ws = tl.load(w2_ptr + (k * O + D + j) * H + hf, mask=hfm, other=0.0)
-                    sj = tl.sum(g * ws[None, :], axis=1) + tl.load(b2_ptr + k * O + D + j)
-                    sig, _ = _sig_logsig(sj)
-                    xj = (yj - (1.0 - sig) * mj) / sig
-                    s_all = tl.where(cols[None, :] == j, sj[:, None], s_all)
-                xj = tl.where(xj == xj, tl.minimum(tl.maximum(xj, -1e15), 1e15), 0.0)  # as the sweeps clamp
-                x = tl.where(cols[None, :] == j, xj[:, None], x)
-                a += xj[:, None] * tl.load(w1t_ptr + (k * D + j) * H + hf, mask=hfm, other=0.0)[None, :]
-            if not ADDITIVE:
-                _, logsig = _sig_logsig(s_all)
-                ld += tl.sum(act * logsig, axis=1)
+            x, ld_k = _seq_inv_step(y, k, rows, cols, rm, cm, hf, hfm, act, ctx_ptr, w1t_ptr, b1_ptr, w2_ptr, b2_ptr,
+                                    order_ptr, count_ptr, B, D, H, HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_HF)
+            ld += ld_k
         else:
             x = y
             for _ in range(n_passes):
@@ -336,6 +373,17 @@ def _blocks(d: int, h: int, itemsize: int = 4) -> tuple[int, int, int, int, int]
     # 8 warps everywhere: at d = 32 with 4 the sm_90 builds need all 255 registers and spill
     # 480-1176 bytes a thread, with 8 16-200 bytes (scripts/triton_smem.py --num-warps)
     return block_b, block_d, block_h, 8, stages
+
+
+def _rows_for_registers(block_d: int, block_hf: int) -> int:
+    """Rows per program of the one-pass kernels (no tl.dot, so fewer than 16 are fine), from a
+    register budget of about 24K values (six [rows, BLOCK_D] tiles and two [rows, BLOCK_HF]
+    ones) at 8 warps: 32 at the IAF shape (d = 32, H = 256), 4 at d = 512, H = 1024. For the
+    backward solve at d = 512, H = 1024: 16 rows spilled 616 (float32) / 3144 (float64) bytes
+    a thread in its sm_90 build, 4 rows none (146 / 228 registers; scripts/triton_smem.py).
+    Under the interpreter at most 16, as elsewhere."""
+    rows = max(4, min(32, 1 << ((24576 // (6 * block_d + 2 * block_hf)).bit_length() - 1)))
+    return min(rows, 16) if triton_interpret() else rows
 
 
 _SMEM_WARNED: set = set()
@@ -493,10 +541,17 @@ def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: T
         order, count, planned = plan
         w1t = w1.transpose(1, 2).contiguous()  # [K, D, H]: the rank-1 updates' rows
         bhf = max(16, triton.next_power_of_2(H))  # the whole hidden layer of a row block in registers
-        if bhf > 256 and not triton_interpret():
-            bb, nw = 16, 8
     if B == 0:
         return x, ld
+    if plan is not None and bool(planned.all()):  # every step in dependency order: no tl.dot, any rows per program
+        bb_seq = _rows_for_registers(bd, bhf)
+        if _launch(_vector_flow_seq_inv_kernel, (triton.cdiv(B, bb_seq),),
+                   y, ctx if ctx is not None else y, b1, w2, b2, act, x, ld, w1t, order, count, B, D, H, K,
+                   HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb_seq, BLOCK_D=bd, BLOCK_HF=bhf,
+                   num_warps=8):
+            return x, ld
+        x, ld = ref.vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes)
+        return x.contiguous(), ld.contiguous()
     if not _launch(_vector_flow_inv_kernel, (triton.cdiv(B, bb),),
                    y, ctx if ctx is not None else y, w1, b1, w2, b2, act, x, ld, w1t, order, count, planned, B, D, H,
                    K, n_passes, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh,
@@ -528,13 +583,7 @@ def vector_flow_inv_grad(grad_x: Tensor, grad_logdet: Tensor, xs: Tensor, out: T
         return u
     _, bd, _, nw, _ = _blocks(D, H, xs.element_size())
     bhf = max(16, triton.next_power_of_2(H))
-    # Rows per program from a register budget of about 24K values (six [rows, BLOCK_D] tiles
-    # and two [rows, BLOCK_HF] ones; no tl.dot here, so fewer than 16 rows are fine): 32 at the
-    # IAF shape (124 registers), 4 at d = 512, H = 1024 (146 registers in float32, 228 in
-    # float64, no spill; 16 rows spilled 616 / 3144 bytes a thread; scripts/triton_smem.py)
-    bb = max(4, min(32, 1 << ((24576 // (6 * bd + 2 * bhf)).bit_length() - 1)))
-    if triton_interpret():
-        bb = min(bb, 16)
+    bb = _rows_for_registers(bd, bhf)
     if not _launch(_vector_flow_inv_grad_kernel, (triton.cdiv(B, bb),),
                    grad_x, grad_logdet, xs, out, ctx if ctx is not None else xs, w1.transpose(1, 2).contiguous(), b1,
                    w2, act, order, count, u, B, D, H, K, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb,
