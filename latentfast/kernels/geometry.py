@@ -198,7 +198,9 @@ def curve_reduce(g: Tensor, grad_energy: Tensor | None, grad_length: Tensor | No
     gl = grad_length.to(g.dtype).contiguous() if grad_length is not None else energy
     block_t = max(2, min(32, triton.next_power_of_2(t1)))
     block_f = max(16, min(4096 // block_t, triton.next_power_of_2(f)))
+    # 8 warps: with 4 the sm_90 build with gradients needs all 255 registers and spills 224
+    # bytes a thread; with 8, 239 and none (scripts/triton_smem.py)
     _curve_reduce_kernel[(b,)](g, energy, length, ge, gl, gg if want else g, t1, f,
                                HAS_GE=grad_energy is not None, HAS_GL=grad_length is not None,
-                               WANT=want, BLOCK_T=block_t, BLOCK_F=block_f)
+                               WANT=want, BLOCK_T=block_t, BLOCK_F=block_f, num_warps=8)
     return energy, length, gg
