@@ -48,6 +48,17 @@ def _sig_logsig(s):
 
 
 @triton.jit
+def _row_block(B, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_B rows of a [B, D] row-major array: (rows, cols, row mask, column
+    mask, 2-D mask, 2-D offsets)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_D)
+    rm = rows < B
+    cm = cols < D
+    return rows, cols, rm, cm, rm[:, None] & cm[None, :], rows[:, None] * D + cols[None, :]
+
+
+@triton.jit
 def _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
                  HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_H: tl.constexpr):
@@ -83,12 +94,7 @@ def _vector_flow_fwd_kernel(x_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_
                             out_ptr, B, D, H, K, HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr,
                             SAVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
                             BLOCK_H: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_D)
-    rm = rows < B
-    cm = cols < D
-    m2 = rm[:, None] & cm[None, :]
-    off = rows[:, None] * D + cols[None, :]
+    rows, cols, rm, cm, m2, off = _row_block(B, D, BLOCK_B, BLOCK_D)
     x = tl.load(x_ptr + off, mask=m2, other=0.0)
     ld = tl.zeros([BLOCK_B], x.dtype)
     O = D if ADDITIVE else 2 * D
@@ -116,12 +122,7 @@ def _vector_flow_fwd_kernel(x_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_
 def _vector_flow_bwd_kernel(gy_ptr, gl_ptr, xs_ptr, out_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, act_ptr, gx_ptr,
                             ga_ptr, go_ptr, hid_ptr, B, D, H, K, HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_D)
-    rm = rows < B
-    cm = cols < D
-    m2 = rm[:, None] & cm[None, :]
-    off = rows[:, None] * D + cols[None, :]
+    rows, cols, rm, cm, m2, off = _row_block(B, D, BLOCK_B, BLOCK_D)
     g = tl.load(gy_ptr + off, mask=m2, other=0.0)
     gl = tl.load(gl_ptr + rows, mask=rm, other=0.0)[:, None]
     O = D if ADDITIVE else 2 * D
@@ -217,43 +218,41 @@ def _seq_inv_step(y, k, rows, cols, rm, cm, hf, hfm, act, ctx_ptr, w1t_ptr, b1_p
 
 
 @triton.jit
-def _vector_flow_seq_inv_kernel(y_ptr, ctx_ptr, b1_ptr, w2_ptr, b2_ptr, act_ptr, x_ptr, ld_ptr, w1t_ptr, order_ptr,
-                                count_ptr, B, D, H, K, HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr,
-                                BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HF: tl.constexpr):
-    """The inverse when every step has a plan: _seq_inv_step for each, no tl.dot anywhere, so a
-    program may hold fewer than 16 rows (its rows come from a register budget)."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_D)
-    rm = rows < B
-    cm = cols < D
-    m2 = rm[:, None] & cm[None, :]
-    off = rows[:, None] * D + cols[None, :]
-    y = tl.load(y_ptr + off, mask=m2, other=0.0)
+def _sweep_inv_step(y, k, act, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H, n_passes,
+                    HAS_CTX: tl.constexpr, ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_H: tl.constexpr):
+    """One step's inverse by n_passes fixed-point sweeps from x = y, then the forward log-det at
+    the recovered x (zeros when additive). Returns (x, the step's log-det per row)."""
+    x = y
+    for _ in range(n_passes):
+        om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
+                               HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)
+        if ADDITIVE:
+            x = y - act * om
+        else:
+            sig, _ = _sig_logsig(os_)
+            x = tl.where(act > 0, (y - (1.0 - sig) * om) / sig, y)
+        # clamp the garbage of the dimensions not yet fixed (reference.sanitize_sweep)
+        x = tl.where(x == x, tl.minimum(tl.maximum(x, -1e15), 1e15), 0.0)
     ld = tl.zeros([BLOCK_B], y.dtype)
-    hf = tl.arange(0, BLOCK_HF)
-    hfm = hf < H
-    for kk in range(K):
-        k = K - 1 - kk
-        act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
-        x, ld_k = _seq_inv_step(y, k, rows, cols, rm, cm, hf, hfm, act, ctx_ptr, w1t_ptr, b1_ptr, w2_ptr, b2_ptr,
-                                order_ptr, count_ptr, B, D, H, HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_HF)
-        ld += ld_k
-        y = x
-    tl.store(x_ptr + off, y, mask=m2)
-    tl.store(ld_ptr + rows, ld, mask=rm)
+    if not ADDITIVE:
+        om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
+                               HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)
+        _, logsig = _sig_logsig(os_)
+        ld = tl.sum(act * logsig, axis=1)
+    return x, ld
 
 
 @triton.jit
 def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_ptr, x_ptr, ld_ptr, w1t_ptr,
                             order_ptr, count_ptr, plan_ptr, B, D, H, K, n_passes, HAS_CTX: tl.constexpr,
-                            ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                            BLOCK_H: tl.constexpr, BLOCK_HF: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_D)
-    rm = rows < B
-    cm = cols < D
-    m2 = rm[:, None] & cm[None, :]
-    off = rows[:, None] * D + cols[None, :]
+                            ADDITIVE: tl.constexpr, SWEEPS: tl.constexpr, BLOCK_B: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HF: tl.constexpr):
+    """The inverse, steps in reverse: a step with a plan (plan_ptr[k] != 0) in one pass
+    (_seq_inv_step), the others by sweeps (_sweep_inv_step). SWEEPS=False when every step has
+    a plan: the sweeps and their tl.dot are compiled out, so a program may hold fewer than 16
+    rows (its rows then come from a register budget, _rows_for_registers)."""
+    rows, cols, rm, cm, m2, off = _row_block(B, D, BLOCK_B, BLOCK_D)
     y = tl.load(y_ptr + off, mask=m2, other=0.0)
     ld = tl.zeros([BLOCK_B], y.dtype)
     hf = tl.arange(0, BLOCK_HF)
@@ -261,27 +260,18 @@ def _vector_flow_inv_kernel(y_ptr, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, act_
     for kk in range(K):
         k = K - 1 - kk
         act = tl.load(act_ptr + k * D + cols, mask=cm, other=0.0)[None, :]
-        if tl.load(plan_ptr + k) != 0:
+        if SWEEPS:
+            if tl.load(plan_ptr + k) != 0:
+                x, ld_k = _seq_inv_step(y, k, rows, cols, rm, cm, hf, hfm, act, ctx_ptr, w1t_ptr, b1_ptr, w2_ptr,
+                                        b2_ptr, order_ptr, count_ptr, B, D, H, HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D,
+                                        BLOCK_HF)
+            else:
+                x, ld_k = _sweep_inv_step(y, k, act, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B,
+                                          D, H, n_passes, HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)
+        else:
             x, ld_k = _seq_inv_step(y, k, rows, cols, rm, cm, hf, hfm, act, ctx_ptr, w1t_ptr, b1_ptr, w2_ptr, b2_ptr,
                                     order_ptr, count_ptr, B, D, H, HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_HF)
-            ld += ld_k
-        else:
-            x = y
-            for _ in range(n_passes):
-                om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
-                                       HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)
-                if ADDITIVE:
-                    x = y - act * om
-                else:
-                    sig, _ = _sig_logsig(os_)
-                    x = tl.where(act > 0, (y - (1.0 - sig) * om) / sig, y)
-                # clamp the garbage of the dimensions not yet fixed (reference.sanitize_sweep)
-                x = tl.where(x == x, tl.minimum(tl.maximum(x, -1e15), 1e15), 0.0)
-            if not ADDITIVE:
-                om, os_ = _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, B, D, H,
-                                       HAS_CTX, ADDITIVE, BLOCK_B, BLOCK_D, BLOCK_H)
-                _, logsig = _sig_logsig(os_)
-                ld += tl.sum(act * logsig, axis=1)
+        ld += ld_k
         y = x
     tl.store(x_ptr + off, y, mask=m2)
     tl.store(ld_ptr + rows, ld, mask=rm)
@@ -299,12 +289,7 @@ def _vector_flow_inv_grad_kernel(gx_ptr, gl_ptr, xs_ptr, out_ptr, ctx_ptr, w1t_p
     (v_m = c1 u, v_s = c2 u - gld gate: the log-det's share has N's dependency pattern); then
     the act = 0 dimensions (no row of N: u_i = a_i - t_i). The hidden layer of the row block is
     recomputed in registers from x by rank-1 updates; r lives there too."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_D)
-    rm = rows < B
-    cm = cols < D
-    m2 = rm[:, None] & cm[None, :]
-    off = rows[:, None] * D + cols[None, :]
+    rows, cols, rm, cm, m2, off = _row_block(B, D, BLOCK_B, BLOCK_D)
     u = tl.load(gx_ptr + off, mask=m2, other=0.0)
     gl = tl.load(gl_ptr + rows, mask=rm, other=0.0)
     O = D if ADDITIVE else 2 * D
@@ -539,7 +524,7 @@ def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: T
     bb, bd, bh, nw, ns = _blocks(D, H, y.element_size())
     plan = _inverse_plan(w1, w2, act, additive, n_passes) if os.environ.get("LATENTFAST_VF_SEQ_INV") != "0" else None
     if plan is None:
-        order = count = planned = torch.zeros(K, dtype=torch.int32, device=y.device)
+        order = count = planned = torch.zeros(K, dtype=torch.int32, device=y.device)  # (all sweeps)
         w1t, bhf = w1, 16
     else:
         order, count, planned = plan
@@ -547,19 +532,13 @@ def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: T
         bhf = max(16, triton.next_power_of_2(H))  # the whole hidden layer of a row block in registers
     if B == 0:
         return x, ld
-    if plan is not None and bool(planned.all()):  # every step in dependency order: no tl.dot, any rows per program
-        bb_seq = _rows_for_registers(bd, bhf)
-        if _launch(_vector_flow_seq_inv_kernel, (triton.cdiv(B, bb_seq),),
-                   y, ctx if ctx is not None else y, b1, w2, b2, act, x, ld, w1t, order, count, B, D, H, K,
-                   HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb_seq, BLOCK_D=bd, BLOCK_HF=bhf,
-                   num_warps=8):
-            return x, ld
-        x, ld = ref.vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes)
-        return x.contiguous(), ld.contiguous()
+    sweeps = plan is None or not bool(planned.all())
+    if not sweeps:  # every step in dependency order: no tl.dot, any number of rows per program
+        bb, nw, ns = _rows_for_registers(bd, bhf), 8, 1
     if not _launch(_vector_flow_inv_kernel, (triton.cdiv(B, bb),),
                    y, ctx if ctx is not None else y, w1, b1, w2, b2, act, x, ld, w1t, order, count, planned, B, D, H,
-                   K, n_passes, HAS_CTX=ctx is not None, ADDITIVE=additive, BLOCK_B=bb, BLOCK_D=bd, BLOCK_H=bh,
-                   BLOCK_HF=bhf, num_warps=nw, num_stages=ns):
+                   K, n_passes, HAS_CTX=ctx is not None, ADDITIVE=additive, SWEEPS=sweeps, BLOCK_B=bb, BLOCK_D=bd,
+                   BLOCK_H=bh, BLOCK_HF=bhf, num_warps=nw, num_stages=ns):
         x, ld = ref.vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes)
         return x.contiguous(), ld.contiguous()
     return x, ld

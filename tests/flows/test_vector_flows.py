@@ -947,7 +947,7 @@ def test_triton_wrappers_fall_back_when_a_kernel_does_not_fit(monkeypatch):
             return launch
 
     for name in ("_vector_flow_fwd_kernel", "_vector_flow_bwd_kernel", "_vector_flow_inv_kernel",
-                 "_vector_flow_seq_inv_kernel", "_vector_flow_inv_grad_kernel"):
+                 "_vector_flow_inv_grad_kernel"):
         monkeypatch.setattr(tk, name, TooBig())
     monkeypatch.setattr(tk, "_SMEM_WARNED", set())
     k, b, d, h = 2, 5, 4, 6
@@ -965,7 +965,7 @@ def test_triton_wrappers_fall_back_when_a_kernel_does_not_fit(monkeypatch):
     got = tk.vector_flow_bwd(gy, gl, xs, out, ctx, w1, b1, w2, act, False)  # warned once already: no second
     for a, e in zip(got, ref.vector_flow_stack_backward(gy, gl, xs, out, ctx, w1, b1, w2, act, False)):
         assert torch.equal(a, e)
-    for passes in (d, 2):  # every step planned (the one-pass kernel), or none (the sweeps kernel)
+    for passes in (d, 2):  # every step planned (the kernel built without sweeps), or none
         xi, li = tk.vector_flow_inv(y, ctx, w1, b1, w2, b2, act, False, passes)
         xr, lr = ref.vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, False, passes)
         assert torch.equal(xi, xr) and torch.equal(li, lr)
