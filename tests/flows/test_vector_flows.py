@@ -239,6 +239,24 @@ def _mixed_params(k, d, h, seed, additive):
     return torch.stack(w1s), b1, torch.stack(w2s), b2
 
 
+def _check_one_pass_inverse(xr, ldr, xs, lds, x0, l0, dtype):
+    """The one-pass inverse (x, logdet) against the same kernel's sweeps (xs, lds) and the float64
+    reference (x0, l0). float32: these random stacks amplify rounding (the sweeps too are up to
+    3e-3 off the float64 reference here), so a row's error swings with the summation order:
+    within 5x the sweeps' (the C++ lane kernel on the baseline clone: 3.8x on row 24; over 60
+    random stacks of this kind its errors are distributed as the 4-row kernel's before it,
+    median 0.9-1.2e-4 relative, on every clone)."""
+    if dtype == torch.float64:
+        assert_close(xr, x0, msg="x vs reference inverse")
+        assert_close(ldr, l0, msg="logdet vs reference inverse")
+        assert_close(xr, xs, msg="x vs the sweeps")
+        assert_close(ldr, lds, msg="logdet vs the sweeps")
+        return
+    for name, got, sweeps, want in (("x", xr, xs, x0), ("logdet", ldr, lds, l0)):
+        err, err_sweeps = ((t.double() - want).abs().max().item() for t in (got, sweeps))
+        assert err <= 5 * err_sweeps + 1e-5, (name, err, err_sweeps)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("additive", [False, True])
 @pytest.mark.parametrize("b,tile_rows", [(3, None), (37, None), (37, "5")])
@@ -264,20 +282,7 @@ def test_cpp_inverse_by_dependency_order(monkeypatch, dtype, additive, b, tile_r
     monkeypatch.setenv("LATENTFAST_VF_SEQ_INV", "0")
     xs, lds = cpp.vector_flow_inv(y, ctx, w1, b1, w2, b2, act, additive, d)
     x0, l0 = ref.vector_flow_stack_inverse(*(t.double() for t in (y, ctx, w1, b1, w2, b2, act)), additive, d)
-    if dtype == torch.float64:
-        assert_close(xr, x0, msg="x vs reference inverse")
-        assert_close(ldr, l0, msg="logdet vs reference inverse")
-        assert_close(xr, xs, msg="x vs the sweeps")
-        assert_close(ldr, lds, msg="logdet vs the sweeps")
-    else:
-        # These random stacks amplify float32 rounding (the sweeps too are up to 3e-3 off the
-        # float64 reference here), so a row's error swings with the summation order: within 5x
-        # the sweeps' (the lane kernel on the baseline clone: 3.8x on row 24; over 60 random
-        # stacks of this kind its errors are distributed as the 4-row kernel's before it,
-        # median 0.9-1.2e-4 relative, on every clone).
-        for name, got, sweeps, want in (("x", xr, xs, x0), ("logdet", ldr, lds, l0)):
-            err, err_sweeps = ((t.double() - want).abs().max().item() for t in (got, sweeps))
-            assert err <= 5 * err_sweeps + 1e-5, (name, err, err_sweeps)
+    _check_one_pass_inverse(xr, ldr, xs, lds, x0, l0, dtype)
     assert_close(xr, x, scale=100 if dtype == torch.float64 else 1000, msg="inverse(forward(x))")
     assert_close(ldr, ld, scale=100 if dtype == torch.float64 else 1000, msg="inverse logdet vs forward logdet")
 
@@ -359,15 +364,7 @@ def test_triton_inverse_by_dependency_order(monkeypatch, dtype, additive, b):
         monkeypatch.setenv("LATENTFAST_VF_SEQ_INV", "0")
         xs, lds = tk.vector_flow_inv(y, ctx, w1, b1, w2, b2, act, additive, passes)
         x0, l0 = ref.vector_flow_stack_inverse(*(t.double() for t in (y, ctx, w1, b1, w2, b2, act)), additive, passes)
-        if dtype == torch.float64:
-            assert_close(xr, x0, msg="x vs reference inverse")
-            assert_close(ldr, l0, msg="logdet vs reference inverse")
-            assert_close(xr, xs, msg="x vs the sweeps")
-            assert_close(ldr, lds, msg="logdet vs the sweeps")
-        else:  # float32 rounding, amplified by these random stacks: within 5x the sweeps' error (as for C++)
-            for name, got, sweeps, want in (("x", xr, xs, x0), ("logdet", ldr, lds, l0)):
-                err, err_sweeps = ((t.double() - want).abs().max().item() for t in (got, sweeps))
-                assert err <= 5 * err_sweeps + 1e-5, (name, err, err_sweeps)
+        _check_one_pass_inverse(xr, ldr, xs, lds, x0, l0, dtype)
         if passes == d:
             assert_close(xr, x, dtype=dtype, scale=100 if dtype == torch.float64 else 1000, msg="inverse(forward(x))")
             assert_close(ldr, ld, dtype=dtype, scale=100 if dtype == torch.float64 else 1000, msg="logdet vs forward")
