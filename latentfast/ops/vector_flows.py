@@ -275,6 +275,11 @@ class _ImplicitInverse(torch.autograd.Function):
         additive = ctx.additive
         a = torch.zeros_like(x) if grad_x is None else grad_x
         gld = x.new_zeros(x.shape[0]) if grad_ld is None else grad_ld
+
+        def with_weight_grads(u, xs, out, kept=None):  # the stack's backward with cotangents (-u, gld)
+            _, gctx, *gw = _bwd(-u, gld, xs, out, c, w1, b1, w2, act, additive, kept)
+            return (u, (gctx if ctx.has_ctx else None), *gw, None, None, None)
+
         if ctx.saved_stack:
             # u = grad y by one transposed solve per step in dependency order (C++), then the
             # weight gradients as the stack's backward with cotangents (-u, grad_logdet): for
@@ -285,8 +290,7 @@ class _ImplicitInverse(torch.autograd.Function):
             u = torch.ops.latentfast_cpp.vector_flow_inv_grad(a, gld, xs, out, kept, w1, w2, act, additive,
                                                               ctx.n_passes)
             if u.dim() == 2:  # (a 1-D empty tensor: a step without a dependency order within n_passes levels)
-                _, gctx, *gw = _bwd(-u, gld, xs, out, c, w1, b1, w2, act, additive, kept)
-                return (u, (gctx if ctx.has_ctx else None), *gw, None, None, None)
+                return with_weight_grads(u, xs, out, kept)
         # The forward stack from x (truncated sweeps: the iterations linearise there on every
         # backend, not at the inverse's own intermediate values).
         _, _, xs, out, _ = _fwd_kept(x, c, w1, b1, w2, b2, act, additive, True, False)
@@ -295,8 +299,7 @@ class _ImplicitInverse(torch.autograd.Function):
             # n_passes levels), then the stack's backward kernel with cotangents (-u, grad_logdet)
             u = _triton().vector_flow_inv_grad(a, gld, xs, out, c, w1, b1, w2, act, additive, ctx.n_passes)
             if u is not None:
-                _, gctx, *gw = _bwd(-u, gld, xs, out, c, w1, b1, w2, act, additive)
-                return (u, (gctx if ctx.has_ctx else None), *gw, None, None, None)
+                return with_weight_grads(u, xs, out)
         zeros, d = torch.zeros_like(x), x.shape[1]
         gas, gos, hidden = [], [], []  # per step: grad of the pre-activation and of the MLP output
         for k in range(w1.shape[0]):
