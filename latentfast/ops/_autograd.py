@@ -14,12 +14,23 @@ of torch.func's transforms (vmap, grad, jacrev, jacfwd, hessian): their outputs 
 no tangent (silently zero directional derivatives) or fail. :func:`under_transform` tells
 the public functions when one of these sees their inputs; they then compute with the
 pure-PyTorch reference, which every transform handles. A registered op called directly
-(torch.ops.latentfast.*) has no such route: :func:`reject_tangents` makes its kernel raise
-when an input carries a forward-mode tangent instead of returning outputs without one.
+(torch.ops.latentfast.*) gets the same route one level down: :func:`route_transforms`
+puts a kernel in front of the op's autograd kernel that, when an input carries a tangent or
+is wrapped by a torch.func transform, runs the op's own Python body on the reference backend
+(pure PyTorch, so the transform sees every operation) and otherwise hands over to the
+autograd kernel that register_autograd made. Ops without a reference (the Lyapunov spectra,
+the saved-activation curve-energy pair) raise there instead. Under vmap each op calls itself
+once per item (its vmap rule: PyTorch's own per-item fallback cannot be generated for ops
+with Tensor[] arguments). :func:`reject_tangents`, first
+in every kernel, stays as the check below autograd.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+import inspect
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -102,18 +113,113 @@ def under_transform(*items: Any) -> bool:
     return False
 
 
+_routing: contextvars.ContextVar[bool] = contextvars.ContextVar("latentfast_transform_route", default=False)
+ROUTED: dict[str, bool] = {}  # "latentfast::name" -> True (reference route) / False (raises)
+
+
 def reject_tangents(op: str, *items: Any) -> None:
     """Raise when one of the given tensors (lists are searched) carries a forward-mode AD
     tangent (torch.autograd.forward_ad). Called first in every registered op's kernel: PyTorch
-    gives a custom op no forward-mode rule, so a direct call (torch.ops.latentfast.*) on dual
-    tensors that do not require grad would return outputs without a tangent, a silent zero
-    directional derivative. (The public functions never get here with tangents: they compute
-    with the reference then. Inside torch.func.jvp / jacfwd the kernel sees unwrapped tensors,
-    so a direct call there cannot be caught; the README says so.)"""
-    if getattr(fwad, "_current_level", -1) < 0:
+    gives a custom op no forward-mode rule, so a kernel reached with dual tensors would return
+    outputs without a tangent, a silent zero directional derivative. The transform route
+    (:func:`route_transforms`) normally takes such calls before they get here; this is the
+    check for anything that reaches the kernel below it (a dispatch that skips autograd, or a
+    PyTorch on which the route could not be installed)."""
+    if _routing.get() or getattr(fwad, "_current_level", -1) < 0:
         return
     if any(fwad.unpack_dual(t).tangent is not None for t in _tensors(items)):
         raise RuntimeError(
             f"latentfast::{op} has no forward-mode AD rule and would return no tangent: call the public "
             f"function (latentfast.ops.*), which computes with the pure-PyTorch reference under forward-mode AD "
             f"and torch.func transforms")
+
+
+@contextlib.contextmanager
+def _on_reference(backend) -> Iterator[None]:
+    """An op body's reference branch, for the transform route: the reference backend forced,
+    reject_tangents quiet."""
+    token = _routing.set(True)
+    try:
+        with backend.use_backend("reference"):
+            yield
+    finally:
+        _routing.reset(token)
+
+
+def _transformed(items) -> bool:
+    """A tensor among the op's arguments (as the op's autograd kernel sees them) is wrapped by
+    a torch.func transform (grad, jvp, jacrev, jacfwd: the wrapper of that level) or carries a
+    forward-mode tangent."""
+    fw = getattr(fwad, "_current_level", -1) >= 0
+    if not fw and not torch._C._are_functorch_transforms_active():  # the common case, cheaply
+        return False
+    tensors = _tensors(items)
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return True
+    return fw and any(fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def route_transforms(*opdefs: Any, reference: bool = True) -> None:
+    """Install the transform route (module docstring) in front of each custom op's autograd
+    kernel, and its per-item vmap rule. reference=True: the op's Python body runs on the
+    reference backend under a transform (its outputs are then differentiable PyTorch
+    expressions of its inputs); False: a clear RuntimeError there. The kernel it hands over
+    to is built from the same op definition (torch's make_autograd_impl), so the backward
+    and setup_context given to register_autograd apply, before or after this call. Recorded
+    in ROUTED; an op whose route cannot be installed on this PyTorch keeps only
+    reject_tangents (a test checks that every op is in ROUTED)."""
+    from latentfast import backend  # (backend imports nothing from the op layer; late to keep it so)
+
+    for opdef in opdefs:
+        qualname = f"{opdef._namespace}::{opdef._name}"
+        try:
+            from torch._library.autograd import make_autograd_impl
+            inner = make_autograd_impl(opdef._opoverload, opdef)
+            body = opdef._init_fn
+        except (ImportError, AttributeError, TypeError):  # pragma: no cover - other PyTorch internals
+            continue
+
+        def refuse(name=qualname):
+            raise RuntimeError(
+                f"{name} supports no forward-mode AD or torch.func transform (grad, jvp, jacrev, jacfwd): "
+                f"its kernels have no derivative rules and it has no reference formulation to fall back to; "
+                f"see the public function's documentation")
+
+        def kernel(keyset, *args, _inner=inner, _body=body, _refuse=refuse, **kwargs):
+            if torch.compiler.is_compiling() or not _transformed(args):
+                return _inner(keyset, *args, **kwargs)
+            if not reference:
+                _refuse()
+            with _on_reference(backend):
+                outs = _body(*args, **kwargs)
+            inputs = {id(t) for t in _tensors(args)}
+            if isinstance(outs, tuple):  # an op's outputs never alias its inputs
+                return tuple(o.clone() if id(o) in inputs else o for o in outs)
+            return outs.clone() if id(outs) in inputs else outs
+
+        def vmap_rule(info, in_dims, *args, _op=opdef._opoverload, **kwargs):
+            # one call of the op per item, as PyTorch's batching fallback does, which it cannot
+            # generate for ops with Tensor[] arguments
+            if info.batch_size == 0:
+                raise ValueError(f"{_op}: vmap over an empty dimension is not supported")
+
+            def item(a, dim, i):
+                if isinstance(a, (list, tuple)):
+                    return [item(u, du, i) for u, du in zip(a, dim if dim is not None else [None] * len(a))]
+                return a.select(dim, i) if dim is not None else a
+            outs = [_op(*(item(a, dim, i) for a, dim in zip(args, in_dims)), **kwargs)
+                    for i in range(info.batch_size)]
+            if isinstance(outs[0], (tuple, list)):
+                return tuple(torch.stack(o) for o in zip(*outs)), tuple(0 for _ in outs[0])
+            return torch.stack(outs), 0
+
+        params = inspect.signature(opdef._lib.impl).parameters
+        extra = {"allow_override": True} if "allow_override" in params else {}
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+                opdef._lib.impl(opdef._name, kernel, "Autograd", with_keyset=True, **extra)
+        except RuntimeError:  # pragma: no cover - a PyTorch that refuses a second Autograd kernel
+            continue
+        opdef.register_vmap(vmap_rule)
+        ROUTED[qualname] = reference

@@ -21,7 +21,7 @@ from torch import Tensor
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import reject_tangents, under_transform
+from latentfast.ops._autograd import reject_tangents, route_transforms, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import dynamics as ref
 
@@ -169,3 +169,7 @@ def lorenz_lyapunov_spectrum(system: str, x0: Tensor, k: int, n_steps: int, dt: 
     p = (sigma, rho, beta) if system == "lorenz63" else (forcing, 0.0, 0.0)
     return _lorenz_lyapunov(x0.contiguous(), q0, ref.LORENZ_SYSTEMS[system], float(p[0]), float(p[1]),
                             float(p[2]), float(dt), n_steps, qr_every, transient)
+
+
+# Direct calls (torch.ops.latentfast.*) under forward-mode AD / torch.func: ops/_autograd.py.
+route_transforms(_rnn_lyapunov, _lorenz_lyapunov, reference=False)

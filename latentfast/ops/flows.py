@@ -17,7 +17,7 @@ from torch import Tensor
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, under_transform
+from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, route_transforms, under_transform
 from latentfast.ops._checks import check_tensor
 from latentfast.reference import flows as ref
 
@@ -427,3 +427,8 @@ def lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_ab
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     w, w_inv = _call(_lu_weight, _SPEC_LU, perm, lower, upper, sign_s, log_abs_s)
     return w, w_inv, log_abs_s.sum()
+
+
+# Direct calls (torch.ops.latentfast.*) under forward-mode AD / torch.func: ops/_autograd.py.
+route_transforms(_actnorm_invconv, _actnorm_invconv_coupling, _actnorm_invconv_backward_op, _affine_coupling,
+                 _affine_coupling_inverse, _affine_coupling_backward_op, _lu_weight)

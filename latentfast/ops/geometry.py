@@ -27,7 +27,7 @@ from torch import Tensor
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, under_transform
+from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, route_transforms, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import geometry as ref
 
@@ -621,3 +621,8 @@ def curve_energy_and_grad(curves: Tensor, weights: list[Tensor], biases: list[Te
                                *_rbf_args(rbf_centres, rbf_lambda, rbf_weight), float(zeta),
                                curves.new_ones(curves.shape[0]), None)
     return e, ln, g
+
+
+# Direct calls (torch.ops.latentfast.*) under forward-mode AD / torch.func: ops/_autograd.py.
+route_transforms(_pullback_metric, _curve_energy, _curve_energy_backward)
+route_transforms(_curve_energy_train, _curve_energy_train_backward, reference=False)

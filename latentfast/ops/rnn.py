@@ -19,7 +19,7 @@ from torch import Tensor
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, under_transform
+from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, route_transforms, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import rnn as ref
 
@@ -291,3 +291,8 @@ def lstm_sequence(x: Tensor, hx: tuple[Tensor, Tensor] | None, weight_ih: Tensor
     h_n, c_n = (out[-1], cells[-1]) if out.shape[0] else (h0, c0)
     res = (out.transpose(0, 1) if batch_first else out), (h_n, c_n)
     return (*res, cells) if return_cells else res
+
+
+# Direct calls (torch.ops.latentfast.*) under forward-mode AD / torch.func: ops/_autograd.py.
+route_transforms(_gru_sequence, _gru_sequence_train, _gru_sequence_backward, _lstm_sequence, _lstm_sequence_train,
+                 _lstm_sequence_backward)

@@ -25,7 +25,8 @@ from torch import Tensor
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import functorch_active, graph_wanted, reference_vjp, reject_tangents, under_transform
+from latentfast.ops._autograd import (functorch_active, graph_wanted, reference_vjp, reject_tangents, route_transforms,
+                                       under_transform)
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import vector_flows as ref
 
@@ -449,3 +450,7 @@ def made_flow_step_inverse(y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Te
     which gives the same fixed point (see vector_flow_stack_inverse)."""
     return vector_flow_stack_inverse(y, w1[None], b1[None], w2[None], b2[None], None,
                                      None if ctx is None else ctx[None], n_passes=n_passes)
+
+
+# Direct calls (torch.ops.latentfast.*) under forward-mode AD / torch.func: ops/_autograd.py.
+route_transforms(_vector_flow_stack, _vector_flow_stack_train, _vector_flow_stack_backward, _vector_flow_stack_inverse)

@@ -16,9 +16,9 @@ from tests.conftest import assert_close, device_for
 from tests.ops.test_double_backward import CASES as _ALL_CASES
 from tests.ops.test_double_backward import D
 
-# The public functions; the registered custom ops called directly (torch.ops.latentfast.*)
-# are left out: PyTorch gives custom ops no forward-mode AD (see the README).
-CASES = {k: v for k, v in _ALL_CASES.items() if not k.endswith("_op")}
+# The public functions and test_double_backward's direct custom-op cases (every op called
+# directly: DIRECT below).
+CASES = _ALL_CASES
 
 
 def _case(name, backend):
@@ -114,47 +114,198 @@ def test_non_differentiable_ops_refuse_transforms():
         torch.func.jvp(lambda c: gops.curve_energy_and_grad(c, ws, bs, [0])[0], (curves,), (torch.ones_like(curves),))
 
 
-OP_CASES = [k for k in _ALL_CASES if k.endswith("_op")]
+def _direct_cases():
+    """Every registered op with a reference route, called directly: name -> (inputs, indices of
+    the inputs given tangents, the reference function with the op's outputs). Small float64
+    shapes; the backward ops get consistent saved activations from the reference forward."""
+    gen = torch.Generator().manual_seed(21)
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=D) * scale
+
+    from latentfast.reference import flows as fref
+    from latentfast.reference import geometry as gref
+    from latentfast.reference import rnn as rref
+    from latentfast.reference import vector_flows as vref
+
+    x, w, b, h = r(2, 4, 3, 2), torch.eye(4, dtype=D) + r(4, 4, scale=0.3), r(4, scale=0.1), r(2, 4, 3, 2)
+    xb, gy, gl = r(2, 2, 3, 2), r(2, 4, 3, 2), r(2)
+    c = 4
+    lu = (torch.eye(c, dtype=D)[torch.randperm(c, generator=gen)], r(c, c), r(c, c),
+          torch.tensor([1., -1, 1, 1], dtype=D), r(c, scale=0.3))
+    ws = [r(5, 2, scale=0.6), r(4, 5, scale=0.6), r(6, 4, scale=0.6)]
+    bs = [r(5, scale=0.1), r(4, scale=0.1), r(6, scale=0.1)]
+    rbf = (r(3, 2), 0.5 + torch.rand(3, generator=gen, dtype=D), torch.rand(6, 3, generator=gen, dtype=D))
+    geo = (ws, bs, [1, 3, 4], *rbf, 0.05)
+    z, curves, ge, gle = r(4, 2), r(2, 4, 2), r(2), r(2)
+    T, B, I, H = 3, 2, 2, 3
+    xs_rnn, h0, c0 = r(T, B, I), r(B, H, scale=0.5), r(B, H, scale=0.5)
+    gru_w = (r(3 * H, I, scale=0.5), r(3 * H, H, scale=0.5), r(3 * H, scale=0.1), r(3 * H, scale=0.1))
+    lstm_w = (r(4 * H, I, scale=0.5), r(4 * H, H, scale=0.5), r(4 * H, scale=0.1), r(4 * H, scale=0.1))
+    g_out, g_cells = r(T, B, H), r(T, B, H)
+    gru_out, gru_gates = rref.gru_sequence(xs_rnn, h0, *gru_w)
+    lstm_out, lstm_cells, lstm_gates = rref.lstm_sequence(xs_rnn, h0, c0, *lstm_w)
+    K, d, Hv = 2, 3, 4
+    mask1 = (torch.arange(Hv)[:, None] % (d - 1) + 1 >= torch.arange(d)[None, :] + 1).to(D)
+    mask2 = (torch.arange(d)[:, None] + 1 > torch.arange(Hv)[None, :] % (d - 1) + 1).to(D)
+    w1, b1 = r(K, Hv, d) * mask1, r(K, Hv, scale=0.1)
+    w2, b2 = r(K, 2 * d, Hv, scale=0.5) * torch.cat([mask2, mask2]), r(K, 2 * d, scale=0.1)
+    act, ctx, xv = torch.ones(K, d, dtype=D), r(K, 2, Hv, scale=0.3), r(2, d)
+    yv, _, xs_v, out_v = vref.vector_flow_stack(xv, ctx, w1, b1, w2, b2, act, False)
+    vf = (ctx, w1, b1, w2, b2, act, False)
+    return {
+        "actnorm_invconv": ((x, w, b), [0, 1, 2], lambda *a: (fref.actnorm_invconv(*a),)),
+        "actnorm_invconv_coupling": ((x, w, b, h, False), [0, 1, 3], fref.actnorm_invconv_coupling),
+        "actnorm_invconv_backward": ((gy, gl, x, w, b, h, 2), [0, 2, 3, 5], fref.actnorm_invconv_backward),
+        "affine_coupling": ((xb, h, False), [0, 1], fref.affine_coupling),
+        "affine_coupling_inverse": ((xb, h, False), [0, 1], fref.affine_coupling_inverse),
+        "affine_coupling_backward": ((xb, gl, xb * 0.5, h, False), [0, 2, 3], fref.affine_coupling_backward),
+        "lu_weight": (lu, [1, 2, 4], fref.lu_weight),
+        "pullback_metric": ((z, *geo), [0], lambda *a: (gref.pullback_metric(*a),)),
+        "curve_energy": ((curves, *geo), [0], gref.curve_energy),
+        "curve_energy_backward": ((ge, gle, curves, *geo), [0, 2], lambda *a: (gref.curve_energy_backward(*a),)),
+        "gru_sequence": ((xs_rnn, h0, *gru_w), [0, 1, 3], lambda *a: rref.gru_sequence(*a)[:1]),
+        "gru_sequence_train": ((xs_rnn, h0, *gru_w), [0, 2], rref.gru_sequence),
+        "gru_sequence_backward": ((g_out, xs_rnn, h0, *gru_w[:2], gru_out, gru_gates), [0, 2, 4, 5],
+                                  rref.gru_sequence_backward),
+        "lstm_sequence": ((xs_rnn, h0, c0, *lstm_w), [0, 2, 4], lambda *a: rref.lstm_sequence(*a)[:2]),
+        "lstm_sequence_train": ((xs_rnn, h0, c0, *lstm_w), [1, 3], rref.lstm_sequence),
+        "lstm_sequence_backward": ((g_out, g_cells, xs_rnn, h0, c0, *lstm_w[:2], lstm_out, lstm_cells, lstm_gates),
+                                   [0, 1, 3, 6, 8], rref.lstm_sequence_backward),
+        "vector_flow_stack": ((xv, *vf), [0, 1, 2, 4], lambda *a: vref.vector_flow_stack(*a)[:2]),
+        "vector_flow_stack_train": ((xv, *vf), [0, 4], vref.vector_flow_stack),
+        "vector_flow_stack_backward": ((r(2, d), r(2), xs_v, out_v, ctx, w1, b1, w2, act, False), [0, 1, 2, 3, 5],
+                                       vref.vector_flow_stack_backward),
+        "vector_flow_stack_inverse": ((yv, *vf, d), [0, 2, 5], vref.vector_flow_stack_inverse),
+    }
 
 
-@pytest.mark.parametrize("name", OP_CASES + ["direct_ops"])
-def test_registered_ops_called_directly_refuse_tangents(backend, name):
-    """A registered op called directly (torch.ops.latentfast.*) on dual tensors that do not
-    require grad raises instead of returning outputs without a tangent (a silent zero
-    directional derivative: PyTorch gives custom ops no forward-mode rule); with a dual level
-    open but no tangent on its inputs it runs as usual."""
+DIRECT = _direct_cases()
+
+
+def _direct(name, backend):
+    inputs, wanted, ref_fn = DIRECT[name]
     dev = device_for(backend)
-    if name == "direct_ops":
-        gen = torch.Generator().manual_seed(3)
-        x, h = torch.randn(2, 3, 3, 2, generator=gen, dtype=D), torch.randn(2, 6, 3, 2, generator=gen, dtype=D)
-        c = 4
-        lu = (torch.eye(c, dtype=D)[torch.randperm(c, generator=gen)], torch.randn(c, c, generator=gen, dtype=D).tril(-1),
-              torch.randn(c, c, generator=gen, dtype=D).triu(1), torch.ones(c, dtype=D),
-              torch.randn(c, generator=gen, dtype=D))
-        z, w = torch.randn(5, 2, generator=gen, dtype=D), torch.randn(3, 2, generator=gen, dtype=D)
-        bias = torch.zeros(3, dtype=D)
-        inputs = (x, h, *lu, z, w, bias)
-        wanted = [0, 5, 7]
 
-        def fast(x, h, perm, lower, upper, sign_s, log_abs_s, z, w, bias):
-            ops = torch.ops.latentfast
-            return (ops.affine_coupling(x, h, False)[0], ops.lu_weight(perm, lower, upper, sign_s, log_abs_s)[0],
-                    ops.pullback_metric(z, [w], [bias], [0], None, None, None, 0.0))
-        cases = [(inputs, [j], lambda *a, i=i: (fast(*a)[i],)) for i, j in enumerate(wanted)]
-    else:
-        inputs, (fast, _) = _ALL_CASES[name](torch.Generator().manual_seed(5))
-        wanted = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
-        cases = [(inputs, wanted, fast)]
-    for inputs, wanted, fn in cases:
-        inputs = tuple(t.detach().to(dev) if isinstance(t, torch.Tensor) else t for t in inputs)
-        want = [o.clone() for o in fn(*inputs)]
-        with fwad.dual_level():
-            got = fn(*inputs)  # no tangents: the kernel as usual
-            for a, b in zip(got, want):
-                assert_close(a, b, msg=f"{name}: no tangents under a dual level")
-            args = [fwad.make_dual(t, torch.ones_like(t)) if i in wanted else t for i, t in enumerate(inputs)]
-            with pytest.raises(RuntimeError, match="no forward-mode AD rule"):
-                fn(*args)
+    def mv(t):
+        if isinstance(t, list):
+            return [mv(u) for u in t]
+        return t.to(dev) if isinstance(t, torch.Tensor) else t
+    inputs = tuple(mv(t) for t in inputs)
+    op = getattr(torch.ops.latentfast, name)
+
+    def fast(*a):
+        out = op(*a)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    return inputs, wanted, fast, lambda *a: tuple(ref_fn(*a))
+
+
+def test_every_op_has_a_direct_case_or_refuses():
+    from latentfast.ops._autograd import ROUTED
+    registered = {n for n in dir(torch.ops.latentfast) if not n.startswith("_") and n != "name"}
+    assert {f"latentfast::{n}" for n in registered} == set(ROUTED), "an op without the transform route"
+    assert {n for n in registered if ROUTED[f"latentfast::{n}"]} == set(DIRECT)
+
+
+@pytest.mark.parametrize("name", list(DIRECT))
+def test_registered_ops_called_directly_under_forward_ad(backend, name):
+    """A registered op called directly (torch.ops.latentfast.*) on dual tensors gives the
+    reference's outputs and tangents (the transform route, ops/_autograd.py; before it, a
+    silent zero directional derivative under torch.func.jvp). With a dual level open and no
+    tangent on its inputs, the backend's kernel runs as usual."""
+    inputs, wanted, fast, slow = _direct(name, backend)
+    want = [o.clone() for o in fast(*inputs)]
+    gen = torch.Generator().manual_seed(4)
+    tangents = {i: torch.randn(inputs[i].shape, generator=gen, dtype=D).to(inputs[i].device) for i in wanted}
+    res = []
+    with fwad.dual_level():
+        for a, b in zip(fast(*inputs), want):
+            assert_close(a, b, msg=f"{name}: no tangents under a dual level")
+        for fn in (fast, slow):
+            args = [fwad.make_dual(t, tangents[i]) if i in tangents else t for i, t in enumerate(inputs)]
+            res.append([fwad.unpack_dual(o) for o in fn(*args)])
+    assert any(o.tangent is not None and o.tangent.abs().max() > 0 for o in res[1]), "the check needs a tangent"
+    for k, (a, b) in enumerate(zip(*res)):
+        assert_close(a.primal, b.primal, scale=10, msg=f"{name}: output {k}")
+        tb = torch.zeros_like(b.primal) if b.tangent is None else b.tangent
+        assert a.tangent is not None or tb.abs().max() == 0, f"{name}: output {k} lost its tangent"
+        if a.tangent is not None:
+            assert_close(a.tangent, tb, scale=10, msg=f"{name}: tangent of output {k}")
+
+
+@pytest.mark.parametrize("name", list(DIRECT))
+def test_registered_ops_called_directly_under_func_jvp_and_grad(backend, name):
+    inputs, wanted, fast, slow = _direct(name, backend)
+    i0 = wanted[0]
+    tangent = torch.randn(inputs[i0].shape, generator=torch.Generator().manual_seed(6), dtype=D).to(inputs[i0].device)
+
+    def along(fn):
+        return lambda t: fn(*inputs[:i0], t, *inputs[i0 + 1:])
+
+    jf = torch.func.jvp(along(fast), (inputs[i0],), (tangent,))[1]
+    js = torch.func.jvp(along(slow), (inputs[i0],), (tangent,))[1]
+    assert any(b.abs().max() > 0 for b in js), "the check needs a non-zero directional derivative"
+    for k, (a, b) in enumerate(zip(jf, js)):
+        assert_close(a, b, scale=10, msg=f"{name}: torch.func.jvp of output {k}")
+
+    def projected(fn):
+        def f(t):
+            gen = torch.Generator().manual_seed(13)
+            return sum((o * torch.randn(o.shape, generator=gen, dtype=D).to(o.device)).sum() for o in along(fn)(t))
+        return f
+
+    assert_close(torch.func.grad(projected(fast))(inputs[i0]), torch.func.grad(projected(slow))(inputs[i0]),
+                 scale=10, msg=f"{name}: torch.func.grad")
+
+
+@pytest.mark.parametrize("name", list(DIRECT))
+def test_registered_ops_called_directly_under_vmap(backend, name):
+    """vmap of a direct call: the op's vmap rule calls it once per item (PyTorch's own
+    fallback cannot be generated for the geometry ops' Tensor[] arguments)."""
+    inputs, wanted, fast, slow = _direct(name, backend)
+    i0 = wanted[0]
+    gen = torch.Generator().manual_seed(8)
+    batch = torch.stack([inputs[i0], inputs[i0] + 0.1 * torch.randn(inputs[i0].shape, generator=gen, dtype=D)
+                         .to(inputs[i0].device)])
+    got = torch.func.vmap(lambda t: fast(*inputs[:i0], t, *inputs[i0 + 1:]))(batch)
+    for j in range(2):
+        want = slow(*inputs[:i0], batch[j], *inputs[i0 + 1:])
+        for k, (a, b) in enumerate(zip(got, want)):
+            assert_close(a[j], b, scale=10, msg=f"{name}: vmap output {k}, item {j}")
+
+
+def test_ops_without_a_reference_route_raise_under_transforms():
+    """The Lyapunov ops and the saved-activation curve-energy pair have no reference
+    formulation for the route: called directly under a transform they raise, never return
+    outputs without tangents."""
+    from latentfast.reference import dynamics as dref
+    x0, q0 = torch.randn(2, 3, dtype=D), torch.linalg.qr(torch.randn(2, 3, 2, dtype=D))[0]
+    ops = torch.ops.latentfast
+    lorenz = lambda x: ops.lorenz_lyapunov(x, q0, 0, 10.0, 28.0, 8 / 3, 0.01, 5, 1, 0)[0]
+    with pytest.raises(RuntimeError, match="supports no forward-mode AD"):
+        torch.func.jvp(lorenz, (x0,), (torch.ones_like(x0),))
+    with fwad.dual_level(), pytest.raises(RuntimeError, match="supports no forward-mode AD"):
+        lorenz(fwad.make_dual(x0, torch.ones_like(x0)))
+    with pytest.raises(RuntimeError, match="supports no forward-mode AD"):
+        torch.func.grad(lambda x: lorenz(x).sum())(x0)
+    mat, bias = dref.rnn_tangent_matrices("gru", torch.randn(9, 3, dtype=D), torch.randn(9, 3, dtype=D),
+                                          torch.zeros(9, dtype=D), torch.zeros(9, dtype=D), None)
+    with pytest.raises(RuntimeError, match="supports no forward-mode AD"):
+        torch.func.jvp(lambda s: ops.rnn_lyapunov(s, q0, mat, bias, 1, 5, 1, 0, 0.0)[0], (x0,), (x0,))
+    curves, ws, bs = torch.randn(2, 4, 2, dtype=D), [torch.randn(3, 2, dtype=D)], [torch.zeros(3, dtype=D)]
+    with pytest.raises(RuntimeError, match="supports no forward-mode AD"):
+        torch.func.jvp(lambda c: ops.curve_energy_train(c, ws, bs, [1], None, None, None, 0.0)[0], (curves,),
+                       (curves,))
+
+
+def test_kernels_below_autograd_still_refuse_tangents():
+    """reject_tangents, first in every kernel, still catches dual tensors that reach a kernel
+    past the autograd key (here by dispatching below it)."""
+    x, h = torch.randn(2, 3, 3, 2, dtype=D), torch.randn(2, 6, 3, 2, dtype=D)
+    with fwad.dual_level():
+        dual = fwad.make_dual(x, torch.ones_like(x))
+        with torch._C._AutoDispatchBelowAutograd(), pytest.raises(RuntimeError, match="no forward-mode AD rule"):
+            torch.ops.latentfast.affine_coupling(dual, h, False)
 
 
 def test_every_registered_op_kernel_checks_for_tangents():
