@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -473,18 +474,20 @@ def _levels(dep: np.ndarray) -> np.ndarray | None:
     return lev
 
 
-def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes: int, min_levels: int = 2
-                  ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Per step, the order in which the one-pass inverse solves the dimensions it changes, or
-    none (sweeps): output j depends on input i when a hidden unit h has W1[h, i] != 0 and
-    W2[j, h] != 0 (or W2[d + j, h], affine); a step whose graph among its act dimensions has no
-    cycle and at most n_passes levels is solved exactly by its order, where n_passes sweeps reach
-    the same fixed point (the C++ kernel's rule, SeqPlan in csrc/flows/vector_flow_cpu.cpp, which
-    also leaves steps of fewer than min_levels levels, single-level couplings, to the sweeps;
-    the backward's solve takes those too, min_levels=1). Returns (order [K, D] int32: the act
-    dimensions by level, then the act = 0 ones; count [K] int32: how many act dimensions;
-    planned [K] int32) on the weights' device, or None when no step has a plan. Reads the
-    [K, D, D] pattern back to the host (one synchronisation per call)."""
+_step_levels_memo: list = []  # [(weakrefs of w1, w2, act; their versions; additive), result]: the last call's
+
+
+def _step_levels(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> list[tuple[np.ndarray, int, int]]:
+    """Per step, (the dimensions it changes sorted by dependency level, then those it leaves
+    alone; how many it changes; its number of levels, 0 for a cycle): the dependency graph of
+    _inverse_plan from the weights' zero pattern. Reads the [K, D, D] pattern back to the host
+    (one synchronisation), except when the same three tensors at the same versions asked last
+    (the differentiable inverse's forward and backward: one read-back per training step)."""
+    key = (additive, w1._version, w2._version, act._version)
+    if _step_levels_memo:
+        refs, k0, res = _step_levels_memo[0]
+        if k0 == key and all(r() is t for r, t in zip(refs, (w1, w2, act))):
+            return res
     k, h, d = w1.shape
     with torch.no_grad():
         nz1 = (w1 != 0).to(torch.float32)
@@ -495,17 +498,38 @@ def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes:
         changed = act > 0
         dep = (dep & changed[:, :, None] & changed[:, None, :]).cpu().numpy()
         changed = changed.cpu().numpy()
-    order = np.zeros((k, d), dtype=np.int32)
-    count = np.zeros(k, dtype=np.int32)
-    planned = np.zeros(k, dtype=np.int32)
+    res = []
     for i in range(k):
         dims = np.nonzero(changed[i])[0]
         lev = _levels(dep[i][np.ix_(dims, dims)])
-        n_levels = 0 if lev is None or len(dims) == 0 else lev.max() + 1
-        if lev is None or n_levels < min_levels or n_levels > n_passes:
+        n_levels = 0 if lev is None or len(dims) == 0 else int(lev.max()) + 1
+        order = dims if lev is None else dims[np.argsort(lev, kind="stable")]
+        res.append((np.concatenate([order, np.nonzero(~changed[i])[0]]).astype(np.int32), len(dims), n_levels))
+    _step_levels_memo[:] = [(tuple(weakref.ref(t) for t in (w1, w2, act)), key, res)]
+    return res
+
+
+def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes: int, min_levels: int = 2
+                  ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Per step, the order in which the one-pass inverse solves the dimensions it changes, or
+    none (sweeps): output j depends on input i when a hidden unit h has W1[h, i] != 0 and
+    W2[j, h] != 0 (or W2[d + j, h], affine); a step whose graph among its act dimensions has no
+    cycle and at most n_passes levels is solved exactly by its order, where n_passes sweeps reach
+    the same fixed point (the C++ kernel's rule, SeqPlan in csrc/flows/vector_flow_cpu.cpp, which
+    also leaves steps of fewer than min_levels levels, single-level couplings, to the sweeps;
+    the backward's solve takes those too, min_levels=1). Returns (order [K, D] int32: the act
+    dimensions by level, then the act = 0 ones; count [K] int32: how many act dimensions;
+    planned [K] int32) on the weights' device, or None when no step has a plan. The graph
+    comes from _step_levels (one host read-back, shared by consecutive calls on the same
+    weights)."""
+    k, _, d = w1.shape
+    order = np.zeros((k, d), dtype=np.int32)
+    count = np.zeros(k, dtype=np.int32)
+    planned = np.zeros(k, dtype=np.int32)
+    for i, (step_order, n_changed, n_levels) in enumerate(_step_levels(w1, w2, act, additive)):
+        if n_levels == 0 or n_levels < min_levels or n_levels > n_passes:
             continue
-        order[i] = np.concatenate([dims[np.argsort(lev, kind="stable")], np.nonzero(~changed[i])[0]])
-        count[i], planned[i] = len(dims), 1
+        order[i], count[i], planned[i] = step_order, n_changed, 1
     if not planned.any():
         return None
     dev = w1.device

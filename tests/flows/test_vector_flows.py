@@ -874,6 +874,42 @@ def test_triton_inverse_grad_matches_dense_solve(kind, additive, dtype, d):
     assert empty.shape == (0, d)
 
 
+@_NEEDS_TRITON
+def test_triton_training_step_reads_the_dependency_graph_back_once(monkeypatch):
+    """A differentiable inverse on the triton backend (forward: the one-pass inverse's plan,
+    backward: the solve's) takes the weights' dependency graph from one host read-back
+    (_step_levels' memo of the same tensors at the same versions); other tensors, or an
+    in-place change of a weight, read it again, and the plans follow the new zero pattern."""
+    from latentfast.kernels import vector_flows as tk
+    from latentfast.ops.vector_flows import vector_flow_stack_inverse
+
+    dev = device_for("triton")
+    k, d, h = 2, 5, 11
+    w1, b1, w2, b2 = (t.to(dev).requires_grad_() for t in _mixed_params(k, d, h, seed=61, additive=False))
+    act = torch.ones(k, d, dtype=torch.float64, device=dev)
+    y = torch.randn(4, d, generator=torch.Generator().manual_seed(62), dtype=torch.float64).to(dev)
+    reads = []
+    levels = tk._levels
+    monkeypatch.setattr(tk, "_levels", lambda dep: reads.append(1) or levels(dep))
+    tk._step_levels_memo.clear()
+    with latentfast.use_backend("triton"):
+        x, ld = vector_flow_stack_inverse(y, w1, b1, w2, b2, act, n_passes=d)
+        (x.sum() + ld.sum()).backward()
+        assert len(reads) == k, "forward and backward should share one read-back of the graph"
+        assert tk._inverse_plan(w1, w2, act, False, d)[2].tolist() == [1, 1] and len(reads) == k
+        w2_again = w2.detach() * 1  # another tensor with the same values, at version 0 like w2
+        dense = w1.detach() + (w1.detach() == 0).to(w1.dtype)  # the same version as w1 (0)
+        assert w1._version == dense._version == w2._version == w2_again._version == 0
+        with torch.no_grad():
+            w1[1].fill_(0.0)  # step 1 now has no dependencies: one level, so no plan at min_levels = 2
+        assert tk._inverse_plan(w1, w2, act, False, d)[2].tolist() == [1, 0]
+        assert len(reads) == 2 * k, "an in-place change of a weight must invalidate the memo"
+        assert tk._inverse_plan(w1, w2_again, act, False, d)[2].tolist() == [1, 0]
+        assert len(reads) == 3 * k, "another tensor, even with equal values, reads the graph again"
+        assert tk._inverse_plan(dense, w2_again, act, False, d) is None, "a dense first layer leaves no order"
+        assert len(reads) == 4 * k
+
+
 def test_inverse_gradients_without_an_order_iterate(backend):
     """With n_passes below a MADE step's level count the one-pass transposed solve (C++ or
     Triton) declines (the sweeps did not reach the exact inverse) and the backward iterates
