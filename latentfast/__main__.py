@@ -35,6 +35,11 @@ def info() -> None:
             except RuntimeError as exc:
                 chosen.append(f"{d.type}: unavailable ({exc})")
         print(f"  latentfast::{op:<26} " + ", ".join(chosen))
+    import latentfast.ops.vector_flows  # noqa: F401  (registers the vector-flow ops too)
+    from latentfast.ops._autograd import ROUTED
+    registered = [n for n in dir(torch.ops.latentfast) if not n.startswith("_") and n != "name"]
+    print(f"direct op calls under forward-mode AD / torch.func (ops/_autograd.py): route installed for "
+          f"{sum(f'latentfast::{n}' in ROUTED for n in registered)} of {len(registered)} ops")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 { nvidia-smi || true; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$OUT/device.txt"
+$PY -m latentfast info 2>&1 | tee -a "$OUT/device.txt"
 timeout 180 $PY scripts/gpu_ceilings.py "$OUT/ceilings.json" 2>&1 | tee "$OUT/ceilings.txt"
 timeout_flag=""
 $PY -c "import pytest_timeout" 2>/dev/null && timeout_flag="--timeout=150"

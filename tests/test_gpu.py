@@ -167,7 +167,18 @@ def test_double_backward_transforms_and_autocast_on_cuda(triton_cuda, name):
         tf_t.test_forward_ad_matches_reference(triton_cuda, name)
         tf_t.test_func_jvp_and_grad_match_reference(triton_cuda, name)
         tf_t.test_vmap_matches_reference(triton_cuda, name)
+    if name in amp_t.CASES:
         amp_t.test_autocast_upcasts_to_float32(triton_cuda, name)
+
+
+def test_registered_ops_called_directly_under_transforms_on_cuda(triton_cuda):
+    """The transform route of the custom ops (ops/_autograd.py) on this machine's PyTorch: every
+    op routed, then each op's direct call on CUDA under forward AD, jvp, grad and vmap."""
+    tf_t.test_every_op_has_a_direct_case_or_refuses()
+    for name in tf_t.DIRECT:
+        tf_t.test_registered_ops_called_directly_under_forward_ad(triton_cuda, name)
+        tf_t.test_registered_ops_called_directly_under_func_jvp_and_grad(triton_cuda, name)
+        tf_t.test_registered_ops_called_directly_under_vmap(triton_cuda, name)
 
 
 @pytest.mark.parametrize("cls", [rnn_models_t.GRU, rnn_models_t.LSTM])

@@ -336,3 +336,14 @@ def test_every_registered_op_kernel_checks_for_tangents():
     registered = {f"latentfast::{n}" for n in dir(torch.ops.latentfast) if not n.startswith("_") and n != "name"}
     assert set(found) == registered
     assert all(found.values()), [k for k, v in found.items() if not v]
+
+
+def test_info_reports_the_route(capsys):
+    """`python -m latentfast info` says for how many ops the route is installed (how a GPU
+    machine's PyTorch shows whether it took it)."""
+    import re
+
+    from latentfast.__main__ import info
+    info()
+    m = re.search(r"route installed for (\d+) of (\d+) ops", capsys.readouterr().out)
+    assert m and m.group(1) == m.group(2) and int(m.group(2)) >= 24
