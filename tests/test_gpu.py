@@ -145,6 +145,7 @@ def test_vector_flow_inverse_by_dependency_order_on_cuda(triton_cuda, monkeypatc
     for additive in (False, True):
         for b in (3, 37):
             vec_t.test_triton_inverse_by_dependency_order(monkeypatch, dtype, additive, b)
+            monkeypatch.delenv("LATENTFAST_VF_SEQ_INV")  # (that test ends with the sweeps forced)
         for kind in ("made", "made_random_order", "coupling"):
             for d in (5, 17):
                 vec_t.test_triton_inverse_grad_matches_dense_solve(kind, additive, dtype, d)

@@ -910,6 +910,28 @@ def test_triton_training_step_reads_the_dependency_graph_back_once(monkeypatch):
         assert len(reads) == 4 * k
 
 
+@pytest.mark.skipif(not interpreting(), reason="on CUDA the GPU row blocks are the default")
+@_NEEDS_TRITON
+def test_triton_kernels_with_the_gpu_row_blocks(monkeypatch):
+    """Under the interpreter the vector-flow kernels take at most 16 rows a program; on a GPU
+    _blocks and _rows_for_registers give 32 at small d. The same checks with the GPU's choice
+    (the kernels module told it is not interpreting): forward and backward, the one-pass and
+    swept inverse, and the backward solve, on batches that leave a partial row block."""
+    from latentfast.kernels import vector_flows as tk
+
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    assert tk._blocks(7, 19, 8)[0] == 32 and tk._rows_for_registers(16, 32) == 32
+    with latentfast.use_backend("triton"):
+        for shape in ((3, 7, 5, 17), (2, 45, 12, 40)):
+            for additive in (False, True):
+                test_stack_matches_reference("triton", shape, additive, torch.float64)
+    for additive in (False, True):
+        for b in (3, 37):
+            test_triton_inverse_by_dependency_order(monkeypatch, torch.float64, additive, b)
+            monkeypatch.delenv("LATENTFAST_VF_SEQ_INV")  # (that test ends with the sweeps forced)
+        test_triton_inverse_grad_matches_dense_solve("made_random_order", additive, torch.float32, 17)
+
+
 def test_inverse_gradients_without_an_order_iterate(backend):
     """With n_passes below a MADE step's level count the one-pass transposed solve (C++ or
     Triton) declines (the sweeps did not reach the exact inverse) and the backward iterates
