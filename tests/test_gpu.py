@@ -133,9 +133,13 @@ def test_rnn_gradients_and_lyapunov_on_cuda(triton_cuda):
     lyap_t.test_opcheck(triton_cuda)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 7, 5, 17), (2, 33, 12, 40), (8, 4096, 32, 256)])
+@pytest.mark.parametrize("dtype,shape", [(dt, sh) for dt in DTYPES for sh in ((1, 1, 1, 1), (3, 7, 5, 17), (2, 33, 12, 40))]
+                         + [(torch.float64, (8, 4096, 32, 256))])
 def test_vector_flow_stack_on_cuda(triton_cuda, shape, dtype):
+    # The bench shape in float64 only: in float32 the gradients there differ from the float32
+    # reference's on isolated rows in 11 of 80 random draws on the C++ backend too (2026-12-01;
+    # 8 steps x 4096 rows x 256 hidden units, consistent with rounding flipping ReLU units near
+    # zero), so a float32 comparison there tests the draw, not the kernel.
     for additive in (False, True):
         vec_t.test_stack_matches_reference(triton_cuda, shape, additive, dtype)
 
