@@ -36,10 +36,10 @@ def info() -> None:
                 chosen.append(f"{d.type}: unavailable ({exc})")
         print(f"  latentfast::{op:<26} " + ", ".join(chosen))
     import latentfast.ops.vector_flows  # noqa: F401  (registers the vector-flow ops too)
-    from latentfast.ops._autograd import ROUTED
-    registered = [n for n in dir(torch.ops.latentfast) if not n.startswith("_") and n != "name"]
+    from latentfast.ops._autograd import ROUTED, registered_ops
+    registered = registered_ops()
     print(f"direct op calls under forward-mode AD / torch.func (ops/_autograd.py): route installed for "
-          f"{sum(f'latentfast::{n}' in ROUTED for n in registered)} of {len(registered)} ops")
+          f"{sum(n in ROUTED for n in registered)} of {len(registered)} ops")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,11 @@ def _tensors(items) -> list[Tensor]:
     return out
 
 
+def _has_tangent(tensors: list[Tensor]) -> bool:
+    """A forward-mode tangent on one of the tensors (a dual level must be open)."""
+    return any(fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def graph_wanted(*items: Any) -> bool:
     """True inside a backward run with ``create_graph=True`` whose results need a graph: grad
     mode is on (autograd turns it on for a backward only then) and one of the given tensors
@@ -108,13 +113,16 @@ def under_transform(*items: Any) -> bool:
         return False
     if functorch_active():
         return True
-    if getattr(fwad, "_current_level", -1) >= 0:
-        return any(fwad.unpack_dual(t).tangent is not None for t in _tensors(items))
-    return False
+    return getattr(fwad, "_current_level", -1) >= 0 and _has_tangent(_tensors(items))
 
 
 _routing: contextvars.ContextVar[bool] = contextvars.ContextVar("latentfast_transform_route", default=False)
 ROUTED: dict[str, bool] = {}  # "latentfast::name" -> True (reference route) / False (raises)
+
+
+def registered_ops() -> list[str]:
+    """The custom ops registered in the latentfast:: namespace so far ("latentfast::name")."""
+    return [f"latentfast::{n}" for n in dir(torch.ops.latentfast) if not n.startswith("_") and n != "name"]
 
 
 def reject_tangents(op: str, *items: Any) -> None:
@@ -127,7 +135,7 @@ def reject_tangents(op: str, *items: Any) -> None:
     PyTorch on which the route could not be installed)."""
     if _routing.get() or getattr(fwad, "_current_level", -1) < 0:
         return
-    if any(fwad.unpack_dual(t).tangent is not None for t in _tensors(items)):
+    if _has_tangent(_tensors(items)):
         raise RuntimeError(
             f"latentfast::{op} has no forward-mode AD rule and would return no tangent: call the public "
             f"function (latentfast.ops.*), which computes with the pure-PyTorch reference under forward-mode AD "
@@ -156,7 +164,7 @@ def _transformed(items) -> bool:
     tensors = _tensors(items)
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return True
-    return fw and any(fwad.unpack_dual(t).tangent is not None for t in tensors)
+    return fw and _has_tangent(tensors)
 
 
 def route_transforms(*opdefs: Any, reference: bool = True) -> None:

@@ -35,9 +35,8 @@ def _tangents(inputs, wanted):
     return {i: torch.randn(inputs[i].shape, generator=gen, dtype=D).to(inputs[i].device) for i in wanted}
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_forward_ad_matches_reference(backend, name):
-    inputs, wanted, fast, slow = _case(name, backend)
+def _check_forward_ad(name, inputs, wanted, fast, slow):
+    """fast's outputs and tangents under torch.autograd.forward_ad against slow's."""
     tangents = _tangents(inputs, wanted)
     res = []
     for fn in (fast, slow):
@@ -53,51 +52,60 @@ def test_forward_ad_matches_reference(backend, name):
         assert_close(ta, tb, scale=10, msg=f"{name}: tangent of output {k}")
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_func_jvp_and_grad_match_reference(backend, name):
-    inputs, wanted, fast, slow = _case(name, backend)
+def _along(fn, inputs, i0):
+    """fn as a function of its input i0 alone, returning a tuple."""
+    return lambda t: tuple(fn(*inputs[:i0], t, *inputs[i0 + 1:]))
+
+
+def _check_jvp_and_grad(name, inputs, wanted, fast, slow):
+    """torch.func.jvp and torch.func.grad (of a random projection) of fast against slow, along
+    the first differentiated input."""
     i0 = wanted[0]
     tangent = _tangents(inputs, wanted)[i0]
-
-    def along(fn):
-        def f(t):
-            return fn(*inputs[:i0], t, *inputs[i0 + 1:])
-        return f
-
-    jf = torch.func.jvp(along(fast), (inputs[i0],), (tangent,))[1]
-    js = torch.func.jvp(along(slow), (inputs[i0],), (tangent,))[1]
+    jf = torch.func.jvp(_along(fast, inputs, i0), (inputs[i0],), (tangent,))[1]
+    js = torch.func.jvp(_along(slow, inputs, i0), (inputs[i0],), (tangent,))[1]
     assert any(b.abs().max() > 0 for b in js), "the check needs a non-zero directional derivative"
     for k, (a, b) in enumerate(zip(jf, js)):
         assert_close(a, b, scale=10, msg=f"{name}: jvp of output {k}")
 
     def projected(fn):
         def f(t):
-            outs = along(fn)(t)
             gen = torch.Generator().manual_seed(13)
-            return sum((o * torch.randn(o.shape, generator=gen, dtype=D).to(o.device)).sum() for o in outs)
+            return sum((o * torch.randn(o.shape, generator=gen, dtype=D).to(o.device)).sum()
+                       for o in _along(fn, inputs, i0)(t))
         return f
 
     assert_close(torch.func.grad(projected(fast))(inputs[i0]), torch.func.grad(projected(slow))(inputs[i0]),
                  scale=10, msg=f"{name}: torch.func.grad")
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_vmap_matches_reference(backend, name):
-    inputs, wanted, fast, slow = _case(name, backend)
+def _check_vmap(name, inputs, wanted, fast, slow):
+    """torch.func.vmap of fast over two values of the first differentiated input against slow
+    on each."""
     i0 = wanted[0]
     gen = torch.Generator().manual_seed(17)
     batch = torch.stack([inputs[i0], inputs[i0] + 0.1 * torch.randn(inputs[i0].shape, generator=gen, dtype=D)
                          .to(inputs[i0].device)])
-
-    def along(fn):
-        def f(t):
-            return tuple(fn(*inputs[:i0], t, *inputs[i0 + 1:]))
-        return f
-
-    got = torch.func.vmap(along(fast))(batch)
+    got = torch.func.vmap(_along(fast, inputs, i0))(batch)
     for k, o in enumerate(got):
         for j in range(2):
-            assert_close(o[j], along(slow)(batch[j])[k], scale=10, msg=f"{name}: vmap output {k}, item {j}")
+            assert_close(o[j], _along(slow, inputs, i0)(batch[j])[k], scale=10,
+                         msg=f"{name}: vmap output {k}, item {j}")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_ad_matches_reference(backend, name):
+    _check_forward_ad(name, *_case(name, backend))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_func_jvp_and_grad_match_reference(backend, name):
+    _check_jvp_and_grad(name, *_case(name, backend))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vmap_matches_reference(backend, name):
+    _check_vmap(name, *_case(name, backend))
 
 
 def test_non_differentiable_ops_refuse_transforms():
@@ -201,10 +209,10 @@ def _direct(name, backend):
 
 
 def test_every_op_has_a_direct_case_or_refuses():
-    from latentfast.ops._autograd import ROUTED
-    registered = {n for n in dir(torch.ops.latentfast) if not n.startswith("_") and n != "name"}
-    assert {f"latentfast::{n}" for n in registered} == set(ROUTED), "an op without the transform route"
-    assert {n for n in registered if ROUTED[f"latentfast::{n}"]} == set(DIRECT)
+    from latentfast.ops._autograd import ROUTED, registered_ops
+    registered = registered_ops()
+    assert set(registered) == set(ROUTED), "an op without the transform route"
+    assert {n.split("::")[1] for n in registered if ROUTED[n]} == set(DIRECT)
 
 
 @pytest.mark.parametrize("name", list(DIRECT))
@@ -215,63 +223,22 @@ def test_registered_ops_called_directly_under_forward_ad(backend, name):
     tangent on its inputs, the backend's kernel runs as usual."""
     inputs, wanted, fast, slow = _direct(name, backend)
     want = [o.clone() for o in fast(*inputs)]
-    gen = torch.Generator().manual_seed(4)
-    tangents = {i: torch.randn(inputs[i].shape, generator=gen, dtype=D).to(inputs[i].device) for i in wanted}
-    res = []
     with fwad.dual_level():
         for a, b in zip(fast(*inputs), want):
             assert_close(a, b, msg=f"{name}: no tangents under a dual level")
-        for fn in (fast, slow):
-            args = [fwad.make_dual(t, tangents[i]) if i in tangents else t for i, t in enumerate(inputs)]
-            res.append([fwad.unpack_dual(o) for o in fn(*args)])
-    assert any(o.tangent is not None and o.tangent.abs().max() > 0 for o in res[1]), "the check needs a tangent"
-    for k, (a, b) in enumerate(zip(*res)):
-        assert_close(a.primal, b.primal, scale=10, msg=f"{name}: output {k}")
-        tb = torch.zeros_like(b.primal) if b.tangent is None else b.tangent
-        assert a.tangent is not None or tb.abs().max() == 0, f"{name}: output {k} lost its tangent"
-        if a.tangent is not None:
-            assert_close(a.tangent, tb, scale=10, msg=f"{name}: tangent of output {k}")
+    _check_forward_ad(name, inputs, wanted, fast, slow)
 
 
 @pytest.mark.parametrize("name", list(DIRECT))
 def test_registered_ops_called_directly_under_func_jvp_and_grad(backend, name):
-    inputs, wanted, fast, slow = _direct(name, backend)
-    i0 = wanted[0]
-    tangent = torch.randn(inputs[i0].shape, generator=torch.Generator().manual_seed(6), dtype=D).to(inputs[i0].device)
-
-    def along(fn):
-        return lambda t: fn(*inputs[:i0], t, *inputs[i0 + 1:])
-
-    jf = torch.func.jvp(along(fast), (inputs[i0],), (tangent,))[1]
-    js = torch.func.jvp(along(slow), (inputs[i0],), (tangent,))[1]
-    assert any(b.abs().max() > 0 for b in js), "the check needs a non-zero directional derivative"
-    for k, (a, b) in enumerate(zip(jf, js)):
-        assert_close(a, b, scale=10, msg=f"{name}: torch.func.jvp of output {k}")
-
-    def projected(fn):
-        def f(t):
-            gen = torch.Generator().manual_seed(13)
-            return sum((o * torch.randn(o.shape, generator=gen, dtype=D).to(o.device)).sum() for o in along(fn)(t))
-        return f
-
-    assert_close(torch.func.grad(projected(fast))(inputs[i0]), torch.func.grad(projected(slow))(inputs[i0]),
-                 scale=10, msg=f"{name}: torch.func.grad")
+    _check_jvp_and_grad(name, *_direct(name, backend))
 
 
 @pytest.mark.parametrize("name", list(DIRECT))
 def test_registered_ops_called_directly_under_vmap(backend, name):
     """vmap of a direct call: the op's vmap rule calls it once per item (PyTorch's own
     fallback cannot be generated for the geometry ops' Tensor[] arguments)."""
-    inputs, wanted, fast, slow = _direct(name, backend)
-    i0 = wanted[0]
-    gen = torch.Generator().manual_seed(8)
-    batch = torch.stack([inputs[i0], inputs[i0] + 0.1 * torch.randn(inputs[i0].shape, generator=gen, dtype=D)
-                         .to(inputs[i0].device)])
-    got = torch.func.vmap(lambda t: fast(*inputs[:i0], t, *inputs[i0 + 1:]))(batch)
-    for j in range(2):
-        want = slow(*inputs[:i0], batch[j], *inputs[i0 + 1:])
-        for k, (a, b) in enumerate(zip(got, want)):
-            assert_close(a[j], b, scale=10, msg=f"{name}: vmap output {k}, item {j}")
+    _check_vmap(name, *_direct(name, backend))
 
 
 def test_ops_without_a_reference_route_raise_under_transforms():
@@ -333,8 +300,8 @@ def test_every_registered_op_kernel_checks_for_tangents():
                 call = first.value if isinstance(first, ast.Expr) else None
                 ok = isinstance(call, ast.Call) and getattr(call.func, "id", "") == "reject_tangents"
                 found[kernels[node.name]] = ok and call.args[0].value == kernels[node.name].split("::")[1]
-    registered = {f"latentfast::{n}" for n in dir(torch.ops.latentfast) if not n.startswith("_") and n != "name"}
-    assert set(found) == registered
+    from latentfast.ops._autograd import registered_ops
+    assert set(found) == set(registered_ops())
     assert all(found.values()), [k for k, v in found.items() if not v]
 
 
