@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="default: cuda when available, else cpu")
     b.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    b.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="timing budget per implementation and pass (default 3, 0.5 with --quick); at least "
+                        "15 interleaved rounds (5 with --quick) are timed whatever the budget")
     b.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
     b.add_argument("--merge-into", dest="merge_path",
                    help="also merge the rows into this results file (e.g. benchmarks/results/cpu.json): rows "
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
-        run_suite(args.ops, device, args.quick, args.json_path, args.merge_path)
+        if args.budget is not None and args.budget < 0:
+            parser.error("--budget must be >= 0")
+        run_suite(args.ops, device, args.quick, args.json_path, args.merge_path, budget_s=args.budget)
     elif args.cmd == "demo":
         kw = {} if args.epochs is None else {"epochs": args.epochs}
         if args.name == "geodesics":

@@ -78,3 +78,55 @@ def test_merge_rows_replaces_matching_rows_and_keeps_the_rest(tmp_path):
     assert "measured" not in data["rows"][0]
     with pytest.raises(ValueError, match="results for"):
         merge_rows(str(path), [row("a", "a1", "fwd", 0.5)], {**env, "device": "cuda: y"})
+
+
+def test_suite_json_keeps_the_finished_cases_when_a_run_is_cut_off(tmp_path, monkeypatch):
+    # the GPU check runs each group under a time limit: rows already timed must survive a
+    # run that is killed (here: a case that raises) before the table is printed
+    from types import SimpleNamespace
+
+    cases = [SimpleNamespace(op="op", name=f"case{i}") for i in range(3)]
+    monkeypatch.setattr(runner, "make_cases", lambda dev, quick: cases)
+
+    def fake_run_case(case, dev, quick, budget_s=None):
+        if case.name == "case2":
+            raise KeyboardInterrupt  # what a SIGINT from `timeout -s INT` looks like in Python
+        return [{"op": case.op, "case": case.name, "pass": "fwd", "eager_ms": 2.0, "compile_ms": None,
+                 "latentfast_ms": 1.0, "speedup_vs_eager": 2.0, "speedup_vs_compile": None, "max_rel_err": 0.0}]
+
+    monkeypatch.setattr(runner, "run_case", fake_run_case)
+    path = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_suite(["op"], "cpu", quick=True, json_path=str(path))
+    data = json.loads(path.read_text())
+    assert data["complete"] is False
+    assert [r["case"] for r in data["rows"]] == ["case0", "case1"]
+    assert data["device"].startswith("cpu")
+
+    monkeypatch.setattr(runner, "make_cases", lambda dev, quick: cases[:2])
+    runner.run_suite(["op"], "cpu", quick=True, json_path=str(path))
+    data = json.loads(path.read_text())
+    assert data["complete"] is True and len(data["rows"]) == 2
+
+
+def test_bench_budget_reaches_the_timer(monkeypatch):
+    from latentfast.__main__ import main
+    from latentfast.bench.cases import Case
+
+    seen: list[float] = []
+
+    def fake_timer(fns, device, min_reps, budget_s, max_rounds=200):
+        seen.append(budget_s)
+        return {name: 1.0 for name in fns}
+
+    monkeypatch.setattr(runner, "time_interleaved_ms", fake_timer)
+    x = torch.randn(3)
+    case = Case("op", "c", (x,), lambda t: (t * 2,), lambda t: (t + t,), (0,), 24, 3, compile=False)
+    monkeypatch.setattr(runner, "make_cases", lambda dev, quick: [case])
+    runner.run_suite(["op"], "cpu", quick=False)
+    runner.run_suite(["op"], "cpu", quick=True)
+    main(["bench", "--device", "cpu", "--ops", "op", "--budget", "0.25"])
+    assert seen == [3.0, 3.0, 0.5, 0.5, 0.25, 0.25]  # fwd and fwd+bwd per run
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cpu", "--ops", "op", "--budget", "-1"])
+

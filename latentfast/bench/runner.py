@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -96,11 +97,15 @@ def _peak_mb(fn, device) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
+def run_case(case: Case, device: torch.device, quick: bool, budget_s: float | None = None) -> list[dict]:
+    """The rows of one case (one per pass). budget_s: seconds of timing per implementation
+    and pass after the minimum number of rounds (default 3, or 0.5 when quick)."""
     compiled = torch.compile(case.eager) if case.compile else None
     with torch.no_grad():
         err = _max_rel_err(case.fast(*case.inputs), case.eager(*case.inputs))
     reps, budget = (5, 0.5) if quick else (15, 3.0)
+    if budget_s is not None:
+        budget = budget_s
     rows = []
     for pass_name in case.passes:
         if pass_name == "fwd":
@@ -200,7 +205,8 @@ def merge_rows(path: str, rows: list[dict], env: dict) -> tuple[int, int]:
 
 
 def run_suite(ops: list[str] | None = None, device: str = "cpu", quick: bool = False,
-              json_path: str | None = None, merge_path: str | None = None) -> list[dict]:
+              json_path: str | None = None, merge_path: str | None = None,
+              budget_s: float | None = None) -> list[dict]:
     """Run every case (or those whose op or case name is in `ops`) and print the table; write
     the rows to `json_path` (a new file) and/or merge them into `merge_path` (see merge_rows)."""
     dev = torch.device(device)
@@ -208,19 +214,29 @@ def run_suite(ops: list[str] | None = None, device: str = "cpu", quick: bool = F
     want_geodesics = not ops or bool({"geodesic", "geodesics_1000"} & set(ops))
     if not cases and not want_geodesics:
         raise ValueError(f"no benchmark case matches {ops}")
+    env = environment(dev)
     rows: list[dict] = []
+
+    def write_json(complete: bool) -> None:
+        # rewritten after every case, so a run cut off by a time limit keeps the rows it
+        # finished ("complete": false until the last case is in)
+        if json_path:
+            tmp = f"{json_path}.part"
+            with open(tmp, "w") as f:
+                json.dump({**env, "quick": quick, "complete": complete, "rows": rows}, f, indent=1)
+            os.replace(tmp, json_path)  # a kill mid-write leaves the previous file whole
+
     for case in tqdm(cases, desc=f"bench ({device})", unit="case"):
-        rows.extend(run_case(case, dev, quick))
+        rows.extend(run_case(case, dev, quick, budget_s))
+        write_json(False)
     if want_geodesics:
         from latentfast.bench.geodesics import run_geodesics
 
         rows.append(run_geodesics(quick=quick, device=dev))
-    env = environment(dev)
     print(f"device: {env['device']}  cpu: {env['cpu_model']}  torch {env['torch']}  triton {env['triton']}")
     print(format_table(rows))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({**env, "quick": quick, "rows": rows}, f, indent=1)
+        write_json(True)
         print(f"wrote {json_path}")
     if merge_path:
         if quick:
