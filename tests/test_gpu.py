@@ -15,6 +15,7 @@ from latentfast import backend as lf_backend
 from tests.flows import test_vector_flows as vec_t
 from tests.geometry import test_geometry_ops as geo_t
 from tests.ops import test_autocast as amp_t
+from tests.ops import test_checks as checks_t
 from tests.ops import test_double_backward as dbl_t
 from tests.ops import test_flows_ops as flow_t
 from tests.ops import test_transforms as tf_t
@@ -193,3 +194,56 @@ def test_rnn_modules_packed_and_unbatched_on_cuda(triton_cuda, cls):
             for with_states in (False, True):
                 rnn_models_t.test_packed_sequences_match_nn(triton_cuda, cls, batch_first, enforce_sorted, with_states)
     rnn_models_t.test_unbatched_input_and_nn_constructor(triton_cuda, cls)
+
+
+def test_public_ops_under_cuda_graph_capture(triton_cuda):
+    """The public ops captured in a CUDA graph: their value checks (finite inputs, the vector
+    flows' act in {0, 1}), which read a value back to the host, step aside while a graph is
+    captured (ops/_checks.py can_read_back); a replay on new values in the static inputs then
+    matches an eager call."""
+    from latentfast.ops import flows as flow_ops
+    from latentfast.ops import rnn as rnn_ops
+    from latentfast.ops import vector_flows as vf_ops
+
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(3)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).to(dev)
+
+    x, h = rnd(2, 6, 5, 3), rnd(2, 6, 5, 3)
+    w, b = torch.eye(6, device=dev) + rnd(6, 6, scale=0.1), rnd(6, scale=0.1)
+    k, d, hid, bsz = 2, 5, 8, 7
+    xv = rnd(bsz, d)
+    vf = (rnd(k, hid, d, scale=0.3), rnd(k, hid, scale=0.1), rnd(k, 2 * d, hid, scale=0.3), rnd(k, 2 * d, scale=0.1))
+    xs, h0 = rnd(4, 3, 2), rnd(3, 6, scale=0.5)
+    gru_w = (rnd(18, 2, scale=0.4), rnd(18, 6, scale=0.4), rnd(18, scale=0.1), rnd(18, scale=0.1))
+    lstm_w = (rnd(24, 2, scale=0.4), rnd(24, 6, scale=0.4), rnd(24, scale=0.1), rnd(24, scale=0.1))
+
+    def run():
+        return (*flow_ops.actnorm_invconv_coupling(x, w, b, h), *vf_ops.vector_flow_stack(xv, *vf),
+                *rnn_ops.gru_sequence(xs, h0, *gru_w), rnn_ops.lstm_sequence(xs, None, *lstm_w)[0])
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()  # warm-up (kernel compilation) off the capture, as torch.cuda.graph asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = run()
+        for t in (x, h, xv, xs, h0):
+            t.copy_(torch.randn(t.shape, generator=gen).to(dev))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = run()
+    assert len(captured) == len(want) == 7
+    for got, ref_out in zip(captured, want):
+        torch.testing.assert_close(got, ref_out)
+
+
+def test_check_finite_on_cuda():
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            checks_t.test_check_finite_catches_every_bad_value(dtype, bad, device="cuda")

@@ -38,6 +38,16 @@ def check_tensor(name: str, t: object, ndim: int | None = None, like: Tensor | N
     return t
 
 
+def can_read_back(t: Tensor) -> bool:
+    """Whether a value check may read `t` back to the host: not under torch.compile tracing,
+    not inside torch.func transforms (vmap cannot read a value back), and not while a CUDA
+    graph is being captured on the current stream (a read-back is not permitted there, and a
+    graph's replays run no Python anyway)."""
+    if torch.compiler.is_compiling() or functorch_active():
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def finite_checks_enabled() -> bool:
     """Whether modules check their inputs for NaN/Inf (LATENTFAST_CHECK_FINITE, default 1)."""
     return os.environ.get("LATENTFAST_CHECK_FINITE", "1") != "0"
@@ -45,9 +55,10 @@ def finite_checks_enabled() -> bool:
 
 def check_finite(name: str, t: Tensor) -> None:
     """Raise ValueError if `t` holds NaN or Inf. Skipped inside an already-checked model
-    (see checked_once), under torch.compile tracing, inside torch.func transforms (vmap cannot
-    read a value back), or with LATENTFAST_CHECK_FINITE=0."""
-    if torch.compiler.is_compiling() or _skip_finite.get() or not finite_checks_enabled() or functorch_active():
+    (see checked_once), where no value can be read back (can_read_back: torch.compile tracing,
+    torch.func transforms, CUDA graph capture), or with LATENTFAST_CHECK_FINITE=0. On a GPU
+    the check is one device-to-host read, so one synchronisation, per call."""
+    if not can_read_back(t) or _skip_finite.get() or not finite_checks_enabled():
         return
     if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
         return
@@ -57,7 +68,10 @@ def check_finite(name: str, t: Tensor) -> None:
         # one reduction pass, no [numel] bool temporary (about 20x faster than
         # isfinite(t).all() on CPU); aminmax propagates NaN to both results
         lo, hi = torch.aminmax(t)
-        finite = math.isfinite(lo.item()) and math.isfinite(hi.item())
+        if t.device.type == "cpu":
+            finite = math.isfinite(lo.item()) and math.isfinite(hi.item())
+        else:  # both in one device-to-host read
+            finite = all(math.isfinite(v) for v in torch.stack((lo, hi)).tolist())
     if not finite:
         raise ValueError(f"{name} contains NaN or Inf values")
 

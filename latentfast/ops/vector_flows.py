@@ -25,9 +25,8 @@ from torch import Tensor
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import (functorch_active, graph_wanted, reference_vjp, reject_tangents, route_transforms,
-                                       under_transform)
-from latentfast.ops._checks import check_finite, check_tensor
+from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, route_transforms, under_transform
+from latentfast.ops._checks import can_read_back, check_finite, check_tensor
 from latentfast.reference import vector_flows as ref
 
 
@@ -357,8 +356,8 @@ def _check_stack(name: str, x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tenso
     check_tensor("act", act, 2, like=x)
     if tuple(act.shape) != (k, d):
         raise ValueError(f"{name}: act must be [{k}, {d}], got {tuple(act.shape)}")
-    # (not while tracing, nor inside torch.func transforms: vmap cannot read a value back)
-    if not torch.compiler.is_compiling() and not functorch_active() and not bool(((act == 0) | (act == 1)).all()):
+    # (a read-back: not while tracing, inside torch.func transforms or during CUDA graph capture)
+    if can_read_back(act) and not bool(((act == 0) | (act == 1)).all()):
         raise ValueError(f"{name}: act must hold only 0 and 1")
     if ctx is not None:
         check_tensor("ctx", ctx, 3, like=x)
