@@ -130,3 +130,29 @@ def test_bench_budget_reaches_the_timer(monkeypatch):
     with pytest.raises(SystemExit):
         main(["bench", "--device", "cpu", "--ops", "op", "--budget", "-1"])
 
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_glow_bandwidth_script_dry_run(tmp_path, backend):
+    """scripts/glow_gpu_bandwidth.py on the CPU (its dry run): every variant timed, the op
+    checked against the float64 eager step, the kernel variant only where Triton runs."""
+    mod = _script("glow_gpu_bandwidth")
+    out = tmp_path / "glow.json"
+    assert mod.main(["--device", "cpu", "--small", "--no-compile", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["backend"] == backend and data["copy_gbps"] is None
+    variants = [r["variant"] for r in data["rows"]]
+    assert variants == ["copy"] + (["kernel"] if backend == "triton" else []) + ["op", "step", "eager"]
+    for r in data["rows"]:
+        assert "error" not in r and r["sync_ms"] > 0 and r["bytes"] == 3 * 2 * 8 * 5 * 5 * 4
+    op = next(r for r in data["rows"] if r["variant"] == "op")
+    assert op["rel_err_y"] < 1e-5 and op["rel_err_logdet"] < 1e-5
