@@ -142,6 +142,62 @@ def _script(name: str):
     return mod
 
 
+def test_gpu_results_merge_the_groups_with_their_shares_of_the_ceilings(tmp_path, capsys):
+    import tarfile
+
+    mod = _script("gpu_results")
+    assert mod.results_name("NVIDIA H200") == "h200"
+    assert mod.results_name("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    src = tmp_path / "src"
+    src.mkdir()
+    env = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "python": "3.12", "time": "T1",
+           "cpu_model": "X"}
+
+    def row(case, pas, ms, gbps=None, gflops=None):
+        r = {"op": "op", "case": case, "pass": pas, "latentfast_ms": ms, "speedup_vs_eager": 2.0,
+             "speedup_vs_compile": None}
+        if gbps is not None:
+            r.update(achieved_gbps=gbps, achieved_gflops=gflops)
+        return r
+
+    (src / "ceilings.json").write_text(json.dumps({"copy_gbps": 4000.0, "matmul_fp32_tflops": 50.0,
+                                                   "matmul_tf32_tflops": 400.0}))
+    (src / "bench_glow.json").write_text(json.dumps({**env, "complete": True, "rows": [
+        row("a", "fwd", 1.0, 3000.0, 1000.0), row("a", "fwd+bwd", 2.0)]}))
+    (src / "bench_rnn.json").write_text(json.dumps({**env, "complete": False, "rows": [row("b", "fwd", 3.0)]}))
+    (src / "glow_bandwidth.json").write_text(json.dumps({"device": "NVIDIA H200", "copy_gbps": 4000.0,
+                                                        "rows": [{"variant": "kernel", "graph_gbps": 3000.0}]}))
+    tgz = tmp_path / "gpu_check.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for p in src.iterdir():
+            tar.add(p, arcname=p.name)
+    out_dir = tmp_path / "results"
+    out_dir.mkdir()
+    assert mod.main([str(tgz), "--out-dir", str(out_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "merged 3 rows" in text and "cut off at their time limit (rows kept so far): rnn" in text
+    data = json.loads((out_dir / "h200.json").read_text())
+    assert data["device"] == "NVIDIA H200" and data["ceilings"]["copy_gbps"] == 4000.0
+    assert data["glow_step_bandwidth"]["rows"] == [{"variant": "kernel", "graph_gbps": 3000.0}]
+    fwd = data["rows"][0]
+    assert (fwd["case"], fwd["pass"]) == ("a", "fwd")
+    assert fwd["share_of_copy_bw"] == pytest.approx(0.75)
+    assert fwd["share_of_fp32_matmul"] == pytest.approx(0.02) and fwd["share_of_tf32_matmul"] == pytest.approx(0.0025)
+    assert "share_of_copy_bw" not in data["rows"][1]
+    # a second call (a rerun of one group) replaces its rows and keeps the others
+    (src / "bench_glow.json").unlink()
+    (src / "bench_rnn.json").write_text(json.dumps({**env, "time": "T2", "complete": True,
+                                                   "rows": [row("b", "fwd", 2.5)]}))
+    mod.main([str(src), "--out-dir", str(out_dir)])
+    data = json.loads((out_dir / "h200.json").read_text())
+    assert [(r["case"], r["latentfast_ms"], r["measured"]) for r in data["rows"]] == [
+        ("a", 1.0, "T1"), ("a", 2.0, "T1"), ("b", 2.5, "T2")]
+    # CPU rows are refused (they belong in cpu.json, through --merge-into)
+    (src / "bench_rnn.json").write_text(json.dumps({**env, "device": "cpu: x86_64 (2 threads)", "rows": []}))
+    with pytest.raises(SystemExit, match="CUDA device"):
+        mod.main([str(src), "--out-dir", str(out_dir)])
+
+
 def test_glow_bandwidth_script_dry_run(tmp_path, backend):
     """scripts/glow_gpu_bandwidth.py on the CPU (its dry run): every variant timed, the op
     checked against the float64 eager step, the kernel variant only where Triton runs."""
