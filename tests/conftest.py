@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import random
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +36,18 @@ def device_for(backend_name: str) -> torch.device:
     if backend_name == "triton" and torch.cuda.is_available() and not lf_backend.triton_interpret():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(request):
+    """Every test starts from global RNGs (torch, random, numpy) seeded from its own id, so its
+    random inputs do not depend on which tests ran before it (a file alone, -k, xdist workers):
+    a failure on random data reproduces with that test alone. LATENTFAST_TEST_SEED (default 0)
+    is mixed in, to draw other data: a sweep over it finds tolerances that hold only for some."""
+    seed = zlib.crc32(f"{os.environ.get('LATENTFAST_TEST_SEED', '0')}:{request.node.nodeid}".encode())
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 @pytest.fixture(params=backends_under_test())
