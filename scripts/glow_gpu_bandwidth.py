@@ -23,70 +23,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
 import latentfast.ops.flows as ops
 from latentfast import backend
 from latentfast.bench.cases import _eager_glow_step, _fast_glow_step
+from latentfast.bench.runner import capture_cuda_graph, copy_bandwidth, cuda_events_ms, median_ms
 from latentfast.reference import flows as ref
 
 CALLS = 50
 
 
-def _events_ms(fn, calls: int, rounds: int = 5) -> float:
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
-
-
-def _sync_ms(fn, device: torch.device, reps: int = 30) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def _graph_ms(fn, calls: int) -> float | str:
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
+        graph, _ = capture_cuda_graph(lambda: [fn() for _ in range(calls)], warmup=1)
         graph.replay()
-        torch.cuda.synchronize()
-        return _events_ms(graph.replay, 1) / calls
+        return cuda_events_ms(graph.replay, 5) / calls
     except Exception as e:  # report it, keep the other timings
         return f"no graph: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-
-
-def copy_gbps(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    src = torch.randn(1 << 28, device=device)
-    dst = torch.empty_like(src)
-    ms = _events_ms(lambda: dst.copy_(src), 10)
-    return 2 * src.numel() * 4 / ms / 1e6
 
 
 def run_shape(shape: tuple[int, int, int, int], device: torch.device, use_compile: bool) -> list[dict]:
@@ -124,9 +80,10 @@ def run_shape(shape: tuple[int, int, int, int], device: torch.device, use_compil
             except Exception as e:  # report it, time the other variants
                 rows.append({"shape": list(shape), "variant": name, "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
-            row = {"shape": list(shape), "variant": name, "bytes": nbytes, "sync_ms": _sync_ms(fn, device)}
+            row = {"shape": list(shape), "variant": name, "bytes": nbytes,
+                   "sync_ms": median_ms(fn, 31, warmup=0, device=device)}
             if device.type == "cuda":
-                row["stream_ms"] = _events_ms(fn, CALLS)
+                row["stream_ms"] = cuda_events_ms(fn, 5, calls=CALLS)
                 graph = _graph_ms(fn, CALLS)
                 row["graph_ms" if isinstance(graph, float) else "graph_error"] = graph
             for mode in ("sync", "stream", "graph"):
@@ -149,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     shapes = [(2, 8, 5, 5)] if args.small else [(32, 48, 32, 32), (256, 48, 64, 64)]
-    ceiling = copy_gbps(device)
+    ceiling = copy_bandwidth(device)[1] if device.type == "cuda" else None
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "backend": backend.select(device), "copy_gbps": ceiling, "rows": []}
     if ceiling:

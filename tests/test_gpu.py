@@ -12,6 +12,7 @@ import torch
 
 import latentfast
 from latentfast import backend as lf_backend
+from latentfast.bench.runner import capture_cuda_graph
 from tests.flows import test_vector_flows as vec_t
 from tests.geometry import test_geometry_ops as geo_t
 from tests.ops import test_autocast as amp_t
@@ -225,14 +226,7 @@ def test_public_ops_under_cuda_graph_capture(triton_cuda):
                 *rnn_ops.gru_sequence(xs, h0, *gru_w), rnn_ops.lstm_sequence(xs, None, *lstm_w)[0])
 
     with torch.no_grad():
-        side = torch.cuda.Stream()  # warm-up (kernel compilation) off the capture, as torch.cuda.graph asks
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = run()
+        graph, captured = capture_cuda_graph(run)  # one warm-up call (kernel compilation) off the capture
         for t in (x, h, xv, xs, h0):
             t.copy_(torch.randn(t.shape, generator=gen).to(dev))
         graph.replay()

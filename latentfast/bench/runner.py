@@ -20,17 +20,65 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
+def median_ms(fn: Callable[[], object], reps: int, warmup: int = 3, device: torch.device | None = None) -> float:
     """The median wall time of `reps` calls of fn in ms (the upper middle one for even reps)
-    after `warmup` calls; for standalone timing scripts (CPU; no device sync)."""
+    after `warmup` calls; for standalone timing scripts. With a CUDA `device`, the device is
+    synchronised after each call, inside its time (else nothing is synchronised)."""
     for _ in range(warmup):
         fn()
+    if device is not None:
+        _sync(device)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        if device is not None:
+            _sync(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[reps // 2] * 1e3
+
+
+def cuda_events_ms(fn: Callable[[], object], rounds: int, calls: int = 1, warmup: int = 0) -> float:
+    """Device time per call in ms, by CUDA events: the median over `rounds` rounds of `calls`
+    back-to-back calls of fn between two events, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device) -> tuple[float, float]:
+    """(ms, GB/s) of a 1 GiB float32 device-to-device copy, counting the bytes read and
+    written: the bandwidth ceiling rows are read against (CUDA events, 20 rounds)."""
+    src = torch.randn(1 << 28, device=device)
+    dst = torch.empty_like(src)
+    ms = cuda_events_ms(lambda: dst.copy_(src), 20, warmup=3)
+    return ms, 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def capture_cuda_graph(fn: Callable[[], object], warmup: int = 1) -> tuple[torch.cuda.CUDAGraph, object]:
+    """fn captured in a CUDA graph after `warmup` calls on a side stream (compilation and
+    allocations kept out of the capture, as torch.cuda.graph asks). Returns the graph and what
+    the captured call returned: tensors in the graph's memory that each replay rewrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int,
