@@ -13,6 +13,7 @@ import torch
 import latentfast
 from latentfast import backend as lf_backend
 from latentfast.bench.runner import capture_cuda_graph
+from latentfast.ops import geometry as geo_ops
 from tests.flows import test_vector_flows as vec_t
 from tests.geometry import test_geometry_ops as geo_t
 from tests.ops import test_autocast as amp_t
@@ -235,6 +236,33 @@ def test_public_ops_under_cuda_graph_capture(triton_cuda):
     assert len(captured) == len(want) == 7
     for got, ref_out in zip(captured, want):
         torch.testing.assert_close(got, ref_out)
+
+
+@pytest.mark.parametrize("rbf", [False, True])
+def test_geometry_ops_under_cuda_graph_capture(triton_cuda, rbf):
+    """pullback_metric and curve_energy_and_grad captured in a CUDA graph, with a linear last
+    layer wider than its input (the path through R of W_L = Q R): under capture R is formed in
+    the graph, not taken from the QR cache (whose hit test reads values back), so a replay
+    after new values in the points, the curves and W_L itself matches an eager call."""
+    dev = torch.device("cuda")
+    w, b, a, extra = geo_t.make_net(2, (11, 9), 40, (1, 3, 0), rbf, torch.float32, dev, seed=93)
+    gen = torch.Generator().manual_seed(94)
+    z = torch.randn(37, 2, generator=gen).to(dev)
+    curves = torch.randn(5, 9, 2, generator=gen).to(dev)
+
+    def run():
+        return (geo_ops.pullback_metric(z, w, b, a, *extra), *geo_ops.curve_energy_and_grad(curves, w, b, a, *extra))
+
+    with torch.no_grad():
+        graph, captured = capture_cuda_graph(run)
+        for t in (z, curves, w[-1]):
+            t.copy_(torch.randn(t.shape, generator=gen).to(dev) / (t.shape[-1] ** 0.5 if t is w[-1] else 1.0))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = run()
+    assert len(captured) == len(want) == 4
+    for got, ref_out in zip(captured, want):
+        torch.testing.assert_close(got, ref_out, rtol=1e-4, atol=1e-5)
 
 
 def test_check_finite_on_cuda():

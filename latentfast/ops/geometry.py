@@ -28,7 +28,7 @@ from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast.ops._amp import float32_under_autocast
 from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, route_transforms, under_transform
-from latentfast.ops._checks import check_finite, check_tensor
+from latentfast.ops._checks import can_read_back, check_finite, check_tensor
 from latentfast.reference import geometry as ref
 
 
@@ -47,7 +47,7 @@ _CHUNK_ELEMS = 1 << 22
 _TRI_BLOCK = 128
 
 # (a copy of W_L, R) per last-layer weight (by address, shape and dtype; a hit also needs equal
-# values), the 8 most recent, for _energy_layers and _metric_native.
+# values, so one read-back per call), the 8 most recent, for _energy_layers and _metric_native.
 _QR_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
@@ -69,9 +69,18 @@ def _energy_last(w: Tensor, act: int) -> Tensor | None:
     D > H, the last layer becomes R [H, H] with a zero bias: H mean features per point instead
     of D (2-256-256-784: 256 instead of 784). R is cached and recomputed when the weight's
     values change (a geodesic solver calls this every iteration with one decoder).
-    LATENTFAST_GEOM_QR=0 turns it off. The native metric uses the same R (M = (R J)^T (R J))."""
+    LATENTFAST_GEOM_QR=0 turns it off. The native metric uses the same R (M = (R J)^T (R J)).
+
+    Where no value can be read back (can_read_back: above all while a CUDA graph is captured,
+    e.g. by torch.cuda.graph or torch.compile's "reduce-overhead" mode), the cache is not
+    consulted: its hit test reads W_L's values back, and a graph replays without running this
+    code, so R is formed from W_L inside the graph, and a replay after the weights change uses
+    their new values."""
     if not _reduces(w, act):
         return None
+    if not can_read_back(w):
+        with torch.no_grad():
+            return torch.linalg.qr(w.detach(), mode="r")[1].contiguous()
     key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device)
     hit = _QR_CACHE.get(key)
     if hit is None or not torch.equal(hit[0], w):

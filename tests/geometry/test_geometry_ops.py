@@ -144,6 +144,48 @@ def test_metric_linear_last_layer_by_its_qr(backend, monkeypatch, rbf, dtype):
         w[-1].data.mul_(-0.5).add_(0.1)  # new values, same tensor, no version bump
 
 
+@pytest.mark.parametrize("rbf", [False, True])
+def test_linear_last_layer_without_read_back_forms_r_afresh(backend, monkeypatch, rbf):
+    """Where no value can be read back (can_read_back False: CUDA graph capture), the QR cache,
+    whose hit test reads W_L's values back, is neither consulted nor filled: R is formed on
+    every call, so a captured graph replays with the weights' current values. Simulated on
+    every backend by a cache holding a wrong R under W_L's key, which a call that read the
+    cache would use (checked at the end)."""
+    if backend == "reference":
+        pytest.skip("the reference backend runs W_L itself (no QR, no cache)")
+    dev = device_for(backend)
+    w, b, a, extra = make_net(2, (9, 6), 40, (1, 3, 0), rbf, torch.float64, dev, seed=91)
+    gen = torch.Generator().manual_seed(92)
+    z = torch.randn(11, 2, dtype=torch.float64, generator=gen).to(dev)
+    curves = torch.randn(3, 6, 2, dtype=torch.float64, generator=gen).to(dev)
+    wl = w[-1]
+    key = (wl.data_ptr(), tuple(wl.shape), tuple(wl.stride()), wl.dtype, wl.device)
+    cache = {key: (wl.detach().clone(), torch.full((6, 6), 3.0, dtype=torch.float64, device=dev).triu())}
+    monkeypatch.setattr(ops, "_QR_CACHE", cache)
+    poisoned = dict(cache)
+
+    def check():
+        _check_metric_and_curves(z, curves, w, b, a, extra)
+        leaf = curves.clone().requires_grad_()  # the activation-saving training path
+        e, ln = ops.curve_energy(leaf, w, b, a, *extra)
+        g = torch.autograd.grad((e + ln).sum(), leaf)[0]
+        leaf_ref = curves.clone().requires_grad_()
+        e_ref, l_ref = ref.curve_energy(leaf_ref, w, b, a, *extra)
+        assert_close(e, e_ref, scale=10)
+        assert_close(g, torch.autograd.grad((e_ref + l_ref).sum(), leaf_ref)[0], scale=10)
+
+    with monkeypatch.context() as m:
+        m.setattr(ops, "can_read_back", lambda t: False)
+        for trial in range(2):
+            check()
+            assert cache.keys() == poisoned.keys() and cache[key] is poisoned[key]
+            wl.data.mul_(-0.5).add_(0.1)  # new values: R must follow them
+            cache[key] = poisoned[key] = (wl.detach().clone(), poisoned[key][1])
+    # with read-back the cache is consulted, and its wrong R shows (so the check above could fail)
+    got = ops.pullback_metric(z, w, b, a, *extra)
+    assert not torch.allclose(got, ref.pullback_metric(z, w, b, a, *extra), rtol=1e-3, atol=1e-6)
+
+
 def _check_metric_and_curves(z, curves, w, b, a, extra):
     """pullback_metric at z, and curve_energy_and_grad on curves (energy, length, gradient of
     the energy), against the reference."""
