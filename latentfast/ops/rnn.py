@@ -123,6 +123,10 @@ def _check_rnn(name: str, n_gates: int, x: Tensor, states: tuple, weight_ih: Ten
     check_tensor("x", x, 3)
     if batch_first:
         x = x.transpose(0, 1)
+    if x.shape[0] == 0:  # as nn.GRU / nn.LSTM, which also refuse an empty sequence
+        raise ValueError(f"{name}: x must have at least one time step, got shape "
+                         f"{tuple(x.transpose(0, 1).shape if batch_first else x.shape)}"
+                         f"{' (batch_first)' if batch_first else ''}")
     check_tensor("weight_hh", weight_hh, 2, like=x)
     hs = weight_hh.shape[1]
     g = n_gates * hs

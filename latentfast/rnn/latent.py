@@ -51,6 +51,8 @@ class LatentSequenceModel(nn.Module):
         check_tensor("z", z, 2)
         if z.shape[1] != self.latent:
             raise ValueError(f"z must be [B, {self.latent}], got {tuple(z.shape)}")
+        if n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
         h0 = torch.tanh(self.to_h0(z))[None]
         hx = h0 if self.cell == "gru" else (h0, torch.zeros_like(h0))
         out, _ = self.decoder(z[:, None].expand(-1, n_steps, -1), hx)
@@ -62,6 +64,8 @@ class LatentSequenceModel(nn.Module):
         Returns (logits [B, n_steps, P], mu, log_var)."""
         n_obs = frames.shape[1] if n_obs is None else n_obs
         n_steps = frames.shape[1] if n_steps is None else n_steps
+        if not 1 <= n_obs <= frames.shape[1]:
+            raise ValueError(f"n_obs must be in [1, {frames.shape[1]}] (the frames given), got {n_obs}")
         mu, log_var = self.encode(frames[:, :n_obs])
         z = mu + torch.randn_like(mu) * (0.5 * log_var).exp() if sample else mu
         return self.decode(z, n_steps), mu, log_var

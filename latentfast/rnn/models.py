@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from latentfast.ops._checks import check_tensor
 from latentfast.ops.rnn import gru_sequence, lstm_sequence
 from latentfast.ops.dynamics import rnn_lyapunov_spectrum
 from latentfast.reference.dynamics import gru_step, lstm_step
@@ -191,8 +192,14 @@ class SequenceModel(nn.Module):
         h, c = torch.lstm_cell(x, s.chunk(2, 1), *self.rnn.params())
         return torch.cat([h, c], 1)
 
+    def _check_series(self, name: str, x: Tensor) -> None:
+        check_tensor(name, x, 3)
+        if x.shape[2] != self.dim or x.shape[1] < 1:
+            raise ValueError(f"{name} must be [B, T, {self.dim}] with T >= 1, got {tuple(x.shape)}")
+
     def forward(self, x: Tensor, h0=None) -> tuple[Tensor, Tensor]:
         """Teacher-forced one-step predictions [B, T, D] of x[:, 1:], and the last state [B, S]."""
+        self._check_series("x", x)
         out, hx = self.rnn(x, h0)
         return self.readout(out), self._pack(hx)
 
@@ -200,7 +207,12 @@ class SequenceModel(nn.Module):
     def forecast(self, context: Tensor, n_steps: int) -> tuple[Tensor, Tensor]:
         """Warm up on context [B, T0, D], then run closed loop (each prediction is the next
         input) for n_steps. Returns (forecast [B, n_steps, D], states [B, n_steps, S])."""
+        self._check_series("context", context)
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps}")
         pred, s = self(context)
+        if n_steps == 0:
+            return pred.new_empty((pred.shape[0], 0, self.dim)), s.new_empty((s.shape[0], 0, s.shape[1]))
         x = pred[:, -1]
         xs, ss = [], []
         for _ in range(n_steps):
@@ -267,6 +279,11 @@ def fit_sequence_model(model: SequenceModel, data: Tensor, epochs: int = 20, win
 def valid_prediction_time(forecast: Tensor, truth: Tensor, scale: Tensor, threshold: float = 0.4) -> Tensor:
     """Steps until the normalised error ||f - x|| / ||scale|| first exceeds threshold, per
     trajectory [B] (forecast, truth [B, T, D]; scale e.g. the data's standard deviation)."""
+    check_tensor("forecast", forecast, 3)
+    check_tensor("truth", truth, 3, like=forecast)
+    if forecast.shape != truth.shape:
+        raise ValueError(f"forecast and truth must have the same shape, got {tuple(forecast.shape)} and "
+                         f"{tuple(truth.shape)}")
     err = ((forecast - truth) / scale).norm(dim=-1) / math.sqrt(forecast.shape[-1])
     over = err > threshold
     first = torch.where(over.any(1), over.float().argmax(1), torch.full_like(over[:, 0], over.shape[1],

@@ -63,6 +63,11 @@ def test_bad_inputs_raise():
         fit_latent_sequence(model, torch.rand(4, 3, 16), 5, epochs=1, progress=False)
     with pytest.raises(ValueError, match="cell"):
         LatentSequenceModel(16, cell="rnn")
+    with pytest.raises(ValueError, match="n_steps"):
+        model.decode(torch.zeros(2, 2), 0)
+    for n_obs in (0, 4):  # none observed, or more than the 3 frames given
+        with pytest.raises(ValueError, match=r"n_obs must be in \[1, 3\]"):
+            model(torch.rand(2, 3, 16), n_obs=n_obs)
 
 
 @pytest.mark.skipif(interpreting(), reason="hundreds of interpreted kernel launches; the demo's code path is run "

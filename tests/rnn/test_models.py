@@ -86,6 +86,23 @@ def test_sequence_model_learns_a_sine_and_forecasts(cell):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_sequence_model_bad_inputs_raise_and_zero_steps_forecast_nothing(cell):
+    model = SequenceModel(3, hidden=5, cell=cell)
+    ctx = torch.randn(2, 4, 3)
+    f, s = model.forecast(ctx, 0)
+    assert f.shape == (2, 0, 3) and s.shape == (2, 0, model.state_size)
+    with pytest.raises(ValueError, match="n_steps"):
+        model.forecast(ctx, -1)
+    for bad in (torch.randn(2, 4, 2), torch.randn(2, 0, 3)):
+        with pytest.raises(ValueError, match=r"\[B, T, 3\] with T >= 1"):
+            model.forecast(bad, 2)
+        with pytest.raises(ValueError, match=r"\[B, T, 3\] with T >= 1"):
+            model(bad)
+    with pytest.raises(ValueError, match="same shape"):
+        valid_prediction_time(torch.zeros(2, 5, 3), torch.zeros(2, 4, 3), torch.ones(3))
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_model_spectrum_equals_benettin_on_its_closed_loop_jacobian(backend, cell):
     torch.manual_seed(4)
     model = SequenceModel(3, hidden=5, cell=cell).double()

@@ -98,6 +98,10 @@ def test_bad_inputs_raise():
     bad[1, 1, 1] = float("inf")
     with pytest.raises(ValueError, match="NaN"):
         ops.gru_sequence(bad, None, *_params(g))
+    for batch_first in (False, True):  # an empty sequence, as nn.GRU refuses it
+        with pytest.raises(ValueError, match="at least one time step"):
+            ops.gru_sequence(x[:0].transpose(0, 1) if batch_first else x[:0], torch.zeros(2, 4), *_params(g),
+                             batch_first=batch_first)
 
 
 # ---------------------------------------------------------------------------------- LSTM
@@ -177,6 +181,8 @@ def test_lstm_bad_inputs_raise():
         ops.lstm_sequence(x, torch.zeros(2, 4), *_params(m))
     with pytest.raises(TypeError, match="dtype"):
         ops.lstm_sequence(x.double(), None, *_params(m))
+    with pytest.raises(ValueError, match="at least one time step"):
+        ops.lstm_sequence(x[:0], None, *_params(m))
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 4, 45), (3, 5, 3, 45), (2, 3, 3, 512)])
