@@ -11,6 +11,7 @@ a decoder with an RBF variance network, else its mean).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from latentfast.ops import geometry as ops
-from latentfast.ops._checks import check_finite, check_tensor
+from latentfast.ops._checks import can_read_back, check_finite, check_tensor
 from latentfast.reference import geometry as ref
 from latentfast.vae.decoders import GaussianMLPDecoder, MLPParams
 
@@ -347,14 +348,19 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
         raise TypeError("z0 and z1 must have the same dtype and device")
     if n_segments < 2:
         raise ValueError(f"n_segments must be >= 2, got {n_segments}")
+    if init not in ("line", "graph"):
+        raise ValueError(f"init must be 'line' or 'graph', got {init!r}")
+    if init == "graph" and data is None:
+        raise ValueError("init='graph' needs the data latents (data=...)")
+    if z0.shape[0] == 0:  # no pairs: empty results of the documented shapes
+        curves = straight_line(z0, z1, n_segments)
+        empty = z0.new_zeros(0)
+        return GeodesicResult(curves, empty, empty.clone(), torch.zeros(0, dtype=torch.bool, device=z0.device),
+                              torch.zeros(0, dtype=torch.long, device=z0.device))
     if init == "line":
         curves = straight_line(z0, z1, n_segments)
-    elif init == "graph":
-        if data is None:
-            raise ValueError("init='graph' needs the data latents (data=...)")
-        curves = graph_init(z0, z1, decoder, data, n_segments, n_neighbors)
     else:
-        raise ValueError(f"init must be 'line' or 'graph', got {init!r}")
+        curves = graph_init(z0, z1, decoder, data, n_segments, n_neighbors)
     b, t1, d = curves.shape
     z0c, z1c = z0.detach()[:, None], z1.detach()[:, None]
 
@@ -423,6 +429,10 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
     _check_points("v", v)
     if z.shape != v.shape:
         raise ValueError(f"z and v must have the same shape, got {tuple(z.shape)} and {tuple(v.shape)}")
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    if not math.isfinite(t):
+        raise ValueError(f"t must be finite, got {t}")
     h = t / n_steps
     zs = [z.detach()]
     zc, vc = z.detach(), v.detach()
@@ -431,15 +441,29 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
         return vv, geodesic_acceleration(decoder, zz, vv)
 
     with torch.no_grad():
-        for _ in range(n_steps):
-            k1z, k1v = deriv(zc, vc)
-            k2z, k2v = deriv(zc + 0.5 * h * k1z, vc + 0.5 * h * k1v)
-            k3z, k3v = deriv(zc + 0.5 * h * k2z, vc + 0.5 * h * k2v)
-            k4z, k4v = deriv(zc + h * k3z, vc + h * k3v)
+        for step in range(n_steps):
+            try:
+                k1z, k1v = deriv(zc, vc)
+                k2z, k2v = deriv(zc + 0.5 * h * k1z, vc + 0.5 * h * k1v)
+                k3z, k3v = deriv(zc + 0.5 * h * k2z, vc + 0.5 * h * k2v)
+                k4z, k4v = deriv(zc + h * k3z, vc + h * k3v)
+            except torch.linalg.LinAlgError as err:
+                raise ValueError(
+                    f"exp_map: the metric M(z) became singular in RK4 step {step + 1} of {n_steps} (the "
+                    "decoder's Jacobian lost rank along the path, e.g. saturated activations far from the "
+                    "data, where the path may also have run off). Shorten t or the velocity, take more "
+                    "steps, or use a decoder whose metric stays regular (an RBF variance network's grows "
+                    f"away from the data). ({err})") from err
             zc = zc + h / 6 * (k1z + 2 * k2z + 2 * k3z + k4z)
             vc = vc + h / 6 * (k1v + 2 * k2v + 2 * k3v + k4v)
             zs.append(zc)
-    return torch.stack(zs, dim=1)
+    path = torch.stack(zs, dim=1)
+    if can_read_back(path) and not bool(torch.isfinite(path).all()):
+        bad = int((~torch.isfinite(path).flatten(2).all(2)).any(0).nonzero()[0])
+        raise ValueError(f"exp_map: the path became NaN/Inf at RK4 step {bad} of {n_steps} (the decoder or its "
+                         "metric is not finite there, or the path ran off where the metric degenerates). Shorten t "
+                         "or the velocity, or take more steps.")
+    return path
 
 
 def extrapolate(decoder, curves: Tensor, t: float = 0.5, n_steps: int = 25) -> Tensor:
@@ -447,6 +471,8 @@ def extrapolate(decoder, curves: Tensor, t: float = 0.5, n_steps: int = 25) -> T
     the geodesic with the end velocity, for a further time t. Returns [B, n_steps + 1, d]
     starting at the end point."""
     check_tensor("curves", curves, 3)
+    if curves.shape[1] < 2:
+        raise ValueError(f"curves need at least 2 points, got {curves.shape[1]}")
     segs = curves.shape[1] - 1
     v = (curves[:, -1] - curves[:, -2]) * segs
     return exp_map(decoder, curves[:, -1], v, t, n_steps)
@@ -512,10 +538,13 @@ def riemannian_kmeans(decoder, x: Tensor, k: int, seed: int = 0, **geodesic_kwar
 def knn_predict(decoder, x_train: Tensor, y_train: Tensor, x_query: Tensor, k: int = 5,
                 **geodesic_kwargs) -> Tensor:
     """Majority label of the k geodesically nearest training points, per query [m]."""
-    if y_train.shape[0] != x_train.shape[0]:
-        raise ValueError("x_train and y_train must have the same number of rows")
+    if y_train.dim() != 1 or y_train.shape[0] != x_train.shape[0]:
+        raise ValueError(f"y_train must be [{x_train.shape[0]}] (a label per row of x_train), got "
+                         f"{tuple(y_train.shape)}")
+    if not 1 <= k <= x_train.shape[0]:
+        raise ValueError(f"k must be in [1, {x_train.shape[0]}] (the training points), got {k}")
     dist = distance_matrix(decoder, x_query, x_train, **geodesic_kwargs)
-    nearest = dist.topk(min(k, x_train.shape[0]), largest=False).indices
+    nearest = dist.topk(k, largest=False).indices
     return torch.mode(y_train[nearest], dim=1).values
 
 
@@ -527,6 +556,8 @@ def random_walk(decoder, z0: Tensor, n_steps: int, step_size: float = 0.01,
     _check_points("z0", z0)
     if step_size <= 0:
         raise ValueError(f"step_size must be > 0, got {step_size}")
+    if n_steps < 0:
+        raise ValueError(f"n_steps must be >= 0, got {n_steps}")
     z = z0.detach()
     path = [z]
     eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)

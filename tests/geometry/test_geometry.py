@@ -270,6 +270,47 @@ def test_bad_inputs_raise():
         geo.metric(dec, torch.zeros(3, 5, dtype=F64))
     with pytest.raises(ValueError, match="step_size"):
         geo.random_walk(dec, torch.zeros(1, 2, dtype=F64), 3, step_size=0.0)
+    with pytest.raises(ValueError, match="n_steps"):
+        geo.random_walk(dec, torch.zeros(1, 2, dtype=F64), -1)
+    z, v = torch.zeros(2, 2, dtype=F64), torch.ones(2, 2, dtype=F64)
+    with pytest.raises(ValueError, match="n_steps"):
+        geo.exp_map(dec, z, v, n_steps=0)
+    with pytest.raises(ValueError, match="finite"):
+        geo.exp_map(dec, z, v, t=float("inf"))
+    with pytest.raises(ValueError, match="at least 2 points"):
+        geo.extrapolate(dec, torch.zeros(2, 1, 2, dtype=F64))
+    x, y = torch.randn(3, 2, dtype=F64), torch.tensor([0, 1, 0])
+    for k in (0, 4):
+        with pytest.raises(ValueError, match=r"k must be in \[1, 3\]"):
+            geo.knn_predict(dec, x, y, x, k=k, n_segments=4)
+    with pytest.raises(ValueError, match="y_train"):
+        geo.knn_predict(dec, x, y[:, None], x, k=1, n_segments=4)
+
+
+def test_exp_map_into_a_degenerate_metric_raises_a_clear_error():
+    """Shooting from where every tanh unit is saturated (float32: tanh' = 0 exactly, so M = 0)
+    raises ValueError naming the singular metric, not torch's LinAlgError; a path that turns
+    NaN is refused too."""
+    dec = nn.Sequential(nn.Linear(2, 3), nn.Tanh())
+    with torch.no_grad():
+        dec[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        dec[0].bias.zero_()
+    with pytest.raises(ValueError, match="singular in RK4 step 1 of 5"):
+        geo.exp_map(dec, torch.full((1, 2), 100.0), torch.ones(1, 2), n_steps=5)
+    assert torch.isfinite(geo.exp_map(dec, torch.zeros(1, 2), 0.1 * torch.ones(1, 2), n_steps=5)).all()
+    # a decoder that is NaN past z_0 = 0 (sqrt): the solve does not fail on NaN, the final check does
+    f = lambda z: torch.cat([z, torch.sqrt(z[:, :1])], 1)  # noqa: E731
+    with pytest.raises(ValueError, match="NaN/Inf at RK4 step 8 of 10"):
+        geo.exp_map(f, torch.tensor([[0.5, 0.0]], dtype=F64), torch.tensor([[-1.0, 0.0]], dtype=F64), n_steps=10)
+
+
+def test_geodesic_of_no_pairs_is_empty():
+    dec = small_mlp_decoder(rbf=False)
+    for init in ("line", "graph"):
+        res = geo.geodesic(torch.zeros(0, 2, dtype=F64), torch.zeros(0, 2, dtype=F64), dec, n_segments=6, init=init,
+                           data=torch.randn(20, 2, dtype=F64))
+        assert res.curves.shape == (0, 7, 2) and res.curves.dtype == F64
+        assert res.lengths.shape == res.energies.shape == res.converged.shape == res.iterations.shape == (0,)
 
 
 def test_sequential_decoder_uses_fused_ops_and_rejects_unknown_layers():
@@ -305,6 +346,25 @@ def test_vae_trains_and_rbf_variance_grows_away_from_data():
     radii = torch.linspace(1.0, 3.0, 21) * r
     ring = (radii[:, None, None] * torch.stack([angles.cos(), angles.sin()], 1)[None]).reshape(-1, 2)
     assert geo.volume_measure(model.decoder, ring).max() > 5 * geo.volume_measure(model.decoder, z).median()
+
+
+def test_vae_bad_inputs_raise():
+    """Inputs of the wrong size, a non-tensor, and the loss of an empty batch (whose mean
+    would be NaN) raise; an empty batch still encodes to [0, d], and [N, ...] inputs are
+    flattened."""
+    from latentfast.vae.flow_vae import FlowVAE
+
+    for model in (VAE(6, latent_dim=2, hidden=(8,)), FlowVAE(6, latent_dim=2, hidden=(8,), prior_steps=1)):
+        with pytest.raises(ValueError, match=r"\[N, 6\]"):
+            model.loss(torch.randn(3, 5))
+        with pytest.raises(ValueError, match="empty batch"):
+            model.loss(torch.randn(0, 6))
+        with pytest.raises(TypeError, match="torch.Tensor"):
+            model.embed([[0.0] * 6])
+        assert model.embed(torch.randn(0, 6)).shape == (0, 2)
+        assert model.embed(torch.randn(4, 2, 3)).shape == (4, 2)
+    with pytest.raises(ValueError, match="N >= 1"):
+        fit(VAE(6, latent_dim=2, hidden=(8,)), torch.randn(0, 6), progress=False)
 
 
 def test_beta_vae_has_smaller_kl():
