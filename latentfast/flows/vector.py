@@ -283,35 +283,53 @@ class Flow(nn.Module):
         loc = self._anchor
         return torch.distributions.Independent(torch.distributions.Normal(loc, torch.ones_like(loc)), 1)
 
+    def _base_log_prob(self, z: Tensor) -> Tensor:
+        if z.shape[0] == 0:  # torch.distributions.Independent cannot reshape an empty batch
+            return z.new_zeros(0)
+        return self.base().log_prob(z)
+
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """log p(x) [B] for x [B, d]."""
-        check_tensor("x", x, 2)
-        if x.shape[1] != self.dim:
-            raise ValueError(f"expected [B, {self.dim}], got {tuple(x.shape)}")
+        """log p(x) for x [..., d]: [B] for x [B, d], [] for one point [d], [S, B] for samples
+        [S, B, d]. A context goes with x's leading shape ([..., c])."""
+        check_tensor("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [..., {self.dim}] (e.g. [B, {self.dim}]), got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        if context is not None and x.dim() != 2:
+            check_tensor("context", context)
+            if context.dim() == 0 or context.shape[:-1] != lead:
+                raise ValueError(f"context must be [{', '.join(map(str, lead))}, c] to go with x "
+                                 f"{tuple(x.shape)}, got {tuple(context.shape)}")
+            context = context.reshape(-1, context.shape[-1])
+        x = x.reshape(-1, self.dim)
         check_finite("x", x)
         total = x.new_zeros(x.shape[0])
         for t in reversed(self.transforms):
             x, ld = t.inverse(x, context)
             total = total + ld
-        return self.base().log_prob(x) - total
+        return (self._base_log_prob(x) - total).reshape(lead)
 
     def rsample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """n reparameterised samples [n, d] and their log-density [n]. Differentiable through
         transforms whose forward is the fast pass (IAF, couplings, LULinear); a MAF's forward
         is the sequential inverse: differentiable too (the implicit-function theorem, slower than
         the fast direction's backward; see ops.vector_flow_stack_inverse)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0 (the number of samples), got {n!r}")
         z = self.base().rsample((n,))
-        logp = self.base().log_prob(z)
+        logp = self._base_log_prob(z)
         for t in self.transforms:
             z, ld = t(z, context)
             logp = logp - ld
         return z, logp
 
     def sample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """sample's n draws [n, d] with their log-density [n], without gradients."""
         with torch.no_grad():
             return self.rsample_and_log_prob(n, context)
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] | int = (), context: Tensor | None = None) -> Tensor:
+        """Reparameterised samples [*sample_shape, d]."""
         shape = torch.Size([sample_shape]) if isinstance(sample_shape, int) else torch.Size(sample_shape)
         return self.rsample_and_log_prob(shape.numel(), context)[0].reshape(*shape, self.dim)
 

@@ -642,6 +642,37 @@ def test_flow_distribution_api_and_density():
     assert abs(mass.item() - 1.0) < 0.02
 
 
+def test_flow_log_prob_takes_any_batch_shape_as_a_distribution_does():
+    """log_prob(sample(shape)) has shape `shape`, as for a torch Distribution: x [..., d] with
+    any leading shape (one point, [S, B, d], an empty batch), each value that of the same
+    point in a flat [B, d] call; n = 0 samples are empty; a context follows x's leading
+    shape."""
+    torch.manual_seed(0)
+    flow = vf.Flow(3, [vf.MAF(3, 8, n_steps=2), vf.LULinear(3)]).double()
+    _perturb(flow, 3)
+    x = flow.sample((4, 5))
+    flat = flow.log_prob(x.reshape(20, 3))
+    assert flow.log_prob(x).shape == (4, 5)
+    assert_close(flow.log_prob(x), flat.reshape(4, 5))
+    assert_close(flow.log_prob(x[1, 2]), flat[7])
+    assert flow.log_prob(x[1, 2]).shape == ()
+    assert flow.log_prob(x[:0]).shape == (0, 5) and flow.log_prob(x[0, :0]).shape == (0,)
+    assert flow.sample((0,)).shape == (0, 3) and flow.sample(0).shape == (0, 3)
+    z, lp = flow.sample_and_log_prob(0)
+    assert z.shape == (0, 3) and lp.shape == (0,)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 3\]"):
+        flow.log_prob(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n must be"):
+        flow.sample_and_log_prob(-1)
+    cflow = vf.Flow(4, [vf.IAF(4, 8, n_steps=2, context_dim=3)]).double()
+    _perturb(cflow, 4)
+    y = torch.randn(2, 5, 4, dtype=torch.float64)
+    c = torch.randn(2, 5, 3, dtype=torch.float64)
+    assert_close(cflow.log_prob(y, c), cflow.log_prob(y.reshape(10, 4), c.reshape(10, 3)).reshape(2, 5))
+    with pytest.raises(ValueError, match="context must be"):
+        cflow.log_prob(y, c[0])
+
+
 @pytest.mark.skipif(interpreting(), reason="module-level modelling test; the kernels it calls are "
                     "checked against the reference above, and it runs too many launches to interpret")
 def test_flow_trains_on_two_moons():
