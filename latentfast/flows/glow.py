@@ -118,12 +118,19 @@ class Glow(nn.Module):
     def bits_per_dim(self, x: Tensor, n_bins: int = 256) -> Tensor:
         """Mean bits per dimension of dequantised x in [-0.5, 0.5) with n_bins levels:
         (-log p(x) + D log n_bins) / (D log 2)."""
+        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+            raise ValueError(f"n_bins must be an int >= 1 (the quantisation levels), got {n_bins!r}")
         d = self.dims
         return ((-self.log_prob(x) + d * math.log(n_bins)) / (d * math.log(2.0))).mean()
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        """n samples [n, C, H, W], latents drawn at the given temperature."""
+        """n samples [n, C, H, W], latents drawn at the given temperature (>= 0; 0 gives
+        the decoded prior means)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0 (the number of samples), got {n!r}")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
         p = self.top_mean
         c, s, _ = self.latent_shapes[-1]
         top = self.top_mean[None, :, None, None] + torch.exp(self.top_log_sd)[None, :, None, None] \

@@ -44,7 +44,7 @@ class FlowVAE(VAE):
                       if prior_steps else None)
 
     def _encode_all(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        feat = self.encoder.body(x.flatten(1))
+        feat = self.encoder.body(self.flat_input(x))
         mean, logvar = self.encoder.head(feat).chunk(2, dim=-1)
         h = torch.tanh(self.context_head(feat)) if self.context_head is not None else None
         return mean, logvar.clamp(-12.0, 8.0), h
@@ -73,6 +73,7 @@ class FlowVAE(VAE):
 
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Negative beta-ELBO with the single-sample Monte-Carlo KL, and its parts."""
+        self.flat_input(x, for_loss=True)
         z, log_q = self.posterior_sample(x)
         nll = self.neg_log_lik(x, z).mean()
         kl = (log_q - self.log_prior(z)).mean()

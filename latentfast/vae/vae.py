@@ -51,10 +51,22 @@ class VAE(nn.Module):
         self.encoder = MLPEncoder(in_dim, latent_dim, hidden)
         self.decoder = GaussianMLPDecoder(latent_dim, in_dim, tuple(reversed(hidden)), activation,
                                           "sigmoid" if likelihood == "bernoulli" else "identity")
-        self.likelihood, self.beta, self.latent_dim = likelihood, float(beta), latent_dim
+        self.likelihood, self.beta, self.latent_dim, self.in_dim = likelihood, float(beta), latent_dim, in_dim
+
+    def flat_input(self, x: Tensor, for_loss: bool = False) -> Tensor:
+        """x [N, D] (or [N, ...] with D values per sample) as [N, D]; ValueError/TypeError
+        otherwise, and for an empty batch where a loss is asked for (its mean is undefined)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2 or math.prod(x.shape[1:]) != self.in_dim:
+            raise ValueError(f"x must be [N, {self.in_dim}] (or [N, ...] with {self.in_dim} values per sample), "
+                             f"got shape {tuple(x.shape)}")
+        if for_loss and x.shape[0] == 0:
+            raise ValueError("the loss of an empty batch (N = 0) is undefined")
+        return x.flatten(1)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.encoder(x.flatten(1))
+        return self.encoder(self.flat_input(x))
 
     def embed(self, x: Tensor) -> Tensor:
         """The deterministic code of x [N, d] (the posterior mean)."""
@@ -62,7 +74,7 @@ class VAE(nn.Module):
 
     def neg_log_lik(self, x: Tensor, z: Tensor) -> Tensor:
         """-log p(x | z) per sample [N]."""
-        x = x.flatten(1)
+        x = self.flat_input(x)
         mu = self.decoder.mean(z)
         if self.likelihood == "bernoulli":
             return F.binary_cross_entropy(mu.clamp(1e-6, 1 - 1e-6), x, reduction="none").sum(1)
@@ -71,6 +83,7 @@ class VAE(nn.Module):
 
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Negative beta-ELBO averaged over the batch, and its parts."""
+        self.flat_input(x, for_loss=True)
         mean, logvar = self.encode(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         nll = self.neg_log_lik(x, z).mean()
@@ -82,8 +95,10 @@ class VAE(nn.Module):
 def fit(model: VAE, data: Tensor, epochs: int = 50, batch_size: int = 128, lr: float = 1e-3,
         seed: int = 0, progress: bool = True) -> list[dict[str, float]]:
     """Train with Adam; returns the per-epoch mean of the loss parts."""
-    if data.dim() < 2:
-        raise ValueError("data must be [N, ...]")
+    if data.dim() < 2 or data.shape[0] == 0:
+        raise ValueError(f"data must be [N, ...] with N >= 1, got shape {tuple(data.shape)}")
+    if batch_size < 1 or epochs < 0:
+        raise ValueError(f"need batch_size >= 1 and epochs >= 0, got {batch_size} and {epochs}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

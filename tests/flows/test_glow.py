@@ -123,6 +123,13 @@ def test_bad_inputs_raise():
         GlowStep(4, hidden=8)(torch.randn(2, 4, 3, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="divisible"):
         Glow(1, 12, n_levels=3)
+    with pytest.raises(ValueError, match="n must be"):
+        glow.sample(-1)
+    with pytest.raises(ValueError, match="temperature"):
+        glow.sample(2, temperature=-0.5)
+    with pytest.raises(ValueError, match="n_bins"):
+        glow.bits_per_dim(torch.rand(2, 1, 8, 8) - 0.5, n_bins=0)
+    assert glow.sample(0).shape == (0, 1, 8, 8)
 
 
 @pytest.mark.slow
