@@ -20,5 +20,7 @@ def load_digits_images(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tens
 
 def dequantize(x: Tensor, n_bins: int = DIGITS_BINS, generator: torch.Generator | None = None) -> Tensor:
     """Uniform dequantisation of integer pixels to [-0.5, 0.5): (x + u) / n_bins - 0.5."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     u = torch.rand(x.shape, dtype=x.dtype, generator=generator).to(x.device)
     return (x + u) / n_bins - 0.5

@@ -78,8 +78,16 @@ def rk4_step_with_jacobian(field: Callable[[Tensor], Tensor], jac: Callable[[Ten
             eye + dt / 6.0 * (d1 + 2 * d2 + 2 * d3 + d4))
 
 
+def _check_run(n_steps: int, dt: float, n_traj: int = 1, transient: int = 0) -> None:
+    if n_steps < 0 or transient < 0 or n_traj < 0:
+        raise ValueError(f"need n_steps, transient and n_traj >= 0, got {n_steps}, {transient} and {n_traj}")
+    if not (math.isfinite(dt) and dt > 0):
+        raise ValueError(f"dt must be finite and > 0, got {dt}")
+
+
 def integrate(field: Callable[[Tensor], Tensor], x0: Tensor, n_steps: int, dt: float) -> Tensor:
     """Trajectory [..., n_steps + 1, n] from x0 [..., n] with RK4."""
+    _check_run(n_steps, dt)
     xs = [x0]
     x = x0
     for _ in range(n_steps):
@@ -92,6 +100,7 @@ def lorenz63(n_steps: int, dt: float = 0.01, n_traj: int = 1, transient: int = 1
              dtype: torch.dtype = torch.float64) -> Tensor:
     """Lorenz-63 trajectories on the attractor, [n_traj, n_steps + 1, 3]. The first
     `transient` steps from random starts are discarded."""
+    _check_run(n_steps, dt, n_traj, transient)
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(n_traj, 3, generator=gen, dtype=dtype) * 5.0 + torch.tensor([0.0, 0.0, 25.0], dtype=dtype)
     x0 = integrate(lorenz63_field, x0, transient, dt)[:, -1]
@@ -100,7 +109,10 @@ def lorenz63(n_steps: int, dt: float = 0.01, n_traj: int = 1, transient: int = 1
 
 def lorenz96(n_steps: int, dt: float = 0.01, n: int = 40, forcing: float = 8.0, n_traj: int = 1,
              transient: int = 1000, seed: int = 0, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Lorenz-96 trajectories [n_traj, n_steps + 1, n] after a transient from F + noise."""
+    """Lorenz-96 trajectories [n_traj, n_steps + 1, n] (n >= 4) after a transient from F + noise."""
+    _check_run(n_steps, dt, n_traj, transient)
+    if n < 4:
+        raise ValueError(f"Lorenz-96 needs n >= 4 variables, got {n}")
     gen = torch.Generator().manual_seed(seed)
     x0 = forcing + 0.01 * torch.randn(n_traj, n, generator=gen, dtype=dtype)
     field = lambda x: lorenz96_field(x, forcing)  # noqa: E731
@@ -116,6 +128,9 @@ def pendulum(n_steps: int, n_traj: int = 1, dt: float = 0.05, size: int = 16, da
     n_steps + 1, 2] = (theta, theta')). Initial angles uniform in (-pi/2, pi/2) (with a random
     velocity), one per trajectory. The bob is a Gaussian of width blob * size pixels.
     """
+    _check_run(n_steps, dt, n_traj)
+    if size < 4 or not blob > 0:
+        raise ValueError(f"need size >= 4 pixels and blob > 0, got {size} and {blob}")
     gen = torch.Generator().manual_seed(seed)
     theta = (torch.rand(n_traj, generator=gen, dtype=torch.float64) - 0.5) * math.pi
     omega = (torch.rand(n_traj, generator=gen, dtype=torch.float64) - 0.5)

@@ -130,6 +130,8 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="n_bins"):
         glow.bits_per_dim(torch.rand(2, 1, 8, 8) - 0.5, n_bins=0)
     assert glow.sample(0).shape == (0, 1, 8, 8)
+    with pytest.raises(ValueError, match="n_bins"):
+        dequantize(torch.zeros(2, 1, 8, 8), n_bins=0)
 
 
 @pytest.mark.slow

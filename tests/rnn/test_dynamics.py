@@ -49,6 +49,20 @@ def test_generators_are_deterministic_and_shaped():
     assert (torch.sign(col[big].float() - 7.5) == lean[big]).all()
 
 
+def test_generators_refuse_bad_arguments():
+    with pytest.raises(ValueError, match="n_steps"):
+        D.lorenz63(-1)
+    with pytest.raises(ValueError, match="dt"):
+        D.lorenz63(5, dt=0.0)
+    with pytest.raises(ValueError, match="dt"):
+        D.integrate(D.lorenz63_field, torch.zeros(3), 5, float("nan"))
+    with pytest.raises(ValueError, match="n >= 4"):
+        D.lorenz96(5, n=3)
+    with pytest.raises(ValueError, match="size >= 4"):
+        D.pendulum(5, size=3)
+    assert D.lorenz63(0, n_traj=0, transient=0).shape == (0, 1, 3)
+
+
 @pytest.mark.skipif(interpreting(), reason="no Triton kernel involved; the normal pass runs it")
 def test_lorenz63_spectrum():
     """Benettin's method on the exact RK4 tangent map: (0.906, 0, -14.572) within 0.02,
