@@ -70,13 +70,17 @@ def main(argv: list[str] | None = None) -> int:
         info()
     elif args.cmd == "bench":
         from latentfast.bench import run_suite
+        from latentfast.bench.runner import UnknownCase
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
         if args.budget is not None and args.budget < 0:
             parser.error("--budget must be >= 0")
-        run_suite(args.ops, device, args.quick, args.json_path, args.merge_path, budget_s=args.budget)
+        try:
+            run_suite(args.ops, device, args.quick, args.json_path, args.merge_path, budget_s=args.budget)
+        except UnknownCase as err:
+            parser.error(str(err))
     elif args.cmd == "demo":
         kw = {} if args.epochs is None else {"epochs": args.epochs}
         if args.name == "geodesics":

@@ -131,6 +131,25 @@ def test_bench_budget_reaches_the_timer(monkeypatch):
         main(["bench", "--device", "cpu", "--ops", "op", "--budget", "-1"])
 
 
+def test_bench_unknown_names_are_refused_with_the_known_ones(monkeypatch, capsys):
+    """A misspelt name in --ops is an argparse error listing the op names, also next to a
+    known one (which alone would have run, silently dropping the other)."""
+    from latentfast.__main__ import main
+    from latentfast.bench.cases import Case
+
+    x = torch.randn(3)
+    case = Case("op", "c", (x,), lambda t: (t * 2,), lambda t: (t + t,), (0,), 24, 3, compile=False)
+    monkeypatch.setattr(runner, "make_cases", lambda dev, quick: [case])
+    monkeypatch.setattr(runner, "time_interleaved_ms", lambda fns, *a, **k: {name: 1.0 for name in fns})
+    for ops in (["nope"], ["op", "nope"]):
+        with pytest.raises(runner.UnknownCase, match=r"\['nope'\]; op names: geodesic, op"):
+            runner.run_suite(ops, "cpu", quick=True)
+        with pytest.raises(SystemExit):
+            main(["bench", "--device", "cpu", "--ops", *ops])
+        assert "no benchmark case matches ['nope']" in capsys.readouterr().err
+    assert runner.run_suite(["c"], "cpu", quick=True)  # a case name is known too
+
+
 def _script(name: str):
     import importlib.util
     from pathlib import Path

@@ -252,16 +252,26 @@ def merge_rows(path: str, rows: list[dict], env: dict) -> tuple[int, int]:
     return replaced, added
 
 
+class UnknownCase(ValueError):
+    """A name given to run_suite matches no benchmark op or case."""
+
+
 def run_suite(ops: list[str] | None = None, device: str = "cpu", quick: bool = False,
               json_path: str | None = None, merge_path: str | None = None,
               budget_s: float | None = None) -> list[dict]:
     """Run every case (or those whose op or case name is in `ops`) and print the table; write
     the rows to `json_path` (a new file) and/or merge them into `merge_path` (see merge_rows)."""
     dev = torch.device(device)
-    cases = [c for c in make_cases(dev, quick) if not ops or c.op in ops or c.name in ops]
-    want_geodesics = not ops or bool({"geodesic", "geodesics_1000"} & set(ops))
-    if not cases and not want_geodesics:
-        raise ValueError(f"no benchmark case matches {ops}")
+    every = make_cases(dev, quick)
+    geodesic_names = {"geodesic", "geodesics_1000"}
+    if ops:
+        known = {c.op for c in every} | {c.name for c in every} | geodesic_names
+        unknown = [o for o in ops if o not in known]
+        if unknown:
+            raise UnknownCase(f"no benchmark case matches {unknown}; op names: "
+                              f"{', '.join(sorted({c.op for c in every} | {'geodesic'}))} (or a case name)")
+    cases = [c for c in every if not ops or c.op in ops or c.name in ops]
+    want_geodesics = not ops or bool(geodesic_names & set(ops))
     env = environment(dev)
     rows: list[dict] = []
 
