@@ -19,8 +19,24 @@ Encoder = Callable[[Tensor], Tensor]
 
 @torch.no_grad()
 def _encode(encode: Encoder, data, factors: Tensor, batch: int = 1024) -> Tensor:
-    return torch.cat([encode(data.observations(factors[i:i + batch])).float().cpu()
-                      for i in range(0, factors.shape[0], batch)])
+    codes = []
+    for i in range(0, factors.shape[0], batch):
+        z = encode(data.observations(factors[i:i + batch]))
+        n = min(batch, factors.shape[0] - i)
+        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != n or z.shape[1] < 1:
+            raise ValueError(f"encode must return codes [n, d] (d >= 1) for n observations; for n = {n} it returned "
+                             f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("encode returned NaN or Inf codes")
+        codes.append(z.float().cpu())
+    return torch.cat(codes)
+
+
+def _check_counts(**counts: int) -> None:
+    """Each count must be at least its minimum: name=(value, minimum)."""
+    for name, (value, least) in counts.items():
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
 
 
 def _fixed_factor_batches(data, n_points: int, batch_size: int, gen: torch.Generator
@@ -41,6 +57,7 @@ def beta_vae_score(encode: Encoder, data, n_train: int = 500, n_test: int = 300,
     from the mean absolute code difference |z_a - z_b| (Higgins et al. 2017)."""
     from sklearn.linear_model import LogisticRegression
 
+    _check_counts(n_train=(n_train, 1), n_test=(n_test, 1), batch_size=(batch_size, 1))
     gen = torch.Generator().manual_seed(seed)
     feats, labels = [], []
     for n in (n_train, n_test):
@@ -60,6 +77,8 @@ def factor_vae_score(encode: Encoder, data, n_train: int = 500, n_test: int = 30
     """Majority-vote accuracy of predicting the fixed factor from the code dimension of least
     normalised variance in a batch where that factor is held fixed (Kim & Mnih 2018).
     Dimensions whose global standard deviation is below 0.05 are pruned as inactive."""
+    # a variance within a batch needs 2 points, the global one too
+    _check_counts(n_train=(n_train, 1), n_test=(n_test, 1), batch_size=(batch_size, 2), n_variance=(n_variance, 2))
     gen = torch.Generator().manual_seed(seed)
     z_all = _encode(encode, data, data.sample_factors(n_variance, gen))
     std = z_all.std(0)
@@ -102,6 +121,7 @@ def _mutual_info(a: Tensor, b: Tensor) -> float:
 
 def discretize(z: Tensor, n_bins: int = 20) -> Tensor:
     """Each column of z [n, d] to n_bins equal-width bins over its range: [n, d] integers."""
+    _check_counts(n_bins=(n_bins, 1))
     lo, hi = z.min(0).values, z.max(0).values
     width = (hi - lo).clamp_min(1e-12) / n_bins
     return ((z - lo) / width).floor().clamp(0, n_bins - 1).long()
@@ -110,6 +130,7 @@ def discretize(z: Tensor, n_bins: int = 20) -> Tensor:
 def mig(encode: Encoder, data, n_points: int = 10000, n_bins: int = 20, seed: int = 0) -> float:
     """Mutual information gap: the mean over factors of (largest - second largest) mutual
     information between the factor and one code dimension, over the factor's entropy."""
+    _check_counts(n_points=(n_points, 1), n_bins=(n_bins, 1))
     gen = torch.Generator().manual_seed(seed)
     f = data.sample_factors(n_points, gen)
     z = discretize(_encode(encode, data, f), n_bins)

@@ -94,3 +94,19 @@ def test_sprites_dataset():
     assert len(set(areas)) == 3
     with pytest.raises(ValueError):
         make_sprites(4)
+
+
+def test_metrics_refuse_bad_counts_and_bad_codes():
+    """Counts below what a metric needs (no points, a one-point batch for a variance, no
+    bins) and encoders that return the wrong shape or non-finite codes raise ValueError:
+    before, some failed deep inside (torch.cat of nothing) and some returned a score."""
+    for call, match in ((lambda: dis.mig(identity, DATA, n_points=0), "n_points"),
+                        (lambda: dis.mig(identity, DATA, n_points=10, n_bins=0), "n_bins"),
+                        (lambda: dis.beta_vae_score(identity, DATA, n_train=0), "n_train"),
+                        (lambda: dis.factor_vae_score(identity, DATA, n_train=5, n_test=5, batch_size=1), "batch_size"),
+                        (lambda: dis.discretize(torch.randn(4, 2), n_bins=0), "n_bins"),
+                        (lambda: dis.mig(lambda x: x[:, 0], DATA, n_points=10), r"codes \[n, d\]"),
+                        (lambda: dis.mig(lambda x: x[:3], DATA, n_points=10), r"codes \[n, d\]"),
+                        (lambda: dis.mig(lambda x: x * float("nan"), DATA, n_points=10), "NaN")):
+        with pytest.raises(ValueError, match=match):
+            call()
