@@ -40,6 +40,8 @@ class ActNorm(nn.Module):
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         """Data-dependent init: bias = -mean, logs = -log(std) over (N, H, W)."""
+        if x.shape[0] == 0:
+            raise ValueError("ActNorm cannot be initialised from an empty batch")
         mean = x.mean(dim=(0, 2, 3))
         std = x.std(dim=(0, 2, 3), unbiased=False)
         self.bias.copy_(-mean)
@@ -47,7 +49,9 @@ class ActNorm(nn.Module):
         self.initialized.fill_(True)
 
     def maybe_initialize(self, x: Tensor) -> None:
-        if not torch.compiler.is_compiling() and not bool(self.initialized):
+        """Initialise from x on the first call with data (an empty batch waits: its mean and
+        standard deviation are NaN)."""
+        if not torch.compiler.is_compiling() and x.shape[0] > 0 and not bool(self.initialized):
             self.initialize(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -205,6 +205,13 @@ class VectorAdditiveCoupling(VectorAffineCoupling):
         MaskedFlowStack.__init__(self, dim, hidden, n_steps, "additive_coupling", context_dim)
 
 
+def _check_vectors(name: str, x: Tensor, dim: int) -> None:
+    """x must be [B, dim] (a flow layer on vectors; Flow.log_prob flattens other batch shapes)."""
+    check_tensor(name, x, 2)
+    if x.shape[1] != dim:
+        raise ValueError(f"{name} must be [B, {dim}], got {tuple(x.shape)}")
+
+
 class Permutation(nn.Module):
     """A fixed permutation of the coordinates (default: reversal); logdet 0."""
 
@@ -217,9 +224,11 @@ class Permutation(nn.Module):
         self.register_buffer("inv_perm", torch.argsort(perm))
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_vectors("z", z, self.perm.shape[0])
         return z[:, self.perm], z.new_zeros(z.shape[0])
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_vectors("x", x, self.perm.shape[0])
         return x[:, self.inv_perm], x.new_zeros(x.shape[0])
 
 
@@ -245,10 +254,12 @@ class LULinear(nn.Module):
         return flow_ops.lu_weight(self.perm, self.lower, self.upper, self.sign_s, self.log_abs_s)
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_vectors("z", z, self.bias.shape[0])
         w, _, logdet = self.weights()
         return torch.addmm(self.bias, z, w.t()), logdet.expand(z.shape[0])
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_vectors("x", x, self.bias.shape[0])
         _, w_inv, logdet = self.weights()
         return (x - self.bias) @ w_inv.t(), logdet.expand(x.shape[0])
 

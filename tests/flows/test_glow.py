@@ -103,6 +103,23 @@ def test_squeeze_roundtrip():
     assert torch.equal(Squeeze().inverse(y), x)
 
 
+def test_actnorm_waits_for_a_non_empty_batch_to_initialise():
+    """An empty first batch has NaN statistics: ActNorm (and a Glow through it) stays
+    uninitialised instead of taking NaN parameters, and the next batch initialises it."""
+    norm = ActNorm(3)
+    y, ld = norm(torch.randn(0, 3, 2, 2))
+    assert y.shape == (0, 3, 2, 2) and ld.shape == (0,) and not bool(norm.initialized)
+    x = torch.randn(5, 3, 4, 4) * 2 + 1
+    y, _ = norm(x)
+    assert bool(norm.initialized)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="empty batch"):
+        ActNorm(3).initialize(torch.randn(0, 3, 2, 2))
+    glow = Glow(1, 4, n_levels=1, steps_per_level=1, hidden=4)
+    assert glow.log_prob(torch.randn(0, 1, 4, 4)).shape == (0,)
+    assert all(bool(torch.isfinite(p).all()) for p in glow.parameters())
+
+
 def test_bad_inputs_raise():
     glow = _glow()
     with pytest.raises(ValueError, match="8, 8"):

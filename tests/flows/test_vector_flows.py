@@ -716,6 +716,11 @@ def test_bad_inputs_raise():
         vf.MaskedFlowStack(4, kind="spline")
     with pytest.raises(ValueError, match="permutation"):
         vf.made_degrees(3, 4, torch.tensor([0, 0, 1]))
+    for layer in (vf.Permutation(4), vf.LULinear(4)):  # a wrong width (Permutation used to cut it)
+        with pytest.raises(ValueError, match=r"z must be \[B, 4\]"):
+            layer(torch.randn(2, 5))
+        with pytest.raises(ValueError, match=r"x must be \[B, 4\]"):
+            layer.inverse(torch.randn(2, 3))
 
 
 @pytest.mark.skipif(interpreting(), reason="torch.compile traced once on the default backends")
