@@ -71,7 +71,15 @@ def _feature_fn(decoder) -> Callable[[Tensor], Tensor]:
     if not callable(decoder):
         raise TypeError(f"decoder must be a GaussianMLPDecoder, MLPParams, nn.Sequential or a "
                         f"callable z -> features, got {type(decoder).__name__}")
-    return decoder
+
+    def features(z: Tensor) -> Tensor:
+        g = decoder(z)
+        if not isinstance(g, Tensor) or g.dim() != z.dim() or g.shape[:-1] != z.shape[:-1]:
+            got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            raise ValueError(f"a decoder callable must map latent points [..., d] to features [..., D]; for "
+                             f"points {tuple(z.shape)} it returned {got}")
+        return g
+    return features
 
 
 def _check_points(name: str, z: Tensor) -> None:
@@ -348,6 +356,8 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
         raise TypeError("z0 and z1 must have the same dtype and device")
     if n_segments < 2:
         raise ValueError(f"n_segments must be >= 2, got {n_segments}")
+    if not tol >= 0 or max_iter < 0:
+        raise ValueError(f"need tol >= 0 and max_iter >= 0, got {tol} and {max_iter}")
     if init not in ("line", "graph"):
         raise ValueError(f"init must be 'line' or 'graph', got {init!r}")
     if init == "graph" and data is None:
@@ -384,6 +394,10 @@ def interpolate(decoder, curves: Tensor, n_points: int) -> Tensor:
     check_tensor("curves", curves, 3)
     if curves.shape[1] < 2:
         raise ValueError(f"curves need at least 2 points, got {curves.shape[1]}")
+    p = as_mlp(decoder)
+    if p is not None and curves.shape[2] != p.weights[0].shape[1]:
+        raise ValueError(f"the decoder takes latent points of dimension {p.weights[0].shape[1]}, got curves "
+                         f"{tuple(curves.shape)}")
     if n_points < 2:
         raise ValueError(f"n_points must be >= 2, got {n_points}")
     with torch.no_grad():  # where each point falls (the weights are constants, as the positions' spacing)

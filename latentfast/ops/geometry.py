@@ -530,6 +530,9 @@ def check_mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list
     for i, (w, b, a) in enumerate(zip(weights, biases, acts)):
         check_tensor(f"weights[{i}]", w, 2, like=x)
         check_tensor(f"biases[{i}]", b, 1, like=x)
+        if i == 0 and w.shape[1] != width:
+            raise ValueError(f"the decoder takes latent points of dimension {w.shape[1]} (weights[0] is "
+                             f"{tuple(w.shape)}), got points of dimension {width}")
         if w.shape[1] != width:
             raise ValueError(f"weights[{i}] must have {width} columns, got shape {tuple(w.shape)}")
         if b.shape[0] != w.shape[0]:

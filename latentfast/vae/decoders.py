@@ -148,10 +148,21 @@ def fit_rbf_variance(decoder: GaussianMLPDecoder, latents: Tensor, data: Tensor,
 
     Centres: k-means on the latents; bandwidths lambda_k = 0.5 (curvature * mean distance of
     cluster k's members to c_k)^-2; W by maximum likelihood of the data under
-    N(mu(z), sigma(z)^2) with the mean network fixed.
+    N(mu(z), sigma(z)^2) with the mean network fixed. With fewer latents than n_centres,
+    every latent is a centre.
     """
+    if not (isinstance(latents, Tensor) and latents.dim() == 2 and latents.shape[1] == decoder.latent_dim
+            and latents.shape[0] >= 1):
+        raise ValueError(f"latents must be [N, {decoder.latent_dim}] with N >= 1, got "
+                         f"{tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__}")
+    if not isinstance(data, Tensor) or data.dim() < 2 or math.prod(data.shape[1:]) != decoder.out_dim:
+        raise ValueError(f"data must be [N, {decoder.out_dim}] (or [N, ...] with {decoder.out_dim} values a row), got "
+                         f"{tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__}")
     if latents.shape[0] != data.shape[0]:
         raise ValueError("latents and data must have the same number of rows")
+    if n_centres < 1 or steps < 0 or not (curvature > 0 and zeta > 0):
+        raise ValueError(f"need n_centres >= 1, steps >= 0, curvature > 0 and zeta > 0, got {n_centres}, {steps}, "
+                         f"{curvature} and {zeta}")
     gen = torch.Generator().manual_seed(seed)
     z = latents.detach()
     x = data.detach().reshape(data.shape[0], -1)

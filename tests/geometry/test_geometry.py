@@ -266,7 +266,7 @@ def test_bad_inputs_raise():
         geo.geodesic(torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64), dec, init="spline")
     with pytest.raises(ValueError, match="data"):
         geo.geodesic(torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64), dec, init="graph")
-    with pytest.raises(ValueError, match="columns"):
+    with pytest.raises(ValueError, match="latent points of dimension 2"):
         geo.metric(dec, torch.zeros(3, 5, dtype=F64))
     with pytest.raises(ValueError, match="step_size"):
         geo.random_walk(dec, torch.zeros(1, 2, dtype=F64), 3, step_size=0.0)
@@ -285,6 +285,15 @@ def test_bad_inputs_raise():
             geo.knn_predict(dec, x, y, x, k=k, n_segments=4)
     with pytest.raises(ValueError, match="y_train"):
         geo.knn_predict(dec, x, y[:, None], x, k=1, n_segments=4)
+    with pytest.raises(ValueError, match="tol >= 0"):
+        geo.geodesic(z, z + 1, dec, tol=-1.0)
+    with pytest.raises(ValueError, match="latent points of dimension 2"):
+        geo.interpolate(dec, torch.zeros(2, 4, 3, dtype=F64), 5)
+    for bad in (lambda q: q.sum(1), lambda q: q[..., None].expand(*q.shape, 3)):  # [N] or [N, d, 3], not [N, D]
+        with pytest.raises(ValueError, match=r"decoder callable must map latent points \[\.\.\., d\]"):
+            geo.metric(bad, z)
+        with pytest.raises(ValueError, match=r"decoder callable must map latent points \[\.\.\., d\]"):
+            geo.curve_length(bad, torch.zeros(2, 4, 2, dtype=F64))
 
 
 def test_exp_map_into_a_degenerate_metric_raises_a_clear_error():
@@ -365,6 +374,15 @@ def test_vae_bad_inputs_raise():
         assert model.embed(torch.randn(4, 2, 3)).shape == (4, 2)
     with pytest.raises(ValueError, match="N >= 1"):
         fit(VAE(6, latent_dim=2, hidden=(8,)), torch.randn(0, 6), progress=False)
+    dec = GaussianMLPDecoder(2, 5, (8,))
+    z, x = torch.randn(20, 2), torch.randn(20, 5)
+    for args, kw, match in (((z[:, :1], x), {}, r"latents must be \[N, 2\]"),
+                            ((z, x[:, :4]), {}, r"data must be \[N, 5\]"),
+                            ((z, x[:10]), {}, "same number of rows"),
+                            ((z, x), {"n_centres": 0}, "n_centres >= 1")):
+        with pytest.raises(ValueError, match=match):
+            fit_rbf_variance(dec, *args, steps=2, **kw)
+    assert fit_rbf_variance(dec, z[:3], x[:3], n_centres=10, steps=2).centres.shape == (3, 2)  # every latent a centre
 
 
 def test_beta_vae_has_smaller_kl():

@@ -401,8 +401,10 @@ def test_bad_inputs_raise():
     z = torch.randn(4, 3)
     with pytest.raises(ValueError, match="dimensions"):
         ops.pullback_metric(z[0], w, b, a, *extra)
-    with pytest.raises(ValueError, match="columns"):
+    with pytest.raises(ValueError, match="decoder takes latent points of dimension 3"):
         ops.pullback_metric(torch.randn(4, 2), w, b, a, *extra)
+    with pytest.raises(ValueError, match=r"weights\[1\] must have 5 columns"):
+        ops.pullback_metric(z, [w[0], w[1][:, :4], *w[2:]], b, a, *extra)
     with pytest.raises(TypeError, match="dtype"):
         ops.pullback_metric(z.double(), w, b, a, *extra)
     with pytest.raises(ValueError, match="activation code"):
