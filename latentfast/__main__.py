@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         except UnknownCase as err:
             parser.error(str(err))
     elif args.cmd == "demo":
+        if args.epochs is not None and args.epochs < 1:
+            parser.error(f"--epochs must be >= 1, got {args.epochs}")
         kw = {} if args.epochs is None else {"epochs": args.epochs}
         if args.name == "geodesics":
             from latentfast.demos import geodesics

@@ -231,3 +231,12 @@ def test_glow_bandwidth_script_dry_run(tmp_path, backend):
         assert "error" not in r and r["sync_ms"] > 0 and r["bytes"] == 3 * 2 * 8 * 5 * 5 * 4
     op = next(r for r in data["rows"] if r["variant"] == "op")
     assert op["rel_err_y"] < 1e-5 and op["rel_err_logdet"] < 1e-5
+
+
+def test_demo_refuses_epochs_below_one(capsys):
+    from latentfast.__main__ import main
+
+    for name in ("geodesics", "dynamics", "betavae"):
+        with pytest.raises(SystemExit):
+            main(["demo", name, "--epochs", "0"])
+        assert "--epochs must be >= 1" in capsys.readouterr().err
