@@ -105,9 +105,12 @@ def fit_latent_sequence(model: LatentSequenceModel, frames: Tensor, n_obs: int, 
     check_tensor("frames", frames, 3)
     if not 1 <= n_obs <= frames.shape[1]:
         raise ValueError(f"n_obs must be in [1, {frames.shape[1]}], got {n_obs}")
+    if frames.shape[0] < 1 or batch_size < 1 or epochs < 0:
+        raise ValueError(f"need N >= 1 sequences, batch_size >= 1 and epochs >= 0, got {frames.shape[0]}, "
+                         f"{batch_size} and {epochs}")
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
     history = []
     bar = tqdm(range(epochs), desc="latent sequence VAE", disable=not progress)
     for epoch in bar:

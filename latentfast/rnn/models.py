@@ -248,13 +248,20 @@ def fit_sequence_model(model: SequenceModel, data: Tensor, epochs: int = 20, win
     """Next-step training with teacher forcing on windows of trajectories data [N, T, D].
     The first `warmup` predictions of a window are not scored (the state is still cold).
     Returns the mean loss per epoch."""
-    if data.dim() != 3 or data.shape[-1] != model.dim:
-        raise ValueError(f"data must be [N, T, {model.dim}], got {tuple(data.shape)}")
+    if data.dim() != 3 or data.shape[-1] != model.dim or data.shape[0] < 1:
+        raise ValueError(f"data must be [N, T, {model.dim}] with N >= 1, got {tuple(data.shape)}")
+    if not 0 <= warmup < window < data.shape[1]:
+        raise ValueError(f"need 0 <= warmup < window < T (a window scores window - warmup predictions and needs "
+                         f"window + 1 points), got warmup {warmup}, window {window}, T {data.shape[1]}")
+    if batch_size < 1 or epochs < 0:
+        raise ValueError(f"need batch_size >= 1 and epochs >= 0, got {batch_size} and {epochs}")
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
     n, t_len, _ = data.shape
-    starts = torch.arange(0, t_len - window - 1, window // 2)
+    # window starts every window // 2 steps (the last possible start, t_len - window - 1, is
+    # left out unless it is the only one)
+    starts = torch.arange(0, max(t_len - window - 1, 1), max(window // 2, 1))
     pairs = torch.cartesian_prod(torch.arange(n), starts)
     history = []
     bar = tqdm(range(epochs), desc="GRU", disable=not progress)

@@ -61,6 +61,8 @@ def test_bad_inputs_raise():
         model.decode(torch.zeros(2, 3), 4)
     with pytest.raises(ValueError, match="n_obs"):
         fit_latent_sequence(model, torch.rand(4, 3, 16), 5, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        fit_latent_sequence(model, torch.rand(4, 3, 16), 2, epochs=1, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="cell"):
         LatentSequenceModel(16, cell="rnn")
     with pytest.raises(ValueError, match="n_steps"):

@@ -100,6 +100,13 @@ def test_sequence_model_bad_inputs_raise_and_zero_steps_forecast_nothing(cell):
             model(bad)
     with pytest.raises(ValueError, match="same shape"):
         valid_prediction_time(torch.zeros(2, 5, 3), torch.zeros(2, 4, 3), torch.ones(3))
+    data = torch.randn(2, 12, 3)
+    for kw in ({"window": 12}, {"window": 6, "warmup": -1}, {"window": 6, "warmup": 6}):  # no window fits / none scored
+        with pytest.raises(ValueError, match="warmup < window < T"):
+            fit_sequence_model(model, data, epochs=1, progress=False, **kw)
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        fit_sequence_model(model, data, epochs=1, window=6, warmup=2, batch_size=0, progress=False)
+    assert len(fit_sequence_model(model, data, epochs=1, window=11, warmup=2, progress=False)) == 1  # one window
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
