@@ -101,6 +101,13 @@ class Glow(nn.Module):
             raise ValueError(f"expected {self.n_levels} latents, got {len(zs)}")
         h = zs[-1]
         check_tensor("zs[-1]", h, 4)
+        for level, (z, shape) in enumerate(zip(zs, self.latent_shapes)):
+            if z is None and level < self.n_levels - 1:
+                continue
+            check_tensor(f"zs[{level}]", z, 4, like=h)
+            if tuple(z.shape[1:]) != shape or z.shape[0] != h.shape[0]:
+                raise ValueError(f"zs[{level}] must be [{h.shape[0]}, {', '.join(map(str, shape))}] (the latent "
+                                 f"shapes are {self.latent_shapes}), got {tuple(z.shape)}")
         with checked_once():
             for level in reversed(range(self.n_levels)):
                 if level < self.n_levels - 1:

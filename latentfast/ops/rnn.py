@@ -133,6 +133,9 @@ def _check_rnn(name: str, n_gates: int, x: Tensor, states: tuple, weight_ih: Ten
     if weight_hh.shape[0] != g:
         raise ValueError(f"{name}: weight_hh must be [{n_gates}H, H], got {tuple(weight_hh.shape)}")
     check_tensor("weight_ih", weight_ih, 2, like=x)
+    if weight_ih.shape[0] == g and weight_ih.shape[1] != x.shape[2]:
+        raise ValueError(f"{name}: x has {x.shape[2]} input features but weight_ih {tuple(weight_ih.shape)} takes "
+                         f"{weight_ih.shape[1]}")
     if tuple(weight_ih.shape) != (g, x.shape[2]):
         raise ValueError(f"{name}: weight_ih must be [{g}, {x.shape[2]}], got {tuple(weight_ih.shape)}")
     for bname, bias in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):

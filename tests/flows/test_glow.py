@@ -149,6 +149,10 @@ def test_bad_inputs_raise():
     assert glow.sample(0).shape == (0, 1, 8, 8)
     with pytest.raises(ValueError, match="n_bins"):
         dequantize(torch.zeros(2, 1, 8, 8), n_bins=0)
+    zs = glow.encode(torch.rand(2, 1, 8, 8) - 0.5)[0]
+    for i, bad in ((0, zs[0][:1]), (0, zs[0][:, :1]), (1, zs[1][..., :1]), (len(zs) - 1, zs[-1][:, :8])):
+        with pytest.raises(ValueError, match=rf"zs\[{i}\] must be \[2, "):
+            glow.decode([*zs[:i], bad, *zs[i + 1:]])
 
 
 @pytest.mark.slow

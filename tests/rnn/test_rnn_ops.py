@@ -88,8 +88,10 @@ def test_bad_inputs_raise():
     x = torch.randn(5, 2, 3)
     with pytest.raises(ValueError, match="dimensions"):
         ops.gru_sequence(x[0], None, *_params(g))
-    with pytest.raises(ValueError, match="weight_ih"):
+    with pytest.raises(ValueError, match="x has 4 input features but weight_ih"):
         ops.gru_sequence(torch.randn(5, 2, 4), None, *_params(g))
+    with pytest.raises(ValueError, match=r"weight_ih must be \[12, 3\]"):
+        ops.gru_sequence(x, None, torch.zeros(11, 3), *_params(g)[1:])
     with pytest.raises(ValueError, match="h0"):
         ops.gru_sequence(x, torch.zeros(3, 4), *_params(g))
     with pytest.raises(TypeError, match="dtype"):
