@@ -94,6 +94,7 @@ class Glow(nn.Module):
         return self._decode(zs, 1.0)
 
     def inverse(self, zs: list[Tensor]) -> Tensor:
+        """decode(zs): x from the latent list."""
         return self.decode(zs)
 
     def _decode(self, zs: list[Tensor | None], temperature: float) -> Tensor:

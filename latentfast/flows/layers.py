@@ -55,12 +55,15 @@ class ActNorm(nn.Module):
             self.initialize(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(x + bias) * exp(logs) per channel of x [N, C, H, W], and the log-det [N] = H W
+        sum(logs). The first call with data initialises bias and logs from it."""
         _check_image("x", x, self.channels)
         self.maybe_initialize(x)
         y = (x + self.bias[None, :, None, None]) * torch.exp(self.logs)[None, :, None, None]
         return y, (x.shape[2] * x.shape[3] * self.logs.sum()).expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
+        """x = y * exp(-logs) - bias."""
         _check_image("y", y, self.channels)
         return y * torch.exp(-self.logs)[None, :, None, None] - self.bias[None, :, None, None]
 
@@ -96,12 +99,14 @@ class InvConv1x1(nn.Module):
         return self.weight, torch.linalg.inv(self.weight), torch.linalg.slogdet(self.weight)[1]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """W x per pixel of x [N, C, H, W], and the log-det [N] = H W log|det W|."""
         _check_image("x", x, self.channels)
         w, _, logdet = self.weights()
         y = ops.actnorm_invconv(x, w, torch.zeros_like(w[0]))
         return y, (x.shape[2] * x.shape[3] * logdet).expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
+        """W^-1 y per pixel."""
         _check_image("y", y, self.channels)
         _, w_inv, _ = self.weights()
         return ops.actnorm_invconv(y, w_inv, torch.zeros_like(w_inv[0]))
@@ -119,6 +124,7 @@ class ZeroConv2d(nn.Module):
         self.scale = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        """conv3x3(x) * exp(3 scale)."""
         return self.conv(x) * torch.exp(self.scale * 3.0)
 
 
@@ -150,12 +156,15 @@ class AffineCoupling(nn.Module):
         self.net = net if net is not None else coupling_net(half, half if additive else channels, hidden)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(y [N, C, H, W], log-det [N]) with the first channel half passed through and the second
+        transformed given net(first half)."""
         _check_image("x", x, self.channels)
         x_a, x_b = x.chunk(2, dim=1)
         y_b, logdet = ops.affine_coupling(x_b, self.net(x_a), self.additive)
         return torch.cat([x_a, y_b], dim=1), logdet
 
     def inverse(self, y: Tensor) -> Tensor:
+        """x from y (the first half is unchanged, so net(y_a) = net(x_a))."""
         _check_image("y", y, self.channels)
         y_a, y_b = y.chunk(2, dim=1)
         x_b, _ = ops.affine_coupling_inverse(y_b, self.net(y_a), self.additive)
@@ -189,6 +198,8 @@ class GlowStep(nn.Module):
         self.coupling = AffineCoupling(channels, hidden, additive=additive)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """ActNorm, 1x1 conv and coupling of x [N, C, H, W]: (y, log-det [N]). fused=True (default)
+        runs the folded map and the coupling as latentfast ops."""
         if not self.fused:
             y, ld0 = self.actnorm(x)
             y, ld1 = self.invconv(y)
@@ -204,6 +215,7 @@ class GlowStep(nn.Module):
         return y, logdet + x.shape[2] * x.shape[3] * (self.actnorm.logs.sum() + logdet_w)
 
     def inverse(self, y: Tensor) -> Tensor:
+        """x from y: the coupling's inverse, then the inverse of the folded ActNorm + 1x1 conv map."""
         if not self.fused:
             return self.actnorm.inverse(self.invconv.inverse(self.coupling.inverse(y)))
         _check_image("y", y, self.channels)
@@ -234,10 +246,12 @@ class Squeeze(nn.Module):
     """Space-to-depth reshaping (logdet 0)."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(squeeze2d(x) [N, 4C, H/2, W/2], zeros [N])."""
         check_tensor("x", x, 4)
         return squeeze2d(x), x.new_zeros(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
+        """unsqueeze2d(y) [N, C/4, 2H, 2W]."""
         check_tensor("y", y, 4)
         return unsqueeze2d(y)
 
@@ -266,6 +280,7 @@ class Split(nn.Module):
         return z1, z2, gaussian_log_p(z2, mean, log_sd).flatten(1).sum(1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(z1, log p(z2 | z1) [N]) with x = cat(z1, z2) along channels."""
         z1, _, log_p = self.encode(x)
         return z1, log_p
 

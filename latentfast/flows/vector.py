@@ -58,9 +58,11 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("mask", mask.to(self.weight.dtype))
 
     def masked_weight(self) -> Tensor:
+        """weight * mask (the connections MADE allows)."""
         return self.weight * self.mask
 
     def forward(self, x: Tensor) -> Tensor:
+        """x W_masked^T + b."""
         return nn.functional.linear(x, self.masked_weight(), self.bias)
 
 
@@ -139,10 +141,14 @@ class MaskedFlowStack(nn.Module):
         return (self.w1 * self.mask1, self.b1, self.w2 * self.mask2, self.b2, self.act.to(x.dtype), ctx)
 
     def forward_stack(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The K steps on x [B, d] (context h [B, c] or None) in one vector_flow_stack call: (y,
+        log|det dy/dx| [B])."""
         w1, b1, w2, b2, act, ctx = self._args(x, h)
         return ops.vector_flow_stack(x, w1, b1, w2, b2, act, ctx, self.additive)
 
     def inverse_stack(self, y: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x with forward_stack(x, h)[0] = y, and the forward's log|det| at x [B]
+        (vector_flow_stack_inverse)."""
         w1, b1, w2, b2, act, ctx = self._args(y, h)
         return ops.vector_flow_stack_inverse(y, w1, b1, w2, b2, act, ctx, self.additive, self.n_passes)
 
@@ -158,9 +164,11 @@ class IAF(MaskedFlowStack):
         super().__init__(dim, hidden, n_steps, "made", context_dim, gate_bias)
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """z -> x, the fast direction (sampling): (x [B, d], log|det dx/dz| [B])."""
         return self.forward_stack(z, context)
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x -> z, the sequential direction (density): (z [B, d], log|det dx/dz| [B] at z)."""
         return self.inverse_stack(x, context)
 
 
@@ -175,10 +183,12 @@ class MAF(MaskedFlowStack):
         super().__init__(dim, hidden, n_steps, "made", context_dim, gate_bias)
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """z -> x, the sequential direction (sampling): (x [B, d], log|det dx/dz| [B])."""
         x, neg = self.inverse_stack(z, context)
         return x, -neg
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x -> z, the fast direction (density): (z [B, d], log|det dx/dz| [B])."""
         z, ld = self.forward_stack(x, context)
         return z, -ld
 
@@ -192,9 +202,11 @@ class VectorAffineCoupling(MaskedFlowStack):
         super().__init__(dim, hidden, n_steps, "affine_coupling", context_dim, gate_bias)
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """z -> x: (x [B, d], log|det dx/dz| [B]); both directions are one pass."""
         return self.forward_stack(z, context)
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x -> z: (z [B, d], log|det dx/dz| [B] at z)."""
         return self.inverse_stack(x, context)
 
 
@@ -224,10 +236,12 @@ class Permutation(nn.Module):
         self.register_buffer("inv_perm", torch.argsort(perm))
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(z[:, perm], zeros [B])."""
         _check_vectors("z", z, self.perm.shape[0])
         return z[:, self.perm], z.new_zeros(z.shape[0])
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(x[:, perm^-1], zeros [B])."""
         _check_vectors("x", x, self.perm.shape[0])
         return x[:, self.inv_perm], x.new_zeros(x.shape[0])
 
@@ -254,11 +268,13 @@ class LULinear(nn.Module):
         return flow_ops.lu_weight(self.perm, self.lower, self.upper, self.sign_s, self.log_abs_s)
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(W z + b [B, d], log|det W| per row [B])."""
         _check_vectors("z", z, self.bias.shape[0])
         w, _, logdet = self.weights()
         return torch.addmm(self.bias, z, w.t()), logdet.expand(z.shape[0])
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(W^-1 (x - b) [B, d], log|det W| per row [B])."""
         _check_vectors("x", x, self.bias.shape[0])
         _, w_inv, logdet = self.weights()
         return (x - self.bias) @ w_inv.t(), logdet.expand(x.shape[0])
@@ -289,6 +305,7 @@ class Flow(nn.Module):
         return torch.Size([self.dim])
 
     def base(self) -> torch.distributions.Distribution:
+        """The base distribution (the one given, or a standard normal on the flow's device)."""
         if self._base is not None:
             return self._base
         loc = self._anchor
@@ -345,5 +362,6 @@ class Flow(nn.Module):
         return self.rsample_and_log_prob(shape.numel(), context)[0].reshape(*shape, self.dim)
 
     def sample(self, sample_shape: torch.Size | tuple[int, ...] | int = (), context: Tensor | None = None) -> Tensor:
+        """Samples [*sample_shape, d] without gradients."""
         with torch.no_grad():
             return self.rsample(sample_shape, context)

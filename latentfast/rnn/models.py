@@ -120,6 +120,8 @@ class GRU(_SingleLayerRNN):
                          device, dtype)
 
     def forward(self, x, h0: Tensor | None = None):
+        """As torch.nn.GRU.forward: x [T, B, I] ([B, T, I] with batch_first, [T, I] unbatched, or a
+        PackedSequence), h0 [1, B, H] or None -> (output, h_n [1, B, H])."""
         def seq(xx, states, all_states=False):
             out, h_n = gru_sequence(xx, states[0], *self.params(), batch_first=self.batch_first)
             if all_states:
@@ -147,6 +149,8 @@ class LSTM(_SingleLayerRNN):
                          device, dtype)
 
     def forward(self, x, hx: tuple[Tensor, Tensor] | None = None):
+        """As torch.nn.LSTM.forward: x as for GRU, hx = (h0, c0), each [1, B, H], or None ->
+        (output, (h_n, c_n))."""
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             raise ValueError("hx must be (h0, c0), each [1, B, H], or None")
 

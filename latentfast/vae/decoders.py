@@ -49,6 +49,7 @@ class RBFVariance(nn.Module):
         return (self.features(z) if features is None else features) @ self.weight.T + self.zeta
 
     def forward(self, z: Tensor) -> Tensor:
+        """sigma(z) = (W v(z) + zeta)^-1/2 [..., D]."""
         return self.precision(z).rsqrt()
 
 
@@ -65,6 +66,8 @@ class MLPParams:
     zeta: float = 0.0
 
     def args(self) -> tuple:
+        """(weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta): the fused ops'
+        trailing arguments."""
         return (self.weights, self.biases, self.acts, self.rbf_centres, self.rbf_lambda,
                 self.rbf_weight, self.zeta)
 
@@ -92,17 +95,21 @@ class GaussianMLPDecoder(nn.Module):
         self.rbf: RBFVariance | None = None
 
     def mean(self, z: Tensor) -> Tensor:
+        """mu(z) [..., D], the mean network."""
         h = z
         for layer, code in zip(self.layers, self.acts):
             h = activation(layer(h), code)
         return h
 
     def sigma(self, z: Tensor) -> Tensor:
+        """sigma(z) [..., D]: the RBF variance network once fitted, else a learned constant per
+        output."""
         if self.rbf is not None:
             return self.rbf(z)
         return self.log_sigma.exp().expand(*z.shape[:-1], self.out_dim)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu(z), sigma(z))."""
         return self.mean(z), self.sigma(z)
 
     def features(self, z: Tensor) -> Tensor:
@@ -112,6 +119,8 @@ class GaussianMLPDecoder(nn.Module):
         return torch.cat([mu, self.rbf(z)], -1) if self.rbf is not None else mu
 
     def mlp_params(self) -> MLPParams:
+        """The decoder as plain tensors for the fused geometry ops (the RBF network's included once
+        fitted)."""
         p = MLPParams([l.weight for l in self.layers], [l.bias for l in self.layers], list(self.acts))
         if self.rbf is not None:
             p.rbf_centres, p.rbf_lambda = self.rbf.centres, self.rbf.bandwidths

@@ -26,6 +26,7 @@ class MLPEncoder(nn.Module):
         self.head = nn.Linear(dims[-1], 2 * latent_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, log-variance) of q(z | x), each [N, d]; the log-variance clamped to [-12, 8]."""
         mean, logvar = self.head(self.body(x)).chunk(2, dim=-1)
         return mean, logvar.clamp(-12.0, 8.0)
 
@@ -66,6 +67,8 @@ class VAE(nn.Module):
         return x.flatten(1)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, log-variance) of q(z | x) [N, d] for x [N, D] (or [N, ...] with D values per
+        sample)."""
         return self.encoder(self.flat_input(x))
 
     def embed(self, x: Tensor) -> Tensor:
