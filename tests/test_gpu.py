@@ -19,6 +19,7 @@ from tests.geometry import test_geometry_ops as geo_t
 from tests.ops import test_autocast as amp_t
 from tests.ops import test_checks as checks_t
 from tests.ops import test_double_backward as dbl_t
+from tests.ops import test_empty_batches as empty_t
 from tests.ops import test_flows_ops as flow_t
 from tests.ops import test_transforms as tf_t
 from tests.rnn import test_lyapunov_ops as lyap_t
@@ -263,6 +264,12 @@ def test_geometry_ops_under_cuda_graph_capture(triton_cuda, rbf):
     assert len(captured) == len(want) == 4
     for got, ref_out in zip(captured, want):
         torch.testing.assert_close(got, ref_out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", empty_t.CASES)
+def test_ops_on_an_empty_batch_on_cuda(triton_cuda, name):
+    """Zero-size grids and the wrappers' sizes from an empty batch on the GPU."""
+    empty_t.test_op_on_an_empty_batch(triton_cuda, name)
 
 
 def test_check_finite_on_cuda():

@@ -256,7 +256,7 @@ def affine_coupling_fwd(x: Tensor, h: Tensor, additive: bool, inverse: bool) -> 
     """Elementwise coupling (forward or inverse) and its log-det [N]."""
     x, h = x.contiguous(), h.contiguous()
     n = x.shape[0]
-    cbp = x[0].numel()
+    cbp = x.shape[1:].numel()  # (x[0] does not exist for an empty batch)
     block = 1024
     grid = (n, triton.cdiv(cbp, block))
     y = torch.empty_like(x)
@@ -271,7 +271,7 @@ def affine_coupling_bwd(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, h: Tenso
     if additive:
         return grad_y.clone(), grad_y.clone()
     grad_y, x, h = grad_y.contiguous(), x.contiguous(), h.contiguous()
-    n, cbp = x.shape[0], x[0].numel()
+    n, cbp = x.shape[0], x.shape[1:].numel()
     gx, gh = torch.empty_like(x), torch.empty_like(h)
     block = 1024
     _coupling_bwd_kernel[(n, triton.cdiv(cbp, block))](grad_y, grad_logdet.contiguous(), x, h, gx, gh,
