@@ -73,6 +73,8 @@ class LatentSequenceModel(nn.Module):
     def loss(self, frames: Tensor, n_obs: int, beta: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
         """(negative ELBO per sequence, reconstruction term, KL term) with the whole window
         scored (the frames after n_obs are predicted from the observed ones)."""
+        if frames.shape[0] == 0:
+            raise ValueError("the loss of an empty batch (B = 0) is undefined")
         logits, mu, log_var = self(frames, n_obs)
         rec = F.binary_cross_entropy_with_logits(logits, frames, reduction="none").sum((1, 2)).mean()
         kl = kl_per_dim(mu, log_var).sum(1).mean()

@@ -61,6 +61,9 @@ def test_bad_inputs_raise():
         model.decode(torch.zeros(2, 3), 4)
     with pytest.raises(ValueError, match="n_obs"):
         fit_latent_sequence(model, torch.rand(4, 3, 16), 5, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="empty batch"):
+        model.loss(torch.rand(0, 3, 16), 2)
+    assert model(torch.rand(0, 3, 16), n_obs=2)[0].shape == (0, 3, 16)
     with pytest.raises(ValueError, match="batch_size >= 1"):
         fit_latent_sequence(model, torch.rand(4, 3, 16), 2, epochs=1, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="cell"):
