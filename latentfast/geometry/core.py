@@ -6,6 +6,11 @@ Every function takes a `decoder`:
   or Triton backend);
 - any other callable f(z [N, d]) -> [N, D]: the generic path (torch.func Jacobians and
   autograd), correct for any differentiable decoder, only slower.
+The decoder is held fixed: results are differentiable with respect to the latent points and
+curves, never the decoder's parameters (detached on both paths: an nn.Module decoder, or a
+method of one, runs with its parameters detached; a plain function's own tensors are used
+as they are). For a loss on the decoder's parameters (a metric regulariser, say), call the
+ops with live parameters: latentfast.ops.geometry.pullback_metric(z, *decoder.mlp_params().args()).
 The metric is the pull-back M(z) = J_g(z)^T J_g(z) of the feature map g (cat(mu, sigma) for
 a decoder with an RBF variance network, else its mean).
 """
@@ -61,6 +66,19 @@ def as_mlp(decoder) -> MLPParams | None:
                      det(p.rbf_centres), det(p.rbf_lambda), det(p.rbf_weight), p.zeta)
 
 
+class _FixedParams(nn.Module):
+    """Calls fn (an nn.Module, or a method of one: `owner`) so that torch.func.functional_call
+    can swap owner's parameters for detached ones (the decoder is held fixed, as on the fused
+    path)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], owner: nn.Module) -> None:
+        super().__init__()
+        self.fn, self.owner = fn, owner
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.fn(z)
+
+
 def _feature_fn(decoder) -> Callable[[Tensor], Tensor]:
     """g(z) for any decoder (used by the generic path and the exponential map)."""
     p = as_mlp(decoder)
@@ -72,8 +90,16 @@ def _feature_fn(decoder) -> Callable[[Tensor], Tensor]:
         raise TypeError(f"decoder must be a GaussianMLPDecoder, MLPParams, nn.Sequential or a "
                         f"callable z -> features, got {type(decoder).__name__}")
 
+    owner = decoder if isinstance(decoder, nn.Module) else getattr(decoder, "__self__", None)
+    if isinstance(owner, nn.Module) and any(True for _ in owner.parameters()):
+        call = _FixedParams(decoder, owner)
+        fixed = {f"owner.{k}": v.detach() for k, v in owner.named_parameters()}
+        run = lambda z: torch.func.functional_call(call, fixed, (z,))  # noqa: E731
+    else:
+        run = decoder
+
     def features(z: Tensor) -> Tensor:
-        g = decoder(z)
+        g = run(z)
         if not isinstance(g, Tensor) or g.dim() != z.dim() or g.shape[:-1] != z.shape[:-1]:
             got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
             raise ValueError(f"a decoder callable must map latent points [..., d] to features [..., D]; for "

@@ -192,5 +192,6 @@ def fit_rbf_variance(decoder: GaussianMLPDecoder, latents: Tensor, data: Tensor,
         opt.zero_grad()
         nll.backward()
         opt.step()
+    opt.zero_grad(set_to_none=True)  # leave no gradients behind on the attached network
     decoder.rbf = rbf
     return rbf

@@ -322,6 +322,47 @@ def test_geodesic_of_no_pairs_is_empty():
         assert res.lengths.shape == res.energies.shape == res.converged.shape == res.iterations.shape == (0,)
 
 
+def test_decoder_is_held_fixed_on_every_path():
+    """Energies and metrics are differentiable in the curves and points, never in the
+    decoder's parameters, whether the decoder runs the fused ops (GaussianMLPDecoder,
+    nn.Sequential of Linear + tanh) or the generic path (an nn.Module with ReLU, a method of a
+    module); before, the generic path let gradients reach the parameters and the fused one
+    did not. The ops themselves, given live parameters, differentiate them."""
+    from latentfast.ops import geometry as geo_ops
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 6), nn.Linear(6, 4)
+
+        def forward(self, z):
+            return self.b(torch.relu(self.a(z)))
+
+        def squashed(self, z):
+            return torch.tanh(self.forward(z))
+
+    torch.manual_seed(0)
+    net = Net().double()
+    decoders = [small_mlp_decoder(), nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3)).double(), net,
+                net.squashed]
+    for dec in decoders:
+        module = dec if isinstance(dec, nn.Module) else dec.__self__
+        module.zero_grad(set_to_none=True)  # (fit_rbf_variance's Adam left grads on the RBF weight)
+        curves = torch.randn(3, 6, 2, dtype=F64, requires_grad=True)
+        z = torch.randn(4, 2, dtype=F64, requires_grad=True)
+        loss = geo.curve_energy(dec, curves).sum() + geo.curve_length(dec, curves, mode="metric").sum() \
+            + geo.metric(dec, z).sum()
+        loss.backward()
+        assert curves.grad is not None and bool(curves.grad.abs().sum() > 0), type(dec).__name__
+        assert z.grad is not None
+        assert all(p.grad is None for p in module.parameters()), type(dec).__name__
+    dec = decoders[0]
+    params = dec.mlp_params()
+    m = geo_ops.pullback_metric(torch.randn(4, 2, dtype=F64), *params.args())
+    grads = torch.autograd.grad(m.sum(), params.weights)
+    assert all(bool(g.abs().sum() > 0) for g in grads)
+
+
 def test_sequential_decoder_uses_fused_ops_and_rejects_unknown_layers():
     seq = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3), nn.Sigmoid())
     p = geo.as_mlp(seq)
