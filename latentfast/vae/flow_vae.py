@@ -38,7 +38,8 @@ class FlowVAE(VAE):
         super().__init__(in_dim, latent_dim, hidden, likelihood, beta, activation)
         if posterior_steps < 0 or prior_steps < 0:
             raise ValueError("posterior_steps and prior_steps must be >= 0")
-        self.context_head = nn.Linear(hidden[-1], context_dim) if posterior_steps else None
+        feat = hidden[-1] if hidden else in_dim  # the encoder's last hidden layer (x itself without one)
+        self.context_head = nn.Linear(feat, context_dim) if posterior_steps else None
         self.posterior_flow = IAF(latent_dim, flow_hidden, posterior_steps, context_dim) if posterior_steps else None
         self.prior = (Flow(latent_dim, [MAF(latent_dim, flow_hidden, prior_steps), LULinear(latent_dim)])
                       if prior_steps else None)
@@ -62,6 +63,9 @@ class FlowVAE(VAE):
 
     def log_prior(self, z: Tensor) -> Tensor:
         """log p(z) [N]."""
+        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"z must be [N, {self.latent_dim}], got "
+                             f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
         if self.prior is not None:
             return self.prior.log_prob(z)
         return -0.5 * (z ** 2 + LOG_2PI).sum(1)
@@ -83,6 +87,8 @@ class FlowVAE(VAE):
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         """n decoded means [n, D] from z ~ p(z)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0 (the number of samples), got {n!r}")
         z = self.prior.sample(n) if self.prior is not None else torch.randn(n, self.latent_dim,
                                                                           device=self.encoder.head.weight.device)
         return self.decoder.mean(z)

@@ -49,6 +49,9 @@ class VAE(nn.Module):
             raise ValueError(f"likelihood must be 'gaussian' or 'bernoulli', got {likelihood!r}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
+        if in_dim < 1 or latent_dim < 1 or any(h < 1 for h in hidden):
+            raise ValueError(f"need in_dim, latent_dim and hidden widths >= 1, got {in_dim}, {latent_dim} and "
+                             f"{tuple(hidden)}")
         self.encoder = MLPEncoder(in_dim, latent_dim, hidden)
         self.decoder = GaussianMLPDecoder(latent_dim, in_dim, tuple(reversed(hidden)), activation,
                                           "sigmoid" if likelihood == "bernoulli" else "identity")

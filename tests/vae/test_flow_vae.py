@@ -57,3 +57,21 @@ def test_flow_vae_trains_and_beats_nothing_learned():
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
     plain = VAE(64, latent_dim=4, hidden=(64,), likelihood="bernoulli")
     assert plain.embed(x[:3]).shape == (3, 4)
+
+
+def test_flow_vae_bad_arguments_and_edge_shapes():
+    """Sample counts, latent sizes and widths are checked (log_prior without a prior flow
+    took a z of any width); a FlowVAE without hidden layers draws its IAF context from x."""
+    for prior_steps in (0, 1):
+        m = FlowVAE(6, latent_dim=2, hidden=(8,), prior_steps=prior_steps)
+        assert m.sample(0).shape == (0, 6)
+        with pytest.raises(ValueError, match="n must be"):
+            m.sample(-1)
+        with pytest.raises(ValueError, match=r"z must be \[N, 2\]"):
+            m.log_prior(torch.randn(3, 3))
+    with pytest.raises(ValueError, match="latent_dim"):
+        VAE(6, latent_dim=0)
+    with pytest.raises(ValueError, match="hidden widths"):
+        FlowVAE(6, latent_dim=2, hidden=(8, 0))
+    loss, parts = FlowVAE(6, latent_dim=2, hidden=()).loss(torch.randn(5, 6))
+    assert torch.isfinite(loss) and set(parts) == {"loss", "nll", "kl"}
