@@ -230,26 +230,28 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
             break
         xa, fa, ga = x[act], f[act], g[act]
         sa, ya, ra, ca = s_hist[act], y_hist[act], rho[act], count[act]
-        # Two-loop recursion, newest pair first; slots beyond a problem's count are zero.
+        # Two-loop recursion over the stored pairs, newest first, gathered once in that order
+        # (m: the most pairs any active problem has; a problem's pairs beyond its own count
+        # are masked out through rho).
+        m = min(int(ca.max()), history)
+        order = (ca[:, None] - 1 - torch.arange(max(m, 1), device=x.device)) % history  # [b, m]
+        s_o = sa.gather(1, order[..., None].expand(-1, -1, n))
+        y_o = ya.gather(1, order[..., None].expand(-1, -1, n))
+        r_o = ra.gather(1, order) * (torch.arange(max(m, 1), device=x.device) < ca[:, None]).to(x.dtype)
         q = ga.clone()
         alphas = []
-        for j in range(history):
-            slot = (ca - 1 - j) % history
-            valid = (j < ca).to(x.dtype)
-            s_j = sa[torch.arange(len(act)), slot]
-            y_j = ya[torch.arange(len(act)), slot]
-            a_j = valid * ra[torch.arange(len(act)), slot] * (s_j * q).sum(1)
-            q = q - a_j[:, None] * y_j
-            alphas.append((a_j, s_j, y_j, slot, valid))
-        newest = (ca - 1) % history
-        s_n, y_n = sa[torch.arange(len(act)), newest], ya[torch.arange(len(act)), newest]
+        for j in range(m):
+            a_j = r_o[:, j] * (s_o[:, j] * q).sum(1)
+            q = q - a_j[:, None] * y_o[:, j]
+            alphas.append(a_j)
+        s_n, y_n = s_o[:, 0], y_o[:, 0]  # the newest pair (zeros for a problem with none)
         yy = (y_n * y_n).sum(1)
         gamma = torch.where((ca > 0) & (yy > 0), (s_n * y_n).sum(1) / yy.clamp_min(1e-300),
                             1.0 / ga.norm(dim=1).clamp_min(1e-12))
         r = gamma[:, None] * q
-        for a_j, s_j, y_j, slot, valid in reversed(alphas):
-            b_j = valid * ra[torch.arange(len(act)), slot] * (y_j * r).sum(1)
-            r = r + (a_j - b_j)[:, None] * s_j
+        for j in reversed(range(m)):
+            b_j = r_o[:, j] * (y_o[:, j] * r).sum(1)
+            r = r + (alphas[j] - b_j)[:, None] * s_o[:, j]
         p = -r
         slope = (p * ga).sum(1)
         bad = slope >= 0
