@@ -16,6 +16,7 @@ a decoder with an RBF variance network, else its mean).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -407,7 +408,9 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
         e, _, g = energy_and_grad(decoder, c)
         return e, g[:, 1:-1].reshape(len(idx), -1)
 
-    with torch.no_grad():
+    p = as_mlp(decoder)
+    fixed = ops.last_layer_fixed(p.weights, p.acts) if p is not None else contextlib.nullcontext()
+    with torch.no_grad(), fixed:  # (the decoder cannot change during the solve)
         x, _, conv, iters = _batched_lbfgs(fg, curves[:, 1:-1].reshape(b, -1).detach(), tol,
                                            max_iter, progress=progress)
         curves = torch.cat([z0c, x.view(b, t1 - 2, d), z1c], dim=1)
@@ -603,7 +606,9 @@ def random_walk(decoder, z0: Tensor, n_steps: int, step_size: float = 0.01,
     z = z0.detach()
     path = [z]
     eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-    with torch.no_grad():
+    p = as_mlp(decoder)
+    fixed = ops.last_layer_fixed(p.weights, p.acts) if p is not None else contextlib.nullcontext()
+    with torch.no_grad(), fixed:
         for _ in range(n_steps):
             m = metric(decoder, z) + 1e-9 * eye
             chol = torch.linalg.cholesky(m)

@@ -19,7 +19,10 @@ last layer wider than its input they use R of W_L = Q R in its place (see _energ
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -49,6 +52,35 @@ _TRI_BLOCK = 128
 # (a copy of W_L, R) per last-layer weight (by address, shape and dtype; a hit also needs equal
 # values, so one read-back per call), the 8 most recent, for _energy_layers and _metric_native.
 _QR_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+# R per last-layer key that the code inside last_layer_fixed() takes without the value check
+# (the caller promises W_L does not change there).
+_PINNED: contextvars.ContextVar[dict[tuple, Tensor] | None] = contextvars.ContextVar("latentfast_qr_pinned",
+                                                                                   default=None)
+
+
+def _qr_key(w: Tensor) -> tuple:
+    return (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device)
+
+
+@contextlib.contextmanager
+def last_layer_fixed(weights: list[Tensor], acts: list[int]) -> Iterator[None]:
+    """Promise that the decoder's last weight keeps its values inside the block: the QR cache
+    (see _energy_last) is checked once on entry, and the calls inside take R without comparing
+    W_L with its cached copy (one read-back, a device sync on a GPU, per call). The geodesic
+    solver runs its iterations inside one. A CUDA graph captured inside still forms R in the
+    graph."""
+    w = weights[-1]
+    r = _energy_last(w, int(acts[-1]))
+    if r is None:
+        yield
+        return
+    token = _PINNED.set({**(_PINNED.get() or {}), _qr_key(w): r})
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
 
 
 def _reduces(w: Tensor, act: int) -> bool:
@@ -81,7 +113,10 @@ def _energy_last(w: Tensor, act: int) -> Tensor | None:
     if not can_read_back(w):
         with torch.no_grad():
             return torch.linalg.qr(w.detach(), mode="r")[1].contiguous()
-    key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device)
+    key = _qr_key(w)
+    pinned = _PINNED.get()
+    if pinned is not None and key in pinned:
+        return pinned[key]
     hit = _QR_CACHE.get(key)
     if hit is None or not torch.equal(hit[0], w):
         with torch.no_grad():

@@ -186,6 +186,46 @@ def test_linear_last_layer_without_read_back_forms_r_afresh(backend, monkeypatch
     assert not torch.allclose(got, ref.pullback_metric(z, w, b, a, *extra), rtol=1e-3, atol=1e-6)
 
 
+def test_last_layer_fixed_skips_the_value_check_inside_only(backend, monkeypatch):
+    """Inside last_layer_fixed (what the geodesic solver runs in) the metric and energies take
+    the pinned R without comparing W_L with its cached copy; outside, and under a capture
+    (can_read_back False) inside, W_L's current values count again."""
+    if backend == "reference":
+        pytest.skip("the reference backend runs W_L itself (no QR, no cache)")
+    dev = device_for(backend)
+    w, b, a, extra = make_net(2, (9, 6), 40, (1, 3, 0), False, torch.float64, dev, seed=95)
+    z = torch.randn(7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(96)).to(dev)
+    curves = z.reshape(1, 7, 2)
+    want = ref.pullback_metric(z, w, b, a, *extra)
+    real_equal = torch.equal
+    calls = []
+
+    def counting_equal(x, y):
+        calls.append(1)
+        return real_equal(x, y)
+
+    monkeypatch.setattr(torch, "equal", counting_equal)
+    with ops.last_layer_fixed(w, a):
+        n_entry = len(calls)
+        assert n_entry <= 1  # the one check on entry (none when R was not cached yet)
+        assert_close(ops.pullback_metric(z, w, b, a, *extra), want, scale=10)
+        ops.curve_energy_and_grad(curves, w, b, a, *extra)
+        assert len(calls) == n_entry  # no value check per call
+        new = w[-1].clone().mul_(-0.5).add_(0.1)
+        w_new = [*w[:-1], new]
+        with monkeypatch.context() as m:  # a capture inside: R formed from the weight as it is now
+            m.setattr(ops, "can_read_back", lambda t: False)
+            old_values = w[-1].clone()
+            w[-1].copy_(new)
+            assert_close(ops.pullback_metric(z, w, b, a, *extra), ref.pullback_metric(z, w_new, b, a, *extra),
+                         scale=10)
+            w[-1].copy_(old_values)
+    ops.pullback_metric(z, w, b, a, *extra)
+    assert len(calls) > n_entry  # checked again after the block
+    w[-1].copy_(new)  # a change after the block is seen
+    assert_close(ops.pullback_metric(z, w, b, a, *extra), ref.pullback_metric(z, w_new, b, a, *extra), scale=10)
+
+
 def _check_metric_and_curves(z, curves, w, b, a, extra):
     """pullback_metric at z, and curve_energy_and_grad on curves (energy, length, gradient of
     the energy), against the reference."""
