@@ -203,6 +203,34 @@ class GeodesicResult:
     iterations: Tensor
 
 
+def _lbfgs_direction(g: Tensor, s: Tensor, y: Tensor, valid: Tensor, gamma: Tensor) -> Tensor:
+    """H g per problem, H the L-BFGS inverse-Hessian estimate from the pairs (s_i, y_i) and
+    H_0 = gamma I, in the compact form of Byrd, Nocedal and Schnabel (1994):
+
+        H g = gamma g + S p1 - gamma Y u,  u = R^-1 S^T g,
+        p1 = R^-T (D u + gamma Y^T Y u - gamma Y^T g),
+
+    R the upper triangle of S^T Y (R_ij = s_i . y_j, i <= j, i older), D its diagonal. The
+    same H as the two-loop recursion, in a fixed number of batched products and two
+    triangular solves instead of two loops over the pairs.
+
+    g [b, n]; s, y [b, m, n], oldest pair first; valid [b, m] (invalid rows are zero and
+    take a unit diagonal in R, so they pass through as zeros); gamma [b].
+    """
+    if s.shape[1] == 0:
+        return gamma[:, None] * g
+    gc = g[..., None]
+    a = (s @ gc)[..., 0]  # S^T g [b, m]
+    c = (y @ gc)[..., 0]  # Y^T g
+    sy = s @ y.transpose(1, 2)  # [b, m, m]: s_i . y_j
+    r = sy.triu() + torch.diag_embed((~valid).to(g.dtype))
+    u = torch.linalg.solve_triangular(r, a[..., None], upper=True)[..., 0]
+    w = sy.diagonal(dim1=1, dim2=2) * u + gamma[:, None] * (((y @ y.transpose(1, 2)) @ u[..., None])[..., 0] - c)
+    p1 = torch.linalg.solve_triangular(r.transpose(1, 2), w[..., None], upper=False)[..., 0]
+    return gamma[:, None] * g + (s.transpose(1, 2) @ p1[..., None])[..., 0] \
+        - gamma[:, None] * (y.transpose(1, 2) @ u[..., None])[..., 0]
+
+
 def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, tol: float,
                    max_iter: int, history: int = 20, progress: bool = False
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -219,7 +247,6 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
     f, g = fg(x, idx_all)
     s_hist = x.new_zeros((b, history, n))
     y_hist = x.new_zeros((b, history, n))
-    rho = x.new_zeros((b, history))
     count = torch.zeros(b, dtype=torch.long, device=x.device)
     converged = g.abs().amax(1) == 0
     small = torch.zeros(b, dtype=torch.long, device=x.device)
@@ -230,30 +257,23 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
         if act.numel() == 0:
             break
         xa, fa, ga = x[act], f[act], g[act]
-        sa, ya, ra, ca = s_hist[act], y_hist[act], rho[act], count[act]
-        # Two-loop recursion over the stored pairs, newest first, gathered once in that order
-        # (m: the most pairs any active problem has; a problem's pairs beyond its own count
-        # are masked out through rho).
+        sa, ya, ca = s_hist[act], y_hist[act], count[act]
+        # The quasi-Newton direction from the stored pairs, oldest first (m: the most pairs
+        # any active problem has; a problem with fewer has zero rows in front, masked).
         m = min(int(ca.max()), history)
-        order = (ca[:, None] - 1 - torch.arange(max(m, 1), device=x.device)) % history  # [b, m]
+        k = torch.arange(m, device=x.device)
+        order = (ca[:, None] - m + k) % history  # [b, m]; column m - 1 is the newest pair
+        valid = k >= (m - ca)[:, None]
         s_o = sa.gather(1, order[..., None].expand(-1, -1, n))
         y_o = ya.gather(1, order[..., None].expand(-1, -1, n))
-        r_o = ra.gather(1, order) * (torch.arange(max(m, 1), device=x.device) < ca[:, None]).to(x.dtype)
-        q = ga.clone()
-        alphas = []
-        for j in range(m):
-            a_j = r_o[:, j] * (s_o[:, j] * q).sum(1)
-            q = q - a_j[:, None] * y_o[:, j]
-            alphas.append(a_j)
-        s_n, y_n = s_o[:, 0], y_o[:, 0]  # the newest pair (zeros for a problem with none)
-        yy = (y_n * y_n).sum(1)
-        gamma = torch.where((ca > 0) & (yy > 0), (s_n * y_n).sum(1) / yy.clamp_min(1e-300),
-                            1.0 / ga.norm(dim=1).clamp_min(1e-12))
-        r = gamma[:, None] * q
-        for j in reversed(range(m)):
-            b_j = r_o[:, j] * (y_o[:, j] * r).sum(1)
-            r = r + (alphas[j] - b_j)[:, None] * s_o[:, j]
-        p = -r
+        if m:
+            s_n, y_n = s_o[:, -1], y_o[:, -1]
+            yy = (y_n * y_n).sum(1)
+            gamma = torch.where((ca > 0) & (yy > 0), (s_n * y_n).sum(1) / yy.clamp_min(1e-300),
+                                1.0 / ga.norm(dim=1).clamp_min(1e-12))
+        else:
+            gamma = 1.0 / ga.norm(dim=1).clamp_min(1e-12)
+        p = -_lbfgs_direction(ga, s_o, y_o, valid, gamma)
         slope = (p * ga).sum(1)
         bad = slope >= 0
         p[bad] = -ga[bad]
@@ -281,7 +301,6 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
         rows = act[keep]
         s_hist[rows, slot[keep]] = s_new[keep]
         y_hist[rows, slot[keep]] = y_new[keep]
-        rho[rows, slot[keep]] = 1.0 / sy[keep]
         count[rows] += 1
         x[act[moved]] = xa[moved] + s_new[moved]
         rel = (fa - f_new) / f_new.abs().clamp_min(1e-30)
