@@ -4,10 +4,13 @@ what the last-layer pin saves.
 Two decoders with random weights (seed 0): 2-128-128-64 (the geodesics_1000 shape; its last
 layer is narrower than its input, so no QR) and 2-256-256-784 with an identity output (the
 digits shape, whose last layer runs as R of W_L = Q R). For each, the median of --reps
-solves of 1, 8 and 200 random pairs (T = 32, default tolerance). Then, for the 784 decoder,
-paired interleaved solves of 1 and 8 pairs with ops.geometry.last_layer_fixed active (what
-geodesic does: the QR cache is checked once per solve) and replaced by a no-op (the cache's
-torch.equal check on every energy call), medians of --pairs rounds each.
+solves of 1, 8 and 200 random pairs (T = 32, default tolerance). Then paired, interleaved
+rounds (medians of --pairs each):
+- 2-128-128-64, 1 / 8 / 200 pairs: the solver's direction by the compact form (what it uses)
+  against the two-loop recursion (latentfast.reference.geometry.lbfgs_two_loop, swapped in);
+- 2-256-256-784, 1 / 8 pairs: ops.geometry.last_layer_fixed active (what geodesic does: the
+  QR cache is checked once per solve) against a no-op (the cache's torch.equal check on
+  every energy call).
 
     python scripts/geodesic_cost.py [--reps 5] [--pairs 15]
 """
@@ -20,7 +23,9 @@ import time
 import torch
 
 from latentfast import geometry as geo
+from latentfast.geometry import core
 from latentfast.ops import geometry as geo_ops
+from latentfast.reference.geometry import lbfgs_two_loop
 from latentfast.vae import GaussianMLPDecoder
 
 
@@ -49,22 +54,29 @@ def main() -> None:
             _solve_s(z0, z1, dec)  # warm-up
             times = [_solve_s(z0, z1, dec) for _ in range(args.reps)]
             print(f"{name}: {b:3d} pairs  {_median_ms(times):8.1f} ms")
-    dec = decoders["2-256-256-784"]
+    compact = core._lbfgs_direction
     pinned = geo_ops.last_layer_fixed
-    for b in (1, 8):
-        z0, z1 = torch.randn(b, 2), torch.randn(b, 2)
-        _solve_s(z0, z1, dec)
-        times: dict[str, list[float]] = {"pinned": [], "checked every call": []}
-        try:
-            for i in range(args.pairs):
-                for mode in (("pinned", "checked every call") if i % 2 else ("checked every call", "pinned")):
-                    geo_ops.last_layer_fixed = pinned if mode == "pinned" else (
-                        lambda w, a: contextlib.nullcontext())
-                    times[mode].append(_solve_s(z0, z1, dec))
-        finally:
-            geo_ops.last_layer_fixed = pinned
-        print(f"2-256-256-784, {b} pairs, paired: " +
-              ", ".join(f"{k} {_median_ms(v):.1f} ms" for k, v in times.items()))
+    variants = [("2-128-128-64", (1, 8, 200), {"compact form": (core, "_lbfgs_direction", compact),
+                                                "two-loop": (core, "_lbfgs_direction", lbfgs_two_loop)}),
+                ("2-256-256-784", (1, 8), {"pinned": (geo_ops, "last_layer_fixed", pinned),
+                                           "checked every call": (geo_ops, "last_layer_fixed",
+                                                                  lambda w, a: contextlib.nullcontext())})]
+    for name, sizes, modes in variants:
+        dec = decoders[name]
+        for b in sizes:
+            z0, z1 = torch.randn(b, 2), torch.randn(b, 2)
+            _solve_s(z0, z1, dec)
+            times: dict[str, list[float]] = {mode: [] for mode in modes}
+            names = list(modes)
+            try:
+                for i in range(args.pairs if b < 200 else max(args.pairs // 3, 3)):
+                    for mode in (names if i % 2 else names[::-1]):
+                        obj, attr, fn = modes[mode]
+                        setattr(obj, attr, fn)
+                        times[mode].append(_solve_s(z0, z1, dec))
+            finally:
+                core._lbfgs_direction, geo_ops.last_layer_fixed = compact, pinned
+            print(f"{name}, {b} pairs, paired: " + ", ".join(f"{k} {_median_ms(v):.1f} ms" for k, v in times.items()))
 
 
 if __name__ == "__main__":

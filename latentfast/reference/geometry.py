@@ -256,3 +256,23 @@ def features_backward(gg: Tensor, z: Tensor, feats: Tensor, derivs: list[Tensor]
         gv = (gg[:, n_out:] * (-0.5) * feats[:, n_out:] ** 3) @ rbf_weight  # [p, K]
         gz = gz + torch.einsum("pk,pkd->pd", gv * v * (-2.0 * rbf_lambda), diff)
     return gz
+
+
+def lbfgs_two_loop(g: Tensor, s: Tensor, y: Tensor, valid: Tensor, gamma: Tensor) -> Tensor:
+    """H g per problem by the textbook two-loop recursion (Nocedal & Wright, Algorithm 7.4),
+    pair by pair, newest first: the specification of the geodesic solver's direction
+    (latentfast.geometry.core._lbfgs_direction computes the same H g in compact form).
+
+    g [b, n]; s, y [b, m, n] oldest pair first; valid [b, m] (pairs a problem does not hold
+    are zero rows and skipped); gamma [b] (H_0 = gamma I).
+    """
+    rho = torch.where(valid, 1.0 / (s * y).sum(-1), torch.zeros((), dtype=g.dtype, device=g.device))
+    q, alphas = g.clone(), {}
+    for j in reversed(range(s.shape[1])):
+        alphas[j] = rho[:, j] * (s[:, j] * q).sum(1)
+        q = q - alphas[j][:, None] * y[:, j]
+    r = gamma[:, None] * q
+    for j in range(s.shape[1]):
+        beta = rho[:, j] * (y[:, j] * r).sum(1)
+        r = r + (alphas[j] - beta)[:, None] * s[:, j]
+    return r

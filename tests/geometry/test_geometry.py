@@ -322,27 +322,13 @@ def test_geodesic_of_no_pairs_is_empty():
         assert res.lengths.shape == res.energies.shape == res.converged.shape == res.iterations.shape == (0,)
 
 
-def two_loop_direction(g, s, y, valid, gamma):
-    """H g by the textbook two-loop recursion (Nocedal & Wright, Algorithm 7.4), pair by pair,
-    newest first; s, y [b, m, n] oldest first as _lbfgs_direction takes them."""
-    rho = torch.where(valid, 1.0 / (s * y).sum(-1), torch.zeros((), dtype=g.dtype))
-    q, alphas = g.clone(), {}
-    for j in reversed(range(s.shape[1])):
-        alphas[j] = rho[:, j] * (s[:, j] * q).sum(1)
-        q = q - alphas[j][:, None] * y[:, j]
-    r = gamma[:, None] * q
-    for j in range(s.shape[1]):
-        beta = rho[:, j] * (y[:, j] * r).sum(1)
-        r = r + (alphas[j] - beta)[:, None] * s[:, j]
-    return r
-
-
 @pytest.mark.parametrize("m", [0, 1, 2, 7, 20])
 def test_lbfgs_compact_direction_equals_the_two_loop_recursion(m):
     """The geodesic solver's H g (compact form, two triangular solves) against the two-loop
     recursion, float64, on histories with positive curvature s . y, problems holding
     different numbers of pairs (the missing ones zero rows in front), and various gamma."""
     from latentfast.geometry.core import _lbfgs_direction
+    from latentfast.reference.geometry import lbfgs_two_loop
 
     gen = torch.Generator().manual_seed(m)
     b, n = 6, 9
@@ -356,7 +342,7 @@ def test_lbfgs_compact_direction_equals_the_two_loop_recursion(m):
     g = torch.randn(b, n, generator=gen, dtype=F64)
     gamma = 0.1 + torch.rand(b, generator=gen, dtype=F64)
     got = _lbfgs_direction(g, s, y, valid, gamma)
-    torch.testing.assert_close(got, two_loop_direction(g, s, y, valid, gamma), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, lbfgs_two_loop(g, s, y, valid, gamma), rtol=1e-10, atol=1e-12)
     if m:  # and it is a quasi-Newton step: H y_newest = s_newest where the newest pair is held
         full = held == m
         hy = _lbfgs_direction(y[:, -1], s, y, valid, gamma)
