@@ -615,8 +615,12 @@ def knn_predict(decoder, x_train: Tensor, y_train: Tensor, x_query: Tensor, k: i
 def random_walk(decoder, z0: Tensor, n_steps: int, step_size: float = 0.01,
                 generator: torch.Generator | None = None) -> Tensor:
     """Random walks on the latent manifold: z_{t+1} = z_t + sqrt(step_size) * eps,
-    eps ~ N(0, M(z_t)^-1), so steps are short where the decoder stretches space.
-    Returns [B, n_steps + 1, d]."""
+    eps ~ N(0, M(z_t)^-1), so steps are short where the decoder stretches space, and long
+    where it flattens it: where M is (near) singular, e.g. a decoder without an RBF variance
+    network far from the data, where saturated units make J vanish, the steps follow
+    (M + 1e-9 I)^-1 and can jump thousands of units. Fit the variance network
+    (latentfast.vae.fit_rbf_variance), whose metric grows away from the data, to keep walks
+    near it. Returns [B, n_steps + 1, d]."""
     _check_points("z0", z0)
     if step_size <= 0:
         raise ValueError(f"step_size must be > 0, got {step_size}")
