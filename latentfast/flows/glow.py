@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from latentfast.flows.layers import GlowStep, Split, gaussian_log_p, squeeze2d, unsqueeze2d
-from latentfast.ops._checks import check_finite, check_tensor, checked_once
+from latentfast.ops._checks import check_count, check_finite, check_tensor, checked_once
 
 
 class Glow(nn.Module):
@@ -126,8 +126,7 @@ class Glow(nn.Module):
     def bits_per_dim(self, x: Tensor, n_bins: int = 256) -> Tensor:
         """Mean bits per dimension of dequantised x in [-0.5, 0.5) with n_bins levels:
         (-log p(x) + D log n_bins) / (D log 2)."""
-        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-            raise ValueError(f"n_bins must be an int >= 1 (the quantisation levels), got {n_bins!r}")
+        check_count("n_bins", n_bins, 1, "the quantisation levels")
         d = self.dims
         return ((-self.log_prob(x) + d * math.log(n_bins)) / (d * math.log(2.0))).mean()
 
@@ -135,8 +134,7 @@ class Glow(nn.Module):
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """n samples [n, C, H, W], latents drawn at the given temperature (>= 0; 0 gives
         the decoded prior means)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an int >= 0 (the number of samples), got {n!r}")
+        check_count("n", n, 0, "the number of samples")
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
         p = self.top_mean

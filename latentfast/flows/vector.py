@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from latentfast.ops import flows as flow_ops
 from latentfast.ops import vector_flows as ops
-from latentfast.ops._checks import check_finite, check_tensor
+from latentfast.ops._checks import check_count, check_finite, check_tensor
 
 
 def made_degrees(d: int, hidden: int, order: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -342,8 +342,7 @@ class Flow(nn.Module):
         transforms whose forward is the fast pass (IAF, couplings, LULinear); a MAF's forward
         is the sequential inverse: differentiable too (the implicit-function theorem, slower than
         the fast direction's backward; see ops.vector_flow_stack_inverse)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an int >= 0 (the number of samples), got {n!r}")
+        check_count("n", n, 0, "the number of samples")
         z = self.base().rsample((n,))
         logp = self._base_log_prob(z)
         for t in self.transforms:

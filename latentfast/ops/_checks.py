@@ -38,6 +38,12 @@ def check_tensor(name: str, t: object, ndim: int | None = None, like: Tensor | N
     return t
 
 
+def check_count(name: str, n: object, least: int, what: str) -> None:
+    """Raise ValueError unless n is an int (not a bool) >= least; `what` says what it counts."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < least:
+        raise ValueError(f"{name} must be an int >= {least} ({what}), got {n!r}")
+
+
 def can_read_back(t: Tensor) -> bool:
     """Whether a value check may read `t` back to the host: not under torch.compile tracing,
     not inside torch.func transforms (vmap cannot read a value back), and not while a CUDA

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from latentfast.flows.vector import IAF, MAF, Flow, LULinear
+from latentfast.ops._checks import check_count
 from latentfast.vae.vae import VAE
 
 LOG_2PI = math.log(2 * math.pi)
@@ -87,8 +88,7 @@ class FlowVAE(VAE):
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         """n decoded means [n, D] from z ~ p(z)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an int >= 0 (the number of samples), got {n!r}")
+        check_count("n", n, 0, "the number of samples")
         z = self.prior.sample(n) if self.prior is not None else torch.randn(n, self.latent_dim,
                                                                           device=self.encoder.head.weight.device)
         return self.decoder.mean(z)
