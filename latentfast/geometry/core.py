@@ -109,6 +109,14 @@ def _feature_fn(decoder) -> Callable[[Tensor], Tensor]:
     return features
 
 
+def _decoder_fixed(decoder) -> contextlib.AbstractContextManager:
+    """For the iterations of our own solvers, where the decoder cannot change: an MLP
+    decoder's QR-cached last layer is checked once (ops.geometry.last_layer_fixed), not on
+    every call; a no-op for other decoders."""
+    p = as_mlp(decoder)
+    return ops.last_layer_fixed(p.weights, p.acts) if p is not None else contextlib.nullcontext()
+
+
 def _check_points(name: str, z: Tensor) -> None:
     check_tensor(name, z, 2)
     check_finite(name, z)
@@ -427,9 +435,8 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
         e, _, g = energy_and_grad(decoder, c)
         return e, g[:, 1:-1].reshape(len(idx), -1)
 
-    p = as_mlp(decoder)
-    fixed = ops.last_layer_fixed(p.weights, p.acts) if p is not None else contextlib.nullcontext()
-    with torch.no_grad(), fixed:  # (the decoder cannot change during the solve)
+    fixed = _decoder_fixed(decoder)
+    with torch.no_grad(), fixed:
         x, _, conv, iters = _batched_lbfgs(fg, curves[:, 1:-1].reshape(b, -1).detach(), tol,
                                            max_iter, progress=progress)
         curves = torch.cat([z0c, x.view(b, t1 - 2, d), z1c], dim=1)
@@ -629,8 +636,7 @@ def random_walk(decoder, z0: Tensor, n_steps: int, step_size: float = 0.01,
     z = z0.detach()
     path = [z]
     eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-    p = as_mlp(decoder)
-    fixed = ops.last_layer_fixed(p.weights, p.acts) if p is not None else contextlib.nullcontext()
+    fixed = _decoder_fixed(decoder)
     with torch.no_grad(), fixed:
         for _ in range(n_steps):
             m = metric(decoder, z) + 1e-9 * eye
