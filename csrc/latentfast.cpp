@@ -49,6 +49,7 @@ TORCH_LIBRARY(latentfast_cpp, m) {
   m.def("rbf_sigma_(Tensor(a!) out, Tensor z, Tensor centres, Tensor lam, Tensor wr, float zeta) -> ()");
   m.def("rbf_sigma_backward_(Tensor(a!) gz, Tensor sigma, Tensor grad_sigma, Tensor z, Tensor centres, Tensor lam, Tensor wr) -> ()");
   m.def("curve_reduce(Tensor g, Tensor? grad_energy, Tensor? grad_length) -> (Tensor, Tensor, Tensor)");
+  m.def("curve_reduce_grad_(Tensor(a!) gg, Tensor g, Tensor? grad_energy, Tensor? grad_length) -> (Tensor, Tensor)");
   // RNNs (torch.nn.GRU / LSTM conventions, gates r, z, n / i, f, g, o).
   m.def("gru_sequence_fwd(Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh, bool save) -> (Tensor, Tensor)");
   m.def("gru_sequence_bwd(Tensor grad_out, Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor out, Tensor gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

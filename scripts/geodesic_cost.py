@@ -10,7 +10,10 @@ rounds (medians of --pairs each):
   against the two-loop recursion (latentfast.reference.geometry.lbfgs_two_loop, swapped in);
 - 2-256-256-784, 1 / 8 pairs: ops.geometry.last_layer_fixed active (what geodesic does: the
   QR cache is checked once per solve) against a no-op (the cache's torch.equal check on
-  every energy call).
+  every energy call);
+- both decoders, 8 / 200 pairs: the energy pipeline's work buffers kept for the whole solve
+  (ops.geometry.reuse_buffers, what geodesic does) against allocated afresh on every call
+  (each large CPU allocation faults in new pages).
 
     python scripts/geodesic_cost.py [--reps 5] [--pairs 15]
 """
@@ -56,11 +59,15 @@ def main() -> None:
             print(f"{name}: {b:3d} pairs  {_median_ms(times):8.1f} ms")
     compact = core._lbfgs_direction
     pinned = geo_ops.last_layer_fixed
+    scratch = geo_ops._scratch_for
     variants = [("2-128-128-64", (1, 8, 200), {"compact form": (core, "_lbfgs_direction", compact),
                                                 "two-loop": (core, "_lbfgs_direction", lbfgs_two_loop)}),
                 ("2-256-256-784", (1, 8), {"pinned": (geo_ops, "last_layer_fixed", pinned),
                                            "checked every call": (geo_ops, "last_layer_fixed",
-                                                                  lambda w, a: contextlib.nullcontext())})]
+                                                                  lambda w, a: contextlib.nullcontext())}),
+                *[(name, (8, 200), {"buffers kept": (geo_ops, "_scratch_for", scratch),
+                                    "fresh per call": (geo_ops, "_scratch_for", lambda t: None)})
+                  for name in decoders]]
     for name, sizes, modes in variants:
         dec = decoders[name]
         for b in sizes:
@@ -75,7 +82,7 @@ def main() -> None:
                         setattr(obj, attr, fn)
                         times[mode].append(_solve_s(z0, z1, dec))
             finally:
-                core._lbfgs_direction, geo_ops.last_layer_fixed = compact, pinned
+                core._lbfgs_direction, geo_ops.last_layer_fixed, geo_ops._scratch_for = compact, pinned, scratch
             print(f"{name}, {b} pairs, paired: " + ", ".join(f"{k} {_median_ms(v):.1f} ms" for k, v in times.items()))
 
 

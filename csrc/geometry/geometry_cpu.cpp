@@ -115,20 +115,28 @@ at::Tensor weighted_gram(const at::Tensor& p, const at::Tensor& q, const c10::op
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> curve_reduce(const at::Tensor& g,
-                                                             const c10::optional<at::Tensor>& grad_energy,
-                                                             const c10::optional<at::Tensor>& grad_length) {
+namespace {
+
+// Energy and length into new [B] tensors; with grads (either given) the gradient wrt g into
+// gg, a contiguous tensor of g's shape and dtype (op: the op's name for messages).
+std::tuple<at::Tensor, at::Tensor> curve_reduce_into(const char* op, const at::Tensor& g,
+                                                     const c10::optional<at::Tensor>& grad_energy,
+                                                     const c10::optional<at::Tensor>& grad_length, at::Tensor* gg) {
   check_cpu_float(g, "g");
-  TORCH_CHECK(g.dim() == 3 && g.size(1) >= 2, "curve_reduce: g must be [B, T+1, F] with T >= 1");
+  TORCH_CHECK(g.dim() == 3 && g.size(1) >= 2, op, ": g must be [B, T+1, F] with T >= 1");
   const int64_t B = g.size(0), T1 = g.size(1), F = g.size(2);
   const at::Tensor gc = g.contiguous();
   at::Tensor energy = at::empty({B}, g.options()), length = at::empty({B}, g.options());
   const bool want = grad_energy.has_value() || grad_length.has_value();
-  at::Tensor gg = want ? at::empty_like(gc) : at::empty({0}, g.options());
+  if (want) {
+    TORCH_CHECK(gg->sizes() == g.sizes() && gg->is_contiguous() && gg->scalar_type() == g.scalar_type() &&
+                    gg->device().is_cpu(),
+                op, ": the gradient buffer must be a contiguous CPU tensor of g's shape and dtype");
+  }
   at::Tensor ge, gl;
   for (auto [src, dst] : {std::pair{&grad_energy, &ge}, std::pair{&grad_length, &gl}}) {
     if (src->has_value()) {
-      TORCH_CHECK((*src)->dim() == 1 && (*src)->size(0) == B, "curve_reduce: grads must be [B]");
+      TORCH_CHECK((*src)->dim() == 1 && (*src)->size(0) == B, op, ": grads must be [B]");
       *dst = (*src)->to(g.scalar_type()).contiguous();
     }
   }
@@ -136,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curve_reduce(const at::Tensor& g,
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "curve_reduce", [&] {
     const scalar_t* gep = ge.defined() ? ge.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* glp = gl.defined() ? gl.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* ggp = want ? gg.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* ggp = want ? gg->mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(T1 * F, 1));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       LF_GEOM_CALL(cpu_isa, curve_reduce_curves<scalar_t>, gc.const_data_ptr<scalar_t>(),
@@ -144,7 +152,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curve_reduce(const at::Tensor& g,
                    glp, ggp, T1, F, begin, end);
     });
   });
+  return {energy, length};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> curve_reduce(const at::Tensor& g,
+                                                             const c10::optional<at::Tensor>& grad_energy,
+                                                             const c10::optional<at::Tensor>& grad_length) {
+  const bool want = grad_energy.has_value() || grad_length.has_value();
+  at::Tensor gg = want ? at::empty(g.sizes(), g.options()) : at::empty({0}, g.options());
+  auto [energy, length] = curve_reduce_into("curve_reduce", g, grad_energy, grad_length, &gg);
   return {energy, length, gg};
+}
+
+// curve_reduce with the gradient written into gg (a caller's reused buffer).
+std::tuple<at::Tensor, at::Tensor> curve_reduce_grad_(at::Tensor& gg, const at::Tensor& g,
+                                                      const c10::optional<at::Tensor>& grad_energy,
+                                                      const c10::optional<at::Tensor>& grad_length) {
+  TORCH_CHECK(grad_energy.has_value() || grad_length.has_value(),
+              "curve_reduce_grad_: needs grad_energy or grad_length");
+  return curve_reduce_into("curve_reduce_grad_", g, grad_energy, grad_length, &gg);
 }
 
 // The RBF network's metric term for latent dimensions d <= kRbfMaxDim (rbf_metric_points):
@@ -273,4 +301,5 @@ TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) {
   m.impl("mlp_act_tangent_", &latentfast::mlp_act_tangent_);
   m.impl("weighted_gram", &latentfast::weighted_gram);
   m.impl("curve_reduce", &latentfast::curve_reduce);
+  m.impl("curve_reduce_grad_", &latentfast::curve_reduce_grad_);
 }

@@ -264,16 +264,14 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
         act = (~converged).nonzero().squeeze(1)
         if act.numel() == 0:
             break
-        xa, fa, ga = x[act], f[act], g[act]
-        sa, ya, ca = s_hist[act], y_hist[act], count[act]
+        xa, fa, ga, ca = x[act], f[act], g[act], count[act]
         # The quasi-Newton direction from the stored pairs, oldest first (m: the most pairs
         # any active problem has; a problem with fewer has zero rows in front, masked).
         m = min(int(ca.max()), history)
         k = torch.arange(m, device=x.device)
         order = (ca[:, None] - m + k) % history  # [b, m]; column m - 1 is the newest pair
         valid = k >= (m - ca)[:, None]
-        s_o = sa.gather(1, order[..., None].expand(-1, -1, n))
-        y_o = ya.gather(1, order[..., None].expand(-1, -1, n))
+        s_o, y_o = s_hist[act[:, None], order], y_hist[act[:, None], order]  # one copy each
         if m:
             s_n, y_n = s_o[:, -1], y_o[:, -1]
             yy = (y_n * y_n).sum(1)
@@ -436,7 +434,7 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
         return e, g[:, 1:-1].reshape(len(idx), -1)
 
     fixed = _decoder_fixed(decoder)
-    with torch.no_grad(), fixed:
+    with torch.no_grad(), fixed, ops.reuse_buffers():
         x, _, conv, iters = _batched_lbfgs(fg, curves[:, 1:-1].reshape(b, -1).detach(), tol,
                                            max_iter, progress=progress)
         curves = torch.cat([z0c, x.view(b, t1 - 2, d), z1c], dim=1)

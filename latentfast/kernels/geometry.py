@@ -4,7 +4,8 @@ The same three fused steps as the C++ backend (csrc/geometry/geometry_kernels.in
 GEMMs between them go to cuBLAS through torch (latentfast/ops/geometry.py):
 - mlp_act_tangent_: h = act(a + bias), tangent rows *= act'(a + bias), in place;
 - weighted_gram: M[n, i, j] = sum_x w[n, x] p[n, i, x] q[n, j, x];
-- curve_reduce: energy T * sum ||g_{t+1} - g_t||^2, length sum ||.||, and their gradient.
+- curve_reduce: energy T * sum ||g_{t+1} - g_t||^2, length sum ||.||, and their gradient
+  (curve_reduce_grad_: the gradient into a caller's buffer).
 """
 from __future__ import annotations
 
@@ -186,14 +187,42 @@ def _curve_reduce_kernel(g_ptr, e_ptr, l_ptr, ge_ptr, gl_ptr, gg_ptr, T1, F,
 def curve_reduce(g: Tensor, grad_energy: Tensor | None, grad_length: Tensor | None
                  ) -> tuple[Tensor, Tensor, Tensor]:
     """(energy [B], length [B], grad wrt g or an empty tensor) for curves g [B, T+1, F]."""
+    want = grad_energy is not None or grad_length is not None
+    gg = torch.empty(g.shape, dtype=g.dtype, device=g.device) if want else g.new_empty(0)
+    energy, length = _curve_reduce_into(g, grad_energy, grad_length, gg if want else None)
+    return energy, length, gg
+
+
+def curve_reduce_grad_(gg: Tensor, g: Tensor, grad_energy: Tensor | None, grad_length: Tensor | None
+                       ) -> tuple[Tensor, Tensor]:
+    """curve_reduce with the gradient written into gg (contiguous, g's shape and dtype)."""
+    if grad_energy is None and grad_length is None:
+        raise ValueError("curve_reduce_grad_: needs grad_energy or grad_length")
+    if gg.shape != g.shape or gg.dtype != g.dtype or gg.device != g.device or not gg.is_contiguous():
+        raise ValueError("curve_reduce_grad_: the gradient buffer must be contiguous, of g's shape, dtype "
+                         "and device")
+    return _curve_reduce_into(g, grad_energy, grad_length, gg)
+
+
+def _curve_reduce_into(g: Tensor, grad_energy: Tensor | None, grad_length: Tensor | None,
+                       gg: Tensor | None) -> tuple[Tensor, Tensor]:
     g = g.contiguous()
     b, t1, f = g.shape
     energy = torch.empty(b, dtype=g.dtype, device=g.device)
     length = torch.empty(b, dtype=g.dtype, device=g.device)
-    want = grad_energy is not None or grad_length is not None
-    gg = torch.empty_like(g) if want else g.new_empty(0)
+    want = gg is not None
     if b == 0:
-        return energy, length, gg
+        return energy, length
+    ge = grad_energy.to(g.dtype).contiguous() if grad_energy is not None else energy
+    gl = grad_length.to(g.dtype).contiguous() if grad_length is not None else energy
+    block_t = max(2, min(32, triton.next_power_of_2(t1)))
+    block_f = max(16, min(4096 // block_t, triton.next_power_of_2(f)))
+    # 8 warps: with 4 the sm_90 build with gradients needs all 255 registers and spills 224
+    # bytes a thread; with 8, 239 and none (scripts/triton_smem.py)
+    _curve_reduce_kernel[(b,)](g, energy, length, ge, gl, gg if want else g, t1, f,
+                               HAS_GE=grad_energy is not None, HAS_GL=grad_length is not None,
+                               WANT=want, BLOCK_T=block_t, BLOCK_F=block_f, num_warps=8)
+    return energy, length
     ge = grad_energy.to(g.dtype).contiguous() if grad_energy is not None else energy
     gl = grad_length.to(g.dtype).contiguous() if grad_length is not None else energy
     block_t = max(2, min(32, triton.next_power_of_2(t1)))

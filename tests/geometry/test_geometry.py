@@ -1,6 +1,7 @@
 """Geometry API: geodesics on analytic manifolds, exponential map, distances, VAE + RBF."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -89,6 +90,30 @@ def test_mlp_geodesics_agree_across_backends(backend):
     torch.testing.assert_close(res.lengths, generic.lengths, rtol=1e-4, atol=1e-6)
     line = geo.curve_length(dec, geo.straight_line(z0, z1, 12))
     assert (res.lengths <= line + 1e-9).all()
+
+
+def test_geodesic_solves_inside_reuse_buffers_with_the_same_result(backend, monkeypatch):
+    """The solver's energy calls run inside ops.geometry.reuse_buffers (one pool of work
+    buffers for the whole solve); without it the curves come out the same, bit for bit."""
+    from latentfast.ops import geometry as geo_ops
+
+    dec = small_mlp_decoder()
+    gen = torch.Generator().manual_seed(5)
+    z0, z1 = torch.randn(6, 2, dtype=F64, generator=gen), torch.randn(6, 2, dtype=F64, generator=gen)
+    pools = []
+    orig = geo_ops.curve_energy_and_grad
+
+    def spy(*args):
+        pools.append(geo_ops._SCRATCH.get())
+        return orig(*args)
+
+    monkeypatch.setattr(geo_ops, "curve_energy_and_grad", spy)
+    res = geo.geodesic(z0, z1, dec, n_segments=10)
+    assert len(pools) > 2 and pools[0] is not None and all(p is pools[0] for p in pools)
+    monkeypatch.setattr(geo_ops, "reuse_buffers", contextlib.nullcontext)
+    plain = geo.geodesic(z0, z1, dec, n_segments=10)
+    assert pools[-1] is None
+    assert torch.equal(res.curves, plain.curves) and torch.equal(res.iterations, plain.iterations)
 
 
 def test_metric_fused_equals_generic(backend):

@@ -254,6 +254,60 @@ def test_native_pipelines_in_chunks(backend, monkeypatch, net, budget):
     _check_metric_and_curves(z, curves, w, b, a, extra)
 
 
+def test_reuse_buffers_keeps_work_buffers_and_values(backend, monkeypatch):
+    """Inside reuse_buffers (what the geodesic solver runs in) the CPU curve pipelines keep
+    their work buffers from call to call (same storage on the next call) and give exactly
+    the values of a call outside; returned energies and gradients are not those buffers (a
+    later call leaves them as they were). Calls of other shapes, dtypes and decoders, the
+    activation-saving training path, and chunks of several curves with a shorter last one
+    share the pool; on a GPU it stays empty."""
+    if backend == "reference":
+        pytest.skip("the reference backend has no work buffers")
+    dev = device_for(backend)
+    monkeypatch.setattr(ops, "_CHUNK_ELEMS", 3 * 5 * 13 + 1)  # 3 curves of 5 points per chunk
+    nets = [make_net(2, (11, 9), 13, (1, 3, 0), True, torch.float64, dev, seed=71),
+            make_net(3, (6,), 4, (2, 1), False, torch.float32, dev, seed=72),
+            make_net(2, (11, 9), 40, (1, 3, 0), True, torch.float64, dev, seed=73)]  # QR last layer
+    gen = torch.Generator().manual_seed(74)
+    calls = []
+    for (w, b, a, extra), n_curves in zip([*nets, nets[0]], [8, 5, 7, 2]):
+        curves = torch.randn(n_curves, 5, w[0].shape[1], dtype=w[0].dtype, generator=gen).to(dev)
+        calls.append((curves, w, b, a, extra))
+
+    def run_all():
+        out = []
+        for curves, w, b, a, extra in calls:
+            out.append(ops.curve_energy_and_grad(curves, w, b, a, *extra))
+            leaf = curves.clone().requires_grad_()
+            e, ln = ops.curve_energy(leaf, w, b, a, *extra)  # the training path
+            out.append((e, ln, torch.autograd.grad((e + 0.5 * ln).sum(), leaf)[0]))
+        return out
+
+    want = run_all()  # outside: fresh buffers per call
+    with ops.reuse_buffers():
+        pool = ops._SCRATCH.get()
+        got = run_all()
+        kept = [[t.clone() for t in r] for r in got]
+        ptrs = {k: v.data_ptr() for k, v in pool.items()}
+        again = run_all()
+        assert {k: v.data_ptr() for k, v in pool.items()} == ptrs  # the same storage, not new
+        with ops.reuse_buffers():
+            assert ops._SCRATCH.get() is pool  # nested: one pool
+    assert ops._SCRATCH.get() is None
+    if dev.type == "cpu":
+        assert len(ptrs) >= 6  # layers, act', features, backward products, per dtype
+    else:
+        assert not ptrs
+    for r_want, r_got, r_kept, r_again in zip(want, got, kept, again):
+        for x, y, k, z in zip(r_want, r_got, r_kept, r_again):
+            assert torch.equal(y, x) and torch.equal(z, x) and torch.equal(y, k)
+    (w, b, a, extra), (curves, *_) = nets[0], calls[0]
+    leaf = curves.clone().requires_grad_()
+    e_ref, l_ref = ref.curve_energy(leaf, w, b, a, *extra)
+    assert_close(want[0][0], e_ref, scale=10)
+    assert_close(want[0][2], torch.autograd.grad(e_ref.sum(), leaf)[0], scale=10)
+
+
 # Hidden widths 37 and 19 leave tails for 8- and 16-wide loops; every activation code.
 _ISA_NET = (3, (37, 19), 45, (1, 2, 3), True)
 _ISA_NET2 = (2, (21,), 17, (4, 0), False)
@@ -465,6 +519,33 @@ def test_bad_inputs_raise():
         ops.curve_energy(torch.randn(2, 1, 3), w, b, a, *extra)
     with pytest.raises(ValueError, match="dimensions"):
         ops.curve_energy(z, w, b, a, *extra)
+
+
+def test_curve_reduce_into_a_buffer(backend):
+    """curve_reduce_grad_ (the gradient written into a caller's buffer, as the pooled CPU
+    pipeline calls it) gives curve_reduce's energies, lengths and gradient, and refuses a
+    buffer of the wrong shape, dtype or layout and a call without grads."""
+    if backend == "reference":
+        pytest.skip("a kernel of the native backends")
+    k = ops._native(backend)
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(81)
+    g = torch.randn(5, 7, 13, dtype=torch.float64, generator=gen).to(dev)
+    ge, gl = torch.rand(5, dtype=torch.float64, generator=gen).to(dev), torch.rand(5, dtype=torch.float64).to(dev)
+    for grads in [(ge, gl), (ge, None), (None, gl)]:
+        e, ln, gg = k.curve_reduce(g, *grads)
+        buf = torch.full_like(g, float("nan"))
+        e2, l2 = k.curve_reduce_grad_(buf, g, *grads)
+        assert torch.equal(e2, e) and torch.equal(l2, ln) and torch.equal(buf, gg)
+    err = (RuntimeError, ValueError)
+    with pytest.raises(err, match="buffer"):
+        k.curve_reduce_grad_(torch.empty(5, 7, 12, dtype=torch.float64, device=dev), g, ge, gl)
+    with pytest.raises(err, match="buffer"):
+        k.curve_reduce_grad_(torch.empty_like(g, dtype=torch.float32), g, ge, gl)
+    with pytest.raises(err, match="buffer"):
+        k.curve_reduce_grad_(torch.empty(13, 7, 5, dtype=torch.float64, device=dev).transpose(0, 2), g, ge, gl)
+    with pytest.raises(err, match="needs grad_energy or grad_length"):
+        k.curve_reduce_grad_(torch.empty_like(g), g, None, None)
 
 
 def test_torch_compile_fullgraph(backend):
