@@ -15,12 +15,18 @@ rounds (medians of --pairs each):
   (ops.geometry.reuse_buffers, what geodesic does) against allocated afresh on every call
   (each large CPU allocation faults in new pages).
 
+With --digits N, only the last comparison, on the geodesics_1000 benchmark's problem: the
+digits VAE trained as the benchmark trains it, N of its pairs (default 1000), --rounds
+interleaved rounds, with the page faults and system time of each solve.
+
     python scripts/geodesic_cost.py [--reps 5] [--pairs 15]
+    python scripts/geodesic_cost.py --digits 1000 [--rounds 4]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import time
 
 import torch
@@ -42,11 +48,53 @@ def _solve_s(z0: torch.Tensor, z1: torch.Tensor, dec) -> float:
     return time.perf_counter() - t
 
 
+def _digits(n_pairs: int, rounds: int) -> None:
+    """Work buffers kept against fresh per call on the geodesics_1000 problem."""
+    from latentfast.bench.geodesics import trained_digits_vae
+
+    model, _, _, z = trained_digits_vae(progress=False)
+    dec = model.decoder
+    gen = torch.Generator().manual_seed(1)  # the benchmark's pair draw
+    i = torch.randint(z.shape[0], (n_pairs,), generator=gen)
+    j = torch.randint(z.shape[0], (n_pairs,), generator=gen)
+    j = torch.where(i == j, (j + 1) % z.shape[0], j)
+    z0, z1 = z[i].detach(), z[j].detach()
+    scratch = geo_ops._scratch_for
+    modes = {"buffers kept": scratch, "fresh per call": lambda t: None}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    lengths = {}
+    geo.geodesic(z0[:50], z1[:50], dec)  # warm-up
+    try:
+        for r in range(rounds):
+            for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
+                geo_ops._scratch_for = modes[mode]
+                ru0 = resource.getrusage(resource.RUSAGE_SELF)
+                t = time.perf_counter()
+                res = geo.geodesic(z0, z1, dec)
+                dt = time.perf_counter() - t
+                ru1 = resource.getrusage(resource.RUSAGE_SELF)
+                times[mode].append(dt)
+                lengths[mode] = res.lengths
+                print(f"{mode}: {1e3 * dt / n_pairs:.2f} ms per geodesic, {ru1.ru_minflt - ru0.ru_minflt} minor "
+                      f"page faults, system time {ru1.ru_stime - ru0.ru_stime:.2f} s", flush=True)
+    finally:
+        geo_ops._scratch_for = scratch
+    kept, fresh = (_median_ms(times[m]) / n_pairs for m in modes)
+    print(f"digits VAE, {n_pairs} pairs, paired medians: buffers kept {kept:.2f} ms, fresh per call {fresh:.2f} ms "
+          f"per geodesic ({fresh / kept:.2f}x); lengths equal: {torch.equal(*lengths.values())}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--digits", type=int, default=None, metavar="N",
+                    help="only compare kept and fresh work buffers on N pairs of the digits VAE")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of the --digits comparison")
     args = ap.parse_args()
+    if args.digits is not None:
+        _digits(args.digits, args.rounds)
+        return
     torch.manual_seed(0)
     decoders = {"2-128-128-64": GaussianMLPDecoder(2, 64, (128, 128)),
                 "2-256-256-784": GaussianMLPDecoder(2, 784, (256, 256))}
