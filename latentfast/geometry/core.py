@@ -248,74 +248,92 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
     its own history, Armijo backtracking step and stopping test: relative decrease of f
     below tol on two consecutive iterations, or a zero gradient. Returns (x, f, converged,
     iterations).
+
+    The iterations run on a working set of the unfinished problems, compacted when some
+    finish (their results are written out then), so an iteration indexes nothing by an
+    active set.
     """
     b, n = x.shape
-    x = x.clone()
-    idx_all = torch.arange(b, device=x.device)
-    f, g = fg(x, idx_all)
+    dev = x.device
+    x_out = x.clone()
+    idx = torch.arange(b, device=dev)  # the working set's problems
+    x = x_out.clone()
+    f, g = fg(x, idx)
+    f_out = f.clone()
+    conv_out = torch.zeros(b, dtype=torch.bool, device=dev)
+    iters_out = torch.zeros(b, dtype=torch.long, device=dev)
     s_hist = x.new_zeros((b, history, n))
     y_hist = x.new_zeros((b, history, n))
-    count = torch.zeros(b, dtype=torch.long, device=x.device)
-    converged = g.abs().amax(1) == 0
-    small = torch.zeros(b, dtype=torch.long, device=x.device)
-    iters = torch.zeros(b, dtype=torch.long, device=x.device)
+    count = torch.zeros(b, dtype=torch.long, device=dev)
+    small = torch.zeros(b, dtype=torch.long, device=dev)
+    iters = torch.zeros(b, dtype=torch.long, device=dev)
+    done = g.abs().amax(1) == 0
     bar = tqdm(range(max_iter), desc="geodesics", disable=not progress, leave=False, mininterval=1.0)
     for _ in bar:
-        act = (~converged).nonzero().squeeze(1)
-        if act.numel() == 0:
+        if bool(done.any()):  # retire the finished problems
+            fin, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
+            rows = idx[fin]
+            x_out[rows], f_out[rows], iters_out[rows] = x[fin], f[fin], iters[fin]
+            conv_out[rows] = True
+            idx, x, f, g, s_hist, y_hist, count, small, iters, done = (
+                t[keep] for t in (idx, x, f, g, s_hist, y_hist, count, small, iters, done))
+        if idx.numel() == 0:
             break
-        xa, fa, ga, ca = x[act], f[act], g[act], count[act]
         # The quasi-Newton direction from the stored pairs, oldest first (m: the most pairs
-        # any active problem has; a problem with fewer has zero rows in front, masked).
-        m = min(int(ca.max()), history)
-        k = torch.arange(m, device=x.device)
-        order = (ca[:, None] - m + k) % history  # [b, m]; column m - 1 is the newest pair
-        valid = k >= (m - ca)[:, None]
-        s_o, y_o = s_hist[act[:, None], order], y_hist[act[:, None], order]  # one copy each
+        # any problem has; a problem with fewer has zero rows in front, masked).
+        m = min(int(count.max()), history)
+        k = torch.arange(m, device=dev)
+        order = (count[:, None] - m + k) % history  # [b, m]; column m - 1 is the newest pair
+        valid = k >= (m - count)[:, None]
+        rows = torch.arange(len(idx), device=dev)[:, None]
+        s_o, y_o = s_hist[rows, order], y_hist[rows, order]
         if m:
             s_n, y_n = s_o[:, -1], y_o[:, -1]
             yy = (y_n * y_n).sum(1)
-            gamma = torch.where((ca > 0) & (yy > 0), (s_n * y_n).sum(1) / yy.clamp_min(1e-300),
-                                1.0 / ga.norm(dim=1).clamp_min(1e-12))
+            gamma = torch.where((count > 0) & (yy > 0), (s_n * y_n).sum(1) / yy.clamp_min(1e-300),
+                                1.0 / g.norm(dim=1).clamp_min(1e-12))
         else:
-            gamma = 1.0 / ga.norm(dim=1).clamp_min(1e-12)
-        p = -_lbfgs_direction(ga, s_o, y_o, valid, gamma)
-        slope = (p * ga).sum(1)
-        bad = slope >= 0
-        p[bad] = -ga[bad]
-        slope = (p * ga).sum(1)
-        # Armijo backtracking, per problem.
-        step = torch.ones(len(act), dtype=x.dtype, device=x.device)
-        f_new, g_new = fa.clone(), ga.clone()
-        searching = torch.ones(len(act), dtype=torch.bool, device=x.device)
-        for _ls in range(12):  # down to step 2^-11; failing that the problem counts as stalled
+            gamma = 1.0 / g.norm(dim=1).clamp_min(1e-12)
+        p = -_lbfgs_direction(g, s_o, y_o, valid, gamma)
+        p = torch.where(((p * g).sum(1) >= 0)[:, None], -g, p)  # not a descent direction: steepest
+        slope = (p * g).sum(1)
+        # Armijo backtracking, per problem; the first trial (step 1) takes every problem.
+        ft, gt = fg(x + p, idx)
+        ok = ft <= f + 1e-4 * slope
+        f_new, g_new = torch.where(ok, ft, f), torch.where(ok[:, None], gt, g)
+        searching = ~ok
+        step = torch.where(ok, 1.0, 0.5).to(x.dtype)
+        for _ls in range(11):  # down to step 2^-11; failing that the problem counts as stalled
             si = searching.nonzero().squeeze(1)
             if si.numel() == 0:
                 break
-            xt = xa[si] + step[si, None] * p[si]
-            ft, gt = fg(xt, act[si])
-            ok = ft <= fa[si] + 1e-4 * step[si] * slope[si]
+            xt = x[si] + step[si, None] * p[si]
+            ft, gt = fg(xt, idx[si])
+            ok = ft <= f[si] + 1e-4 * step[si] * slope[si]
             f_new[si[ok]], g_new[si[ok]] = ft[ok], gt[ok]
             searching[si[ok]] = False
             step[si[~ok]] *= 0.5
         moved = ~searching
         s_new = step[:, None] * p
-        y_new = g_new - ga
+        y_new = g_new - g
         sy = (s_new * y_new).sum(1)
-        keep = moved & (sy > 1e-12 * (s_new.norm(dim=1) * y_new.norm(dim=1)).clamp_min(1e-300))
-        slot = ca % history
-        rows = act[keep]
-        s_hist[rows, slot[keep]] = s_new[keep]
-        y_hist[rows, slot[keep]] = y_new[keep]
-        count[rows] += 1
-        x[act[moved]] = xa[moved] + s_new[moved]
-        rel = (fa - f_new) / f_new.abs().clamp_min(1e-30)
-        small[act] = torch.where(moved & (rel > tol), 0, small[act] + 1)
-        f[act], g[act] = f_new, g_new
-        iters[act] += 1
-        converged[act] = (small[act] >= 2) | (g_new.abs().amax(1) == 0)
-        bar.set_postfix(active=int(act.numel()), refresh=False)
-    return x, f, converged, iters
+        kept = moved & (sy > 1e-12 * (s_new.norm(dim=1) * y_new.norm(dim=1)).clamp_min(1e-300))
+        kr = kept.nonzero().squeeze(1)
+        slot = count[kr] % history
+        s_hist[kr, slot] = s_new[kr]
+        y_hist[kr, slot] = y_new[kr]
+        count += kept
+        x = torch.where(moved[:, None], x + s_new, x)
+        rel = (f - f_new) / f_new.abs().clamp_min(1e-30)
+        small = torch.where(moved & (rel > tol), 0, small + 1)
+        f, g = f_new, g_new
+        iters += 1
+        done = (small >= 2) | (g.abs().amax(1) == 0)
+        bar.set_postfix(active=int(idx.numel()), refresh=False)
+    if bool(done.any()):  # finished on the last iteration
+        conv_out[idx[done]] = True
+    x_out[idx], f_out[idx], iters_out[idx] = x, f, iters
+    return x_out, f_out, conv_out, iters_out
 
 
 def straight_line(z0: Tensor, z1: Tensor, n_segments: int) -> Tensor:

@@ -374,6 +374,51 @@ def test_lbfgs_compact_direction_equals_the_two_loop_recursion(m):
         torch.testing.assert_close(hy[full], s[full, -1], rtol=1e-9, atol=1e-11)
 
 
+def test_batched_lbfgs_problems_are_independent_of_their_batch():
+    """The batched L-BFGS on problems that finish at different iterations (a zero gradient at
+    the start, easy and hard Rosenbrock valleys, a max_iter cut-off): each problem's result,
+    flag and iteration count are those it gets alone, every fg call asks for the problems it
+    evaluates by their own indices, and the minimisers are found."""
+    from latentfast.geometry.core import _batched_lbfgs
+
+    scale = torch.tensor([1.0, 3.0, 30.0, 100.0, 0.3], dtype=F64)  # valley steepness per problem
+    seen = []
+
+    def fg(x, idx):
+        seen.append(idx.clone())
+        c = scale[idx][:, None]
+        a, b = x[:, :-1], x[:, 1:]
+        f = ((1 - a) ** 2 + c * (b - a * a) ** 2).sum(1)
+        g = torch.zeros_like(x)
+        g[:, :-1] += -2 * (1 - a) - 4 * c * a * (b - a * a)
+        g[:, 1:] += 2 * c * (b - a * a)
+        return f, g
+
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.randn(5, 6, generator=gen, dtype=F64)
+    x0[0] = 1.0  # the minimiser: zero gradient, converged without an iteration
+    for max_iter in (400, 12):
+        seen.clear()
+        x, f, conv, iters = _batched_lbfgs(fg, x0, 1e-12, max_iter)
+        assert all(len(set(s.tolist())) == len(s) and len(s) > 0 for s in seen)
+        for i in range(5):
+
+            def fg_one(xs, idx, i=i):
+                assert idx.tolist() == [0]
+                return fg(xs, torch.tensor([i]))
+
+            xi, fi, ci, ii = _batched_lbfgs(fg_one, x0[i:i + 1], 1e-12, max_iter)
+            torch.testing.assert_close(x[i:i + 1], xi, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(f[i:i + 1], fi, rtol=1e-12, atol=1e-14)
+            assert conv[i] == ci[0] and iters[i] == ii[0], (i, max_iter)
+        assert bool(conv[0]) and int(iters[0]) == 0
+        if max_iter == 400:
+            assert bool(conv.all()) and len(set(iters.tolist())) >= 3  # finished at different times
+            torch.testing.assert_close(x, torch.ones_like(x), rtol=0, atol=1e-4)
+        else:
+            assert not bool(conv[1:].all()) and int(iters.max()) == 12  # cut off
+
+
 def test_decoder_is_held_fixed_on_every_path():
     """Energies and metrics are differentiable in the curves and points, never in the
     decoder's parameters, whether the decoder runs the fused ops (GaussianMLPDecoder,
