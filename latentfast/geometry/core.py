@@ -446,9 +446,15 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
     b, t1, d = curves.shape
     z0c, z1c = z0.detach()[:, None], z1.detach()[:, None]
 
+    mlp = as_mlp(decoder)  # described once: the decoder is held fixed for the solve
+    mlp_args = mlp.args() if mlp is not None else None
+
     def fg(x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         c = torch.cat([z0c[idx], x.view(-1, t1 - 2, d), z1c[idx]], dim=1)
-        e, _, g = energy_and_grad(decoder, c)
+        if mlp_args is not None:
+            e, _, g = ops.curve_energy_and_grad(c, *mlp_args)
+        else:
+            e, _, g = energy_and_grad(decoder, c)
         return e, g[:, 1:-1].reshape(len(idx), -1)
 
     fixed = _decoder_fixed(decoder)
