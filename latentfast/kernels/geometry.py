@@ -206,6 +206,7 @@ def curve_reduce_grad_(gg: Tensor, g: Tensor, grad_energy: Tensor | None, grad_l
 
 def _curve_reduce_into(g: Tensor, grad_energy: Tensor | None, grad_length: Tensor | None,
                        gg: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(energy, length) of curves g; with gg (not None) the gradient written into it."""
     g = g.contiguous()
     b, t1, f = g.shape
     energy = torch.empty(b, dtype=g.dtype, device=g.device)
@@ -223,13 +224,3 @@ def _curve_reduce_into(g: Tensor, grad_energy: Tensor | None, grad_length: Tenso
                                HAS_GE=grad_energy is not None, HAS_GL=grad_length is not None,
                                WANT=want, BLOCK_T=block_t, BLOCK_F=block_f, num_warps=8)
     return energy, length
-    ge = grad_energy.to(g.dtype).contiguous() if grad_energy is not None else energy
-    gl = grad_length.to(g.dtype).contiguous() if grad_length is not None else energy
-    block_t = max(2, min(32, triton.next_power_of_2(t1)))
-    block_f = max(16, min(4096 // block_t, triton.next_power_of_2(f)))
-    # 8 warps: with 4 the sm_90 build with gradients needs all 255 registers and spills 224
-    # bytes a thread; with 8, 239 and none (scripts/triton_smem.py)
-    _curve_reduce_kernel[(b,)](g, energy, length, ge, gl, gg if want else g, t1, f,
-                               HAS_GE=grad_energy is not None, HAS_GL=grad_length is not None,
-                               WANT=want, BLOCK_T=block_t, BLOCK_F=block_f, num_warps=8)
-    return energy, length, gg
