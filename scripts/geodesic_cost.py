@@ -15,12 +15,14 @@ rounds (medians of --pairs each):
   (ops.geometry.reuse_buffers, what geodesic does) against allocated afresh on every call
   (each large CPU allocation faults in new pages).
 
-With --digits N, only the last comparison, on the geodesics_1000 benchmark's problem: the
-digits VAE trained as the benchmark trains it, N of its pairs (default 1000), --rounds
-interleaved rounds, with the page faults and system time of each solve.
+With --digits N, only one comparison, on the geodesics_1000 benchmark's problem (the digits
+VAE trained as the benchmark trains it, N of its pairs), --rounds interleaved rounds, with
+the page faults and system time of each solve: --compare buffers (the last one above) or
+--compare rows (the CPU curve pipelines' chunks of at most ops.geometry._CPU_CHUNK_ROWS
+points against chunks bounded by _CHUNK_ELEMS elements only).
 
     python scripts/geodesic_cost.py [--reps 5] [--pairs 15]
-    python scripts/geodesic_cost.py --digits 1000 [--rounds 4]
+    python scripts/geodesic_cost.py --digits 1000 [--compare buffers|rows] [--rounds 4]
 """
 from __future__ import annotations
 
@@ -48,8 +50,10 @@ def _solve_s(z0: torch.Tensor, z1: torch.Tensor, dec) -> float:
     return time.perf_counter() - t
 
 
-def _digits(n_pairs: int, rounds: int) -> None:
-    """Work buffers kept against fresh per call on the geodesics_1000 problem."""
+def _digits(n_pairs: int, rounds: int, compare: str) -> None:
+    """Two settings of the energy pipeline, paired, on the geodesics_1000 problem: work
+    buffers kept against fresh per call, or chunks of at most _CPU_CHUNK_ROWS points against
+    chunks bounded by _CHUNK_ELEMS only."""
     from latentfast.bench.geodesics import trained_digits_vae
 
     model, _, _, z = trained_digits_vae(progress=False)
@@ -59,15 +63,20 @@ def _digits(n_pairs: int, rounds: int) -> None:
     j = torch.randint(z.shape[0], (n_pairs,), generator=gen)
     j = torch.where(i == j, (j + 1) % z.shape[0], j)
     z0, z1 = z[i].detach(), z[j].detach()
-    scratch = geo_ops._scratch_for
-    modes = {"buffers kept": scratch, "fresh per call": lambda t: None}
+    if compare == "buffers":
+        modes = {"buffers kept": ("_scratch_for", geo_ops._scratch_for),
+                 "fresh per call": ("_scratch_for", lambda t: None)}
+    else:
+        modes = {f"chunks <= {geo_ops._CPU_CHUNK_ROWS} rows": ("_CPU_CHUNK_ROWS", geo_ops._CPU_CHUNK_ROWS),
+                 "chunks by elements only": ("_CPU_CHUNK_ROWS", 1 << 62)}
+    saved = {attr: getattr(geo_ops, attr) for attr, _ in modes.values()}
     times: dict[str, list[float]] = {m: [] for m in modes}
     lengths = {}
     geo.geodesic(z0[:50], z1[:50], dec)  # warm-up
     try:
         for r in range(rounds):
             for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
-                geo_ops._scratch_for = modes[mode]
+                setattr(geo_ops, *modes[mode])
                 ru0 = resource.getrusage(resource.RUSAGE_SELF)
                 t = time.perf_counter()
                 res = geo.geodesic(z0, z1, dec)
@@ -78,10 +87,11 @@ def _digits(n_pairs: int, rounds: int) -> None:
                 print(f"{mode}: {1e3 * dt / n_pairs:.2f} ms per geodesic, {ru1.ru_minflt - ru0.ru_minflt} minor "
                       f"page faults, system time {ru1.ru_stime - ru0.ru_stime:.2f} s", flush=True)
     finally:
-        geo_ops._scratch_for = scratch
-    kept, fresh = (_median_ms(times[m]) / n_pairs for m in modes)
-    print(f"digits VAE, {n_pairs} pairs, paired medians: buffers kept {kept:.2f} ms, fresh per call {fresh:.2f} ms "
-          f"per geodesic ({fresh / kept:.2f}x); lengths equal: {torch.equal(*lengths.values())}")
+        for attr, value in saved.items():
+            setattr(geo_ops, attr, value)
+    (a, ta), (b, tb) = ((m, _median_ms(times[m]) / n_pairs) for m in modes)
+    print(f"digits VAE, {n_pairs} pairs, paired medians: {a} {ta:.2f} ms, {b} {tb:.2f} ms per geodesic "
+          f"({tb / ta:.2f}x); lengths equal: {torch.equal(*lengths.values())}")
 
 
 def main() -> None:
@@ -89,11 +99,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--pairs", type=int, default=15)
     ap.add_argument("--digits", type=int, default=None, metavar="N",
-                    help="only compare kept and fresh work buffers on N pairs of the digits VAE")
+                    help="only the --compare pairing, on N pairs of the digits VAE")
+    ap.add_argument("--compare", choices=["buffers", "rows"], default="buffers",
+                    help="with --digits: kept / fresh work buffers, or the CPU chunk row cap on / off")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of the --digits comparison")
     args = ap.parse_args()
     if args.digits is not None:
-        _digits(args.digits, args.rounds)
+        _digits(args.digits, args.rounds, args.compare)
         return
     torch.manual_seed(0)
     decoders = {"2-128-128-64": GaussianMLPDecoder(2, 64, (128, 128)),

@@ -365,14 +365,26 @@ def _deriv_views(flat: Tensor, n_points: int, widths: list[int]) -> list[Tensor]
     return views
 
 
-def _curves_per_chunk(t1: int, d: int, weights, centres, wr) -> int:
+# Rows (curve points) per chunk of the CPU curve pipelines at most: smaller chunks keep a layer's
+# activations in cache between its GEMM and the passes after it. curve_energy_and_grad on the
+# geodesics_1000 decoder (2-128-128-64 + RBF), 1000 curves of 33 points, paired on the 2-core AMD
+# EPYC VM of 2026-12-02: 16368-row chunks 49.5 / 60.6 ms, 4092 rows 45.7 / 52.6, 2046 rows
+# 40.4 / 52.8, 1023 rows 53.1 (two runs); the bench's 2-256-256-784 + RBF decoder (3564-row
+# chunks before) even.
+_CPU_CHUNK_ROWS = 2048
+
+
+def _curves_per_chunk(t1: int, d: int, weights, centres, wr, cpu: bool = False) -> int:
     """Curves per chunk: t1 rows each of the widest row a chunk forms (a layer, or the
     features: the last layer's outputs and, with the RBF network, its D sigmas beside them,
-    plus the [K, d] differences to the centres)."""
+    plus the [K, d] differences to the centres); on CPU at most _CPU_CHUNK_ROWS rows."""
     widest = max(w.shape[0] for w in weights)
     if centres is not None:
         widest = max(widest, weights[-1].shape[0] + wr.shape[0]) + centres.shape[0] * d
-    return max(1, _CHUNK_ELEMS // (t1 * widest))
+    per_chunk = _CHUNK_ELEMS // (t1 * widest)
+    if cpu:
+        per_chunk = min(per_chunk, _CPU_CHUNK_ROWS // t1)
+    return max(1, per_chunk)
 
 
 def _curve_native(k, curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
@@ -385,7 +397,7 @@ def _curve_native(k, curves: Tensor, weights: list[Tensor], biases: list[Tensor]
     b_all, t1, d = curves.shape
     weights, biases = _energy_layers(weights, biases, acts)
     want = grad_energy is not None or grad_length is not None
-    per_chunk = _curves_per_chunk(t1, d, weights, centres, wr)
+    per_chunk = _curves_per_chunk(t1, d, weights, centres, wr, curves.device.type == "cpu")
     energy = curves.new_empty(b_all)
     length = curves.new_empty(b_all)
     grad = torch.empty_like(curves) if want else None
@@ -415,7 +427,7 @@ def _curve_backward_saved(k, grad_energy: Tensor, grad_length: Tensor, curves: T
                           feats_all: Tensor, weights, centres, lam, wr) -> Tensor:
     """The gradient wrt the curves from the activations saved by _curve_native."""
     b_all, t1, d = curves.shape
-    per_chunk = _curves_per_chunk(t1, d, weights, centres, wr)
+    per_chunk = _curves_per_chunk(t1, d, weights, centres, wr, curves.device.type == "cpu")
     views = _deriv_views(derivs_flat, b_all * t1, [w.shape[0] for w in weights])
     grad = torch.empty_like(curves)
     pool = _scratch_for(curves)

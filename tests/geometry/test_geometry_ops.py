@@ -239,14 +239,18 @@ def _check_metric_and_curves(z, curves, w, b, a, extra):
 
 
 @pytest.mark.parametrize("net", [*NETS, (2, (11, 9), 40, (1, 3, 0), True), (2, (11, 9), 40, (1, 3, 0), False)])
-@pytest.mark.parametrize("budget", ["one", "few"])
+@pytest.mark.parametrize("budget", ["one", "few", "cpu rows"])
 def test_native_pipelines_in_chunks(backend, monkeypatch, net, budget):
     """The native metric and curve-energy pipelines split the points (curves) into chunks of
-    _CHUNK_ELEMS elements of their widest rows; with a tiny budget every chunk holds one point
-    (curve), or a few and a last, shorter one: the results are the reference's."""
+    _CHUNK_ELEMS elements of their widest rows (on CPU the curves also into chunks of at most
+    _CPU_CHUNK_ROWS points); with a tiny budget every chunk holds one point (curve), or a few
+    and a last, shorter one: the results are the reference's."""
     dev = device_for(backend)
-    elems = 1 if budget == "one" else 2 * (1 + net[0]) * max(*net[1], net[2], 1) + 1
-    monkeypatch.setattr(ops, "_CHUNK_ELEMS", elems)
+    if budget == "cpu rows":  # 2 curves of 4 points a chunk on CPU, 2 + 2 + 1
+        monkeypatch.setattr(ops, "_CPU_CHUNK_ROWS", 9)
+    else:
+        elems = 1 if budget == "one" else 2 * (1 + net[0]) * max(*net[1], net[2], 1) + 1
+        monkeypatch.setattr(ops, "_CHUNK_ELEMS", elems)
     w, b, a, extra = make_net(*net, torch.float64, dev, seed=91)
     gen = torch.Generator().manual_seed(92)
     z = torch.randn(11, net[0], dtype=torch.float64, generator=gen).to(dev)
