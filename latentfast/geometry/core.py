@@ -37,6 +37,9 @@ def as_mlp(decoder) -> MLPParams | None:
     """The fused-op description of `decoder` (parameters detached), or None when the decoder
     is not an MLP the fused ops cover (then the generic path is used)."""
     if isinstance(decoder, MLPParams):
+        if not any(t is not None and t.requires_grad for t in (*decoder.weights, *decoder.biases, decoder.rbf_centres,
+                                                               decoder.rbf_lambda, decoder.rbf_weight)):
+            return decoder  # already detached (e.g. as_mlp's own result): nothing to redo per call
         p = decoder
     elif isinstance(decoder, GaussianMLPDecoder):
         p = decoder.mlp_params()
@@ -285,8 +288,8 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
         k = torch.arange(m, device=dev)
         order = (count[:, None] - m + k) % history  # [b, m]; column m - 1 is the newest pair
         valid = k >= (m - count)[:, None]
-        rows = torch.arange(len(idx), device=dev)[:, None]
-        s_o, y_o = s_hist[rows, order], y_hist[rows, order]
+        batch = torch.arange(len(idx), device=dev)[:, None]
+        s_o, y_o = s_hist[batch, order], y_hist[batch, order]
         if m:
             s_n, y_n = s_o[:, -1], y_o[:, -1]
             yy = (y_n * y_n).sum(1)
@@ -447,14 +450,11 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
     z0c, z1c = z0.detach()[:, None], z1.detach()[:, None]
 
     mlp = as_mlp(decoder)  # described once: the decoder is held fixed for the solve
-    mlp_args = mlp.args() if mlp is not None else None
+    target = mlp if mlp is not None else decoder
 
     def fg(x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         c = torch.cat([z0c[idx], x.view(-1, t1 - 2, d), z1c[idx]], dim=1)
-        if mlp_args is not None:
-            e, _, g = ops.curve_energy_and_grad(c, *mlp_args)
-        else:
-            e, _, g = energy_and_grad(decoder, c)
+        e, _, g = energy_and_grad(target, c)
         return e, g[:, 1:-1].reshape(len(idx), -1)
 
     fixed = _decoder_fixed(decoder)

@@ -96,9 +96,9 @@ def reuse_buffers() -> Iterator[None]:
     their backward) keeps its per-chunk work buffers from call to call instead of allocating
     them afresh: the layers' pre-activations, act'(a), the features and the backward's
     products, about ten buffers of at most _CHUNK_ELEMS elements each (ten for the
-    geodesics_1000 decoder in float32: 72 MiB). A fresh large CPU allocation is fresh pages from the
-    system, one page fault per 4 KiB when first written, and glibc hands freed blocks back on
-    every call: geodesic solves of 200-1000 pairs ran 1.2-1.4x faster with the buffers kept
+    geodesics_1000 decoder in float32: 72 MiB). A fresh large CPU allocation is fresh pages
+    from the system, one page fault per 4 KiB when first written, and glibc hands freed
+    blocks back on every call: geodesic solves of 200-1000 pairs ran 1.2-1.4x faster with the buffers kept
     (paired, see the README). The geodesic solver runs its iterations inside one; outside,
     the buffers are shared only by one call's chunks and freed when it returns. Nestable; GPU
     tensors are not affected (the CUDA caching allocator already reuses memory)."""
@@ -320,9 +320,10 @@ def _features_backward(k, gg: Tensor, z: Tensor, feats: Tensor, derivs: list[Ten
                        centres: Tensor | None, lam: Tensor | None, wr: Tensor | None,
                        pool: dict | None = None) -> Tensor:
     """reference.features_backward, its products written into the pool's buffers (see _buf;
-    the same operations, but for the first layer's operand layout, see _NARROW_B); its RBF part on CPU in one C++ kernel (rbf_sigma_backward_:
-    no [p, D] sigma^3 g tensor, no [p, K] GEMM), elsewhere in fewer passes over the [p, D]
-    sigma block (one product tensor, made in place, instead of pow, mul and mul)."""
+    the same operations, but for the first layer's operand layout, see _NARROW_B); its RBF
+    part on CPU in one C++ kernel (rbf_sigma_backward_: no [p, D] sigma^3 g tensor, no [p, K]
+    GEMM), elsewhere in fewer passes over the [p, D] sigma block (one product tensor, made in
+    place, instead of pow, mul and mul)."""
     p = gg.shape[0]
     n_out = weights[-1].shape[0]
     ga = torch.mul(gg[:, :n_out], derivs[-1], out=_buf(pool, "ga", (p, n_out), gg))

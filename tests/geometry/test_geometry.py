@@ -401,8 +401,7 @@ def test_batched_lbfgs_problems_are_independent_of_their_batch():
         seen.clear()
         x, f, conv, iters = _batched_lbfgs(fg, x0, 1e-12, max_iter)
         assert all(len(set(s.tolist())) == len(s) and len(s) > 0 for s in seen)
-        for i in range(5):
-
+        for i in range(5):  # each problem alone, under its own index
             def fg_one(xs, idx, i=i):
                 assert idx.tolist() == [0]
                 return fg(xs, torch.tensor([i]))
@@ -417,6 +416,19 @@ def test_batched_lbfgs_problems_are_independent_of_their_batch():
             torch.testing.assert_close(x, torch.ones_like(x), rtol=0, atol=1e-4)
         else:
             assert not bool(conv[1:].all()) and int(iters.max()) == 12  # cut off
+
+
+def test_as_mlp_of_a_detached_description_is_itself():
+    """as_mlp of its own result (what the geodesic solver passes per energy call) returns it
+    unchanged; a description holding live parameters comes back detached."""
+    dec = small_mlp_decoder()
+    p = geo.as_mlp(dec)
+    assert geo.as_mlp(p) is p
+    live = dec.mlp_params()
+    assert any(t.requires_grad for t in live.weights)
+    q = geo.as_mlp(live)
+    assert q is not live and not any(t.requires_grad for t in (*q.weights, *q.biases))
+    assert all(torch.equal(a, b) for a, b in zip(q.weights, live.weights))
 
 
 def test_decoder_is_held_fixed_on_every_path():
