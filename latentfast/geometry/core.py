@@ -339,6 +339,36 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
     return x_out, f_out, conv_out, iters_out
 
 
+class _LaplacianCoords:
+    """Coordinates w for a curve's interior points x [b, n, d] (end points fixed) with
+    x = x_init + R^-1 w, R the upper bidiagonal Cholesky factor of the discrete Laplacian
+    tridiag(-1, 2, -1) = R^T R [n, n]: R_ii = sqrt((i+1)/i), R_i,i+1 = -sqrt(i/(i+1)),
+    i = 1..n. The Euclidean curve energy sum_t ||x_{t+1} - x_t||^2 is ||w||^2 plus terms
+    linear in w, so in w its Hessian is 2 I: a gradient method on w does not slow down with
+    the number of segments as it does on x, where the Laplacian's condition number grows
+    like n^2.
+
+    R^-1 has the closed form (R^-1)_ij = i / sqrt(j (j+1)) for j >= i, so both maps are
+    O(n) (cumulative sums), with no n x n matrix:
+        R^-1 w:   (R^-1 w)_i = i * sum_{j >= i} c_j w_j,   c_j = 1 / sqrt(j (j+1))
+        R^-T g:   the gradient in w of a function of x, g_w_j = c_j * sum_{i <= j} i g_i
+    """
+
+    def __init__(self, n: int, like: Tensor) -> None:
+        i = torch.arange(1, n + 1, dtype=torch.float64)
+        cast = dict(dtype=like.dtype, device=like.device)
+        self.i = i.to(**cast)[:, None]
+        self.c = (1 / torch.sqrt(i * (i + 1))).to(**cast)[:, None]
+
+    def to_x(self, w: Tensor) -> Tensor:
+        """R^-1 w, w [b, n, d] (the displacement of the interior points from x_init)."""
+        return self.i * (self.c * w).flip(1).cumsum(1).flip(1)  # sums over j >= i
+
+    def grad_to_w(self, g: Tensor) -> Tensor:
+        """The gradient in w of a function of x: R^-T g, g [b, n, d]."""
+        return self.c * (self.i * g).cumsum(1)
+
+
 def straight_line(z0: Tensor, z1: Tensor, n_segments: int) -> Tensor:
     """Straight latent lines from z0 [B, d] to z1 [B, d], [B, n_segments + 1, d]."""
     t = torch.linspace(0, 1, n_segments + 1, dtype=z0.dtype, device=z0.device)[None, :, None]
@@ -402,7 +432,8 @@ def graph_init(z0: Tensor, z1: Tensor, decoder, data: Tensor, n_segments: int,
 
 def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float = 1e-6,
              max_iter: int = 500, init: str = "line", data: Tensor | None = None,
-             n_neighbors: int = 10, progress: bool = False) -> GeodesicResult:
+             n_neighbors: int = 10, precondition: bool = True, progress: bool = False
+             ) -> GeodesicResult:
     """Geodesics between B pairs of latent points at once, by minimising the discretised
     curve energy over the interior points (batched L-BFGS, one history per pair).
 
@@ -414,6 +445,12 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
             consecutive iterations.
         init: "line" (straight latent lines) or "graph" (shortest paths on a kNN graph of
             `data` latents, better when straight lines cross empty regions).
+        precondition: run L-BFGS in coordinates w = R x of the interior points, R the
+            Cholesky factor of the discrete Laplacian (see _LaplacianCoords), in which the
+            energy of a straight, evenly spaced curve is well conditioned whatever
+            n_segments; about a fifth of the iterations of L-BFGS on the points themselves
+            (False) on a digits VAE. The energy is the same function either way, but the
+            two can stop in different local minima where a problem has several.
     Pairs with z0 == z1 give the constant curve (length 0), flagged converged.
 
     Example:
@@ -452,16 +489,25 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
     mlp = as_mlp(decoder)  # described once: the decoder is held fixed for the solve
     target = mlp if mlp is not None else decoder
 
-    def fg(x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        c = torch.cat([z0c[idx], x.view(-1, t1 - 2, d), z1c[idx]], dim=1)
-        e, _, g = energy_and_grad(target, c)
-        return e, g[:, 1:-1].reshape(len(idx), -1)
+    # Preconditioned, the variables are w with interior points x = x_init + R^-1 w, starting
+    # at w = 0 (so the first energy call sees the initial curve exactly).
+    coords = _LaplacianCoords(t1 - 2, curves) if precondition else None
+    x_init = curves[:, 1:-1].detach()
+
+    def points(v: Tensor, idx: Tensor) -> Tensor:
+        x = v.view(-1, t1 - 2, d)
+        return x if coords is None else x_init[idx] + coords.to_x(x)
+
+    def fg(v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        e, _, g = energy_and_grad(target, torch.cat([z0c[idx], points(v, idx), z1c[idx]], dim=1))
+        g = g[:, 1:-1] if coords is None else coords.grad_to_w(g[:, 1:-1])
+        return e, g.reshape(len(idx), -1)
 
     fixed = _decoder_fixed(decoder)
     with torch.no_grad(), fixed, ops.reuse_buffers():
-        x, _, conv, iters = _batched_lbfgs(fg, curves[:, 1:-1].reshape(b, -1).detach(), tol,
-                                           max_iter, progress=progress)
-        curves = torch.cat([z0c, x.view(b, t1 - 2, d), z1c], dim=1)
+        v = x_init.reshape(b, -1) if coords is None else x_init.new_zeros(b, (t1 - 2) * d)
+        v, _, conv, iters = _batched_lbfgs(fg, v, tol, max_iter, progress=progress)
+        curves = torch.cat([z0c, points(v, torch.arange(b, device=v.device)), z1c], dim=1)
         energy, length = _energy_length(decoder, curves)
     return GeodesicResult(curves, length, energy, conv, iters)
 

@@ -67,6 +67,67 @@ def test_sphere_geodesic_lengths_are_great_circles():
     assert (geo.curve_length(sphere, geo.straight_line(z0, z1, 32)) >= res.lengths - 1e-9).all()
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 31, 300])
+def test_laplacian_coordinates_are_the_cholesky_factor(n):
+    """The solver's coordinates (geometry.core._LaplacianCoords): the closed-form R^-1 w and
+    R^-T g against triangular solves with the Cholesky factor of tridiag(-1, 2, -1), and
+    the Euclidean curve energy's Hessian in w equal to 2 T I."""
+    from latentfast.geometry.core import _LaplacianCoords
+
+    off = torch.diag(torch.ones(n - 1, dtype=F64), 1)
+    lap = 2 * torch.eye(n, dtype=F64) - off - off.T
+    r = torch.linalg.cholesky(lap).mT  # upper
+    w, g = torch.randn(3, n, 2, dtype=F64), torch.randn(3, n, 2, dtype=F64)
+    coords = _LaplacianCoords(n, w)
+    torch.testing.assert_close(coords.to_x(w), torch.linalg.solve_triangular(r, w, upper=True),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(coords.grad_to_w(g), torch.linalg.solve_triangular(r.mT, g, upper=False),
+                               rtol=1e-12, atol=1e-12)
+    # float32 at the same n: no cancellation in the sums
+    c32 = _LaplacianCoords(n, w.float())
+    torch.testing.assert_close(c32.to_x(w.float()).double(), coords.to_x(w), rtol=1e-5, atol=1e-5)
+    if n <= 31:
+        t = n + 1
+        z0, z1, x0 = torch.randn(2, dtype=F64), torch.randn(2, dtype=F64), torch.randn(n, 2, dtype=F64)
+
+        def energy(wf):
+            x = x0 + coords.to_x(wf.view(1, n, 2))[0]
+            pts = torch.cat([z0[None], x, z1[None]])
+            return t * ((pts[1:] - pts[:-1]) ** 2).sum()
+
+        hess = torch.autograd.functional.hessian(energy, torch.randn(2 * n, dtype=F64))
+        torch.testing.assert_close(hess, 2 * t * torch.eye(2 * n, dtype=F64), rtol=0, atol=1e-10)
+
+
+def test_preconditioned_solves_do_not_slow_down_with_more_segments():
+    """In the Laplacian coordinates (the default) the L-BFGS iterations stay flat as the
+    curve gets more segments; on the points themselves they grow with it."""
+    gen = torch.Generator().manual_seed(1)
+    z0, z1 = torch.randn(8, 2, dtype=F64, generator=gen), torch.randn(8, 2, dtype=F64, generator=gen)
+    few = geo.geodesic(z0, z1, sphere, n_segments=8, max_iter=1000)
+    many = geo.geodesic(z0, z1, sphere, n_segments=64, max_iter=1000)
+    plain = geo.geodesic(z0, z1, sphere, n_segments=64, max_iter=300, precondition=False)
+    assert few.converged.all() and many.converged.all()
+    assert ((many.lengths / great_circle(z0, z1) - 1).abs() < 1e-3).all()
+    med = {k: float(r.iterations.double().median()) for k, r in (("few", few), ("many", many), ("plain", plain))}
+    assert med["many"] <= 1.5 * med["few"], med
+    assert med["plain"] > 4 * med["many"], med
+
+
+@pytest.mark.parametrize("precondition", [True, False])
+def test_geodesic_lengths_with_and_without_preconditioning(precondition, backend):
+    dec = small_mlp_decoder()
+    gen = torch.Generator().manual_seed(4)
+    z0, z1 = torch.randn(5, 2, dtype=F64, generator=gen), torch.randn(5, 2, dtype=F64, generator=gen)
+    res = geo.geodesic(z0, z1, dec, n_segments=12, precondition=precondition)
+    assert res.converged.all()
+    # the same problem through the generic (autograd) path, preconditioned the other way
+    other = geo.geodesic(z0, z1, dec.features, n_segments=12, precondition=not precondition)
+    torch.testing.assert_close(res.lengths, other.lengths, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.energies, geo.curve_energy(dec, res.curves))
+    assert (res.lengths <= geo.curve_length(dec, geo.straight_line(z0, z1, 12)) + 1e-9).all()
+
+
 def test_graph_initialisation_gives_a_geodesic_too():
     gen = torch.Generator().manual_seed(2)
     data = torch.randn(150, 2, dtype=F64, generator=gen)
