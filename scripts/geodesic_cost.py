@@ -17,12 +17,15 @@ rounds (medians of --pairs each):
 
 With --digits N, only one comparison, on the geodesics_1000 benchmark's problem (the digits
 VAE trained as the benchmark trains it, N of its pairs), --rounds interleaved rounds, with
-the page faults and system time of each solve: --compare buffers (the last one above) or
+the page faults and system time of each solve: --compare buffers (the last one above),
 --compare rows (the CPU curve pipelines' chunks of at most ops.geometry._CPU_CHUNK_ROWS
-points against chunks bounded by _CHUNK_ELEMS elements only).
+points against chunks bounded by _CHUNK_ELEMS elements only) or --compare precondition
+(geodesic's default L-BFGS in Laplacian coordinates against precondition=False, with the
+iterations and how far the two solutions' lengths are apart: they can end in different
+local minima).
 
     python scripts/geodesic_cost.py [--reps 5] [--pairs 15]
-    python scripts/geodesic_cost.py --digits 1000 [--compare buffers|rows] [--rounds 4]
+    python scripts/geodesic_cost.py --digits 1000 [--compare buffers|rows|precondition] [--rounds 4]
 """
 from __future__ import annotations
 
@@ -51,9 +54,9 @@ def _solve_s(z0: torch.Tensor, z1: torch.Tensor, dec) -> float:
 
 
 def _digits(n_pairs: int, rounds: int, compare: str) -> None:
-    """Two settings of the energy pipeline, paired, on the geodesics_1000 problem: work
-    buffers kept against fresh per call, or chunks of at most _CPU_CHUNK_ROWS points against
-    chunks bounded by _CHUNK_ELEMS only."""
+    """Two settings, paired, on the geodesics_1000 problem: work buffers kept against fresh
+    per call, chunks of at most _CPU_CHUNK_ROWS points against chunks bounded by
+    _CHUNK_ELEMS only, or the solver with and without its Laplacian preconditioning."""
     from latentfast.bench.geodesics import trained_digits_vae
 
     model, _, _, z = trained_digits_vae(progress=False)
@@ -63,35 +66,46 @@ def _digits(n_pairs: int, rounds: int, compare: str) -> None:
     j = torch.randint(z.shape[0], (n_pairs,), generator=gen)
     j = torch.where(i == j, (j + 1) % z.shape[0], j)
     z0, z1 = z[i].detach(), z[j].detach()
+    # mode -> (ops.geometry attribute and its value, or None; geodesic's keyword arguments)
     if compare == "buffers":
-        modes = {"buffers kept": ("_scratch_for", geo_ops._scratch_for),
-                 "fresh per call": ("_scratch_for", lambda t: None)}
+        modes = {"buffers kept": (("_scratch_for", geo_ops._scratch_for), {}),
+                 "fresh per call": (("_scratch_for", lambda t: None), {})}
+    elif compare == "rows":
+        modes = {f"chunks <= {geo_ops._CPU_CHUNK_ROWS} rows": (("_CPU_CHUNK_ROWS", geo_ops._CPU_CHUNK_ROWS), {}),
+                 "chunks by elements only": (("_CPU_CHUNK_ROWS", 1 << 62), {})}
     else:
-        modes = {f"chunks <= {geo_ops._CPU_CHUNK_ROWS} rows": ("_CPU_CHUNK_ROWS", geo_ops._CPU_CHUNK_ROWS),
-                 "chunks by elements only": ("_CPU_CHUNK_ROWS", 1 << 62)}
-    saved = {attr: getattr(geo_ops, attr) for attr, _ in modes.values()}
+        modes = {"preconditioned": (None, {}), "on the points": (None, {"precondition": False})}
+    saved = {patch[0]: getattr(geo_ops, patch[0]) for patch, _ in modes.values() if patch}
     times: dict[str, list[float]] = {m: [] for m in modes}
-    lengths = {}
+    results = {}
     geo.geodesic(z0[:50], z1[:50], dec)  # warm-up
     try:
         for r in range(rounds):
             for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
-                setattr(geo_ops, *modes[mode])
+                patch, kwargs = modes[mode]
+                if patch:
+                    setattr(geo_ops, *patch)
                 ru0 = resource.getrusage(resource.RUSAGE_SELF)
                 t = time.perf_counter()
-                res = geo.geodesic(z0, z1, dec)
+                res = geo.geodesic(z0, z1, dec, **kwargs)
                 dt = time.perf_counter() - t
                 ru1 = resource.getrusage(resource.RUSAGE_SELF)
                 times[mode].append(dt)
-                lengths[mode] = res.lengths
+                results[mode] = res
                 print(f"{mode}: {1e3 * dt / n_pairs:.2f} ms per geodesic, {ru1.ru_minflt - ru0.ru_minflt} minor "
-                      f"page faults, system time {ru1.ru_stime - ru0.ru_stime:.2f} s", flush=True)
+                      f"page faults, system time {ru1.ru_stime - ru0.ru_stime:.2f} s, iterations: mean "
+                      f"{res.iterations.double().mean():.1f}, converged {res.converged.double().mean():.1%}",
+                      flush=True)
     finally:
         for attr, value in saved.items():
             setattr(geo_ops, attr, value)
     (a, ta), (b, tb) = ((m, _median_ms(times[m]) / n_pairs) for m in modes)
+    ra, rb = results.values()
+    rel = (ra.lengths - rb.lengths) / rb.lengths
     print(f"digits VAE, {n_pairs} pairs, paired medians: {a} {ta:.2f} ms, {b} {tb:.2f} ms per geodesic "
-          f"({tb / ta:.2f}x); lengths equal: {torch.equal(*lengths.values())}")
+          f"({tb / ta:.2f}x); lengths equal: {torch.equal(ra.lengths, rb.lengths)}; {a} shorter by more than "
+          f"0.1% on {int((rel < -1e-3).sum())} pairs, longer on {int((rel > 1e-3).sum())}, sum of lengths "
+          f"{float(ra.lengths.sum()):.2f} vs {float(rb.lengths.sum()):.2f}")
 
 
 def main() -> None:
@@ -100,8 +114,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=15)
     ap.add_argument("--digits", type=int, default=None, metavar="N",
                     help="only the --compare pairing, on N pairs of the digits VAE")
-    ap.add_argument("--compare", choices=["buffers", "rows"], default="buffers",
-                    help="with --digits: kept / fresh work buffers, or the CPU chunk row cap on / off")
+    ap.add_argument("--compare", choices=["buffers", "rows", "precondition"], default="buffers",
+                    help="with --digits: kept / fresh work buffers, the CPU chunk row cap on / off, or "
+                         "geodesic(precondition=True / False)")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of the --digits comparison")
     args = ap.parse_args()
     if args.digits is not None:
