@@ -26,6 +26,7 @@ local minima).
 
     python scripts/geodesic_cost.py [--reps 5] [--pairs 15]
     python scripts/geodesic_cost.py --digits 1000 [--compare buffers|rows|precondition] [--rounds 4]
+                                    [--segments 32]
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _solve_s(z0: torch.Tensor, z1: torch.Tensor, dec) -> float:
     return time.perf_counter() - t
 
 
-def _digits(n_pairs: int, rounds: int, compare: str) -> None:
+def _digits(n_pairs: int, rounds: int, compare: str, n_segments: int = 32) -> None:
     """Two settings, paired, on the geodesics_1000 problem: work buffers kept against fresh
     per call, chunks of at most _CPU_CHUNK_ROWS points against chunks bounded by
     _CHUNK_ELEMS only, or the solver with and without its Laplacian preconditioning."""
@@ -78,7 +79,7 @@ def _digits(n_pairs: int, rounds: int, compare: str) -> None:
     saved = {patch[0]: getattr(geo_ops, patch[0]) for patch, _ in modes.values() if patch}
     times: dict[str, list[float]] = {m: [] for m in modes}
     results = {}
-    geo.geodesic(z0[:50], z1[:50], dec)  # warm-up
+    geo.geodesic(z0[:50], z1[:50], dec, n_segments=n_segments)  # warm-up
     try:
         for r in range(rounds):
             for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
@@ -87,7 +88,7 @@ def _digits(n_pairs: int, rounds: int, compare: str) -> None:
                     setattr(geo_ops, *patch)
                 ru0 = resource.getrusage(resource.RUSAGE_SELF)
                 t = time.perf_counter()
-                res = geo.geodesic(z0, z1, dec, **kwargs)
+                res = geo.geodesic(z0, z1, dec, n_segments=n_segments, max_iter=max(500, 4 * n_segments), **kwargs)
                 dt = time.perf_counter() - t
                 ru1 = resource.getrusage(resource.RUSAGE_SELF)
                 times[mode].append(dt)
@@ -102,7 +103,7 @@ def _digits(n_pairs: int, rounds: int, compare: str) -> None:
     (a, ta), (b, tb) = ((m, _median_ms(times[m]) / n_pairs) for m in modes)
     ra, rb = results.values()
     rel = (ra.lengths - rb.lengths) / rb.lengths
-    print(f"digits VAE, {n_pairs} pairs, paired medians: {a} {ta:.2f} ms, {b} {tb:.2f} ms per geodesic "
+    print(f"digits VAE, {n_pairs} pairs, T = {n_segments}, paired medians: {a} {ta:.2f} ms, {b} {tb:.2f} ms per geodesic "
           f"({tb / ta:.2f}x); lengths equal: {torch.equal(ra.lengths, rb.lengths)}; {a} shorter by more than "
           f"0.1% on {int((rel < -1e-3).sum())} pairs, longer on {int((rel > 1e-3).sum())}, sum of lengths "
           f"{float(ra.lengths.sum()):.2f} vs {float(rb.lengths.sum()):.2f}")
@@ -118,9 +119,11 @@ def main() -> None:
                     help="with --digits: kept / fresh work buffers, the CPU chunk row cap on / off, or "
                          "geodesic(precondition=True / False)")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of the --digits comparison")
+    ap.add_argument("--segments", type=int, default=32,
+                    help="n_segments of the --digits solves (max_iter: 500 or 4 n_segments if larger)")
     args = ap.parse_args()
     if args.digits is not None:
-        _digits(args.digits, args.rounds, args.compare)
+        _digits(args.digits, args.rounds, args.compare, args.segments)
         return
     torch.manual_seed(0)
     decoders = {"2-128-128-64": GaussianMLPDecoder(2, 64, (128, 128)),
