@@ -21,8 +21,8 @@ the page faults and system time of each solve: --compare buffers (the last one a
 --compare rows (the CPU curve pipelines' chunks of at most ops.geometry._CPU_CHUNK_ROWS
 points against chunks bounded by _CHUNK_ELEMS elements only) or --compare precondition
 (geodesic's default L-BFGS in Laplacian coordinates against precondition=False, with the
-iterations and how far the two solutions' lengths are apart: they can end in different
-local minima).
+iterations, how far the two solutions' lengths are apart (they can end in different local
+minima) and how much energy each left: its result continued to tol 1e-10).
 
     python scripts/geodesic_cost.py [--reps 5] [--pairs 15]
     python scripts/geodesic_cost.py --digits 1000 [--compare buffers|rows|precondition] [--rounds 4]
@@ -52,6 +52,24 @@ def _solve_s(z0: torch.Tensor, z1: torch.Tensor, dec) -> float:
     t = time.perf_counter()
     geo.geodesic(z0, z1, dec)
     return time.perf_counter() - t
+
+
+def _energy_left(res, dec) -> torch.Tensor:
+    """Relative energy a solve left: each result continued by the preconditioned L-BFGS to
+    tol = 1e-10 (up to 3000 iterations); (E - E_continued) / E per pair."""
+    c = res.curves
+    b, t1, d = c.shape
+    coords = core._LaplacianCoords(t1 - 2, c)
+    x_init, mlp = c[:, 1:-1].clone(), core.as_mlp(dec)
+
+    def fg(v, idx):
+        x = x_init[idx] + coords.to_x(v.view(-1, t1 - 2, d))
+        e, _, g = core.energy_and_grad(mlp, torch.cat([c[idx, :1], x, c[idx, -1:]], 1))
+        return e, coords.grad_to_w(g[:, 1:-1]).reshape(len(idx), -1)
+
+    with torch.no_grad():
+        _, f, _, _ = core._batched_lbfgs(fg, x_init.new_zeros(b, (t1 - 2) * d), 1e-10, 3000)
+    return (res.energies - f) / res.energies
 
 
 def _digits(n_pairs: int, rounds: int, compare: str, n_segments: int = 32) -> None:
@@ -107,6 +125,11 @@ def _digits(n_pairs: int, rounds: int, compare: str, n_segments: int = 32) -> No
           f"({tb / ta:.2f}x); lengths equal: {torch.equal(ra.lengths, rb.lengths)}; {a} shorter by more than "
           f"0.1% on {int((rel < -1e-3).sum())} pairs, longer on {int((rel > 1e-3).sum())}, sum of lengths "
           f"{float(ra.lengths.sum()):.2f} vs {float(rb.lengths.sum()):.2f}")
+    if compare == "precondition":
+        for name, res in results.items():
+            left = _energy_left(res, dec)
+            print(f"{name}: energy left (continued to tol 1e-10): median {float(left.median()):.1e}, max "
+                  f"{float(left.max()):.1e}, above 1e-4 on {int((left > 1e-4).sum())} pairs")
 
 
 def main() -> None:
