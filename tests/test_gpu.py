@@ -97,17 +97,18 @@ def test_geometry_gradients_on_cuda(triton_cuda):
     geo_t.test_curve_energy_repeated_point_has_finite_grad(triton_cuda)
 
 
-def test_geodesic_on_cuda_matches_cpu(triton_cuda):
+@pytest.mark.parametrize("precondition", [True, False])
+def test_geodesic_on_cuda_matches_cpu(triton_cuda, precondition):
     from latentfast import geometry as geo
     from latentfast.vae import GaussianMLPDecoder
 
     torch.manual_seed(0)
     dec = GaussianMLPDecoder(2, 30, hidden=(32, 32)).double()
     z0, z1 = torch.randn(64, 2, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
-    gpu = geo.geodesic(z0.cuda(), z1.cuda(), dec.cuda(), n_segments=16)
+    gpu = geo.geodesic(z0.cuda(), z1.cuda(), dec.cuda(), n_segments=16, precondition=precondition)
     with latentfast.use_backend("cpp" if lf_backend.why_unavailable("cpp", torch.device("cpu")) is None
                                 else "reference"):
-        cpu = geo.geodesic(z0, z1, dec.cpu(), n_segments=16)
+        cpu = geo.geodesic(z0, z1, dec.cpu(), n_segments=16, precondition=precondition)
     assert gpu.converged.all() and cpu.converged.all()
     torch.testing.assert_close(gpu.lengths.cpu(), cpu.lengths, rtol=1e-5, atol=1e-8)
 
