@@ -116,9 +116,13 @@ def test_preconditioned_solves_do_not_slow_down_with_more_segments():
 
 @pytest.mark.parametrize("precondition", [True, False])
 def test_geodesic_lengths_with_and_without_preconditioning(precondition, backend):
+    if interpreting() and not precondition:
+        pytest.skip("the solver on the points is checked on the native backends; under the interpreter "
+                    "its ~3x more iterations of interpreted kernels take 11 s")
     dec = small_mlp_decoder()
     gen = torch.Generator().manual_seed(4)
-    z0, z1 = torch.randn(5, 2, dtype=F64, generator=gen), torch.randn(5, 2, dtype=F64, generator=gen)
+    m = 3 if interpreting() else 5  # each interpreted kernel launch runs its programs in Python
+    z0, z1 = torch.randn(m, 2, dtype=F64, generator=gen), torch.randn(m, 2, dtype=F64, generator=gen)
     res = geo.geodesic(z0, z1, dec, n_segments=12, precondition=precondition)
     assert res.converged.all()
     # the same problem through the generic (autograd) path, preconditioned the other way
