@@ -381,7 +381,7 @@ def _resample_polyline(points: Tensor, n_segments: int) -> Tensor:
     cum = torch.cat([seg.new_zeros(1), seg.cumsum(0)])
     if cum[-1] == 0:
         return points[:1].expand(n_segments + 1, -1).clone()
-    t = torch.linspace(0, float(cum[-1]), n_segments + 1, dtype=points.dtype, device=points.device)
+    t = torch.linspace(0, float(cum[-1].detach()), n_segments + 1, dtype=points.dtype, device=points.device)
     j = torch.searchsorted(cum, t, right=True).clamp(1, len(points) - 1)
     w = ((t - cum[j - 1]) / seg[j - 1].clamp_min(1e-30)).clamp(0, 1)[:, None]
     return points[j - 1] + w * (points[j] - points[j - 1])

@@ -132,6 +132,18 @@ def test_geodesic_lengths_with_and_without_preconditioning(precondition, backend
     assert (res.lengths <= geo.curve_length(dec, geo.straight_line(z0, z1, 12)) + 1e-9).all()
 
 
+def test_graph_initialisation_of_end_points_that_require_grad_warns_nothing():
+    import warnings
+
+    gen = torch.Generator().manual_seed(6)
+    data = torch.randn(40, 2, dtype=F64, generator=gen)
+    z0 = data[:2].clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a scalar read of a tensor that requires grad warned
+        res = geo.geodesic(z0, data[2:4], sphere, n_segments=8, init="graph", data=data)
+    assert res.converged.all()
+
+
 def test_graph_initialisation_gives_a_geodesic_too():
     gen = torch.Generator().manual_seed(2)
     data = torch.randn(150, 2, dtype=F64, generator=gen)
