@@ -483,6 +483,13 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
         curves = straight_line(z0, z1, n_segments)
     else:
         curves = graph_init(z0, z1, decoder, data, n_segments, n_neighbors)
+    return _relax(z0, z1, curves, decoder, tol, max_iter, precondition, progress)
+
+
+def _relax(z0: Tensor, z1: Tensor, curves: Tensor, decoder, tol: float, max_iter: int, precondition: bool,
+           progress: bool = False) -> GeodesicResult:
+    """geodesic's solve from the initial curves [B, T+1, d]: their interior points move, the
+    end points are z0, z1 [B, d]."""
     b, t1, d = curves.shape
     z0c, z1c = z0.detach()[:, None], z1.detach()[:, None]
 
