@@ -246,12 +246,23 @@ class SequenceModel(nn.Module):
                                      self.readout.bias, dt=dt, qr_every=qr_every, transient=transient)[0]
 
 
+def _window_starts(t_len: int, window: int) -> Tensor:
+    """Start steps of the training windows of fit_sequence_model in a trajectory of t_len
+    points: every window // 2 steps from 0, up to and including the last start that leaves
+    the window + 1 points a window needs (t_len - window - 1)."""
+    if not 0 < window < t_len:
+        raise ValueError(f"need 0 < window < t_len, got window {window}, t_len {t_len}")
+    return torch.arange(0, t_len - window, max(window // 2, 1))
+
+
 def fit_sequence_model(model: SequenceModel, data: Tensor, epochs: int = 20, window: int = 64,
                        batch_size: int = 64, lr: float = 3e-3, warmup: int = 8, seed: int = 0,
                        progress: bool = True) -> list[float]:
     """Next-step training with teacher forcing on windows of trajectories data [N, T, D].
-    The first `warmup` predictions of a window are not scored (the state is still cold).
-    Returns the mean loss per epoch."""
+    Windows of window + 1 points start every window // 2 steps of each trajectory, up to the
+    last start that fits; each epoch visits every (trajectory, start) pair once, in random
+    order. The first `warmup` predictions of a window are not scored (the state is still
+    cold). Returns the mean loss per epoch."""
     if data.dim() != 3 or data.shape[-1] != model.dim or data.shape[0] < 1:
         raise ValueError(f"data must be [N, T, {model.dim}] with N >= 1, got {tuple(data.shape)}")
     if not 0 <= warmup < window < data.shape[1]:
@@ -263,9 +274,7 @@ def fit_sequence_model(model: SequenceModel, data: Tensor, epochs: int = 20, win
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
     n, t_len, _ = data.shape
-    # window starts every window // 2 steps (the last possible start, t_len - window - 1, is
-    # left out unless it is the only one)
-    starts = torch.arange(0, max(t_len - window - 1, 1), max(window // 2, 1))
+    starts = _window_starts(t_len, window)
     pairs = torch.cartesian_prod(torch.arange(n), starts)
     history = []
     bar = tqdm(range(epochs), desc="GRU", disable=not progress)

@@ -213,3 +213,17 @@ def test_modules_compile_fullgraph(backend, cls):
     targets = [x, *m.parameters()]
     for a, b in zip(torch.autograd.grad(o2.sum(), targets), torch.autograd.grad(o1.sum(), targets)):
         torch.testing.assert_close(a, b)
+
+
+def test_training_windows_start_every_half_window_up_to_the_last_that_fits():
+    from latentfast.rnn.models import _window_starts
+    for t_len in range(2, 90):
+        for window in range(1, t_len):
+            starts = _window_starts(t_len, window).tolist()
+            stride = max(window // 2, 1)
+            assert starts[0] == 0 and starts == list(range(0, starts[-1] + 1, stride))
+            assert starts[-1] + window + 1 <= t_len  # each window has its window + 1 points
+            assert starts[-1] + stride + window + 1 > t_len  # and no further start fits
+    assert _window_starts(801, 40).tolist()[-1] == 760  # on the stride: 801 = 760 + 41
+    with pytest.raises(ValueError, match="window"):
+        _window_starts(5, 5)
