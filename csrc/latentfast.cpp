@@ -50,6 +50,10 @@ TORCH_LIBRARY(latentfast_cpp, m) {
   m.def("rbf_sigma_backward_(Tensor(a!) gz, Tensor sigma, Tensor grad_sigma, Tensor z, Tensor centres, Tensor lam, Tensor wr) -> ()");
   m.def("curve_reduce(Tensor g, Tensor? grad_energy, Tensor? grad_length) -> (Tensor, Tensor, Tensor)");
   m.def("curve_reduce_grad_(Tensor(a!) gg, Tensor g, Tensor? grad_energy, Tensor? grad_length) -> (Tensor, Tensor)");
+  // The batched L-BFGS of geometry.geodesic, per iteration (csrc/geometry/lbfgs_cpu.cpp).
+  m.def("lbfgs_direction_(Tensor(a!) p, Tensor(b!) slope, Tensor g, Tensor s_hist, Tensor y_hist, Tensor count) -> ()");
+  m.def("lbfgs_trial_(Tensor(a!) f_new, Tensor(b!) g_new, Tensor(c!) step, Tensor(d!) searching, Tensor ft, Tensor gt, Tensor f, Tensor slope, Tensor? rows) -> int");
+  m.def("lbfgs_update_(Tensor(a!) x, Tensor(b!) s_hist, Tensor(c!) y_hist, Tensor(d!) count, Tensor(e!) small, Tensor(f!) iters, Tensor(g!) done, Tensor f, Tensor g, Tensor f_new, Tensor g_new, Tensor p, Tensor step, Tensor searching, float tol) -> ()");
   // RNNs (torch.nn.GRU / LSTM conventions, gates r, z, n / i, f, g, o).
   m.def("gru_sequence_fwd(Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh, bool save) -> (Tensor, Tensor)");
   m.def("gru_sequence_bwd(Tensor grad_out, Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor out, Tensor gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

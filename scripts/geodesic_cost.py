@@ -6,8 +6,9 @@ layer is narrower than its input, so no QR) and 2-256-256-784 with an identity o
 digits shape, whose last layer runs as R of W_L = Q R). For each, the median of --reps
 solves of 1, 8 and 200 random pairs (T = 32, default tolerance). Then paired, interleaved
 rounds (medians of --pairs each):
-- 2-128-128-64, 1 / 8 / 200 pairs: the solver's direction by the compact form (what it uses)
-  against the two-loop recursion (latentfast.reference.geometry.lbfgs_two_loop, swapped in);
+- 2-128-128-64, 1 / 8 / 200 pairs: the solver's per-iteration steps in C++ (core._CppSteps,
+  what it uses on CPU with latentfast._C) against the same steps as PyTorch operations
+  (core._TorchSteps, the path on other devices and under the reference backend);
 - 2-256-256-784, 1 / 8 pairs: ops.geometry.last_layer_fixed active (what geodesic does: the
   QR cache is checked once per solve) against a no-op (the cache's torch.equal check on
   every energy call);
@@ -40,7 +41,6 @@ import torch
 from latentfast import geometry as geo
 from latentfast.geometry import core
 from latentfast.ops import geometry as geo_ops
-from latentfast.reference.geometry import lbfgs_two_loop
 from latentfast.vae import GaussianMLPDecoder
 
 
@@ -149,11 +149,12 @@ def main() -> None:
             _solve_s(z0, z1, dec)  # warm-up
             times = [_solve_s(z0, z1, dec) for _ in range(args.reps)]
             print(f"{name}: {b:3d} pairs  {_median_ms(times):8.1f} ms")
-    compact = core._lbfgs_direction
+    pick_steps = core._lbfgs_steps
     pinned = geo_ops.last_layer_fixed
     scratch = geo_ops._scratch_for
-    variants = [("2-128-128-64", (1, 8, 200), {"compact form": (core, "_lbfgs_direction", compact),
-                                                "two-loop": (core, "_lbfgs_direction", lbfgs_two_loop)}),
+    variants = [("2-128-128-64", (1, 8, 200), {"C++ steps": (core, "_lbfgs_steps", pick_steps),
+                                                "PyTorch steps": (core, "_lbfgs_steps",
+                                                                  lambda x: core._TorchSteps)}),
                 ("2-256-256-784", (1, 8), {"pinned": (geo_ops, "last_layer_fixed", pinned),
                                            "checked every call": (geo_ops, "last_layer_fixed",
                                                                   lambda w, a: contextlib.nullcontext())}),
@@ -174,7 +175,7 @@ def main() -> None:
                         setattr(obj, attr, fn)
                         times[mode].append(_solve_s(z0, z1, dec))
             finally:
-                core._lbfgs_direction, geo_ops.last_layer_fixed, geo_ops._scratch_for = compact, pinned, scratch
+                core._lbfgs_steps, geo_ops.last_layer_fixed, geo_ops._scratch_for = pick_steps, pinned, scratch
             print(f"{name}, {b} pairs, paired: " + ", ".join(f"{k} {_median_ms(v):.1f} ms" for k, v in times.items()))
 
 

@@ -242,26 +242,143 @@ def _lbfgs_direction(g: Tensor, s: Tensor, y: Tensor, valid: Tensor, gamma: Tens
         - gamma[:, None] * (y.transpose(1, 2) @ u[..., None])[..., 0]
 
 
+class _TorchSteps:
+    """The per-iteration work of _batched_lbfgs as PyTorch operations (any device; the
+    specification of _CppSteps). Problems are rows: x, g, p [b, n]; f, step, slope [b];
+    the pair histories s_hist, y_hist [b, h, n] are ring buffers, problem i's k-th stored
+    pair (k = 0 .. count_i - 1, newest last) at slot k % h."""
+
+    @staticmethod
+    def direction(g: Tensor, s_hist: Tensor, y_hist: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """(p, slope): the quasi-Newton direction -H g (H_0 = gamma I, gamma = s.y / y.y of
+        the newest pair, 1 / ||g|| without one), or -g where that is not a descent
+        direction; slope = p.g."""
+        history = s_hist.shape[1]
+        dev = g.device
+        # the pairs oldest first (m: the most pairs any problem has; a problem with fewer has
+        # zero rows in front, masked)
+        m = min(int(count.max()), history)
+        k = torch.arange(m, device=dev)
+        order = (count[:, None] - m + k) % history  # [b, m]; column m - 1 is the newest pair
+        valid = k >= (m - count)[:, None]
+        batch = torch.arange(g.shape[0], device=dev)[:, None]
+        s_o, y_o = s_hist[batch, order], y_hist[batch, order]
+        if m:
+            s_n, y_n = s_o[:, -1], y_o[:, -1]
+            yy = (y_n * y_n).sum(1)
+            gamma = torch.where((count > 0) & (yy > 0), (s_n * y_n).sum(1) / yy.clamp_min(1e-300),
+                                1.0 / g.norm(dim=1).clamp_min(1e-12))
+        else:
+            gamma = 1.0 / g.norm(dim=1).clamp_min(1e-12)
+        p = -_lbfgs_direction(g, s_o, y_o, valid, gamma)
+        p = torch.where(((p * g).sum(1) >= 0)[:, None], -g, p)  # not a descent direction: steepest
+        return p, (p * g).sum(1)
+
+    @staticmethod
+    def trial(f_new: Tensor, g_new: Tensor, step: Tensor, searching: Tensor, ft: Tensor, gt: Tensor, f: Tensor,
+              slope: Tensor, rows: Tensor | None) -> int:
+        """Armijo test of the trial points of problems `rows` (all when None), objective ft
+        and gradient gt there: passing ones take them into f_new, g_new and stop searching,
+        failing ones halve their step (all in place). Returns how many still search."""
+        if rows is None:  # every problem, by selects (no read-back)
+            ok = ft <= f + 1e-4 * step * slope
+            f_new.copy_(torch.where(ok, ft, f_new))
+            g_new.copy_(torch.where(ok[:, None], gt, g_new))
+            searching &= ~ok
+            step.copy_(torch.where(ok, step, 0.5 * step))
+            return int(searching.sum())
+        ok = ft <= f[rows] + 1e-4 * step[rows] * slope[rows]
+        f_new[rows[ok]], g_new[rows[ok]] = ft[ok], gt[ok]
+        searching[rows[ok]] = False
+        step[rows[~ok]] *= 0.5
+        return int(searching.sum())
+
+    @staticmethod
+    def update(x: Tensor, s_hist: Tensor, y_hist: Tensor, count: Tensor, small: Tensor, iters: Tensor, f: Tensor,
+               g: Tensor, f_new: Tensor, g_new: Tensor, p: Tensor, step: Tensor, searching: Tensor, tol: float
+               ) -> tuple[Tensor, Tensor]:
+        """After the line search: problems that moved step x by s = step p and store the
+        pair (s, g_new - g) when its curvature s.y is positive; `small` counts consecutive
+        iterations without a relative decrease above tol. Returns (x, done); the
+        histories and counters are updated in place."""
+        history = s_hist.shape[1]
+        moved = ~searching
+        s_new = step[:, None] * p
+        y_new = g_new - g
+        sy = (s_new * y_new).sum(1)
+        kept = moved & (sy > 1e-12 * (s_new.norm(dim=1) * y_new.norm(dim=1)).clamp_min(1e-300))
+        kr = kept.nonzero().squeeze(1)
+        slot = count[kr] % history
+        s_hist[kr, slot] = s_new[kr]
+        y_hist[kr, slot] = y_new[kr]
+        count += kept
+        x = torch.where(moved[:, None], x + s_new, x)
+        rel = (f - f_new) / f_new.abs().clamp_min(1e-30)
+        small.copy_(torch.where(moved & (rel > tol), 0, small + 1))
+        iters += 1
+        return x, (small >= 2) | (g_new.abs().amax(1) == 0)
+
+
+class _CppSteps:
+    """_TorchSteps as one C++ call each (csrc/geometry/lbfgs_cpu.cpp), for CPU tensors: a
+    few microseconds an iteration where the PyTorch operations take most of a millisecond,
+    which dominated solves of a few pairs."""
+
+    @staticmethod
+    def direction(g: Tensor, s_hist: Tensor, y_hist: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        g = g.contiguous()
+        p, slope = torch.empty_like(g), g.new_empty(g.shape[0])
+        torch.ops.latentfast_cpp.lbfgs_direction_(p, slope, g, s_hist, y_hist, count)
+        return p, slope
+
+    @staticmethod
+    def trial(f_new: Tensor, g_new: Tensor, step: Tensor, searching: Tensor, ft: Tensor, gt: Tensor, f: Tensor,
+              slope: Tensor, rows: Tensor | None) -> int:
+        return torch.ops.latentfast_cpp.lbfgs_trial_(f_new, g_new, step, searching, ft.contiguous(),
+                                                     gt.contiguous(), f, slope, rows)
+
+    @staticmethod
+    def update(x: Tensor, s_hist: Tensor, y_hist: Tensor, count: Tensor, small: Tensor, iters: Tensor, f: Tensor,
+               g: Tensor, f_new: Tensor, g_new: Tensor, p: Tensor, step: Tensor, searching: Tensor, tol: float
+               ) -> tuple[Tensor, Tensor]:
+        done = torch.empty_like(searching)
+        torch.ops.latentfast_cpp.lbfgs_update_(x, s_hist, y_hist, count, small, iters, done, f, g.contiguous(),
+                                               f_new, g_new, p, step, searching, float(tol))
+        return x, done
+
+
+def _lbfgs_steps(x: Tensor) -> type[_TorchSteps] | type[_CppSteps]:
+    """_CppSteps where the cpp backend serves x's device (CPU with latentfast._C), else
+    _TorchSteps (also under LATENTFAST_BACKEND=reference, which stays pure PyTorch)."""
+    from latentfast import backend
+
+    return _CppSteps if x.device.type == "cpu" and backend.select(x.device) == "cpp" else _TorchSteps
+
+
 def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, tol: float,
-                   max_iter: int, history: int = 20, progress: bool = False
+                   max_iter: int, history: int = 20, progress: bool = False,
+                   steps: type[_TorchSteps] | type[_CppSteps] | None = None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Independent L-BFGS minimisations of B problems at once, x [B, n].
 
     fg(x_sub, idx) -> (f [b], grad [b, n]) evaluates the problems idx only. Each problem has
     its own history, Armijo backtracking step and stopping test: relative decrease of f
     below tol on two consecutive iterations, or a zero gradient. Returns (x, f, converged,
-    iterations).
+    iterations). `steps` does the per-iteration work (_TorchSteps or _CppSteps; by default
+    the one _lbfgs_steps picks for x).
 
     The iterations run on a working set of the unfinished problems, compacted when some
     finish (their results are written out then), so an iteration indexes nothing by an
     active set.
     """
+    steps = steps or _lbfgs_steps(x)
     b, n = x.shape
     dev = x.device
     x_out = x.clone()
     idx = torch.arange(b, device=dev)  # the working set's problems
     x = x_out.clone()
     f, g = fg(x, idx)
+    f, g = f.contiguous(), g.contiguous()
     f_out = f.clone()
     conv_out = torch.zeros(b, dtype=torch.bool, device=dev)
     iters_out = torch.zeros(b, dtype=torch.long, device=dev)
@@ -282,57 +399,24 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
                 t[keep] for t in (idx, x, f, g, s_hist, y_hist, count, small, iters, done))
         if idx.numel() == 0:
             break
-        # The quasi-Newton direction from the stored pairs, oldest first (m: the most pairs
-        # any problem has; a problem with fewer has zero rows in front, masked).
-        m = min(int(count.max()), history)
-        k = torch.arange(m, device=dev)
-        order = (count[:, None] - m + k) % history  # [b, m]; column m - 1 is the newest pair
-        valid = k >= (m - count)[:, None]
-        batch = torch.arange(len(idx), device=dev)[:, None]
-        s_o, y_o = s_hist[batch, order], y_hist[batch, order]
-        if m:
-            s_n, y_n = s_o[:, -1], y_o[:, -1]
-            yy = (y_n * y_n).sum(1)
-            gamma = torch.where((count > 0) & (yy > 0), (s_n * y_n).sum(1) / yy.clamp_min(1e-300),
-                                1.0 / g.norm(dim=1).clamp_min(1e-12))
-        else:
-            gamma = 1.0 / g.norm(dim=1).clamp_min(1e-12)
-        p = -_lbfgs_direction(g, s_o, y_o, valid, gamma)
-        p = torch.where(((p * g).sum(1) >= 0)[:, None], -g, p)  # not a descent direction: steepest
-        slope = (p * g).sum(1)
-        # Armijo backtracking, per problem; the first trial (step 1) takes every problem.
+        p, slope = steps.direction(g, s_hist, y_hist, count)
+        # Armijo backtracking, per problem; the first trial (step 1) takes every problem,
+        # then down to step 2^-11; failing that the problem counts as stalled.
+        f_new, g_new = f.clone(), g.clone()
+        step = torch.ones_like(f)
+        searching = torch.ones_like(f, dtype=torch.bool)
         ft, gt = fg(x + p, idx)
-        ok = ft <= f + 1e-4 * slope
-        f_new, g_new = torch.where(ok, ft, f), torch.where(ok[:, None], gt, g)
-        searching = ~ok
-        step = torch.where(ok, 1.0, 0.5).to(x.dtype)
-        for _ls in range(11):  # down to step 2^-11; failing that the problem counts as stalled
-            si = searching.nonzero().squeeze(1)
-            if si.numel() == 0:
+        left = steps.trial(f_new, g_new, step, searching, ft, gt, f, slope, None)
+        for _ls in range(11):
+            if not left:
                 break
-            xt = x[si] + step[si, None] * p[si]
-            ft, gt = fg(xt, idx[si])
-            ok = ft <= f[si] + 1e-4 * step[si] * slope[si]
-            f_new[si[ok]], g_new[si[ok]] = ft[ok], gt[ok]
-            searching[si[ok]] = False
-            step[si[~ok]] *= 0.5
-        moved = ~searching
-        s_new = step[:, None] * p
-        y_new = g_new - g
-        sy = (s_new * y_new).sum(1)
-        kept = moved & (sy > 1e-12 * (s_new.norm(dim=1) * y_new.norm(dim=1)).clamp_min(1e-300))
-        kr = kept.nonzero().squeeze(1)
-        slot = count[kr] % history
-        s_hist[kr, slot] = s_new[kr]
-        y_hist[kr, slot] = y_new[kr]
-        count += kept
-        x = torch.where(moved[:, None], x + s_new, x)
-        rel = (f - f_new) / f_new.abs().clamp_min(1e-30)
-        small = torch.where(moved & (rel > tol), 0, small + 1)
+            si = searching.nonzero().squeeze(1)
+            ft, gt = fg(x[si] + step[si, None] * p[si], idx[si])
+            left = steps.trial(f_new, g_new, step, searching, ft, gt, f, slope, si)
+        x, done = steps.update(x, s_hist, y_hist, count, small, iters, f, g, f_new, g_new, p, step, searching, tol)
         f, g = f_new, g_new
-        iters += 1
-        done = (small >= 2) | (g.abs().amax(1) == 0)
-        bar.set_postfix(active=int(idx.numel()), refresh=False)
+        if progress:
+            bar.set_postfix(active=int(idx.numel()), refresh=False)
     if bool(done.any()):  # finished on the last iteration
         conv_out[idx[done]] = True
     x_out[idx], f_out[idx], iters_out[idx] = x, f, iters

@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import pytest
 import torch
 from torch import nn
 
+import latentfast
+from latentfast import backend as lf_backend
 from latentfast import geometry as geo
 from latentfast.vae import VAE, GaussianMLPDecoder, fit, fit_rbf_variance
 from latentfast.vae.decoders import MLPParams
 from tests.conftest import interpreting
 
 F64 = torch.float64
+needs_cpp = pytest.mark.skipif(lf_backend.why_unavailable("cpp", torch.device("cpu")) is not None,
+                               reason="latentfast._C is not built")
 
 
 def linear_decoder(a: torch.Tensor) -> nn.Sequential:
@@ -451,13 +456,16 @@ def test_lbfgs_compact_direction_equals_the_two_loop_recursion(m):
         torch.testing.assert_close(hy[full], s[full, -1], rtol=1e-9, atol=1e-11)
 
 
-def test_batched_lbfgs_problems_are_independent_of_their_batch():
+@pytest.mark.parametrize("steps", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_batched_lbfgs_problems_are_independent_of_their_batch(steps):
     """The batched L-BFGS on problems that finish at different iterations (a zero gradient at
     the start, easy and hard Rosenbrock valleys, a max_iter cut-off): each problem's result,
     flag and iteration count are those it gets alone, every fg call asks for the problems it
     evaluates by their own indices, and the minimisers are found."""
-    from latentfast.geometry.core import _batched_lbfgs
+    from latentfast.geometry import core
 
+    steps = {"torch": core._TorchSteps, "cpp": core._CppSteps}[steps]
+    _batched_lbfgs = functools.partial(core._batched_lbfgs, steps=steps)
     scale = torch.tensor([1.0, 3.0, 30.0, 100.0, 0.3], dtype=F64)  # valley steepness per problem
     seen = []
 
@@ -493,6 +501,161 @@ def test_batched_lbfgs_problems_are_independent_of_their_batch():
             torch.testing.assert_close(x, torch.ones_like(x), rtol=0, atol=1e-4)
         else:
             assert not bool(conv[1:].all()) and int(iters.max()) == 12  # cut off
+
+
+def _lbfgs_state(dtype, gen, b=8, n=11, h=4):
+    """A random working state of _batched_lbfgs: ring buffers holding 0 to 2h + 1 pairs
+    (wrapped past h for some problems; slots never written are zero, as in the solver) of
+    positive curvature, except problem 6, whose newest pair has s.y < 0 (so gamma < 0 and
+    the quasi-Newton step is not a descent direction), and problem 7 with a zero gradient."""
+    count = torch.tensor([0, 1, h - 1, h, h + 3, 2 * h + 1, h + 1, 2])
+    a = torch.randn(b, n, n, generator=gen, dtype=F64)
+    hess = a @ a.transpose(1, 2) / n + 0.5 * torch.eye(n, dtype=F64)
+    s = torch.randn(b, h, n, generator=gen, dtype=F64)
+    y = s @ hess + 0.01 * torch.randn(b, h, n, generator=gen, dtype=F64)
+    filled = torch.arange(h)[None, :] < count[:, None]  # slot k holds a pair once count > k
+    s, y = s * filled[..., None], y * filled[..., None]
+    y[6, (count[6] - 1) % h] *= -1
+    g = torch.randn(b, n, generator=gen, dtype=F64)
+    g[7] = 0
+    return g.to(dtype), s.to(dtype), y.to(dtype), count
+
+
+@needs_cpp
+def test_cpp_lbfgs_direction_matches_the_pytorch_steps():
+    """latentfast_cpp::lbfgs_direction_ (two-loop recursion on each problem's ring buffer)
+    against _TorchSteps.direction (compact form on the reordered pairs): float64 to 1e-10,
+    float32 inputs against the float64 formulation (the C++ sums in double); NaN-poisoned
+    outputs all written; the non-descent problem falls back to -g."""
+    from latentfast.geometry.core import _TorchSteps
+
+    gen = torch.Generator().manual_seed(3)
+    g, s, y, count = _lbfgs_state(F64, gen)
+    want_p, want_slope = _TorchSteps.direction(g, s, y, count)
+    assert torch.equal(want_p[6], -g[6]) and torch.equal(want_p[7], torch.zeros_like(g[7]))
+    assert bool((want_p[:6] != -g[:6]).any(1).all())  # the others take quasi-Newton steps
+    for dtype, tol in ((F64, dict(rtol=1e-10, atol=1e-12)), (torch.float32, dict(rtol=2e-5, atol=1e-6))):
+        p = torch.full(g.shape, float("nan"), dtype=dtype)
+        slope = torch.full(g.shape[:1], float("nan"), dtype=dtype)
+        torch.ops.latentfast_cpp.lbfgs_direction_(p, slope, g.to(dtype), s.to(dtype), y.to(dtype), count)
+        torch.testing.assert_close(p.double(), want_p, **tol)
+        torch.testing.assert_close(slope.double(), want_slope, **tol)
+        assert bool((slope[:7] < 0).all()) and slope[7] == 0
+    with pytest.raises(RuntimeError, match="count"):
+        torch.ops.latentfast_cpp.lbfgs_direction_(p, slope, g.float(), s.float(), y.float(), count.int())
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_cpp_lbfgs_trial_and_update_match_the_pytorch_steps(dtype):
+    """latentfast_cpp::lbfgs_trial_ and lbfgs_update_ against _TorchSteps.trial / update on
+    the same state, every in-place output compared: Armijo trials of all problems and of a
+    subset, then the update with problems that did not move, pairs that are not stored
+    (s.y <= 0), ring-buffer wrap-around, a zero gradient, and decreases above and below tol."""
+    from latentfast.geometry.core import _TorchSteps
+
+    gen = torch.Generator().manual_seed(5)
+    g, s_hist, y_hist, count = _lbfgs_state(dtype, gen)
+    b, n = g.shape
+    x = torch.randn(b, n, generator=gen, dtype=F64).to(dtype)
+    p = torch.randn(b, n, generator=gen, dtype=F64).to(dtype)
+    f = (1 + torch.rand(b, generator=gen, dtype=F64)).to(dtype)
+    slope = -(0.5 + torch.rand(b, generator=gen, dtype=F64)).to(dtype)
+    ops = torch.ops.latentfast_cpp
+
+    def clones(*ts):
+        return [t.clone() for t in ts]
+
+    # first trial, all problems at step 1: every other one passes the Armijo test
+    ft = f + 1e-4 * slope + torch.tensor([-1e-3, 1e-3] * (b // 2), dtype=dtype)
+    gt = torch.randn(b, n, generator=gen, dtype=F64).to(dtype)
+    state = [f.clone(), g.clone(), torch.ones_like(f), torch.ones(b, dtype=torch.bool)]
+    mine, ref = clones(*state), clones(*state)
+    assert ops.lbfgs_trial_(*mine, ft, gt, f, slope, None) == _TorchSteps.trial(*ref, ft, gt, f, slope, None) == b // 2
+    for a, e in zip(mine, ref):
+        assert torch.equal(a, e)
+    # a retry of the problems still searching, at their halved steps: one of them passes
+    rows = ref[3].nonzero().squeeze(1)
+    ft2 = f[rows] + 1e-4 * 0.5 * slope[rows] + torch.tensor([1e-3] * (len(rows) - 1) + [-1e-3], dtype=dtype)
+    gt2 = torch.randn(len(rows), n, generator=gen, dtype=F64).to(dtype)
+    left = ops.lbfgs_trial_(*mine, ft2, gt2, f, slope, rows)
+    assert left == _TorchSteps.trial(*ref, ft2, gt2, f, slope, rows) == b // 2 - 1
+    for a, e in zip(mine, ref):
+        assert torch.equal(a, e)
+    f_new, g_new, step, searching = ref
+    assert bool((f_new[~searching] < f[~searching]).all())
+
+    # the update: problem 2 moves along a negative-curvature pair (not stored), problem 7
+    # ends at a zero gradient, problem 4 barely decreases (small counts up to done)
+    g_new[2] = g[2] - 3 * step[2] * p[2]
+    g_new[7] = 0
+    if bool(searching[4]):
+        searching[4] = False
+    f_new[4] = f[4] * (1 - 1e-9)
+    small = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0])
+    iters = torch.arange(b) + 3
+    tol = 1e-6
+    state = [x, s_hist, y_hist, count, small, iters]
+    mine, ref = clones(*state), clones(*state)
+    done = torch.ones(b, dtype=torch.bool)
+    args = (f, g, f_new, g_new, p, step, searching)
+    ops.lbfgs_update_(*mine, done, *args, tol)
+    x_ref, done_ref = _TorchSteps.update(*ref, *args, tol)
+    ref[0] = x_ref
+    for name, a, e in zip(("x", "s_hist", "y_hist", "count", "small", "iters"), mine, ref):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=name)
+    assert torch.equal(done, done_ref) and bool(done[4]) and bool(done[7])
+    assert not torch.equal(mine[3], count)  # some pairs stored ...
+    assert int(mine[3][2]) == int(count[2]) and bool(searching.any())  # ... not problem 2's
+
+
+@needs_cpp
+def test_batched_lbfgs_with_cpp_steps_solves_as_the_pytorch_steps():
+    """The whole solver with each step implementation, float64, on Rosenbrock valleys of
+    different steepness: the same minimisers, values, flags and iteration counts (within one
+    iteration: the two sum in different orders, and a stopping test at tol = 1e-12 can fall
+    either way by rounding)."""
+    from latentfast.geometry.core import _batched_lbfgs, _CppSteps, _TorchSteps
+
+    scale = torch.tensor([1.0, 3.0, 30.0, 100.0, 0.3, 10.0, 2.0], dtype=F64)
+
+    def fg(x, idx):
+        c = scale[idx][:, None]
+        a, b = x[:, :-1], x[:, 1:]
+        g = torch.zeros_like(x)
+        g[:, :-1] += -2 * (1 - a) - 4 * c * a * (b - a * a)
+        g[:, 1:] += 2 * c * (b - a * a)
+        return ((1 - a) ** 2 + c * (b - a * a) ** 2).sum(1), g
+
+    x0 = torch.randn(7, 9, generator=torch.Generator().manual_seed(11), dtype=F64)
+    got = _batched_lbfgs(fg, x0, 1e-12, 400, history=6, steps=_CppSteps)
+    want = _batched_lbfgs(fg, x0, 1e-12, 400, history=6, steps=_TorchSteps)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-8, atol=1e-14)
+    assert torch.equal(got[2], want[2]) and bool(got[2].all())
+    # the same iterations, up to one where the last decrease sits at tol within rounding
+    assert int((got[3] - want[3]).abs().max()) <= 1 and int(got[3].max()) > 6  # the rings wrap
+
+
+@needs_cpp
+def test_geodesic_steps_follow_the_backend(monkeypatch):
+    """geodesic's solver takes the C++ steps on CPU when the cpp backend serves, PyTorch's
+    otherwise (the reference backend stays pure PyTorch); both give the same geodesics (on
+    the cpp backend's energies)."""
+    from latentfast.geometry import core
+
+    with latentfast.use_backend("reference"):
+        assert core._lbfgs_steps(torch.zeros(1)) is core._TorchSteps
+    dec = small_mlp_decoder()
+    gen = torch.Generator().manual_seed(2)
+    z0, z1 = torch.randn(5, 2, generator=gen, dtype=F64), torch.randn(5, 2, generator=gen, dtype=F64)
+    with latentfast.use_backend("cpp"):
+        assert core._lbfgs_steps(torch.zeros(1)) is core._CppSteps
+        got = geo.geodesic(z0, z1, dec, n_segments=12)
+        monkeypatch.setattr(core, "_lbfgs_steps", lambda x: core._TorchSteps)
+        want = geo.geodesic(z0, z1, dec, n_segments=12)
+    torch.testing.assert_close(got.curves, want.curves, rtol=1e-7, atol=1e-9)
+    assert torch.equal(got.iterations, want.iterations) and bool(got.converged.all())
 
 
 def test_as_mlp_of_a_detached_description_is_itself():
