@@ -50,6 +50,7 @@ TORCH_LIBRARY(latentfast_cpp, m) {
   m.def("rbf_sigma_backward_(Tensor(a!) gz, Tensor sigma, Tensor grad_sigma, Tensor z, Tensor centres, Tensor lam, Tensor wr) -> ()");
   m.def("curve_reduce(Tensor g, Tensor? grad_energy, Tensor? grad_length) -> (Tensor, Tensor, Tensor)");
   m.def("curve_reduce_grad_(Tensor(a!) gg, Tensor g, Tensor? grad_energy, Tensor? grad_length) -> (Tensor, Tensor)");
+  m.def("curve_energy_small(Tensor curves, Tensor[] weights, Tensor[] biases, int[] acts, Tensor? centres, Tensor? lam, Tensor? wr, float zeta, Tensor? grad_energy, Tensor? grad_length) -> (Tensor, Tensor, Tensor)");
   // The batched L-BFGS of geometry.geodesic, per iteration (csrc/geometry/lbfgs_cpu.cpp).
   m.def("lbfgs_direction_(Tensor(a!) p, Tensor(b!) slope, Tensor g, Tensor s_hist, Tensor y_hist, Tensor count) -> ()");
   m.def("lbfgs_trial_(Tensor(a!) f_new, Tensor(b!) g_new, Tensor(c!) step, Tensor(d!) searching, Tensor ft, Tensor gt, Tensor f, Tensor slope, Tensor? rows) -> int");

@@ -23,10 +23,12 @@ the page faults and system time of each solve: --compare buffers (the last one a
 points against chunks bounded by _CHUNK_ELEMS elements only) or --compare precondition
 (geodesic's default L-BFGS in Laplacian coordinates against precondition=False, with the
 iterations, how far the two solutions' lengths are apart (they can end in different local
-minima) and how much energy each left: its result continued to tol 1e-10).
+minima) and how much energy each left: its result continued to tol 1e-10) or --compare small
+(curve energies of few points as one C++ call, latentfast_cpp::curve_energy_small, against
+the chunk loop of ops.geometry._curve_native; ops.geometry._SMALL_PATH).
 
     python scripts/geodesic_cost.py [--reps 5] [--pairs 15]
-    python scripts/geodesic_cost.py --digits 1000 [--compare buffers|rows|precondition] [--rounds 4]
+    python scripts/geodesic_cost.py --digits 1000 [--compare buffers|rows|precondition|small] [--rounds 4]
                                     [--segments 32]
 """
 from __future__ import annotations
@@ -83,6 +85,9 @@ def _digits(n_pairs: int, rounds: int, compare: str, n_segments: int = 32) -> No
     elif compare == "rows":
         modes = {f"chunks <= {geo_ops._CPU_CHUNK_ROWS} rows": (("_CPU_CHUNK_ROWS", geo_ops._CPU_CHUNK_ROWS), {}),
                  "chunks by elements only": (("_CPU_CHUNK_ROWS", 1 << 62), {})}
+    elif compare == "small":
+        modes = {"one C++ call when small": (("_SMALL_PATH", True), {}),
+                 "chunk loop": (("_SMALL_PATH", False), {})}
     else:
         modes = {"preconditioned": (None, {}), "on the points": (None, {"precondition": False})}
     saved = {patch[0]: getattr(geo_ops, patch[0]) for patch, _ in modes.values() if patch}
@@ -129,9 +134,10 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=15)
     ap.add_argument("--digits", type=int, default=None, metavar="N",
                     help="only the --compare pairing, on N pairs of the digits VAE")
-    ap.add_argument("--compare", choices=["buffers", "rows", "precondition"], default="buffers",
-                    help="with --digits: kept / fresh work buffers, the CPU chunk row cap on / off, or "
-                         "geodesic(precondition=True / False)")
+    ap.add_argument("--compare", choices=["buffers", "rows", "precondition", "small"], default="buffers",
+                    help="with --digits: kept / fresh work buffers, the CPU chunk row cap on / off, "
+                         "geodesic(precondition=True / False), or the one-call C++ pipeline for few points "
+                         "against the chunk loop")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of the --digits comparison")
     ap.add_argument("--segments", type=int, default=32,
                     help="n_segments of the --digits solves (max_iter: 500 or 4 n_segments if larger)")

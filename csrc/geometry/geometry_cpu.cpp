@@ -291,6 +291,74 @@ void rbf_sigma_backward_(at::Tensor& gz, const at::Tensor& sigma, const at::Tens
   });
 }
 
+// One chunk of latentfast/ops/geometry.py's _curve_native in one call, for few points: the
+// MLP forward (a GEMM and mlp_act_tangent_ per layer), the RBF sigmas beside the outputs
+// (rbf_sigma_), the energy / length reduction, and, given grad_energy or grad_length, the
+// backward to the curve points (_features_backward: a GEMM and a product per layer, the
+// first layer's narrow operand stored transposed, then rbf_sigma_backward_). The same
+// operations in the same order as that path, which issues them one by one from Python: for
+// a curve of 33 points its ~40 operator calls cost several times their arithmetic. weights
+// and biases are the layers _energy_layers gives (a linear last layer may be R of its QR).
+// Returns (energy [B], length [B], grad [B, T+1, d], or [0] without grads).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> curve_energy_small(
+    const at::Tensor& curves, at::TensorList weights, at::TensorList biases, at::IntArrayRef acts,
+    const c10::optional<at::Tensor>& centres, const c10::optional<at::Tensor>& lam,
+    const c10::optional<at::Tensor>& wr, double zeta, const c10::optional<at::Tensor>& grad_energy,
+    const c10::optional<at::Tensor>& grad_length) {
+  const char* op = "curve_energy_small";
+  check_cpu_float(curves, "curves");
+  TORCH_CHECK(curves.dim() == 3 && curves.size(1) >= 2, op, ": curves must be [B, T+1, d] with T >= 1");
+  const int64_t n_layers = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(n_layers >= 1 && static_cast<int64_t>(biases.size()) == n_layers &&
+                  static_cast<int64_t>(acts.size()) == n_layers,
+              op, ": need one weight, bias and activation per layer");
+  const bool rbf = centres.has_value();
+  TORCH_CHECK(rbf == lam.has_value() && rbf == wr.has_value(), op, ": centres, lam and wr go together");
+  const int64_t b = curves.size(0), t1 = curves.size(1), d = curves.size(2), p = b * t1;
+  const at::Tensor zf = curves.reshape({p, d}).contiguous();
+  std::vector<at::Tensor> derivs;
+  at::Tensor h = zf;
+  for (int64_t li = 0; li < n_layers; ++li) {
+    const at::Tensor& w = weights[li];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == h.size(1) && w.scalar_type() == curves.scalar_type() &&
+                    w.device().is_cpu(),
+                op, ": weights[", li, "] must be a CPU [out, ", h.size(1), "] tensor of the curves' dtype");
+    at::Tensor a = at::mm(h, w.t());
+    at::Tensor dv = at::empty_like(a);
+    mlp_act_tangent_(a, dv, p, 0, acts[li], biases[li]);
+    derivs.push_back(dv);
+    h = a;
+  }
+  const int64_t n_out = h.size(1);
+  at::Tensor feats = h;
+  if (rbf) {
+    const int64_t D = wr->size(0);
+    feats = at::empty({p, n_out + D}, h.options());
+    feats.narrow(1, 0, n_out).copy_(h);
+    at::Tensor sigma = feats.narrow(1, n_out, D);
+    rbf_sigma_(sigma, zf, *centres, *lam, *wr, zeta);
+  }
+  const int64_t F = feats.size(1);
+  const bool want = grad_energy.has_value() || grad_length.has_value();
+  at::Tensor gg = at::empty(want ? at::IntArrayRef{b, t1, F} : at::IntArrayRef{0}, feats.options());
+  auto [energy, length] = curve_reduce_into(op, feats.view({b, t1, F}), grad_energy, grad_length, &gg);
+  if (!want) return {energy, length, at::empty({0}, curves.options())};
+  const at::Tensor g2 = gg.view({p, F});
+  at::Tensor ga = at::mul(g2.narrow(1, 0, n_out), derivs.back());
+  at::Tensor gz;
+  for (int64_t li = n_layers - 1; li >= 0; --li) {
+    at::Tensor w = weights[li];
+    if (li == 0 && w.size(1) < 16) w = w.t().contiguous().t();  // (see _NARROW_B in ops/geometry.py)
+    gz = at::mm(ga, w);
+    if (li > 0) ga = gz.mul_(derivs[li - 1]);
+  }
+  if (rbf) {
+    const int64_t D = wr->size(0);
+    rbf_sigma_backward_(gz, feats.narrow(1, n_out, D), g2.narrow(1, n_out, D), zf, *centres, *lam, *wr);
+  }
+  return {energy, length, gz.view({b, t1, d})};
+}
+
 }  // namespace
 }  // namespace latentfast
 
@@ -302,4 +370,5 @@ TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) {
   m.impl("weighted_gram", &latentfast::weighted_gram);
   m.impl("curve_reduce", &latentfast::curve_reduce);
   m.impl("curve_reduce_grad_", &latentfast::curve_reduce_grad_);
+  m.impl("curve_energy_small", &latentfast::curve_energy_small);
 }

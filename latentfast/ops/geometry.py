@@ -375,6 +375,18 @@ def _deriv_views(flat: Tensor, n_points: int, widths: list[int]) -> list[Tensor]
 _CPU_CHUNK_ROWS = 2048
 
 
+# Points x widest row (a layer, or the features beside the RBF sigmas) up to which _curve_native
+# runs on CPU as one C++ call (latentfast_cpp::curve_energy_small: the operations of one chunk
+# below, in the same order, without a Python call per operation and with fresh buffers instead
+# of the pool's); e.g. 41 curves of 33 points at width 192 (the geodesics_1000 decoder). Geodesic
+# solves on that decoder, paired against the chunk loop (2-core Intel Xeon, 2026-12-06): 1 pair
+# 1.33-1.37x, 2 pairs 1.35-1.39x, 8 pairs 1.23-1.30x, 32 pairs 1.24-1.26x, 200 and 1000 pairs
+# 1.03-1.06x and 1.01-1.08x (as their working sets shrink); the curves equal bit for bit.
+# _SMALL_PATH = False sends every call through the chunk loop.
+_SMALL_ELEMS = 1 << 18
+_SMALL_PATH = True
+
+
 def _curves_per_chunk(t1: int, d: int, weights, centres, wr, cpu: bool = False) -> int:
     """Curves per chunk: t1 rows each of the widest row a chunk forms (a layer, or the
     features: the last layer's outputs and, with the RBF network, its D sigmas beside them,
@@ -398,6 +410,12 @@ def _curve_native(k, curves: Tensor, weights: list[Tensor], biases: list[Tensor]
     b_all, t1, d = curves.shape
     weights, biases = _energy_layers(weights, biases, acts)
     want = grad_energy is not None or grad_length is not None
+    if k is torch.ops.latentfast_cpp and saved is None and _SMALL_PATH and b_all * t1 * max(
+            [w.shape[0] for w in weights] + [weights[-1].shape[0] + (wr.shape[0] if wr is not None else 0)]
+    ) <= _SMALL_ELEMS:  # few points: the whole pipeline in one C++ call, no Python per operation
+        e, ln, g = k.curve_energy_small(curves, weights, biases, acts, centres, lam, wr, zeta, grad_energy,
+                                        grad_length)
+        return e, ln, (g if want else None)
     per_chunk = _curves_per_chunk(t1, d, weights, centres, wr, curves.device.type == "cpu")
     energy = curves.new_empty(b_all)
     length = curves.new_empty(b_all)

@@ -226,6 +226,51 @@ def test_last_layer_fixed_skips_the_value_check_inside_only(backend, monkeypatch
     assert_close(ops.pullback_metric(z, w, b, a, *extra), ref.pullback_metric(z, w_new, b, a, *extra), scale=10)
 
 
+@pytest.mark.skipif("cpp" not in backends_under_test(), reason="the C++ small-input pipeline")
+@pytest.mark.parametrize("net", [*NETS, (2, (9, 6), 40, (1, 3, 0), True), (2, (9, 6), 40, (1, 3, 0), False)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_small_curve_pipeline_is_the_chunk_loop(monkeypatch, net, dtype):
+    """Few points (b (T+1) x widest row <= _SMALL_ELEMS) run _curve_native on CPU as one C++
+    call (latentfast_cpp::curve_energy_small), the chunk loop's operations in one call:
+    energies, lengths and gradients (energy only, length only, both, none) equal the loop's
+    to rounding, on every net including a linear last layer run as R of its QR (the last
+    two), and on an empty batch. The call is taken below the bound and not above it."""
+    calls = []
+    small_op = torch.ops.latentfast_cpp.curve_energy_small
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return small_op(*args)
+
+    monkeypatch.setattr(torch.ops.latentfast_cpp, "curve_energy_small", spy)
+    w, b, a, extra = make_net(*net, dtype, torch.device("cpu"), seed=81)
+    gen = torch.Generator().manual_seed(82)
+    rbf, zeta = extra[:3], float(extra[3])
+    for n_curves in (3, 0):
+        curves = torch.randn(n_curves, 6, net[0], dtype=dtype, generator=gen)
+        ge = torch.randn(n_curves, dtype=dtype, generator=gen)
+        gl = torch.randn(n_curves, dtype=dtype, generator=gen)
+        for grads in ((torch.ones_like(ge), None), (None, gl), (ge, gl), (None, None)):
+            with latentfast.use_backend("cpp"):
+                got = ops._curve_impl(curves, w, b, a, *rbf, zeta, *grads)
+                monkeypatch.setattr(ops, "_SMALL_PATH", False)
+                want = ops._curve_impl(curves, w, b, a, *rbf, zeta, *grads)
+                monkeypatch.setattr(ops, "_SMALL_PATH", True)
+            for name, x, y in zip(("energy", "length", "grad"), got, want):
+                if y is None:
+                    assert x is None, name
+                    continue
+                assert x.shape == y.shape, name
+                assert_close(x, y, scale=0.01, msg=f"{name}, {n_curves} curves, grads {[g is not None for g in grads]}")
+    assert len(calls) == 8
+    monkeypatch.setattr(ops, "_SMALL_ELEMS", 3 * 6 - 1)  # below 3 x 6 points of any width
+    with latentfast.use_backend("cpp"):
+        ops._curve_impl(torch.randn(3, 6, net[0], dtype=dtype), w, b, a, *rbf, zeta, None, None)
+    assert len(calls) == 8
+    with pytest.raises(RuntimeError, match="one weight, bias and activation per layer"):
+        small_op(curves, w, b[:-1], a, *rbf, zeta, None, None)
+
+
 def _check_metric_and_curves(z, curves, w, b, a, extra):
     """pullback_metric at z, and curve_energy_and_grad on curves (energy, length, gradient of
     the energy), against the reference."""
@@ -246,6 +291,7 @@ def test_native_pipelines_in_chunks(backend, monkeypatch, net, budget):
     _CPU_CHUNK_ROWS points); with a tiny budget every chunk holds one point (curve), or a few
     and a last, shorter one: the results are the reference's."""
     dev = device_for(backend)
+    monkeypatch.setattr(ops, "_SMALL_PATH", False)  # the chunk loop even for these few points
     if budget == "cpu rows":  # 2 curves of 4 points a chunk on CPU, 2 + 2 + 1
         monkeypatch.setattr(ops, "_CPU_CHUNK_ROWS", 9)
     else:
@@ -268,6 +314,7 @@ def test_reuse_buffers_keeps_work_buffers_and_values(backend, monkeypatch):
     if backend == "reference":
         pytest.skip("the reference backend has no work buffers")
     dev = device_for(backend)
+    monkeypatch.setattr(ops, "_SMALL_PATH", False)  # the chunk loop (its buffers) even for these few points
     monkeypatch.setattr(ops, "_CHUNK_ELEMS", 3 * 5 * 13 + 1)  # 3 curves of 5 points per chunk
     nets = [make_net(2, (11, 9), 13, (1, 3, 0), True, torch.float64, dev, seed=71),
             make_net(3, (6,), 4, (2, 1), False, torch.float32, dev, seed=72),
