@@ -387,13 +387,18 @@ _SMALL_ELEMS = 1 << 18
 _SMALL_PATH = True
 
 
-def _curves_per_chunk(t1: int, d: int, weights, centres, wr, cpu: bool = False) -> int:
-    """Curves per chunk: t1 rows each of the widest row a chunk forms (a layer, or the
-    features: the last layer's outputs and, with the RBF network, its D sigmas beside them,
-    plus the [K, d] differences to the centres); on CPU at most _CPU_CHUNK_ROWS rows."""
+def _widest_row(weights, wr) -> int:
+    """The widest row per point of the curve pipelines' layers and features (the last layer's
+    outputs and, with the RBF network, its D sigmas beside them)."""
     widest = max(w.shape[0] for w in weights)
-    if centres is not None:
-        widest = max(widest, weights[-1].shape[0] + wr.shape[0]) + centres.shape[0] * d
+    return widest if wr is None else max(widest, weights[-1].shape[0] + wr.shape[0])
+
+
+def _curves_per_chunk(t1: int, d: int, weights, centres, wr, cpu: bool = False) -> int:
+    """Curves per chunk: t1 rows each of the widest row a chunk forms (_widest_row, plus the
+    [K, d] differences to the centres with the RBF network); on CPU at most _CPU_CHUNK_ROWS
+    rows."""
+    widest = _widest_row(weights, wr) + (centres.shape[0] * d if centres is not None else 0)
     per_chunk = _CHUNK_ELEMS // (t1 * widest)
     if cpu:
         per_chunk = min(per_chunk, _CPU_CHUNK_ROWS // t1)
@@ -410,9 +415,9 @@ def _curve_native(k, curves: Tensor, weights: list[Tensor], biases: list[Tensor]
     b_all, t1, d = curves.shape
     weights, biases = _energy_layers(weights, biases, acts)
     want = grad_energy is not None or grad_length is not None
-    if k is torch.ops.latentfast_cpp and saved is None and _SMALL_PATH and b_all * t1 * max(
-            [w.shape[0] for w in weights] + [weights[-1].shape[0] + (wr.shape[0] if wr is not None else 0)]
-    ) <= _SMALL_ELEMS:  # few points: the whole pipeline in one C++ call, no Python per operation
+    small = b_all * t1 * _widest_row(weights, wr) <= _SMALL_ELEMS
+    if k is torch.ops.latentfast_cpp and saved is None and _SMALL_PATH and small:
+        # few points: the whole pipeline in one C++ call, no Python per operation
         e, ln, g = k.curve_energy_small(curves, weights, biases, acts, centres, lam, wr, zeta, grad_energy,
                                         grad_length)
         return e, ln, (g if want else None)
