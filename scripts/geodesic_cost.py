@@ -25,10 +25,13 @@ points against chunks bounded by _CHUNK_ELEMS elements only) or --compare precon
 iterations, how far the two solutions' lengths are apart (they can end in different local
 minima) and how much energy each left: its result continued to tol 1e-10) or --compare small
 (curve energies of few points as one C++ call, latentfast_cpp::curve_energy_small, against
-the chunk loop of ops.geometry._curve_native; ops.geometry._SMALL_PATH).
+the chunk loop of ops.geometry._curve_native; ops.geometry._SMALL_PATH) or --compare
+first-step (the first L-BFGS step capped so that no point moves more than
+geometry.core._FIRST_STEP times its curve's latent length, against uncapped; lengths and the
+energy each left, as for precondition).
 
     python scripts/geodesic_cost.py [--reps 5] [--pairs 15]
-    python scripts/geodesic_cost.py --digits 1000 [--compare buffers|rows|precondition|small] [--rounds 4]
+    python scripts/geodesic_cost.py --digits 1000 [--compare buffers|rows|precondition|small|first-step] [--rounds 4]
                                     [--segments 32]
 """
 from __future__ import annotations
@@ -80,17 +83,22 @@ def _digits(n_pairs: int, rounds: int, compare: str, n_segments: int = 32) -> No
     z0, z1 = z[i].detach(), z[j].detach()
     # mode -> (ops.geometry attribute and its value, or None; geodesic's keyword arguments)
     if compare == "buffers":
-        modes = {"buffers kept": (("_scratch_for", geo_ops._scratch_for), {}),
-                 "fresh per call": (("_scratch_for", lambda t: None), {})}
+        modes = {"buffers kept": ((geo_ops, "_scratch_for", geo_ops._scratch_for), {}),
+                 "fresh per call": ((geo_ops, "_scratch_for", lambda t: None), {})}
     elif compare == "rows":
-        modes = {f"chunks <= {geo_ops._CPU_CHUNK_ROWS} rows": (("_CPU_CHUNK_ROWS", geo_ops._CPU_CHUNK_ROWS), {}),
-                 "chunks by elements only": (("_CPU_CHUNK_ROWS", 1 << 62), {})}
+        modes = {f"chunks <= {geo_ops._CPU_CHUNK_ROWS} rows":
+                 ((geo_ops, "_CPU_CHUNK_ROWS", geo_ops._CPU_CHUNK_ROWS), {}),
+                 "chunks by elements only": ((geo_ops, "_CPU_CHUNK_ROWS", 1 << 62), {})}
     elif compare == "small":
-        modes = {"one C++ call when small": (("_SMALL_PATH", True), {}),
-                 "chunk loop": (("_SMALL_PATH", False), {})}
+        modes = {"one C++ call when small": ((geo_ops, "_SMALL_PATH", True), {}),
+                 "chunk loop": ((geo_ops, "_SMALL_PATH", False), {})}
+    elif compare == "first-step":
+        modes = {f"first step capped at {core._FIRST_STEP} of the length": ((core, "_FIRST_STEP", core._FIRST_STEP),
+                                                                             {}),
+                 "first step uncapped": ((core, "_FIRST_STEP", 0.0), {})}
     else:
         modes = {"preconditioned": (None, {}), "on the points": (None, {"precondition": False})}
-    saved = {patch[0]: getattr(geo_ops, patch[0]) for patch, _ in modes.values() if patch}
+    saved = {patch[:2]: getattr(*patch[:2]) for patch, _ in modes.values() if patch}
     times: dict[str, list[float]] = {m: [] for m in modes}
     results = {}
     geo.geodesic(z0[:50], z1[:50], dec, n_segments=n_segments)  # warm-up
@@ -99,7 +107,7 @@ def _digits(n_pairs: int, rounds: int, compare: str, n_segments: int = 32) -> No
             for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
                 patch, kwargs = modes[mode]
                 if patch:
-                    setattr(geo_ops, *patch)
+                    setattr(*patch)
                 ru0 = resource.getrusage(resource.RUSAGE_SELF)
                 t = time.perf_counter()
                 res = geo.geodesic(z0, z1, dec, n_segments=n_segments, max_iter=max(500, 4 * n_segments), **kwargs)
@@ -112,8 +120,8 @@ def _digits(n_pairs: int, rounds: int, compare: str, n_segments: int = 32) -> No
                       f"{res.iterations.double().mean():.1f}, converged {res.converged.double().mean():.1%}",
                       flush=True)
     finally:
-        for attr, value in saved.items():
-            setattr(geo_ops, attr, value)
+        for (module, attr), value in saved.items():
+            setattr(module, attr, value)
     (a, ta), (b, tb) = ((m, _median_ms(times[m]) / n_pairs) for m in modes)
     ra, rb = results.values()
     rel = (ra.lengths - rb.lengths) / rb.lengths
@@ -121,7 +129,7 @@ def _digits(n_pairs: int, rounds: int, compare: str, n_segments: int = 32) -> No
           f"({tb / ta:.2f}x); lengths equal: {torch.equal(ra.lengths, rb.lengths)}; {a} shorter by more than "
           f"0.1% on {int((rel < -1e-3).sum())} pairs, longer on {int((rel > 1e-3).sum())}, sum of lengths "
           f"{float(ra.lengths.sum()):.2f} vs {float(rb.lengths.sum()):.2f}")
-    if compare == "precondition":
+    if compare in ("precondition", "first-step"):
         for name, res in results.items():
             left = _energy_left(res, dec)
             print(f"{name}: energy left (continued to tol 1e-10): median {float(left.median()):.1e}, max "
@@ -134,10 +142,10 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=15)
     ap.add_argument("--digits", type=int, default=None, metavar="N",
                     help="only the --compare pairing, on N pairs of the digits VAE")
-    ap.add_argument("--compare", choices=["buffers", "rows", "precondition", "small"], default="buffers",
+    ap.add_argument("--compare", choices=["buffers", "rows", "precondition", "small", "first-step"], default="buffers",
                     help="with --digits: kept / fresh work buffers, the CPU chunk row cap on / off, "
                          "geodesic(precondition=True / False), or the one-call C++ pipeline for few points "
-                         "against the chunk loop")
+                         "against the chunk loop, or the first L-BFGS step capped / uncapped")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of the --digits comparison")
     ap.add_argument("--segments", type=int, default=32,
                     help="n_segments of the --digits solves (max_iter: 500 or 4 n_segments if larger)")
