@@ -367,8 +367,9 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
     below tol on two consecutive iterations, or a zero gradient. Returns (x, f, converged,
     iterations). `steps` does the per-iteration work (_TorchSteps or _CppSteps; by default
     the one _lbfgs_steps picks for x). first_step(p, idx) -> [b] factors in (0, 1], if
-    given, scales the first iteration's directions p [b, n] (-g / ||g|| there, with no
-    history to set a scale): a problem-aware bound on how far the first trial goes.
+    given, scales the directions p [b, n] of the problems idx that have no history to set a
+    scale (-g / ||g|| there): on the first iteration, and after a restart (below): a
+    problem-aware bound on how far their first trial goes.
 
     The iterations run on a working set of the unfinished problems, compacted when some
     finish (their results are written out then), so an iteration indexes nothing by an
@@ -391,8 +392,11 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
     small = torch.zeros(b, dtype=torch.long, device=dev)
     iters = torch.zeros(b, dtype=torch.long, device=dev)
     done = g.abs().amax(1) == 0
+    # problems whose next direction has no history to scale it (all at first, then those
+    # whose line search failed): first_step scales it
+    fresh = torch.ones(b, dtype=torch.bool, device=dev) if first_step is not None else None
     bar = tqdm(range(max_iter), desc="geodesics", disable=not progress, leave=False, mininterval=1.0)
-    for it in bar:
+    for _ in bar:
         if bool(done.any()):  # retire the finished problems
             fin, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
             rows = idx[fin]
@@ -400,14 +404,25 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
             conv_out[rows] = True
             idx, x, f, g, s_hist, y_hist, count, small, iters, done = (
                 t[keep] for t in (idx, x, f, g, s_hist, y_hist, count, small, iters, done))
+            fresh = fresh[keep] if fresh is not None else None
         if idx.numel() == 0:
             break
         p, slope = steps.direction(g, s_hist, y_hist, count)
-        if it == 0 and first_step is not None:
-            scale = first_step(p, idx)
-            p, slope = p * scale[:, None], slope * scale
+        if fresh is not None:
+            r = fresh.nonzero().squeeze(1)
+            if r.numel():
+                scale = first_step(p[r], idx[r])
+                p[r] *= scale[:, None]
+                slope[r] *= scale
+            fresh = None
         # Armijo backtracking, per problem; the first trial (step 1) takes every problem,
-        # then down to step 2^-11; failing that the problem counts as stalled.
+        # then down to step 2^-11. A problem that fails them all although its direction
+        # promised a decrease above tol (relative; -slope, the first-order decrease of a
+        # full step) restarts: from several stored pairs it keeps
+        # the newest only (the memoryless quasi-Newton direction, still scaled by that pair),
+        # from one it drops it (steepest descent, scaled by first_step). Any other failure is
+        # an iteration without decrease towards the stopping test: rounding-level progress
+        # near a minimum, or steepest descent failing (the same direction would fail again).
         f_new, g_new = f.clone(), g.clone()
         step = torch.ones_like(f)
         searching = torch.ones_like(f, dtype=torch.bool)
@@ -419,7 +434,18 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
             si = searching.nonzero().squeeze(1)
             ft, gt = fg(x[si] + step[si, None] * p[si], idx[si])
             left = steps.trial(f_new, g_new, step, searching, ft, gt, f, slope, si)
+        had_history = (count > 0) if left else None
         x, done = steps.update(x, s_hist, y_hist, count, small, iters, f, g, f_new, g_new, p, step, searching, tol)
+        if left:  # some line searches failed
+            restart = searching & had_history & (-slope > tol * f.abs())
+            keep_one = (restart & (count > 1)).nonzero().squeeze(1)
+            newest = (count[keep_one] - 1) % history
+            s_hist[keep_one, 0], y_hist[keep_one, 0] = s_hist[keep_one, newest], y_hist[keep_one, newest]
+            count.copy_(torch.where(restart, torch.where(count > 1, 1, 0), count))
+            small.sub_(restart.long())
+            done &= ~restart
+            if first_step is not None:
+                fresh = searching & (count == 0)
         f, g = f_new, g_new
         if progress:
             bar.set_postfix(active=int(idx.numel()), refresh=False)

@@ -636,9 +636,10 @@ def test_cpp_lbfgs_trial_and_update_match_the_pytorch_steps(dtype):
 @needs_cpp
 def test_batched_lbfgs_with_cpp_steps_solves_as_the_pytorch_steps():
     """The whole solver with each step implementation, float64, on Rosenbrock valleys of
-    different steepness: the same minimisers, values, flags and iteration counts (within one
-    iteration: the two sum in different orders, and a stopping test at tol = 1e-12 can fall
-    either way by rounding)."""
+    different steepness (offset by 1: a positive minimum, as a curve energy has, so that the
+    relative stopping test ends the solves before rounding does): the same minimisers, values,
+    flags and iteration counts (within one iteration: the two sum in different orders, and a
+    stopping test at tol = 1e-12 can fall either way by rounding)."""
     from latentfast.geometry.core import _batched_lbfgs, _CppSteps, _TorchSteps
 
     scale = torch.tensor([1.0, 3.0, 30.0, 100.0, 0.3, 10.0, 2.0], dtype=F64)
@@ -649,7 +650,7 @@ def test_batched_lbfgs_with_cpp_steps_solves_as_the_pytorch_steps():
         g = torch.zeros_like(x)
         g[:, :-1] += -2 * (1 - a) - 4 * c * a * (b - a * a)
         g[:, 1:] += 2 * c * (b - a * a)
-        return ((1 - a) ** 2 + c * (b - a * a) ** 2).sum(1), g
+        return 1 + ((1 - a) ** 2 + c * (b - a * a) ** 2).sum(1), g
 
     x0 = torch.randn(7, 9, generator=torch.Generator().manual_seed(11), dtype=F64)
     got = _batched_lbfgs(fg, x0, 1e-12, 400, history=6, steps=_CppSteps)
@@ -659,6 +660,54 @@ def test_batched_lbfgs_with_cpp_steps_solves_as_the_pytorch_steps():
     assert torch.equal(got[2], want[2]) and bool(got[2].all())
     # the same iterations, up to one where the last decrease sits at tol within rounding
     assert int((got[3] - want[3]).abs().max()) <= 1 and int(got[3].max()) > 6  # the rings wrap
+
+
+def _steps_params():
+    from latentfast.geometry.core import _CppSteps, _TorchSteps
+
+    return [_TorchSteps] + ([_CppSteps] if lf_backend.why_unavailable("cpp", torch.device("cpu")) is None else [])
+
+
+@pytest.mark.parametrize("steps", _steps_params(), ids=lambda c: c.__name__)
+def test_a_failed_line_search_restarts_the_problem(steps):
+    """Directions that no Armijo step accepts (here: quasi-Newton directions from `broken`
+    stored pairs on, blown up 1e9 times) restart a problem: from several pairs to the newest
+    alone, from one pair to steepest descent scaled by first_step. They are not taken for
+    convergence (before, the same direction failed again and two iterations without
+    decrease stopped the problem at the first failure)."""
+    from latentfast.geometry.core import _batched_lbfgs
+
+    diag = torch.logspace(0, 2, 12, dtype=F64)  # a quadratic of condition number 100
+
+    def fg(x, idx):
+        return 0.5 * (diag * x * x).sum(1), diag * x
+
+    x0 = torch.randn(3, 12, generator=torch.Generator().manual_seed(5), dtype=F64)
+    f0 = fg(x0, None)[0]
+    for broken in (3, 1):
+        class Broken(steps):
+            @staticmethod
+            def direction(g, s_hist, y_hist, count):
+                p, slope = steps.direction(g, s_hist, y_hist, count)
+                blow = 1 + 1e9 * (count >= broken).to(g.dtype)
+                return p * blow[:, None], slope * blow
+
+        scaled = []  # the problems first_step scaled, per call
+
+        def first_step(p, idx):
+            scaled.append(idx.tolist())
+            return p.new_full((len(idx),), 0.5)
+
+        x, f, conv, iters = _batched_lbfgs(fg, x0, 1e-12, 500, history=6, steps=Broken, first_step=first_step)
+        assert scaled[0] == [0, 1, 2]  # the first iteration
+        if broken == 3:  # restarts with the newest pair: L-BFGS of memory 1-2 still solves it
+            assert bool(conv.all()) and bool((f < 1e-20 * f0).all()), f
+            assert len(scaled) == 1  # never down to steepest descent
+            _, f_ok, conv_ok, iters_ok = _batched_lbfgs(fg, x0, 1e-12, 500, history=6, steps=steps)
+            assert bool(conv_ok.all()) and bool((iters_ok < iters).all())  # the unbroken solver is faster
+        else:  # every stored pair fails: steepest descent steps of half a unit, halved as needed
+            assert bool((iters > 20).all()) and bool((f < 1e-3 * f0).all()), (iters, f / f0)
+            assert all(sum(k in rows for rows in scaled) > 10 for k in range(3))
 
 
 @needs_cpp
