@@ -17,6 +17,7 @@ a decoder with an RBF variance network, else its mean).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -570,7 +571,8 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
     The first L-BFGS step moves no interior point further than a tenth of its initial
     curve's latent length (_FIRST_STEP), so the solve starts at the scale of the curve,
     however short or long it is.
-    Pairs with z0 == z1 give the constant curve (length 0), flagged converged.
+    Pairs with z0 == z1 give the constant curve (length 0), flagged converged. Autocast is
+    off for the solve (the energies keep the curves' precision).
 
     Example:
         >>> res = geodesic(torch.zeros(1, 2), torch.ones(1, 2), nn.Sequential(nn.Linear(2, 3)))
@@ -611,12 +613,22 @@ _FIRST_STEP = 0.1  # see _relax; 0 leaves the first step uncapped
 def _relax(z0: Tensor, z1: Tensor, curves: Tensor, decoder, tol: float, max_iter: int, precondition: bool,
            progress: bool = False) -> GeodesicResult:
     """geodesic's solve from the initial curves [B, T+1, d]: their interior points move, the
-    end points are z0, z1 [B, d]."""
+    end points are z0, z1 [B, d]. Autocast is off for the solve (a solve to a relative
+    tolerance needs the energies in the curves' precision, not in bfloat16 / float16)."""
+    with torch.autocast(curves.device.type, enabled=False):
+        return _relax_solve(z0, z1, curves, decoder, tol, max_iter, precondition, progress)
+
+
+def _relax_solve(z0: Tensor, z1: Tensor, curves: Tensor, decoder, tol: float, max_iter: int,
+                 precondition: bool, progress: bool) -> GeodesicResult:
     b, t1, d = curves.shape
     z0c, z1c = z0.detach()[:, None], z1.detach()[:, None]
 
     mlp = as_mlp(decoder)  # described once: the decoder is held fixed for the solve
-    target = mlp if mlp is not None else decoder
+    if mlp is not None:  # checked once too, the backend chosen once
+        curve_fg = ops.curve_energy_and_grad_fn(curves.detach(), *mlp.args())
+    else:
+        curve_fg = functools.partial(energy_and_grad, decoder)
 
     # Preconditioned, the variables are w with interior points x = x_init + R^-1 w, starting
     # at w = 0 (so the first energy call sees the initial curve exactly).
@@ -628,7 +640,7 @@ def _relax(z0: Tensor, z1: Tensor, curves: Tensor, decoder, tol: float, max_iter
         return x if coords is None else x_init[idx] + coords.to_x(x)
 
     def fg(v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        e, _, g = energy_and_grad(target, torch.cat([z0c[idx], points(v, idx), z1c[idx]], dim=1))
+        e, _, g = curve_fg(torch.cat([z0c[idx], points(v, idx), z1c[idx]], dim=1))
         g = g[:, 1:-1] if coords is None else coords.grad_to_w(g[:, 1:-1])
         return e, g.reshape(len(idx), -1)
 

@@ -25,7 +25,7 @@ import contextlib
 import contextvars
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -786,6 +786,42 @@ def curve_energy_and_grad(curves: Tensor, weights: list[Tensor], biases: list[Te
                                *_rbf_args(rbf_centres, rbf_lambda, rbf_weight), float(zeta),
                                curves.new_ones(curves.shape[0]), None)
     return e, ln, g
+
+
+def curve_energy_and_grad_fn(like: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],
+                             rbf_centres: Tensor | None = None, rbf_lambda: Tensor | None = None,
+                             rbf_weight: Tensor | None = None, zeta: float = 0.0
+                             ) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """curve_energy_and_grad for many calls with one decoder, as a solver makes: the decoder
+    is checked against `like` (curves [B, T+1, d] of the shape past the batch, dtype and
+    device to come) and the backend chosen once; each call of the returned function on
+    curves [b, T+1, d] checks only the curves (shape, dtype, device, finiteness). The same
+    numbers as curve_energy_and_grad, without its per-call checks of every weight (a
+    sizeable share of a call on a few curves). Under autocast or a torch.func transform it
+    is curve_energy_and_grad itself, with the decoder bound."""
+    _check_curves(like)
+    check_mlp(like, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
+    weights, biases, acts = list(weights), list(biases), [int(a) for a in acts]
+    rbf = _rbf_args(rbf_centres, rbf_lambda, rbf_weight)
+    zeta = float(zeta)
+    dev = like.device
+    if torch.is_autocast_enabled(dev.type) or under_transform(like, weights, biases, *rbf):
+        return lambda curves: curve_energy_and_grad(curves, weights, biases, acts, *rbf, zeta)
+    be = backend.select(dev)
+    native = _native(be) if be != "reference" else None
+    shape, dtype = tuple(like.shape[1:]), like.dtype
+
+    def call(curves: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if curves.dim() != 3 or tuple(curves.shape[1:]) != shape or curves.dtype != dtype or curves.device != dev:
+            raise ValueError(f"curves must be [B, {shape[0]}, {shape[1]}] {dtype} on {dev} (the shape this "
+                             f"function was made for), got {tuple(curves.shape)} {curves.dtype} on {curves.device}")
+        check_finite("curves", curves)
+        ones = curves.new_ones(curves.shape[0])
+        with torch.no_grad():
+            if native is None:
+                return _curve_impl(curves, weights, biases, acts, *rbf, zeta, ones, None)
+            return _curve_native(native, curves, weights, biases, acts, *rbf, zeta, ones, None)
+    return call
 
 
 # Direct calls (torch.ops.latentfast.*) under forward-mode AD / torch.func: ops/_autograd.py.

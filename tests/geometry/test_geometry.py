@@ -207,13 +207,17 @@ def test_geodesic_solves_inside_reuse_buffers_with_the_same_result(backend, monk
     gen = torch.Generator().manual_seed(5)
     z0, z1 = torch.randn(6, 2, dtype=F64, generator=gen), torch.randn(6, 2, dtype=F64, generator=gen)
     pools = []
-    orig = geo_ops.curve_energy_and_grad
+    orig = geo_ops.curve_energy_and_grad_fn
 
     def spy(*args):
-        pools.append(geo_ops._SCRATCH.get())
-        return orig(*args)
+        fn = orig(*args)
 
-    monkeypatch.setattr(geo_ops, "curve_energy_and_grad", spy)
+        def call(curves):
+            pools.append(geo_ops._SCRATCH.get())
+            return fn(curves)
+        return call
+
+    monkeypatch.setattr(geo_ops, "curve_energy_and_grad_fn", spy)
     res = geo.geodesic(z0, z1, dec, n_segments=10)
     assert len(pools) > 2 and pools[0] is not None and all(p is pools[0] for p in pools)
     monkeypatch.setattr(geo_ops, "reuse_buffers", contextlib.nullcontext)

@@ -84,6 +84,32 @@ def test_curve_energy_and_grad_match_reference(backend, net, dtype, shape):
     assert_close(g3, torch.autograd.grad(e_ref.sum(), leaf)[0], scale=10)
 
 
+@pytest.mark.parametrize("net", NETS)
+def test_curve_energy_and_grad_fn_is_curve_energy_and_grad(backend, net):
+    """The solver's bound form: checked once, then the same numbers as the op, bit for bit, for
+    any batch size; each call still rejects curves of another shape, dtype, or with NaN."""
+    dev = device_for(backend)
+    w, b, a, extra = make_net(*net, torch.float64, dev, seed=hash(net) % 2**31)
+    gen = torch.Generator().manual_seed(8)
+    like = torch.randn(3, 6, net[0], dtype=torch.float64, generator=gen).to(dev)
+    fn = ops.curve_energy_and_grad_fn(like, w, b, a, *extra)
+    for n in (3, 1, 5):
+        curves = torch.randn(n, 6, net[0], dtype=torch.float64, generator=gen).to(dev)
+        got, want = fn(curves), ops.curve_energy_and_grad(curves, w, b, a, *extra)
+        for x, y in zip(got, want):
+            assert torch.equal(x, y)
+    with pytest.raises(ValueError, match=r"curves must be \[B, 6"):
+        fn(torch.zeros(2, 5, net[0], dtype=torch.float64, device=dev))
+    with pytest.raises(ValueError, match="float64"):
+        fn(torch.zeros(2, 6, net[0], dtype=torch.float32, device=dev))
+    bad = like.clone()
+    bad[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="curves"):
+        fn(bad)
+    with pytest.raises(ValueError, match="latent points of dimension"):  # the decoder, checked once
+        ops.curve_energy_and_grad_fn(torch.cat([like, like], -1), w, b, a, *extra)
+
+
 @pytest.mark.parametrize("rbf", [False, True])
 def test_curve_energy_linear_last_layer_by_its_qr(backend, monkeypatch, rbf):
     """With a linear last layer wider than its input (D = 40 > H = 6) the native pipelines run

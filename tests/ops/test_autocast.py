@@ -83,3 +83,25 @@ def test_vector_flows_and_flow_vae_train_under_autocast(backend):
         total, _ = vae.loss(torch.randn(8, 16))
     total.backward()
     assert torch.isfinite(total) and all(p.grad is not None for p in vae.parameters() if p.requires_grad)
+
+
+def test_geodesic_under_autocast_is_the_solve_without_it(backend):
+    """geodesic turns autocast off for its solve: the energies, the L-BFGS bookkeeping (matrix
+    products in the PyTorch steps) and a generic decoder keep the curves' precision, so the
+    result is the same, bit for bit, as outside autocast."""
+    from latentfast import geometry as geo
+    from latentfast.vae import GaussianMLPDecoder
+
+    torch.manual_seed(0)
+    dec = GaussianMLPDecoder(2, 9, (16,))
+    dev = device_for(backend)
+    dec = dec.to(dev)
+    gen = torch.Generator().manual_seed(1)
+    z0, z1 = torch.randn(3, 2, generator=gen).to(dev), torch.randn(3, 2, generator=gen).to(dev)
+    generic = lambda z: torch.tanh(z @ torch.ones(2, 5, device=z.device))  # noqa: E731  (a matmul: bf16 under autocast)
+    for d in (dec, generic):
+        want = geo.geodesic(z0, z1, d, n_segments=8)
+        with torch.autocast(dev.type, dtype=LOW):
+            got = geo.geodesic(z0, z1, d, n_segments=8)
+        assert got.curves.dtype == torch.float32
+        assert torch.equal(got.curves, want.curves) and torch.equal(got.iterations, want.iterations)
