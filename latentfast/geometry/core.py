@@ -366,7 +366,9 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
     fg(x_sub, idx) -> (f [b], grad [b, n]) evaluates the problems idx only. Each problem has
     its own history, Armijo backtracking step and stopping test: relative decrease of f
     below tol on two consecutive iterations, or a zero gradient. Returns (x, f, converged,
-    iterations). `steps` does the per-iteration work (_TorchSteps or _CppSteps; by default
+    iterations); converged is False for problems that ran out of iterations and for those
+    that stopped stalled (below: steepest descent failing although it promised a decrease
+    above tol). `steps` does the per-iteration work (_TorchSteps or _CppSteps; by default
     the one _lbfgs_steps picks for x). first_step(p, idx) -> [b] factors in (0, 1], if
     given, scales the directions p [b, n] of the problems idx that have no history to set a
     scale (-g / ||g|| there): on the first iteration, and after a restart (below): a
@@ -393,6 +395,8 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
     small = torch.zeros(b, dtype=torch.long, device=dev)
     iters = torch.zeros(b, dtype=torch.long, device=dev)
     done = g.abs().amax(1) == 0
+    stalled = torch.zeros(b, dtype=torch.bool, device=dev)  # last search failed though it promised
+    any_stalled = False
     # problems whose next direction has no history to scale it (all at first, then those
     # whose line search failed): first_step scales it
     fresh = torch.ones(b, dtype=torch.bool, device=dev) if first_step is not None else None
@@ -402,9 +406,9 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
             fin, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
             rows = idx[fin]
             x_out[rows], f_out[rows], iters_out[rows] = x[fin], f[fin], iters[fin]
-            conv_out[rows] = True
-            idx, x, f, g, s_hist, y_hist, count, small, iters, done = (
-                t[keep] for t in (idx, x, f, g, s_hist, y_hist, count, small, iters, done))
+            conv_out[rows] = ~stalled[fin]
+            idx, x, f, g, s_hist, y_hist, count, small, iters, done, stalled = (
+                t[keep] for t in (idx, x, f, g, s_hist, y_hist, count, small, iters, done, stalled))
             fresh = fresh[keep] if fresh is not None else None
         if idx.numel() == 0:
             break
@@ -419,11 +423,12 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
         # Armijo backtracking, per problem; the first trial (step 1) takes every problem,
         # then down to step 2^-11. A problem that fails them all although its direction
         # promised a decrease above tol (relative; -slope, the first-order decrease of a
-        # full step) restarts: from several stored pairs it keeps
-        # the newest only (the memoryless quasi-Newton direction, still scaled by that pair),
-        # from one it drops it (steepest descent, scaled by first_step). Any other failure is
-        # an iteration without decrease towards the stopping test: rounding-level progress
-        # near a minimum, or steepest descent failing (the same direction would fail again).
+        # full step) restarts: from several stored pairs it keeps the newest only (the
+        # memoryless quasi-Newton direction, still scaled by that pair), from one it drops it
+        # (steepest descent, scaled by first_step). Any other failure is an iteration without
+        # decrease towards the stopping test: rounding-level progress near a minimum, or
+        # steepest descent failing (the same direction would fail again; the problem is
+        # stalled, and stops unconverged unless a later step succeeds).
         f_new, g_new = f.clone(), g.clone()
         step = torch.ones_like(f)
         searching = torch.ones_like(f, dtype=torch.bool)
@@ -437,8 +442,13 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
             left = steps.trial(f_new, g_new, step, searching, ft, gt, f, slope, si)
         had_history = (count > 0) if left else None
         x, done = steps.update(x, s_hist, y_hist, count, small, iters, f, g, f_new, g_new, p, step, searching, tol)
+        if any_stalled:  # a problem that moved is not stalled any more
+            stalled &= searching
         if left:  # some line searches failed
-            restart = searching & had_history & (-slope > tol * f.abs())
+            promised = -slope > tol * f.abs()
+            restart = searching & had_history & promised
+            stalled |= searching & promised & ~restart
+            any_stalled = True
             keep_one = (restart & (count > 1)).nonzero().squeeze(1)
             newest = (count[keep_one] - 1) % history
             s_hist[keep_one, 0], y_hist[keep_one, 0] = s_hist[keep_one, newest], y_hist[keep_one, newest]
@@ -451,7 +461,7 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
         if progress:
             bar.set_postfix(active=int(idx.numel()), refresh=False)
     if bool(done.any()):  # finished on the last iteration
-        conv_out[idx[done]] = True
+        conv_out[idx[done]] = ~stalled[done]
     x_out[idx], f_out[idx], iters_out[idx] = x, f, iters
     return x_out, f_out, conv_out, iters_out
 
@@ -571,6 +581,9 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
     The first L-BFGS step moves no interior point further than a tenth of its initial
     curve's latent length (_FIRST_STEP), so the solve starts at the scale of the curve,
     however short or long it is.
+    A pair is flagged not converged when it runs out of max_iter, or stalls: no Armijo step
+    along steepest descent (after its L-BFGS history was dropped) decreases the energy
+    although the gradient promised a decrease above tol.
     Pairs with z0 == z1 give the constant curve (length 0), flagged converged. Autocast is
     off for the solve (the energies keep the curves' precision).
 

@@ -714,6 +714,29 @@ def test_a_failed_line_search_restarts_the_problem(steps):
             assert all(sum(k in rows for rows in scaled) > 10 for k in range(3))
 
 
+@pytest.mark.parametrize("steps", _steps_params(), ids=lambda c: c.__name__)
+def test_a_problem_whose_steepest_descent_fails_stops_unconverged(steps):
+    """Every direction blown up 1e9 times, steepest descent included: the problems stop after
+    two failed searches where they started, flagged not converged, while a problem already
+    at its minimum (zero gradient) is converged."""
+    from latentfast.geometry.core import _batched_lbfgs
+
+    class Broken(steps):
+        @staticmethod
+        def direction(g, s_hist, y_hist, count):
+            p, slope = steps.direction(g, s_hist, y_hist, count)
+            return p * 1e9, slope * 1e9
+
+    def fg(x, idx):
+        return 1 + 0.5 * (x * x).sum(1), x
+
+    x0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=F64)
+    x0[1] = 0
+    x, f, conv, iters = _batched_lbfgs(fg, x0, 1e-9, 50, steps=Broken)
+    assert torch.equal(x, x0)
+    assert conv.tolist() == [False, True, False] and iters.tolist() == [2, 0, 2]
+
+
 @needs_cpp
 def test_geodesic_steps_follow_the_backend(monkeypatch):
     """geodesic's solver takes the C++ steps on CPU when the cpp backend serves, PyTorch's
