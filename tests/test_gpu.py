@@ -113,6 +113,14 @@ def test_geodesic_on_cuda_matches_cpu(triton_cuda, precondition):
     torch.testing.assert_close(gpu.lengths.cpu(), cpu.lengths, rtol=1e-5, atol=1e-8)
 
 
+def test_geodesic_solver_paths_on_cuda(triton_cuda):
+    """The solver's bound energy function (curve_energy_and_grad_fn) with the Triton kernels,
+    bit-equal to the op, and a solve under autocast equal to one without it on CUDA."""
+    for net in geo_t.NETS:
+        geo_t.test_curve_energy_and_grad_fn_is_curve_energy_and_grad(triton_cuda, net)
+    amp_t.test_geodesic_under_autocast_is_the_solve_without_it(triton_cuda)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", rnn_t.SHAPES)
 def test_rnn_ops_on_cuda(triton_cuda, shape, dtype):
