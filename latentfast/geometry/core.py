@@ -784,13 +784,21 @@ def extrapolate(decoder, curves: Tensor, t: float = 0.5, n_steps: int = 25) -> T
 
 # ------------------------------------------------------------------ distances and statistics
 
-def distance_matrix(decoder, x: Tensor, y: Tensor | None = None, **geodesic_kwargs) -> Tensor:
+def distance_matrix(decoder, x: Tensor, y: Tensor | None = None, batch_size: int = 4096,
+                    progress: bool = False, **geodesic_kwargs) -> Tensor:
     """Riemannian (geodesic) distances [n, m] between x [n, d] and y [m, d] (y = x when
-    omitted: only the upper triangle is solved). All pairs are solved in one batch."""
+    omitted: only the upper triangle is solved).
+
+    The pairs are solved batch_size at a time (one batched geodesic call each), so memory
+    stays bounded however many pairs there are (the solver keeps an L-BFGS history of about
+    2 * 20 * (n_segments - 1) * d values per pair in the batch); progress shows a bar over the
+    pairs. geodesic_kwargs go to geodesic (n_segments, tol, max_iter, ...)."""
     _check_points("x", x)
     sym = y is None
     y = x if sym else y
     _check_points("y", y)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n, m = x.shape[0], y.shape[0]
     if sym:
         i, j = torch.triu_indices(n, n, 1, device=x.device)
@@ -798,11 +806,14 @@ def distance_matrix(decoder, x: Tensor, y: Tensor | None = None, **geodesic_kwar
         i, j = (g.reshape(-1) for g in torch.meshgrid(torch.arange(n, device=x.device),
                                                       torch.arange(m, device=x.device), indexing="ij"))
     out = x.new_zeros((n, m))
-    if len(i):
-        res = geodesic(x[i], y[j], decoder, **geodesic_kwargs)
-        out[i, j] = res.lengths
-        if sym:
-            out[j, i] = res.lengths
+    with tqdm(total=len(i), desc="distances", unit="pair", disable=not progress, leave=False) as bar:
+        for s in range(0, len(i), batch_size):
+            ii, jj = i[s:s + batch_size], j[s:s + batch_size]
+            lengths = geodesic(x[ii], y[jj], decoder, **geodesic_kwargs).lengths
+            out[ii, jj] = lengths
+            if sym:
+                out[jj, ii] = lengths
+            bar.update(len(ii))
     return out
 
 

@@ -376,6 +376,24 @@ def test_distance_matrix_kmedoids_and_knn():
     assert torch.equal(labels2, labels)
 
 
+def test_distance_matrix_in_batches_is_the_one_batch_solve():
+    """distance_matrix solves its pairs batch_size at a time: the same distances (each pair's
+    solve is its own) for batches that split the pairs unevenly, symmetric or not."""
+    dec = small_mlp_decoder()
+    gen = torch.Generator().manual_seed(9)
+    x, y = torch.randn(6, 2, dtype=F64, generator=gen), torch.randn(4, 2, dtype=F64, generator=gen)
+    for other in (None, y):
+        whole = geo.distance_matrix(dec, x, other, batch_size=10_000, n_segments=6)
+        for bs in (1, 4, 7):
+            torch.testing.assert_close(geo.distance_matrix(dec, x, other, batch_size=bs, n_segments=6), whole,
+                                       rtol=1e-7, atol=1e-12)
+    assert whole.shape == (6, 4) and bool((whole > 0).all())
+    shown = geo.distance_matrix(dec, x[:3], batch_size=2, progress=True, n_segments=6)  # a bar over 3 pairs
+    torch.testing.assert_close(shown, geo.distance_matrix(dec, x[:3], n_segments=6), rtol=1e-7, atol=1e-12)
+    with pytest.raises(ValueError, match="batch_size"):
+        geo.distance_matrix(dec, x, batch_size=0)
+
+
 def test_random_walk_steps_have_covariance_inverse_metric(backend):
     a = torch.diag(torch.tensor([4.0, 0.5], dtype=F64))
     dec = linear_decoder(a)
