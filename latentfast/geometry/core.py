@@ -617,6 +617,9 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
         curves = straight_line(z0, z1, n_segments)
     else:
         curves = graph_init(z0, z1, decoder, data, n_segments, n_neighbors)
+        same = (z0 == z1).all(1)
+        if bool(same.any()):  # the constant curve (a graph path would leave and come back)
+            curves[same] = straight_line(z0[same], z1[same], n_segments).to(curves.dtype)
     return _relax(z0, z1, curves, decoder, tol, max_iter, precondition, progress)
 
 

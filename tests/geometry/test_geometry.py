@@ -173,6 +173,22 @@ def test_graph_initialisation_of_end_points_that_require_grad_warns_nothing():
     assert res.converged.all()
 
 
+@pytest.mark.parametrize("init", ["line", "graph"])
+def test_equal_end_points_give_the_constant_curve_whatever_the_init(init):
+    """z0 == z1: the constant curve, length 0, converged without an iteration, with the graph
+    initialisation too (its path to the nearest data latent and back is not used)."""
+    dec = small_mlp_decoder()
+    gen = torch.Generator().manual_seed(12)
+    data = torch.randn(30, 2, dtype=F64, generator=gen)
+    z0 = torch.randn(3, 2, dtype=F64, generator=gen)
+    z1 = torch.randn(3, 2, dtype=F64, generator=gen)
+    z1[1] = z0[1]
+    res = geo.geodesic(z0, z1, dec, n_segments=6, init=init, data=data)
+    assert bool(res.converged.all())
+    assert torch.equal(res.curves[1], z0[1].expand(7, 2)) and float(res.lengths[1]) == 0.0
+    assert int(res.iterations[1]) == 0 and bool((res.lengths[[0, 2]] > 0).all())
+
+
 def test_graph_initialisation_gives_a_geodesic_too():
     gen = torch.Generator().manual_seed(2)
     data = torch.randn(150, 2, dtype=F64, generator=gen)
