@@ -810,14 +810,64 @@ def distance_matrix(decoder, x: Tensor, y: Tensor | None = None, batch_size: int
                                                       torch.arange(m, device=x.device), indexing="ij"))
     out = x.new_zeros((n, m))
     with tqdm(total=len(i), desc="distances", unit="pair", disable=not progress, leave=False) as bar:
-        for s in range(0, len(i), batch_size):
-            ii, jj = i[s:s + batch_size], j[s:s + batch_size]
-            lengths = geodesic(x[ii], y[jj], decoder, **geodesic_kwargs).lengths
-            out[ii, jj] = lengths
-            if sym:
-                out[jj, ii] = lengths
-            bar.update(len(ii))
+        lengths = _pair_lengths(decoder, x, y, i, j, batch_size, bar, geodesic_kwargs)
+    out[i, j] = lengths
+    if sym:
+        out[j, i] = lengths
     return out
+
+
+def _pair_lengths(decoder, x: Tensor, y: Tensor, i: Tensor, j: Tensor, batch_size: int, bar,
+                  geodesic_kwargs: dict) -> Tensor:
+    """Geodesic lengths between x[i] and y[j] [len(i)], batch_size pairs per geodesic call."""
+    out = x.new_empty(len(i))
+    for s in range(0, len(i), batch_size):
+        ii, jj = i[s:s + batch_size], j[s:s + batch_size]
+        out[s:s + len(ii)] = geodesic(x[ii], y[jj], decoder, **geodesic_kwargs).lengths
+        bar.update(len(ii))
+    return out
+
+
+def knn(decoder, x_query: Tensor, x_train: Tensor, k: int = 5, batch_size: int = 4096,
+        progress: bool = False, **geodesic_kwargs) -> tuple[Tensor, Tensor]:
+    """The k geodesically nearest training points of each query: (distances [m, k],
+    ascending, and their indices into x_train [m, k]).
+
+    The same neighbours as the full distance_matrix(decoder, x_query, x_train), with far
+    fewer geodesics solved: a curve's Riemannian length is at least the chord
+    ||g(z1) - g(z0)|| between its end points' features (its image joins them), so once each
+    query's k chord-nearest training points are solved, the largest of those k lengths, U,
+    bounds its k-th distance, and only training points with chord <= U can be among its k
+    nearest; those are solved as well. geodesic_kwargs go to geodesic."""
+    _check_points("x_query", x_query)
+    _check_points("x_train", x_train)
+    if x_query.shape[1] != x_train.shape[1]:
+        raise ValueError(f"x_query and x_train must have the same latent dimension, got "
+                         f"{tuple(x_query.shape)} and {tuple(x_train.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    m, n = x_query.shape[0], x_train.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] (the training points), got {k}")
+    feats = _feature_fn(decoder)
+    with torch.no_grad():
+        # differences, not the |a|^2 + |b|^2 - 2 a.b form, which loses the small chords
+        chord = torch.cdist(feats(x_query.detach()), feats(x_train.detach()),
+                            compute_mode="donot_use_mm_for_euclid_dist")  # [m, n]
+    rows = torch.arange(m, device=x_query.device)
+    dist = torch.full((m, n), math.inf, dtype=x_query.dtype, device=x_query.device)
+    with tqdm(total=m * k, desc="knn", unit="pair", disable=not progress, leave=False) as bar:
+        first = chord.topk(k, dim=1, largest=False).indices  # [m, k]
+        qi = rows.repeat_interleave(k)
+        dist[qi, first.reshape(-1)] = _pair_lengths(decoder, x_query, x_train, qi, first.reshape(-1),
+                                                    batch_size, bar, geodesic_kwargs)
+        bound = dist.gather(1, first).amax(1)  # >= the k-th distance
+        # (1 + 1e-5): rounding may put a length a hair under its chord
+        cand = (chord <= bound[:, None] * (1 + 1e-5)) & dist.isinf()
+        qi, tj = cand.nonzero(as_tuple=True)
+        bar.total += len(qi)
+        dist[qi, tj] = _pair_lengths(decoder, x_query, x_train, qi, tj, batch_size, bar, geodesic_kwargs)
+    return dist.topk(k, dim=1, largest=False)
 
 
 def kmedoids(dist: Tensor, k: int, n_iter: int = 100, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -861,8 +911,7 @@ def knn_predict(decoder, x_train: Tensor, y_train: Tensor, x_query: Tensor, k: i
                          f"{tuple(y_train.shape)}")
     if not 1 <= k <= x_train.shape[0]:
         raise ValueError(f"k must be in [1, {x_train.shape[0]}] (the training points), got {k}")
-    dist = distance_matrix(decoder, x_query, x_train, **geodesic_kwargs)
-    nearest = dist.topk(k, largest=False).indices
+    nearest = knn(decoder, x_query, x_train, k, **geodesic_kwargs)[1]
     return torch.mode(y_train[nearest], dim=1).values
 
 

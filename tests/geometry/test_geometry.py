@@ -410,6 +410,46 @@ def test_distance_matrix_in_batches_is_the_one_batch_solve():
         geo.distance_matrix(dec, x, batch_size=0)
 
 
+@pytest.mark.parametrize("which", ["mlp", "sphere"])
+def test_knn_is_the_distance_matrix_top_k_with_fewer_solves(which, monkeypatch):
+    """knn prunes by the feature chord (a lower bound of every curve's length): the same
+    neighbours and distances as the top k of the full distance matrix, from fewer geodesics;
+    knn_predict votes over them."""
+    from latentfast.geometry import core
+
+    dec = small_mlp_decoder() if which == "mlp" else sphere
+    gen = torch.Generator().manual_seed(21)
+    scale = 1.0 if which == "mlp" else 0.7
+    x_train = scale * torch.randn(30, 2, dtype=F64, generator=gen)
+    x_query = torch.cat([scale * torch.randn(5, 2, dtype=F64, generator=gen), x_train[3:4]])  # one on a point
+    full = geo.distance_matrix(dec, x_query, x_train, n_segments=8)
+    want_d, want_i = full.topk(3, dim=1, largest=False)
+    solved = []
+    real = core.geodesic
+
+    def counting(z0, z1, *args, **kwargs):
+        solved.append(len(z0))
+        return real(z0, z1, *args, **kwargs)
+
+    monkeypatch.setattr(core, "geodesic", counting)
+    d, i = geo.knn(dec, x_query, x_train, k=3, batch_size=7, n_segments=8)
+    assert torch.equal(i, want_i)
+    torch.testing.assert_close(d, want_d, rtol=1e-7, atol=1e-12)
+    assert float(d[5, 0]) == 0.0 and int(i[5, 0]) == 3
+    assert sum(solved) < 0.6 * full.numel(), (sum(solved), full.numel())
+    # the chord bounds every solved length from below
+    feats = core._feature_fn(dec)
+    chord = torch.cdist(feats(x_query), feats(x_train), compute_mode="donot_use_mm_for_euclid_dist")
+    assert bool((full >= chord * (1 - 1e-9)).all())
+    y = (x_train[:, 0] > 0).long()
+    votes = torch.mode(y[want_i], dim=1).values
+    assert torch.equal(geo.knn_predict(dec, x_train, y, x_query, k=3, n_segments=8), votes)
+    with pytest.raises(ValueError, match="k must be"):
+        geo.knn(dec, x_query, x_train, k=31)
+    with pytest.raises(ValueError, match="latent dimension"):
+        geo.knn(dec, x_query[:, :1], x_train)
+
+
 def test_random_walk_steps_have_covariance_inverse_metric(backend):
     a = torch.diag(torch.tensor([4.0, 0.5], dtype=F64))
     dec = linear_decoder(a)
