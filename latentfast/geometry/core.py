@@ -852,8 +852,11 @@ def knn(decoder, x_query: Tensor, x_train: Tensor, k: int = 5, batch_size: int =
     feats = _feature_fn(decoder)
     with torch.no_grad():
         # differences, not the |a|^2 + |b|^2 - 2 a.b form, which loses the small chords
-        chord = torch.cdist(feats(x_query.detach()), feats(x_train.detach()),
-                            compute_mode="donot_use_mm_for_euclid_dist")  # [m, n]
+        fq, ft = feats(x_query.detach()), feats(x_train.detach())
+        chord = torch.cdist(fq, ft, compute_mode="donot_use_mm_for_euclid_dist")  # [m, n]
+        # rounding: the features of one point differ by a few ulps between batches, and a
+        # solved length may sit a hair under its chord
+        slack = 64 * torch.finfo(fq.dtype).eps * float(torch.cat([fq, ft]).norm(dim=1).amax())
     rows = torch.arange(m, device=x_query.device)
     dist = torch.full((m, n), math.inf, dtype=x_query.dtype, device=x_query.device)
     with tqdm(total=m * k, desc="knn", unit="pair", disable=not progress, leave=False) as bar:
@@ -862,8 +865,7 @@ def knn(decoder, x_query: Tensor, x_train: Tensor, k: int = 5, batch_size: int =
         dist[qi, first.reshape(-1)] = _pair_lengths(decoder, x_query, x_train, qi, first.reshape(-1),
                                                     batch_size, bar, geodesic_kwargs)
         bound = dist.gather(1, first).amax(1)  # >= the k-th distance
-        # (1 + 1e-5): rounding may put a length a hair under its chord
-        cand = (chord <= bound[:, None] * (1 + 1e-5)) & dist.isinf()
+        cand = (chord <= bound[:, None] * (1 + 1e-5) + slack) & dist.isinf()
         qi, tj = cand.nonzero(as_tuple=True)
         bar.total += len(qi)
         dist[qi, tj] = _pair_lengths(decoder, x_query, x_train, qi, tj, batch_size, bar, geodesic_kwargs)

@@ -397,13 +397,14 @@ def test_distance_matrix_in_batches_is_the_one_batch_solve():
     solve is its own) for batches that split the pairs unevenly, symmetric or not."""
     dec = small_mlp_decoder()
     gen = torch.Generator().manual_seed(9)
-    x, y = torch.randn(6, 2, dtype=F64, generator=gen), torch.randn(4, 2, dtype=F64, generator=gen)
+    nx, ny = (3, 2) if interpreting() else (6, 4)  # each interpreted kernel launch runs its programs in Python
+    x, y = torch.randn(nx, 2, dtype=F64, generator=gen), torch.randn(ny, 2, dtype=F64, generator=gen)
     for other in (None, y):
         whole = geo.distance_matrix(dec, x, other, batch_size=10_000, n_segments=6)
-        for bs in (1, 4, 7):
+        for bs in ((1, 4) if interpreting() else (1, 4, 7)):
             torch.testing.assert_close(geo.distance_matrix(dec, x, other, batch_size=bs, n_segments=6), whole,
                                        rtol=1e-7, atol=1e-12)
-    assert whole.shape == (6, 4) and bool((whole > 0).all())
+    assert whole.shape == (nx, ny) and bool((whole > 0).all())
     shown = geo.distance_matrix(dec, x[:3], batch_size=2, progress=True, n_segments=6)  # a bar over 3 pairs
     torch.testing.assert_close(shown, geo.distance_matrix(dec, x[:3], n_segments=6), rtol=1e-7, atol=1e-12)
     with pytest.raises(ValueError, match="batch_size"):
@@ -420,8 +421,10 @@ def test_knn_is_the_distance_matrix_top_k_with_fewer_solves(which, monkeypatch):
     dec = small_mlp_decoder() if which == "mlp" else sphere
     gen = torch.Generator().manual_seed(21)
     scale = 1.0 if which == "mlp" else 0.7
-    x_train = scale * torch.randn(30, 2, dtype=F64, generator=gen)
-    x_query = torch.cat([scale * torch.randn(5, 2, dtype=F64, generator=gen), x_train[3:4]])  # one on a point
+    small = interpreting() and which == "mlp"  # the sphere takes the generic path, no kernels
+    x_train = scale * torch.randn(12 if small else 30, 2, dtype=F64, generator=gen)
+    x_query = torch.cat([scale * torch.randn(2 if small else 5, 2, dtype=F64, generator=gen),
+                         x_train[3:4]])  # the last one on a training point
     full = geo.distance_matrix(dec, x_query, x_train, n_segments=8)
     want_d, want_i = full.topk(3, dim=1, largest=False)
     solved = []
@@ -435,12 +438,13 @@ def test_knn_is_the_distance_matrix_top_k_with_fewer_solves(which, monkeypatch):
     d, i = geo.knn(dec, x_query, x_train, k=3, batch_size=7, n_segments=8)
     assert torch.equal(i, want_i)
     torch.testing.assert_close(d, want_d, rtol=1e-7, atol=1e-12)
-    assert float(d[5, 0]) == 0.0 and int(i[5, 0]) == 3
-    assert sum(solved) < 0.6 * full.numel(), (sum(solved), full.numel())
-    # the chord bounds every solved length from below
+    assert float(d[-1, 0]) == 0.0 and int(i[-1, 0]) == 3
+    assert sum(solved) < (0.8 if small else 0.6) * full.numel(), (sum(solved), full.numel())
+    # the chord bounds every solved length from below (to rounding: the same point's features
+    # computed in two batches differ by a few ulps)
     feats = core._feature_fn(dec)
     chord = torch.cdist(feats(x_query), feats(x_train), compute_mode="donot_use_mm_for_euclid_dist")
-    assert bool((full >= chord * (1 - 1e-9)).all())
+    assert bool((full >= chord * (1 - 1e-9) - 1e-14).all())
     y = (x_train[:, 0] > 0).long()
     votes = torch.mode(y[want_i], dim=1).values
     assert torch.equal(geo.knn_predict(dec, x_train, y, x_query, k=3, n_segments=8), votes)
