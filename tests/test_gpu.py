@@ -113,6 +113,24 @@ def test_geodesic_on_cuda_matches_cpu(triton_cuda, precondition):
     torch.testing.assert_close(gpu.lengths.cpu(), cpu.lengths, rtol=1e-5, atol=1e-8)
 
 
+def test_knn_on_cuda_matches_cpu(triton_cuda):
+    """geometry.knn's chord pruning with the decoder and points on CUDA: the CPU's neighbours."""
+    from latentfast import geometry as geo
+    from latentfast.vae import GaussianMLPDecoder
+
+    torch.manual_seed(0)
+    dec = GaussianMLPDecoder(2, 30, hidden=(32, 32)).double()
+    gen = torch.Generator().manual_seed(1)
+    xt = torch.randn(40, 2, dtype=torch.float64, generator=gen)
+    xq = torch.randn(6, 2, dtype=torch.float64, generator=gen)
+    d, i = geo.knn(dec.cuda(), xq.cuda(), xt.cuda(), k=4, n_segments=16)
+    with latentfast.use_backend("cpp" if lf_backend.why_unavailable("cpp", torch.device("cpu")) is None
+                                else "reference"):
+        d_cpu, i_cpu = geo.knn(dec.cpu(), xq, xt, k=4, n_segments=16)
+    assert d.is_cuda and torch.equal(i.cpu(), i_cpu)
+    torch.testing.assert_close(d.cpu(), d_cpu, rtol=1e-5, atol=1e-8)
+
+
 def test_geodesic_solver_paths_on_cuda(triton_cuda):
     """The solver's bound energy function (curve_energy_and_grad_fn) with the Triton kernels,
     bit-equal to the op, and a solve under autocast equal to one without it on CUDA."""
