@@ -440,13 +440,12 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
             si = searching.nonzero().squeeze(1)
             ft, gt = fg(x[si] + step[si, None] * p[si], idx[si])
             left = steps.trial(f_new, g_new, step, searching, ft, gt, f, slope, si)
-        had_history = (count > 0) if left else None
         x, done = steps.update(x, s_hist, y_hist, count, small, iters, f, g, f_new, g_new, p, step, searching, tol)
         if any_stalled:  # a problem that moved is not stalled any more
             stalled &= searching
         if left:  # some line searches failed
             promised = -slope > tol * f.abs()
-            restart = searching & had_history & promised
+            restart = searching & (count > 0) & promised  # (update stores no pair for a failed search)
             stalled |= searching & promised & ~restart
             any_stalled = True
             keep_one = (restart & (count > 1)).nonzero().squeeze(1)
@@ -547,7 +546,9 @@ def graph_init(z0: Tensor, z1: Tensor, decoder, data: Tensor, n_segments: int,
     for i in range(z0.shape[0]):
         r = row_of[int(start[i])]
         path = [int(end[i])]
-        if dist[r, end[i]] == float("inf"):  # disconnected graph: fall back to the straight line
+        # z0 == z1: the constant curve (a graph path would leave and come back); a
+        # disconnected graph: fall back to the straight line
+        if bool((z0[i] == z1[i]).all()) or dist[r, end[i]] == float("inf"):
             curves.append(straight_line(z0[i:i + 1], z1[i:i + 1], n_segments)[0])
             continue
         while path[-1] != start[i]:
@@ -617,9 +618,6 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
         curves = straight_line(z0, z1, n_segments)
     else:
         curves = graph_init(z0, z1, decoder, data, n_segments, n_neighbors)
-        same = (z0 == z1).all(1)
-        if bool(same.any()):  # the constant curve (a graph path would leave and come back)
-            curves[same] = straight_line(z0[same], z1[same], n_segments).to(curves.dtype)
     return _relax(z0, z1, curves, decoder, tol, max_iter, precondition, progress)
 
 
@@ -641,7 +639,7 @@ def _relax_solve(z0: Tensor, z1: Tensor, curves: Tensor, decoder, tol: float, ma
     z0c, z1c = z0.detach()[:, None], z1.detach()[:, None]
 
     mlp = as_mlp(decoder)  # described once: the decoder is held fixed for the solve
-    if mlp is not None:  # checked once too, the backend chosen once
+    if mlp is not None:  # checked once too
         curve_fg = ops.curve_energy_and_grad_fn(curves.detach(), *mlp.args())
     else:
         curve_fg = functools.partial(energy_and_grad, decoder)
@@ -800,8 +798,6 @@ def distance_matrix(decoder, x: Tensor, y: Tensor | None = None, batch_size: int
     sym = y is None
     y = x if sym else y
     _check_points("y", y)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n, m = x.shape[0], y.shape[0]
     if sym:
         i, j = torch.triu_indices(n, n, 1, device=x.device)
@@ -820,6 +816,8 @@ def distance_matrix(decoder, x: Tensor, y: Tensor | None = None, batch_size: int
 def _pair_lengths(decoder, x: Tensor, y: Tensor, i: Tensor, j: Tensor, batch_size: int, bar,
                   geodesic_kwargs: dict) -> Tensor:
     """Geodesic lengths between x[i] and y[j] [len(i)], batch_size pairs per geodesic call."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = x.new_empty(len(i))
     for s in range(0, len(i), batch_size):
         ii, jj = i[s:s + batch_size], j[s:s + batch_size]
@@ -844,8 +842,6 @@ def knn(decoder, x_query: Tensor, x_train: Tensor, k: int = 5, batch_size: int =
     if x_query.shape[1] != x_train.shape[1]:
         raise ValueError(f"x_query and x_train must have the same latent dimension, got "
                          f"{tuple(x_query.shape)} and {tuple(x_train.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     m, n = x_query.shape[0], x_train.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] (the training points), got {k}")
@@ -911,8 +907,6 @@ def knn_predict(decoder, x_train: Tensor, y_train: Tensor, x_query: Tensor, k: i
     if y_train.dim() != 1 or y_train.shape[0] != x_train.shape[0]:
         raise ValueError(f"y_train must be [{x_train.shape[0]}] (a label per row of x_train), got "
                          f"{tuple(y_train.shape)}")
-    if not 1 <= k <= x_train.shape[0]:
-        raise ValueError(f"k must be in [1, {x_train.shape[0]}] (the training points), got {k}")
     nearest = knn(decoder, x_query, x_train, k, **geodesic_kwargs)[1]
     return torch.mode(y_train[nearest], dim=1).values
 

@@ -794,7 +794,7 @@ def curve_energy_and_grad_fn(like: Tensor, weights: list[Tensor], biases: list[T
                              ) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
     """curve_energy_and_grad for many calls with one decoder, as a solver makes: the decoder
     is checked against `like` (curves [B, T+1, d] of the shape past the batch, dtype and
-    device to come) and the backend chosen once; each call of the returned function on
+    device to come) once; each call of the returned function on
     curves [b, T+1, d] checks only the curves (shape, dtype, device, finiteness). The same
     numbers as curve_energy_and_grad, without its per-call checks of every weight (a
     sizeable share of a call on a few curves). Under autocast or a torch.func transform it
@@ -807,8 +807,6 @@ def curve_energy_and_grad_fn(like: Tensor, weights: list[Tensor], biases: list[T
     dev = like.device
     if torch.is_autocast_enabled(dev.type) or under_transform(like, weights, biases, *rbf):
         return lambda curves: curve_energy_and_grad(curves, weights, biases, acts, *rbf, zeta)
-    be = backend.select(dev)
-    native = _native(be) if be != "reference" else None
     shape, dtype = tuple(like.shape[1:]), like.dtype
 
     def call(curves: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -818,9 +816,7 @@ def curve_energy_and_grad_fn(like: Tensor, weights: list[Tensor], biases: list[T
         check_finite("curves", curves)
         ones = curves.new_ones(curves.shape[0])
         with torch.no_grad():
-            if native is None:
-                return _curve_impl(curves, weights, biases, acts, *rbf, zeta, ones, None)
-            return _curve_native(native, curves, weights, biases, acts, *rbf, zeta, ones, None)
+            return _curve_impl(curves, weights, biases, acts, *rbf, zeta, ones, None)
     return call
 
 
