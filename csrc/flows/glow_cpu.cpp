@@ -10,6 +10,7 @@
 
 #include "common/isa.h"
 #include "common/scratch.h"
+#include "common/stream.h"
 
 #include <cmath>
 #include <cstdint>
@@ -100,11 +101,12 @@ std::tuple<at::Tensor, at::Tensor> actnorm_invconv_fwd(const at::Tensor& x_in,
     const int64_t tiles = (P + mac - 1) / mac;
     at::Tensor part = at::empty({N, tiles}, x.options());
     const scalar_t* hp = mode ? h.const_data_ptr<scalar_t>() : nullptr;
+    const bool stream = stream_stores(y.nbytes());
     at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
       LF_GLOW(cpu_isa, glow_fwd_tiles<scalar_t>(x.const_data_ptr<scalar_t>(),
                   coef_t.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), hp,
                   y.mutable_data_ptr<scalar_t>(), part.mutable_data_ptr<scalar_t>(), Ci, Co, P,
-                  mode, begin, end));
+                  mode, begin, end, stream));
     });
     logdet = part.sum(1);
   });
@@ -149,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
     const scalar_t* hp = mode ? h.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* ghp = mode ? gh.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* accp = acc.mutable_data_ptr<scalar_t>();
+    const bool stream = stream_stores(gx.nbytes() + gh.nbytes());
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         scalar_t* a = accp + c * (Co * cip + Co);
@@ -157,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
                     coef.const_data_ptr<scalar_t>(), coef_t.const_data_ptr<scalar_t>(),
                     b.const_data_ptr<scalar_t>(), hp, use_y ? y.const_data_ptr<scalar_t>() : nullptr,
                     a, a + Co * cip, gx.mutable_data_ptr<scalar_t>(), ghp,
-                    Ci, Co, P, mode, c * total / nchunks, (c + 1) * total / nchunks));
+                    Ci, Co, P, mode, c * total / nchunks, (c + 1) * total / nchunks, stream));
       }
     });
     const at::Tensor sums = acc.sum(0);

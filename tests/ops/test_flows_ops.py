@@ -355,6 +355,60 @@ def test_glow_backwards_from_saved_output_per_isa(monkeypatch, isa, dtype):
             cbwd(gyb, gld, xb, hh, False, yb[:1])
 
 
+# Large outputs are written with non-temporal stores (csrc/common/stream.h; full, vector-aligned
+# tile rows only, the rest as before). LATENTFAST_STREAM_STORES=1 forces them on small shapes:
+# every output of the fused forward (3 modes) and backward (with and without the saved y) is
+# bit for bit the one of =0, and both match the float64 reference. P = 256 (whole macro tiles
+# in every clone), 72 (AVX-512 rows alternately aligned and not) and 143 (partial tiles).
+@_NEEDS_CPP
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_glow_streaming_stores_write_the_same_numbers_per_isa(monkeypatch, isa, dtype):
+    monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
+    use_cpu_isa(monkeypatch, isa)
+    gen = torch.Generator().manual_seed(31)
+    fwd, bwd = torch.ops.latentfast_cpp.actnorm_invconv_fwd, torch.ops.latentfast_cpp.actnorm_invconv_bwd
+    for n, c, h, w in ((2, 10, 16, 16), (3, 6, 8, 9), (2, 26, 11, 13)):
+        x = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+        weight = _rand(c, c, dtype=dtype, device="cpu", gen=gen) / c ** 0.5
+        bias = _rand(c, dtype=dtype, device="cpu", gen=gen)
+        hh = 2 * _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+        gy, gld = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen), _rand(n, dtype=dtype, device="cpu", gen=gen)
+        d = [t.double() for t in (gy, gld, x, weight, bias, hh)]
+        for mode, hm in ((0, None), (1, hh[:, : c // 2].contiguous()), (2, hh)):
+            runs = {}
+            for setting in ("0", "1"):
+                monkeypatch.setenv("LATENTFAST_STREAM_STORES", setting)
+                y, ld = fwd(x, weight, bias, hm, mode)
+                grads = [bwd(gy, gld, x, weight, bias, hm, mode)]
+                if mode == 2:
+                    grads.append(bwd(gy, gld, x, weight, bias, hm, mode, y))
+                runs[setting] = [y, ld] + [g for got in grads for g in got]
+            for a, b in zip(runs["0"], runs["1"]):
+                assert torch.equal(a, b), (mode, (n, c, h, w))
+            if mode == 0:
+                assert_close(runs["1"][0], ref.actnorm_invconv(*d[2:5]), dtype=dtype)
+                continue
+            hd = d[5] if mode == 2 else d[5][:, : c // 2]
+            y_ref, ld_ref = ref.actnorm_invconv_coupling(*d[2:5], hd, mode == 1)
+            assert_close(runs["1"][0], y_ref, dtype=dtype)
+            assert_close(runs["1"][1], ld_ref, dtype=dtype)
+            want = ref.actnorm_invconv_backward(*d[:5], hd, mode)
+            for g, r in zip(runs["1"][2:6], want):
+                assert_close(g, r, dtype=dtype, scale=10.0)
+
+
+@_NEEDS_CPP
+def test_stream_stores_bad_value_raises(monkeypatch):
+    monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
+    monkeypatch.setenv("LATENTFAST_STREAM_STORES", "yes")
+    with pytest.raises(RuntimeError, match="LATENTFAST_STREAM_STORES must be auto, 0 or 1"):
+        ops.actnorm_invconv(torch.zeros(1, 2, 1, 1), torch.eye(2), torch.zeros(2))
+    monkeypatch.setenv("LATENTFAST_STREAM_STORES", "auto")
+    assert torch.equal(ops.actnorm_invconv(torch.ones(1, 2, 1, 1), torch.eye(2), torch.zeros(2)),
+                       torch.ones(1, 2, 1, 1))
+
+
 def test_glow_step_backward_sees_changes_to_its_output(backend):
     """The affine step saves its output y for the backward: changing y in place before the
     backward is an error, as for any saved tensor, not a silently wrong gradient."""
