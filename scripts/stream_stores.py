@@ -7,11 +7,15 @@ each output summed right after (a reader that wants the output back from cache, 
 next layer does). Prints medians and the median of the paired ratios (never / always: above
 1 means streaming is faster), and what `auto` picks at that size on this machine.
 
-    python scripts/stream_stores.py [--batches 4 8 16 32 64] [--rounds 60]
+With --case: the bench's glow_step_affine instead ([32, 48, 32, 32]; the suite's own eager-
+free fwd and fwd+bwd callables), LATENTFAST_STREAM_STORES=0 against auto.
+
+    python scripts/stream_stores.py [--batches 4 8 16 32 64] [--rounds 60] [--case]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -40,7 +44,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--case", action="store_true", help="time the bench case glow_step_affine, 0 vs auto")
     args = ap.parse_args()
+    if args.case:
+        _bench_case(args.rounds)
+        return
     cpp = torch.ops.latentfast_cpp
     if not hasattr(cpp, "actnorm_invconv_fwd"):
         raise SystemExit("latentfast._C is not built: pip install --no-build-isolation -e .")
@@ -76,6 +84,27 @@ def main() -> None:
                     print(f"N={n:3d} {name:8s} out {out_mb:5.1f} MB {'read after' if read else 'alone     '}: "
                           f"normal {1e3 * statistics.median(t['0']):6.3f} ms, streaming "
                           f"{1e3 * statistics.median(t['1']):6.3f} ms, ratio {ratio:.2f} (auto: {auto})")
+    finally:
+        if saved is None:
+            os.environ.pop("LATENTFAST_STREAM_STORES", None)
+        else:
+            os.environ["LATENTFAST_STREAM_STORES"] = saved
+
+
+def _bench_case(rounds: int) -> None:
+    from latentfast.bench.cases import make_cases
+    from latentfast.bench.runner import _fwd, _fwd_bwd
+
+    case = next(c for c in make_cases(torch.device("cpu"), False) if c.name == "glow_step_affine")
+    saved = os.environ.get("LATENTFAST_STREAM_STORES")
+    try:
+        for name, fn in (("fwd", _fwd(case.fast, case.inputs)),
+                         ("fwd+bwd", _fwd_bwd(case.fast, case.inputs, case.grad_inputs))):
+            with torch.no_grad() if name == "fwd" else contextlib.nullcontext():
+                t = _paired({"0": fn, "auto": fn}, rounds)
+            ratio = statistics.median(a / b for a, b in zip(t["0"], t["auto"]))
+            print(f"glow_step_affine {name:7s}: normal {1e3 * statistics.median(t['0']):6.3f} ms, auto "
+                  f"{1e3 * statistics.median(t['auto']):6.3f} ms, ratio {ratio:.2f}")
     finally:
         if saved is None:
             os.environ.pop("LATENTFAST_STREAM_STORES", None)
