@@ -119,9 +119,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
     int64_t mode, const c10::optional<at::Tensor>& y_in) {
   check_common(x_in, weight, bias, h_in, mode);
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor gy = grad_y.contiguous();
-  TORCH_CHECK(gy.size(0) == x.size(0) && gy.size(1) == weight.size(0),
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == x.size(0) && grad_y.size(1) == weight.size(0) &&
+                  grad_y.size(2) == x.size(2) && grad_y.size(3) == x.size(3),
               "actnorm_invconv_bwd: grad_y has the wrong shape");
+  // grad_y is read in place where its pixels are contiguous or all one value per sample and
+  // channel (the expanded gradient of a sum or mean: copying it contiguous wrote a whole
+  // tensor); any other layout is copied first
+  const int64_t gH = grad_y.size(2), gW = grad_y.size(3);
+  const bool pix_rows = (gW == 1 || grad_y.stride(3) == 1) && (gH == 1 || grad_y.stride(2) == gW);
+  const bool pix_bcast = (gW == 1 || grad_y.stride(3) == 0) && (gH == 1 || grad_y.stride(2) == 0);
+  const at::Tensor gy = pix_rows || pix_bcast ? grad_y : grad_y.contiguous();
+  const bool gy_bcast = !pix_rows && pix_bcast;
+  TORCH_CHECK(gy.scalar_type() == x.scalar_type() && gy.device() == x.device(),
+              "actnorm_invconv_bwd: grad_y must have x's dtype and device");
   const at::Tensor gld = grad_logdet.contiguous();
   const at::Tensor coef = weight.contiguous();
   const at::Tensor coef_t = weight.t().contiguous();
@@ -155,8 +165,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         scalar_t* a = accp + c * (Co * cip + Co);
-        LF_GLOW(cpu_isa, glow_bwd_tiles<scalar_t>(gy.const_data_ptr<scalar_t>(),
-                    gld.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+        LF_GLOW(cpu_isa, glow_bwd_tiles<scalar_t>(gy.const_data_ptr<scalar_t>(), gy.stride(0), gy.stride(1),
+                    gy_bcast, gld.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                     coef.const_data_ptr<scalar_t>(), coef_t.const_data_ptr<scalar_t>(),
                     b.const_data_ptr<scalar_t>(), hp, use_y ? y.const_data_ptr<scalar_t>() : nullptr,
                     a, a + Co * cip, gx.mutable_data_ptr<scalar_t>(), ghp,

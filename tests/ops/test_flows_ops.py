@@ -398,6 +398,44 @@ def test_glow_streaming_stores_write_the_same_numbers_per_isa(monkeypatch, isa, 
                 assert_close(g, r, dtype=dtype, scale=10.0)
 
 
+# The C++ step backward reads grad_y in place when its pixels are contiguous (any sample and
+# channel strides: a channel slice of a larger tensor) or one value per sample and channel
+# (the expanded gradient of a mean, or of a per-channel sum); other layouts are copied first.
+# Each gives bit for bit the backward of grad_y.contiguous(), and the float64 reference.
+@_NEEDS_CPP
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_glow_backward_reads_strided_and_expanded_grads_per_isa(monkeypatch, isa, dtype):
+    monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
+    use_cpu_isa(monkeypatch, isa)
+    gen = torch.Generator().manual_seed(41)
+    bwd = torch.ops.latentfast_cpp.actnorm_invconv_bwd
+    n, c, h, w = 3, 10, 9, 15
+    x = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+    weight = _rand(c, c, dtype=dtype, device="cpu", gen=gen) / c ** 0.5
+    bias = _rand(c, dtype=dtype, device="cpu", gen=gen)
+    hh = 2 * _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+    gld = _rand(n, dtype=dtype, device="cpu", gen=gen)
+    y, _ = ops.actnorm_invconv_coupling(x, weight, bias, hh)
+    grads = {
+        "mean": torch.full((1, 1, 1, 1), 0.37, dtype=dtype).expand(n, c, h, w),
+        "per channel": _rand(1, c, 1, 1, dtype=dtype, device="cpu", gen=gen).expand(n, c, h, w),
+        "per sample and channel": _rand(n, c, 1, 1, dtype=dtype, device="cpu", gen=gen).expand(n, c, h, w),
+        "channel slice": _rand(n, 2 * c, h, w, dtype=dtype, device="cpu", gen=gen)[:, ::2],
+        "transposed pixels": _rand(n, c, w, h, dtype=dtype, device="cpu", gen=gen).transpose(2, 3),
+    }
+    for name, gy in grads.items():
+        for mode, hm in ((0, None), (2, hh)):
+            got = bwd(gy, gld, x, weight, bias, hm, mode, y if mode == 2 else None)
+            want = bwd(gy.contiguous(), gld, x, weight, bias, hm, mode, y if mode == 2 else None)
+            for g, r in zip(got, want):
+                assert torch.equal(g, r), (name, mode)
+            d = [t.double() for t in (gy, gld, x, weight, bias)]
+            ref_grads = ref.actnorm_invconv_backward(*d, hm.double() if hm is not None else None, mode)
+            for g, r in zip(got[:3], ref_grads[:3]):
+                assert_close(g, r, dtype=dtype, scale=10.0)
+
+
 @_NEEDS_CPP
 def test_stream_stores_bad_value_raises(monkeypatch):
     monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
