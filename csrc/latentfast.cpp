@@ -42,6 +42,7 @@ TORCH_LIBRARY(latentfast_cpp, m) {
   m.def("vector_flow_inv_train(Tensor y, Tensor? ctx, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor act, bool additive, int n_passes) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("vector_flow_inv_grad(Tensor grad_x, Tensor grad_logdet, Tensor xs, Tensor out, Tensor hidden, Tensor w1, Tensor w2, Tensor act, bool additive, int n_passes) -> Tensor");
   m.def("lu_weight(Tensor perm, Tensor lower, Tensor upper, Tensor sign_s, Tensor log_abs_s) -> (Tensor, Tensor)");
+  m.def("lu_weight_bwd(Tensor perm, Tensor lower, Tensor upper, Tensor sign_s, Tensor log_abs_s, Tensor w_inv, Tensor? grad_w, Tensor? grad_w_inv) -> (Tensor, Tensor, Tensor)");
   // Latent geometry (act codes: 0 identity, 1 tanh, 2 softplus, 3 elu, 4 sigmoid).
   m.def("mlp_act_tangent_(Tensor(a!) buf, Tensor(b!) deriv, int n_points, int n_dirs, int act, Tensor? bias=None) -> ()");
   m.def("weighted_gram(Tensor p, Tensor q, Tensor? w) -> Tensor");

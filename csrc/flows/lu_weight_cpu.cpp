@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace latentfast {
@@ -105,9 +106,8 @@ void triangles(const T* lower, const T* upper, const T* sign_s, const T* log_abs
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::Tensor& lower,
-                                             const at::Tensor& upper, const at::Tensor& sign_s,
-                                             const at::Tensor& log_abs_s) {
+void check_lu_inputs(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
+                     const at::Tensor& sign_s, const at::Tensor& log_abs_s) {
   TORCH_CHECK(perm.dim() == 2 && perm.size(0) == perm.size(1), "lu_weight: perm must be [C, C]");
   const int64_t C = perm.size(0);
   TORCH_CHECK(lower.sizes() == perm.sizes() && upper.sizes() == perm.sizes(),
@@ -118,6 +118,13 @@ std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::T
   for (const auto* t : {&lower, &upper, &sign_s, &log_abs_s})
     TORCH_CHECK(t->scalar_type() == perm.scalar_type() && t->device().is_cpu(),
                 "lu_weight: all inputs must be CPU tensors of one dtype");
+}
+
+std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::Tensor& lower,
+                                             const at::Tensor& upper, const at::Tensor& sign_s,
+                                             const at::Tensor& log_abs_s) {
+  check_lu_inputs(perm, lower, upper, sign_s, log_abs_s);
+  const int64_t C = perm.size(0);
   const at::Tensor p = perm.contiguous(), l = lower.contiguous(), u = upper.contiguous();
   const at::Tensor sg = sign_s.contiguous(), la = log_abs_s.contiguous();
   if (C >= kBlasFromC) {
@@ -151,7 +158,76 @@ std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::T
   return {w, w_inv};
 }
 
+// Backward of lu_weight from the gradients of W and W^-1 (either may be undefined):
+//   g = grad W - W^-T grad_{W^-1} W^-T  (d(W^-1) = -W^-1 dW W^-1),  G = P^T g,
+//   grad lower = tril(G U'^T, -1),  H = L^T G,  grad upper = triu(H, 1),
+//   grad log_abs_s = diag(H) * d  (U' = triu(upper, 1) + diag(d), d = sign_s e^log_abs_s).
+// The GEMMs are at::mm (BLAS); P^T g is a row scatter when P's rows are unit rows. One call
+// in place of the dozen PyTorch ops of the Python formula (ops/flows.py, _lu_weight_grads).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_weight_bwd(
+    const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& sign_s,
+    const at::Tensor& log_abs_s, const at::Tensor& w_inv, const c10::optional<at::Tensor>& grad_w,
+    const c10::optional<at::Tensor>& grad_w_inv) {
+  check_lu_inputs(perm, lower, upper, sign_s, log_abs_s);
+  const int64_t C = perm.size(0);
+  const bool has_gw = grad_w.has_value() && grad_w->defined();
+  const bool has_gwi = grad_w_inv.has_value() && grad_w_inv->defined();
+  for (const at::Tensor* t : {&w_inv, has_gw ? &*grad_w : &w_inv, has_gwi ? &*grad_w_inv : &w_inv})
+    TORCH_CHECK(t->sizes() == perm.sizes() && t->scalar_type() == perm.scalar_type() && t->device().is_cpu(),
+                "lu_weight_bwd: w_inv, grad_w and grad_w_inv must be CPU tensors [", C, ", ", C,
+                "] of perm's dtype");
+  at::Tensor g;
+  if (has_gwi) {
+    const at::Tensor t = at::mm(w_inv.t(), *grad_w_inv);
+    g = has_gw ? at::addmm(*grad_w, t, w_inv.t(), /*beta=*/1, /*alpha=*/-1) : at::mm(t, w_inv.t()).neg_();
+  } else {
+    g = has_gw ? grad_w->contiguous() : at::zeros({C, C}, perm.options());
+  }
+  const at::Tensor p = perm.contiguous(), l = lower.contiguous(), u = upper.contiguous();
+  const at::Tensor sg = sign_s.contiguous(), la = log_abs_s.contiguous();
+  at::Tensor low = at::empty({C, C}, perm.options()), up = at::empty({C, C}, perm.options());
+  at::Tensor pg;
+  AT_DISPATCH_FLOATING_TYPES(perm.scalar_type(), "lu_weight_bwd", [&] {
+    triangles<scalar_t>(l.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                        sg.const_data_ptr<scalar_t>(), la.const_data_ptr<scalar_t>(),
+                        low.mutable_data_ptr<scalar_t>(), up.mutable_data_ptr<scalar_t>(), C);
+    std::vector<int64_t> rows;
+    if (permutation_rows<scalar_t>(p.const_data_ptr<scalar_t>(), C, rows)) {
+      // (P^T g)[rows[i]] = g[i]
+      pg = at::empty({C, C}, perm.options());
+      const at::Tensor gc = g.contiguous();
+      const scalar_t* src = gc.const_data_ptr<scalar_t>();
+      scalar_t* dst = pg.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < C; ++i) std::memcpy(dst + rows[i] * C, src + i * C, C * sizeof(scalar_t));
+    } else {
+      pg = at::mm(p.t(), g);
+    }
+  });
+  const at::Tensor a = at::mm(pg, up.t()).contiguous(), hm = at::mm(low.t(), pg).contiguous();
+  at::Tensor g_lower = at::empty({C, C}, perm.options()), g_upper = at::empty({C, C}, perm.options());
+  at::Tensor g_log = at::empty({C}, perm.options());
+  AT_DISPATCH_FLOATING_TYPES(perm.scalar_type(), "lu_weight_bwd", [&] {
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* hp = hm.const_data_ptr<scalar_t>();
+    const scalar_t* upp = up.const_data_ptr<scalar_t>();
+    scalar_t* gl = g_lower.mutable_data_ptr<scalar_t>();
+    scalar_t* gu = g_upper.mutable_data_ptr<scalar_t>();
+    scalar_t* gd = g_log.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < C; ++i) {
+      for (int64_t j = 0; j < C; ++j) {
+        gl[i * C + j] = j < i ? ap[i * C + j] : scalar_t(0);
+        gu[i * C + j] = j > i ? hp[i * C + j] : scalar_t(0);
+      }
+      gd[i] = hp[i * C + i] * upp[i * C + i];  // up's diagonal is d
+    }
+  });
+  return {g_lower, g_upper, g_log};
+}
+
 }  // namespace
 }  // namespace latentfast
 
-TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) { m.impl("lu_weight", &latentfast::lu_weight); }
+TORCH_LIBRARY_IMPL(latentfast_cpp, CPU, m) {
+  m.impl("lu_weight", &latentfast::lu_weight);
+  m.impl("lu_weight_bwd", &latentfast::lu_weight_bwd);
+}

@@ -262,22 +262,35 @@ def _save_lu(ctx, inputs, output):
     ctx.save_for_backward(perm, lower, sign_s, log_abs_s, upper, output[1])
 
 
+def _lu_weight_backward_impl(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_abs_s: Tensor,
+                             w_inv: Tensor, grad_w: Tensor | None, grad_w_inv: Tensor | None
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    # the C++ backend: one kernel call (csrc/flows/lu_weight_cpu.cpp) in place of the dozen ops
+    # of the reference formula; Triton and the reference: the formula (GEMM-bound on a GPU)
+    reject_tangents("lu_weight_backward", perm, lower, upper, sign_s, log_abs_s, w_inv, grad_w, grad_w_inv)
+    if backend.select(perm.device) == "cpp":
+        return _cpp().lu_weight_bwd(perm, lower, upper, sign_s, log_abs_s, w_inv, grad_w, grad_w_inv)
+    return _contiguous(ref.lu_weight_backward(perm, lower, upper, sign_s, log_abs_s, w_inv, grad_w, grad_w_inv))
+
+
+_lu_weight_backward_op = torch.library.custom_op("latentfast::lu_weight_backward", mutates_args=())(
+    _lu_weight_backward_impl)
+_lu_weight_backward = _backward_caller(_lu_weight_backward_impl, _lu_weight_backward_op)
+
+
+@_lu_weight_backward_op.register_fake
+def _(perm, lower, upper, sign_s, log_abs_s, w_inv, grad_w=None, grad_w_inv=None):
+    return torch.empty_like(lower), torch.empty_like(upper), torch.empty_like(log_abs_s)
+
+
 def _lu_weight_bwd(ctx, grad_w, grad_w_inv):
-    # W = P L U', U' = triu(upper, 1) + diag(d), d = sign_s * exp(log_abs_s);
-    # d(W^-1) = -W^-1 dW W^-1, so grad W gains -W^-T grad_{W^-1} W^-T.
     perm, lower, sign_s, log_abs_s, upper, w_inv = ctx.saved_tensors
-    g = torch.zeros_like(perm) if grad_w is None else grad_w
-    if grad_w_inv is not None:
-        g = g - w_inv.T @ grad_w_inv @ w_inv.T
-    d = sign_s * torch.exp(log_abs_s)
-    low = torch.tril(lower, -1)  # diagonals set in place: one pass fewer than + eye / + diag
-    low.diagonal().fill_(1.0)
-    up = torch.triu(upper, 1)
-    up.diagonal().copy_(d)
-    pg = perm.T @ g
-    g_low = torch.tril(pg @ up.T, -1)
-    g_up = low.T @ pg
-    return None, g_low, torch.triu(g_up, 1), None, torch.diagonal(g_up) * d
+    args = (perm, lower, upper, sign_s, log_abs_s, w_inv, grad_w, grad_w_inv)
+    if graph_wanted(*args):  # create_graph=True: the PyTorch formula carries the graph
+        g_low, g_up, g_log = ref.lu_weight_backward(*args)
+    else:
+        g_low, g_up, g_log = _lu_weight_backward(ctx, *args)
+    return None, g_low, g_up, None, g_log
 
 
 _lu_weight.register_autograd(_lu_weight_bwd, setup_context=_save_lu)
@@ -431,4 +444,4 @@ def lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_ab
 
 # Direct calls (torch.ops.latentfast.*) under forward-mode AD / torch.func: ops/_autograd.py.
 route_transforms(_actnorm_invconv, _actnorm_invconv_coupling, _actnorm_invconv_backward_op, _affine_coupling,
-                 _affine_coupling_inverse, _affine_coupling_backward_op, _lu_weight)
+                 _affine_coupling_inverse, _affine_coupling_backward_op, _lu_weight, _lu_weight_backward_op)

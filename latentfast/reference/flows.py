@@ -113,3 +113,26 @@ def lu_weight(
     w = perm @ low @ up
     z = torch.linalg.solve_triangular(low, perm.T, upper=False, unitriangular=True)
     return w, torch.linalg.solve_triangular(up, z, upper=True)
+
+
+def lu_weight_backward(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_abs_s: Tensor,
+                       w_inv: Tensor, grad_w: Tensor | None, grad_w_inv: Tensor | None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of lower, upper and log_abs_s from those of W and W^-1 (either may be None;
+    w_inv is lu_weight's second output), as PyTorch ops (differentiable).
+
+    With U' = triu(upper, 1) + diag(d), d = sign_s * exp(log_abs_s), W = P L U' and
+    d(W^-1) = -W^-1 dW W^-1: g = grad W - W^-T grad_{W^-1} W^-T, G = P^T g,
+    grad lower = tril(G U'^T, -1), H = L^T G, grad upper = triu(H, 1), grad log_abs_s = diag(H) d.
+    """
+    g = torch.zeros_like(perm) if grad_w is None else grad_w
+    if grad_w_inv is not None:
+        g = g - w_inv.T @ grad_w_inv @ w_inv.T
+    d = sign_s * torch.exp(log_abs_s)
+    low = torch.tril(lower, -1)  # diagonals set in place: one pass fewer than + eye / + diag
+    low.diagonal().fill_(1.0)
+    up = torch.triu(upper, 1)
+    up.diagonal().copy_(d)
+    pg = perm.T @ g
+    g_up = low.T @ pg
+    return torch.tril(pg @ up.T, -1), torch.triu(g_up, 1), torch.diagonal(g_up) * d

@@ -199,12 +199,16 @@ def test_opcheck(backend):
         (lib.affine_coupling_backward, (gy[:, :3].contiguous(), gld, x[:, :3].contiguous(), hh, False,
                                         ops.affine_coupling(x[:, :3].contiguous(), hh)[0])),
         (lib.lu_weight, _lu_inputs(5, d, dev, gen)),
+        (lib.lu_weight_backward, (*_lu_inputs(5, d, dev, gen), torch.randn(5, 5, dtype=d).to(dev),
+                                  torch.randn(5, 5, dtype=d).to(dev), None)),
+        (lib.lu_weight_backward, (*_lu_inputs(5, d, dev, gen), torch.randn(5, 5, dtype=d).to(dev), None,
+                                  torch.randn(5, 5, dtype=d).to(dev))),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
         grad_args = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor)
                           and a.is_floating_point() else a for a in args)
-        if op is not lib.actnorm_invconv_backward and op is not lib.affine_coupling_backward:
+        if op not in (lib.actnorm_invconv_backward, lib.affine_coupling_backward, lib.lu_weight_backward):
             torch.library.opcheck(op, grad_args)
 
 
@@ -484,6 +488,33 @@ def test_lu_weight_small_kernel_per_isa(monkeypatch, isa, dtype):
             w_ref, w_inv_ref = ref.lu_weight(*(t.double() for t in args))
             assert_close(w, w_ref, dtype=dtype)
             assert_close(w_inv, w_inv_ref, dtype=dtype, scale=10.0)
+
+
+# lu_weight's backward is one C++ call on the C++ backend (lu_weight_bwd: BLAS GEMMs, P^T g as a
+# row scatter for a permutation matrix) and the reference formula elsewhere; the two agree in
+# float64 for permutation and general P, with the gradient of W, of W^-1, of both or neither.
+@_NEEDS_CPP
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lu_weight_backward_kernel_matches_the_reference(dtype):
+    gen = torch.Generator().manual_seed(43)
+    bwd = torch.ops.latentfast_cpp.lu_weight_bwd
+    for c in (1, 2, 7, 48, 130):
+        perm, lower, upper, sign_s, log_abs_s = _lu_inputs(c, dtype, "cpu", gen)
+        lower, upper = lower * min(1.0, 3.0 / c ** 0.5), upper * min(1.0, 3.0 / c ** 0.5)  # W^-1 of size ~1
+        for general in (False, True):
+            p = perm + 0.05 * _rand(c, c, dtype=dtype, device="cpu", gen=gen) if general else perm
+            _, w_inv = torch.ops.latentfast_cpp.lu_weight(p, lower, upper, sign_s, log_abs_s)
+            gw, gwi = _rand(c, c, dtype=dtype, device="cpu", gen=gen), _rand(c, c, dtype=dtype, device="cpu", gen=gen)
+            for grads in ((gw, gwi), (gw, None), (None, gwi), (None, None)):
+                got = bwd(p, lower, upper, sign_s, log_abs_s, w_inv, *grads)
+                want = ref.lu_weight_backward(*(t.double() for t in (p, lower, upper, sign_s, log_abs_s, w_inv)),
+                                        *(g.double() if g is not None else None for g in grads))
+                for g, r in zip(got, want):
+                    assert g.dtype == dtype and g.shape == r.shape
+                    assert_close(g, r, dtype=dtype, scale=10.0)
+                assert torch.equal(got[0], torch.tril(got[0], -1)) and torch.equal(got[1], torch.triu(got[1], 1))
+    with pytest.raises(RuntimeError, match="grad_w and grad_w_inv must be"):
+        bwd(perm, lower, upper, sign_s, log_abs_s, w_inv, gw[:1], None)
 
 
 @_NEEDS_CPP

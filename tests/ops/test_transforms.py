@@ -169,6 +169,7 @@ def _direct_cases():
         "affine_coupling_inverse": ((xb, h, False), [0, 1], fref.affine_coupling_inverse),
         "affine_coupling_backward": ((xb, gl, xb * 0.5, h, False), [0, 2, 3], fref.affine_coupling_backward),
         "lu_weight": (lu, [1, 2, 4], fref.lu_weight),
+        "lu_weight_backward": ((*lu, fref.lu_weight(*lu)[1], r(c, c), r(c, c)), [1, 2, 4, 6, 7], fref.lu_weight_backward),
         "pullback_metric": ((z, *geo), [0], lambda *a: (gref.pullback_metric(*a),)),
         "curve_energy": ((curves, *geo), [0], gref.curve_energy),
         "curve_energy_backward": ((ge, gle, curves, *geo), [0, 2], lambda *a: (gref.curve_energy_backward(*a),)),
