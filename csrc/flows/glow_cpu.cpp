@@ -122,9 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
   TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == x.size(0) && grad_y.size(1) == weight.size(0) &&
                   grad_y.size(2) == x.size(2) && grad_y.size(3) == x.size(3),
               "actnorm_invconv_bwd: grad_y has the wrong shape");
-  // grad_y is read in place where its pixels are contiguous or all one value per sample and
-  // channel (the expanded gradient of a sum or mean: copying it contiguous wrote a whole
-  // tensor); any other layout is copied first
+  // grad_y is read in place where its pixels are contiguous (any sample and channel strides)
+  // or all one value per sample and channel (the expanded gradient of a sum: copying it
+  // contiguous wrote a whole tensor); any other layout is copied first
   const int64_t gH = grad_y.size(2), gW = grad_y.size(3);
   const bool pix_rows = (gW == 1 || grad_y.stride(3) == 1) && (gH == 1 || grad_y.stride(2) == gW);
   const bool pix_bcast = (gW == 1 || grad_y.stride(3) == 0) && (gH == 1 || grad_y.stride(2) == 0);
