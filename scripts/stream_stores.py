@@ -7,8 +7,9 @@ each output summed right after (a reader that wants the output back from cache, 
 next layer does). Prints medians and the median of the paired ratios (never / always: above
 1 means streaming is faster), and what `auto` picks at that size on this machine.
 
-With --case: the bench's glow_step_affine instead ([32, 48, 32, 32]; the suite's own eager-
-free fwd and fwd+bwd callables), LATENTFAST_STREAM_STORES=0 against auto.
+With --case: the bench's glow_step_affine instead ([32, 48, 32, 32]; the suite's fwd and
+fwd+bwd callables), LATENTFAST_STREAM_STORES=0 against auto, with the eager reference timed in
+the same rounds (x eager per setting).
 
     python scripts/stream_stores.py [--batches 4 8 16 32 64] [--rounds 60] [--case]
 """
@@ -27,13 +28,15 @@ import latentfast.ops.flows  # noqa: F401  (loads the C++ kernels)
 
 
 def _paired(fns: dict[str, object], rounds: int) -> dict[str, list[float]]:
+    """Times each function once per round, in turn; a key that is a setting ("0", "1", "auto")
+    is put in LATENTFAST_STREAM_STORES for its call."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for k, fn in fns.items():  # warm-up, each setting once
-        os.environ["LATENTFAST_STREAM_STORES"] = k
+        os.environ["LATENTFAST_STREAM_STORES"] = k if k in ("0", "1", "auto") else "auto"
         fn()
     for _ in range(rounds):
         for k, fn in fns.items():
-            os.environ["LATENTFAST_STREAM_STORES"] = k
+            os.environ["LATENTFAST_STREAM_STORES"] = k if k in ("0", "1", "auto") else "auto"
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
@@ -98,13 +101,21 @@ def _bench_case(rounds: int) -> None:
     case = next(c for c in make_cases(torch.device("cpu"), False) if c.name == "glow_step_affine")
     saved = os.environ.get("LATENTFAST_STREAM_STORES")
     try:
-        for name, fn in (("fwd", _fwd(case.fast, case.inputs)),
-                         ("fwd+bwd", _fwd_bwd(case.fast, case.inputs, case.grad_inputs))):
+        for name in ("fwd", "fwd+bwd"):
+            if name == "fwd":
+                fast, eager = _fwd(case.fast, case.inputs), _fwd(case.eager, case.inputs)
+            else:
+                fast = _fwd_bwd(case.fast, case.inputs, case.grad_inputs)
+                eager = _fwd_bwd(case.eager, case.inputs, case.grad_inputs)
+            # the eager reference in the same rounds, as the bench interleaves it (it evicts
+            # the kernel's data from the caches between calls)
             with torch.no_grad() if name == "fwd" else contextlib.nullcontext():
-                t = _paired({"0": fn, "auto": fn}, rounds)
+                t = _paired({"0": fast, "auto": fast, "eager": eager}, rounds)
             ratio = statistics.median(a / b for a, b in zip(t["0"], t["auto"]))
-            print(f"glow_step_affine {name:7s}: normal {1e3 * statistics.median(t['0']):6.3f} ms, auto "
-                  f"{1e3 * statistics.median(t['auto']):6.3f} ms, ratio {ratio:.2f}")
+            x_eager = {k: statistics.median(e / a for e, a in zip(t["eager"], t[k])) for k in ("0", "auto")}
+            print(f"glow_step_affine {name:7s}: normal {1e3 * statistics.median(t['0']):6.3f} ms "
+                  f"({x_eager['0']:.2f}x eager), auto {1e3 * statistics.median(t['auto']):6.3f} ms "
+                  f"({x_eager['auto']:.2f}x eager), ratio {ratio:.2f}")
     finally:
         if saved is None:
             os.environ.pop("LATENTFAST_STREAM_STORES", None)
