@@ -441,7 +441,7 @@ def test_glow_backward_reads_strided_and_expanded_grads_per_isa(monkeypatch, isa
 
 
 @_NEEDS_CPP
-def test_stream_stores_bad_value_raises(monkeypatch):
+def test_glow_kernel_switches_bad_values_raise(monkeypatch):
     monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
     monkeypatch.setenv("LATENTFAST_STREAM_STORES", "yes")
     with pytest.raises(RuntimeError, match="LATENTFAST_STREAM_STORES must be auto, 0 or 1"):
@@ -449,6 +449,38 @@ def test_stream_stores_bad_value_raises(monkeypatch):
     monkeypatch.setenv("LATENTFAST_STREAM_STORES", "auto")
     assert torch.equal(ops.actnorm_invconv(torch.ones(1, 2, 1, 1), torch.eye(2), torch.zeros(2)),
                        torch.ones(1, 2, 1, 1))
+    monkeypatch.setenv("LATENTFAST_GLOW_PREFETCH", "on")
+    with pytest.raises(RuntimeError, match="LATENTFAST_GLOW_PREFETCH must be 0 or 1"):
+        ops.actnorm_invconv(torch.zeros(1, 2, 1, 1), torch.eye(2), torch.zeros(2))
+
+
+# The step kernels prefetch the next macro tile's input rows (LATENTFAST_GLOW_PREFETCH, default
+# on): a hint that must not change a value, on shapes with several macro tiles per thread.
+@_NEEDS_CPP
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_glow_prefetch_changes_no_value_per_isa(monkeypatch, isa):
+    monkeypatch.setenv("LATENTFAST_BACKEND", "cpp")
+    use_cpu_isa(monkeypatch, isa)
+    gen = torch.Generator().manual_seed(47)
+    fwd, bwd = torch.ops.latentfast_cpp.actnorm_invconv_fwd, torch.ops.latentfast_cpp.actnorm_invconv_bwd
+    n, c, h, w = 3, 10, 23, 19
+    x = _rand(n, c, h, w, dtype=torch.float32, device="cpu", gen=gen)
+    weight = _rand(c, c, dtype=torch.float32, device="cpu", gen=gen) / c ** 0.5
+    bias = _rand(c, dtype=torch.float32, device="cpu", gen=gen)
+    hh = _rand(n, c, h, w, dtype=torch.float32, device="cpu", gen=gen)
+    gy, gld = torch.randn_like(x), torch.randn(n)
+    runs = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("LATENTFAST_GLOW_PREFETCH", setting)
+        out = []
+        for mode, hm in ((0, None), (1, hh[:, : c // 2].contiguous()), (2, hh)):
+            y, ld = fwd(x, weight, bias, hm, mode)
+            out += [y, ld, *bwd(gy, gld, x, weight, bias, hm, mode)]
+            if mode == 2:
+                out += list(bwd(gy, gld, x, weight, bias, hm, mode, y))
+        runs[setting] = out
+    for a, b in zip(runs["0"], runs["1"]):
+        assert torch.equal(a, b)
 
 
 def test_glow_step_backward_sees_changes_to_its_output(backend):

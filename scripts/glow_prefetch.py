@@ -1,0 +1,65 @@
+"""The Glow step kernels' software prefetch (LATENTFAST_GLOW_PREFETCH) on and off.
+
+The bench's glow_step_affine ([32, 48, 32, 32] float32, the suite's fwd and fwd+bwd
+callables), C++ backend, alternating 0 and 1 per call in one process, in two settings:
+cold, the eager reference run before every call (as in the bench's interleaved rounds: the
+inputs come from memory), and hot, the calls back to back (the inputs stay in L3). Prints
+medians and the median of the paired ratios (off / on: above 1, prefetching is faster).
+
+    python scripts/glow_prefetch.py [--rounds 30]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+
+import torch
+
+import latentfast
+from latentfast.bench.cases import make_cases
+from latentfast.bench.runner import _fwd, _fwd_bwd
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    args = ap.parse_args()
+    if not hasattr(torch.ops.latentfast_cpp, "actnorm_invconv_fwd"):
+        raise SystemExit("latentfast._C is not built: pip install --no-build-isolation -e .")
+    case = next(c for c in make_cases(torch.device("cpu"), False) if c.name == "glow_step_affine")
+    saved = os.environ.get("LATENTFAST_GLOW_PREFETCH")
+    try:
+        with latentfast.use_backend("cpp"):
+            for name in ("fwd", "fwd+bwd"):
+                if name == "fwd":
+                    fast, eager = _fwd(case.fast, case.inputs), _fwd(case.eager, case.inputs)
+                else:
+                    fast = _fwd_bwd(case.fast, case.inputs, case.grad_inputs)
+                    eager = _fwd_bwd(case.eager, case.inputs, case.grad_inputs)
+                with torch.no_grad() if name == "fwd" else contextlib.nullcontext():
+                    for setting, between in (("cold", eager), ("hot", None)):
+                        times: dict[str, list[float]] = {"0": [], "1": []}
+                        for r in range(args.rounds + 1):
+                            for k in ("0", "1") if r % 2 == 0 else ("1", "0"):
+                                if between is not None:
+                                    between()
+                                os.environ["LATENTFAST_GLOW_PREFETCH"] = k
+                                t = time.perf_counter()
+                                fast()
+                                if r > 0:  # round 0 warms up
+                                    times[k].append(time.perf_counter() - t)
+                        ratio = statistics.median(a / b for a, b in zip(times["0"], times["1"]))
+                        print(f"glow_step_affine {name:7s} {setting}: off {1e3 * statistics.median(times['0']):6.3f} ms, "
+                              f"on {1e3 * statistics.median(times['1']):6.3f} ms, ratio {ratio:.2f}")
+    finally:
+        if saved is None:
+            os.environ.pop("LATENTFAST_GLOW_PREFETCH", None)
+        else:
+            os.environ["LATENTFAST_GLOW_PREFETCH"] = saved
+
+
+if __name__ == "__main__":
+    main()
