@@ -19,12 +19,9 @@ namespace latentfast {
 // threads together; 1 always (where the kernel has aligned full vectors to store); 0 never.
 // Measured on the 2-core AVX-512 Xeon (2 MiB L2 per core), normal / streaming, paired:
 // `python scripts/stream_stores.py`, Glow step [N, 48, 32, 32] with its outputs read right
-// after: backward 1.15-1.26x at 6.3 and 12.6 MB of output (1.04-1.41x unread), forward
-// 1.02-1.19x at 6.3 MB, both 0.77-0.98x at 0.8-1.6 MB (one run in a slow phase of the VM gave
-// 0.87-0.93x for the backward at 6.3-25 MB). Four fused steps, forward + backward, always
-// streaming: 0.94-0.98x at N = 2-4, 1.02x at N = 8, 1.17-1.19x at N = 16-32. The standalone
-// affine coupling (no GEMM, all memory traffic) lost with its outputs read after (0.67-0.89x
-// at 0.8-9.4 MB) and keeps normal stores.
+// after: backward 1.29-1.52x at 6.3-25 MB of output, forward 1.03-1.07x at 6.3-12.6 MB,
+// 0.88-1.02x at 0.8-3.1 MB. The standalone affine coupling (no GEMM, all memory traffic) lost
+// with its outputs read after (0.67-0.89x at 0.8-9.4 MB) and keeps normal stores.
 inline bool stream_stores(int64_t bytes) {
   const char* e = std::getenv("LATENTFAST_STREAM_STORES");
   if (e != nullptr && *e != '\0' && std::strcmp(e, "auto") != 0) {
