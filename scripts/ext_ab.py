@@ -28,6 +28,7 @@ def _child(cases: list[str], rounds: int) -> None:
     import torch
 
     from latentfast.bench.cases import make_cases
+    # the runner's private helpers, not pass_callable: this runs in older revisions' trees too
     from latentfast.bench.runner import _fwd, _fwd_bwd
 
     out = {}

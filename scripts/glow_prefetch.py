@@ -20,7 +20,7 @@ import torch
 
 import latentfast
 from latentfast.bench.cases import make_cases
-from latentfast.bench.runner import _fwd, _fwd_bwd
+from latentfast.bench.runner import pass_callable, restored_env
 
 
 def main() -> None:
@@ -30,36 +30,24 @@ def main() -> None:
     if not hasattr(torch.ops.latentfast_cpp, "actnorm_invconv_fwd"):
         raise SystemExit("latentfast._C is not built: pip install --no-build-isolation -e .")
     case = next(c for c in make_cases(torch.device("cpu"), False) if c.name == "glow_step_affine")
-    saved = os.environ.get("LATENTFAST_GLOW_PREFETCH")
-    try:
-        with latentfast.use_backend("cpp"):
-            for name in ("fwd", "fwd+bwd"):
-                if name == "fwd":
-                    fast, eager = _fwd(case.fast, case.inputs), _fwd(case.eager, case.inputs)
-                else:
-                    fast = _fwd_bwd(case.fast, case.inputs, case.grad_inputs)
-                    eager = _fwd_bwd(case.eager, case.inputs, case.grad_inputs)
-                with torch.no_grad() if name == "fwd" else contextlib.nullcontext():
-                    for setting, between in (("cold", eager), ("hot", None)):
-                        times: dict[str, list[float]] = {"0": [], "1": []}
-                        for r in range(args.rounds + 1):
-                            for k in ("0", "1") if r % 2 == 0 else ("1", "0"):
-                                if between is not None:
-                                    between()
-                                os.environ["LATENTFAST_GLOW_PREFETCH"] = k
-                                t = time.perf_counter()
-                                fast()
-                                if r > 0:  # round 0 warms up
-                                    times[k].append(time.perf_counter() - t)
-                        ratio = statistics.median(a / b for a, b in zip(times["0"], times["1"]))
-                        print(f"glow_step_affine {name:7s} {setting}: off {1e3 * statistics.median(times['0']):6.3f} ms, "
-                              f"on {1e3 * statistics.median(times['1']):6.3f} ms, ratio {ratio:.2f}")
-    finally:
-        if saved is None:
-            os.environ.pop("LATENTFAST_GLOW_PREFETCH", None)
-        else:
-            os.environ["LATENTFAST_GLOW_PREFETCH"] = saved
-
+    with restored_env("LATENTFAST_GLOW_PREFETCH"), latentfast.use_backend("cpp"):
+        for name in ("fwd", "fwd+bwd"):
+            fast, eager = pass_callable(case, name, case.fast), pass_callable(case, name, case.eager)
+            with torch.no_grad() if name == "fwd" else contextlib.nullcontext():
+                for setting, between in (("cold", eager), ("hot", None)):
+                    times: dict[str, list[float]] = {"0": [], "1": []}
+                    for r in range(args.rounds + 1):
+                        for k in ("0", "1") if r % 2 == 0 else ("1", "0"):
+                            if between is not None:
+                                between()
+                            os.environ["LATENTFAST_GLOW_PREFETCH"] = k
+                            t = time.perf_counter()
+                            fast()
+                            if r > 0:  # round 0 warms up
+                                times[k].append(time.perf_counter() - t)
+                    ratio = statistics.median(a / b for a, b in zip(times["0"], times["1"]))
+                    print(f"glow_step_affine {name:7s} {setting}: off {1e3 * statistics.median(times['0']):6.3f} ms, "
+                          f"on {1e3 * statistics.median(times['1']):6.3f} ms, ratio {ratio:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ import time
 import torch
 
 import latentfast.ops.flows  # noqa: F401  (loads the C++ kernels)
+from latentfast.bench.runner import pass_callable, restored_env
 
 
 def _paired(fns: dict[str, object], rounds: int) -> dict[str, list[float]]:
@@ -55,13 +56,12 @@ def main() -> None:
     cpp = torch.ops.latentfast_cpp
     if not hasattr(cpp, "actnorm_invconv_fwd"):
         raise SystemExit("latentfast._C is not built: pip install --no-build-isolation -e .")
-    saved = os.environ.get("LATENTFAST_STREAM_STORES")
     gen = torch.Generator().manual_seed(0)
     c, s = 48, 32
     w = torch.linalg.qr(torch.randn(c, c, generator=gen))[0]
     b = 0.1 * torch.randn(c, generator=gen)
     print(f"{torch.get_num_threads()} threads; ratio = never / always (paired median), > 1: streaming faster")
-    try:
+    with restored_env("LATENTFAST_STREAM_STORES"):
         for n in args.batches:
             x = torch.randn(n, c, s, s, generator=gen)
             h = torch.randn(n, c, s, s, generator=gen)
@@ -87,26 +87,15 @@ def main() -> None:
                     print(f"N={n:3d} {name:8s} out {out_mb:5.1f} MB {'read after' if read else 'alone     '}: "
                           f"normal {1e3 * statistics.median(t['0']):6.3f} ms, streaming "
                           f"{1e3 * statistics.median(t['1']):6.3f} ms, ratio {ratio:.2f} (auto: {auto})")
-    finally:
-        if saved is None:
-            os.environ.pop("LATENTFAST_STREAM_STORES", None)
-        else:
-            os.environ["LATENTFAST_STREAM_STORES"] = saved
 
 
 def _bench_case(rounds: int) -> None:
     from latentfast.bench.cases import make_cases
-    from latentfast.bench.runner import _fwd, _fwd_bwd
 
     case = next(c for c in make_cases(torch.device("cpu"), False) if c.name == "glow_step_affine")
-    saved = os.environ.get("LATENTFAST_STREAM_STORES")
-    try:
+    with restored_env("LATENTFAST_STREAM_STORES"):
         for name in ("fwd", "fwd+bwd"):
-            if name == "fwd":
-                fast, eager = _fwd(case.fast, case.inputs), _fwd(case.eager, case.inputs)
-            else:
-                fast = _fwd_bwd(case.fast, case.inputs, case.grad_inputs)
-                eager = _fwd_bwd(case.eager, case.inputs, case.grad_inputs)
+            fast, eager = pass_callable(case, name, case.fast), pass_callable(case, name, case.eager)
             # the eager reference in the same rounds, as the bench interleaves it (it evicts
             # the kernel's data from the caches between calls)
             with torch.no_grad() if name == "fwd" else contextlib.nullcontext():
@@ -116,11 +105,6 @@ def _bench_case(rounds: int) -> None:
             print(f"glow_step_affine {name:7s}: normal {1e3 * statistics.median(t['0']):6.3f} ms "
                   f"({x_eager['0']:.2f}x eager), auto {1e3 * statistics.median(t['auto']):6.3f} ms "
                   f"({x_eager['auto']:.2f}x eager), ratio {ratio:.2f}")
-    finally:
-        if saved is None:
-            os.environ.pop("LATENTFAST_STREAM_STORES", None)
-        else:
-            os.environ["LATENTFAST_STREAM_STORES"] = saved
 
 
 def _auto_streams(out_bytes: int) -> bool:

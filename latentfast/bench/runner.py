@@ -1,12 +1,13 @@
 """Runs the benchmark cases and prints / writes the table."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -114,6 +115,31 @@ def _fwd(fn, inputs):
     return lambda: fn(*inputs)
 
 
+def pass_callable(case: Case, pass_name: str, fn: Callable[..., object]) -> Callable[[], object]:
+    """One timed call of `fn` (case.fast, case.eager or a compiled eager) as run_case makes it:
+    "fwd" runs fn on the case's inputs (run_case calls it under torch.no_grad()); "fwd+bwd"
+    also backpropagates the sum of the outputs' means into the case's grad inputs and clears
+    their gradients."""
+    if pass_name == "fwd":
+        return _fwd(fn, case.inputs)
+    return _fwd_bwd(fn, case.inputs, case.grad_inputs)
+
+
+@contextlib.contextmanager
+def restored_env(*names: str) -> Iterator[None]:
+    """Restores the environment variables `names` on exit (for scripts that switch a kernel
+    option per call, e.g. LATENTFAST_STREAM_STORES)."""
+    saved = {n: os.environ.get(n) for n in names}
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
 def _fwd_bwd(fn, inputs, grad_idx):
     leaves = [t.detach().clone().requires_grad_(i in grad_idx) for i, t in enumerate(inputs)]
 
@@ -156,10 +182,7 @@ def run_case(case: Case, device: torch.device, quick: bool, budget_s: float | No
         budget = budget_s
     rows = []
     for pass_name in case.passes:
-        if pass_name == "fwd":
-            make = lambda fn: _fwd(fn, case.inputs)  # noqa: E731
-        else:
-            make = lambda fn: _fwd_bwd(fn, case.inputs, case.grad_inputs)  # noqa: E731
+        make = lambda fn: pass_callable(case, pass_name, fn)  # noqa: E731
         fns = {"eager": make(case.eager), "latentfast": make(case.fast)}
         if compiled is not None:
             fns["compile"] = make(compiled)
