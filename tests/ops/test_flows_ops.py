@@ -404,7 +404,8 @@ def test_glow_streaming_stores_write_the_same_numbers_per_isa(monkeypatch, isa, 
 
 # The C++ step backward reads grad_y in place when its pixels are contiguous (any sample and
 # channel strides: a channel slice of a larger tensor) or one value per sample and channel
-# (the expanded gradient of a mean, or of a per-channel sum); other layouts are copied first.
+# (expanded from one value, as a sum's gradient is, or per channel); other layouts are copied
+# first.
 # Each gives bit for bit the backward of grad_y.contiguous(), and the float64 reference.
 @_NEEDS_CPP
 @pytest.mark.parametrize("isa", CPU_ISAS)
@@ -422,7 +423,7 @@ def test_glow_backward_reads_strided_and_expanded_grads_per_isa(monkeypatch, isa
     gld = _rand(n, dtype=dtype, device="cpu", gen=gen)
     y, _ = ops.actnorm_invconv_coupling(x, weight, bias, hh)
     grads = {
-        "mean": torch.full((1, 1, 1, 1), 0.37, dtype=dtype).expand(n, c, h, w),
+        "one value": torch.full((1, 1, 1, 1), 0.37, dtype=dtype).expand(n, c, h, w),
         "per channel": _rand(1, c, 1, 1, dtype=dtype, device="cpu", gen=gen).expand(n, c, h, w),
         "per sample and channel": _rand(n, c, 1, 1, dtype=dtype, device="cpu", gen=gen).expand(n, c, h, w),
         "channel slice": _rand(n, 2 * c, h, w, dtype=dtype, device="cpu", gen=gen)[:, ::2],
