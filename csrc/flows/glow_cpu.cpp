@@ -58,15 +58,11 @@ namespace {
 
 using isa::Isa;
 
-// LATENTFAST_GLOW_PREFETCH: 1 (default) the step kernels prefetch the next macro tile's input
-// rows, 0 not (read per call; for A/B runs, scripts/glow_prefetch.py).
-bool glow_prefetch() {
-  const char* e = std::getenv("LATENTFAST_GLOW_PREFETCH");
-  if (e == nullptr || *e == '\0') return true;
-  TORCH_CHECK(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
-              "LATENTFAST_GLOW_PREFETCH must be 0 or 1, got '", e, "'");
-  return e[0] == '1';
-}
+// LATENTFAST_GLOW_PREFETCH: whether the step kernels prefetch the next macro tile's input
+// rows: auto (default) when the inputs they read (`bytes`) are at least the threads' L2 caches
+// together (smaller ones stay in cache, where the prefetches cost up to 6%:
+// `python scripts/glow_prefetch.py --op`), 1 always, 0 never (read per call).
+bool glow_prefetch(int64_t bytes) { return beyond_cache("LATENTFAST_GLOW_PREFETCH", bytes); }
 #define LF_GLOW(isa_v, expr) LF_ISA_SELECT(isa_v, glow_, expr)
 
 void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -112,7 +108,8 @@ std::tuple<at::Tensor, at::Tensor> actnorm_invconv_fwd(const at::Tensor& x_in,
     const int64_t tiles = (P + mac - 1) / mac;
     at::Tensor part = at::empty({N, tiles}, x.options());
     const scalar_t* hp = mode ? h.const_data_ptr<scalar_t>() : nullptr;
-    const bool stream = stream_stores(y.nbytes()), prefetch = glow_prefetch();
+    const bool stream = stream_stores(y.nbytes());
+    const bool prefetch = glow_prefetch(x.nbytes() + (mode ? h.nbytes() : 0));
     at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
       LF_GLOW(cpu_isa, glow_fwd_tiles<scalar_t>(x.const_data_ptr<scalar_t>(),
                   coef_t.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), hp,
@@ -172,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
     const scalar_t* hp = mode ? h.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* ghp = mode ? gh.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* accp = acc.mutable_data_ptr<scalar_t>();
-    const bool stream = stream_stores(gx.nbytes() + gh.nbytes()), prefetch = glow_prefetch();
+    const bool stream = stream_stores(gx.nbytes() + gh.nbytes());
+    const bool prefetch = glow_prefetch(x.nbytes() + (gy_bcast ? 0 : gy.nbytes()) + (mode == 2 ? h.nbytes() : 0));
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         scalar_t* a = accp + c * (Co * cip + Co);

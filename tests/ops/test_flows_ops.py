@@ -451,12 +451,13 @@ def test_glow_kernel_switches_bad_values_raise(monkeypatch):
     assert torch.equal(ops.actnorm_invconv(torch.ones(1, 2, 1, 1), torch.eye(2), torch.zeros(2)),
                        torch.ones(1, 2, 1, 1))
     monkeypatch.setenv("LATENTFAST_GLOW_PREFETCH", "on")
-    with pytest.raises(RuntimeError, match="LATENTFAST_GLOW_PREFETCH must be 0 or 1"):
+    with pytest.raises(RuntimeError, match="LATENTFAST_GLOW_PREFETCH must be auto, 0 or 1"):
         ops.actnorm_invconv(torch.zeros(1, 2, 1, 1), torch.eye(2), torch.zeros(2))
 
 
-# The step kernels prefetch the next macro tile's input rows (LATENTFAST_GLOW_PREFETCH, default
-# on): a hint that must not change a value, on shapes with several macro tiles per thread.
+# The step kernels prefetch the next macro tile's input rows (LATENTFAST_GLOW_PREFETCH; auto for
+# large inputs, forced here): a hint that must not change a value, on shapes with several
+# macro tiles per thread.
 @_NEEDS_CPP
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_glow_prefetch_changes_no_value_per_isa(monkeypatch, isa):
