@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::T
 //   grad lower = tril(G U'^T, -1),  H = L^T G,  grad upper = triu(H, 1),
 //   grad log_abs_s = diag(H) * d  (U' = triu(upper, 1) + diag(d), d = sign_s e^log_abs_s).
 // The GEMMs are at::mm (BLAS); P^T g is a row scatter when P's rows are unit rows. One call
-// in place of the dozen PyTorch ops of the Python formula (ops/flows.py, _lu_weight_grads).
+// in place of the dozen PyTorch ops of the formula (reference.flows.lu_weight_backward).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_weight_bwd(
     const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& sign_s,
     const at::Tensor& log_abs_s, const at::Tensor& w_inv, const c10::optional<at::Tensor>& grad_w,
