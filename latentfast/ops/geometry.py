@@ -99,7 +99,7 @@ def reuse_buffers() -> Iterator[None]:
     geodesics_1000 decoder in float32: 72 MiB). A fresh large CPU allocation is fresh pages
     from the system, one page fault per 4 KiB when first written, and glibc hands freed
     blocks back on every call: geodesic solves of 200-1000 pairs ran 1.2-1.4x faster with the buffers kept
-    (paired, see the README). The geodesic solver runs its iterations inside one; outside,
+    (paired, see docs/PERFORMANCE.md). The geodesic solver runs its iterations inside one; outside,
     the buffers are shared only by one call's chunks and freed when it returns. Nestable; GPU
     tensors are not affected (the CUDA caching allocator already reuses memory)."""
     token = _SCRATCH.set(_SCRATCH.get() if _SCRATCH.get() is not None else {})
