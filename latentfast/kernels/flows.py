@@ -223,6 +223,8 @@ def actnorm_invconv_fwd(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor | Non
     hc = h.contiguous() if mode else x  # unused pointer when mode == 0
     # 8 warps: with 4 the sm_90 build needs all 255 registers and spills 360-936 bytes a thread
     # (scripts/triton_smem.py); with 8, 142-192 registers and no spill (float64 at 64 channels: 88 bytes)
+    # with Triton 3.9; Triton 3.6 (the GPU machine's) spills 256 bytes in float32 at 64-channel
+    # blocks (128 channels and more), 296 in float64 (scripts/triton_release_check.sh); untimed
     _actnorm_invconv_fwd_kernel[grid](x, weight, bias, hc, y, part, ci, co, p, MODE=mode,
                                       BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=8)
     return y, part.sum(dim=(1, 2))
