@@ -1,6 +1,7 @@
 """gru_sequence against torch.nn.GRU and the reference, values and gradients."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -210,46 +211,68 @@ def test_float32_forward_close_to_float64(backend, shape):
 
 # argv: dtype name, then T B I H. B = 37 takes the C++ row-block paths (>= 16 rows per thread on
 # 2 threads), B = 5 the per-step paths.
+def _worst_vs_nn(dtype_name: str, t: int, b: int, i: int, h: int) -> float:
+    """The largest relative error of the C++ gru_sequence / lstm_sequence (outputs and the
+    gradients of x, h0 and the weights) against nn.GRU / nn.LSTM, on [T, B, I] inputs with H
+    hidden units."""
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    x = torch.randn(t, b, i, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(b, h, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(b, h, dtype=dtype, requires_grad=True)
+    worst = 0.0
+    with latentfast.use_backend("cpp"):
+        for mod in (nn.GRU(i, h).to(dtype), nn.LSTM(i, h).to(dtype)):
+            p = (mod.weight_ih_l0, mod.weight_hh_l0, mod.bias_ih_l0, mod.bias_hh_l0)
+            if isinstance(mod, nn.GRU):
+                out, _ = ops.gru_sequence(x, h0, *p)
+                want, _ = mod(x, h0[None])
+            else:
+                out, _ = ops.lstm_sequence(x, (h0, c0), *p)
+                want, _ = mod(x, (h0[None], c0[None]))
+            go = torch.randn_like(out)
+            wrt = [x, h0, *p]
+            pairs = [(out, want), *zip(torch.autograd.grad((out * go).sum(), wrt),
+                                       torch.autograd.grad((want * go).sum(), wrt))]
+            worst = max([worst] + [float(((a - w).abs().max() / w.abs().max()).detach()) for a, w in pairs])
+    return worst
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's intra-op (OpenMP) threads set to n inside, restored after: the C++ RNN kernels
+    pick the row-block or per-step path from the rows per thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# For the switches the C++ RNN code reads once per process (LATENTFAST_RNN_NO_AVX2,
+# LATENTFAST_RNN_ATEN_GEMM): a fresh interpreter with the variable set, 2 OpenMP threads.
 _SUBPROCESS_RNN_SCRIPT = """
 import sys
-import torch
-from torch import nn
-from latentfast.ops import rnn as ops
-import latentfast
-torch.manual_seed(0)
-dtype = getattr(torch, sys.argv[1])
-t, b, i, h = map(int, sys.argv[2:6])
-x = torch.randn(t, b, i, dtype=dtype, requires_grad=True)
-h0 = torch.randn(b, h, dtype=dtype, requires_grad=True)
-c0 = torch.randn(b, h, dtype=dtype, requires_grad=True)
-worst = 0.0
-with latentfast.use_backend("cpp"):
-    for mod in (nn.GRU(i, h).to(dtype), nn.LSTM(i, h).to(dtype)):
-        p = (mod.weight_ih_l0, mod.weight_hh_l0, mod.bias_ih_l0, mod.bias_hh_l0)
-        if isinstance(mod, nn.GRU):
-            out, _ = ops.gru_sequence(x, h0, *p)
-            want, _ = mod(x, h0[None])
-        else:
-            out, _ = ops.lstm_sequence(x, (h0, c0), *p)
-            want, _ = mod(x, (h0[None], c0[None]))
-        go = torch.randn_like(out)
-        wrt = [x, h0, *p]
-        pairs = [(out, want), *zip(torch.autograd.grad((out * go).sum(), wrt),
-                                   torch.autograd.grad((want * go).sum(), wrt))]
-        worst = max([worst] + [float(((a - w).abs().max() / w.abs().max()).detach()) for a, w in pairs])
-print(worst)
+from tests.rnn.test_rnn_ops import _worst_vs_nn
+print(_worst_vs_nn(sys.argv[1], *map(int, sys.argv[2:6])))
 """
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _worst_in_subprocess(env_var: str, dtype: str, *shape: int) -> float:
+    env = {**os.environ, env_var: "1", "OMP_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", _SUBPROCESS_RNN_SCRIPT, dtype, *map(str, shape)], env=env,
+                         cwd=_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return float(run.stdout.split()[-1])
 
 
 @pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' at::mm_out fallback")
 def test_cpp_aten_gemm_fallback_matches_nn():
     """The C++ row-block paths call sgemm_/dgemm_ directly; LATENTFAST_RNN_ATEN_GEMM=1 makes
     them use at::mm_out instead (the path for a libtorch without those symbols)."""
-    env = {**os.environ, "LATENTFAST_RNN_ATEN_GEMM": "1", "OMP_NUM_THREADS": "2"}
-    run = subprocess.run([sys.executable, "-c", _SUBPROCESS_RNN_SCRIPT, "float64", "6", "37", "4", "20"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert float(run.stdout.split()[-1]) < 1e-10, run.stdout
+    assert _worst_in_subprocess("LATENTFAST_RNN_ATEN_GEMM", "float64", 6, 37, 4, 20) < 1e-10
 
 
 @pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ per-step path")
@@ -259,11 +282,8 @@ def test_cpp_per_step_path_matches_nn(dtype, tol, b):
     """Fewer than 16 rows per thread (2 threads) take the per-step path: one threaded GEMM per
     step, against a contiguous copy of W_hh^T from 8 rows on (B = 13), through the transposed
     view below (B = 5)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    run = subprocess.run([sys.executable, "-c", _SUBPROCESS_RNN_SCRIPT, dtype, "9", str(b), "4", "45"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert float(run.stdout.split()[-1]) < tol, run.stdout
+    with _threads(2):
+        assert _worst_vs_nn(dtype, 9, b, 4, 45) < tol
 
 
 @pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ row-block backward")
@@ -272,27 +292,22 @@ def test_cpp_row_block_backward_chunks_match_nn(dtype, tol):
     """The row-block backward takes the weight, bias and input gradients per chunk of steps
     (>= 128 rows a chunk: 7 steps of 19 and 18 rows on 2 threads), so T = 17 runs two full
     chunks and a short one, on blocks of unequal rows."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    run = subprocess.run([sys.executable, "-c", _SUBPROCESS_RNN_SCRIPT, dtype, "17", "37", "4", "45"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert float(run.stdout.split()[-1]) < tol, run.stdout
+    with _threads(2):
+        assert _worst_vs_nn(dtype, 17, 37, 4, 45) < tol
 
 
 @pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' per-ISA builds")
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("shape", [(6, 37, 4, 70), (4, 5, 3, 70)])
-def test_cpp_isa_clones_match_nn(isa, shape):
+def test_cpp_isa_clones_match_nn(isa, shape, monkeypatch):
     """The RNN kernel files are built for base, AVX2 and AVX-512 (LATENTFAST_CPU_ISA picks one
     per op call); the float gate loops of the AVX2 and AVX-512 builds are lockstep intrinsics
     with 8- and 16-float vectors. H = 70: blocks of 4 vectors (64 columns in AVX-512), then
     single vectors and a scalar tail; the row-block (B = 37) and per-step (B = 5) paths."""
     skip_unless_cpu_isa(isa)
-    env = {**os.environ, "LATENTFAST_CPU_ISA": isa, "OMP_NUM_THREADS": "2"}
-    run = subprocess.run([sys.executable, "-c", _SUBPROCESS_RNN_SCRIPT, "float32", *map(str, shape)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert float(run.stdout.split()[-1]) < 2e-5, run.stdout
+    monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+    with _threads(2):
+        assert _worst_vs_nn("float32", *shape) < 2e-5
 
 
 @pytest.mark.skipif("cpp" not in backends_under_test(), reason="checks the C++ kernels' baseline-ISA build")
@@ -301,11 +316,7 @@ def test_cpp_baseline_isa_matches_nn(shape):
     """On an AVX2 machine the float gate loops run the lockstep intrinsics kernels;
     LATENTFAST_RNN_NO_AVX2=1 runs the baseline-ISA (auto-vectorised) build instead, the path of a
     machine without AVX2. H = 45: lockstep blocks of 4 and 1 vectors and a scalar tail."""
-    env = {**os.environ, "LATENTFAST_RNN_NO_AVX2": "1", "OMP_NUM_THREADS": "2"}
-    run = subprocess.run([sys.executable, "-c", _SUBPROCESS_RNN_SCRIPT, "float32", *map(str, shape)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert float(run.stdout.split()[-1]) < 2e-5, run.stdout
+    assert _worst_in_subprocess("LATENTFAST_RNN_NO_AVX2", "float32", *shape) < 2e-5
 
 
 def _triton_runs_here() -> bool:
