@@ -120,6 +120,24 @@ void check_lu_inputs(const at::Tensor& perm, const at::Tensor& lower, const at::
                 "lu_weight: all inputs must be CPU tensors of one dtype");
 }
 
+// low and up of triangles() as tensors, and whether P's rows are unit rows (then rows[i] is
+// the column of row i's 1: P X is X's rows gathered, P^T X its rows scattered). Inputs
+// contiguous.
+bool lu_factors(const at::Tensor& p, const at::Tensor& l, const at::Tensor& u, const at::Tensor& sg,
+                const at::Tensor& la, at::Tensor& low, at::Tensor& up, std::vector<int64_t>& rows) {
+  const int64_t C = p.size(0);
+  low = at::empty({C, C}, p.options());
+  up = at::empty({C, C}, p.options());
+  bool is_perm = false;
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lu_weight", [&] {
+    triangles<scalar_t>(l.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                        sg.const_data_ptr<scalar_t>(), la.const_data_ptr<scalar_t>(),
+                        low.mutable_data_ptr<scalar_t>(), up.mutable_data_ptr<scalar_t>(), C);
+    is_perm = permutation_rows<scalar_t>(p.const_data_ptr<scalar_t>(), C, rows);
+  });
+  return is_perm;
+}
+
 std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::Tensor& lower,
                                              const at::Tensor& upper, const at::Tensor& sign_s,
                                              const at::Tensor& log_abs_s) {
@@ -132,15 +150,9 @@ std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::T
     // paired, fp32, 2 threads): BLAS 1.56x slower at C = 64 and 1.18x at 96, level from 128
     // to 192, 1.4x faster at 256 and 1.6x at 384 (1 thread: the same picture).
     // P (L U') as a row gather when P's rows are unit rows (the GEMM otherwise).
-    at::Tensor low = at::empty({C, C}, perm.options()), up = at::empty({C, C}, perm.options());
+    at::Tensor low, up;
     std::vector<int64_t> rows;
-    bool is_perm = false;
-    AT_DISPATCH_FLOATING_TYPES(perm.scalar_type(), "lu_weight", [&] {
-      triangles<scalar_t>(l.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-                          sg.const_data_ptr<scalar_t>(), la.const_data_ptr<scalar_t>(),
-                          low.mutable_data_ptr<scalar_t>(), up.mutable_data_ptr<scalar_t>(), C);
-      is_perm = permutation_rows<scalar_t>(p.const_data_ptr<scalar_t>(), C, rows);
-    });
+    const bool is_perm = lu_factors(p, l, u, sg, la, low, up, rows);
     const at::Tensor lu = at::mm(low, up);
     const at::Tensor w = is_perm ? lu.index_select(0, at::tensor(rows, at::kLong)) : at::mm(p, lu);
     const at::Tensor z = at::linalg_solve_triangular(low, p.t(), /*upper=*/false, /*left=*/true,
@@ -162,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::T
 //   g = grad W - W^-T grad_{W^-1} W^-T  (d(W^-1) = -W^-1 dW W^-1),  G = P^T g,
 //   grad lower = tril(G U'^T, -1),  H = L^T G,  grad upper = triu(H, 1),
 //   grad log_abs_s = diag(H) * d  (U' = triu(upper, 1) + diag(d), d = sign_s e^log_abs_s).
-// The GEMMs are at::mm (BLAS); P^T g is a row scatter when P's rows are unit rows. One call
+// The GEMMs are at::mm (BLAS); P^T g is a row scatter when P's rows are unit rows (the twin of
+// the forward's row gather). One call
 // in place of the dozen PyTorch ops of the formula (reference.flows.lu_weight_backward).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_weight_bwd(
     const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& sign_s,
@@ -185,24 +198,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_weight_bwd(
   }
   const at::Tensor p = perm.contiguous(), l = lower.contiguous(), u = upper.contiguous();
   const at::Tensor sg = sign_s.contiguous(), la = log_abs_s.contiguous();
-  at::Tensor low = at::empty({C, C}, perm.options()), up = at::empty({C, C}, perm.options());
+  at::Tensor low, up;
+  std::vector<int64_t> rows;
+  // P^T g: (P^T g)[rows[i]] = g[i] for a permutation (row copies: index_copy_ measured slower
+  // at C = 48), the GEMM otherwise
   at::Tensor pg;
-  AT_DISPATCH_FLOATING_TYPES(perm.scalar_type(), "lu_weight_bwd", [&] {
-    triangles<scalar_t>(l.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-                        sg.const_data_ptr<scalar_t>(), la.const_data_ptr<scalar_t>(),
-                        low.mutable_data_ptr<scalar_t>(), up.mutable_data_ptr<scalar_t>(), C);
-    std::vector<int64_t> rows;
-    if (permutation_rows<scalar_t>(p.const_data_ptr<scalar_t>(), C, rows)) {
-      // (P^T g)[rows[i]] = g[i]
-      pg = at::empty({C, C}, perm.options());
-      const at::Tensor gc = g.contiguous();
-      const scalar_t* src = gc.const_data_ptr<scalar_t>();
-      scalar_t* dst = pg.mutable_data_ptr<scalar_t>();
-      for (int64_t i = 0; i < C; ++i) std::memcpy(dst + rows[i] * C, src + i * C, C * sizeof(scalar_t));
-    } else {
-      pg = at::mm(p.t(), g);
-    }
-  });
+  if (lu_factors(p, l, u, sg, la, low, up, rows)) {
+    const at::Tensor gc = g.contiguous();
+    pg = at::empty_like(gc);
+    const int64_t row = C * gc.element_size();
+    const char* src = static_cast<const char*>(gc.const_data_ptr());
+    char* dst = static_cast<char*>(pg.mutable_data_ptr());
+    for (int64_t i = 0; i < C; ++i) std::memcpy(dst + rows[i] * row, src + i * row, row);
+  } else {
+    pg = at::mm(p.t(), g);
+  }
   const at::Tensor a = at::mm(pg, up.t()).contiguous(), hm = at::mm(low.t(), pg).contiguous();
   at::Tensor g_lower = at::empty({C, C}, perm.options()), g_upper = at::empty({C, C}, perm.options());
   at::Tensor g_log = at::empty({C}, perm.options());
