@@ -17,6 +17,15 @@ def _rand(*shape, dtype, device, gen):
     return torch.randn(*shape, dtype=dtype, generator=gen).to(device)
 
 
+def _step_inputs(n, c, h, w, dtype, gen, h_scale=2.0):
+    """x [n, c, h, w], weight [c, c] / sqrt(c), bias [c] and h_scale * h [n, c, h, w] on the CPU,
+    drawn from gen in that order (the C++ step-kernel tests below)."""
+    x = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+    weight = _rand(c, c, dtype=dtype, device="cpu", gen=gen) / c ** 0.5
+    bias = _rand(c, dtype=dtype, device="cpu", gen=gen)
+    return x, weight, bias, h_scale * _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("co_extra", [0, 3])
@@ -300,10 +309,7 @@ def test_glow_logdet_products_per_isa(monkeypatch, isa, dtype, raw):
     use_cpu_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(23)
     for n, c, h, w in ((2, 70, 11, 13), (2, 4, 64, 65)):
-        x = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
-        weight = _rand(c, c, dtype=dtype, device="cpu", gen=gen) / c ** 0.5
-        bias = _rand(c, dtype=dtype, device="cpu", gen=gen)
-        hh = 3 * _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+        x, weight, bias, hh = _step_inputs(n, c, h, w, dtype, gen, h_scale=3.0)
         if raw == "zero":
             hh[:, c // 2:] = -2.0
         y, ld = ops.actnorm_invconv_coupling(x, weight, bias, hh)
@@ -336,10 +342,7 @@ def test_glow_backwards_from_saved_output_per_isa(monkeypatch, isa, dtype):
     gen = torch.Generator().manual_seed(29)
     bwd = torch.ops.latentfast_cpp.actnorm_invconv_bwd
     for n, c, h, w in ((3, 6, 7, 5), (2, 34, 9, 31)):
-        x = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
-        weight = _rand(c, c, dtype=dtype, device="cpu", gen=gen) / c ** 0.5
-        bias = _rand(c, dtype=dtype, device="cpu", gen=gen)
-        hh = 2 * _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+        x, weight, bias, hh = _step_inputs(n, c, h, w, dtype, gen)
         gy, gld = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen), _rand(n, dtype=dtype, device="cpu", gen=gen)
         y, _ = ops.actnorm_invconv_coupling(x, weight, bias, hh)
         want = ref.actnorm_invconv_backward(*(t.double() for t in (gy, gld, x, weight, bias, hh)), 2)
@@ -373,10 +376,7 @@ def test_glow_streaming_stores_write_the_same_numbers_per_isa(monkeypatch, isa, 
     gen = torch.Generator().manual_seed(31)
     fwd, bwd = torch.ops.latentfast_cpp.actnorm_invconv_fwd, torch.ops.latentfast_cpp.actnorm_invconv_bwd
     for n, c, h, w in ((2, 10, 16, 16), (3, 6, 8, 9), (2, 26, 11, 13)):
-        x = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
-        weight = _rand(c, c, dtype=dtype, device="cpu", gen=gen) / c ** 0.5
-        bias = _rand(c, dtype=dtype, device="cpu", gen=gen)
-        hh = 2 * _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+        x, weight, bias, hh = _step_inputs(n, c, h, w, dtype, gen)
         gy, gld = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen), _rand(n, dtype=dtype, device="cpu", gen=gen)
         d = [t.double() for t in (gy, gld, x, weight, bias, hh)]
         for mode, hm in ((0, None), (1, hh[:, : c // 2].contiguous()), (2, hh)):
@@ -416,10 +416,7 @@ def test_glow_backward_reads_strided_and_expanded_grads_per_isa(monkeypatch, isa
     gen = torch.Generator().manual_seed(41)
     bwd = torch.ops.latentfast_cpp.actnorm_invconv_bwd
     n, c, h, w = 3, 10, 9, 15
-    x = _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
-    weight = _rand(c, c, dtype=dtype, device="cpu", gen=gen) / c ** 0.5
-    bias = _rand(c, dtype=dtype, device="cpu", gen=gen)
-    hh = 2 * _rand(n, c, h, w, dtype=dtype, device="cpu", gen=gen)
+    x, weight, bias, hh = _step_inputs(n, c, h, w, dtype, gen)
     gld = _rand(n, dtype=dtype, device="cpu", gen=gen)
     y, _ = ops.actnorm_invconv_coupling(x, weight, bias, hh)
     grads = {
@@ -466,10 +463,7 @@ def test_glow_prefetch_changes_no_value_per_isa(monkeypatch, isa):
     gen = torch.Generator().manual_seed(47)
     fwd, bwd = torch.ops.latentfast_cpp.actnorm_invconv_fwd, torch.ops.latentfast_cpp.actnorm_invconv_bwd
     n, c, h, w = 3, 10, 23, 19
-    x = _rand(n, c, h, w, dtype=torch.float32, device="cpu", gen=gen)
-    weight = _rand(c, c, dtype=torch.float32, device="cpu", gen=gen) / c ** 0.5
-    bias = _rand(c, dtype=torch.float32, device="cpu", gen=gen)
-    hh = _rand(n, c, h, w, dtype=torch.float32, device="cpu", gen=gen)
+    x, weight, bias, hh = _step_inputs(n, c, h, w, torch.float32, gen, h_scale=1.0)
     gy, gld = torch.randn_like(x), torch.randn(n)
     runs = {}
     for setting in ("0", "1"):
