@@ -21,6 +21,7 @@ from tests.ops import test_checks as checks_t
 from tests.ops import test_double_backward as dbl_t
 from tests.ops import test_empty_batches as empty_t
 from tests.ops import test_flows_ops as flow_t
+from tests.ops import test_layouts as layout_t
 from tests.ops import test_transforms as tf_t
 from tests.rnn import test_lyapunov_ops as lyap_t
 from tests.rnn import test_models as rnn_models_t
@@ -297,6 +298,13 @@ def test_geometry_ops_under_cuda_graph_capture(triton_cuda, rbf):
 def test_ops_on_an_empty_batch_on_cuda(triton_cuda, name):
     """Zero-size grids and the wrappers' sizes from an empty batch on the GPU."""
     empty_t.test_op_on_an_empty_batch(triton_cuda, name)
+
+
+@pytest.mark.parametrize("name", layout_t.CASES)
+def test_ops_on_other_layouts_and_under_inference_mode_on_cuda(triton_cuda, name):
+    """Strided, channels_last and broadcast inputs, no_grad and inference tensors on the GPU."""
+    layout_t.test_op_on_inputs_in_other_layouts(triton_cuda, name)
+    layout_t.test_op_under_no_grad_and_inference_mode(triton_cuda, name)
 
 
 def test_check_finite_on_cuda():

@@ -482,9 +482,12 @@ def _step_levels(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> list[tu
     alone; how many it changes; its number of levels, 0 for a cycle): the dependency graph of
     _inverse_plan from the weights' zero pattern. Reads the [K, D, D] pattern back to the host
     (one synchronisation), except when the same three tensors at the same versions asked last
-    (the differentiable inverse's forward and backward: one read-back per training step)."""
-    key = (additive, w1._version, w2._version, act._version)
-    if _step_levels_memo:
+    (the differentiable inverse's forward and backward: one read-back per training step).
+    Tensors made under torch.inference_mode carry no version counter: those are read back
+    every call and not remembered."""
+    inference = any(t.is_inference() for t in (w1, w2, act))
+    key = None if inference else (additive, w1._version, w2._version, act._version)
+    if _step_levels_memo and not inference:
         refs, k0, res = _step_levels_memo[0]
         if k0 == key and all(r() is t for r, t in zip(refs, (w1, w2, act))):
             return res
@@ -505,7 +508,8 @@ def _step_levels(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> list[tu
         n_levels = 0 if lev is None or len(dims) == 0 else int(lev.max()) + 1
         order = dims if lev is None else dims[np.argsort(lev, kind="stable")]
         res.append((np.concatenate([order, np.nonzero(~changed[i])[0]]).astype(np.int32), len(dims), n_levels))
-    _step_levels_memo[:] = [(tuple(weakref.ref(t) for t in (w1, w2, act)), key, res)]
+    if not inference:
+        _step_levels_memo[:] = [(tuple(weakref.ref(t) for t in (w1, w2, act)), key, res)]
     return res
 
 
