@@ -78,24 +78,48 @@ def sanitize_sweep(x: Tensor) -> Tensor:
     return torch.nan_to_num(x, nan=0.0).clamp(-SWEEP_BOUND, SWEEP_BOUND)
 
 
+def _sweep(x: Tensor, y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, c: Tensor | None,
+           act: Tensor, additive: bool) -> Tensor:
+    """One fixed-point sweep of one step's inverse: x <- (y - (1 - sigma(x)) m(x)) / sigma(x)
+    where act (y - m(x) additive), y elsewhere, then sanitize_sweep."""
+    _, o = flow_step_params(x, w1, b1, w2, b2, c)
+    if additive:
+        x = y - act * o
+    else:
+        d = y.shape[1]
+        sigma = torch.sigmoid(o[:, d:])
+        x = torch.where(act > 0, (y - (1.0 - sigma) * o[:, :d]) / sigma, y)
+    return sanitize_sweep(x)
+
+
 def vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                               act: Tensor, additive: bool, n_passes: int) -> tuple[Tensor, Tensor]:
     """x with stack(x) = y, and the forward log-determinant at x (so log p(y) =
-    log p_base(x) - logdet). Each step is inverted by `n_passes` fixed-point sweeps."""
+    log p_base(x) - logdet). Each step is inverted by `n_passes` fixed-point sweeps from x = y.
+
+    Derivatives (autograd, forward-mode AD, torch.func) are those of the exact inverse, by the
+    implicit-function theorem, as the kernels' backward gives them: each step's value comes
+    from sweeps on detached tensors, and its derivatives from n_passes + 1 more sweeps started
+    at that detached solution (x + (r - r.detach()), the value unchanged). Where the Jacobian
+    of a sweep is nilpotent within n_passes + 1 (masked weights, enough passes), those sweeps
+    sum the Neumann series (I - J)^-1 exactly at the solution. Differentiating the sweeps from
+    x = y instead gives the same derivatives for every weight the masks keep, but not for the
+    masked (zero) entries themselves, which then get the derivative of the truncated
+    iteration rather than of the inverse."""
     logdet = y.new_zeros(y.shape[0])
-    d = y.shape[1]
     for k in reversed(range(w1.shape[0])):
-        c = None if ctx is None else ctx[k]
-        x = y
-        for _ in range(n_passes):
-            _, o = flow_step_params(x, w1[k], b1[k], w2[k], b2[k], c)
-            if additive:
-                x = y - act[k] * o
-            else:
-                sigma = torch.sigmoid(o[:, d:])
-                x = torch.where(act[k] > 0, (y - (1.0 - sigma) * o[:, :d]) / sigma, y)
-            x = sanitize_sweep(x)
-        _, o = flow_step_params(x, w1[k], b1[k], w2[k], b2[k], c)
+        step = (w1[k], b1[k], w2[k], b2[k], None if ctx is None else ctx[k])
+        with torch.no_grad():
+            const = [None if t is None else t.detach() for t in step]
+            y0, a0 = y.detach(), act[k].detach()
+            x0 = y0
+            for _ in range(n_passes):
+                x0 = _sweep(x0, y0, *const, a0, additive)
+        r = x0
+        for _ in range(n_passes + 1):
+            r = _sweep(r, y, *step, act[k], additive)
+        x = x0 + (r - r.detach())
+        _, o = flow_step_params(x, *step)
         logdet = logdet + flow_step_transform(x, o, act[k], additive)[1]
         y = x
     return y, logdet

@@ -828,6 +828,58 @@ def test_inverse_gradients_are_the_implicit_function_derivatives(backend, kind, 
         assert_close(a, e, scale=1e3, msg=f"d/d{name}")
 
 
+@pytest.mark.parametrize("kind", ["made_random_order", "coupling_one_sweep"])
+def test_inverse_derivatives_at_masked_entries_agree_across_routes(backend, kind):
+    """Masked weights given as leaves themselves (a user of the op; the modules multiply by
+    their masks, which zeroes these entries' gradients): every route gives the masked (zero)
+    entries the derivative of the exact inverse, as central differences of the inverse solved
+    with 4 d passes show, the kernels' implicit backward as well as torch.func and double
+    backward (the reference's sweeps). Differentiating the reference's sweeps from x = y gave
+    there the derivative of the truncated iteration instead (5e-4 relative off for a MADE step;
+    up to 7 absolute on tests/ops/op_cases.py's draw)."""
+    dev = device_for(backend)
+    k, d, h, b = 2, 4, 6, 3
+    w1, b1, w2, b2 = (t.to(dev) for t in _masked_params(kind.replace("_one_sweep", ""), k, d, h, seed=9))
+    act, n_passes = None, None
+    if kind == "coupling_one_sweep":
+        first = (torch.arange(d, device=dev) < d // 2).to(w1)
+        act, n_passes = torch.stack([1 - first, first]), 1
+    g = torch.Generator().manual_seed(10)
+    y = torch.randn(b, d, generator=g, dtype=torch.float64).to(dev)
+    cot = torch.randn(b, d, generator=g, dtype=torch.float64).to(dev)
+    cot_ld = torch.randn(b, generator=g, dtype=torch.float64).to(dev)
+
+    def loss(yy, w1_, b1_, w2_, b2_, passes=n_passes):
+        x, ld = ops.vector_flow_stack_inverse(yy, w1_, b1_, w2_, b2_, act, None, False, passes)
+        return (x * cot).sum() + (ld * cot_ld).sum()
+
+    inputs = (y, w1, b1, w2, b2)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    implicit = torch.autograd.grad(loss(*leaves), leaves)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    double = torch.autograd.grad(loss(*leaves), leaves, create_graph=True)  # the reference route
+    func = torch.func.grad(loss, argnums=(0, 1, 2, 3, 4))(*inputs)
+    for name, a, e1, e2 in zip(("y", "w1", "b1", "w2", "b2"), implicit, double, func):
+        assert_close(e1.detach(), a, scale=10, msg=f"d/d{name}, double backward")
+        assert_close(e2, a, scale=10, msg=f"d/d{name}, torch.func.grad")
+    masked = []  # six masked entries of each weight, spread over it
+    for i, w in ((1, w1), (3, w2)):
+        zeros = (w == 0).nonzero()
+        masked += [(i, tuple(int(v) for v in zeros[j])) for j in torch.linspace(0, len(zeros) - 1, 6).long()]
+    checked = 0
+    for i, idx in masked:
+        def at(delta):
+            t = inputs[i].clone()
+            t[idx] += delta
+            with torch.no_grad():
+                return loss(*inputs[:i], t, *inputs[i + 1:], passes=4 * d).item()
+        want = (at(1e-6) - at(-1e-6)) / 2e-6
+        got = implicit[i][idx].item()
+        assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), (i, idx, got, want)
+        checked += abs(want) > 1e-3
+    assert checked >= 3  # entries whose derivative is not ~0
+
+
 @pytest.mark.parametrize("kind", ["made", "made_random_order", "coupling"])
 @pytest.mark.parametrize("additive", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
