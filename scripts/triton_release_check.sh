@@ -26,12 +26,8 @@ if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
   tqdm pytest pytest-benchmark pytest-xdist scikit-learn matplotlib
 "$VENV/bin/python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-WORKERS=${LATENTFAST_TEST_WORKERS:-2}
-xdist=()
-if [ "$WORKERS" != "0" ]; then xdist=(-n "$WORKERS"); fi
 set +e
-TRITON_INTERPRET=1 LATENTFAST_BACKEND=triton "$VENV/bin/python" -m pytest -q tests -p no:cacheprovider \
-  "${xdist[@]}" 2>&1 | tee "$OUT/interpreter_pass.log" | tail -3
+bash scripts/interpreter_pass.sh "$VENV/bin/python" 2>&1 | tee "$OUT/interpreter_pass.log" | tail -3
 tests_rc=${PIPESTATUS[0]}
 "$VENV/bin/python" scripts/triton_smem.py --json "$OUT/triton_smem.json" > "$OUT/triton_smem.log" 2>&1
 smem_rc=$?
