@@ -14,6 +14,7 @@ import latentfast
 from latentfast import backend as lf_backend
 from latentfast.bench.runner import capture_cuda_graph
 from latentfast.ops import geometry as geo_ops
+from tests import test_export as export_t
 from tests.flows import test_vector_flows as vec_t
 from tests.geometry import test_geometry_ops as geo_t
 from tests.ops import test_autocast as amp_t
@@ -305,6 +306,11 @@ def test_ops_on_other_layouts_and_under_inference_mode_on_cuda(triton_cuda, name
     """Strided, channels_last and broadcast inputs, no_grad and inference tensors on the GPU."""
     layout_t.test_op_on_inputs_in_other_layouts(triton_cuda, name)
     layout_t.test_op_under_no_grad_and_inference_mode(triton_cuda, name)
+
+
+@pytest.mark.parametrize("name", export_t.MODULES)
+def test_modules_export_on_cuda(triton_cuda, name):
+    export_t.test_module_exports_with_a_dynamic_batch(triton_cuda, name)
 
 
 def test_check_finite_on_cuda():

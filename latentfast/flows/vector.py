@@ -305,11 +305,15 @@ class Flow(nn.Module):
         return torch.Size([self.dim])
 
     def base(self) -> torch.distributions.Distribution:
-        """The base distribution (the one given, or a standard normal on the flow's device)."""
+        """The base distribution (the one given, or a standard normal on the flow's device).
+        The standard normal skips torch.distributions' argument checks: its parameters are
+        valid by construction, and the checks' data-dependent branches (``(scale > 0).all()``,
+        the support test of each value) stop torch.export."""
         if self._base is not None:
             return self._base
         loc = self._anchor
-        return torch.distributions.Independent(torch.distributions.Normal(loc, torch.ones_like(loc)), 1)
+        return torch.distributions.Independent(
+            torch.distributions.Normal(loc, torch.ones_like(loc), validate_args=False), 1, validate_args=False)
 
     def _base_log_prob(self, z: Tensor) -> Tensor:
         if z.shape[0] == 0:  # torch.distributions.Independent cannot reshape an empty batch
