@@ -29,8 +29,23 @@ def fast_stack(x, w1, b1, w2, b2):
 
 
 def eager_inverse(y, w1, b1, w2, b2):
-    return ref.vector_flow_stack_inverse(y, None, w1, b1, w2, b2, y.new_ones(w1.shape[0], y.shape[1]), False,
-                                         y.shape[1])
+    """The inverse as a user writes it in PyTorch: per step (last first) d fixed-point sweeps
+    x <- (y - (1 - sigma(x)) m(x)) / sigma(x) from x = y, each clamped as the reference clamps
+    them, then the step's log-det at x; with gradients, autograd through the sweeps. (The
+    reference's own inverse also runs d + 1 sweeps from the solution for its derivatives.)"""
+    d = y.shape[1]
+    act = y.new_ones(d)
+    logdet = y.new_zeros(y.shape[0])
+    for k in reversed(range(w1.shape[0])):
+        x = y
+        for _ in range(d):
+            _, o = ref.flow_step_params(x, w1[k], b1[k], w2[k], b2[k], None)
+            sigma = torch.sigmoid(o[:, d:])
+            x = ref.sanitize_sweep((y - (1.0 - sigma) * o[:, :d]) / sigma)
+        _, o = ref.flow_step_params(x, w1[k], b1[k], w2[k], b2[k], None)
+        logdet = logdet + ref.flow_step_transform(x, o, act, False)[1]
+        y = x
+    return y, logdet
 
 
 def fast_inverse(y, w1, b1, w2, b2):
