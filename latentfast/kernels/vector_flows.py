@@ -567,7 +567,7 @@ def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: T
                    y, ctx if ctx is not None else y, w1, b1, w2, b2, act, x, ld, w1t, order, count, planned, B, D, H,
                    K, n_passes, HAS_CTX=ctx is not None, ADDITIVE=additive, SWEEPS=sweeps, BLOCK_B=bb, BLOCK_D=bd,
                    BLOCK_H=bh, BLOCK_HF=bhf, num_warps=nw, num_stages=ns):
-        x, ld = ref.vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes)
+        x, ld = ref.vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes, differentiable=False)
         return x.contiguous(), ld.contiguous()
     return x, ld
 

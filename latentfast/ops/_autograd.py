@@ -120,6 +120,12 @@ _routing: contextvars.ContextVar[bool] = contextvars.ContextVar("latentfast_tran
 ROUTED: dict[str, bool] = {}  # "latentfast::name" -> True (reference route) / False (raises)
 
 
+def routed() -> bool:
+    """True while an op body runs for the transform route (below), where the transform
+    differentiates what the body computes."""
+    return _routing.get()
+
+
 def registered_ops() -> list[str]:
     """The custom ops registered in the latentfast:: namespace so far ("latentfast::name")."""
     return [f"latentfast::{n}" for n in dir(torch.ops.latentfast) if not n.startswith("_") and n != "name"]

@@ -25,7 +25,8 @@ from torch import Tensor
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
 from latentfast.ops._amp import float32_under_autocast
-from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, route_transforms, under_transform
+from latentfast.ops._autograd import (graph_wanted, reference_vjp, reject_tangents, route_transforms, routed,
+                                      under_transform)
 from latentfast.ops._checks import can_read_back, check_finite, check_tensor
 from latentfast.reference import vector_flows as ref
 
@@ -110,7 +111,9 @@ def _vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Te
         return torch.ops.latentfast_cpp.vector_flow_inv(y, ctx, w1, b1, w2, b2, act, additive, n_passes)
     if be == "triton":
         return _triton().vector_flow_inv(y, ctx, w1, b1, w2, b2, act, additive, n_passes)
-    x, ld = ref.vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes)
+    # the plain sweeps where the implicit backward differentiates; the transform route
+    # differentiates the body itself
+    x, ld = ref.vector_flow_stack_inverse(y, ctx, w1, b1, w2, b2, act, additive, n_passes, differentiable=routed())
     return x.contiguous(), ld.contiguous()
 
 

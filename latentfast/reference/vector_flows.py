@@ -93,9 +93,12 @@ def _sweep(x: Tensor, y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
 
 
 def vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-                              act: Tensor, additive: bool, n_passes: int) -> tuple[Tensor, Tensor]:
+                              act: Tensor, additive: bool, n_passes: int, differentiable: bool = True
+                              ) -> tuple[Tensor, Tensor]:
     """x with stack(x) = y, and the forward log-determinant at x (so log p(y) =
     log p_base(x) - logdet). Each step is inverted by `n_passes` fixed-point sweeps from x = y.
+    differentiable=False runs only those sweeps, for callers that differentiate by other means
+    or not at all (the custom op's body, whose backward is the implicit one).
 
     Derivatives (autograd, forward-mode AD, torch.func) are those of the exact inverse, by the
     implicit-function theorem, as the kernels' backward gives them: each step's value comes
@@ -115,10 +118,12 @@ def vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Ten
             x0 = y0
             for _ in range(n_passes):
                 x0 = _sweep(x0, y0, *const, a0, additive)
-        r = x0
-        for _ in range(n_passes + 1):
-            r = _sweep(r, y, *step, act[k], additive)
-        x = x0 + (r - r.detach())
+        x = x0
+        if differentiable:
+            r = x0
+            for _ in range(n_passes + 1):
+                r = _sweep(r, y, *step, act[k], additive)
+            x = x0 + (r - r.detach())
         _, o = flow_step_params(x, *step)
         logdet = logdet + flow_step_transform(x, o, act[k], additive)[1]
         y = x

@@ -880,6 +880,32 @@ def test_inverse_derivatives_at_masked_entries_agree_across_routes(backend, kind
     assert checked >= 3  # entries whose derivative is not ~0
 
 
+def test_reference_inverse_runs_the_derivative_sweeps_only_when_differentiated(monkeypatch):
+    """The reference backend's inverse without gradients (and under the implicit backward) runs
+    n_passes sweeps and one log-det evaluation per step; the n_passes + 1 derivative sweeps
+    from the solution run where its own graph is differentiated (the public function under
+    torch.func, the transform route of a direct op call)."""
+    k, d, h = 2, 4, 6
+    w1, b1, w2, b2 = _masked_params("made", k, d, h, seed=3)
+    y = torch.randn(3, d, dtype=torch.float64)
+    calls = []
+    real = ref.flow_step_params
+    monkeypatch.setattr(ref, "flow_step_params", lambda *a: calls.append(1) or real(*a))
+
+    def count(fn):
+        calls.clear()
+        fn()
+        return len(calls)
+
+    with latentfast.use_backend("reference"):
+        with torch.no_grad():
+            assert count(lambda: ops.vector_flow_stack_inverse(y, w1, b1, w2, b2)) == k * (d + 1)
+        assert count(lambda: torch.func.grad(lambda yy: ops.vector_flow_stack_inverse(yy, w1, b1, w2, b2)[0].sum())(y)
+                     ) == k * (2 * d + 2)
+        assert count(lambda: torch.func.grad(lambda yy: torch.ops.latentfast.vector_flow_stack_inverse(
+            yy, None, w1, b1, w2, b2, torch.ones(k, d, dtype=y.dtype), False, d)[0].sum())(y)) == k * (2 * d + 2)
+
+
 @pytest.mark.parametrize("kind", ["made", "made_random_order", "coupling"])
 @pytest.mark.parametrize("additive", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
