@@ -190,12 +190,14 @@ def curve_length(decoder, curves: Tensor, mode: str = "features") -> Tensor:
 
 
 def energy_and_grad(decoder, curves: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(energy [B], length [B], d energy / d curves [B, T+1, d]), fused for MLP decoders."""
+    """(energy [B], length [B], d energy / d curves [B, T+1, d]), fused for MLP decoders; by
+    autograd for other decoders, also under torch.no_grad and torch.inference_mode (an
+    inference tensor is copied first: autograd cannot save one)."""
     p = as_mlp(decoder)
     if p is not None:
         return ops.curve_energy_and_grad(curves, *p.args())
-    with torch.enable_grad():
-        leaf = curves.detach().requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad():
+        leaf = (curves.clone() if curves.is_inference() else curves.detach()).requires_grad_(True)
         e, ln = _energy_length(decoder, leaf)
         g = torch.autograd.grad(e.sum(), leaf)[0]
     return e.detach(), ln.detach(), g

@@ -890,6 +890,32 @@ def test_decoder_is_held_fixed_on_every_path():
     assert all(bool(g.abs().sum() > 0) for g in grads)
 
 
+@pytest.mark.parametrize("decoder", ["mlp", "generic"])
+def test_geometry_under_no_grad_and_inference_mode(backend, decoder):
+    """The geometry API inside torch.no_grad and torch.inference_mode (points made there
+    too) gives its grad-mode results. With a decoder off the fused path the geodesic solver
+    raised under inference_mode: its energy gradient by autograd got inference tensors
+    ("element 0 of tensors does not require grad")."""
+    torch.manual_seed(0)
+    dec = small_mlp_decoder() if decoder == "mlp" else (lambda z: torch.stack([torch.sin(z[..., 0]) * z[..., 1],
+                                                                               z[..., 0] ** 2, z[..., 1]], -1))
+    z = torch.randn(8, 2, dtype=F64)
+    line = geo.straight_line(z[:2], z[2:4], 6)
+    calls = {"geodesic": lambda zz: geo.geodesic(zz[:2], zz[2:4], dec).curves,
+             "graph geodesic": lambda zz: geo.geodesic(zz[:2], zz[2:4], dec, init="graph", data=zz).lengths,
+             "distance_matrix": lambda zz: geo.distance_matrix(dec, zz[:4]),
+             "knn": lambda zz: geo.knn(dec, zz[:2], zz[2:], k=2)[0],
+             "interpolate": lambda zz: geo.interpolate(dec, line, 4),
+             "metric": lambda zz: geo.metric(dec, zz)}
+    for name, call in calls.items():
+        want = call(z)
+        with torch.no_grad():
+            torch.testing.assert_close(call(z), want, rtol=1e-9, atol=1e-10, msg=f"{name} under no_grad")
+        with torch.inference_mode():
+            got = call(z.clone())
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=f"{name} under inference_mode")
+
+
 def test_sequential_decoder_uses_fused_ops_and_rejects_unknown_layers():
     seq = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3), nn.Sigmoid())
     p = geo.as_mlp(seq)
