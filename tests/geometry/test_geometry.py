@@ -901,10 +901,11 @@ def test_geometry_under_no_grad_and_inference_mode(backend, decoder):
                                                                                z[..., 0] ** 2, z[..., 1]], -1))
     z = torch.randn(8, 2, dtype=F64)
     line = geo.straight_line(z[:2], z[2:4], 6)
-    calls = {"geodesic": lambda zz: geo.geodesic(zz[:2], zz[2:4], dec).curves,
-             "graph geodesic": lambda zz: geo.geodesic(zz[:2], zz[2:4], dec, init="graph", data=zz).lengths,
-             "distance_matrix": lambda zz: geo.distance_matrix(dec, zz[:4]),
-             "knn": lambda zz: geo.knn(dec, zz[:2], zz[2:], k=2)[0],
+    seg = dict(n_segments=8)  # (few points a curve: the solves run the Triton kernels interpreted too)
+    calls = {"geodesic": lambda zz: geo.geodesic(zz[:2], zz[2:4], dec, **seg).curves,
+             "graph geodesic": lambda zz: geo.geodesic(zz[:2], zz[2:4], dec, init="graph", data=zz, **seg).lengths,
+             "distance_matrix": lambda zz: geo.distance_matrix(dec, zz[:3], **seg),
+             "knn": lambda zz: geo.knn(dec, zz[:2], zz[2:6], k=2, **seg)[0],
              "interpolate": lambda zz: geo.interpolate(dec, line, 4),
              "metric": lambda zz: geo.metric(dec, zz)}
     for name, call in calls.items():
