@@ -98,7 +98,8 @@ def vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Ten
     """x with stack(x) = y, and the forward log-determinant at x (so log p(y) =
     log p_base(x) - logdet). Each step is inverted by `n_passes` fixed-point sweeps from x = y.
     differentiable=False runs only those sweeps, for callers that differentiate by other means
-    or not at all (the custom op's body, whose backward is the implicit one).
+    or not at all (the custom op's body, whose backward is the implicit one); its results are
+    not for differentiating (x carries no derivative).
 
     Derivatives (autograd, forward-mode AD, torch.func) are those of the exact inverse, by the
     implicit-function theorem, as the kernels' backward gives them: each step's value comes
