@@ -41,17 +41,21 @@ LF_TARGET_END
 
 namespace {
 
-// rows[i] = the column of the 1 in row i of perm when every row of perm is one 1 and zeros
-// (a permutation matrix, as the flows build it): then P M is exactly a row gather of M.
+// rows[i] = the column of the 1 in row i of perm when perm is a permutation matrix (every row
+// one 1 and zeros, every column hit once), as the flows build it: then P M is exactly a row
+// gather of M and P^T M a row scatter. Rows of single 1s that repeat a column (P singular) take
+// the GEMMs: the scatter would drop rows of P^T g and leave others unwritten.
 template <typename T>
 bool permutation_rows(const T* perm, int64_t C, std::vector<int64_t>& rows) {
   rows.assign(C, -1);
+  std::vector<char> hit(C, 0);
   for (int64_t i = 0; i < C; ++i) {
     for (int64_t j = 0; j < C; ++j) {
       const T v = perm[i * C + j];
       if (v == T(0)) continue;
-      if (v != T(1) || rows[i] >= 0) return false;
+      if (v != T(1) || rows[i] >= 0 || hit[j]) return false;
       rows[i] = j;
+      hit[j] = 1;
     }
     if (rows[i] < 0) return false;
   }

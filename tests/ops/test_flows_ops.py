@@ -106,9 +106,8 @@ def test_lu_weight_matches_reference(backend, c, dtype):
 @pytest.mark.parametrize("c", [12, 130])
 @pytest.mark.parametrize("kind", ["negated_row", "scaled_entry", "repeated_row", "dense"])
 def test_lu_weight_general_perm_matrix(backend, c, kind):
-    """perm is used as the matrix it is: the C++ kernel's row gather (taken when every row of
-    perm is a unit row, as in a permutation matrix or one with a repeated row) must not be
-    taken for a matrix that only looks like one."""
+    """perm is used as the matrix it is: the C++ kernel's row gather (taken for a permutation
+    matrix) must not be taken for a matrix that only looks like one."""
     dev, gen = device_for(backend), torch.Generator().manual_seed(c + 7)
     d = torch.float64
     perm = torch.eye(c, dtype=d)[torch.randperm(c, generator=gen)]
@@ -520,7 +519,9 @@ def test_lu_weight_small_kernel_per_isa(monkeypatch, isa, dtype):
 
 # lu_weight's backward is one C++ call on the C++ backend (lu_weight_bwd: BLAS GEMMs, P^T g as a
 # row scatter for a permutation matrix) and the reference formula elsewhere; the two agree in
-# float64 for permutation and general P, with the gradient of W, of W^-1, of both or neither.
+# float64 for permutation and general P and for unit rows that repeat a column (the scatter
+# had been taken there: it dropped rows of P^T g and left others unwritten), with the gradient
+# of W, of W^-1, of both or neither.
 @_NEEDS_CPP
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lu_weight_backward_kernel_matches_the_reference(dtype):
@@ -529,8 +530,12 @@ def test_lu_weight_backward_kernel_matches_the_reference(dtype):
     for c in (1, 2, 7, 48, 130):
         perm, lower, upper, sign_s, log_abs_s = _lu_inputs(c, dtype, "cpu", gen)
         lower, upper = lower * min(1.0, 3.0 / c ** 0.5), upper * min(1.0, 3.0 / c ** 0.5)  # W^-1 of size ~1
-        for general in (False, True):
-            p = perm + 0.05 * _rand(c, c, dtype=dtype, device="cpu", gen=gen) if general else perm
+        for kind in ("permutation", "general", "repeated row"):
+            if kind == "repeated row" and c < 2:
+                continue
+            p = perm + 0.05 * _rand(c, c, dtype=dtype, device="cpu", gen=gen) if kind == "general" else perm.clone()
+            if kind == "repeated row":
+                p[1] = p[0]
             _, w_inv = torch.ops.latentfast_cpp.lu_weight(p, lower, upper, sign_s, log_abs_s)
             gw, gwi = _rand(c, c, dtype=dtype, device="cpu", gen=gen), _rand(c, c, dtype=dtype, device="cpu", gen=gen)
             for grads in ((gw, gwi), (gw, None), (None, gwi), (None, None)):
