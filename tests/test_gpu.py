@@ -305,7 +305,13 @@ def test_ops_on_an_empty_batch_on_cuda(triton_cuda, name):
 def test_ops_on_other_layouts_and_under_inference_mode_on_cuda(triton_cuda, name):
     """Strided, channels_last and broadcast inputs, no_grad and inference tensors on the GPU."""
     layout_t.test_op_on_inputs_in_other_layouts(triton_cuda, name)
+    layout_t.test_op_given_gradients_in_other_layouts(triton_cuda, name)
     layout_t.test_op_under_no_grad_and_inference_mode(triton_cuda, name)
+
+
+@pytest.mark.parametrize("name", ["lu_weight", "lorenz_lyapunov_spectrum", "rnn_lyapunov_spectrum"])
+def test_unbatched_ops_on_other_layouts_on_cuda(triton_cuda, name):
+    layout_t.test_unbatched_op_on_inputs_in_other_layouts_and_modes(triton_cuda, name)
 
 
 @pytest.mark.parametrize("name", export_t.MODULES)

@@ -285,8 +285,10 @@ def lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_ab
               ) -> tuple[Tensor, Tensor]:
     """(W, W^-1) from the LU parameters, one program (C up to a few hundred)."""
     c = perm.shape[0]
-    w = torch.empty_like(perm)
-    w_inv = torch.empty_like(perm)
+    # row-major outputs whatever perm's layout (empty_like would keep a transposed perm's strides,
+    # and the kernel writes rows)
+    w = torch.empty((c, c), dtype=perm.dtype, device=perm.device)
+    w_inv = torch.empty_like(w)
     block = max(16, triton.next_power_of_2(c))
     _lu_weight_kernel[(1,)](perm.contiguous(), lower.contiguous(), upper.contiguous(),
                             sign_s.contiguous(), log_abs_s.contiguous(), w, w_inv, c, BLOCK=block)

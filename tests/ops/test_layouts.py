@@ -4,17 +4,25 @@ grad modes it runs in: the same outputs and gradients as with contiguous inputs 
 Layouts, one input at a time: a view of every other element (a slice of a larger tensor), a
 transposed storage order (what `.transpose(0, 1).contiguous().transpose(0, 1)` or a permuted
 batch gives), channels_last for the 4-D ones, and a broadcast (stride 0) batch or weight.
+Gradients arriving in those layouts too (what a transpose, a permute or a sum downstream hands
+the backward). The ops without a batch (lu_weight, the Lyapunov spectra) the same way: the
+Triton lu_weight allocated W and W^-1 with empty_like(perm), which keeps a transposed perm's
+strides, and wrote them row-major, returning W^T.
 Modes: torch.no_grad, and torch.inference_mode with inputs made there (inference tensors have
 no version counter: the Triton inverse of the vector-flow stack read it to remember its
 dependency plan and raised "Inference tensors do not track version counter").
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from latentfast.ops import dynamics as dyn_ops
+from latentfast.ops import flows as flow_ops
 from tests.conftest import TOL, device_for
-from tests.ops.op_cases import CASES, op_cases
+from tests.ops.op_cases import CASES, op_cases, rnd
 
 B = 3
 
@@ -49,6 +57,21 @@ def _layouts(t: torch.Tensor):
         yield "channels_last", t.contiguous(memory_format=torch.channels_last).detach()
     if t.shape[0] > 1:
         yield "broadcast rows", t[:1].expand_as(t).detach()
+
+
+def _grad_layouts(t: torch.Tensor):
+    """(name, a gradient with t's values, or its first value broadcast, in another layout)."""
+    if t.dim() >= 2:
+        yield "transposed", t.transpose(0, 1).contiguous().transpose(0, 1)
+    if t.dim() == 3:
+        yield "permuted", t.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    if t.dim() == 4:
+        yield "channels_last", t.contiguous(memory_format=torch.channels_last)
+    big = torch.zeros([2 * s for s in t.shape], dtype=t.dtype, device=t.device)
+    every_other = big[tuple(slice(None, None, 2) for _ in t.shape)]
+    every_other.copy_(t)
+    yield "every other element", every_other
+    yield "expanded", t.flatten()[:1].reshape([1] * t.dim()).expand(t.shape)  # a sum's gradient
 
 
 def _assert_same(got, want, what):
@@ -87,3 +110,70 @@ def test_op_under_no_grad_and_inference_mode(backend, name):
             _assert_same(got, want, f"{name} under inference_mode, call {call}")
         got, _ = _run(fn, inputs, grad=False)  # tensors from outside inference mode
         _assert_same(got, want, f"{name} under inference_mode, inputs made outside")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_op_given_gradients_in_other_layouts(backend, name):
+    fn, inputs, _, _ = op_cases(device_for(backend), B)[name]
+
+    def grads(j, grad_out):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        outs = [o for o in _outputs(fn(*leaves)) if o.requires_grad]
+        return torch.autograd.grad(outs[j], leaves, grad_outputs=grad_out, allow_unused=True)
+
+    gen = torch.Generator().manual_seed(3)
+    for j, o in enumerate(o for o in _outputs(fn(*[t.detach().requires_grad_() for t in inputs])) if o.requires_grad):
+        g = torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)
+        for layout, view in _grad_layouts(g):
+            _assert_same(grads(j, view), grads(j, view.contiguous()), f"{name}, output {j}, gradient {layout}")
+
+
+def _unbatched_cases(dev):
+    c = 5
+    perm = torch.eye(c, dtype=torch.float64, device=dev)[torch.tensor([3, 0, 4, 1, 2], device=dev)]
+    lu = (perm, rnd(c, c, scale=0.5, dev=dev).tril(-1), rnd(c, c + 1, scale=0.5, dev=dev)[:, :c].triu(1),
+          torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0], dtype=torch.float64, device=dev), rnd(c, scale=0.3, dev=dev))
+    gru = (rnd(18, 3, scale=0.4, dev=dev), rnd(18, 6, scale=0.4, dev=dev), rnd(18, scale=0.1, dev=dev),
+           rnd(19, scale=0.1, dev=dev)[:18])
+    readout = (rnd(3, 6, dev=dev), rnd(3, dev=dev))
+
+    def gen():
+        return torch.Generator(device=dev).manual_seed(0)  # the same random initial frames every call
+
+    lorenz0 = rnd(4, 3, dev=dev) + torch.tensor([0.0, 0.0, 25.0], dtype=torch.float64, device=dev)
+    return {
+        "lu_weight": (flow_ops.lu_weight, lu, True),
+        "lorenz_lyapunov_spectrum": (
+            lambda x: dyn_ops.lorenz_lyapunov_spectrum("lorenz63", x, 3, 5, generator=gen()), (lorenz0,), False),
+        "rnn_lyapunov_spectrum": (
+            lambda s, *p: dyn_ops.rnn_lyapunov_spectrum("gru", s, 2, 4, *p, generator=gen()),
+            (rnd(4, 6, scale=0.5, dev=dev), *gru, *readout), False),
+    }
+
+
+@pytest.mark.parametrize("name", ["lu_weight", "lorenz_lyapunov_spectrum", "rnn_lyapunov_spectrum"])
+def test_unbatched_op_on_inputs_in_other_layouts_and_modes(backend, name):
+    fn, inputs, differentiable = _unbatched_cases(device_for(backend))[name]
+    run = functools.partial(_run, grad=differentiable)
+    want = run(fn, inputs)
+    for i, t in enumerate(inputs):
+        for layout, view in _layouts(t):
+            got = run(fn, [*inputs[:i], view, *inputs[i + 1:]])
+            ref_ = run(fn, [*inputs[:i], view.contiguous(), *inputs[i + 1:]])
+            _assert_same(got[0], ref_[0], f"{name}, input {i} {layout}: output")
+            if differentiable:
+                _assert_same(got[1], ref_[1], f"{name}, input {i} {layout}: gradient")
+    if differentiable:
+        for j, o in enumerate(_outputs(fn(*inputs))):
+            g = torch.randn(o.shape, generator=torch.Generator().manual_seed(j), dtype=o.dtype).to(o.device)
+            for layout, view in _grad_layouts(g):
+                def grads(grad_out):
+                    leaves = [t.detach().requires_grad_() for t in inputs]
+                    return torch.autograd.grad(_outputs(fn(*leaves))[j], leaves, grad_outputs=grad_out,
+                                               allow_unused=True)
+                _assert_same(grads(view), grads(view.contiguous()), f"{name}, output {j}, gradient {layout}")
+    with torch.no_grad():
+        _assert_same(run(fn, inputs, grad=False)[0], want[0], f"{name} under no_grad")
+    with torch.inference_mode():
+        made_here = [t.clone() for t in inputs]
+        _assert_same(run(fn, made_here, grad=False)[0], want[0], f"{name} under inference_mode")
