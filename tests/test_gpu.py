@@ -309,7 +309,7 @@ def test_ops_on_other_layouts_and_under_inference_mode_on_cuda(triton_cuda, name
     layout_t.test_op_under_no_grad_and_inference_mode(triton_cuda, name)
 
 
-@pytest.mark.parametrize("name", ["lu_weight", "lorenz_lyapunov_spectrum", "rnn_lyapunov_spectrum"])
+@pytest.mark.parametrize("name", layout_t.UNBATCHED)
 def test_unbatched_ops_on_other_layouts_on_cuda(triton_cuda, name):
     layout_t.test_unbatched_op_on_inputs_in_other_layouts_and_modes(triton_cuda, name)
 

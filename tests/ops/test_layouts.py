@@ -14,8 +14,6 @@ dependency plan and raised "Inference tensors do not track version counter").
 """
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -34,7 +32,7 @@ def _outputs(out) -> list[torch.Tensor]:
 def _run(fn, inputs, grad: bool = True):
     """Outputs, and the gradients of a fixed weighted sum of them with respect to every input."""
     if grad:
-        inputs = [t.detach().requires_grad_() if not t.requires_grad else t for t in inputs]
+        inputs = [t.detach().requires_grad_() for t in inputs]
     outs = _outputs(fn(*inputs))
     if not grad:
         return [o.detach() for o in outs], None
@@ -44,13 +42,18 @@ def _run(fn, inputs, grad: bool = True):
     return [o.detach() for o in outs], grads
 
 
+def _every_other(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a view of every other element of a tensor twice its size in each dim."""
+    big = torch.zeros([2 * s for s in t.shape], dtype=t.dtype, device=t.device)
+    view = big[tuple(slice(None, None, 2) for _ in t.shape)]
+    view.copy_(t)
+    return view.detach()
+
+
 def _layouts(t: torch.Tensor):
     """(name, a leaf tensor with t's shape in another layout); the broadcast one has other
     values (its first row repeated)."""
-    big = torch.zeros([2 * s for s in t.shape], dtype=t.dtype, device=t.device)
-    every_other = big[tuple(slice(None, None, 2) for _ in t.shape)]
-    every_other.copy_(t)
-    yield "every other element", every_other.detach()
+    yield "every other element", _every_other(t)
     if t.dim() >= 2:
         yield "transposed storage", t.transpose(0, 1).contiguous().transpose(0, 1).detach()
     if t.dim() == 4:
@@ -67,10 +70,7 @@ def _grad_layouts(t: torch.Tensor):
         yield "permuted", t.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     if t.dim() == 4:
         yield "channels_last", t.contiguous(memory_format=torch.channels_last)
-    big = torch.zeros([2 * s for s in t.shape], dtype=t.dtype, device=t.device)
-    every_other = big[tuple(slice(None, None, 2) for _ in t.shape)]
-    every_other.copy_(t)
-    yield "every other element", every_other
+    yield "every other element", _every_other(t)
     yield "expanded", t.flatten()[:1].reshape([1] * t.dim()).expand(t.shape)  # a sum's gradient
 
 
@@ -82,22 +82,37 @@ def _assert_same(got, want, what):
         torch.testing.assert_close(g, w, **TOL[w.dtype], msg=lambda m: f"{what} [{i}]: {m}")
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_op_on_inputs_in_other_layouts(backend, name):
-    fn, inputs, _, _ = op_cases(device_for(backend), B)[name]
+def _check_input_layouts(name, fn, inputs, grad=True):
+    """Each input in turn in each of _layouts: outputs (and gradients) as with its contiguous copy."""
     for i, t in enumerate(inputs):
         for layout, view in _layouts(t):
             assert not view.is_contiguous(), (name, i, layout)  # the op gets another layout
-            got = _run(fn, [*inputs[:i], view, *inputs[i + 1:]])
-            want = _run(fn, [*inputs[:i], view.contiguous(), *inputs[i + 1:]])
+            got = _run(fn, [*inputs[:i], view, *inputs[i + 1:]], grad)
+            want = _run(fn, [*inputs[:i], view.contiguous(), *inputs[i + 1:]], grad)
             _assert_same(got[0], want[0], f"{name}, input {i} {layout}: output")
-            _assert_same(got[1], want[1], f"{name}, input {i} {layout}: gradient")
+            if grad:
+                _assert_same(got[1], want[1], f"{name}, input {i} {layout}: gradient")
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_op_under_no_grad_and_inference_mode(backend, name):
-    fn, inputs, _, _ = op_cases(device_for(backend), B)[name]
-    want, _ = _run(fn, inputs)
+def _check_gradient_layouts(name, fn, inputs):
+    """Each differentiable output's gradient in each of _grad_layouts: the input gradients of
+    its contiguous copy."""
+    def grads(j, grad_out):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        outs = [o for o in _outputs(fn(*leaves)) if o.requires_grad]
+        return torch.autograd.grad(outs[j], leaves, grad_outputs=grad_out, allow_unused=True)
+
+    gen = torch.Generator().manual_seed(3)
+    for j, o in enumerate(o for o in _outputs(fn(*[t.detach().requires_grad_() for t in inputs])) if o.requires_grad):
+        g = torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)
+        for layout, view in _grad_layouts(g):
+            _assert_same(grads(j, view), grads(j, view.contiguous()), f"{name}, output {j}, gradient {layout}")
+
+
+def _check_modes(name, fn, inputs, grad=True):
+    """Outputs under no_grad and inference_mode (inputs made there, two calls; inputs made
+    outside) as in grad mode (with gradients wanted when grad)."""
+    want, _ = _run(fn, inputs, grad)
     with torch.no_grad():
         got, _ = _run(fn, inputs, grad=False)
     _assert_same(got, want, f"{name} under no_grad")
@@ -113,19 +128,21 @@ def test_op_under_no_grad_and_inference_mode(backend, name):
 
 
 @pytest.mark.parametrize("name", CASES)
+def test_op_on_inputs_in_other_layouts(backend, name):
+    fn, inputs, _, _ = op_cases(device_for(backend), B)[name]
+    _check_input_layouts(name, fn, inputs)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_op_under_no_grad_and_inference_mode(backend, name):
+    fn, inputs, _, _ = op_cases(device_for(backend), B)[name]
+    _check_modes(name, fn, inputs)
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_op_given_gradients_in_other_layouts(backend, name):
     fn, inputs, _, _ = op_cases(device_for(backend), B)[name]
-
-    def grads(j, grad_out):
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        outs = [o for o in _outputs(fn(*leaves)) if o.requires_grad]
-        return torch.autograd.grad(outs[j], leaves, grad_outputs=grad_out, allow_unused=True)
-
-    gen = torch.Generator().manual_seed(3)
-    for j, o in enumerate(o for o in _outputs(fn(*[t.detach().requires_grad_() for t in inputs])) if o.requires_grad):
-        g = torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)
-        for layout, view in _grad_layouts(g):
-            _assert_same(grads(j, view), grads(j, view.contiguous()), f"{name}, output {j}, gradient {layout}")
+    _check_gradient_layouts(name, fn, inputs)
 
 
 def _unbatched_cases(dev):
@@ -151,29 +168,13 @@ def _unbatched_cases(dev):
     }
 
 
-@pytest.mark.parametrize("name", ["lu_weight", "lorenz_lyapunov_spectrum", "rnn_lyapunov_spectrum"])
+UNBATCHED = ["lu_weight", "lorenz_lyapunov_spectrum", "rnn_lyapunov_spectrum"]
+
+
+@pytest.mark.parametrize("name", UNBATCHED)
 def test_unbatched_op_on_inputs_in_other_layouts_and_modes(backend, name):
     fn, inputs, differentiable = _unbatched_cases(device_for(backend))[name]
-    run = functools.partial(_run, grad=differentiable)
-    want = run(fn, inputs)
-    for i, t in enumerate(inputs):
-        for layout, view in _layouts(t):
-            got = run(fn, [*inputs[:i], view, *inputs[i + 1:]])
-            ref_ = run(fn, [*inputs[:i], view.contiguous(), *inputs[i + 1:]])
-            _assert_same(got[0], ref_[0], f"{name}, input {i} {layout}: output")
-            if differentiable:
-                _assert_same(got[1], ref_[1], f"{name}, input {i} {layout}: gradient")
+    _check_input_layouts(name, fn, inputs, grad=differentiable)
     if differentiable:
-        for j, o in enumerate(_outputs(fn(*inputs))):
-            g = torch.randn(o.shape, generator=torch.Generator().manual_seed(j), dtype=o.dtype).to(o.device)
-            for layout, view in _grad_layouts(g):
-                def grads(grad_out):
-                    leaves = [t.detach().requires_grad_() for t in inputs]
-                    return torch.autograd.grad(_outputs(fn(*leaves))[j], leaves, grad_outputs=grad_out,
-                                               allow_unused=True)
-                _assert_same(grads(view), grads(view.contiguous()), f"{name}, output {j}, gradient {layout}")
-    with torch.no_grad():
-        _assert_same(run(fn, inputs, grad=False)[0], want[0], f"{name} under no_grad")
-    with torch.inference_mode():
-        made_here = [t.clone() for t in inputs]
-        _assert_same(run(fn, made_here, grad=False)[0], want[0], f"{name} under inference_mode")
+        _check_gradient_layouts(name, fn, inputs)
+    _check_modes(name, fn, inputs, grad=differentiable)
