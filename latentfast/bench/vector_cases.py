@@ -30,18 +30,16 @@ def fast_stack(x, w1, b1, w2, b2):
 
 def eager_inverse(y, w1, b1, w2, b2):
     """The inverse as a user writes it in PyTorch: per step (last first) d fixed-point sweeps
-    x <- (y - (1 - sigma(x)) m(x)) / sigma(x) from x = y, each clamped as the reference clamps
-    them, then the step's log-det at x; with gradients, autograd through the sweeps. (The
-    reference's own inverse also runs d + 1 sweeps from the solution for its derivatives.)"""
+    (the reference's inverse_sweep) from x = y, then the step's log-det at x; with gradients,
+    autograd through the sweeps. (The reference's own inverse also runs d + 1 sweeps from the
+    solution for its derivatives.)"""
     d = y.shape[1]
     act = y.new_ones(d)
     logdet = y.new_zeros(y.shape[0])
     for k in reversed(range(w1.shape[0])):
         x = y
         for _ in range(d):
-            _, o = ref.flow_step_params(x, w1[k], b1[k], w2[k], b2[k], None)
-            sigma = torch.sigmoid(o[:, d:])
-            x = ref.sanitize_sweep((y - (1.0 - sigma) * o[:, :d]) / sigma)
+            x = ref.inverse_sweep(x, y, w1[k], b1[k], w2[k], b2[k], None, act, False)
         _, o = ref.flow_step_params(x, w1[k], b1[k], w2[k], b2[k], None)
         logdet = logdet + ref.flow_step_transform(x, o, act, False)[1]
         y = x

@@ -78,8 +78,8 @@ def sanitize_sweep(x: Tensor) -> Tensor:
     return torch.nan_to_num(x, nan=0.0).clamp(-SWEEP_BOUND, SWEEP_BOUND)
 
 
-def _sweep(x: Tensor, y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, c: Tensor | None,
-           act: Tensor, additive: bool) -> Tensor:
+def inverse_sweep(x: Tensor, y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, c: Tensor | None,
+                  act: Tensor, additive: bool) -> Tensor:
     """One fixed-point sweep of one step's inverse: x <- (y - (1 - sigma(x)) m(x)) / sigma(x)
     where act (y - m(x) additive), y elsewhere, then sanitize_sweep."""
     _, o = flow_step_params(x, w1, b1, w2, b2, c)
@@ -118,12 +118,12 @@ def vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Ten
             y0, a0 = y.detach(), act[k].detach()
             x0 = y0
             for _ in range(n_passes):
-                x0 = _sweep(x0, y0, *const, a0, additive)
+                x0 = inverse_sweep(x0, y0, *const, a0, additive)
         x = x0
         if differentiable:
             r = x0
             for _ in range(n_passes + 1):
-                r = _sweep(r, y, *step, act[k], additive)
+                r = inverse_sweep(r, y, *step, act[k], additive)
             x = x0 + (r - r.detach())
         _, o = flow_step_params(x, *step)
         logdet = logdet + flow_step_transform(x, o, act[k], additive)[1]
