@@ -124,7 +124,7 @@ void check_lu_inputs(const at::Tensor& perm, const at::Tensor& lower, const at::
                 "lu_weight: all inputs must be CPU tensors of one dtype");
 }
 
-// low and up of triangles() as tensors, and whether P's rows are unit rows (then rows[i] is
+// low and up of triangles() as tensors, and whether P is a permutation matrix (then rows[i] is
 // the column of row i's 1: P X is X's rows gathered, P^T X its rows scattered). Inputs
 // contiguous.
 bool lu_factors(const at::Tensor& p, const at::Tensor& l, const at::Tensor& u, const at::Tensor& sg,
@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::T
     // O(C^3) work: BLAS GEMMs and LAPACK triangular solves against lu_small (AVX-512 clone,
     // paired, fp32, 2 threads): BLAS 1.56x slower at C = 64 and 1.18x at 96, level from 128
     // to 192, 1.4x faster at 256 and 1.6x at 384 (1 thread: the same picture).
-    // P (L U') as a row gather when P's rows are unit rows (the GEMM otherwise).
+    // P (L U') as a row gather when P is a permutation matrix (the GEMM otherwise).
     at::Tensor low, up;
     std::vector<int64_t> rows;
     const bool is_perm = lu_factors(p, l, u, sg, la, low, up, rows);
@@ -178,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> lu_weight(const at::Tensor& perm, const at::T
 //   g = grad W - W^-T grad_{W^-1} W^-T  (d(W^-1) = -W^-1 dW W^-1),  G = P^T g,
 //   grad lower = tril(G U'^T, -1),  H = L^T G,  grad upper = triu(H, 1),
 //   grad log_abs_s = diag(H) * d  (U' = triu(upper, 1) + diag(d), d = sign_s e^log_abs_s).
-// The GEMMs are at::mm (BLAS); P^T g is a row scatter when P's rows are unit rows (the twin of
+// The GEMMs are at::mm (BLAS); P^T g is a row scatter when P is a permutation matrix (the twin of
 // the forward's row gather). One call
 // in place of the dozen PyTorch ops of the formula (reference.flows.lu_weight_backward).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_weight_bwd(

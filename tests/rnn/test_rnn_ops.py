@@ -209,8 +209,8 @@ def test_float32_forward_close_to_float64(backend, shape):
         assert err < 4e-6, (type(mod).__name__, err)
 
 
-# argv: dtype name, then T B I H. B = 37 takes the C++ row-block paths (>= 16 rows per thread on
-# 2 threads), B = 5 the per-step paths.
+# Shapes T B I H: B = 37 takes the C++ row-block paths (>= 16 rows per thread on 2 threads),
+# B = 5 the per-step paths.
 def _worst_vs_nn(dtype_name: str, t: int, b: int, i: int, h: int) -> float:
     """The largest relative error of the C++ gru_sequence / lstm_sequence (outputs and the
     gradients of x, h0 and the weights) against nn.GRU / nn.LSTM, on [T, B, I] inputs with H
