@@ -64,6 +64,11 @@ def test_lu_weight_on_cuda(triton_cuda, c, dtype):
     flow_t.test_lu_weight_matches_reference(triton_cuda, c, dtype)
 
 
+def test_lu_weight_checks_its_constants_on_cuda(triton_cuda):
+    """The permutation and sign check reads back from the GPU once per tensor version."""
+    flow_t.test_lu_weight_checks_its_constants_once_per_version(triton_cuda)
+
+
 def test_glow_gradients_on_cuda(triton_cuda):
     flow_t.test_actnorm_invconv_non_contiguous(triton_cuda)
     for additive in (False, True):

@@ -18,7 +18,7 @@ from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast.ops._amp import float32_under_autocast
 from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, route_transforms, under_transform
-from latentfast.ops._checks import check_tensor
+from latentfast.ops._checks import check_lu_constants, check_tensor
 from latentfast.reference import flows as ref
 
 
@@ -426,8 +426,11 @@ def lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_ab
     """W = P L (U + diag(sign_s * exp(log_abs_s))), its inverse, and log|det W|.
 
     Args: perm [C, C] permutation matrix; lower, upper [C, C] (only the strict lower /
-    upper parts are used; L has a unit diagonal); sign_s, log_abs_s [C].
+    upper parts are used; L has a unit diagonal); sign_s [C] of -1 and 1, log_abs_s [C].
     Returns (W [C, C], W^-1 [C, C], log|det W| = sum(log_abs_s) []).
+    ValueError if perm is not a permutation matrix or sign_s not all +-1 (checked where
+    values can be read back, once per tensor version: see _checks.check_lu_constants; the
+    registered op torch.ops.latentfast.lu_weight -> (W, W^-1) does not check).
     """
     check_tensor("perm", perm, 2)
     c = perm.shape[0]
@@ -438,6 +441,7 @@ def lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_ab
         check_tensor(name, t, len(shape), like=perm)
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    check_lu_constants(perm, sign_s)
     w, w_inv = _call(_lu_weight, _SPEC_LU, perm, lower, upper, sign_s, log_abs_s)
     return w, w_inv, log_abs_s.sum()
 

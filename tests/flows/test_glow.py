@@ -155,6 +155,39 @@ def test_bad_inputs_raise():
             glow.decode([*zs[:i], bad, *zs[i + 1:]])
 
 
+def test_lu_layers_reject_loaded_constants_that_break_the_factorisation(backend):
+    """A state dict (a converted checkpoint, say) whose perm is no permutation matrix, or whose
+    sign_s holds a value other than +-1, makes the next call raise: the layer would otherwise
+    return a W^-1 that is not W's inverse and a log-det that is not log|det W|."""
+    from latentfast.flows.vector import LULinear
+
+    torch.manual_seed(2)
+    glow = _glow()
+    x = torch.rand(2, 1, 8, 8) - 0.5
+    want = glow.log_prob(x)
+    good = {k: v.clone() for k, v in glow.state_dict().items()}
+    key = next(k for k in good if k.endswith("perm"))
+    bad = dict(good)
+    bad[key] = good[key].clone()
+    bad[key][0] = good[key][1]  # a repeated row
+    glow.load_state_dict(bad)
+    with pytest.raises(ValueError, match="perm must be a permutation matrix"):
+        glow.log_prob(x)
+    with pytest.raises(ValueError, match="perm must be a permutation matrix"):
+        glow.decode(glow.encode(x)[0])
+    bad = dict(good)
+    bad[key.replace("perm", "sign_s")] = torch.zeros_like(good[key.replace("perm", "sign_s")])
+    glow.load_state_dict(bad)
+    with pytest.raises(ValueError, match="sign_s must hold only -1 and 1"):
+        glow.log_prob(x)
+    glow.load_state_dict(good)
+    assert_close(glow.log_prob(x), want)
+    layer = LULinear(5)
+    layer.perm.copy_(torch.ones(5, 5) / 5)
+    with pytest.raises(ValueError, match="perm must be a permutation matrix"):
+        layer(torch.randn(3, 5))
+
+
 @pytest.mark.slow
 def test_compile_fullgraph(backend):
     torch.manual_seed(8)

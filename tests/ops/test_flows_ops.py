@@ -106,8 +106,10 @@ def test_lu_weight_matches_reference(backend, c, dtype):
 @pytest.mark.parametrize("c", [12, 130])
 @pytest.mark.parametrize("kind", ["negated_row", "scaled_entry", "repeated_row", "dense"])
 def test_lu_weight_general_perm_matrix(backend, c, kind):
-    """perm is used as the matrix it is: the C++ kernel's row gather (taken for a permutation
-    matrix) must not be taken for a matrix that only looks like one."""
+    """A perm that is not a permutation matrix raises (P^T would not be P^-1, so the second
+    output would not be W^-1). The registered op, which does not check, uses perm as the matrix
+    it is, as the reference does: the C++ kernel's row gather (taken for a permutation matrix)
+    must not be taken for a matrix that only looks like one."""
     dev, gen = device_for(backend), torch.Generator().manual_seed(c + 7)
     d = torch.float64
     perm = torch.eye(c, dtype=d)[torch.randperm(c, generator=gen)]
@@ -122,10 +124,41 @@ def test_lu_weight_general_perm_matrix(backend, c, kind):
     off = 0.3 * min(1.0, 3.0 / c**0.5)
     args = (perm.to(dev), off * _rand(c, c, dtype=d, device=dev, gen=gen), off * _rand(c, c, dtype=d, device=dev, gen=gen),
             torch.ones(c, dtype=d, device=dev), 0.2 * _rand(c, dtype=d, device=dev, gen=gen))
-    w, w_inv, _ = ops.lu_weight(*args)
+    with pytest.raises(ValueError, match="perm must be a permutation matrix"):
+        ops.lu_weight(*args)
+    w, w_inv = torch.ops.latentfast.lu_weight(*args)
     w_ref, w_inv_ref = ref.lu_weight(*args)
     assert_close(w, w_ref)
     assert_close(w_inv, w_inv_ref, scale=10.0)
+
+
+def test_lu_weight_checks_its_constants_once_per_version(backend):
+    """perm and sign_s are checked when they are new or have changed (an in-place write, as
+    load_state_dict makes), inference tensors on every call, and not under torch.compile."""
+    dev, gen = device_for(backend), torch.Generator().manual_seed(3)
+    args = list(_lu_inputs(6, torch.float32, dev, gen))
+    ops.lu_weight(*args)
+    perm, sign_s = args[0], args[3]
+    sign_s[2] = 0.5
+    with pytest.raises(ValueError, match="sign_s must hold only -1 and 1"):
+        ops.lu_weight(*args)
+    sign_s[2] = -1.0
+    ops.lu_weight(*args)
+    perm[[0, 1]] = perm[[1, 0]]  # still a permutation
+    ops.lu_weight(*args)
+    perm[0, :] = perm[1, :]
+    with pytest.raises(ValueError, match="perm must be a permutation matrix"):
+        ops.lu_weight(*args)
+    bad_perm = perm.clone()
+    with torch.inference_mode():
+        good = [t.clone() for t in _lu_inputs(6, torch.float32, dev, gen)]
+        ops.lu_weight(*good)
+        good[0].copy_(bad_perm)  # inference tensors keep no version: checked again
+        with pytest.raises(ValueError, match="perm must be a permutation matrix"):
+            ops.lu_weight(*good)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: ops.lu_weight(*a)[0], fullgraph=True)
+    assert compiled(*_lu_inputs(6, torch.float32, dev, gen)).shape == (6, 6)
 
 
 def _grads(fn, inputs, seed):
@@ -511,7 +544,7 @@ def test_lu_weight_small_kernel_per_isa(monkeypatch, isa, dtype):
         for general in (False, True):
             if general:
                 args[0] = perm + 0.05 * _rand(c, c, dtype=dtype, device="cpu", gen=gen)
-            w, w_inv, _ = ops.lu_weight(*args)
+            w, w_inv = torch.ops.latentfast.lu_weight(*args)  # (the wrapper rejects the general perm)
             w_ref, w_inv_ref = ref.lu_weight(*(t.double() for t in args))
             assert_close(w, w_ref, dtype=dtype)
             assert_close(w_inv, w_inv_ref, dtype=dtype, scale=10.0)
