@@ -83,16 +83,41 @@ def check_finite(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
-# What check_lu_constants has passed: id(perm) -> (weak reference to perm, its stamp, sign_s's
-# weak reference and stamp); a plain dict (a WeakIdKeyDictionary lookup cost 1.4 us, most of
-# the check's time on a hit), cleared when it grows past _LU_PASSED_MAX entries.
-_lu_passed: dict[int, tuple] = {}
-_LU_PASSED_MAX = 64
+# Value checks of layer constants (buffers) that passed: (kind, id of the first tensor) ->
+# (weak references to the tensors, their stamps). A plain dict (a WeakIdKeyDictionary lookup
+# cost 1.4 us, most of a hit's time), cleared when it grows past _PASSED_MAX entries.
+_passed: dict[tuple[str, int], tuple] = {}
+_PASSED_MAX = 256
 
 
 def _stamp(t: Tensor) -> tuple[int, int] | None:
     # Inference tensors keep no version counter: they are checked on every call.
     return None if torch.is_inference(t) else (t.data_ptr(), t._version)
+
+
+def passed_before(kind: str, *tensors: Tensor) -> bool:
+    """Whether these tensors passed the value check `kind` (see remember_passed) and none of
+    them has a new storage or version since (load_state_dict and in-place writes bump it)."""
+    entry = _passed.get((kind, id(tensors[0])))
+    if entry is None or len(entry[0]) != len(tensors):
+        return False
+    refs, stamps = entry
+    for ref, stamp, t in zip(refs, stamps, tensors):
+        if ref() is not t or stamp is None or stamp != _stamp(t):
+            return False
+    return True
+
+
+def remember_passed(kind: str, *tensors: Tensor) -> None:
+    """Note that these tensors passed the value check `kind`, so that a call with the same,
+    unchanged tensors skips it (a layer's constants: one read-back, one GPU synchronisation,
+    per version instead of per call)."""
+    stamps = tuple(_stamp(t) for t in tensors)
+    if None in stamps:
+        return
+    if len(_passed) >= _PASSED_MAX:
+        _passed.clear()
+    _passed[(kind, id(tensors[0]))] = (tuple(weakref.ref(t) for t in tensors), stamps)
 
 
 def check_lu_constants(perm: Tensor, sign_s: Tensor) -> None:
@@ -101,16 +126,13 @@ def check_lu_constants(perm: Tensor, sign_s: Tensor) -> None:
     the triangular solves would not give W^-1; with |sign_s| != 1, sum(log_abs_s) would not
     be log|det W|. These are constants of a layer (buffers), so the same tensors are checked
     again only when their storage or version changes (load_state_dict, an in-place write):
-    about 50 us when it checks at C = 48 on CPU, one device-to-host read on a GPU, about 3 us
+    about 50 us when it checks at C = 48 on CPU, one device-to-host read on a GPU, about 4 us
     when it does not. Skipped where no value can be read back (see can_read_back); the
     registered op torch.ops.latentfast.lu_weight does not check (it uses perm as the matrix it
     is, and its second output is then U'^-1 L^-1 P^T)."""
     if not can_read_back(perm):
         return
-    stamps = (_stamp(perm), _stamp(sign_s))
-    entry = _lu_passed.get(id(perm))
-    if (entry is not None and None not in stamps and entry[0]() is perm and entry[2]() is sign_s
-            and entry[1] == stamps[0] and entry[3] == stamps[1]):
+    if passed_before("lu_weight", perm, sign_s):
         return
     with torch.no_grad():
         binary = ((perm == 0) | (perm == 1)).all()
@@ -121,10 +143,7 @@ def check_lu_constants(perm: Tensor, sign_s: Tensor) -> None:
         raise ValueError("perm must be a permutation matrix (entries 0 and 1, one 1 in every row and column)")
     if not signs:
         raise ValueError("sign_s must hold only -1 and 1 (log|det W| = sum(log_abs_s) assumes it)")
-    if None not in stamps:
-        if len(_lu_passed) >= _LU_PASSED_MAX:
-            _lu_passed.clear()
-        _lu_passed[id(perm)] = (weakref.ref(perm), stamps[0], weakref.ref(sign_s), stamps[1])
+    remember_passed("lu_weight", perm, sign_s)
 
 
 @contextlib.contextmanager

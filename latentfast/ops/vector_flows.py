@@ -27,7 +27,7 @@ from latentfast import backend
 from latentfast.ops._amp import float32_under_autocast
 from latentfast.ops._autograd import (graph_wanted, reference_vjp, reject_tangents, route_transforms, routed,
                                       under_transform)
-from latentfast.ops._checks import can_read_back, check_finite, check_tensor
+from latentfast.ops._checks import can_read_back, check_finite, check_tensor, passed_before, remember_passed
 from latentfast.reference import vector_flows as ref
 
 
@@ -356,12 +356,16 @@ def _check_stack(name: str, x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tenso
             raise ValueError(f"{name}: {tname} must be {expect[tname]} ({kind} steps), got {tuple(t.shape)}")
     if act is None:
         act = x.new_ones((k, d))
-    check_tensor("act", act, 2, like=x)
-    if tuple(act.shape) != (k, d):
-        raise ValueError(f"{name}: act must be [{k}, {d}], got {tuple(act.shape)}")
-    # (a read-back: not while tracing, inside torch.func transforms or during CUDA graph capture)
-    if can_read_back(act) and not bool(((act == 0) | (act == 1)).all()):
-        raise ValueError(f"{name}: act must hold only 0 and 1")
+    else:
+        check_tensor("act", act, 2, like=x)
+        if tuple(act.shape) != (k, d):
+            raise ValueError(f"{name}: act must be [{k}, {d}], got {tuple(act.shape)}")
+        # A read-back (not while tracing, inside torch.func transforms or during CUDA graph
+        # capture), once per version of a layer's act buffer rather than per call.
+        if can_read_back(act) and not passed_before("act", act):
+            if not bool(((act == 0) | (act == 1)).all()):
+                raise ValueError(f"{name}: act must hold only 0 and 1")
+            remember_passed("act", act)
     if ctx is not None:
         check_tensor("ctx", ctx, 3, like=x)
         if tuple(ctx.shape) != (k, b, h):

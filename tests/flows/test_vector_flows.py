@@ -708,6 +708,17 @@ def test_bad_inputs_raise():
     p = _stack_params(2, 3, 4, 5, False, torch.float32, "cpu", 0, with_ctx=False)
     with pytest.raises(ValueError, match="only 0 and 1"):
         ops.vector_flow_stack(torch.randn(3, 4), p["w1"], p["b1"], p["w2"], p["b2"], p["act"] * 0.5)
+    # act is checked once per version of the tensor (a layer's buffer), so a write is seen
+    maf = vf.MAF(4, 8, n_steps=2)
+    maf(torch.randn(3, 4))
+    maf.act[0, 1] = 0.5
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        maf(torch.randn(3, 4))
+    maf.act[0, 1] = 1.0
+    maf(torch.randn(3, 4))
+    maf.load_state_dict({**maf.state_dict(), "act": torch.full_like(maf.act, 2.0)})
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        maf(torch.randn(3, 4))
     with pytest.raises(ValueError, match="additive"):
         ops.vector_flow_stack(torch.randn(3, 4), p["w1"], p["b1"], p["w2"], p["b2"], additive=True)
     with pytest.raises(ValueError, match="K >= 1"):
