@@ -118,7 +118,7 @@ def fit_latent_sequence(model: LatentSequenceModel, frames: Tensor, n_obs: int, 
     for epoch in bar:
         b_now = beta * min(1.0, (epoch + 1) / max(warmup, 1))
         perm = torch.randperm(frames.shape[0], generator=gen)
-        total = 0.0
+        total = frames.new_zeros(())  # read back once per epoch, not per step
         for i in range(0, len(perm), batch_size):
             batch = frames[perm[i:i + batch_size]]
             loss, _, _ = model.loss(batch, n_obs, beta=b_now)
@@ -126,9 +126,9 @@ def fit_latent_sequence(model: LatentSequenceModel, frames: Tensor, n_obs: int, 
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
-            total += loss.item() * len(batch)
+            total += loss.detach() * len(batch)
         sched.step()
-        history.append(total / frames.shape[0])
+        history.append(total.item() / frames.shape[0])
         bar.set_postfix(loss=f"{history[-1]:.1f}", refresh=False)
     return history
 

@@ -276,22 +276,23 @@ def fit_sequence_model(model: SequenceModel, data: Tensor, epochs: int = 20, win
     n, t_len, _ = data.shape
     starts = _window_starts(t_len, window)
     pairs = torch.cartesian_prod(torch.arange(n), starts)
+    steps = torch.arange(window + 1, device=data.device)
     history = []
     bar = tqdm(range(epochs), desc="GRU", disable=not progress)
     for _ in bar:
-        perm = pairs[torch.randperm(len(pairs), generator=gen)]
-        total = 0.0
+        perm = pairs[torch.randperm(len(pairs), generator=gen)].to(data.device)
+        total = data.new_zeros(())  # read back once per epoch, not per step
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
-            seg = torch.stack([data[a, s:s + window + 1] for a, s in idx.tolist()])
+            seg = data[idx[:, :1], idx[:, 1:] + steps]  # [b, window + 1, D] in one gather
             pred, _ = model(seg[:, :-1])
             loss = ((pred[:, warmup:] - seg[:, 1 + warmup:]) ** 2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)
         sched.step()
-        history.append(total / len(perm))
+        history.append(total.item() / len(perm))
         bar.set_postfix(loss=f"{history[-1]:.2e}", refresh=False)
     return history
 

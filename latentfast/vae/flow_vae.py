@@ -30,7 +30,7 @@ class FlowVAE(VAE):
 
     Example:
         >>> model = FlowVAE(64, latent_dim=4, posterior_steps=2, beta=4.0)
-        >>> loss, parts = model.loss(x)
+        >>> loss = model(x)                # or: loss, parts = model.loss(x)
     """
 
     def __init__(self, in_dim: int, latent_dim: int = 2, hidden: tuple[int, ...] = (64, 64),
@@ -76,14 +76,14 @@ class FlowVAE(VAE):
         mean, _, h = self._encode_all(x)
         return self.posterior_flow(mean, h)[0] if self.posterior_flow is not None else mean
 
-    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Negative beta-ELBO with the single-sample Monte-Carlo KL, and its parts."""
+    def loss_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(negative beta-ELBO, -log p(x | z), KL) averaged over the batch, the KL by the
+        single-sample Monte-Carlo estimate log q(z | x) - log p(z); tensors, nothing read back."""
         self.flat_input(x, for_loss=True)
         z, log_q = self.posterior_sample(x)
         nll = self.neg_log_lik(x, z).mean()
         kl = (log_q - self.log_prior(z)).mean()
-        total = nll + self.beta * kl
-        return total, {"loss": total.item(), "nll": nll.item(), "kl": kl.item()}
+        return nll + self.beta * kl, nll, kl
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:

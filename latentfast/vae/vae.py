@@ -87,20 +87,33 @@ class VAE(nn.Module):
         log_sigma = self.decoder.sigma(z).log()
         return (0.5 * ((x - mu) / log_sigma.exp()) ** 2 + log_sigma + 0.5 * LOG_2PI).sum(1)
 
-    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Negative beta-ELBO averaged over the batch, and its parts."""
+    def loss_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(negative beta-ELBO, -log p(x | z), KL), each averaged over the batch, as tensors:
+        nothing is read back to the host (so no GPU synchronisation)."""
         self.flat_input(x, for_loss=True)
         mean, logvar = self.encode(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         nll = self.neg_log_lik(x, z).mean()
         kl = (0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).sum(1)).mean()
-        total = nll + self.beta * kl
-        return total, {"loss": total.item(), "nll": nll.item(), "kl": kl.item()}
+        return nll + self.beta * kl, nll, kl
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The loss to minimise: the negative beta-ELBO averaged over the batch x [N, D] (or
+        [N, ...] with D values per sample), one sample of z per input. `model(x)` is what
+        torch.compile, DistributedDataParallel and hooks call; `loss(x)` adds its parts."""
+        return self.loss_terms(x)[0]
+
+    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Negative beta-ELBO averaged over the batch, and its parts as floats (one read back
+        to the host)."""
+        terms = self.loss_terms(x)
+        return terms[0], dict(zip(("loss", "nll", "kl"), torch.stack([t.detach() for t in terms]).tolist()))
 
 
 def fit(model: VAE, data: Tensor, epochs: int = 50, batch_size: int = 128, lr: float = 1e-3,
         seed: int = 0, progress: bool = True) -> list[dict[str, float]]:
-    """Train with Adam; returns the per-epoch mean of the loss parts."""
+    """Train with Adam; returns the per-epoch mean of the loss parts ("loss", "nll", "kl"),
+    read back to the host once per epoch, not per step."""
     if data.dim() < 2 or data.shape[0] == 0:
         raise ValueError(f"data must be [N, ...] with N >= 1, got shape {tuple(data.shape)}")
     if batch_size < 1 or epochs < 0:
@@ -112,14 +125,15 @@ def fit(model: VAE, data: Tensor, epochs: int = 50, batch_size: int = 128, lr: f
     bar = tqdm(range(epochs), desc="VAE", disable=not progress)
     for _ in bar:
         perm = torch.randperm(data.shape[0], generator=gen)
-        parts = []
+        sums, n_batches = None, 0
         for i in range(0, data.shape[0], batch_size):
-            loss, info = model.loss(data[perm[i:i + batch_size]])
+            terms = model.loss_terms(data[perm[i:i + batch_size]])
             opt.zero_grad()
-            loss.backward()
+            terms[0].backward()
             opt.step()
-            parts.append(info)
-        mean = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+            parts = torch.stack([t.detach() for t in terms])
+            sums, n_batches = parts if sums is None else sums + parts, n_batches + 1
+        mean = dict(zip(("loss", "nll", "kl"), (sums / n_batches).tolist()))
         history.append(mean)
         bar.set_postfix(loss=f"{mean['loss']:.2f}")
     return history

@@ -1,0 +1,130 @@
+"""The training helpers (vae.fit, rnn.fit_sequence_model, rnn.fit_latent_sequence) read the
+loss back to the host once per epoch, not once per step: on a GPU each read is a
+synchronisation that stalls the launch queue. And VAE / FlowVAE are called like any module,
+model(x) -> the loss, so torch.compile, DistributedDataParallel and hooks can wrap them.
+"""
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+import latentfast
+from latentfast.rnn import SequenceModel, fit_sequence_model
+from latentfast.rnn.latent import LatentSequenceModel, fit_latent_sequence
+from latentfast.vae import VAE, FlowVAE, fit
+from tests.conftest import interpreting
+
+PACKAGE = str(Path(latentfast.__file__).parent)
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The (file, line) of every Tensor.item / tolist / bool / float / int call made from
+    latentfast's own code (torch.optim's CPU step counters and the tests' own reads are not counted), with the
+    finiteness checks off (a documented read per model call; LATENTFAST_CHECK_FINITE)."""
+    monkeypatch.setenv("LATENTFAST_CHECK_FINITE", "0")
+    seen: list[tuple[str, int]] = []
+
+    def counted(original):
+        def read(self, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            if caller.filename.startswith(PACKAGE):
+                seen.append((caller.filename, caller.lineno))
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    return seen
+
+
+def _models():
+    return [VAE(12, latent_dim=2, hidden=(8,)),
+            FlowVAE(12, latent_dim=3, hidden=(8,), posterior_steps=2, prior_steps=1, flow_hidden=8)]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["VAE", "FlowVAE"])
+def test_vae_is_called_like_a_module(which):
+    torch.manual_seed(0)
+    model = _models()[which]
+    x = torch.rand(7, 12)
+    torch.manual_seed(1)
+    loss = model(x)
+    torch.manual_seed(1)
+    same, parts = model.loss(x)
+    assert loss.dim() == 0 and loss.requires_grad
+    torch.testing.assert_close(loss, same, rtol=0, atol=0)
+    torch.testing.assert_close(torch.tensor(parts["loss"]), loss.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(torch.tensor(parts["nll"] + model.beta * parts["kl"]), loss.detach())
+    loss.backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
+    handle_calls = []
+    handle = model.register_forward_hook(lambda m, args, out: handle_calls.append(out))
+    model(x)
+    handle.remove()
+    assert len(handle_calls) == 1 and handle_calls[0].dim() == 0
+
+
+@pytest.mark.skipif(interpreting(), reason="the modules' compiled graphs are checked in the main pass")
+@pytest.mark.parametrize("which", [0, 1], ids=["VAE", "FlowVAE"])
+def test_vae_compiles_fullgraph(which):
+    torch.manual_seed(0)
+    model = _models()[which]
+    x = torch.rand(7, 12)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch._inductor.config.patch(fallback_random=True):  # eager's random stream for z
+        torch.manual_seed(3)
+        got = compiled(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, model(x))
+    got.backward()
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["VAE", "FlowVAE"])
+def test_vae_fit_reads_back_once_per_epoch(reads, which):
+    torch.manual_seed(0)
+    model = _models()[which]
+    x = torch.rand(30, 12)
+    fit(model, x, epochs=1, batch_size=8, progress=False)  # the flows' constant buffers checked once
+    reads.clear()
+    history = fit(model, x, epochs=3, batch_size=8, progress=False)
+    assert len(reads) == 3, reads  # 4 steps an epoch
+    assert [sorted(h) for h in history] == [["kl", "loss", "nll"]] * 3
+
+
+def test_sequence_fits_read_back_once_per_epoch(reads):
+    torch.manual_seed(0)
+    data = torch.randn(3, 40, 2)
+    model = SequenceModel(2, hidden=8)
+    reads.clear()
+    history = fit_sequence_model(model, data, epochs=2, window=10, batch_size=4, warmup=2,
+                                 progress=False)
+    assert len(history) == 2 and len(reads) == 2, reads  # 7 windows a trajectory, 6 steps an epoch
+    frames = torch.rand(9, 6, 16)
+    model = LatentSequenceModel(16, latent=2, hidden=8, feature=8)
+    reads.clear()
+    history = fit_latent_sequence(model, frames, n_obs=3, epochs=2,
+                                  batch_size=4, progress=False)
+    assert len(history) == 2 and len(reads) == 2, reads  # 3 steps an epoch
+
+
+def test_sequence_fit_windows_are_the_trajectory_slices():
+    """The batched gather of training windows takes what slicing each window out would."""
+    torch.manual_seed(0)
+    data = torch.randn(3, 40, 2, dtype=torch.float64)
+    seen = []
+
+    class Recorder(SequenceModel):
+        def forward(self, x, h0=None):
+            seen.append(x.detach().clone())
+            return super().forward(x, h0)
+
+    fit_sequence_model(Recorder(2, hidden=4).double(), data, epochs=1, window=10, batch_size=5, warmup=2,
+                       progress=False)
+    windows = {tuple(data[a, s:s + 10].flatten().tolist()) for a in range(3) for s in range(0, 30, 5)}
+    got = [tuple(w.flatten().tolist()) for x in seen for w in x]
+    assert len(got) == 18 and set(got) == windows
