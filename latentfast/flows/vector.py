@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from latentfast.ops import flows as flow_ops
 from latentfast.ops import vector_flows as ops
-from latentfast.ops._checks import check_count, check_finite, check_tensor
+from latentfast.ops._checks import (can_read_back, check_count, check_finite, check_tensor, passed_before,
+                                   remember_passed)
 
 
 def made_degrees(d: int, hidden: int, order: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -235,14 +236,34 @@ class Permutation(nn.Module):
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
 
+    def _check_buffers(self) -> None:
+        # perm and inv_perm come back from a state dict as they were saved: a repeated index,
+        # or an inv_perm that does not undo perm, would make the inverse silently wrong.
+        # Checked once per version of the buffers (one read-back).
+        perm, inv = self.perm, self.inv_perm
+        if not can_read_back(perm) or passed_before("permutation", perm, inv):
+            return
+        d = perm.shape[0]
+        ar = torch.arange(d, device=perm.device)
+        with torch.no_grad():
+            valid = (perm.sort().values == ar).all()
+            undone = (torch.empty_like(perm).scatter_(0, perm.clamp(0, max(d - 1, 0)), ar) == inv).all()
+            ok = bool(valid & undone)
+        if not ok:
+            raise ValueError(f"Permutation: perm must be a permutation of 0..{d - 1} and inv_perm its inverse "
+                             "(argsort(perm)); a loaded state dict broke them")
+        remember_passed("permutation", perm, inv)
+
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(z[:, perm], zeros [B])."""
         _check_vectors("z", z, self.perm.shape[0])
+        self._check_buffers()
         return z[:, self.perm], z.new_zeros(z.shape[0])
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(x[:, perm^-1], zeros [B])."""
         _check_vectors("x", x, self.perm.shape[0])
+        self._check_buffers()
         return x[:, self.inv_perm], x.new_zeros(x.shape[0])
 
 

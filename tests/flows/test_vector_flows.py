@@ -719,6 +719,18 @@ def test_bad_inputs_raise():
     maf.load_state_dict({**maf.state_dict(), "act": torch.full_like(maf.act, 2.0)})
     with pytest.raises(ValueError, match="only 0 and 1"):
         maf(torch.randn(3, 4))
+    # a Permutation's buffers from a state dict: a repeated index, or an inv_perm that does not undo perm
+    layer = vf.Permutation(4, torch.tensor([2, 0, 3, 1]))
+    z = torch.randn(3, 4)
+    assert torch.equal(layer.inverse(layer(z)[0])[0], z)
+    for perm, inv in (([2, 0, 2, 1], [1, 3, 0, 2]), ([2, 0, 3, 1], [0, 1, 2, 3])):
+        layer.load_state_dict({"perm": torch.tensor(perm), "inv_perm": torch.tensor(inv)})
+        with pytest.raises(ValueError, match="inv_perm its inverse"):
+            layer.inverse(z)
+        with pytest.raises(ValueError, match="inv_perm its inverse"):
+            layer(z)
+    layer.load_state_dict({"perm": torch.tensor([3, 1, 0, 2]), "inv_perm": torch.tensor([2, 1, 3, 0])})
+    assert torch.equal(layer.inverse(layer(z)[0])[0], z)
     with pytest.raises(ValueError, match="additive"):
         ops.vector_flow_stack(torch.randn(3, 4), p["w1"], p["b1"], p["w2"], p["b2"], additive=True)
     with pytest.raises(ValueError, match="K >= 1"):
