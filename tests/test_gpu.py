@@ -24,6 +24,7 @@ from tests.ops import test_empty_batches as empty_t
 from tests.ops import test_flows_ops as flow_t
 from tests.ops import test_layouts as layout_t
 from tests.ops import test_transforms as tf_t
+from tests.ops import test_triton_math as math_t
 from tests.rnn import test_lyapunov_ops as lyap_t
 from tests.rnn import test_models as rnn_models_t
 from tests.rnn import test_rnn_ops as rnn_t
@@ -62,6 +63,13 @@ def test_glow_ops_on_cuda(triton_cuda, shape, dtype):
 @pytest.mark.parametrize("c", [3, 12, 48])
 def test_lu_weight_on_cuda(triton_cuda, c, dtype):
     flow_t.test_lu_weight_matches_reference(triton_cuda, c, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", math_t.FUNCTIONS)
+def test_triton_math_on_cuda(triton_cuda, name, dtype):
+    """tanh, expm1, log1p, the sigmoids within 8 ulps with the GPU's exp and log."""
+    math_t.test_triton_math_is_accurate_over_the_whole_range(name, dtype)
 
 
 def test_lu_weight_checks_its_constants_on_cuda(triton_cuda):

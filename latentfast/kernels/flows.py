@@ -14,11 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-
-@triton.jit
-def _log_sigmoid(u):
-    # min(u, 0) - log(1 + exp(-|u|)), stable for large |u|.
-    return tl.minimum(u, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(u)))
+from latentfast.kernels._math import log_sigmoid as _log_sigmoid
 
 
 @triton.jit

@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from latentfast.kernels._math import expm1 as _expm1, log1p as _log1p, sigmoid as _sigmoid, tanh as _tanh
+
 
 @triton.jit
 def _act_and_deriv(a, CODE: tl.constexpr):
@@ -21,23 +23,19 @@ def _act_and_deriv(a, CODE: tl.constexpr):
         f = a
         df = tl.full(a.shape, 1.0, a.dtype)
     elif CODE == 1:
-        e = tl.exp(-2.0 * tl.abs(a))
-        t = (1.0 - e) / (1.0 + e)
-        f = tl.where(a < 0, -t, t)
-        df = 1.0 - t * t
+        f = _tanh(a)
+        df = 1.0 - f * f
     elif CODE == 2:
         e = tl.exp(-tl.abs(a))
-        f = tl.maximum(a, 0.0) + tl.log(1.0 + e)
+        f = tl.maximum(a, 0.0) + _log1p(e)
         s = 1.0 / (1.0 + e)
         df = tl.where(a < 0, 1.0 - s, s)
     elif CODE == 3:
-        e = tl.exp(tl.minimum(a, 0.0))
-        f = tl.where(a > 0, a, e - 1.0)
-        df = tl.where(a > 0, 1.0, e)
+        em = _expm1(tl.minimum(a, 0.0))
+        f = tl.where(a > 0, a, em)
+        df = tl.where(a > 0, 1.0, em + 1.0)
     else:
-        e = tl.exp(-tl.abs(a))
-        r = 1.0 / (1.0 + e)
-        s = tl.where(a < 0, e * r, r)
+        s = _sigmoid(a)
         f = s
         df = s * (1.0 - s)
     return f, df

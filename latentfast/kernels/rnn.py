@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from latentfast.kernels._math import sigmoid as _sigmoid, tanh as _tanh
+
 PERSISTENT = True  # False: the per-step path (GEMM + gate kernel per step), kept for comparison
 
 
@@ -34,20 +36,6 @@ def _persistent_blocks(b: int, h: int) -> tuple[int, int, int, int]:
     block_n = max(16, min(64, triton.next_power_of_2(h)))
     block_k = max(16, min(32, triton.next_power_of_2(h)))
     return block_b, block_n, block_k, 8
-
-
-@triton.jit
-def _sigmoid(a):
-    e = tl.exp(-tl.abs(a))
-    r = 1.0 / (1.0 + e)
-    return tl.where(a < 0, e * r, r)
-
-
-@triton.jit
-def _tanh(a):
-    e = tl.exp(-2.0 * tl.abs(a))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(a < 0, -t, t)
 
 
 @triton.jit

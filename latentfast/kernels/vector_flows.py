@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from latentfast.backend import triton_interpret
+from latentfast.kernels._math import sigmoid_and_log as _sig_logsig
 from latentfast.reference import vector_flows as ref
 from latentfast.reference.vector_flows import weight_grads
 
@@ -37,15 +38,6 @@ try:  # (where Triton raises it at a launch that asks for more shared memory tha
     from triton.runtime.errors import OutOfResources
 except ImportError:  # pragma: no cover - older layouts
     from triton.runtime.autotuner import OutOfResources
-
-
-@triton.jit
-def _sig_logsig(s):
-    e = tl.exp(-tl.abs(s))
-    r = 1.0 / (1.0 + e)
-    sig = tl.where(s < 0, e * r, r)
-    logsig = tl.minimum(s, 0.0) - tl.log(1.0 + e)
-    return sig, logsig
 
 
 @triton.jit
