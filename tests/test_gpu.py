@@ -24,6 +24,7 @@ from tests.ops import test_empty_batches as empty_t
 from tests.ops import test_flows_ops as flow_t
 from tests.ops import test_layouts as layout_t
 from tests.ops import test_transforms as tf_t
+from tests.ops import test_triton_launch_limit as launch_t
 from tests.ops import test_triton_math as math_t
 from tests.rnn import test_lyapunov_ops as lyap_t
 from tests.rnn import test_models as rnn_models_t
@@ -70,6 +71,12 @@ def test_lu_weight_on_cuda(triton_cuda, c, dtype):
 def test_triton_math_on_cuda(triton_cuda, name, dtype):
     """tanh, expm1, log1p, the sigmoids within 8 ulps with the GPU's exp and log."""
     math_t.test_triton_math_is_accurate_over_the_whole_range(name, dtype)
+
+
+@pytest.mark.parametrize("name", launch_t.CASES + launch_t.UNBATCHED)
+def test_triton_launch_limit_on_cuda(triton_cuda, monkeypatch, name):
+    """A tensor past the kernels' 32-bit offsets raises before any launch."""
+    launch_t.test_a_tensor_past_the_limit_raises(monkeypatch, name)
 
 
 def test_lu_weight_checks_its_constants_on_cuda(triton_cuda):

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from latentfast.kernels import launch
 from latentfast.kernels.rnn import _sigmoid, _tanh
 from latentfast.reference.dynamics import _qr_rows
 
@@ -92,7 +93,7 @@ def rnn_lyapunov(s0: Tensor, q0: Tensor, mat: Tensor, bias: Tensor, cell: int, n
         vin = v.view(b * r, s)[:, :hs] if rows == r else v[:, 0, :hs]
         p = pre[:b * rows]
         torch.mm(vin, mat_t, out=p)
-        _rnn_tangent_kernel[(b, triton.cdiv(hs, block_h))](p, bias, v, hs, rows, s, g, r * s, CELL=cell,
+        launch(_rnn_tangent_kernel, (b, triton.cdiv(hs, block_h)), p, bias, v, hs, rows, s, g, r * s, CELL=cell,
                                                             BLOCK_H=block_h)
 
     for _ in range(transient):
@@ -175,7 +176,7 @@ def lorenz_lyapunov(x0: Tensor, q0: Tensor, system: int, p0: float, p1: float, p
 
     def run(v: Tensor, steps: int) -> None:
         r = v.shape[1]
-        _lorenz_rk4_kernel[(b,)](v, scr, r, n, steps, dt, p0, p1, p2, SYSTEM=system,
+        launch(_lorenz_rk4_kernel, (b,), v, scr, r, n, steps, dt, p0, p1, p2, SYSTEM=system,
                                  RP=max(2, triton.next_power_of_2(r)), NP=npad)
 
     state = x0.contiguous().clone()[:, None]

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from latentfast.kernels import launch
 from latentfast.kernels._math import log_sigmoid as _log_sigmoid
 
 
@@ -221,7 +222,7 @@ def actnorm_invconv_fwd(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor | Non
     # (scripts/triton_smem.py); with 8, 142-192 registers and no spill (float64 at 64 channels: 88 bytes)
     # with Triton 3.9; Triton 3.6 (the GPU machine's) spills 256 bytes in float32 at 64-channel
     # blocks (128 channels and more), 296 in float64 (scripts/triton_release_check.sh); untimed
-    _actnorm_invconv_fwd_kernel[grid](x, weight, bias, hc, y, part, ci, co, p, MODE=mode,
+    launch(_actnorm_invconv_fwd_kernel, grid, x, weight, bias, hc, y, part, ci, co, p, MODE=mode,
                                       BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=8)
     return y, part.sum(dim=(1, 2))
 
@@ -241,7 +242,7 @@ def actnorm_invconv_bwd(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, weight: 
         gz, gh = torch.empty_like(grad_y), torch.empty_like(h)
         block_c, block_k, block_p = _pow2(co // 2), _pow2(ci), 64
         grid = (n, triton.cdiv(p, block_p), triton.cdiv(co // 2, block_c))
-        _coupling_grad_kernel[grid](grad_y, grad_logdet.contiguous(), x, weight, bias, h, gz, gh,
+        launch(_coupling_grad_kernel, grid, grad_y, grad_logdet.contiguous(), x, weight, bias, h, gz, gh,
                                     ci, co, p, MODE=mode, BLOCK_C=block_c, BLOCK_K=block_k,
                                     BLOCK_P=block_p, num_warps=8)  # (as above: 4 warps spill)
     gx, _ = actnorm_invconv_fwd(gz, weight.t(), torch.zeros_like(weight[0]), None, 0)
@@ -259,7 +260,7 @@ def affine_coupling_fwd(x: Tensor, h: Tensor, additive: bool, inverse: bool) -> 
     grid = (n, triton.cdiv(cbp, block))
     y = torch.empty_like(x)
     part = torch.zeros(grid, dtype=x.dtype, device=x.device)
-    _coupling_kernel[grid](x, h, y, part, cbp, ADDITIVE=additive, INVERSE=inverse, BLOCK=block)
+    launch(_coupling_kernel, grid, x, h, y, part, cbp, ADDITIVE=additive, INVERSE=inverse, BLOCK=block)
     return y, part.sum(dim=1)
 
 
@@ -272,7 +273,7 @@ def affine_coupling_bwd(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, h: Tenso
     n, cbp = x.shape[0], x.shape[1:].numel()
     gx, gh = torch.empty_like(x), torch.empty_like(h)
     block = 1024
-    _coupling_bwd_kernel[(n, triton.cdiv(cbp, block))](grad_y, grad_logdet.contiguous(), x, h, gx, gh,
+    launch(_coupling_bwd_kernel, (n, triton.cdiv(cbp, block)), grad_y, grad_logdet.contiguous(), x, h, gx, gh,
                                                        cbp, BLOCK=block)
     return gx, gh
 
@@ -286,6 +287,6 @@ def lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_ab
     w = torch.empty((c, c), dtype=perm.dtype, device=perm.device)
     w_inv = torch.empty_like(w)
     block = max(16, triton.next_power_of_2(c))
-    _lu_weight_kernel[(1,)](perm.contiguous(), lower.contiguous(), upper.contiguous(),
+    launch(_lu_weight_kernel, (1,), perm.contiguous(), lower.contiguous(), upper.contiguous(),
                             sign_s.contiguous(), log_abs_s.contiguous(), w, w_inv, c, BLOCK=block)
     return w, w_inv

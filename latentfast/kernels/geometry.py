@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from latentfast.kernels import launch
 from latentfast.kernels._math import expm1 as _expm1, log1p as _log1p, sigmoid as _sigmoid, tanh as _tanh
 
 
@@ -76,7 +77,7 @@ def mlp_act_tangent_(buf: Tensor, deriv: Tensor, n_points: int, n_dirs: int, act
     block_h = min(128, triton.next_power_of_2(h))
     block_n = 16
     grid = (triton.cdiv(n_points, block_n), triton.cdiv(h, block_h))
-    _act_tangent_kernel[grid](buf, deriv, bias.contiguous() if bias is not None else buf, n_points, h,
+    launch(_act_tangent_kernel, grid, buf, deriv, bias.contiguous() if bias is not None else buf, n_points, h,
                               N_DIRS=n_dirs, CODE=act, HAS_BIAS=bias is not None, BLOCK_N=block_n,
                               BLOCK_H=block_h)
 
@@ -121,7 +122,7 @@ def weighted_gram(p: Tensor, q: Tensor, w: Tensor | None) -> Tensor:
     block_n = max(1, min(16, 8192 // (block_d * block_d * block_x)))
     block_n = triton.next_power_of_2(block_n)
     wc = w.contiguous() if w is not None else p
-    _gram_kernel[(triton.cdiv(n, block_n),)](p, q, wc, out, n, x, D=d, HAS_W=w is not None,
+    launch(_gram_kernel, (triton.cdiv(n, block_n),), p, q, wc, out, n, x, D=d, HAS_W=w is not None,
                                              BLOCK_N=block_n, BLOCK_X=block_x, BLOCK_D=block_d)
     return out
 
@@ -218,7 +219,7 @@ def _curve_reduce_into(g: Tensor, grad_energy: Tensor | None, grad_length: Tenso
     block_f = max(16, min(4096 // block_t, triton.next_power_of_2(f)))
     # 8 warps: with 4 the sm_90 build with gradients needs all 255 registers and spills 224
     # bytes a thread; with 8, 239 and none (scripts/triton_smem.py)
-    _curve_reduce_kernel[(b,)](g, energy, length, ge, gl, gg if want else g, t1, f,
+    launch(_curve_reduce_kernel, (b,), g, energy, length, ge, gl, gg if want else g, t1, f,
                                HAS_GE=grad_energy is not None, HAS_GL=grad_length is not None,
                                WANT=want, BLOCK_T=block_t, BLOCK_F=block_f, num_warps=8)
     return energy, length

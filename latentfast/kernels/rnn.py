@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from latentfast.kernels import launch
 from latentfast.kernels._math import sigmoid as _sigmoid, tanh as _tanh
 
 PERSISTENT = True  # False: the per-step path (GEMM + gate kernel per step), kept for comparison
@@ -217,7 +218,7 @@ def _gru_sequence_fwd_stepwise(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_
     for t in range(t_len):
         h = h0 if t == 0 else out[t - 1]
         torch.addmm(bias_hh, h, w_t, out=gh)
-        _gates_fwd_kernel[grid](gi_all[t], gh, h, out[t], gates[t] if save else gh, b, hs, SAVE=save,
+        launch(_gates_fwd_kernel, grid, gi_all[t], gh, h, out[t], gates[t] if save else gh, b, hs, SAVE=save,
                                 BLOCK_B=bb, BLOCK_H=bh)
     return out, gates
 
@@ -236,7 +237,7 @@ def _gru_sequence_bwd_stepwise(grad_out: Tensor, x: Tensor, h0: Tensor, weight_i
     for t in range(t_len - 1, -1, -1):
         torch.add(dh, grad_out[t], out=dh_acc)
         hp = h0 if t == 0 else out[t - 1]
-        _gates_bwd_kernel[grid](dh_acc, hp, gates[t], dgi[t], dgh[t], dd, b, hs, BLOCK_B=bb, BLOCK_H=bh)
+        launch(_gates_bwd_kernel, grid, dh_acc, hp, gates[t], dgi[t], dgh[t], dd, b, hs, BLOCK_B=bb, BLOCK_H=bh)
         torch.addmm(dd, dgh[t], weight_hh, out=dh)
     dgi2, dgh2 = dgi.view(-1, 3 * hs), dgh.view(-1, 3 * hs)
     h_prev = torch.cat([h0[None], out[:-1]], 0).view(-1, hs)
@@ -255,7 +256,7 @@ def _gru_sequence_fwd_persistent(x: Tensor, h0: Tensor, weight_ih: Tensor, weigh
         return out, gates
     gi_all = torch.addmm(bias_ih, x.view(t_len * b, n_in), weight_ih.T)
     bb, bn, bk, nw = _persistent_blocks(b, hs)
-    _gru_fwd_persistent_kernel[(triton.cdiv(b, bb),)](
+    launch(_gru_fwd_persistent_kernel, (triton.cdiv(b, bb),),
         gi_all, h0, weight_hh.contiguous(), bias_hh.contiguous(), out, gates if save else out, t_len, b, hs,
         SAVE=save, BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
     return out, gates
@@ -273,7 +274,7 @@ def _gru_sequence_bwd_persistent(grad_out: Tensor, x: Tensor, h0: Tensor, weight
     h_prev = torch.cat([h0[None], out[:-1]], 0)
     if t_len > 0 and b > 0:
         bb, bn, bk, nw = _persistent_blocks(b, hs)
-        _gru_bwd_persistent_kernel[(triton.cdiv(b, bb),)](
+        launch(_gru_bwd_persistent_kernel, (triton.cdiv(b, bb),),
             grad_out, h_prev, gates, weight_hh.contiguous(), dgi, dgh, torch.empty_like(h0), dh, t_len, b, hs,
             BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
     dgi2, dgh2 = dgi.view(-1, 3 * hs), dgh.view(-1, 3 * hs)
@@ -436,7 +437,7 @@ def _lstm_sequence_fwd_persistent(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: 
         return out, cells, gates
     a_all = torch.addmm(bias_ih + bias_hh, x.view(t_len * b, n_in), weight_ih.T)
     bb, bn, bk, nw = _persistent_blocks(b, hs)
-    _lstm_fwd_persistent_kernel[(triton.cdiv(b, bb),)](
+    launch(_lstm_fwd_persistent_kernel, (triton.cdiv(b, bb),),
         a_all, h0, c0, weight_hh.contiguous(), out, cells, gates if save else out, t_len, b, hs, SAVE=save,
         BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
     return out, cells, gates
@@ -454,7 +455,7 @@ def _lstm_sequence_bwd_persistent(grad_out: Tensor, grad_cells: Tensor, x: Tenso
     if t_len > 0 and b > 0:
         c_prev = torch.cat([c0[None], cells[:-1]], 0)
         bb, bn, bk, nw = _persistent_blocks(b, hs)
-        _lstm_bwd_persistent_kernel[(triton.cdiv(b, bb),)](
+        launch(_lstm_bwd_persistent_kernel, (triton.cdiv(b, bb),),
             grad_out, grad_cells, gates, cells, c_prev, weight_hh.contiguous(), da, dc, dh, t_len, b, hs,
             BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
     da2 = da.view(-1, 4 * hs)
@@ -497,7 +498,7 @@ def _lstm_sequence_fwd_stepwise(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Te
         h = h0 if t == 0 else out[t - 1]
         c = c0 if t == 0 else cells[t - 1]
         torch.addmm(a_all[t], h, w_t, out=a)
-        _lstm_fwd_kernel[grid](a, c, out[t], cells[t], gates[t] if save else a, b, hs, SAVE=save,
+        launch(_lstm_fwd_kernel, grid, a, c, out[t], cells[t], gates[t] if save else a, b, hs, SAVE=save,
                                BLOCK_B=bb, BLOCK_H=bh)
     return out, cells, gates
 
@@ -515,7 +516,7 @@ def _lstm_sequence_bwd_stepwise(grad_out: Tensor, grad_cells: Tensor, x: Tensor,
     grid, bb, bh = _grid(b, hs)
     for t in range(t_len - 1, -1, -1):
         cp = c0 if t == 0 else cells[t - 1]
-        _lstm_bwd_kernel[grid](dh, grad_out[t], dc, grad_cells[t], gates[t], cp, cells[t], da[t], dc_next, b, hs,
+        launch(_lstm_bwd_kernel, grid, dh, grad_out[t], dc, grad_cells[t], gates[t], cp, cells[t], da[t], dc_next, b, hs,
                                BLOCK_B=bb, BLOCK_H=bh)
         dc, dc_next = dc_next, dc
         torch.mm(da[t], weight_hh, out=dh)

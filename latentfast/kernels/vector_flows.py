@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from latentfast.backend import triton_interpret
+from latentfast.kernels import launch
 from latentfast.kernels._math import sigmoid_and_log as _sig_logsig
 from latentfast.reference import vector_flows as ref
 from latentfast.reference.vector_flows import weight_grads
@@ -376,7 +377,7 @@ def _launch(kernel, grid, *args, **kwargs) -> bool:
     its tiles (triton's OutOfResources at launch), for the caller to compute with the
     reference instead. Any other error propagates."""
     try:
-        kernel[grid](*args, **kwargs)
+        launch(kernel, grid, *args, **kwargs)
         return True
     except OutOfResources as e:
         name = getattr(kernel, "__name__", str(kernel))
