@@ -41,7 +41,7 @@ namespace rnn_base {
 
 #ifdef LATENTFAST_X86_CLONES
 // The lockstep gate loops (rnn/lockstep.inc) in AVX2 and AVX-512: each clone names its vector
-// types and width, its intrinsics prefix and the three operations whose names differ;
+// types and width, its intrinsics prefix and the four operations whose names differ;
 // rnn/lockstep_names.inc derives the rest from the prefix.
 LF_TARGET_AVX2
 namespace rnn_avx2 {
@@ -52,6 +52,7 @@ constexpr int64_t LF_W = 8;
 #define LF_RCP _mm256_rcp_ps
 #define LF_ROUND(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define LF_CAST_IF _mm256_castsi256_ps
+#define LF_SELECT_LT(a, b, x, y) _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ))
 #include "rnn/lockstep_names.inc"
 #include "flows/vec_math.inc"
 #include "rnn/gru_kernels.inc"
@@ -70,6 +71,7 @@ constexpr int64_t LF_W = 16;
 #define LF_RCP _mm512_rcp14_ps
 #define LF_ROUND(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define LF_CAST_IF _mm512_castsi512_ps
+#define LF_SELECT_LT(a, b, x, y) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x)
 #include "rnn/lockstep_names.inc"
 #include "flows/vec_math.inc"
 #include "rnn/gru_kernels.inc"
