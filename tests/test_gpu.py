@@ -15,6 +15,7 @@ from latentfast import backend as lf_backend
 from latentfast.bench.runner import capture_cuda_graph
 from latentfast.ops import geometry as geo_ops
 from tests import test_export as export_t
+from tests.flows import test_glow as glow_t
 from tests.flows import test_vector_flows as vec_t
 from tests.geometry import test_geometry_ops as geo_t
 from tests.ops import test_autocast as amp_t
@@ -77,6 +78,11 @@ def test_triton_math_on_cuda(triton_cuda, name, dtype):
 def test_triton_launch_limit_on_cuda(triton_cuda, monkeypatch, name):
     """A tensor past the kernels' 32-bit offsets raises before any launch."""
     launch_t.test_a_tensor_past_the_limit_raises(monkeypatch, name)
+
+
+def test_actnorm_flag_read_back_once_on_cuda(triton_cuda, monkeypatch):
+    """GlowStep's ActNorm flag: one device-to-host read per layer until it is set, none after."""
+    glow_t.test_actnorm_reads_its_initialized_flag_back_only_until_it_is_set(monkeypatch, device="cuda")
 
 
 def test_lu_weight_checks_its_constants_on_cuda(triton_cuda):

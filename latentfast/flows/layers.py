@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentfast.ops import flows as ops
-from latentfast.ops._checks import check_finite, check_tensor
+from latentfast.ops._checks import check_finite, check_tensor, passed_before, remember_passed
 from latentfast.reference.flows import fold_actnorm_into_conv
 
 
@@ -50,9 +50,14 @@ class ActNorm(nn.Module):
 
     def maybe_initialize(self, x: Tensor) -> None:
         """Initialise from x on the first call with data (an empty batch waits: its mean and
-        standard deviation are NaN)."""
-        if not torch.compiler.is_compiling() and x.shape[0] > 0 and not bool(self.initialized):
+        standard deviation are NaN). The `initialized` flag is read back (a GPU
+        synchronisation) only until it has been seen set, and again after it is written
+        (load_state_dict), not on every call."""
+        if torch.compiler.is_compiling() or x.shape[0] == 0 or passed_before("actnorm initialized", self.initialized):
+            return
+        if not bool(self.initialized):
             self.initialize(x)
+        remember_passed("actnorm initialized", self.initialized)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(x + bias) * exp(logs) per channel of x [N, C, H, W], and the log-det [N] = H W

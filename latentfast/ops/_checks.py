@@ -87,7 +87,7 @@ def check_finite(name: str, t: Tensor) -> None:
 # (weak references to the tensors, their stamps). A plain dict (a WeakIdKeyDictionary lookup
 # cost 1.4 us, most of a hit's time), cleared when it grows past _PASSED_MAX entries.
 _passed: dict[tuple[str, int], tuple] = {}
-_PASSED_MAX = 256
+_PASSED_MAX = 4096
 
 
 def _stamp(t: Tensor) -> tuple[int, int] | None:
