@@ -85,6 +85,10 @@ def test_actnorm_flag_read_back_once_on_cuda(triton_cuda, monkeypatch):
     glow_t.test_actnorm_reads_its_initialized_flag_back_only_until_it_is_set(monkeypatch, device="cuda")
 
 
+def test_triton_inverse_reads_nothing_back_once_planned_on_cuda(triton_cuda, monkeypatch):
+    vec_t.test_triton_inverse_reads_nothing_back_once_planned(monkeypatch, device="cuda")
+
+
 def test_lu_weight_checks_its_constants_on_cuda(triton_cuda):
     """The permutation and sign check reads back from the GPU once per tensor version."""
     flow_t.test_lu_weight_checks_its_constants_once_per_version(triton_cuda)

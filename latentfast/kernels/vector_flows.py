@@ -506,8 +506,14 @@ def _step_levels(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> list[tu
     return res
 
 
+# (id of a _step_levels result, n_passes, min_levels, device) -> (that result, _inverse_plan's
+# return value): the plan's device tensors are copied to the device once per graph, not per
+# call (a copy from pageable host memory waits for the stream, like a read-back).
+_plan_memo: dict = {}
+
+
 def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes: int, min_levels: int = 2
-                  ) -> tuple[Tensor, Tensor, Tensor] | None:
+                  ) -> tuple[Tensor, Tensor, Tensor, bool] | None:
     """Per step, the order in which the one-pass inverse solves the dimensions it changes, or
     none (sweeps): output j depends on input i when a hidden unit h has W1[h, i] != 0 and
     W2[j, h] != 0 (or W2[d + j, h], affine); a step whose graph among its act dimensions has no
@@ -516,21 +522,32 @@ def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes:
     also leaves steps of fewer than min_levels levels, single-level couplings, to the sweeps;
     the backward's solve takes those too, min_levels=1). Returns (order [K, D] int32: the act
     dimensions by level, then the act = 0 ones; count [K] int32: how many act dimensions;
-    planned [K] int32) on the weights' device, or None when no step has a plan. The graph
-    comes from _step_levels (one host read-back, shared by consecutive calls on the same
-    weights)."""
+    planned [K] int32) on the weights' device, and whether every step is planned (from the
+    host copy: no read-back), or None when no step has a plan. The graph comes from
+    _step_levels (one host read-back, shared by consecutive calls on the same weights), and the
+    tensors for the same graph, pass count, level floor and device are made once (_plan_memo)."""
+    levels = _step_levels(w1, w2, act, additive)
+    key = (id(levels), n_passes, min_levels, w1.device)
+    hit = _plan_memo.get(key)
+    if hit is not None and hit[0] is levels:
+        return hit[1]
     k, _, d = w1.shape
     order = np.zeros((k, d), dtype=np.int32)
     count = np.zeros(k, dtype=np.int32)
     planned = np.zeros(k, dtype=np.int32)
-    for i, (step_order, n_changed, n_levels) in enumerate(_step_levels(w1, w2, act, additive)):
+    for i, (step_order, n_changed, n_levels) in enumerate(levels):
         if n_levels == 0 or n_levels < min_levels or n_levels > n_passes:
             continue
         order[i], count[i], planned[i] = step_order, n_changed, 1
-    if not planned.any():
-        return None
-    dev = w1.device
-    return (torch.from_numpy(order).to(dev), torch.from_numpy(count).to(dev), torch.from_numpy(planned).to(dev))
+    plan = None
+    if planned.any():
+        dev = w1.device
+        plan = (torch.from_numpy(order).to(dev), torch.from_numpy(count).to(dev), torch.from_numpy(planned).to(dev),
+                bool(planned.all()))
+    if len(_plan_memo) >= 8:
+        _plan_memo.clear()
+    _plan_memo[key] = (levels, plan)
+    return plan
 
 
 def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor,
@@ -548,12 +565,12 @@ def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: T
         order = count = planned = torch.zeros(K, dtype=torch.int32, device=y.device)  # (all sweeps)
         w1t, bhf = w1, 16
     else:
-        order, count, planned = plan
+        order, count, planned, every_step = plan
         w1t = w1.transpose(1, 2).contiguous()  # [K, D, H]: the rank-1 updates' rows
         bhf = max(16, triton.next_power_of_2(H))  # the whole hidden layer of a row block in registers
     if B == 0:
         return x, ld
-    sweeps = plan is None or not bool(planned.all())
+    sweeps = plan is None or not every_step
     if not sweeps:  # every step in dependency order: no tl.dot, any number of rows per program
         bb, nw, ns = _rows_for_registers(bd, bhf), 8, 1
     if not _launch(_vector_flow_inv_kernel, (triton.cdiv(B, bb),),
@@ -575,9 +592,9 @@ def vector_flow_inv_grad(grad_x: Tensor, grad_logdet: Tensor, xs: Tensor, out: T
     if os.environ.get("LATENTFAST_VF_SEQ_INV") == "0":
         return None
     plan = _inverse_plan(w1, w2, act, additive, n_passes, min_levels=1)
-    if plan is None or not bool(plan[2].all()):
+    if plan is None or not plan[3]:
         return None
-    order, count, _ = plan
+    order, count, _, _ = plan
     grad_x, grad_logdet, xs, out, ctx, w1, b1, w2, act = (
         _c(t) for t in (grad_x, grad_logdet, xs, out, ctx, w1, b1, w2, act))
     K, B, D = xs.shape

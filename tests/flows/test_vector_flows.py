@@ -1057,6 +1057,40 @@ def test_triton_training_step_reads_the_dependency_graph_back_once(monkeypatch):
         assert len(reads) == 4 * k
 
 
+@_NEEDS_TRITON
+def test_triton_inverse_reads_nothing_back_once_planned(monkeypatch, device="cpu"):
+    """Once a stack's dependency plan is made, the Triton inverse and its backward read nothing
+    back to the host: `bool(planned.all())` on the plan's device tensor had been one read-back
+    (a GPU synchronisation) per call, and the plan was copied to the device on every call."""
+    import traceback
+    from pathlib import Path
+
+    monkeypatch.setenv("LATENTFAST_CHECK_FINITE", "0")
+    package = str(Path(latentfast.__file__).parent)
+    reads = []
+
+    def counted(original):
+        def read(self, *args, **kwargs):
+            if traceback.extract_stack(limit=2)[0].filename.startswith(package):
+                reads.append(traceback.extract_stack(limit=2)[0].lineno)
+            return original(self, *args, **kwargs)
+        return read
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    torch.manual_seed(0)
+    flow = vf.Flow(4, [vf.MAF(4, 8, n_steps=2)]).to(device)
+    z = torch.randn(5, 4, device=device)
+    with latentfast.use_backend("triton"):
+        for _ in range(2):  # the first call of each plans
+            flow.sample((3,))
+            flow.rsample((3,)).sum().backward()
+        reads.clear()
+        flow.sample((3,))
+        flow.rsample((3,)).sum().backward()
+        flow.log_prob(z).sum().backward()
+    assert reads == []
+
+
 @pytest.mark.skipif(not interpreting(), reason="on CUDA the GPU row blocks are the default")
 @_NEEDS_TRITON
 def test_triton_kernels_with_the_gpu_row_blocks(monkeypatch):
