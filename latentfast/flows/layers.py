@@ -52,8 +52,10 @@ class ActNorm(nn.Module):
         """Initialise from x on the first call with data (an empty batch waits: its mean and
         standard deviation are NaN). The `initialized` flag is read back (a GPU
         synchronisation) only until it has been seen set, and again after it is written
-        (load_state_dict), not on every call."""
-        if torch.compiler.is_compiling() or x.shape[0] == 0 or passed_before("actnorm initialized", self.initialized):
+        (load_state_dict), not on every call. Meta tensors (shape inference) hold no data to
+        initialise from, and pass through as they are."""
+        if (torch.compiler.is_compiling() or x.shape[0] == 0 or x.device.type == "meta"
+                or passed_before("actnorm initialized", self.initialized)):
             return
         if not bool(self.initialized):
             self.initialize(x)

@@ -26,7 +26,7 @@ def check_tensor(name: str, t: object, ndim: int | None = None, like: Tensor | N
     them to float32, see ops/_amp.py)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    amp = t.is_floating_point() and torch.is_autocast_enabled(t.device.type)
+    amp = t.is_floating_point() and t.device.type != "meta" and torch.is_autocast_enabled(t.device.type)
     if t.dtype not in dtypes and not (amp and t.dtype in HALF_DTYPES and torch.float32 in dtypes):
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
@@ -47,10 +47,10 @@ def check_count(name: str, n: object, least: int, what: str) -> None:
 
 def can_read_back(t: Tensor) -> bool:
     """Whether a value check may read `t` back to the host: not under torch.compile tracing,
-    not inside torch.func transforms (vmap cannot read a value back), and not while a CUDA
-    graph is being captured on the current stream (a read-back is not permitted there, and a
-    graph's replays run no Python anyway)."""
-    if torch.compiler.is_compiling() or functorch_active():
+    not inside torch.func transforms (vmap cannot read a value back), not for a meta tensor
+    (shapes only), and not while a CUDA graph is being captured on the current stream (a
+    read-back is not permitted there, and a graph's replays run no Python anyway)."""
+    if torch.compiler.is_compiling() or functorch_active() or t.device.type == "meta":
         return False
     return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 

@@ -1,0 +1,64 @@
+"""Shape inference on the meta device (torch.device("meta"): no data, shapes and dtypes only,
+as FLOP counters and memory planners use it): every layer gives the outputs it gives on CPU,
+in shape and dtype, through the reference backend that auto picks there. The argument checks
+had asked torch.is_autocast_enabled("meta") (which raises) and the value checks read values
+that meta tensors do not hold.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import latentfast
+from latentfast import geometry as geo
+from latentfast.flows import Glow, GlowStep
+from latentfast.flows.vector import IAF, MAF, Flow, LULinear, Permutation
+from latentfast.ops import flows as flow_ops
+from latentfast.rnn import GRU, LSTM, SequenceModel
+from latentfast.vae import VAE, FlowVAE, GaussianMLPDecoder
+
+
+def _cases():
+    c = 6
+    return {
+        "lu_weight": lambda d: flow_ops.lu_weight(torch.eye(c, device=d), torch.randn(c, c, device=d),
+                                                  torch.randn(c, c, device=d), torch.ones(c, device=d),
+                                                  torch.zeros(c, device=d)),
+        "GlowStep": lambda d: GlowStep(4, hidden=8).to(d)(torch.randn(2, 4, 3, 3, device=d)),
+        "Glow.log_prob": lambda d: Glow(1, 8, n_levels=2, steps_per_level=1, hidden=8).to(d).log_prob(
+            torch.rand(2, 1, 8, 8, device=d)),
+        "Flow.log_prob": lambda d: Flow(4, [MAF(4, 8), LULinear(4), Permutation(4)]).to(d).log_prob(
+            torch.randn(3, 4, device=d)),
+        "IAF.inverse": lambda d: IAF(4, 8, context_dim=2).to(d).inverse(torch.randn(3, 4, device=d),
+                                                                       torch.randn(3, 2, device=d)),
+        "GRU": lambda d: GRU(3, 8).to(d)(torch.randn(5, 2, 3, device=d)),
+        "LSTM": lambda d: LSTM(3, 8).to(d)(torch.randn(5, 2, 3, device=d)),
+        "SequenceModel": lambda d: SequenceModel(3, 8).to(d)(torch.randn(2, 5, 3, device=d)),
+        "VAE": lambda d: VAE(12, 2, (8,)).to(d)(torch.rand(4, 12, device=d)),
+        "FlowVAE": lambda d: FlowVAE(12, 2, (8,), posterior_steps=1, prior_steps=1, flow_hidden=8).to(d)(
+            torch.rand(4, 12, device=d)),
+        "metric": lambda d: geo.metric(GaussianMLPDecoder(2, 10, (8,)).to(d), torch.randn(3, 2, device=d)),
+        "curve_energy": lambda d: geo.curve_energy(GaussianMLPDecoder(2, 10, (8,)).to(d),
+                                                   torch.randn(3, 5, 2, device=d)),
+    }
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    found = []
+    for o in out:
+        found += _tensors(o) if isinstance(o, (tuple, list)) else [o] if isinstance(o, torch.Tensor) else []
+    return found
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_layers_infer_shapes_on_the_meta_device(name):
+    fn = _cases()[name]
+    torch.manual_seed(0)
+    want = _tensors(fn("cpu"))
+    torch.manual_seed(0)
+    with latentfast.use_backend("auto"):  # (the interpreter pass forces triton, which needs real tensors)
+        got = _tensors(fn("meta"))
+    assert [t.device.type for t in got] == ["meta"] * len(want)
+    assert [(tuple(t.shape), t.dtype) for t in got] == [(tuple(t.shape), t.dtype) for t in want]
