@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from latentfast.kernels import launch
-from latentfast.kernels.rnn import _sigmoid, _tanh
+from latentfast.kernels._math import sigmoid as _sigmoid, tanh as _tanh
 from latentfast.reference.dynamics import _qr_rows
 
 
@@ -94,7 +94,7 @@ def rnn_lyapunov(s0: Tensor, q0: Tensor, mat: Tensor, bias: Tensor, cell: int, n
         p = pre[:b * rows]
         torch.mm(vin, mat_t, out=p)
         launch(_rnn_tangent_kernel, (b, triton.cdiv(hs, block_h)), p, bias, v, hs, rows, s, g, r * s, CELL=cell,
-                                                            BLOCK_H=block_h)
+               BLOCK_H=block_h)
 
     for _ in range(transient):
         step(1)
@@ -177,7 +177,7 @@ def lorenz_lyapunov(x0: Tensor, q0: Tensor, system: int, p0: float, p1: float, p
     def run(v: Tensor, steps: int) -> None:
         r = v.shape[1]
         launch(_lorenz_rk4_kernel, (b,), v, scr, r, n, steps, dt, p0, p1, p2, SYSTEM=system,
-                                 RP=max(2, triton.next_power_of_2(r)), NP=npad)
+               RP=max(2, triton.next_power_of_2(r)), NP=npad)
 
     state = x0.contiguous().clone()[:, None]
     if transient:

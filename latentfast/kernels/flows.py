@@ -223,7 +223,7 @@ def actnorm_invconv_fwd(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor | Non
     # with Triton 3.9; Triton 3.6 (the GPU machine's) spills 256 bytes in float32 at 64-channel
     # blocks (128 channels and more), 296 in float64 (scripts/triton_release_check.sh); untimed
     launch(_actnorm_invconv_fwd_kernel, grid, x, weight, bias, hc, y, part, ci, co, p, MODE=mode,
-                                      BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=8)
+           BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=8)
     return y, part.sum(dim=(1, 2))
 
 
@@ -243,8 +243,8 @@ def actnorm_invconv_bwd(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, weight: 
         block_c, block_k, block_p = _pow2(co // 2), _pow2(ci), 64
         grid = (n, triton.cdiv(p, block_p), triton.cdiv(co // 2, block_c))
         launch(_coupling_grad_kernel, grid, grad_y, grad_logdet.contiguous(), x, weight, bias, h, gz, gh,
-                                    ci, co, p, MODE=mode, BLOCK_C=block_c, BLOCK_K=block_k,
-                                    BLOCK_P=block_p, num_warps=8)  # (as above: 4 warps spill)
+               ci, co, p, MODE=mode, BLOCK_C=block_c, BLOCK_K=block_k,
+               BLOCK_P=block_p, num_warps=8)  # (as above: 4 warps spill)
     gx, _ = actnorm_invconv_fwd(gz, weight.t(), torch.zeros_like(weight[0]), None, 0)
     gz3, x3 = gz.view(n, co, p), x.view(n, ci, p)
     gw = torch.bmm(gz3, x3.transpose(1, 2)).sum(0)
@@ -274,7 +274,7 @@ def affine_coupling_bwd(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, h: Tenso
     gx, gh = torch.empty_like(x), torch.empty_like(h)
     block = 1024
     launch(_coupling_bwd_kernel, (n, triton.cdiv(cbp, block)), grad_y, grad_logdet.contiguous(), x, h, gx, gh,
-                                                       cbp, BLOCK=block)
+           cbp, BLOCK=block)
     return gx, gh
 
 
@@ -288,5 +288,5 @@ def lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_ab
     w_inv = torch.empty_like(w)
     block = max(16, triton.next_power_of_2(c))
     launch(_lu_weight_kernel, (1,), perm.contiguous(), lower.contiguous(), upper.contiguous(),
-                            sign_s.contiguous(), log_abs_s.contiguous(), w, w_inv, c, BLOCK=block)
+           sign_s.contiguous(), log_abs_s.contiguous(), w, w_inv, c, BLOCK=block)
     return w, w_inv

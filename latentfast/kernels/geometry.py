@@ -78,8 +78,8 @@ def mlp_act_tangent_(buf: Tensor, deriv: Tensor, n_points: int, n_dirs: int, act
     block_n = 16
     grid = (triton.cdiv(n_points, block_n), triton.cdiv(h, block_h))
     launch(_act_tangent_kernel, grid, buf, deriv, bias.contiguous() if bias is not None else buf, n_points, h,
-                              N_DIRS=n_dirs, CODE=act, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-                              BLOCK_H=block_h)
+           N_DIRS=n_dirs, CODE=act, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+           BLOCK_H=block_h)
 
 
 @triton.jit
@@ -123,7 +123,7 @@ def weighted_gram(p: Tensor, q: Tensor, w: Tensor | None) -> Tensor:
     block_n = triton.next_power_of_2(block_n)
     wc = w.contiguous() if w is not None else p
     launch(_gram_kernel, (triton.cdiv(n, block_n),), p, q, wc, out, n, x, D=d, HAS_W=w is not None,
-                                             BLOCK_N=block_n, BLOCK_X=block_x, BLOCK_D=block_d)
+           BLOCK_N=block_n, BLOCK_X=block_x, BLOCK_D=block_d)
     return out
 
 
@@ -220,6 +220,6 @@ def _curve_reduce_into(g: Tensor, grad_energy: Tensor | None, grad_length: Tenso
     # 8 warps: with 4 the sm_90 build with gradients needs all 255 registers and spills 224
     # bytes a thread; with 8, 239 and none (scripts/triton_smem.py)
     launch(_curve_reduce_kernel, (b,), g, energy, length, ge, gl, gg if want else g, t1, f,
-                               HAS_GE=grad_energy is not None, HAS_GL=grad_length is not None,
-                               WANT=want, BLOCK_T=block_t, BLOCK_F=block_f, num_warps=8)
+           HAS_GE=grad_energy is not None, HAS_GL=grad_length is not None,
+           WANT=want, BLOCK_T=block_t, BLOCK_F=block_f, num_warps=8)
     return energy, length

@@ -219,7 +219,7 @@ def _gru_sequence_fwd_stepwise(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_
         h = h0 if t == 0 else out[t - 1]
         torch.addmm(bias_hh, h, w_t, out=gh)
         launch(_gates_fwd_kernel, grid, gi_all[t], gh, h, out[t], gates[t] if save else gh, b, hs, SAVE=save,
-                                BLOCK_B=bb, BLOCK_H=bh)
+               BLOCK_B=bb, BLOCK_H=bh)
     return out, gates
 
 
@@ -499,7 +499,7 @@ def _lstm_sequence_fwd_stepwise(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Te
         c = c0 if t == 0 else cells[t - 1]
         torch.addmm(a_all[t], h, w_t, out=a)
         launch(_lstm_fwd_kernel, grid, a, c, out[t], cells[t], gates[t] if save else a, b, hs, SAVE=save,
-                               BLOCK_B=bb, BLOCK_H=bh)
+               BLOCK_B=bb, BLOCK_H=bh)
     return out, cells, gates
 
 
@@ -516,8 +516,8 @@ def _lstm_sequence_bwd_stepwise(grad_out: Tensor, grad_cells: Tensor, x: Tensor,
     grid, bb, bh = _grid(b, hs)
     for t in range(t_len - 1, -1, -1):
         cp = c0 if t == 0 else cells[t - 1]
-        launch(_lstm_bwd_kernel, grid, dh, grad_out[t], dc, grad_cells[t], gates[t], cp, cells[t], da[t], dc_next, b, hs,
-                               BLOCK_B=bb, BLOCK_H=bh)
+        launch(_lstm_bwd_kernel, grid, dh, grad_out[t], dc, grad_cells[t], gates[t], cp, cells[t], da[t], dc_next,
+               b, hs, BLOCK_B=bb, BLOCK_H=bh)
         dc, dc_next = dc_next, dc
         torch.mm(da[t], weight_hh, out=dh)
     da2 = da.view(-1, 4 * hs)
