@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import random
+import traceback
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +95,24 @@ def use_cpu_isa(monkeypatch, isa: str) -> None:
     or skips it where this CPU cannot (skip_unless_cpu_isa)."""
     skip_unless_cpu_isa(isa)
     monkeypatch.setenv("LATENTFAST_CPU_ISA", isa)
+
+
+def count_host_reads(monkeypatch) -> list[tuple[str, int]]:
+    """From here on (monkeypatch's scope), the (file, line) of every Tensor.item / tolist /
+    bool / float / int / index call made from latentfast's own code, in a list that grows as
+    they happen: the reads that on a GPU are synchronisations (torch.optim's CPU step counters
+    and the tests' own reads are not counted)."""
+    package = str(Path(latentfast.__file__).parent)
+    seen: list[tuple[str, int]] = []
+
+    def counted(original):
+        def read(self, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            if caller.filename.startswith(package):
+                seen.append((caller.filename, caller.lineno))
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    return seen

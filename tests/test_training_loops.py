@@ -5,40 +5,21 @@ model(x) -> the loss, so torch.compile, DistributedDataParallel and hooks can wr
 """
 from __future__ import annotations
 
-import traceback
-from pathlib import Path
-
 import pytest
 import torch
 
-import latentfast
 from latentfast.rnn import SequenceModel, fit_sequence_model
 from latentfast.rnn.latent import LatentSequenceModel, fit_latent_sequence
 from latentfast.vae import VAE, FlowVAE, fit
-from tests.conftest import interpreting
-
-PACKAGE = str(Path(latentfast.__file__).parent)
+from tests.conftest import count_host_reads, interpreting
 
 
 @pytest.fixture
 def reads(monkeypatch):
-    """The (file, line) of every Tensor.item / tolist / bool / float / int call made from
-    latentfast's own code (torch.optim's CPU step counters and the tests' own reads are not counted), with the
-    finiteness checks off (a documented read per model call; LATENTFAST_CHECK_FINITE)."""
+    """latentfast's own host reads (tests.conftest.count_host_reads), with the finiteness
+    checks off (a documented read per model call; LATENTFAST_CHECK_FINITE)."""
     monkeypatch.setenv("LATENTFAST_CHECK_FINITE", "0")
-    seen: list[tuple[str, int]] = []
-
-    def counted(original):
-        def read(self, *args, **kwargs):
-            caller = traceback.extract_stack(limit=2)[0]
-            if caller.filename.startswith(PACKAGE):
-                seen.append((caller.filename, caller.lineno))
-            return original(self, *args, **kwargs)
-        return read
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
-    return seen
+    return count_host_reads(monkeypatch)
 
 
 def _models():

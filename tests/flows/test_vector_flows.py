@@ -15,8 +15,8 @@ import latentfast
 from latentfast.flows import vector as vf
 from latentfast.ops import vector_flows as ops
 from latentfast.reference import vector_flows as ref
-from tests.conftest import (CPU_ISAS, FAST_GC, assert_close, backends_under_test, device_for, interpreting,
-                            use_cpu_isa)
+from tests.conftest import (CPU_ISAS, FAST_GC, assert_close, backends_under_test, count_host_reads, device_for,
+                            interpreting, use_cpu_isa)
 
 
 # Tests of the C++ kernels' own paths (row tiles, blocked GEMMs, the BLAS fallback): they run
@@ -1062,21 +1062,8 @@ def test_triton_inverse_reads_nothing_back_once_planned(monkeypatch, device="cpu
     """Once a stack's dependency plan is made, the Triton inverse and its backward read nothing
     back to the host: `bool(planned.all())` on the plan's device tensor had been one read-back
     (a GPU synchronisation) per call, and the plan was copied to the device on every call."""
-    import traceback
-    from pathlib import Path
-
     monkeypatch.setenv("LATENTFAST_CHECK_FINITE", "0")
-    package = str(Path(latentfast.__file__).parent)
-    reads = []
-
-    def counted(original):
-        def read(self, *args, **kwargs):
-            if traceback.extract_stack(limit=2)[0].filename.startswith(package):
-                reads.append(traceback.extract_stack(limit=2)[0].lineno)
-            return original(self, *args, **kwargs)
-        return read
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    reads = count_host_reads(monkeypatch)
     torch.manual_seed(0)
     flow = vf.Flow(4, [vf.MAF(4, 8, n_steps=2)]).to(device)
     z = torch.randn(5, 4, device=device)
