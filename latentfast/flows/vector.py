@@ -139,7 +139,9 @@ class MaskedFlowStack(nn.Module):
             ctx = self.context(h).view(x.shape[0], self.n_steps, self.hidden).transpose(0, 1).contiguous()
         elif h is not None:
             raise ValueError("this flow takes no context (context_dim=0)")
-        return (self.w1 * self.mask1, self.b1, self.w2 * self.mask2, self.b2, self.act.to(x.dtype), ctx)
+        # act goes in as the buffer itself (not cast to x's dtype: under autocast a half-precision
+        # x would give a new tensor each call, and the op checks act once per tensor version)
+        return (self.w1 * self.mask1, self.b1, self.w2 * self.mask2, self.b2, self.act, ctx)
 
     def forward_stack(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The K steps on x [B, d] (context h [B, c] or None) in one vector_flow_stack call: (y,

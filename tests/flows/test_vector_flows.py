@@ -746,6 +746,29 @@ def test_bad_inputs_raise():
             layer.inverse(torch.randn(2, 3))
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_masked_flow_checks_its_act_buffer_once(monkeypatch, autocast):
+    """A MAF / IAF layer's act buffer is checked (one read-back, a GPU synchronisation) on its
+    first call and then not again while the buffer is unchanged, also under autocast with a
+    bfloat16 input, where the layer had cast act to the input's dtype, a new tensor (so a new
+    check) on every call."""
+    monkeypatch.setenv("LATENTFAST_CHECK_FINITE", "0")
+    torch.manual_seed(0)
+    maf = vf.MAF(4, 8, n_steps=2)
+    z = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        z_in = z.bfloat16() if autocast else z
+        maf(z_in)
+        reads = count_host_reads(monkeypatch)
+        y, ld = maf(z_in)
+        maf.inverse(z_in)
+        assert reads == []
+        assert y.dtype == ld.dtype == torch.float32
+        maf.act[0, 1] = 0.5  # a write is still seen
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            maf(z_in)
+
+
 @pytest.mark.skipif(interpreting(), reason="torch.compile traced once on the default backends")
 def test_compile_fullgraph():
     flow = vf.MAF(6, 16, n_steps=2)
