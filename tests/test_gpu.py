@@ -171,6 +171,10 @@ def test_geodesic_solver_paths_on_cuda(triton_cuda):
     amp_t.test_geodesic_under_autocast_is_the_solve_without_it(triton_cuda)
 
 
+def test_glow_backward_inside_autocast_on_cuda(triton_cuda):
+    amp_t.test_glow_backward_inside_autocast(triton_cuda)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", rnn_t.SHAPES)
 def test_rnn_ops_on_cuda(triton_cuda, shape, dtype):
@@ -237,6 +241,7 @@ def test_double_backward_transforms_and_autocast_on_cuda(triton_cuda, name):
         tf_t.test_vmap_matches_reference(triton_cuda, name)
     if name in amp_t.CASES:
         amp_t.test_autocast_upcasts_to_float32(triton_cuda, name)
+        amp_t.test_backward_inside_autocast_is_the_float32_backward(triton_cuda, name)
 
 
 def test_registered_ops_called_directly_under_transforms_on_cuda(triton_cuda):

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
-from latentfast.ops._amp import float32_under_autocast
+from latentfast.ops._amp import autocast_off_in_backward, float32_under_autocast
 from latentfast.ops._autograd import (graph_wanted, reference_vjp, reject_tangents, route_transforms, routed,
                                       under_transform)
 from latentfast.ops._checks import can_read_back, check_finite, check_tensor, passed_before, remember_passed
@@ -161,6 +161,7 @@ def _save_stack_inputs(ctx, inputs, output):
     ctx.save_for_backward(x, c, w1, b1, w2, b2, act)
 
 
+@autocast_off_in_backward
 def _vector_flow_stack_bwd(ctx, grad_y, grad_logdet):
     # Inference op under autograd (direct torch.ops call): recompute keeping the activations.
     x, c, w1, b1, w2, b2, act = ctx.saved_tensors
@@ -179,6 +180,7 @@ def _save_stack_train(ctx, inputs, output):
     ctx.save_for_backward(x, c, w1, b1, w2, b2, act, *output)  # x, b2: for a double backward only
 
 
+@autocast_off_in_backward
 def _vector_flow_stack_train_bwd(ctx, grad_y, grad_logdet, *_unused):
     x, c, w1, b1, w2, b2, act, y, ld, xs, out = ctx.saved_tensors
     if graph_wanted(grad_y, grad_logdet, x, c, w1, b1, w2, b2):
@@ -206,6 +208,7 @@ class _EagerStack(torch.autograd.Function):
         return y, ld
 
     @staticmethod
+    @autocast_off_in_backward
     def backward(ctx, grad_y, grad_logdet):
         c, w1, b1, w2, act, xs, out, hidden, x, b2 = ctx.saved_tensors
         if graph_wanted(grad_y, grad_logdet, x, c, w1, b1, w2, b2):
@@ -270,6 +273,7 @@ class _ImplicitInverse(torch.autograd.Function):
         return x, ld
 
     @staticmethod
+    @autocast_off_in_backward
     def backward(ctx, grad_x, grad_ld):
         y, x, c, w1, b1, w2, b2, act, *stack = ctx.saved_tensors
         if graph_wanted(grad_x, grad_ld, y, c, w1, b1, w2, b2):  # create_graph=True: the reference's sweeps
