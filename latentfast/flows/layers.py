@@ -23,42 +23,84 @@ def _check_image(name: str, x: Tensor, channels: int) -> None:
     check_finite(name, x)
 
 
+def _process_group_size() -> int:
+    """The default process group's world size (1 without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
+
+
 class ActNorm(nn.Module):
     """y = (x + bias) * exp(logs) per channel, initialised from the first batch so that y has
     zero mean and unit variance per channel (Glow, Kingma & Dhariwal 2018).
 
     Shapes: x [N, C, H, W] -> y [N, C, H, W], logdet [N] = H*W*sum(logs).
+
+    Under torch.distributed (a default process group of more than one process, as with
+    DistributedDataParallel) the first batch is the union of every process's first batch:
+    the mean and standard deviation are all-reduced, so the replicas start equal (DDP
+    broadcasts parameters only when it wraps the model, before this initialisation, and
+    each replica would otherwise keep its own). Every process must then make its first
+    forward together, as DDP's processes do; set ``sync_init = False`` on a layer (for m in
+    model.modules(): ...) for processes that train independent models.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, sync_init: bool = True) -> None:
         super().__init__()
-        self.channels = channels
+        self.channels, self.sync_init = channels, sync_init
         self.logs = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
 
-    @torch.no_grad()
+    def _syncs(self) -> bool:
+        return self.sync_init and _process_group_size() > 1
+
     def initialize(self, x: Tensor) -> None:
-        """Data-dependent init: bias = -mean, logs = -log(std) over (N, H, W)."""
-        if x.shape[0] == 0:
+        """Data-dependent init: bias = -mean, logs = -log(std) over (N, H, W) (of every
+        process's x, all-reduced, under torch.distributed; see the class)."""
+        if not self._initialize(x):
             raise ValueError("ActNorm cannot be initialised from an empty batch")
-        mean = x.mean(dim=(0, 2, 3))
-        std = x.std(dim=(0, 2, 3), unbiased=False)
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> bool:
+        """initialize(x); False (and nothing set) where there is no data to start from."""
+        if self._syncs():
+            # float64 sums over the processes, then the centred second moment (two passes, as
+            # std does): two all-reduces of C + 1 and C values, once per layer
+            xs = x.double()
+            first = torch.cat([xs.sum(dim=(0, 2, 3)), xs.new_full((1,), x.numel() // max(x.shape[1], 1))])
+            torch.distributed.all_reduce(first)
+            count = first[-1]
+            if count.item() == 0:  # every process's batch is empty: wait for data, as one process does
+                return False
+            mean64 = first[:-1] / count
+            second = ((xs - mean64[None, :, None, None]) ** 2).sum(dim=(0, 2, 3))
+            torch.distributed.all_reduce(second)
+            mean, std = mean64.to(x.dtype), (second / count).sqrt().to(x.dtype)
+        else:
+            if x.shape[0] == 0:
+                return False
+            mean = x.mean(dim=(0, 2, 3))
+            std = x.std(dim=(0, 2, 3), unbiased=False)
         self.bias.copy_(-mean)
         self.logs.copy_(-torch.log(std + 1e-6))
         self.initialized.fill_(True)
+        return True
 
     def maybe_initialize(self, x: Tensor) -> None:
         """Initialise from x on the first call with data (an empty batch waits: its mean and
-        standard deviation are NaN). The `initialized` flag is read back (a GPU
-        synchronisation) only until it has been seen set, and again after it is written
-        (load_state_dict), not on every call. Meta tensors (shape inference) hold no data to
-        initialise from, and pass through as they are."""
-        if (torch.compiler.is_compiling() or x.shape[0] == 0 or x.device.type == "meta"
+        standard deviation are NaN; under torch.distributed, until some process has data).
+        The `initialized` flag is read back (a GPU synchronisation) only until it has been
+        seen set, and again after it is written (load_state_dict), not on every call. Meta
+        tensors (shape inference) hold no data to initialise from, and pass through as they
+        are."""
+        if (torch.compiler.is_compiling() or x.device.type == "meta"
                 or passed_before("actnorm initialized", self.initialized)):
             return
-        if not bool(self.initialized):
-            self.initialize(x)
+        if x.shape[0] == 0 and not self._syncs():  # (synchronised, an empty batch still takes part)
+            return
+        if not bool(self.initialized) and not self._initialize(x):
+            return
         remember_passed("actnorm initialized", self.initialized)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

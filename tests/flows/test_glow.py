@@ -157,6 +157,68 @@ def test_actnorm_reads_its_initialized_flag_back_only_until_it_is_set(monkeypatc
     assert reads == []
 
 
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One process of test_actnorm_initialises_from_every_process_under_ddp: its own first
+    batch (rank 1's empty for one layer), then two DDP training steps of a GlowStep."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x = torch.randn(3 + 2 * rank, 4, 3, 5, generator=torch.Generator().manual_seed(rank)) * (1 + rank) + rank
+        synced, local, waits = ActNorm(4), ActNorm(4, sync_init=False), ActNorm(4)
+        synced(x)
+        local(x)
+        waits(x if rank == 0 else x[:0])  # rank 1 has no data: the layer starts from rank 0's
+        torch.manual_seed(0)  # the same GlowStep everywhere, as DDP expects
+        step = GlowStep(4, hidden=8)
+        ddp = torch.nn.parallel.DistributedDataParallel(step)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for _ in range(2):
+            y, ld = ddp(x)
+            loss = 0.5 * y.pow(2).mean() - ld.mean() / y[0].numel()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.save({"synced": synced.state_dict(), "local": local.state_dict(), "waits": waits.state_dict(),
+                    "step": step.state_dict(), "x": x}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(interpreting(), reason="ActNorm's initialisation is plain PyTorch: once, in the normal pass")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_actnorm_initialises_from_every_process_under_ddp(tmp_path):
+    """Under DistributedDataParallel ActNorm's data-dependent init used each process's own
+    first batch, and DDP broadcasts parameters only when it wraps the model (before that), so
+    the replicas trained with different parameters for good (0.69 apart after three steps of a
+    Glow). Now the statistics are all-reduced: every process starts from the statistics of
+    the union of the first batches, and the replicas stay equal. sync_init=False keeps a
+    process's own."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    union = ActNorm(4)
+    union.initialize(torch.cat([r0["x"], r1["x"]]))
+    for r in (r0, r1):
+        torch.testing.assert_close(r["synced"]["bias"], union.bias.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r["synced"]["logs"], union.logs.detach(), rtol=1e-6, atol=1e-6)
+        own = ActNorm(4)
+        own.initialize(r["x"])
+        assert torch.equal(r["local"]["bias"], own.bias.detach())
+    alone = ActNorm(4)
+    alone.initialize(r0["x"])
+    for r in (r0, r1):
+        assert bool(r["waits"]["initialized"])
+        torch.testing.assert_close(r["waits"]["logs"], alone.logs.detach(), rtol=1e-6, atol=1e-6)
+    for key, value in r0["step"].items():
+        assert torch.equal(value, r1["step"][key]), f"replicas differ in {key}"
+    assert not torch.equal(r0["step"]["actnorm.bias"], torch.zeros(4))
+
+
 def test_bad_inputs_raise():
     glow = _glow()
     with pytest.raises(ValueError, match="8, 8"):
