@@ -149,7 +149,11 @@ def check_lu_constants(perm: Tensor, sign_s: Tensor) -> None:
 @contextlib.contextmanager
 def checked_once() -> Iterator[None]:
     """Inside this block nested modules skip their finiteness checks (the outer model has
-    already checked its input once)."""
+    already checked its input once). Nothing to do while torch.compile traces (the checks
+    read nothing back there, and a trace cannot set a ContextVar)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     token = _skip_finite.set(True)
     try:
         yield
