@@ -7,6 +7,8 @@ channel half conditions the second.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,6 +32,13 @@ def _process_group_size() -> int:
     return torch.distributed.get_world_size()
 
 
+def _disable_compile(fn, reason: str):
+    """torch.compiler.disable(fn), with the reason where this torch takes one (2.7 on)."""
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        return torch.compiler.disable(fn, reason=reason)
+    return torch.compiler.disable(fn)
+
+
 class ActNorm(nn.Module):
     """y = (x + bias) * exp(logs) per channel, initialised from the first batch so that y has
     zero mean and unit variance per channel (Glow, Kingma & Dhariwal 2018).
@@ -51,6 +60,9 @@ class ActNorm(nn.Module):
         self.logs = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        # whether `initialized` has been seen set (by an eager call or a loaded state dict):
+        # what a torch.compile trace can test without reading a tensor
+        self._seen_initialized = False
 
     def _syncs(self) -> bool:
         return self.sync_init and _process_group_size() > 1
@@ -94,14 +106,29 @@ class ActNorm(nn.Module):
         seen set, and again after it is written (load_state_dict), not on every call. Meta
         tensors (shape inference) hold no data to initialise from, and pass through as they
         are."""
-        if (torch.compiler.is_compiling() or x.device.type == "meta"
-                or passed_before("actnorm initialized", self.initialized)):
+        if torch.compiler.is_compiling():
+            # A trace cannot branch on the flag's value: a layer not yet seen initialised
+            # breaks the graph here and initialises eagerly (under fullgraph=True, an error
+            # that says so). The trace guards on the Python flag, so the code compiled once it
+            # is set has no break.
+            if not self._seen_initialized:
+                _maybe_initialize_eagerly(self, x)
+            return
+        if x.device.type == "meta" or passed_before("actnorm initialized", self.initialized):
             return
         if x.shape[0] == 0 and not self._syncs():  # (synchronised, an empty batch still takes part)
             return
         if not bool(self.initialized) and not self._initialize(x):
             return
+        self._seen_initialized = True
         remember_passed("actnorm initialized", self.initialized)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # a loaded model compiles without the break; the flag read from the state dict's own
+        # tensor (a checkpoint's is usually on the CPU), the buffer being checked again anyway
+        loaded = state_dict.get(prefix + "initialized")
+        self._seen_initialized = bool(loaded if isinstance(loaded, Tensor) else self.initialized)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(x + bias) * exp(logs) per channel of x [N, C, H, W], and the log-det [N] = H W
@@ -115,6 +142,12 @@ class ActNorm(nn.Module):
         """x = y * exp(-logs) - bias."""
         _check_image("y", y, self.channels)
         return y * torch.exp(-self.logs)[None, :, None, None] - self.bias[None, :, None, None]
+
+
+_maybe_initialize_eagerly = _disable_compile(
+    ActNorm.maybe_initialize,
+    reason="ActNorm's data-dependent initialisation runs eagerly: call the model once before compiling "
+           "it with fullgraph=True (or load a state dict of an initialised one)")
 
 
 class InvConv1x1(nn.Module):
