@@ -95,3 +95,18 @@ def test_module_exports_with_a_dynamic_batch(backend, name):
         assert len(got) == len(want)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_exporting_an_uninitialised_glow_step_says_so():
+    """torch.export of a GlowStep whose ActNorm has not seen data exported the identity in
+    place of the data-dependent initialisation (the trace skipped it); now an error says to
+    call the model once first, and after one call it exports."""
+    step = GlowStep(4, hidden=8)
+    x = torch.randn(3, 4, 5, 5)
+    with pytest.raises(RuntimeError, match="call the model once before exporting"):
+        torch.export.export(step, (x,))
+    assert not bool(step.actnorm.initialized)
+    want = step(x)
+    got = torch.export.export(step, (x,)).module()(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

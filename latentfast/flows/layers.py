@@ -39,6 +39,11 @@ def _disable_compile(fn, reason: str):
     return torch.compiler.disable(fn)
 
 
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
 class ActNorm(nn.Module):
     """y = (x + bias) * exp(logs) per channel, initialised from the first batch so that y has
     zero mean and unit variance per channel (Glow, Kingma & Dhariwal 2018).
@@ -110,10 +115,17 @@ class ActNorm(nn.Module):
             # A trace cannot branch on the flag's value: a layer not yet seen initialised
             # breaks the graph here and initialises eagerly (under fullgraph=True, an error
             # that says so). The trace guards on the Python flag, so the code compiled once it
-            # is set has no break.
+            # is set has no break. torch.export cannot run anything eagerly: an error.
             if not self._seen_initialized:
+                if _exporting():
+                    raise RuntimeError("ActNorm has not been initialised (its data-dependent initialisation "
+                                       "runs on the first call): call the model once before exporting it, "
+                                       "or load the state dict of an initialised one")
                 _maybe_initialize_eagerly(self, x)
             return
+        self._maybe_initialize(x)
+
+    def _maybe_initialize(self, x: Tensor) -> None:  # maybe_initialize's eager path
         if x.device.type == "meta" or passed_before("actnorm initialized", self.initialized):
             return
         if x.shape[0] == 0 and not self._syncs():  # (synchronised, an empty batch still takes part)
@@ -145,7 +157,7 @@ class ActNorm(nn.Module):
 
 
 _maybe_initialize_eagerly = _disable_compile(
-    ActNorm.maybe_initialize,
+    ActNorm._maybe_initialize,
     reason="ActNorm's data-dependent initialisation runs eagerly: call the model once before compiling "
            "it with fullgraph=True (or load a state dict of an initialised one)")
 
