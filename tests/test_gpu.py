@@ -358,3 +358,21 @@ def test_check_finite_on_cuda():
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64):
         for bad in (float("nan"), float("inf"), -float("inf")):
             checks_t.test_check_finite_catches_every_bad_value(dtype, bad, device="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ops_on_a_gpu_that_is_not_current(triton_cuda):
+    """Every op's forward on cuda:1 with cuda:0 current gives cuda:0's numbers (Triton
+    launches on the current device; latentfast.kernels.launch switches to the tensors',
+    tests/ops/test_triton_launch_device.py)."""
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    from tests.ops.op_cases import op_cases
+    torch.cuda.set_device(0)
+    for name, (fn, inputs, _, _) in op_cases(torch.device("cuda:0"), b=3).items():
+        want = fn(*inputs)
+        got = fn(*tree_map(lambda t: t.to("cuda:1") if isinstance(t, torch.Tensor) else t, inputs))
+        for g, w in zip(tree_leaves(got), tree_leaves(want)):
+            if isinstance(w, torch.Tensor):
+                assert g.device == torch.device("cuda:1"), name
+                torch.testing.assert_close(g.cpu(), w.cpu(), msg=name)
