@@ -99,9 +99,9 @@ def use_cpu_isa(monkeypatch, isa: str) -> None:
 
 def count_host_reads(monkeypatch) -> list[tuple[str, int]]:
     """From here on (monkeypatch's scope), the (file, line) of every Tensor.item / tolist /
-    bool / float / int / index call made from latentfast's own code, in a list that grows as
-    they happen: the reads that on a GPU are synchronisations (torch.optim's CPU step counters
-    and the tests' own reads are not counted)."""
+    bool / float / int / index / cpu call made from latentfast's own code, in a list that
+    grows as they happen: the reads that on a GPU are synchronisations (torch.optim's CPU step
+    counters and the tests' own reads are not counted; .cpu() on a CPU tensor counts too)."""
     package = str(Path(latentfast.__file__).parent)
     seen: list[tuple[str, int]] = []
 
@@ -113,6 +113,6 @@ def count_host_reads(monkeypatch) -> list[tuple[str, int]]:
             return original(self, *args, **kwargs)
         return read
 
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
     return seen

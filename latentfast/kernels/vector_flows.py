@@ -467,23 +467,62 @@ def _levels(dep: np.ndarray) -> np.ndarray | None:
     return lev
 
 
-_step_levels_memo: list = []  # [(weakrefs of w1, w2, act; their versions; additive), result]: the last call's
+# The graphs read back, and the plans made from them: id(w1) -> (weak references to w1, w2,
+# act; their (storage, version) stamps and `additive`; _step_levels' result; {(n_passes,
+# min_levels, device): _inverse_plan's return value}). Several entries, so that the layers of
+# a flow (a MAF after a MAF) do not evict each other; cleared past _PLANS_MAX.
+_plans: dict[int, tuple] = {}
+_PLANS_MAX = 64
+
+
+def _graph_entry(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> tuple | None:
+    """The memo entry for these three tensors unchanged since it was made, or None."""
+    entry = _plans.get(id(w1))
+    if entry is None:
+        return None
+    refs, key, _, _ = entry
+    if key != _graph_key(w1, w2, act, additive) or any(r() is not t for r, t in zip(refs, (w1, w2, act))):
+        return None
+    return entry
+
+
+def _graph_key(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> tuple | None:
+    # Tensors made under torch.inference_mode carry no version counter: never remembered.
+    if any(t.is_inference() for t in (w1, w2, act)):
+        return None
+    return (additive, *((t.data_ptr(), t._version) for t in (w1, w2, act)))
+
+
+def graph_entry(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> tuple | None:
+    """The remembered graph and plans of these tensors (None if not read back yet), for
+    adopt_graph: what the differentiable inverse keeps from its forward for its backward."""
+    return _graph_entry(w1, w2, act, additive)
+
+
+def adopt_graph(entry: tuple, w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> None:
+    """Remember graph_entry's `entry` for these tensors: the same storages at the same
+    versions as the ones it was made for (autograd's saved tensors, unpacked in the backward as
+    new Python objects once the forward's are gone; autograd has checked their versions)."""
+    key = _graph_key(w1, w2, act, additive)
+    if key is None or key != entry[1]:
+        return
+    if len(_plans) >= _PLANS_MAX:
+        _plans.clear()
+    _plans[id(w1)] = (tuple(weakref.ref(t) for t in (w1, w2, act)), key, entry[2], entry[3])
 
 
 def _step_levels(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> list[tuple[np.ndarray, int, int]]:
     """Per step, (the dimensions it changes sorted by dependency level, then those it leaves
     alone; how many it changes; its number of levels, 0 for a cycle): the dependency graph of
     _inverse_plan from the weights' zero pattern. Reads the [K, D, D] pattern back to the host
-    (one synchronisation), except when the same three tensors at the same versions asked last
-    (the differentiable inverse's forward and backward: one read-back per training step).
-    Tensors made under torch.inference_mode carry no version counter: those are read back
-    every call and not remembered."""
-    inference = any(t.is_inference() for t in (w1, w2, act))
-    key = None if inference else (additive, w1._version, w2._version, act._version)
-    if _step_levels_memo and not inference:
-        refs, k0, res = _step_levels_memo[0]
-        if k0 == key and all(r() is t for r, t in zip(refs, (w1, w2, act))):
-            return res
+    (one synchronisation), except for tensors seen before at the same storage and versions
+    (_plans: the differentiable inverse's forward and backward share one read-back; a layer's
+    masked weights made without autograd are the same tensors from call to call, see
+    MaskedFlowStack._masked_weights). Tensors made under torch.inference_mode carry no version
+    counter: those are read back every call and not remembered."""
+    entry = _graph_entry(w1, w2, act, additive)
+    if entry is not None:
+        return entry[2]
     k, h, d = w1.shape
     with torch.no_grad():
         nz1 = (w1 != 0).to(torch.float32)
@@ -492,8 +531,9 @@ def _step_levels(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> list[tu
             nz2 = nz2 | (w2[:, d:] != 0)
         dep = torch.bmm(nz2.to(torch.float32), nz1) > 0  # [K, D out, D in]
         changed = act > 0
-        dep = (dep & changed[:, :, None] & changed[:, None, :]).cpu().numpy()
-        changed = changed.cpu().numpy()
+        # one read-back for both
+        both = torch.cat([dep.flatten(1), changed], 1).cpu().numpy()
+        dep, changed = both[:, :d * d].reshape(k, d, d), both[:, d * d:]
     res = []
     for i in range(k):
         dims = np.nonzero(changed[i])[0]
@@ -501,15 +541,12 @@ def _step_levels(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> list[tu
         n_levels = 0 if lev is None or len(dims) == 0 else int(lev.max()) + 1
         order = dims if lev is None else dims[np.argsort(lev, kind="stable")]
         res.append((np.concatenate([order, np.nonzero(~changed[i])[0]]).astype(np.int32), len(dims), n_levels))
-    if not inference:
-        _step_levels_memo[:] = [(tuple(weakref.ref(t) for t in (w1, w2, act)), key, res)]
+    key = _graph_key(w1, w2, act, additive)
+    if key is not None:
+        if len(_plans) >= _PLANS_MAX:
+            _plans.clear()
+        _plans[id(w1)] = (tuple(weakref.ref(t) for t in (w1, w2, act)), key, res, {})
     return res
-
-
-# (id of a _step_levels result, n_passes, min_levels, device) -> (that result, _inverse_plan's
-# return value): the plan's device tensors are copied to the device once per graph, not per
-# call (a copy from pageable host memory waits for the stream, like a read-back).
-_plan_memo: dict = {}
 
 
 def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes: int, min_levels: int = 2
@@ -524,13 +561,16 @@ def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes:
     dimensions by level, then the act = 0 ones; count [K] int32: how many act dimensions;
     planned [K] int32) on the weights' device, and whether every step is planned (from the
     host copy: no read-back), or None when no step has a plan. The graph comes from
-    _step_levels (one host read-back, shared by consecutive calls on the same weights), and the
-    tensors for the same graph, pass count, level floor and device are made once (_plan_memo)."""
+    _step_levels (one host read-back, shared by calls on the same, unchanged weights), and the
+    tensors for the same graph, pass count, level floor and device are made once (kept with
+    the graph in _plans: a copy from pageable host memory waits for the stream, like a
+    read-back)."""
     levels = _step_levels(w1, w2, act, additive)
-    key = (id(levels), n_passes, min_levels, w1.device)
-    hit = _plan_memo.get(key)
-    if hit is not None and hit[0] is levels:
-        return hit[1]
+    entry = _graph_entry(w1, w2, act, additive)
+    made = entry[3] if entry is not None and entry[2] is levels else None
+    key = (n_passes, min_levels, w1.device)
+    if made is not None and key in made:
+        return made[key]
     k, _, d = w1.shape
     order = np.zeros((k, d), dtype=np.int32)
     count = np.zeros(k, dtype=np.int32)
@@ -544,9 +584,8 @@ def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes:
         dev = w1.device
         plan = (torch.from_numpy(order).to(dev), torch.from_numpy(count).to(dev), torch.from_numpy(planned).to(dev),
                 bool(planned.all()))
-    if len(_plan_memo) >= 8:
-        _plan_memo.clear()
-    _plan_memo[key] = (levels, plan)
+    if made is not None:
+        made[key] = plan
     return plan
 
 

@@ -267,6 +267,10 @@ class _ImplicitInverse(torch.autograd.Function):
                                                                                n_passes)
             else:
                 x, ld = _vector_flow_stack_inverse(y, c, w1, b1, w2, b2, act, additive, n_passes)
+        # the Triton inverse's dependency graph, read back for this forward, for the backward's
+        # solve (whose unpacked saved tensors are new Python objects the memo does not know)
+        ctx.graph = (_triton().graph_entry(w1, w2, act, additive) if backend.select(y.device) == "triton"
+                     else None)
         ctx.set_materialize_grads(False)
         ctx.additive, ctx.n_passes, ctx.has_ctx, ctx.saved_stack = additive, n_passes, c is not None, bool(stack)
         ctx.save_for_backward(y, x, c, w1, b1, w2, b2, act, *stack)
@@ -304,6 +308,8 @@ class _ImplicitInverse(torch.autograd.Function):
         if backend.select(x.device) == "triton":
             # the same one-pass solve in a Triton kernel (None: a step without an order within
             # n_passes levels), then the stack's backward kernel with cotangents (-u, grad_logdet)
+            if ctx.graph is not None:
+                _triton().adopt_graph(ctx.graph, w1, w2, act, additive)
             u = _triton().vector_flow_inv_grad(a, gld, xs, out, c, w1, b1, w2, act, additive, ctx.n_passes)
             if u is not None:
                 return with_weight_grads(u, xs, out)
