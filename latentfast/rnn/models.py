@@ -43,16 +43,32 @@ class _SingleLayerRNN(nn.Module):
         if dropout > 0:  # as torch.nn does: dropout acts between layers, and there is one
             warnings.warn(f"dropout={dropout} and num_layers=1: dropout applies between recurrent layers only, "
                           "so it does nothing here (as in torch.nn)", UserWarning, stacklevel=3)
+        self.mode = name
         self.input_size, self.hidden_size, self.batch_first = input_size, hidden_size, batch_first
         self.num_layers, self.bias, self.dropout, self.bidirectional = 1, True, float(dropout), False
+        self.proj_size = 0
         f = {"device": device, "dtype": dtype}
         self.weight_ih_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, input_size, **f))
         self.weight_hh_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, hidden_size, **f))
         self.bias_ih_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, **f))
         self.bias_hh_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, **f))
-        k = 1.0 / math.sqrt(hidden_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: every weight and bias uniform in +-1/sqrt(hidden_size)."""
+        k = 1.0 / math.sqrt(self.hidden_size)
         for p in self.parameters():
             nn.init.uniform_(p, -k, k)
+
+    def flatten_parameters(self) -> None:
+        """Does nothing: torch.nn compacts its weights into one buffer for cuDNN; the fused
+        kernels here take the four parameters as they are. (Kept so that code written for
+        torch.nn, which calls it, runs unchanged.)"""
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """[[weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0]], as torch.nn gives it."""
+        return [list(self.params())]
 
     def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0

@@ -23,6 +23,25 @@ def test_gru_is_a_drop_in_for_nn_gru(backend):
     ref.load_state_dict(ours.state_dict())
 
 
+@pytest.mark.parametrize("name", ["GRU", "LSTM"])
+def test_rnn_has_the_nn_module_api_that_user_code_calls(name):
+    """Code written for torch.nn.GRU / LSTM calls flatten_parameters() (in forward, for
+    DataParallel / cuDNN), reset_parameters() (re-initialisation) and reads all_weights, mode
+    and proj_size: each raised AttributeError on the drop-in."""
+    torch.manual_seed(3)
+    ref, ours = getattr(nn, name)(3, 7), {"GRU": GRU, "LSTM": LSTM}[name](3, 7)
+    ours.flatten_parameters()
+    assert ours.mode == ref.mode == name and ours.proj_size == ref.proj_size == 0
+    assert [[tuple(w.shape) for w in layer] for layer in ours.all_weights] == \
+        [[tuple(w.shape) for w in layer] for layer in ref.all_weights]
+    assert all(a is b for a, b in zip(ours.all_weights[0], ours.parameters()))
+    before = [p.detach().clone() for p in ours.parameters()]
+    ours.reset_parameters()
+    bound = 7 ** -0.5
+    for old, p in zip(before, ours.parameters()):
+        assert not torch.equal(old, p) and p.abs().max() <= bound and p.abs().max() > 0.8 * bound
+
+
 def test_closed_loop_jacobian_matches_autograd():
     torch.manual_seed(1)
     model = SequenceModel(3, hidden=6).double()
