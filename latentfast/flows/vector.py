@@ -181,7 +181,9 @@ class MaskedFlowStack(nn.Module):
         """x with forward_stack(x, h)[0] = y, and the forward's log|det| at x [B]
         (vector_flow_stack_inverse)."""
         w1, b1, w2, b2, act, ctx = self._args(y, h)
-        return ops.vector_flow_stack_inverse(y, w1, b1, w2, b2, act, ctx, self.additive, self.n_passes)
+        # (the Triton inverse plans its order from the masks, read back once, not every step)
+        with ops.weights_masked_by(self.mask1, self.mask2):
+            return ops.vector_flow_stack_inverse(y, w1, b1, w2, b2, act, ctx, self.additive, self.n_passes)
 
 
 class IAF(MaskedFlowStack):

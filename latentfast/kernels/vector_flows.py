@@ -32,6 +32,7 @@ from torch import Tensor
 from latentfast.backend import triton_interpret
 from latentfast.kernels import launch
 from latentfast.kernels._math import sigmoid_and_log as _sig_logsig
+from latentfast.ops.vector_flows import masks_in_effect as _masks_in_effect
 from latentfast.reference import vector_flows as ref
 from latentfast.reference.vector_flows import weight_grads
 
@@ -475,8 +476,20 @@ _plans: dict[int, tuple] = {}
 _PLANS_MAX = 64
 
 
+def _graph_source(w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
+    """The tensors whose zero pattern gives the dependency graph: the layer's masks when its
+    call said the weights are masked by them (ops.vector_flows.weights_masked_by; their graph
+    contains the weights' own, so an order for it is an order for the weights, and they stay
+    the same tensors from step to step), else the weights."""
+    masks = _masks_in_effect()
+    if masks is not None and masks[0].shape == w1.shape and masks[1].shape == w2.shape:
+        return masks
+    return w1, w2
+
+
 def _graph_entry(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> tuple | None:
     """The memo entry for these three tensors unchanged since it was made, or None."""
+    w1, w2 = _graph_source(w1, w2)
     entry = _plans.get(id(w1))
     if entry is None:
         return None
@@ -494,17 +507,20 @@ def _graph_key(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> tuple | N
 
 
 def graph_entry(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> tuple | None:
-    """The remembered graph and plans of these tensors (None if not read back yet), for
-    adopt_graph: what the differentiable inverse keeps from its forward for its backward."""
-    return _graph_entry(w1, w2, act, additive)
+    """A token for the remembered graph and plans of these tensors (None if not read back
+    yet), for adopt_graph: what the differentiable inverse keeps from its forward for its
+    backward."""
+    entry, key = _graph_entry(w1, w2, act, additive), _graph_key(w1, w2, act, additive)
+    return None if entry is None or key is None else (entry, key)
 
 
-def adopt_graph(entry: tuple, w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> None:
-    """Remember graph_entry's `entry` for these tensors: the same storages at the same
-    versions as the ones it was made for (autograd's saved tensors, unpacked in the backward as
-    new Python objects once the forward's are gone; autograd has checked their versions)."""
+def adopt_graph(token: tuple, w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> None:
+    """Remember graph_entry's graph for these tensors: the same storages at the same versions
+    as the ones it was taken for (autograd's saved tensors, unpacked in the backward as new
+    Python objects once the forward's are gone; autograd has checked their versions)."""
+    entry, key_then = token
     key = _graph_key(w1, w2, act, additive)
-    if key is None or key != entry[1]:
+    if key is None or key != key_then:
         return
     if len(_plans) >= _PLANS_MAX:
         _plans.clear()
@@ -523,6 +539,7 @@ def _step_levels(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> list[tu
     entry = _graph_entry(w1, w2, act, additive)
     if entry is not None:
         return entry[2]
+    w1, w2 = _graph_source(w1, w2)
     k, h, d = w1.shape
     with torch.no_grad():
         nz1 = (w1 != 0).to(torch.float32)

@@ -19,6 +19,10 @@ one-step forms :func:`made_flow_step`, :func:`made_flow_step_inverse` (K = 1, ac
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -33,6 +37,33 @@ from latentfast.reference import vector_flows as ref
 
 def _triton():
     return backend.triton_kernels("vector_flows")
+
+
+# (mask1, mask2) of the layer whose stack call is running (weights_masked_by), or None.
+_masks: contextvars.ContextVar[tuple[Tensor, Tensor] | None] = contextvars.ContextVar("latentfast_vf_masks",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def weights_masked_by(mask1: Tensor, mask2: Tensor) -> Iterator[None]:
+    """Within the block, the stack calls' weights are w1 * mask1 and w2 * mask2 (what a
+    MaskedFlowStack layer passes): the Triton inverse may then take its dependency graph from
+    the masks, which contain the weights' graph (a product is zero where its mask is) and,
+    being a layer's constant buffers, are read back once rather than at every training step.
+    Not while torch.compile traces (a trace cannot set a ContextVar): a no-op there."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    token = _masks.set((mask1, mask2))
+    try:
+        yield
+    finally:
+        _masks.reset(token)
+
+
+def masks_in_effect() -> tuple[Tensor, Tensor] | None:
+    """The (mask1, mask2) set by weights_masked_by around this call, or None."""
+    return _masks.get()
 
 
 # The eager autograd path keeps each step's hidden layer for the backward (as eager PyTorch

@@ -1089,12 +1089,14 @@ def test_triton_inverse_reads_nothing_back_once_planned(monkeypatch, device="cpu
     tensors are remembered per layer: after the first call nothing is read back, with two MAF
     layers taking turns (the memo had held one stack, and the layer's masked weights were new
     tensors on every call, so every call read back; the count here missed it, counting no
-    .cpu()). A training step reads the graph once per inverting layer (forward and backward
-    share it): the weights are new products, and may have changed, at every step."""
+    .cpu()). Training steps read nothing back either: a layer's inverse takes the graph from
+    its masks (ops.vector_flows.weights_masked_by), constant buffers read back once, where the
+    weights are new products at every step (two reads a step before, one per layer)."""
     monkeypatch.setenv("LATENTFAST_CHECK_FINITE", "0")
     reads = count_host_reads(monkeypatch)
     torch.manual_seed(0)
-    flow = vf.Flow(4, [vf.MAF(4, 8, n_steps=2), vf.MAF(4, 8, n_steps=2)]).to(device)
+    flow = vf.Flow(4, [vf.MAF(4, 8, n_steps=2), vf.MAF(4, 8, n_steps=2),
+                       vf.VectorAffineCoupling(4, 8), vf.IAF(4, 8, n_steps=2)]).to(device)
     z = torch.randn(5, 4, device=device)
     with latentfast.use_backend("triton"):
         with torch.no_grad():
@@ -1104,13 +1106,45 @@ def test_triton_inverse_reads_nothing_back_once_planned(monkeypatch, device="cpu
                 flow.sample((3,))
                 flow.sample_and_log_prob(4)
             assert reads == []
-        flow.rsample((3,)).sum().backward()
+        flow.log_prob(z).sum().backward()  # (the first inverse of the coupling and the IAF)
         reads.clear()
-        flow.rsample((3,)).sum().backward()
-        assert len(reads) == 2, reads  # one per MAF layer, its inverse and backward sharing it
-        reads.clear()
-        flow.log_prob(z).sum().backward()  # (a MAF's density is its fast direction)
+        for _ in range(2):  # training steps: the graph comes from the layers' masks, read once
+            flow.rsample((3,)).sum().backward()
+            flow.log_prob(z).sum().backward()  # (a MAF's density is its fast direction)
+            with torch.no_grad():
+                for p in flow.parameters():
+                    p.mul_(0.99)  # (an optimizer step: new weight versions)
         assert reads == []
+
+
+@_NEEDS_TRITON
+def test_triton_inverse_planned_from_the_masks_inverts_sparser_weights(device="cpu"):
+    """A layer's Triton inverse plans its order from the masks' graph, which contains the
+    weights' own: with exact zeros in the weights (a sparser graph, fewer levels) the inverse
+    is still the exact one, as on the reference; masks loaded from a state dict are planned
+    anew."""
+    torch.manual_seed(4)
+    maf = vf.MAF(5, 12, n_steps=2).to(device).double()
+    with torch.no_grad():
+        maf.w1[:, :, 0] = 0.0  # no hidden unit sees dimension 0
+        maf.w2[0, :, :6] = 0.0
+    z = torch.randn(7, 5, dtype=torch.float64, device=device)
+    with latentfast.use_backend("triton"):
+        x, ld = maf(z)  # (a MAF's sampling direction is the sequential one: the stack's inverse)
+        z_again, _ = maf.inverse(x)
+    with latentfast.use_backend("reference"):
+        x_ref, ld_ref = maf(z)
+    assert_close(z_again, z)
+    assert_close(x, x_ref)
+    assert_close(ld, ld_ref)
+    # the two steps' masks swapped: each step's autoregressive order reversed, so the plan
+    # made for the old masks would solve the dimensions in the wrong order
+    maf.load_state_dict({**maf.state_dict(), "mask1": maf.mask1.flip(0), "mask2": maf.mask2.flip(0)})
+    with latentfast.use_backend("triton"):
+        x, _ = maf(z)
+    with latentfast.use_backend("reference"):
+        x_ref, _ = maf(z)
+    assert_close(x, x_ref)
 
 
 @pytest.mark.skipif(not interpreting(), reason="on CUDA the GPU row blocks are the default")
