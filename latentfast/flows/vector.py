@@ -19,8 +19,6 @@ Consecutive MADE steps reverse the variable order; couplings alternate the halve
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor, nn
 
@@ -67,12 +65,6 @@ class MaskedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         """x W_masked^T + b."""
         return nn.functional.linear(x, self.masked_weight(), self.bias)
-
-
-# MaskedFlowStack -> ((storage, version, dtype) of w1, mask1, w2, mask2; (w1 * mask1, w2 *
-# mask2)) made without autograd (MaskedFlowStack._masked_weights). Outside the modules, so
-# that a saved or copied module carries no products.
-_MASKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class MaskedFlowStack(nn.Module):
@@ -149,27 +141,7 @@ class MaskedFlowStack(nn.Module):
             raise ValueError("this flow takes no context (context_dim=0)")
         # act goes in as the buffer itself (not cast to x's dtype: under autocast a half-precision
         # x would give a new tensor each call, and the op checks act once per tensor version)
-        w1, w2 = self._masked_weights()
-        return (w1, self.b1, w2, self.b2, self.act, ctx)
-
-    def _masked_weights(self) -> tuple[Tensor, Tensor]:
-        """(w1 * mask1, w2 * mask2). Where autograd does not record them (torch.no_grad,
-        sampling, evaluation), the products are kept and handed out again while the weights
-        and masks are unchanged (storage and version): the same tensors call after call, so
-        the Triton inverse reads their dependency graph back once, not on every call
-        (kernels/vector_flows.py, _step_levels)."""
-        params = (self.w1, self.mask1, self.w2, self.mask2)
-        if ((torch.is_grad_enabled() and (self.w1.requires_grad or self.w2.requires_grad))
-                or not can_read_back(self.w1)):  # (tracing, torch.func, meta, graph capture: no memo)
-            return self.w1 * self.mask1, self.w2 * self.mask2
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in params)
-        kept = _MASKED.get(self)
-        if kept is not None and kept[0] == key:
-            return kept[1]
-        with torch.inference_mode(False), torch.no_grad():  # (tensors with a version counter)
-            products = (self.w1 * self.mask1, self.w2 * self.mask2)
-        _MASKED[self] = (key, products)
-        return products
+        return (self.w1 * self.mask1, self.b1, self.w2 * self.mask2, self.b2, self.act, ctx)
 
     def forward_stack(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The K steps on x [B, d] (context h [B, c] or None) in one vector_flow_stack call: (y,

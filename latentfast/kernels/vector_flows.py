@@ -530,11 +530,11 @@ def adopt_graph(token: tuple, w1: Tensor, w2: Tensor, act: Tensor, additive: boo
 def _step_levels(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> list[tuple[np.ndarray, int, int]]:
     """Per step, (the dimensions it changes sorted by dependency level, then those it leaves
     alone; how many it changes; its number of levels, 0 for a cycle): the dependency graph of
-    _inverse_plan from the weights' zero pattern. Reads the [K, D, D] pattern back to the host
-    (one synchronisation), except for tensors seen before at the same storage and versions
-    (_plans: the differentiable inverse's forward and backward share one read-back; a layer's
-    masked weights made without autograd are the same tensors from call to call, see
-    MaskedFlowStack._masked_weights). Tensors made under torch.inference_mode carry no version
+    _inverse_plan from the zero pattern of the weights, or of the layer's masks
+    (_graph_source). Reads the [K, D, D] pattern back to the host (one synchronisation),
+    except for tensors seen before at the same storage and versions (_plans: a layer's masks
+    from its first call on; the differentiable inverse's forward and backward share one
+    read-back, see adopt_graph). Tensors made under torch.inference_mode carry no version
     counter: those are read back every call and not remembered."""
     entry = _graph_entry(w1, w2, act, additive)
     if entry is not None:
