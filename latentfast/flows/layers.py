@@ -59,6 +59,10 @@ class ActNorm(nn.Module):
     model.modules(): ...) for processes that train independent models.
     """
 
+    # class-level defaults too, for modules pickled whole before these attributes existed
+    sync_init: bool = True
+    _seen_initialized: bool = False
+
     def __init__(self, channels: int, sync_init: bool = True) -> None:
         super().__init__()
         self.channels, self.sync_init = channels, sync_init
