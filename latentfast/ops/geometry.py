@@ -784,10 +784,16 @@ def curve_energy_and_grad(curves: Tensor, weights: list[Tensor], biases: list[Te
     if under_transform(curves, weights, biases, rbf_centres, rbf_lambda, rbf_weight):
         raise ValueError("curve_energy_and_grad runs without autograd and does not support forward-mode AD or "
                          "torch.func transforms; use curve_energy (differentiable) instead")
+    args = (curves, list(weights), list(biases), [int(a) for a in acts],
+            *_rbf_args(rbf_centres, rbf_lambda, rbf_weight), float(zeta))
     with torch.no_grad():
-        e, ln, g = _curve_impl(curves, list(weights), list(biases), [int(a) for a in acts],
-                               *_rbf_args(rbf_centres, rbf_lambda, rbf_weight), float(zeta),
-                               curves.new_ones(curves.shape[0]), None)
+        if torch.compiler.is_compiling():
+            # the fused pass picks its backend in Python, which a trace cannot follow: the
+            # energy op and its backward op (two passes over the curves) in the graph instead
+            e, ln = _curve_energy(*args)
+            g = _curve_energy_backward(curves.new_ones(curves.shape[0]), curves.new_zeros(curves.shape[0]), *args)
+        else:
+            e, ln, g = _curve_impl(*args, curves.new_ones(curves.shape[0]), None)
     return e, ln, g
 
 

@@ -639,3 +639,19 @@ def test_torch_compile_fullgraph(backend):
     want = f(z, curves)
     for g, r in zip(got, want):
         assert_close(g, r)
+
+
+def test_curve_energy_and_grad_compiles_fullgraph(backend):
+    """curve_energy_and_grad (what geometry.energy_and_grad and a geodesic solver's step call)
+    picked its backend in Python, which torch.compile cannot trace (fullgraph=True failed on
+    the backend's ContextVar); under a trace it runs the energy op and its backward op."""
+    dev = device_for(backend)
+    w, b, a, extra = make_net(*NETS[1], torch.float32, dev, seed=7)
+    curves = torch.randn(3, 6, 3).to(dev)
+
+    def f(cc):
+        return ops.curve_energy_and_grad(cc, w, b, a, *extra)
+
+    torch._dynamo.reset()
+    for g, r in zip(torch.compile(f, fullgraph=True)(curves), f(curves)):
+        assert_close(g, r)
