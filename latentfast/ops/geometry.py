@@ -764,9 +764,12 @@ def curve_energy(curves: Tensor, weights: list[Tensor], biases: list[Tensor], ac
     if under_transform(curves, params):  # forward-mode AD or torch.func: the reference (ops/_autograd.py)
         return ref.curve_energy(*args)
     if (torch.is_grad_enabled() and curves.requires_grad and not any(t.requires_grad for t in params)
-            and backend.select(curves.device) != "reference"):
+            and not torch.compiler.is_compiling() and backend.select(curves.device) != "reference"):
         # Training-style call: keep the decoder activations for the backward (memory
-        # B (T+1) x (sum of layer widths + features)) instead of recomputing them.
+        # B (T+1) x (sum of layer widths + features)) instead of recomputing them. (Not while
+        # torch.compile traces: the backend is picked in Python, which a trace cannot follow,
+        # and the train op has no reference form; the graph takes curve_energy, whose backward
+        # recomputes them.)
         e, ln, _, _ = _curve_energy_train(*args)
         return e, ln
     return _curve_energy(*args)

@@ -644,7 +644,9 @@ def test_torch_compile_fullgraph(backend):
 def test_curve_energy_and_grad_compiles_fullgraph(backend):
     """curve_energy_and_grad (what geometry.energy_and_grad and a geodesic solver's step call)
     picked its backend in Python, which torch.compile cannot trace (fullgraph=True failed on
-    the backend's ContextVar); under a trace it runs the energy op and its backward op."""
+    the backend's ContextVar); under a trace it runs the energy op and its backward op. The
+    same for curve_energy on curves that need gradients (its training path picked the backend
+    the same way)."""
     dev = device_for(backend)
     w, b, a, extra = make_net(*NETS[1], torch.float32, dev, seed=7)
     curves = torch.randn(3, 6, 3).to(dev)
@@ -655,3 +657,8 @@ def test_curve_energy_and_grad_compiles_fullgraph(backend):
     torch._dynamo.reset()
     for g, r in zip(torch.compile(f, fullgraph=True)(curves), f(curves)):
         assert_close(g, r)
+    # and curve_energy on curves that need gradients (curves optimised by autograd)
+    torch._dynamo.reset()
+    leaf = curves.clone().requires_grad_()
+    torch.compile(lambda cc: ops.curve_energy(cc, w, b, a, *extra)[0].sum(), fullgraph=True)(leaf).backward()
+    assert_close(leaf.grad, f(curves)[2])
