@@ -474,6 +474,9 @@ def _levels(dep: np.ndarray) -> np.ndarray | None:
 # a flow (a MAF after a MAF) do not evict each other; cleared past _PLANS_MAX.
 _plans: dict[int, tuple] = {}
 _PLANS_MAX = 64
+# The same entries adopted for the backward's unpacked saved tensors (adopt_graph): one per
+# inverting layer and training step, kept apart so that they never evict _plans' entries.
+_adopted: dict[int, tuple] = {}
 
 
 def _graph_source(w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
@@ -490,13 +493,15 @@ def _graph_source(w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
 def _graph_entry(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> tuple | None:
     """The memo entry for these three tensors unchanged since it was made, or None."""
     w1, w2 = _graph_source(w1, w2)
-    entry = _plans.get(id(w1))
-    if entry is None:
-        return None
-    refs, key, _, _ = entry
-    if key != _graph_key(w1, w2, act, additive) or any(r() is not t for r, t in zip(refs, (w1, w2, act))):
-        return None
-    return entry
+    key = None
+    for memo in (_plans, _adopted):
+        entry = memo.get(id(w1))
+        if entry is None or any(r() is not t for r, t in zip(entry[0], (w1, w2, act))):
+            continue
+        key = _graph_key(w1, w2, act, additive) if key is None else key
+        if entry[1] == key:
+            return entry
+    return None
 
 
 def _graph_key(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> tuple | None:
@@ -522,9 +527,9 @@ def adopt_graph(token: tuple, w1: Tensor, w2: Tensor, act: Tensor, additive: boo
     key = _graph_key(w1, w2, act, additive)
     if key is None or key != key_then:
         return
-    if len(_plans) >= _PLANS_MAX:
-        _plans.clear()
-    _plans[id(w1)] = (tuple(weakref.ref(t) for t in (w1, w2, act)), key, entry[2], entry[3])
+    if len(_adopted) >= _PLANS_MAX:
+        _adopted.clear()
+    _adopted[id(w1)] = (tuple(weakref.ref(t) for t in (w1, w2, act)), key, entry[2], entry[3])
 
 
 def _step_levels(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> list[tuple[np.ndarray, int, int]]:
