@@ -376,3 +376,9 @@ def test_ops_on_a_gpu_that_is_not_current(triton_cuda):
             if isinstance(w, torch.Tensor):
                 assert g.device == torch.device("cuda:1"), name
                 torch.testing.assert_close(g.cpu(), w.cpu(), msg=name)
+
+
+def test_actnorm_initialises_from_every_process_under_ddp_on_cuda(triton_cuda, tmp_path):
+    """Two gloo processes on the one GPU: ActNorm's all-reduced initialisation and a
+    GlowStep's DDP replicas (the backend each process picks for CUDA tensors: Triton)."""
+    glow_t.test_actnorm_initialises_from_every_process_under_ddp(tmp_path, device="cuda")

@@ -157,19 +157,21 @@ def test_actnorm_reads_its_initialized_flag_back_only_until_it_is_set(monkeypatc
     assert reads == []
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str, device: str = "cpu") -> None:
     """One process of test_actnorm_initialises_from_every_process_under_ddp: its own first
-    batch (rank 1's empty for one layer), then two DDP training steps of a GlowStep."""
+    batch (rank 1's empty for one layer), then two DDP training steps of a GlowStep (gloo;
+    on CUDA both processes share the one GPU)."""
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         x = torch.randn(3 + 2 * rank, 4, 3, 5, generator=torch.Generator().manual_seed(rank)) * (1 + rank) + rank
-        synced, local, waits = ActNorm(4), ActNorm(4, sync_init=False), ActNorm(4)
+        x = x.to(device)
+        synced, local, waits = (m.to(device) for m in (ActNorm(4), ActNorm(4, sync_init=False), ActNorm(4)))
         synced(x)
         local(x)
         waits(x if rank == 0 else x[:0])  # rank 1 has no data: the layer starts from rank 0's
         torch.manual_seed(0)  # the same GlowStep everywhere, as DDP expects
-        step = GlowStep(4, hidden=8)
+        step = GlowStep(4, hidden=8).to(device)
         ddp = torch.nn.parallel.DistributedDataParallel(step)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         for _ in range(2):
@@ -178,15 +180,16 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        torch.save({"synced": synced.state_dict(), "local": local.state_dict(), "waits": waits.state_dict(),
-                    "step": step.state_dict(), "x": x}, f"{out_dir}/rank{rank}.pt")
+        cpu = {k: {n: t.cpu() for n, t in m.state_dict().items()}
+               for k, m in (("synced", synced), ("local", local), ("waits", waits), ("step", step))}
+        torch.save({**cpu, "x": x.cpu()}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(interpreting(), reason="ActNorm's initialisation is plain PyTorch: once, in the normal pass")
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
-def test_actnorm_initialises_from_every_process_under_ddp(tmp_path):
+def test_actnorm_initialises_from_every_process_under_ddp(tmp_path, device="cpu"):
     """Under DistributedDataParallel ActNorm's data-dependent init used each process's own
     first batch, and DDP broadcasts parameters only when it wraps the model (before that), so
     the replicas trained with different parameters for good (0.69 apart after three steps of a
@@ -199,7 +202,7 @@ def test_actnorm_initialises_from_every_process_under_ddp(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), device), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     union = ActNorm(4)
     union.initialize(torch.cat([r0["x"], r1["x"]]))
