@@ -144,7 +144,8 @@ class ActNorm(nn.Module):
         # a loaded model compiles without the break; the flag read from the state dict's own
         # tensor (a checkpoint's is usually on the CPU), the buffer being checked again anyway
         loaded = state_dict.get(prefix + "initialized")
-        self._seen_initialized = bool(loaded if isinstance(loaded, Tensor) else self.initialized)
+        flag = loaded if isinstance(loaded, Tensor) else self.initialized
+        self._seen_initialized = flag.device.type != "meta" and bool(flag)  # (meta: no value to read)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(x + bias) * exp(logs) per channel of x [N, C, H, W], and the log-det [N] = H W
