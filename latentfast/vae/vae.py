@@ -113,13 +113,25 @@ class VAE(nn.Module):
 def fit(model: VAE, data: Tensor, epochs: int = 50, batch_size: int = 128, lr: float = 1e-3,
         seed: int = 0, progress: bool = True) -> list[dict[str, float]]:
     """Train with Adam; returns the per-epoch mean of the loss parts ("loss", "nll", "kl"),
-    read back to the host once per epoch, not per step."""
+    read back to the host once per epoch, not per step. `seed` fixes the batches and the
+    sampling noise; the global random state (CPU, and the model's GPU) is left as it was
+    before the call (the noise is drawn from it inside torch.random.fork_rng)."""
     if data.dim() < 2 or data.shape[0] == 0:
         raise ValueError(f"data must be [N, ...] with N >= 1, got shape {tuple(data.shape)}")
     if batch_size < 1 or epochs < 0:
         raise ValueError(f"need batch_size >= 1 and epochs >= 0, got {batch_size} and {epochs}")
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    dev = next(model.parameters()).device
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        return _fit(model, data, epochs, batch_size, lr, torch.Generator().manual_seed(seed), progress)
+
+
+def _fit(model: VAE, data: Tensor, epochs: int, batch_size: int, lr: float, gen: torch.Generator,
+         progress: bool) -> list[dict[str, float]]:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
     bar = tqdm(range(epochs), desc="VAE", disable=not progress)
