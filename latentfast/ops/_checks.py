@@ -147,15 +147,22 @@ def check_lu_constants(perm: Tensor, sign_s: Tensor) -> None:
 
 
 @contextlib.contextmanager
-def checked_once() -> Iterator[None]:
-    """Inside this block nested modules skip their finiteness checks (the outer model has
-    already checked its input once). Nothing to do while torch.compile traces (the checks
-    read nothing back there, and a trace cannot set a ContextVar)."""
+def context_value(var: contextvars.ContextVar, value: object) -> Iterator[None]:
+    """`var` set to `value` inside the block. Nothing while torch.compile traces: a trace
+    cannot set a ContextVar, and the block's readers (value checks, the Triton inverse's
+    planning) do not run there."""
     if torch.compiler.is_compiling():
         yield
         return
-    token = _skip_finite.set(True)
+    token = var.set(value)
     try:
         yield
     finally:
-        _skip_finite.reset(token)
+        var.reset(token)
+
+
+def checked_once() -> contextlib.AbstractContextManager[None]:
+    """Inside this block nested modules skip their finiteness checks (the outer model has
+    already checked its input once). Nothing to do while torch.compile traces (the checks
+    read nothing back there)."""
+    return context_value(_skip_finite, True)

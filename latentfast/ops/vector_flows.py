@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -31,7 +30,8 @@ from latentfast import backend
 from latentfast.ops._amp import autocast_off_in_backward, float32_under_autocast
 from latentfast.ops._autograd import (graph_wanted, reference_vjp, reject_tangents, route_transforms, routed,
                                       under_transform)
-from latentfast.ops._checks import can_read_back, check_finite, check_tensor, passed_before, remember_passed
+from latentfast.ops._checks import (can_read_back, check_finite, check_tensor, context_value, passed_before,
+                                   remember_passed)
 from latentfast.reference import vector_flows as ref
 
 
@@ -44,21 +44,13 @@ _masks: contextvars.ContextVar[tuple[Tensor, Tensor] | None] = contextvars.Conte
                                                                                      default=None)
 
 
-@contextlib.contextmanager
-def weights_masked_by(mask1: Tensor, mask2: Tensor) -> Iterator[None]:
+def weights_masked_by(mask1: Tensor, mask2: Tensor) -> contextlib.AbstractContextManager[None]:
     """Within the block, the stack calls' weights are w1 * mask1 and w2 * mask2 (what a
     MaskedFlowStack layer passes): the Triton inverse may then take its dependency graph from
     the masks, which contain the weights' graph (a product is zero where its mask is) and,
     being a layer's constant buffers, are read back once rather than at every training step.
     Not while torch.compile traces (a trace cannot set a ContextVar): a no-op there."""
-    if torch.compiler.is_compiling():
-        yield
-        return
-    token = _masks.set((mask1, mask2))
-    try:
-        yield
-    finally:
-        _masks.reset(token)
+    return context_value(_masks, (mask1, mask2))
 
 
 def masks_in_effect() -> tuple[Tensor, Tensor] | None:
