@@ -469,7 +469,7 @@ def _levels(dep: np.ndarray) -> np.ndarray | None:
 
 
 # The graphs read back, and the plans made from them: id(w1) -> (weak references to w1, w2,
-# act; their (storage, version) stamps and `additive`; _step_levels' result; {(n_passes,
+# act; their (storage, version) stamps and `additive`; the per-step levels; {(n_passes,
 # min_levels, device): _inverse_plan's return value}). Several entries, so that the layers of
 # a flow (a MAF after a MAF) do not evict each other; cleared past _PLANS_MAX.
 _plans: dict[int, tuple] = {}
@@ -532,18 +532,19 @@ def adopt_graph(token: tuple, w1: Tensor, w2: Tensor, act: Tensor, additive: boo
     _adopted[id(w1)] = (tuple(weakref.ref(t) for t in (w1, w2, act)), key, entry[2], entry[3])
 
 
-def _step_levels(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> list[tuple[np.ndarray, int, int]]:
-    """Per step, (the dimensions it changes sorted by dependency level, then those it leaves
-    alone; how many it changes; its number of levels, 0 for a cycle): the dependency graph of
-    _inverse_plan from the zero pattern of the weights, or of the layer's masks
-    (_graph_source). Reads the [K, D, D] pattern back to the host (one synchronisation),
-    except for tensors seen before at the same storage and versions (_plans: a layer's masks
-    from its first call on; the differentiable inverse's forward and backward share one
-    read-back, see adopt_graph). Tensors made under torch.inference_mode carry no version
-    counter: those are read back every call and not remembered."""
+def _graph(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> tuple:
+    """The memo entry (see _plans) of the dependency graph of _inverse_plan: its third item
+    lists per step (the dimensions it changes sorted by dependency level, then those it leaves
+    alone; how many it changes; its number of levels, 0 for a cycle), from the zero pattern of
+    the weights, or of the layer's masks (_graph_source); its fourth holds the plans made
+    from it. Reads the [K, D, D] pattern back to the host (one synchronisation), except for
+    tensors seen before at the same storage and versions (_plans: a layer's masks from its
+    first call on; the differentiable inverse's forward and backward share one read-back, see
+    adopt_graph). Tensors made under torch.inference_mode carry no version counter: those are
+    read back every call, their entry not remembered."""
     entry = _graph_entry(w1, w2, act, additive)
     if entry is not None:
-        return entry[2]
+        return entry
     w1, w2 = _graph_source(w1, w2)
     k, h, d = w1.shape
     with torch.no_grad():
@@ -564,11 +565,12 @@ def _step_levels(w1: Tensor, w2: Tensor, act: Tensor, additive: bool) -> list[tu
         order = dims if lev is None else dims[np.argsort(lev, kind="stable")]
         res.append((np.concatenate([order, np.nonzero(~changed[i])[0]]).astype(np.int32), len(dims), n_levels))
     key = _graph_key(w1, w2, act, additive)
-    if key is not None:
-        if len(_plans) >= _PLANS_MAX:
-            _plans.clear()
-        _plans[id(w1)] = (tuple(weakref.ref(t) for t in (w1, w2, act)), key, res, {})
-    return res
+    if key is None:
+        return (), None, res, {}
+    if len(_plans) >= _PLANS_MAX:
+        _plans.clear()
+    entry = _plans[id(w1)] = (tuple(weakref.ref(t) for t in (w1, w2, act)), key, res, {})
+    return entry
 
 
 def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes: int, min_levels: int = 2
@@ -583,15 +585,13 @@ def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes:
     dimensions by level, then the act = 0 ones; count [K] int32: how many act dimensions;
     planned [K] int32) on the weights' device, and whether every step is planned (from the
     host copy: no read-back), or None when no step has a plan. The graph comes from
-    _step_levels (one host read-back, shared by calls on the same, unchanged weights), and the
+    _graph (one host read-back, shared by calls on the same, unchanged weights), and the
     tensors for the same graph, pass count, level floor and device are made once (kept with
     the graph in _plans: a copy from pageable host memory waits for the stream, like a
     read-back)."""
-    levels = _step_levels(w1, w2, act, additive)
-    entry = _graph_entry(w1, w2, act, additive)
-    made = entry[3] if entry is not None and entry[2] is levels else None
+    _, _, levels, made = _graph(w1, w2, act, additive)
     key = (n_passes, min_levels, w1.device)
-    if made is not None and key in made:
+    if key in made:
         return made[key]
     k, _, d = w1.shape
     order = np.zeros((k, d), dtype=np.int32)
@@ -606,8 +606,7 @@ def _inverse_plan(w1: Tensor, w2: Tensor, act: Tensor, additive: bool, n_passes:
         dev = w1.device
         plan = (torch.from_numpy(order).to(dev), torch.from_numpy(count).to(dev), torch.from_numpy(planned).to(dev),
                 bool(planned.all()))
-    if made is not None:
-        made[key] = plan
+    made[key] = plan
     return plan
 
 

@@ -282,8 +282,9 @@ class _ImplicitInverse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, c, w1, b1, w2, b2, act, additive, n_passes):
         stack = ()
+        be = backend.select(y.device)
         with torch.no_grad():
-            if backend.select(y.device) == "cpp":
+            if be == "cpp":
                 # the inverse also returns the forward stack at its solution (step inputs, MLP
                 # outputs, hidden layers), which the backward would otherwise recompute
                 x, ld, *stack = torch.ops.latentfast_cpp.vector_flow_inv_train(y, c, w1, b1, w2, b2, act, additive,
@@ -292,8 +293,7 @@ class _ImplicitInverse(torch.autograd.Function):
                 x, ld = _vector_flow_stack_inverse(y, c, w1, b1, w2, b2, act, additive, n_passes)
         # the Triton inverse's dependency graph, read back for this forward, for the backward's
         # solve (whose unpacked saved tensors are new Python objects the memo does not know)
-        ctx.graph = (_triton().graph_entry(w1, w2, act, additive) if backend.select(y.device) == "triton"
-                     else None)
+        ctx.graph = _triton().graph_entry(w1, w2, act, additive) if be == "triton" else None
         ctx.set_materialize_grads(False)
         ctx.additive, ctx.n_passes, ctx.has_ctx, ctx.saved_stack = additive, n_passes, c is not None, bool(stack)
         ctx.save_for_backward(y, x, c, w1, b1, w2, b2, act, *stack)

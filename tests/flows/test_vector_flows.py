@@ -1049,7 +1049,7 @@ def test_triton_inverse_grad_matches_dense_solve(kind, additive, dtype, d):
 def test_triton_training_step_reads_the_dependency_graph_back_once(monkeypatch):
     """A differentiable inverse on the triton backend (forward: the one-pass inverse's plan,
     backward: the solve's) takes the weights' dependency graph from one host read-back
-    (_step_levels' memo of the same tensors at the same versions); other tensors, or an
+    (_graph's memo of the same tensors at the same versions); other tensors, or an
     in-place change of a weight, read it again, and the plans follow the new zero pattern."""
     from latentfast.kernels import vector_flows as tk
     from latentfast.ops.vector_flows import vector_flow_stack_inverse
