@@ -17,10 +17,10 @@ a decoder with an RBF variance network, else its mean).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -205,10 +205,11 @@ def energy_and_grad(decoder, curves: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 # ------------------------------------------------------------------ geodesics
 
-@dataclass
+@dataclasses.dataclass
 class GeodesicResult:
     """curves [B, T+1, d] (end points included), lengths and energies [B], converged [B]
-    (bool), iterations [B] (L-BFGS iterations each pair ran)."""
+    (bool), iterations [B] (L-BFGS iterations each pair ran). For one pair given as [d]
+    points, the same without the B dimension: curves [T+1, d], the others 0-dim."""
 
     curves: Tensor
     lengths: Tensor
@@ -568,7 +569,8 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
     curve energy over the interior points (batched L-BFGS, one history per pair).
 
     Args:
-        z0, z1: end points [B, d] (or [d] for one pair).
+        z0, z1: end points [B, d], or [d] both for one pair (the results then have no B
+            dimension).
         decoder: see the module docstring.
         n_segments: T, the number of segments of each discretised curve.
         tol: a pair converges when its energy decreases by less than tol (relative) on two
@@ -595,8 +597,13 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
         >>> res.lengths.shape
         torch.Size([1])
     """
+    if z0.dim() != z1.dim():
+        raise ValueError(f"z0 and z1 must have the same shape ([B, d], or [d] both for one pair), got "
+                         f"{tuple(z0.shape)} and {tuple(z1.shape)}")
     if z0.dim() == 1:
-        z0, z1 = z0[None], z1[None] if z1.dim() == 1 else z1
+        res = geodesic(z0[None], z1[None], decoder, n_segments, tol, max_iter, init, data, n_neighbors,
+                       precondition, progress)
+        return GeodesicResult(*(getattr(res, f.name)[0] for f in dataclasses.fields(res)))
     _check_points("z0", z0)
     _check_points("z1", z1)
     if z0.shape != z1.shape:

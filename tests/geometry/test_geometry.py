@@ -535,6 +535,26 @@ def test_geodesic_of_no_pairs_is_empty():
         assert res.lengths.shape == res.energies.shape == res.converged.shape == res.iterations.shape == (0,)
 
 
+def test_one_pair_of_unbatched_points_gives_unbatched_results():
+    """z0, z1 [d] give curves [T+1, d] and 0-dim lengths, energies, converged, iterations:
+    the pair's row of the batched solve, as torch's layers answer unbatched inputs."""
+    dec = small_mlp_decoder(rbf=False)
+    gen = torch.Generator().manual_seed(5)
+    z0, z1 = torch.randn(3, 2, dtype=F64, generator=gen), torch.randn(3, 2, dtype=F64, generator=gen)
+    batched = geo.geodesic(z0[1:2], z1[1:2], dec, n_segments=9)
+    one = geo.geodesic(z0[1], z1[1], dec, n_segments=9)
+    assert one.curves.shape == (10, 2)
+    for name in ("lengths", "energies", "converged", "iterations"):
+        got, want = getattr(one, name), getattr(batched, name)
+        assert got.shape == () and got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(one.curves, batched.curves[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="same shape"):  # [d] with [1, d]: no guessing which is meant
+        geo.geodesic(z0[1], z1[1:2], dec)
+    with pytest.raises(ValueError, match="same shape"):
+        geo.geodesic(z0[1:2], z1[1], dec)
+
+
 @pytest.mark.parametrize("m", [0, 1, 2, 7, 20])
 def test_lbfgs_compact_direction_equals_the_two_loop_recursion(m):
     """The geodesic solver's H g (compact form, two triangular solves) against the two-loop
