@@ -239,9 +239,14 @@ def test_double_backward_transforms_and_autocast_on_cuda(triton_cuda, name):
         tf_t.test_forward_ad_matches_reference(triton_cuda, name)
         tf_t.test_func_jvp_and_grad_match_reference(triton_cuda, name)
         tf_t.test_vmap_matches_reference(triton_cuda, name)
+        tf_t.test_batched_gradients_match_reference(triton_cuda, name)
     if name in amp_t.CASES:
         amp_t.test_autocast_upcasts_to_float32(triton_cuda, name)
         amp_t.test_backward_inside_autocast_is_the_float32_backward(triton_cuda, name)
+
+
+def test_vectorized_jacobian_of_layers_on_cuda(triton_cuda):
+    tf_t.test_vectorized_jacobian_of_a_glow_step_and_a_flow(triton_cuda)
 
 
 def test_registered_ops_called_directly_under_transforms_on_cuda(triton_cuda):

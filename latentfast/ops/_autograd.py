@@ -8,6 +8,11 @@ gradient) would silently see constants. Autograd runs a backward with grad mode 
 :func:`reference_vjp` instead: the same first derivatives through the op's pure-PyTorch
 reference, built as a graph, so every higher derivative is PyTorch's own (and slower: the
 reference recomputes the forward). A plain ``loss.backward()`` never takes this path.
+Batched gradients take it too: ``torch.autograd.grad(..., is_grads_batched=True)``, which
+``torch.autograd.functional.jacobian`` / ``hessian(vectorize=True)`` and
+``gradcheck(check_batched_grad=True)`` use, runs the backward under PyTorch's older vmap,
+whose batched gradients have no storage for a kernel to read and no batching rule for some
+of the backward formulas' operations (einsum); the reference's autograd graph has them.
 
 The kernels know nothing of forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) or
 of torch.func's transforms (vmap, grad, jacrev, jacfwd, hessian): their outputs would carry
@@ -54,13 +59,29 @@ def _has_tangent(tensors: list[Tensor]) -> bool:
 
 
 def graph_wanted(*items: Any) -> bool:
-    """True inside a backward run with ``create_graph=True`` whose results need a graph: grad
-    mode is on (autograd turns it on for a backward only then) and one of the given tensors
-    (incoming gradients, saved inputs; lists are searched) requires grad. Always false while
-    torch.compile traces (it does not support double backward and raises on its own)."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    """True where a backward must return :func:`reference_vjp`: inside a backward run with
+    ``create_graph=True`` whose results need a graph (grad mode is on, which autograd turns
+    on for a backward only then, and one of the given tensors, incoming gradients or saved
+    inputs, lists searched, requires grad), or when one of them is a batched gradient of
+    ``is_grads_batched=True`` (module docstring). Always false while torch.compile traces (it
+    does not support double backward and raises on its own)."""
+    if torch.compiler.is_compiling():
         return False
-    return any(t.requires_grad for t in _tensors(items))
+    tensors = _tensors(items)
+    if any(_is_legacy_batched(t) for t in tensors):
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in tensors)
+
+
+def _is_legacy_batched(t: Tensor) -> bool:
+    """t is a batched tensor of torch.autograd.grad(..., is_grads_batched=True) (PyTorch's
+    older vmap, torch._vmap_internals), not of torch.func.vmap."""
+    return _IS_LEGACY_BATCHED(t)
+
+
+_IS_LEGACY_BATCHED = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def reference_vjp(fn: Callable[..., Any], inputs: Sequence[Any], grads: Sequence[Tensor | None],

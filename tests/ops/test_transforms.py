@@ -3,6 +3,10 @@
 The kernels give no tangents and no batching, so under these the public functions compute with
 the reference (latentfast/ops/_autograd.py). Each case of test_double_backward.CASES is checked
 against the same transform applied to the pure-PyTorch reference function, in float64.
+Batched gradients too: torch.autograd.grad(..., is_grads_batched=True), what
+torch.autograd.functional.jacobian / hessian(vectorize=True) and gradcheck(check_batched_grad=
+True) run, puts the backward under PyTorch's older vmap, whose tensors have no storage for a
+kernel and no batching rule for some of the reference's operations (einsum).
 """
 from __future__ import annotations
 
@@ -315,3 +319,47 @@ def test_info_reports_the_route(capsys):
     info()
     m = re.search(r"route installed for (\d+) of (\d+) ops", capsys.readouterr().out)
     assert m and m.group(1) == m.group(2) and int(m.group(2)) >= 24
+
+
+def _check_batched_grads(name, inputs, wanted, fast, slow):
+    """torch.autograd.grad with three cotangents per output at once (is_grads_batched=True)
+    through fast, against slow's gradients one cotangent at a time."""
+    gen = torch.Generator().manual_seed(19)
+    leaves = [t.requires_grad_() if i in wanted else t for i, t in enumerate(inputs)]
+    targets = [leaves[i] for i in wanted]
+    outs = [o for o in fast(*leaves) if o.requires_grad]
+    cots = [torch.randn((3, *o.shape), generator=gen, dtype=D).to(o.device) for o in outs]
+    got = torch.autograd.grad(outs, targets, cots, is_grads_batched=True, allow_unused=True)
+    # the reference's outputs in the same order; a constant one (the additive log-det) adds nothing
+    slow_pairs = [(o, c) for o, c in zip(slow(*leaves), cots) if o.requires_grad]
+    for j in range(3):
+        want = torch.autograd.grad([o for o, _ in slow_pairs], targets, [c[j] for _, c in slow_pairs],
+                                   retain_graph=True, allow_unused=True)
+        for k, (g, w, t) in enumerate(zip(got, want, targets)):
+            g = torch.zeros((3, *t.shape), dtype=D, device=t.device) if g is None else g
+            w = torch.zeros_like(t) if w is None else w
+            assert_close(g[j], w, scale=10, msg=f"{name}: batched gradient {k}, cotangent {j}")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_batched_gradients_match_reference(backend, name):
+    _check_batched_grads(name, *_case(name, backend))
+
+
+def test_vectorized_jacobian_of_a_glow_step_and_a_flow(backend):
+    """torch.autograd.functional.jacobian(vectorize=True) of layers built on the ops equals the
+    row-by-row jacobian."""
+    from latentfast.flows import MAF, Flow, GlowStep, LULinear
+
+    dev = device_for(backend)
+    torch.manual_seed(0)
+    step = GlowStep(4, hidden=8).to(dev, D)
+    x = torch.randn(2, 4, 3, 3, dtype=D, device=dev)
+    step(x)  # ActNorm's initialisation
+    flow = Flow(3, [MAF(3, 8, n_steps=2), LULinear(3)]).to(dev, D)
+    z = torch.randn(4, 3, dtype=D, device=dev)
+    for fn, arg in ((lambda t: step(t)[0], x), (lambda t: step.inverse(t), x), (flow.log_prob, z)):
+        fast = torch.autograd.functional.jacobian(fn, arg, vectorize=True)
+        slow = torch.autograd.functional.jacobian(fn, arg)
+        assert slow.abs().max() > 0
+        assert_close(fast, slow, scale=10)
