@@ -28,7 +28,10 @@ def check_tensor(name: str, t: object, ndim: int | None = None, like: Tensor | N
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     amp = t.is_floating_point() and t.device.type != "meta" and torch.is_autocast_enabled(t.device.type)
     if t.dtype not in dtypes and not (amp and t.dtype in HALF_DTYPES and torch.float32 in dtypes):
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+        hint = ("; the kernels compute in float32 or float64: for mixed precision keep the model in float32 "
+                "and run it under torch.autocast (which the ops follow) rather than converting it with .half() "
+                "or .to(torch.bfloat16)") if t.dtype in HALF_DTYPES and torch.float32 in dtypes else ""
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}{hint}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if like is not None:

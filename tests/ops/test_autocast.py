@@ -102,6 +102,25 @@ def test_glow_trains_under_autocast(backend):
     assert latentfast.backend.requested() == backend
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_converted_to_half_precision_is_refused_with_the_autocast_hint(dtype):
+    """model.half() / .to(torch.bfloat16) outside autocast: a TypeError that says to keep the
+    model in float32 under torch.autocast (the kernels have no 16-bit path)."""
+    from latentfast.flows import MAF, Flow, GlowStep
+    from latentfast.rnn import GRU
+
+    step = GlowStep(4, hidden=8)
+    step(torch.randn(2, 4, 3, 3))
+    calls = [lambda: step.to(dtype)(torch.randn(2, 4, 3, 3, dtype=dtype)),
+             lambda: Flow(3, [MAF(3, 8)]).to(dtype).log_prob(torch.randn(4, 3, dtype=dtype)),
+             lambda: GRU(2, 3).to(dtype)(torch.randn(4, 1, 2, dtype=dtype))]
+    for call in calls:
+        with pytest.raises(TypeError, match=rf"got {dtype}; .*torch\.autocast"):
+            call()
+    with pytest.raises(TypeError, match=r"got torch.int64$"):  # no hint where it does not apply
+        GRU(2, 3)(torch.zeros(4, 1, 2, dtype=torch.int64))
+
+
 def test_vector_flows_and_flow_vae_train_under_autocast(backend):
     """Layers whose own checks see the bfloat16 output of an earlier autocast layer (an LU
     layer's matmul feeding an IAF) accept it there; the ops upcast it."""
