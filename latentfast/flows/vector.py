@@ -43,9 +43,11 @@ def made_degrees(d: int, hidden: int, order: Tensor | None = None) -> tuple[Tens
 
 def made_masks(deg_in: Tensor, deg_h: Tensor, n_out_blocks: int) -> tuple[Tensor, Tensor]:
     """Masks of input->hidden [H, d] (deg_h >= deg_in) and hidden->output [n*d, H]
-    (deg_out > deg_h, with deg_out = deg_in repeated for each output block)."""
-    m1 = (deg_h[:, None] >= deg_in[None, :]).float()
-    m2 = (deg_in[:, None] > deg_h[None, :]).float().repeat(n_out_blocks, 1)
+    (deg_out > deg_h, with deg_out = deg_in repeated for each output block), 0/1 in the
+    default dtype, as the parameters they go with."""
+    dtype = torch.get_default_dtype()
+    m1 = (deg_h[:, None] >= deg_in[None, :]).to(dtype)
+    m2 = (deg_in[:, None] > deg_h[None, :]).to(dtype).repeat(n_out_blocks, 1)
     return m1, m2
 
 
@@ -103,7 +105,7 @@ class MaskedFlowStack(nn.Module):
                 cond = first if k % 2 == 0 else ~first
                 deg_in = torch.where(cond, 1, 2)
                 deg_h = torch.ones(hidden, dtype=torch.long)
-                act = (~cond).float()
+                act = (~cond).to(torch.get_default_dtype())  # the parameters' dtype, as torch.ones above
             m1, m2 = made_masks(deg_in, deg_h, n_blocks)
             m1s.append(m1)
             m2s.append(m2)
