@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -42,7 +43,7 @@ def info() -> None:
           f"{sum(n in ROUTED for n in registered)} of {len(registered)} ops")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m latentfast")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, devices, extension and backend status")
@@ -97,7 +98,21 @@ def main(argv: list[str] | None = None) -> int:
             from latentfast.demos import betavae
 
             betavae.run(args.out, **kw)
+    sys.stdout.flush()  # here, so that a reader gone away is met inside main
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (python -m latentfast, or the latentfast script). A reader of the
+    output that stops early (`python -m latentfast info | head -3`) ends it quietly with
+    status 1, as Python's documentation recommends, not with a BrokenPipeError traceback."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # what is still buffered goes nowhere, so the flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

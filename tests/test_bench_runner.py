@@ -240,3 +240,21 @@ def test_demo_refuses_epochs_below_one(capsys):
         with pytest.raises(SystemExit):
             main(["demo", name, "--epochs", "0"])
         assert "--epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_command_line_output_to_a_closed_pipe_ends_quietly():
+    """`python -m latentfast info | head -1`: a reader gone away ends the command with status 1
+    and nothing on stderr (it printed a BrokenPipeError traceback). The pipe's read end is
+    closed before the command starts, so its first flush meets the closed pipe."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "latentfast", "info"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
