@@ -387,3 +387,28 @@ def test_actnorm_initialises_from_every_process_under_ddp_on_cuda(triton_cuda, t
     """Two gloo processes on the one GPU: ActNorm's all-reduced initialisation and a
     GlowStep's DDP replicas (the backend each process picks for CUDA tensors: Triton)."""
     glow_t.test_actnorm_initialises_from_every_process_under_ddp(tmp_path, device="cuda")
+
+
+def test_actnorm_in_data_parallel_replicas_on_cuda(triton_cuda):
+    """The CPU emulation of DataParallel's replicas on the GPU; with two GPUs, nn.DataParallel
+    itself: an uninitialised Glow raises, an initialised one gives its own log-likelihoods."""
+    glow_t.test_actnorm_in_a_data_parallel_replica_needs_an_initialised_model(device="cuda")
+    if torch.cuda.device_count() < 2:
+        return
+    torch.manual_seed(0)
+
+    class LogProb(torch.nn.Module):
+        def __init__(self, glow):
+            super().__init__()
+            self.glow = glow
+
+        def forward(self, x):
+            return self.glow.log_prob(x)
+
+    model = LogProb(glow_t._glow().cuda())
+    x = torch.rand(4, 1, 8, 8, device="cuda") - 0.5
+    with pytest.raises(RuntimeError, match="DataParallel replica"):
+        torch.nn.DataParallel(model, device_ids=[0, 1])(x)
+    want = model(x)
+    got = torch.nn.DataParallel(model, device_ids=[0, 1])(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

@@ -56,7 +56,9 @@ class ActNorm(nn.Module):
     broadcasts parameters only when it wraps the model, before this initialisation, and
     each replica would otherwise keep its own). Every process must then make its first
     forward together, as DDP's processes do; set ``sync_init = False`` on a layer (for m in
-    model.modules(): ...) for processes that train independent models.
+    model.modules(): ...) for processes that train independent models. torch.nn.DataParallel
+    runs copies of the model made for each forward, which cannot initialise the model itself:
+    an uninitialised layer raises there; call the model once before wrapping it.
     """
 
     # class-level defaults too, for modules pickled whole before these attributes existed
@@ -134,8 +136,18 @@ class ActNorm(nn.Module):
             return
         if x.shape[0] == 0 and not self._syncs():  # (synchronised, an empty batch still takes part)
             return
-        if not bool(self.initialized) and not self._initialize(x):
-            return
+        if not bool(self.initialized):
+            if getattr(self, "_is_replica", False):
+                # torch.nn.DataParallel runs copies made for this forward: what the copy would
+                # write is lost after it, so every step would normalise by its own chunk
+                raise RuntimeError(
+                    "ActNorm has not been initialised, and this call runs in a torch.nn.DataParallel "
+                    "replica, whose parameter writes are lost after the forward (the model would never be "
+                    "initialised, each step normalising by its own batch): call the model once on a batch "
+                    "before wrapping it in DataParallel, or use DistributedDataParallel (ActNorm then "
+                    "initialises from every process's first batch)")
+            if not self._initialize(x):
+                return
         self._seen_initialized = True
         remember_passed("actnorm initialized", self.initialized)
 

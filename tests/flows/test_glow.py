@@ -222,6 +222,45 @@ def test_actnorm_initialises_from_every_process_under_ddp(tmp_path, device="cpu"
     assert not torch.equal(r0["step"]["actnorm.bias"], torch.zeros(4))
 
 
+def _replica(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of module as torch.nn.parallel.replicate makes one for DataParallel (which needs
+    CUDA devices): _replicate_for_data_parallel on every module, the parameters as non-leaf
+    copies (autograd carries their gradients back, as Broadcast does), the buffers copied."""
+    copies = {}
+    for m in module.modules():
+        copies[m] = m._replicate_for_data_parallel()
+    for m, r in copies.items():
+        for key, child in m._modules.items():
+            setattr(r, key, copies[child] if child is not None else None)
+        for key, p in m._parameters.items():  # (the replica's _parameters starts empty)
+            if p is None:
+                r._parameters[key] = None
+            else:
+                setattr(r, key, p * 1)
+        for key, b in m._buffers.items():
+            setattr(r, key, b.clone() if b is not None else None)
+    return copies[module]
+
+
+def test_actnorm_in_a_data_parallel_replica_needs_an_initialised_model(device="cpu"):
+    """torch.nn.DataParallel runs copies of the model made for each forward: an uninitialised
+    ActNorm initialised its copy, the write was lost, and the model itself never was (each
+    step normalising by its own chunk). An uninitialised layer raises there now; an
+    initialised model's replica gives the model's outputs and its gradients reach the model."""
+    torch.manual_seed(0)
+    glow = _glow().to(device)
+    x = (torch.rand(4, 1, 8, 8) - 0.5).to(device)
+    with pytest.raises(RuntimeError, match="DataParallel replica"):
+        _replica(glow).log_prob(x)
+    assert not any(bool(m.initialized) for m in glow.modules() if isinstance(m, ActNorm))
+    want = glow.log_prob(x)  # the model's own first call initialises it
+    replica = _replica(glow)
+    got = replica.log_prob(x)
+    assert torch.equal(got, want)
+    got.sum().backward()
+    assert all(p.grad is not None for p in glow.parameters())
+
+
 def test_bad_inputs_raise():
     glow = _glow()
     with pytest.raises(ValueError, match="8, 8"):
