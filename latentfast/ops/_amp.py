@@ -7,13 +7,12 @@ float32 and float64 only. The ops follow autocast's policy for precision-sensiti
 bfloat16 inputs to float32, runs the op with autocast off (so the reference backend too
 computes in float32) and returns float32 outputs. float64 inputs are left alone, and outside
 autocast nothing changes (a half-precision input still raises the usual TypeError).
-:func:`autocast_off_in_backward` gives the ops' backward the same float32: a backward run
-inside an autocast region (loss.backward() under the ``with``) would otherwise run its
-matrix products in half precision.
+:func:`latentfast.ops._autograd.op_backward` gives the ops' backward the same float32: a
+backward run inside an autocast region (loss.backward() under the ``with``) would otherwise
+run its matrix products in half precision.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -52,24 +51,4 @@ def float32_under_autocast(fn: F) -> F:
         kwargs = {k: _upcast(v) for k, v in kwargs.items()}
         with torch.autocast(dev.type, enabled=False):
             return fn(*args, **kwargs)
-    return wrapper  # type: ignore[return-value]
-
-
-def autocast_off_in_backward(bwd: F) -> F:
-    """Decorator for an op's backward: run it with autocast off. The forward ran in float32
-    (float32_under_autocast) or float64, and so does its backward, also when loss.backward()
-    is called inside the autocast region (autocast is thread-local state, and the autograd
-    engine runs a backward with the caller's), where the formulas' matrix products would
-    otherwise run in bfloat16 / float16 (gradients about 1% off, and the C++ kernels that
-    take float32 tensors from those products would raise). What torch.amp.custom_bwd does
-    for a forward that ran with autocast off."""
-    @functools.wraps(bwd)
-    def wrapper(*args, **kwargs):
-        on = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-        if not on:  # the common case
-            return bwd(*args, **kwargs)
-        with contextlib.ExitStack() as stack:
-            for d in on:
-                stack.enter_context(torch.autocast(d, enabled=False))
-            return bwd(*args, **kwargs)
     return wrapper  # type: ignore[return-value]

@@ -33,14 +33,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _tensors(items) -> list[Tensor]:
@@ -62,26 +65,51 @@ def graph_wanted(*items: Any) -> bool:
     """True where a backward must return :func:`reference_vjp`: inside a backward run with
     ``create_graph=True`` whose results need a graph (grad mode is on, which autograd turns
     on for a backward only then, and one of the given tensors, incoming gradients or saved
-    inputs, lists searched, requires grad), or when one of them is a batched gradient of
-    ``is_grads_batched=True`` (module docstring). Always false while torch.compile traces (it
-    does not support double backward and raises on its own)."""
+    inputs, lists searched, requires grad), or in a backward given batched gradients of
+    ``is_grads_batched=True`` (module docstring; noted by :func:`op_backward`). Always false
+    while torch.compile traces (it does not support double backward and raises on its own)."""
     if torch.compiler.is_compiling():
         return False
-    tensors = _tensors(items)
-    if any(_is_legacy_batched(t) for t in tensors):
+    if _batched_grads.get():
         return True
     if not torch.is_grad_enabled():
         return False
-    return any(t.requires_grad for t in tensors)
+    return any(t.requires_grad for t in _tensors(items))
 
 
-def _is_legacy_batched(t: Tensor) -> bool:
-    """t is a batched tensor of torch.autograd.grad(..., is_grads_batched=True) (PyTorch's
-    older vmap, torch._vmap_internals), not of torch.func.vmap."""
-    return _IS_LEGACY_BATCHED(t)
-
-
+# A batched tensor of torch.autograd.grad(..., is_grads_batched=True) (PyTorch's older vmap,
+# torch._vmap_internals), not of torch.func.vmap.
 _IS_LEGACY_BATCHED = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+_batched_grads: contextvars.ContextVar[bool] = contextvars.ContextVar("latentfast_batched_grads", default=False)
+
+
+def op_backward(bwd: F) -> F:
+    """Decorator for every op's backward (ctx, *grads).
+
+    It runs the backward with autocast off: the forward ran in float32
+    (ops._amp.float32_under_autocast) or float64, and so does its backward, also when
+    loss.backward() is called inside the autocast region (autocast is thread-local state, and
+    the autograd engine runs a backward with the caller's), where the formulas' matrix products
+    would otherwise run in bfloat16 / float16 (gradients about 1% off, and the C++ kernels that
+    take float32 tensors from those products would raise). What torch.amp.custom_bwd does for
+    a forward that ran with autocast off.
+    And when an incoming gradient is batched (is_grads_batched=True), it runs the backward with
+    :func:`graph_wanted` answering True, so that it returns the reference's VJP. Only the
+    incoming gradients can be batched there, so only they are looked at (about 0.15 us each,
+    where looking at every tensor a backward holds took 2.4 us a call)."""
+    @functools.wraps(bwd)
+    def wrapper(*args, **kwargs):
+        batched = any(isinstance(g, Tensor) and _IS_LEGACY_BATCHED(g) for g in args[1:])
+        on = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        if not on and not batched:  # the common case
+            return bwd(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for d in on:
+                stack.enter_context(torch.autocast(d, enabled=False))
+            if batched:
+                stack.callback(_batched_grads.reset, _batched_grads.set(True))
+            return bwd(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
 def reference_vjp(fn: Callable[..., Any], inputs: Sequence[Any], grads: Sequence[Tensor | None],

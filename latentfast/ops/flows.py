@@ -16,8 +16,9 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
-from latentfast.ops._amp import autocast_off_in_backward, float32_under_autocast
-from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, route_transforms, under_transform
+from latentfast.ops._amp import float32_under_autocast
+from latentfast.ops._autograd import (graph_wanted, op_backward, reference_vjp, reject_tangents, route_transforms,
+                                      under_transform)
 from latentfast.ops._checks import check_lu_constants, check_tensor
 from latentfast.reference import flows as ref
 
@@ -116,7 +117,7 @@ def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:4] if ctx.mode else inputs[:3], *((output[0],) if ctx.mode == 2 else ()))
 
 
-@autocast_off_in_backward
+@op_backward
 def _actnorm_invconv_bwd(ctx, grad_y):
     x, weight, bias = ctx.saved_tensors
     if graph_wanted(grad_y, x, weight, bias):  # create_graph=True: see ops/_autograd.py
@@ -125,7 +126,7 @@ def _actnorm_invconv_bwd(ctx, grad_y):
     return gx, gw, gb
 
 
-@autocast_off_in_backward
+@op_backward
 def _actnorm_invconv_coupling_bwd(ctx, grad_y, grad_logdet):
     x, weight, bias, h, *y = ctx.saved_tensors
     if graph_wanted(grad_y, grad_logdet, x, weight, bias, h):
@@ -212,7 +213,7 @@ def _grads_or_zeros(x: Tensor, grad_y: Tensor | None, grad_logdet: Tensor | None
             x.new_zeros(x.shape[0]) if grad_logdet is None else grad_logdet)
 
 
-@autocast_off_in_backward
+@op_backward
 def _affine_coupling_bwd(ctx, grad_y, grad_logdet):
     x, h, y = ctx.saved_tensors
     if graph_wanted(grad_y, grad_logdet, x, h):
@@ -222,7 +223,7 @@ def _affine_coupling_bwd(ctx, grad_y, grad_logdet):
     return gx, gh, None
 
 
-@autocast_off_in_backward
+@op_backward
 def _affine_coupling_inverse_bwd(ctx, grad_x, grad_logdet):
     # x = y / s - shift, logdet = -sum log s (s = sigmoid(raw + 2)): written with torch ops,
     # the inverse is the sampling direction and rarely differentiated.
@@ -287,7 +288,7 @@ def _(perm, lower, upper, sign_s, log_abs_s, w_inv, grad_w=None, grad_w_inv=None
     return torch.empty_like(lower), torch.empty_like(upper), torch.empty_like(log_abs_s)
 
 
-@autocast_off_in_backward
+@op_backward
 def _lu_weight_bwd(ctx, grad_w, grad_w_inv):
     perm, lower, sign_s, log_abs_s, upper, w_inv = ctx.saved_tensors
     args = (perm, lower, upper, sign_s, log_abs_s, w_inv, grad_w, grad_w_inv)
@@ -318,7 +319,7 @@ class _Eager(torch.autograd.Function):
         return out
 
     @staticmethod
-    @autocast_off_in_backward
+    @op_backward
     def backward(ctx, *grads):
         return (None, *ctx.spec[2](ctx, *grads))
 

@@ -32,8 +32,9 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
-from latentfast.ops._amp import autocast_off_in_backward, float32_under_autocast
-from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, route_transforms, under_transform
+from latentfast.ops._amp import float32_under_autocast
+from latentfast.ops._autograd import (graph_wanted, op_backward, reference_vjp, reject_tangents, route_transforms,
+                                      under_transform)
 from latentfast.ops._checks import can_read_back, check_finite, check_tensor
 from latentfast.reference import geometry as ref
 
@@ -518,7 +519,7 @@ def _reference_vjp(ctx, fn, grads_out):
                          create_graph=graph_wanted(grads_out, z, weights, biases, rbf))
 
 
-@autocast_off_in_backward
+@op_backward
 def _pullback_metric_bwd(ctx, grad):
     # Second derivatives of the decoder: torch autograd through the reference (the metric
     # backward is needed for geodesic shooting and metric-form energies, not the hot path).
@@ -576,7 +577,7 @@ def _(grad_energy, grad_length, curves, weights, biases, acts, rbf_centres, rbf_
     return torch.empty_like(curves)
 
 
-@autocast_off_in_backward
+@op_backward
 def _curve_energy_bwd(ctx, grad_energy, grad_length):
     z, weights, biases, rbf = _unpack(ctx)
     # decoder parameters want gradients, or create_graph=True: autograd through the reference
@@ -652,7 +653,7 @@ def _save_train(ctx, inputs, output):
     ctx.save_for_backward(curves, output[2], output[3], *weights, *biases, *([c, lam, wr] if c is not None else []))
 
 
-@autocast_off_in_backward
+@op_backward
 def _curve_energy_train_bwd(ctx, grad_energy, grad_length, _grad_derivs, _grad_feats):
     curves, derivs, feats, *rest = ctx.saved_tensors
     nl = ctx.n_layers

@@ -18,8 +18,9 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
-from latentfast.ops._amp import autocast_off_in_backward, float32_under_autocast
-from latentfast.ops._autograd import graph_wanted, reference_vjp, reject_tangents, route_transforms, under_transform
+from latentfast.ops._amp import float32_under_autocast
+from latentfast.ops._autograd import (graph_wanted, op_backward, reference_vjp, reject_tangents, route_transforms,
+                                      under_transform)
 from latentfast.ops._checks import check_finite, check_tensor
 from latentfast.reference import rnn as ref
 
@@ -88,7 +89,7 @@ def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-@autocast_off_in_backward
+@op_backward
 def _gru_sequence_bwd(ctx, grad_out):
     # Inference op under autograd (direct torch.ops call): recompute with the gates kept.
     saved = ctx.saved_tensors
@@ -104,7 +105,7 @@ def _save_train(ctx, inputs, output):
     ctx.save_for_backward(*inputs, output[0], output[1])  # the biases for a double backward only
 
 
-@autocast_off_in_backward
+@op_backward
 def _gru_sequence_train_bwd(ctx, grad_out, _grad_gates):
     x, h0, w_ih, w_hh, b_ih, b_hh, out, gates = ctx.saved_tensors
     if graph_wanted(grad_out, x, h0, w_ih, w_hh, b_ih, b_hh):
@@ -241,7 +242,7 @@ def _zeros_if_none(g, like):
     return torch.zeros_like(like) if g is None else g
 
 
-@autocast_off_in_backward
+@op_backward
 def _lstm_sequence_bwd(ctx, grad_out, grad_cells):
     # Inference op under autograd (direct torch.ops call): recompute with the gates kept.
     saved = ctx.saved_tensors
@@ -263,7 +264,7 @@ def _save_lstm_train(ctx, inputs, output):
     ctx.save_for_backward(*inputs, *output)  # the biases for a double backward only
 
 
-@autocast_off_in_backward
+@op_backward
 def _lstm_sequence_train_bwd(ctx, grad_out, grad_cells, _grad_gates):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, cells, gates = ctx.saved_tensors
     if graph_wanted(grad_out, grad_cells, x, h0, c0, w_ih, w_hh, b_ih, b_hh):

@@ -27,9 +27,9 @@ from torch import Tensor
 
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
-from latentfast.ops._amp import autocast_off_in_backward, float32_under_autocast
-from latentfast.ops._autograd import (graph_wanted, reference_vjp, reject_tangents, route_transforms, routed,
-                                      under_transform)
+from latentfast.ops._amp import float32_under_autocast
+from latentfast.ops._autograd import (graph_wanted, op_backward, reference_vjp, reject_tangents, route_transforms,
+                                      routed, under_transform)
 from latentfast.ops._checks import (can_read_back, check_finite, check_tensor, context_value, passed_before,
                                    remember_passed)
 from latentfast.reference import vector_flows as ref
@@ -184,7 +184,7 @@ def _save_stack_inputs(ctx, inputs, output):
     ctx.save_for_backward(x, c, w1, b1, w2, b2, act)
 
 
-@autocast_off_in_backward
+@op_backward
 def _vector_flow_stack_bwd(ctx, grad_y, grad_logdet):
     # Inference op under autograd (direct torch.ops call): recompute keeping the activations.
     x, c, w1, b1, w2, b2, act = ctx.saved_tensors
@@ -203,7 +203,7 @@ def _save_stack_train(ctx, inputs, output):
     ctx.save_for_backward(x, c, w1, b1, w2, b2, act, *output)  # x, b2: for a double backward only
 
 
-@autocast_off_in_backward
+@op_backward
 def _vector_flow_stack_train_bwd(ctx, grad_y, grad_logdet, *_unused):
     x, c, w1, b1, w2, b2, act, y, ld, xs, out = ctx.saved_tensors
     if graph_wanted(grad_y, grad_logdet, x, c, w1, b1, w2, b2):
@@ -231,7 +231,7 @@ class _EagerStack(torch.autograd.Function):
         return y, ld
 
     @staticmethod
-    @autocast_off_in_backward
+    @op_backward
     def backward(ctx, grad_y, grad_logdet):
         c, w1, b1, w2, act, xs, out, hidden, x, b2 = ctx.saved_tensors
         if graph_wanted(grad_y, grad_logdet, x, c, w1, b1, w2, b2):
@@ -300,7 +300,7 @@ class _ImplicitInverse(torch.autograd.Function):
         return x, ld
 
     @staticmethod
-    @autocast_off_in_backward
+    @op_backward
     def backward(ctx, grad_x, grad_ld):
         y, x, c, w1, b1, w2, b2, act, *stack = ctx.saved_tensors
         if graph_wanted(grad_x, grad_ld, y, c, w1, b1, w2, b2):  # create_graph=True: the reference's sweeps
