@@ -412,3 +412,14 @@ def test_actnorm_in_data_parallel_replicas_on_cuda(triton_cuda):
     want = model(x)
     got = torch.nn.DataParallel(model, device_ids=[0, 1])(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_default_device_cuda_and_models_on_cuda(triton_cuda):
+    """torch.set_default_device("cuda"): the data generators, fits, solvers and layers give
+    the CPU's results (tests/test_default_device.py with "cuda" as the default device); and
+    fit_rbf_variance of a model on the GPU, whose k-means draws had met a CPU generator."""
+    from tests import test_default_device as dd_t
+
+    for name in dd_t._cases():
+        dd_t.test_results_do_not_depend_on_the_default_device(name, default="cuda")
+    dd_t.test_rbf_variance_fits_a_model_on_another_device_than_its_generator(device="cuda")

@@ -4,9 +4,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from latentfast.data._cpu import made_on_cpu
+
 DIGITS_BINS = 17  # pixel values are integers 0..16
 
 
+@made_on_cpu
 def load_digits_images(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """(images [1797, 1, 8, 8] with integer values 0..16, labels [1797])."""
     try:
@@ -22,5 +25,7 @@ def dequantize(x: Tensor, n_bins: int = DIGITS_BINS, generator: torch.Generator 
     """Uniform dequantisation of integer pixels to [-0.5, 0.5): (x + u) / n_bins - 0.5."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    u = torch.rand(x.shape, dtype=x.dtype, generator=generator).to(x.device)
+    # drawn on the CPU (or the generator's device), as before, whatever the default device
+    u = torch.rand(x.shape, dtype=x.dtype, generator=generator,
+                   device=generator.device if generator is not None else "cpu").to(x.device)
     return (x + u) / n_bins - 0.5

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from latentfast.data._cpu import made_on_cpu
+
 LORENZ63 = {"sigma": 10.0, "rho": 28.0, "beta": 8.0 / 3.0}
 
 
@@ -96,6 +98,7 @@ def integrate(field: Callable[[Tensor], Tensor], x0: Tensor, n_steps: int, dt: f
     return torch.stack(xs, dim=-2)
 
 
+@made_on_cpu
 def lorenz63(n_steps: int, dt: float = 0.01, n_traj: int = 1, transient: int = 1000, seed: int = 0,
              dtype: torch.dtype = torch.float64) -> Tensor:
     """Lorenz-63 trajectories on the attractor, [n_traj, n_steps + 1, 3]. The first
@@ -107,6 +110,7 @@ def lorenz63(n_steps: int, dt: float = 0.01, n_traj: int = 1, transient: int = 1
     return integrate(lorenz63_field, x0, n_steps, dt)
 
 
+@made_on_cpu
 def lorenz96(n_steps: int, dt: float = 0.01, n: int = 40, forcing: float = 8.0, n_traj: int = 1,
              transient: int = 1000, seed: int = 0, dtype: torch.dtype = torch.float64) -> Tensor:
     """Lorenz-96 trajectories [n_traj, n_steps + 1, n] (n >= 4) after a transient from F + noise."""
@@ -120,6 +124,7 @@ def lorenz96(n_steps: int, dt: float = 0.01, n: int = 40, forcing: float = 8.0, 
     return integrate(field, x0, n_steps, dt)
 
 
+@made_on_cpu
 def pendulum(n_steps: int, n_traj: int = 1, dt: float = 0.05, size: int = 16, damping: float = 0.0,
              seed: int = 0, dtype: torch.dtype = torch.float32, blob: float = 0.06) -> tuple[Tensor, Tensor]:
     """A pendulum theta'' = -sin(theta) - damping theta' rendered as frames.

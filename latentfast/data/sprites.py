@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from latentfast.data._cpu import made_on_cpu
+
 FACTOR_NAMES = ("shape", "scale", "rotation", "x", "y")
 SHAPES = ("square", "ellipse", "triangle")
 
@@ -31,14 +33,14 @@ class Sprites:
 
     def factors_to_index(self, factors: Tensor) -> Tensor:
         """Row index of each factor vector [n, 5] (the images are in row-major factor order)."""
-        idx = torch.zeros(factors.shape[0], dtype=torch.long)
+        idx = torch.zeros(factors.shape[0], dtype=torch.long, device=factors.device)
         for k, size in enumerate(self.factor_sizes):
             idx = idx * size + factors[:, k].long()
         return idx
 
     def sample_factors(self, n: int, generator: torch.Generator) -> Tensor:
         """n factor vectors drawn uniformly [n, 5]."""
-        return torch.stack([torch.randint(s, (n,), generator=generator) for s in self.factor_sizes], 1)
+        return torch.stack([torch.randint(s, (n,), generator=generator, device=generator.device) for s in self.factor_sizes], 1)
 
     def observations(self, factors: Tensor) -> Tensor:
         """The images [n, S*S] of the given factor vectors."""
@@ -55,6 +57,7 @@ def _inside(shape: int, u: Tensor, v: Tensor) -> Tensor:
     return (v >= -0.6) & (v <= 1.2 - math.sqrt(3) * u.abs())
 
 
+@made_on_cpu
 def make_sprites(size: int = 32, n_scales: int = 4, n_rotations: int = 8, n_positions: int = 8) -> Sprites:
     """Every combination of 3 shapes x n_scales x n_rotations x n_positions^2 as a binary
     size x size image. Rotations cover [0, pi/2) (a quarter turn, so the square's rotations

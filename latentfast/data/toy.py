@@ -6,7 +6,10 @@ import math
 import torch
 from torch import Tensor
 
+from latentfast.data._cpu import made_on_cpu
 
+
+@made_on_cpu
 def two_moons(n: int, noise: float = 0.08, seed: int = 0) -> Tensor:
     """n points [n, 2] on two interleaved half circles (centred, unit-ish scale), with
     Gaussian noise; deterministic by seed."""

@@ -32,7 +32,7 @@ def run(out_dir: str = "demo_out", epochs: int = 150, n_pairs: int = 4, seed: in
     gen = torch.Generator().manual_seed(seed)
     pairs = []
     while len(pairs) < n_pairs:
-        i, j = torch.randint(len(z), (2,), generator=gen).tolist()
+        i, j = torch.randint(len(z), (2,), generator=gen, device=gen.device).tolist()
         if y[i] != y[j] and (z[i] - z[j]).norm() > 1.5:
             pairs.append((i, j))
     z0 = torch.stack([z[i] for i, _ in pairs])

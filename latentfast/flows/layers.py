@@ -8,6 +8,7 @@ channel half conditions the second.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -369,7 +370,7 @@ class Squeeze(nn.Module):
 
 def gaussian_log_p(x: Tensor, mean: Tensor, log_sd: Tensor) -> Tensor:
     """Elementwise log N(x; mean, exp(log_sd)^2)."""
-    return -0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=x.dtype)) - log_sd \
+    return -0.5 * math.log(2 * math.pi) - log_sd \
         - 0.5 * (x - mean) ** 2 * torch.exp(-2 * log_sd)
 
 

@@ -484,7 +484,7 @@ class _LaplacianCoords:
     """
 
     def __init__(self, n: int, like: Tensor) -> None:
-        i = torch.arange(1, n + 1, dtype=torch.float64)
+        i = torch.arange(1, n + 1, dtype=torch.float64, device="cpu")  # (float64 on the CPU, then cast)
         cast = dict(dtype=like.dtype, device=like.device)
         self.i = i.to(**cast)[:, None]
         self.c = (1 / torch.sqrt(i * (i + 1))).to(**cast)[:, None]
@@ -527,7 +527,7 @@ def graph_init(z0: Tensor, z1: Tensor, decoder, data: Tensor, n_segments: int,
     nodes = data.detach()
     if nodes.shape[0] > max_nodes:
         gen = torch.Generator().manual_seed(seed)
-        nodes = nodes[torch.randperm(nodes.shape[0], generator=gen)[:max_nodes].to(nodes.device)]
+        nodes = nodes[torch.randperm(nodes.shape[0], generator=gen, device=gen.device)[:max_nodes].to(nodes.device)]
     m = nodes.shape[0]
     k = min(n_neighbors, m - 1)
     if k < 1:
@@ -887,7 +887,7 @@ def kmedoids(dist: Tensor, k: int, n_iter: int = 100, seed: int = 0) -> tuple[Te
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     gen = torch.Generator().manual_seed(seed)
-    medoids = [int(torch.randint(n, (1,), generator=gen))]
+    medoids = [int(torch.randint(n, (1,), generator=gen, device=gen.device))]
     for _ in range(1, k):  # farthest-point seeding
         medoids.append(int(dist[:, medoids].min(1).values.argmax()))
     med = torch.tensor(medoids, device=dist.device)
@@ -942,7 +942,8 @@ def random_walk(decoder, z0: Tensor, n_steps: int, step_size: float = 0.01,
         for _ in range(n_steps):
             m = metric(decoder, z) + 1e-9 * eye
             chol = torch.linalg.cholesky(m)
-            eps = torch.randn(z.shape, dtype=z.dtype, generator=generator).to(z.device)
+            eps = torch.randn(z.shape, dtype=z.dtype, generator=generator,
+                              device=generator.device if generator is not None else "cpu").to(z.device)
             # x = L^-T eps has covariance (L L^T)^-1 = M^-1
             step = torch.linalg.solve_triangular(chol.transpose(1, 2), eps[..., None], upper=True)[..., 0]
             z = z + step_size ** 0.5 * step

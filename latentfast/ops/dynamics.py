@@ -87,7 +87,9 @@ def _check_run(k: int, n: int, n_steps: int, qr_every: int, transient: int, dt: 
 
 def _frame(q0: Tensor | None, b: int, n: int, k: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
     if q0 is None:
-        return torch.randn(b, n, k, dtype=like.dtype, generator=generator).to(like.device)
+        # drawn on the CPU (or the generator's device) whatever the default device, then moved
+        draw_on = generator.device if generator is not None else "cpu"
+        return torch.randn(b, n, k, dtype=like.dtype, generator=generator, device=draw_on).to(like.device)
     check_tensor("q0", q0, 3, like=like)
     if tuple(q0.shape) != (b, n, k):
         raise ValueError(f"q0 must be [{b}, {n}, {k}], got {tuple(q0.shape)}")

@@ -31,7 +31,8 @@ def lyapunov_spectrum(step: Callable[[Tensor], tuple[Tensor, Tensor]], h0: Tenso
     for _ in range(transient):
         h, _ = step(h)
     if q0 is None:
-        q0 = torch.randn(b, n, k, dtype=h0.dtype, generator=generator).to(h0.device)
+        q0 = torch.randn(b, n, k, dtype=h0.dtype, generator=generator,
+                         device=generator.device if generator is not None else "cpu").to(h0.device)
     q = torch.linalg.qr(q0)[0]
     sums = h0.new_zeros((b, k))
     for t in range(n_steps):

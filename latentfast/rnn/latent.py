@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from latentfast.data._cpu import made_on_cpu
 from latentfast.ops._checks import check_tensor
 from latentfast.rnn.models import GRU, LSTM
 
@@ -117,7 +118,7 @@ def fit_latent_sequence(model: LatentSequenceModel, frames: Tensor, n_obs: int, 
     bar = tqdm(range(epochs), desc="latent sequence VAE", disable=not progress)
     for epoch in bar:
         b_now = beta * min(1.0, (epoch + 1) / max(warmup, 1))
-        perm = torch.randperm(frames.shape[0], generator=gen)
+        perm = torch.randperm(frames.shape[0], generator=gen, device=gen.device)
         total = frames.new_zeros(())  # read back once per epoch, not per step
         for i in range(0, len(perm), batch_size):
             batch = frames[perm[i:i + batch_size]]
@@ -133,6 +134,7 @@ def fit_latent_sequence(model: LatentSequenceModel, frames: Tensor, n_obs: int, 
     return history
 
 
+@made_on_cpu
 def pendulum_windows(n_traj: int = 512, n_steps: int = 40, size: int = 16, dt: float = 0.1,
                      seed: int = 0, blob: float = 0.12) -> tuple[Tensor, Tensor]:
     """Pendulum frame sequences flattened for the model: (frames [n_traj, n_steps, size^2],

@@ -268,7 +268,7 @@ def _window_starts(t_len: int, window: int) -> Tensor:
     the window + 1 points a window needs (t_len - window - 1)."""
     if not 0 < window < t_len:
         raise ValueError(f"need 0 < window < t_len, got window {window}, t_len {t_len}")
-    return torch.arange(0, t_len - window, max(window // 2, 1))
+    return torch.arange(0, t_len - window, max(window // 2, 1), device="cpu")
 
 
 def fit_sequence_model(model: SequenceModel, data: Tensor, epochs: int = 20, window: int = 64,
@@ -291,12 +291,12 @@ def fit_sequence_model(model: SequenceModel, data: Tensor, epochs: int = 20, win
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
     n, t_len, _ = data.shape
     starts = _window_starts(t_len, window)
-    pairs = torch.cartesian_prod(torch.arange(n), starts)
+    pairs = torch.cartesian_prod(torch.arange(n, device="cpu"), starts)
     steps = torch.arange(window + 1, device=data.device)
     history = []
     bar = tqdm(range(epochs), desc="GRU", disable=not progress)
     for _ in bar:
-        perm = pairs[torch.randperm(len(pairs), generator=gen)].to(data.device)
+        perm = pairs[torch.randperm(len(pairs), generator=gen, device=gen.device)].to(data.device)
         total = data.new_zeros(())  # read back once per epoch, not per step
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]

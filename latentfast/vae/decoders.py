@@ -33,7 +33,8 @@ class RBFVariance(nn.Module):
             raise ValueError(f"zeta must be > 0, got {zeta}")
         self.register_buffer("centres", centres.detach().clone())
         self.register_buffer("bandwidths", bandwidths.detach().clone())
-        self.raw_weight = nn.Parameter(torch.full((out_dim, centres.shape[0]), -2.0, dtype=centres.dtype))
+        self.raw_weight = nn.Parameter(torch.full((out_dim, centres.shape[0]), -2.0, dtype=centres.dtype,
+                                                  device=centres.device))
         self.zeta = float(zeta)
 
     @property
@@ -134,11 +135,14 @@ def kmeans(x: Tensor, k: int, n_iter: int = 50, generator: torch.Generator | Non
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    idx = [int(torch.randint(n, (1,), generator=generator))]
+    # the draws on the generator's device (the CPU without one, as before), whatever x's device or
+    # the default device: a CPU generator with CUDA probabilities raises in torch.multinomial
+    draw_on = generator.device if generator is not None else torch.device("cpu")
+    idx = [int(torch.randint(n, (1,), generator=generator, device=draw_on))]
     d2 = ((x - x[idx[0]]) ** 2).sum(1)
     for _ in range(1, k):
         probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
-        idx.append(int(torch.multinomial(probs, 1, generator=generator)))
+        idx.append(int(torch.multinomial(probs.to(draw_on), 1, generator=generator)))
         d2 = torch.minimum(d2, ((x - x[idx[-1]]) ** 2).sum(1))
     centres = x[idx].clone()
     for _ in range(n_iter):
@@ -177,7 +181,7 @@ def fit_rbf_variance(decoder: GaussianMLPDecoder, latents: Tensor, data: Tensor,
     x = data.detach().reshape(data.shape[0], -1)
     centres, labels = kmeans(z, min(n_centres, z.shape[0]), generator=gen)
     spread = torch.stack([(z[labels == j] - centres[j]).norm(dim=1).mean() if (labels == j).any()
-                          else torch.tensor(1.0, dtype=z.dtype) for j in range(centres.shape[0])])
+                          else torch.tensor(1.0, dtype=z.dtype, device=z.device) for j in range(centres.shape[0])])
     bandwidths = 0.5 / (curvature * spread.clamp_min(1e-3)) ** 2
     rbf = RBFVariance(centres, bandwidths, decoder.out_dim, zeta).to(z.device)
     with torch.no_grad():

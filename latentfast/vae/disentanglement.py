@@ -43,10 +43,10 @@ def _fixed_factor_batches(data, n_points: int, batch_size: int, gen: torch.Gener
                           ) -> tuple[Tensor, Tensor, Tensor]:
     """n_points batches of pairs sharing one factor: (factors a, factors b [n, batch, F], k [n])."""
     n_f = len(data.factor_sizes)
-    k = torch.randint(n_f, (n_points,), generator=gen)
+    k = torch.randint(n_f, (n_points,), generator=gen, device=gen.device)
     a = data.sample_factors(n_points * batch_size, gen).view(n_points, batch_size, n_f)
     b = data.sample_factors(n_points * batch_size, gen).view(n_points, batch_size, n_f)
-    rows = torch.arange(n_points)
+    rows = torch.arange(n_points, device=a.device)
     b[rows, :, k] = a[rows, :, k]
     return a, b, k
 
@@ -88,15 +88,15 @@ def factor_vae_score(encode: Encoder, data, n_train: int = 500, n_test: int = 30
     n_f = len(data.factor_sizes)
     votes = []
     for n in (n_train, n_test):
-        k = torch.randint(n_f, (n,), generator=gen)
+        k = torch.randint(n_f, (n,), generator=gen, device=gen.device)
         f = data.sample_factors(n * batch_size, gen).view(n, batch_size, n_f)
-        fixed = torch.stack([torch.randint(data.factor_sizes[int(kk)], (1,), generator=gen)[0] for kk in k])
-        f[torch.arange(n), :, k] = fixed[:, None]
+        fixed = torch.stack([torch.randint(data.factor_sizes[int(kk)], (1,), generator=gen, device=gen.device)[0] for kk in k])
+        f[torch.arange(n, device=f.device), :, k] = fixed[:, None]
         z = _encode(encode, data, f.reshape(-1, n_f)).view(n, batch_size, -1)
         var = (z.var(1) / std.clamp_min(1e-12) ** 2)[:, active]
         votes.append((var.argmin(1), k))
     n_active = int(active.sum())
-    table = torch.zeros(n_active, n_f, dtype=torch.long)
+    table = torch.zeros(n_active, n_f, dtype=torch.long, device=votes[0][0].device)
     table.index_put_(votes[0], torch.ones_like(votes[0][0]), accumulate=True)
     predict = table.argmax(1)  # the factor each dimension votes for
     dims, k_test = votes[1]

@@ -136,7 +136,7 @@ def _fit(model: VAE, data: Tensor, epochs: int, batch_size: int, lr: float, gen:
     history = []
     bar = tqdm(range(epochs), desc="VAE", disable=not progress)
     for _ in bar:
-        perm = torch.randperm(data.shape[0], generator=gen)
+        perm = torch.randperm(data.shape[0], generator=gen, device=gen.device)
         sums, n_batches = None, 0
         for i in range(0, data.shape[0], batch_size):
             terms = model.loss_terms(data[perm[i:i + batch_size]])
