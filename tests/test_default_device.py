@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from latentfast import geometry as geo
+from latentfast.bench.geodesics import trained_digits_vae
 from latentfast.data import dynamics as dyn
 from latentfast.data.digits import dequantize, load_digits_images
 from latentfast.data.sprites import make_sprites
@@ -50,6 +51,7 @@ def _cases():
                                           n_points=40), device="cpu"),
         "glow log_prob": lambda t: t["glow"].log_prob(t["image"]),
         "flow sample": lambda t: t["flow"].sample(3),
+        "trained_digits_vae": lambda _: trained_digits_vae(epochs=1, progress=False)[3],
         "lorenz spectrum": lambda t: dyn_ops.lorenz_lyapunov_spectrum("lorenz63", t["l0"], 3, 10)[0],
     }
 

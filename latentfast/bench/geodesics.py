@@ -13,10 +13,12 @@ import torch
 
 from latentfast import backend
 from latentfast import geometry as geo
+from latentfast.data._cpu import made_on_cpu
 from latentfast.data.digits import load_digits_images
 from latentfast.vae import VAE, fit, fit_rbf_variance
 
 
+@made_on_cpu
 def trained_digits_vae(epochs: int = 150, seed: int = 0, progress: bool = True
                        ) -> tuple[VAE, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A 2-D VAE (64 -> 128 -> 128 -> 2, Gaussian likelihood) on sklearn's digits scaled to
@@ -67,8 +69,8 @@ def run_geodesics(n_pairs: int = 1000, n_baseline: int = 20, n_segments: int = 3
     dec = model.decoder.to(device)
     z = z.to(device)
     gen = torch.Generator().manual_seed(seed + 1)
-    i = torch.randint(z.shape[0], (n_pairs,), generator=gen).to(device)
-    j = torch.randint(z.shape[0], (n_pairs,), generator=gen).to(device)
+    i = torch.randint(z.shape[0], (n_pairs,), generator=gen, device=gen.device).to(device)
+    j = torch.randint(z.shape[0], (n_pairs,), generator=gen, device=gen.device).to(device)
     j = torch.where(i == j, (j + 1) % z.shape[0], j)
     z0, z1 = z[i].detach(), z[j].detach()
     sync = torch.cuda.synchronize if z.device.type == "cuda" else (lambda: None)

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from latentfast.data._cpu import made_on_cpu
 from latentfast.data.sprites import make_sprites
 from latentfast.vae import VAE, FlowVAE, fit
 from latentfast.vae.disentanglement import disentanglement_scores
@@ -59,6 +60,7 @@ def traversal(model, x0: torch.Tensor, codes: torch.Tensor, path: str, title: st
     plt.close(fig)
 
 
+@made_on_cpu
 def run(out_dir: str = "demo_out", epochs: int = 40, seed: int = 0, progress: bool = True) -> list[str]:
     """Train, score, plot; returns the paths written."""
     import matplotlib

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from latentfast.data._cpu import made_on_cpu
 from latentfast.rnn.latent import (LatentSequenceModel, fit_latent_sequence, pendulum_windows, position_error,
                                    rank_latents)
 
@@ -33,6 +34,7 @@ def _trail(frames: torch.Tensor):
     return np.clip(rgb / max(rgb.max(), 1e-6), 0, 1)
 
 
+@made_on_cpu
 def run(out_dir: str = "demo_out", epochs: int = 150, hidden: int = 64, latent: int = 4, beta: float = 0.1, seed: int = 0,
         progress: bool = True) -> list[str]:
     """Train, evaluate, plot; returns the paths written."""

@@ -13,8 +13,10 @@ import torch
 
 from latentfast import geometry as geo
 from latentfast.bench.geodesics import trained_digits_vae
+from latentfast.data._cpu import made_on_cpu
 
 
+@made_on_cpu
 def run(out_dir: str = "demo_out", epochs: int = 150, n_pairs: int = 4, seed: int = 0) -> list[str]:
     """Train, solve, plot; returns the paths written."""
     import matplotlib

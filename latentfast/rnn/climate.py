@@ -7,11 +7,13 @@ import time
 import torch
 
 from latentfast.data import dynamics as D
+from latentfast.data._cpu import made_on_cpu
 from latentfast.rnn.models import SequenceModel, fit_sequence_model, valid_prediction_time
 
 LORENZ63_SPECTRUM = (0.906, 0.0, -14.572)
 
 
+@made_on_cpu
 def lorenz_climate(hidden: int = 128, epochs: int = 150, dt: float = 0.02, seed: int = 0,
                    progress: bool = True) -> dict:
     """Train on 6 normalised Lorenz-63 trajectories (3000 steps of dt each), then report the
