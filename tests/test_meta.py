@@ -76,3 +76,42 @@ def test_meta_state_dicts_load_into_meta_models():
     want = real.log_prob(x)
     meta.load_state_dict(real.state_dict(), assign=True)
     torch.testing.assert_close(meta.log_prob(x), want)
+
+
+def _built_models():
+    """name: (constructor, a function of the model giving tensors from CPU inputs)."""
+    x, z, s, v = torch.rand(3, 1, 8, 8) - 0.5, torch.randn(5, 4), torch.randn(6, 2, 3), torch.rand(4, 12)
+    return {
+        "Glow": (lambda: Glow(1, 8, n_levels=2, steps_per_level=2, hidden=8), lambda m: m.log_prob(x)),
+        "Flow": (lambda: Flow(4, [MAF(4, 8, n_steps=2), Permutation(4), IAF(4, 8), LULinear(4)]),
+                 lambda m: m.log_prob(z)),
+        "MADE order": (lambda: MAF(4, 8, n_steps=1), lambda m: m.inverse(z)[0]),
+        "GRU": (lambda: GRU(3, 8), lambda m: m(s)[0]),
+        "LSTM": (lambda: LSTM(3, 8), lambda m: m(s)[0]),
+        "VAE": (lambda: VAE(12, 2, (8,)), lambda m: m.encode(v)[0]),
+        "FlowVAE": (lambda: FlowVAE(12, 2, (8,), posterior_steps=1, prior_steps=1, flow_hidden=8),
+                    lambda m: m.prior.log_prob(z[:, :2])),
+    }
+
+
+@pytest.mark.parametrize("name", list(_built_models()))
+def test_models_built_under_a_meta_device_context_then_materialised(name):
+    """`with torch.device("meta"): model = ...` (how large models are built without memory,
+    then given storage by to_empty or load_state_dict(assign=True)): every layer builds there
+    (MAF, IAF and Permutation had read their orders back to check them: 'Cannot copy out of
+    meta tensor'), and the materialised model gives the CPU-built model's outputs."""
+    make, run = _built_models()[name]
+    torch.manual_seed(0)
+    real = make()
+    run(real)  # (ActNorm's initialisation)
+    with torch.device("meta"):
+        meta = make()
+    assert {t.device.type for t in [*meta.parameters(), *meta.buffers()]} == {"meta"}
+    with torch.device("meta"):
+        assigned = make()
+    empty = meta.to_empty(device="cpu")
+    empty.load_state_dict(real.state_dict())
+    assigned.load_state_dict(real.state_dict(), assign=True)
+    want = run(real)
+    for model in (empty, assigned):
+        torch.testing.assert_close(run(model), want, rtol=0, atol=0, msg=name)

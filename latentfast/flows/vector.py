@@ -33,11 +33,14 @@ def made_degrees(d: int, hidden: int, order: Tensor | None = None) -> tuple[Tens
     hidden units take 1..d-1 in turn (0 when d = 1, i.e. no input feeds them), sorted so the
     hidden units come in ascending degree. The order of the hidden units does not change what
     the network can express; sorted, the masks are block-triangular, which the C++ kernel
-    uses to skip the zero blocks of the GEMMs."""
-    deg_in = torch.arange(1, d + 1) if order is None else torch.as_tensor(order).long() + 1
+    uses to skip the zero blocks of the GEMMs. On the CPU whatever the default device (layer
+    constants, checked here: a model built under ``with torch.device("meta")`` too)."""
+    cpu = torch.device("cpu")
+    deg_in = torch.arange(1, d + 1, device=cpu) if order is None else torch.as_tensor(order, device=cpu).long() + 1
     if sorted(deg_in.tolist()) != list(range(1, d + 1)):
         raise ValueError(f"order must be a permutation of 0..{d - 1}")
-    deg_h = (torch.arange(hidden) % (d - 1) + 1).sort().values if d > 1 else torch.zeros(hidden, dtype=torch.long)
+    deg_h = ((torch.arange(hidden, device=cpu) % (d - 1) + 1).sort().values if d > 1
+             else torch.zeros(hidden, dtype=torch.long, device=cpu))
     return deg_in, deg_h
 
 
@@ -94,25 +97,29 @@ class MaskedFlowStack(nn.Module):
         self.dim, self.hidden, self.n_steps, self.kind = dim, hidden, n_steps, kind
         self.additive = kind == "additive_coupling"
         n_blocks = 1 if self.additive else 2
+        # the masks and act on the CPU (made_degrees checks the order there), then on the default
+        # device with the parameters (under ``with torch.device("meta")``: meta, as they are)
+        cpu = torch.device("cpu")
         m1s, m2s, acts = [], [], []
         for k in range(n_steps):
             if kind == "made":
-                order = torch.arange(dim) if k % 2 == 0 else torch.arange(dim).flip(0)
+                order = torch.arange(dim, device=cpu) if k % 2 == 0 else torch.arange(dim, device=cpu).flip(0)
                 deg_in, deg_h = made_degrees(dim, hidden, order)
-                act = torch.ones(dim)
+                act = torch.ones(dim, device=cpu)
             else:
-                first = torch.arange(dim) < dim // 2
+                first = torch.arange(dim, device=cpu) < dim // 2
                 cond = first if k % 2 == 0 else ~first
                 deg_in = torch.where(cond, 1, 2)
-                deg_h = torch.ones(hidden, dtype=torch.long)
+                deg_h = torch.ones(hidden, dtype=torch.long, device=cpu)
                 act = (~cond).to(torch.get_default_dtype())  # the parameters' dtype, as torch.ones above
             m1, m2 = made_masks(deg_in, deg_h, n_blocks)
             m1s.append(m1)
             m2s.append(m2)
             acts.append(act)
-        self.register_buffer("mask1", torch.stack(m1s))
-        self.register_buffer("mask2", torch.stack(m2s))
-        self.register_buffer("act", torch.stack(acts))
+        dev = torch.get_default_device()
+        self.register_buffer("mask1", torch.stack(m1s).to(dev))
+        self.register_buffer("mask2", torch.stack(m2s).to(dev))
+        self.register_buffer("act", torch.stack(acts).to(dev))
         # The inverse sweeps: d for an autoregressive order, 1 for a coupling (its
         # conditioning half is never changed, so one sweep recovers the other half).
         self.n_passes = dim if kind == "made" else 1
@@ -236,11 +243,14 @@ class Permutation(nn.Module):
 
     def __init__(self, dim: int, perm: Tensor | None = None) -> None:
         super().__init__()
-        perm = torch.arange(dim).flip(0) if perm is None else torch.as_tensor(perm).long()
+        # checked on the CPU, then on the default device (meta under ``with torch.device("meta")``)
+        cpu = torch.device("cpu")
+        perm = torch.arange(dim, device=cpu).flip(0) if perm is None else torch.as_tensor(perm, device=cpu).long()
         if sorted(perm.tolist()) != list(range(dim)):
             raise ValueError(f"perm must be a permutation of 0..{dim - 1}")
-        self.register_buffer("perm", perm)
-        self.register_buffer("inv_perm", torch.argsort(perm))
+        dev = torch.get_default_device()
+        self.register_buffer("perm", perm.to(dev))
+        self.register_buffer("inv_perm", torch.argsort(perm).to(dev))
 
     def _check_buffers(self) -> None:
         # perm and inv_perm come back from a state dict as they were saved: a repeated index,
