@@ -397,8 +397,14 @@ class Flow(nn.Module):
             return self.rsample_and_log_prob(n, context)
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] | int = (), context: Tensor | None = None) -> Tensor:
-        """Reparameterised samples [*sample_shape, d]."""
+        """Reparameterised samples [*sample_shape, d]. A context goes with the samples' shape,
+        [*sample_shape, c], as log_prob takes it with x (or flattened, [n, c] for n samples)."""
         shape = torch.Size([sample_shape]) if isinstance(sample_shape, int) else torch.Size(sample_shape)
+        if isinstance(context, Tensor) and context.dim() != 2:
+            if context.dim() == 0 or tuple(context.shape[:-1]) != tuple(shape):
+                raise ValueError(f"context must be [{', '.join([*map(str, shape), 'c'])}] to go with sample_shape "
+                                 f"{tuple(shape)} (or [{shape.numel()}, c]), got {tuple(context.shape)}")
+            context = context.reshape(-1, context.shape[-1])
         return self.rsample_and_log_prob(shape.numel(), context)[0].reshape(*shape, self.dim)
 
     def sample(self, sample_shape: torch.Size | tuple[int, ...] | int = (), context: Tensor | None = None) -> Tensor:

@@ -671,6 +671,18 @@ def test_flow_log_prob_takes_any_batch_shape_as_a_distribution_does():
     assert_close(cflow.log_prob(y, c), cflow.log_prob(y.reshape(10, 4), c.reshape(10, 3)).reshape(2, 5))
     with pytest.raises(ValueError, match="context must be"):
         cflow.log_prob(y, c[0])
+    # sample takes the context the same way: [*sample_shape, c] (it had wanted [n, c] only),
+    # a single sample's [c], or flattened [n, c]; the draws as with the flattened context
+    for shape, ctx in (((2, 5), c), ((), c[0, 0]), ((10,), c.reshape(10, 3))):
+        torch.manual_seed(1)
+        got = cflow.sample(shape, context=ctx)
+        torch.manual_seed(1)
+        want = cflow.sample(ctx.numel() // 3, context=ctx.reshape(-1, 3))
+        assert got.shape == (*shape, 4)
+        assert_close(got, want.reshape(*shape, 4))
+        assert cflow.log_prob(got, ctx).shape == shape
+    with pytest.raises(ValueError, match="context must be"):
+        cflow.sample((2, 5), context=c[:1])
 
 
 @pytest.mark.skipif(interpreting(), reason="module-level modelling test; the kernels it calls are "
