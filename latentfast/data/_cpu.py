@@ -1,4 +1,4 @@
-"""Data made on the CPU whatever torch.set_default_device says."""
+"""Data and seeded draws made on the CPU whatever torch.set_default_device says."""
 from __future__ import annotations
 
 import functools
@@ -27,3 +27,12 @@ def made_on_cpu(fn: F) -> F:
         with torch.device("cpu"):
             return fn(*args, **kwargs)
     return wrapper  # type: ignore[return-value]
+
+
+def draw_device(generator: torch.Generator | None) -> torch.device:
+    """Where a draw with `generator` is made: on its device, or for the global generator
+    (None) on the CPU, as with the default device left alone; the draws are moved to the
+    tensors they go with afterwards. Never the default device: a CPU generator's draw there
+    is refused on CUDA ("Expected a 'cuda' device type for generator"), as is
+    torch.multinomial of CUDA probabilities with it."""
+    return generator.device if generator is not None else torch.device("cpu")

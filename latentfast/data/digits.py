@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from latentfast.data._cpu import made_on_cpu
+from latentfast.data._cpu import draw_device, made_on_cpu
 
 DIGITS_BINS = 17  # pixel values are integers 0..16
 
@@ -25,7 +25,5 @@ def dequantize(x: Tensor, n_bins: int = DIGITS_BINS, generator: torch.Generator 
     """Uniform dequantisation of integer pixels to [-0.5, 0.5): (x + u) / n_bins - 0.5."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    # drawn on the CPU (or the generator's device), as before, whatever the default device
-    u = torch.rand(x.shape, dtype=x.dtype, generator=generator,
-                   device=generator.device if generator is not None else "cpu").to(x.device)
+    u = torch.rand(x.shape, dtype=x.dtype, generator=generator, device=draw_device(generator)).to(x.device)
     return (x + u) / n_bins - 0.5

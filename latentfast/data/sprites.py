@@ -40,7 +40,8 @@ class Sprites:
 
     def sample_factors(self, n: int, generator: torch.Generator) -> Tensor:
         """n factor vectors drawn uniformly [n, 5]."""
-        return torch.stack([torch.randint(s, (n,), generator=generator, device=generator.device) for s in self.factor_sizes], 1)
+        return torch.stack([torch.randint(s, (n,), generator=generator, device=generator.device)
+                            for s in self.factor_sizes], 1)
 
     def observations(self, factors: Tensor) -> Tensor:
         """The images [n, S*S] of the given factor vectors."""

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from latentfast.data._cpu import draw_device
 from latentfast.ops import geometry as ops
 from latentfast.ops._checks import can_read_back, check_finite, check_tensor
 from latentfast.reference import geometry as ref
@@ -942,8 +943,7 @@ def random_walk(decoder, z0: Tensor, n_steps: int, step_size: float = 0.01,
         for _ in range(n_steps):
             m = metric(decoder, z) + 1e-9 * eye
             chol = torch.linalg.cholesky(m)
-            eps = torch.randn(z.shape, dtype=z.dtype, generator=generator,
-                              device=generator.device if generator is not None else "cpu").to(z.device)
+            eps = torch.randn(z.shape, dtype=z.dtype, generator=generator, device=draw_device(generator)).to(z.device)
             # x = L^-T eps has covariance (L L^T)^-1 = M^-1
             step = torch.linalg.solve_triangular(chol.transpose(1, 2), eps[..., None], upper=True)[..., 0]
             z = z + step_size ** 0.5 * step

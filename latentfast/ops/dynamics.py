@@ -20,6 +20,7 @@ from torch import Tensor
 
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
 from latentfast import backend
+from latentfast.data._cpu import draw_device
 from latentfast.ops._amp import float32_under_autocast
 from latentfast.ops._autograd import reject_tangents, route_transforms, under_transform
 from latentfast.ops._checks import check_finite, check_tensor
@@ -87,9 +88,8 @@ def _check_run(k: int, n: int, n_steps: int, qr_every: int, transient: int, dt: 
 
 def _frame(q0: Tensor | None, b: int, n: int, k: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
     if q0 is None:
-        # drawn on the CPU (or the generator's device) whatever the default device, then moved
-        draw_on = generator.device if generator is not None else "cpu"
-        return torch.randn(b, n, k, dtype=like.dtype, generator=generator, device=draw_on).to(like.device)
+        q0 = torch.randn(b, n, k, dtype=like.dtype, generator=generator, device=draw_device(generator))
+        return q0.to(like.device)
     check_tensor("q0", q0, 3, like=like)
     if tuple(q0.shape) != (b, n, k):
         raise ValueError(f"q0 must be [{b}, {n}, {k}], got {tuple(q0.shape)}")

@@ -31,6 +31,8 @@ def lyapunov_spectrum(step: Callable[[Tensor], tuple[Tensor, Tensor]], h0: Tenso
     for _ in range(transient):
         h, _ = step(h)
     if q0 is None:
+        # on the generator's device, or the CPU (latentfast.data._cpu.draw_device; this package
+        # imports nothing else of latentfast)
         q0 = torch.randn(b, n, k, dtype=h0.dtype, generator=generator,
                          device=generator.device if generator is not None else "cpu").to(h0.device)
     q = torch.linalg.qr(q0)[0]

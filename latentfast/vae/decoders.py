@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentfast.data._cpu import draw_device
 from latentfast.reference.geometry import ACTIVATIONS, activation
 
 
@@ -135,9 +136,7 @@ def kmeans(x: Tensor, k: int, n_iter: int = 50, generator: torch.Generator | Non
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    # the draws on the generator's device (the CPU without one, as before), whatever x's device or
-    # the default device: a CPU generator with CUDA probabilities raises in torch.multinomial
-    draw_on = generator.device if generator is not None else torch.device("cpu")
+    draw_on = draw_device(generator)  # (not x's device: multinomial of CUDA probabilities with a CPU generator raises)
     idx = [int(torch.randint(n, (1,), generator=generator, device=draw_on))]
     d2 = ((x - x[idx[0]]) ** 2).sum(1)
     for _ in range(1, k):

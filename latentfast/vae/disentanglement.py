@@ -90,7 +90,8 @@ def factor_vae_score(encode: Encoder, data, n_train: int = 500, n_test: int = 30
     for n in (n_train, n_test):
         k = torch.randint(n_f, (n,), generator=gen, device=gen.device)
         f = data.sample_factors(n * batch_size, gen).view(n, batch_size, n_f)
-        fixed = torch.stack([torch.randint(data.factor_sizes[int(kk)], (1,), generator=gen, device=gen.device)[0] for kk in k])
+        fixed = torch.stack([torch.randint(data.factor_sizes[int(kk)], (1,), generator=gen, device=gen.device)[0]
+                             for kk in k])
         f[torch.arange(n, device=f.device), :, k] = fixed[:, None]
         z = _encode(encode, data, f.reshape(-1, n_f)).view(n, batch_size, -1)
         var = (z.var(1) / std.clamp_min(1e-12) ** 2)[:, active]
