@@ -389,6 +389,11 @@ def test_actnorm_initialises_from_every_process_under_ddp_on_cuda(triton_cuda, t
     glow_t.test_actnorm_initialises_from_every_process_under_ddp(tmp_path, device="cuda")
 
 
+def test_glow_under_torch_func_transforms_on_cuda(triton_cuda):
+    """A stacked ensemble under vmap, per-sample gradients, and the uninitialised error."""
+    glow_t.test_glow_under_torch_func_transforms(triton_cuda, device="cuda")
+
+
 def test_actnorm_in_data_parallel_replicas_on_cuda(triton_cuda):
     """The CPU emulation of DataParallel's replicas on the GPU; with two GPUs, nn.DataParallel
     itself: an uninitialised Glow raises, an initialised one gives its own log-likelihoods."""

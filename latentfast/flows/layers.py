@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentfast.ops import flows as ops
+from latentfast.ops._autograd import functorch_active
 from latentfast.ops._checks import check_finite, check_tensor, passed_before, remember_passed
 from latentfast.reference.flows import fold_actnorm_into_conv
 
@@ -38,6 +39,19 @@ def _disable_compile(fn, reason: str):
     if "reason" in inspect.signature(torch.compiler.disable).parameters:
         return torch.compiler.disable(fn, reason=reason)
     return torch.compiler.disable(fn)
+
+
+def _functorch_flag(t: Tensor) -> bool | None:
+    """Whether every entry of a bool tensor seen inside torch.func transforms is set: under
+    vmap of stacked modules (torch.func.stack_module_state) the flag is a batched tensor, one
+    entry per model, that bool() cannot read; its entries are read through the transforms'
+    wrappers. None where this torch has no way to unwrap them."""
+    f = getattr(torch._C, "_functorch", None)
+    if f is None or not hasattr(f, "is_functorch_wrapped_tensor") or not hasattr(f, "get_unwrapped"):
+        return None
+    while f.is_functorch_wrapped_tensor(t):
+        t = f.get_unwrapped(t)
+    return bool(t.all())
 
 
 def _exporting() -> bool:
@@ -133,7 +147,23 @@ class ActNorm(nn.Module):
         self._maybe_initialize(x)
 
     def _maybe_initialize(self, x: Tensor) -> None:  # maybe_initialize's eager path
-        if x.device.type == "meta" or passed_before("actnorm initialized", self.initialized):
+        if x.device.type == "meta":
+            return
+        if functorch_active():
+            # vmap, grad, jacrev, ... : the flag may be batched (stacked models), and the
+            # initialisation's writes cannot run (a transform refuses to mutate a captured
+            # parameter, and a batched mean does not fit one model's parameter)
+            flag = _functorch_flag(self.initialized)
+            if flag is None:
+                flag = self._seen_initialized
+            if not flag:
+                raise RuntimeError(
+                    "ActNorm has not been initialised, and its data-dependent initialisation cannot run inside "
+                    "torch.func transforms (vmap, grad, jacrev, jacfwd, ...): call the model once on a batch "
+                    "first (every model before torch.func.stack_module_state), or load the state dict of an "
+                    "initialised one")
+            return
+        if passed_before("actnorm initialized", self.initialized):
             return
         if x.shape[0] == 0 and not self._syncs():  # (synchronised, an empty batch still takes part)
             return

@@ -3,6 +3,7 @@ bad input, and training on the digits."""
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -259,6 +260,57 @@ def test_actnorm_in_a_data_parallel_replica_needs_an_initialised_model(device="c
     assert torch.equal(got, want)
     got.sum().backward()
     assert all(p.grad is not None for p in glow.parameters())
+
+
+class _LogProb(torch.nn.Module):
+    """model.log_prob as a forward, for torch.func.functional_call."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.log_prob(x)
+
+
+def test_glow_under_torch_func_transforms(backend, device="cpu"):
+    """Initialised Glows under torch.func: an ensemble stacked with stack_module_state and run
+    by vmap (ActNorm's `initialized` flag is then batched: bool() of it raised vmap's
+    data-dependent control flow error) gives each model's log_prob, and per-sample gradients
+    by vmap(grad) equal autograd's one sample at a time. An uninitialised ActNorm cannot
+    initialise inside a transform: a RuntimeError that says so (torch's error about mutating
+    a captured tensor before), the model left as it was."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+    x = (torch.rand(3, 1, 8, 8, dtype=torch.float64) - 0.5).to(device)
+    models = []
+    for seed in range(3):
+        glow = _glow(torch.float64, seed=seed).to(device)
+        glow.log_prob((torch.rand(4, 1, 8, 8, dtype=torch.float64) - 0.5).to(device))
+        _perturb(glow, seed)
+        models.append(_LogProb(glow))
+    params, buffers = stack_module_state(models)
+    template = copy.deepcopy(models[0]).to("meta")
+    got = vmap(lambda p, b: functional_call(template, (p, b), (x,)))(params, buffers)
+    assert_close(got, torch.stack([m(x) for m in models]).detach())
+
+    model = models[1]
+    named = {k: v.detach() for k, v in model.named_parameters()}
+    bufs = dict(model.named_buffers())
+    per_sample = vmap(grad(lambda p, xi: functional_call(model, (p, bufs), (xi[None],)).sum()),
+                      in_dims=(None, 0))(named, x)
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        model(x[i:i + 1]).sum().backward()
+        for k, p in model.named_parameters():
+            assert_close(per_sample[k][i], p.grad, msg=k)
+
+    fresh = _LogProb(_glow(torch.float64, seed=5).to(device))
+    stacked = stack_module_state(models[:2] + [fresh])
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        vmap(lambda p, b: functional_call(template, (p, b), (x,)))(*stacked)
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        grad(lambda xi: fresh(xi).sum())(x)
+    assert not any(bool(m.initialized) for m in fresh.modules() if isinstance(m, ActNorm))
 
 
 def test_bad_inputs_raise():
