@@ -394,6 +394,11 @@ def test_glow_under_torch_func_transforms_on_cuda(triton_cuda):
     glow_t.test_glow_under_torch_func_transforms(triton_cuda, device="cuda")
 
 
+def test_flow_called_as_a_module_on_cuda(triton_cuda):
+    """A stacked ensemble of conditional Flows under vmap and per-sample gradients."""
+    vec_t.test_flow_called_as_a_module_is_log_prob(triton_cuda, device="cuda")
+
+
 def test_actnorm_in_data_parallel_replicas_on_cuda(triton_cuda):
     """The CPU emulation of DataParallel's replicas on the GPU; with two GPUs, nn.DataParallel
     itself: an uninitialised Glow raises, an initialised one gives its own log-likelihoods."""

@@ -324,6 +324,9 @@ class Flow(nn.Module):
     Args: dim: d; transforms: list of the modules above (applied in order when sampling);
     base: a torch Distribution over [d] (default: standard normal on the flow's device).
 
+    Calling the flow, ``flow(x, context)``, is ``log_prob``: what module wrappers run
+    (DistributedDataParallel, torch.func.functional_call, hooks).
+
     Example:
         >>> flow = Flow(8, [MAF(8, 64, n_steps=4), LULinear(8)])
         >>> loss = -flow.log_prob(x).mean()
@@ -377,6 +380,12 @@ class Flow(nn.Module):
             x, ld = t.inverse(x, context)
             total = total + ld
         return (self._base_log_prob(x) - total).reshape(lead)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """log_prob(x, context): the flow as a module computes its log-density, so that
+        DistributedDataParallel (which synchronises gradients only of what runs through its own
+        call), torch.func.functional_call and forward hooks see the training objective."""
+        return self.log_prob(x, context)
 
     def rsample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """n reparameterised samples [n, d] and their log-density [n]. Differentiable through

@@ -3,6 +3,7 @@ IAF / MAF / coupling / permutation / LU modules (invertibility, log-det against 
 Jacobians, the Flow distribution)."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 import subprocess
@@ -683,6 +684,38 @@ def test_flow_log_prob_takes_any_batch_shape_as_a_distribution_does():
         assert cflow.log_prob(got, ctx).shape == shape
     with pytest.raises(ValueError, match="context must be"):
         cflow.sample((2, 5), context=c[:1])
+
+
+def test_flow_called_as_a_module_is_log_prob(backend, device="cpu"):
+    """flow(x, context) is log_prob, as module wrappers need (Flow had no forward: calling it,
+    DistributedDataParallel and torch.func.functional_call raised NotImplementedError). An
+    ensemble of conditional flows stacked with torch.func.stack_module_state and run by vmap
+    gives each flow's log_prob, and per-sample gradients by vmap(grad) equal autograd's."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+    flows = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        flow = vf.Flow(4, [vf.IAF(4, 8, n_steps=2, context_dim=3), vf.LULinear(4), vf.Permutation(4),
+                           vf.VectorAffineCoupling(4, 8, context_dim=3)]).double().to(device)
+        _perturb(flow, seed)
+        flows.append(flow)
+    x = torch.randn(5, 4, dtype=torch.float64, device=device)
+    c = torch.randn(5, 3, dtype=torch.float64, device=device)
+    assert_close(flows[0](x, c), flows[0].log_prob(x, c))
+    params, buffers = stack_module_state(flows)
+    template = copy.deepcopy(flows[0]).to("meta")
+    got = vmap(lambda p, b: functional_call(template, (p, b), (x, c)))(params, buffers)
+    assert_close(got, torch.stack([f.log_prob(x, c) for f in flows]).detach())
+    flow = flows[1]
+    named = {k: v.detach() for k, v in flow.named_parameters()}
+    bufs = dict(flow.named_buffers())
+    per_sample = vmap(grad(lambda p, xi, ci: functional_call(flow, (p, bufs), (xi[None], ci[None])).sum()),
+                      in_dims=(None, 0, 0))(named, x, c)
+    for i in range(x.shape[0]):
+        flow.zero_grad()
+        flow.log_prob(x[i:i + 1], c[i:i + 1]).sum().backward()
+        for k, p in flow.named_parameters():
+            assert_close(per_sample[k][i], p.grad, msg=k)
 
 
 @pytest.mark.skipif(interpreting(), reason="module-level modelling test; the kernels it calls are "
