@@ -4,15 +4,20 @@ Every function takes a `decoder`:
 - a latentfast.vae.GaussianMLPDecoder, an MLPParams, or an nn.Sequential of nn.Linear and
   Tanh/Softplus/ELU/Sigmoid/Identity layers: the fused latentfast ops run (reference, C++
   or Triton backend);
-- any other callable f(z [N, d]) -> [N, D]: the generic path (torch.func Jacobians and
-  autograd), correct for any differentiable decoder, only slower.
+- any other callable f(z [N, d]) -> [N, D] (curves' points reach it as rows [N, d]): the
+  generic path (torch.func Jacobians and autograd), correct for any differentiable decoder,
+  only slower.
 The decoder is held fixed: results are differentiable with respect to the latent points and
 curves, never the decoder's parameters (detached on both paths: an nn.Module decoder, or a
 method of one, runs with its parameters detached; a plain function's own tensors are used
 as they are). For a loss on the decoder's parameters (a metric regulariser, say), call the
 ops with live parameters: latentfast.ops.geometry.pullback_metric(z, *decoder.mlp_params().args()).
 The metric is the pull-back M(z) = J_g(z)^T J_g(z) of the feature map g (cat(mu, sigma) for
-a decoder with an RBF variance network, else its mean).
+a decoder with an RBF variance network, else its mean). An nn.Module decoder (or a method of
+one) runs in eval mode inside these functions, whatever mode it is in (dropout off, batch norm
+from its running statistics, which are left as they are), its modules' own modes restored
+after: the geometry is that of the decoder's deterministic map. An nn.Sequential's dropout
+layers are the identity there, so such a decoder takes the fused path.
 """
 from __future__ import annotations
 
@@ -53,6 +58,8 @@ def as_mlp(decoder) -> MLPParams | None:
                     acts.append(0)
                 weights.append(m.weight)
                 biases.append(m.bias if m.bias is not None else m.weight.new_zeros(m.out_features))
+            elif isinstance(m, nn.modules.dropout._DropoutNd):
+                continue  # the identity in eval mode, where the geometry runs the decoder
             elif type(m) in _ACT_MODULES and len(acts) < len(weights):
                 if isinstance(m, nn.Softplus) and m.beta != 1:
                     return None
@@ -85,6 +92,20 @@ class _FixedParams(nn.Module):
         return self.fn(z)
 
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module | None):
+    """module and its submodules in eval mode inside the block, the ones in training mode set
+    back after it (a decoder's geometry is that of its deterministic map)."""
+    training = [m for m in module.modules() if m.training] if isinstance(module, nn.Module) else []
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
 def _feature_fn(decoder) -> Callable[[Tensor], Tensor]:
     """g(z) for any decoder (used by the generic path and the exponential map)."""
     p = as_mlp(decoder)
@@ -105,12 +126,16 @@ def _feature_fn(decoder) -> Callable[[Tensor], Tensor]:
         run = decoder
 
     def features(z: Tensor) -> Tensor:
-        g = run(z)
-        if not isinstance(g, Tensor) or g.dim() != z.dim() or g.shape[:-1] != z.shape[:-1]:
+        # points of curves [B, T+1, d] go to the decoder as rows [B (T+1), d], the [N, d] it
+        # takes (a BatchNorm1d reads a 3-D input as [N, C, L])
+        flat = z.reshape(-1, z.shape[-1])
+        with _eval_mode(owner):
+            g = run(flat)
+        if not isinstance(g, Tensor) or g.dim() != 2 or g.shape[0] != flat.shape[0]:
             got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
-            raise ValueError(f"a decoder callable must map latent points [..., d] to features [..., D]; for "
-                             f"points {tuple(z.shape)} it returned {got}")
-        return g
+            raise ValueError(f"a decoder callable must map latent points [N, d] to features [N, D]; for "
+                             f"points {tuple(flat.shape)} it returned {got}")
+        return g.reshape(*z.shape[:-1], g.shape[-1])
     return features
 
 

@@ -503,9 +503,9 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="latent points of dimension 2"):
         geo.interpolate(dec, torch.zeros(2, 4, 3, dtype=F64), 5)
     for bad in (lambda q: q.sum(1), lambda q: q[..., None].expand(*q.shape, 3)):  # [N] or [N, d, 3], not [N, D]
-        with pytest.raises(ValueError, match=r"decoder callable must map latent points \[\.\.\., d\]"):
+        with pytest.raises(ValueError, match=r"decoder callable must map latent points \[N, d\]"):
             geo.metric(bad, z)
-        with pytest.raises(ValueError, match=r"decoder callable must map latent points \[\.\.\., d\]"):
+        with pytest.raises(ValueError, match=r"decoder callable must map latent points \[N, d\]"):
             geo.curve_length(bad, torch.zeros(2, 4, 2, dtype=F64))
 
 
@@ -908,6 +908,56 @@ def test_decoder_is_held_fixed_on_every_path():
     m = geo_ops.pullback_metric(torch.randn(4, 2, dtype=F64), *params.args())
     grads = torch.autograd.grad(m.sum(), params.weights)
     assert all(bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_decoder_runs_in_eval_mode(backend):
+    """A decoder in training mode: the geometry is that of its deterministic (eval-mode) map.
+    Before, dropout made the metric raise (vmap's randomness error) and the energies and
+    geodesics random; a BatchNorm1d raised on the curves ([B, T+1, d] read as [N, C, L]) and
+    would have used batch statistics. The modules' own modes are restored after (a layer
+    already in eval mode stays there) and the running statistics are left as they were. An
+    nn.Sequential's dropout layers are the identity there: such a decoder takes the fused path."""
+    import copy
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.norm, self.drop, self.b = nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3)
+
+        def forward(self, z):
+            return self.b(self.drop(torch.relu(self.norm(self.a(z)))))
+
+        def squashed(self, z):
+            return torch.tanh(self.forward(z))
+
+    torch.manual_seed(0)
+    net = Net().double()
+    with torch.no_grad():  # running statistics that are not the identity
+        net.norm.running_mean.uniform_(-0.5, 0.5)
+        net.norm.running_var.uniform_(0.5, 2.0)
+    seq = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double()
+    assert geo.as_mlp(seq) is not None
+    z = torch.randn(5, 2, dtype=F64)
+    z0, z1 = torch.randn(3, 2, dtype=F64), torch.randn(3, 2, dtype=F64)
+    curves = geo.straight_line(z0, z1, 6)
+    for dec in (seq, net, net.squashed):
+        module = dec if isinstance(dec, nn.Module) else dec.__self__
+        frozen = copy.deepcopy(module).eval()
+        plain = frozen if isinstance(dec, nn.Module) else frozen.squashed
+        want = {"metric": geo.metric(lambda q: plain(q), z),
+                "energy": geo.curve_energy(lambda q: plain(q), curves),
+                "length": geo.geodesic(z0, z1, lambda q: plain(q), n_segments=6).lengths}
+        module.train()
+        if module is net:
+            net.b.eval()
+        stats = [b.clone() for b in module.buffers()]
+        got = {"metric": geo.metric(dec, z), "energy": geo.curve_energy(dec, curves),
+               "length": geo.geodesic(z0, z1, dec, n_segments=6).lengths}
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-7, atol=1e-9, msg=f"{key} {dec}")
+        assert all(m.training for m in module.modules() if m is not getattr(module, "b", None))
+        assert module is not net or not net.b.training
+        assert all(torch.equal(a, b) for a, b in zip(stats, module.buffers()))
 
 
 @pytest.mark.parametrize("decoder", ["mlp", "generic"])
