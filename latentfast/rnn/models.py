@@ -1,7 +1,8 @@
 """GRU and LSTM sequence models for dynamical systems, on the fused sequence ops.
 
-- GRU, LSTM: drop-in single-layer torch.nn.GRU / torch.nn.LSTM (same parameter names, so
-  state_dicts load both ways) whose forward runs latentfast::gru_sequence / lstm_sequence.
+- GRU, LSTM: drop-in torch.nn.GRU / torch.nn.LSTM (same parameter names, so state_dicts
+  load both ways; stacked layers and both directions) whose forward runs
+  latentfast::gru_sequence / lstm_sequence, one call per layer and direction.
 - SequenceModel: GRU or LSTM + linear readout for next-step prediction (teacher forcing
   while training), closed-loop forecasting, and the Lyapunov spectrum of the learned
   closed-loop map s_{t+1} = Cell(readout(h_t), s_t) from its analytic Jacobian (the state
@@ -22,37 +23,58 @@ from latentfast.ops.dynamics import rnn_lyapunov_spectrum
 from latentfast.reference.dynamics import gru_step, lstm_step
 
 
-class _SingleLayerRNN(nn.Module):
-    """The parameters of a 1-layer torch.nn RNN (same names, shapes and initialisation), and
-    what its forward shares: torch.nn's constructor signature, unbatched inputs and
-    PackedSequence inputs."""
+def _reverse_time(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """x [T, B, F] with each sequence's first lengths[b] steps reversed (all T without
+    lengths); the padding after them stays in place. Its own inverse."""
+    if lengths is None:
+        return x.flip(0)
+    t = torch.arange(x.shape[0], device=x.device)[:, None]
+    n = lengths.to(x.device)[None, :]
+    idx = torch.where(t < n, n - 1 - t, t)
+    return x.gather(0, idx[:, :, None].expand_as(x))
+
+
+class _RNNBase(nn.Module):
+    """The parameters of a torch.nn RNN with biases (same names, shapes and initialisation)
+    and what its forward shares: torch.nn's constructor signature, stacked layers (dropout
+    between them while training), both directions, unbatched inputs and PackedSequence
+    inputs. Each layer and direction runs as one fused sequence op."""
 
     def __init__(self, name: str, n_gates: int, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        unsupported = [f"{k}={v!r}" for k, v, ok in (("num_layers", num_layers, num_layers == 1),
-                                                     ("bias", bias, bias is True),
-                                                     ("bidirectional", bidirectional, not bidirectional))
-                       if not ok]
-        if unsupported:
-            raise ValueError(f"latentfast {name} is a single-layer, unidirectional {name} with biases "
-                             f"(torch.nn.{name} for the rest); got {', '.join(unsupported)}")
-        if not 0 <= dropout <= 1:
+        if bias is not True:
+            raise ValueError(f"latentfast {name} has biases (bias=True); got bias={bias!r} "
+                             f"(torch.nn.{name} for an RNN without them)")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
             raise ValueError(f"dropout should be a number in [0, 1], got {dropout!r}")
-        if dropout > 0:  # as torch.nn does: dropout acts between layers, and there is one
+        if dropout > 0 and num_layers == 1:  # as torch.nn warns
             warnings.warn(f"dropout={dropout} and num_layers=1: dropout applies between recurrent layers only, "
                           "so it does nothing here (as in torch.nn)", UserWarning, stacklevel=3)
         self.mode = name
         self.input_size, self.hidden_size, self.batch_first = input_size, hidden_size, batch_first
-        self.num_layers, self.bias, self.dropout, self.bidirectional = 1, True, float(dropout), False
+        self.num_layers, self.bias, self.dropout, self.bidirectional = num_layers, True, float(dropout), bool(bidirectional)
         self.proj_size = 0
         f = {"device": device, "dtype": dtype}
-        self.weight_ih_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, input_size, **f))
-        self.weight_hh_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, hidden_size, **f))
-        self.bias_ih_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, **f))
-        self.bias_hh_l0 = nn.Parameter(torch.empty(n_gates * hidden_size, **f))
+        dirs = 2 if self.bidirectional else 1
+        self._layer_names: list[tuple[str, str, str, str]] = []  # per layer and direction, torch.nn's order
+        for layer in range(num_layers):
+            width = input_size if layer == 0 else hidden_size * dirs
+            for suffix in ("", "_reverse")[:dirs]:
+                names = tuple(f"{k}_l{layer}{suffix}" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                shapes = ((n_gates * hidden_size, width), (n_gates * hidden_size, hidden_size),
+                          (n_gates * hidden_size,), (n_gates * hidden_size,))
+                for key, shape in zip(names, shapes):
+                    setattr(self, key, nn.Parameter(torch.empty(shape, **f)))
+                self._layer_names.append(names)
         self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation: every weight and bias uniform in +-1/sqrt(hidden_size)."""
@@ -62,71 +84,118 @@ class _SingleLayerRNN(nn.Module):
 
     def flatten_parameters(self) -> None:
         """Does nothing: torch.nn compacts its weights into one buffer for cuDNN; the fused
-        kernels here take the four parameters as they are. (Kept so that code written for
+        kernels take each layer's four parameters as they are. (Kept so that code written for
         torch.nn, which calls it, runs unchanged.)"""
 
     @property
     def all_weights(self) -> list[list[Tensor]]:
-        """[[weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0]], as torch.nn gives it."""
-        return [list(self.params())]
+        """[[weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0], ...] per layer and direction,
+        as torch.nn gives it."""
+        return [[getattr(self, n) for n in names] for names in self._layer_names]
 
-    def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
+    def params(self, layer: int = 0, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer and direction (the first
+        layer's forward direction by default: the cell a one-layer model steps)."""
+        if not 0 <= layer < self.num_layers or (reverse and not self.bidirectional):
+            raise ValueError(f"no layer {layer}{' reverse' if reverse else ''} in a {self.num_layers}-layer "
+                             f"{'bidirectional ' if self.bidirectional else ''}{self.mode}")
+        return tuple(getattr(self, n) for n in self._layer_names[layer * self.num_directions + int(reverse)])
 
     def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}" + (", batch_first=True" if self.batch_first else "")
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        return s
 
-    @staticmethod
-    def _check_states(states: tuple, unbatched: bool) -> None:
-        want = "[1, H]" if unbatched else "[1, B, H]"
+    def _check_states(self, states: tuple, unbatched: bool) -> None:
+        n = self.num_layers * self.num_directions
+        want = f"[{n}, H]" if unbatched else f"[{n}, B, H]"
         for st in states:
             if st is None:
                 continue
             if not isinstance(st, Tensor):
                 raise TypeError(f"initial states must be tensors, got {type(st).__name__}")
-            if st.dim() != (2 if unbatched else 3) or st.shape[0] != 1:
-                raise ValueError(f"initial states must be {want}{' for an unbatched input' if unbatched else ''}, "
-                                 f"got shape {tuple(st.shape)}")
+            if st.dim() != (2 if unbatched else 3) or st.shape[0] != n:
+                raise ValueError(f"initial states must be {want} (num_layers * num_directions = {n} first)"
+                                 f"{' for an unbatched input' if unbatched else ''}, got shape {tuple(st.shape)}")
 
-    def _run(self, x, states: tuple, seq_fn):
-        """torch.nn's input forms around seq_fn(x [batched, self.batch_first layout], states
-        [B, H] or None) -> (out, final states [B, H]): returns (out, final states [1, B, H],
-        or [1, H] for an unbatched x; out a PackedSequence for a packed x)."""
+    def _layer(self, x: Tensor, states: tuple, params: tuple) -> tuple[Tensor, tuple, tuple]:
+        """One layer and direction over x [T, B, F] from states [B, H] (or None): its output
+        [T, B, H], final states [B, H] and the states of every step [T, B, H]."""
+        raise NotImplementedError
+
+    def _stack(self, x: Tensor, states: tuple, lengths: Tensor | None) -> tuple[Tensor, tuple]:
+        """Every layer and direction over x [T, B, I] (time first) from states [L D, B, H] (or
+        None): the last layer's output [T, B, D H] and the final states [L D, B, H], each
+        sequence's at its own length where lengths are given (a padded batch)."""
+        dirs, finals = self.num_directions, [[] for _ in states]
+        last = None if lengths is None else (lengths - 1).to(x.device)
+        for layer in range(self.num_layers):
+            if layer and self.dropout and self.training:
+                x = nn.functional.dropout(x, self.dropout, training=True)
+            outs = []
+            for d in range(dirs):
+                i = layer * dirs + d
+                st = tuple(None if s is None else s[i] for s in states)
+                inp = _reverse_time(x, lengths) if d else x
+                out, fin, every = self._layer(inp, st, self.params(layer, bool(d)))
+                if last is not None and out.shape[0]:
+                    fin = tuple(e[last, torch.arange(e.shape[1], device=x.device)] for e in every)
+                for acc, f in zip(finals, fin):
+                    acc.append(f)
+                outs.append(_reverse_time(out, lengths) if d else out)
+            x = outs[0] if dirs == 1 else torch.cat(outs, 2)
+        return x, tuple(torch.stack(f) for f in finals)
+
+    def _run(self, x, states: tuple):
+        """torch.nn's input forms around _stack: returns (out, final states [L D, B, H], or
+        [L D, H] for an unbatched x; out a PackedSequence for a packed x)."""
         if isinstance(x, nn.utils.rnn.PackedSequence):
             self._check_states(states, unbatched=False)
-            return self._run_packed(x, states, seq_fn)
-        if isinstance(x, Tensor) and x.dim() == 2:  # unbatched [T, I]: a batch of one, states [1, H]
-            self._check_states(states, unbatched=True)
-            out, finals = seq_fn(x.unsqueeze(0 if self.batch_first else 1), states)
-            return out.squeeze(0 if self.batch_first else 1), finals
-        self._check_states(states, unbatched=False)
-        out, finals = seq_fn(x, tuple(None if st is None else st[0] for st in states))
-        return out, tuple(f[None] for f in finals)
+            return self._run_packed(x, states)
+        unbatched = isinstance(x, Tensor) and x.dim() == 2
+        self._check_states(states, unbatched=unbatched)
+        if unbatched:  # [T, I]: a batch of one, states [L D, H]
+            out, finals = self._stack(x.unsqueeze(1), tuple(None if s is None else s.unsqueeze(1) for s in states),
+                                      None)
+            return out.squeeze(1), tuple(f.squeeze(1) for f in finals)
+        if isinstance(x, Tensor) and x.dim() != 3:
+            raise ValueError(f"x must be [T, B, {self.input_size}] ([B, T, {self.input_size}] with batch_first), "
+                             f"[T, {self.input_size}] unbatched, or a PackedSequence; got shape {tuple(x.shape)}")
+        xt = x.transpose(0, 1) if self.batch_first and isinstance(x, Tensor) else x
+        out, finals = self._stack(xt, states, None)
+        return (out.transpose(0, 1) if self.batch_first else out), finals
 
-    def _run_packed(self, x, states: tuple, seq_fn):
+    def _run_packed(self, x, states: tuple):
         # the padded batch through the whole sequence (a recurrence is causal, so the padding
-        # steps change no valid output); the final states taken at each sequence's own length.
+        # steps after a sequence change none of its outputs; the reverse direction reverses each
+        # sequence within its own length); the final states taken at each sequence's own length.
         # Padded rows, initial and final states are in the batch's original order, as in torch.nn.
-        padded, lengths = nn.utils.rnn.pad_packed_sequence(x, batch_first=self.batch_first)
-        out, _, all_states = seq_fn(padded, tuple(None if st is None else st[0] for st in states), True)
-        last = (lengths - 1).to(padded.device)
-        idx = torch.arange(len(lengths), device=padded.device)
-        finals = tuple(s_all[last, idx] for s_all in all_states)  # all_states: [T, B, H] each
+        padded, lengths = nn.utils.rnn.pad_packed_sequence(x, batch_first=False)
+        out, finals = self._stack(padded, states, lengths)
         sorted_idx = x.sorted_indices
-        out_sorted = out if sorted_idx is None else out.index_select(0 if self.batch_first else 1, sorted_idx)
+        out_sorted = out if sorted_idx is None else out.index_select(1, sorted_idx)
         lengths_sorted = lengths if sorted_idx is None else lengths[sorted_idx.cpu()]
-        data = nn.utils.rnn.pack_padded_sequence(out_sorted, lengths_sorted, batch_first=self.batch_first).data
+        data = nn.utils.rnn.pack_padded_sequence(out_sorted, lengths_sorted).data
         packed = nn.utils.rnn.PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
-        return packed, tuple(f[None] for f in finals)
+        return packed, finals
 
 
-class GRU(_SingleLayerRNN):
-    """Single-layer GRU with torch.nn.GRU's parameters, constructor and call signature.
+class GRU(_RNNBase):
+    """GRU with torch.nn.GRU's parameters, constructor and call signature, each layer and
+    direction one fused gru_sequence call.
 
     forward(x [T, B, I] ([B, T, I] with batch_first), [T, I] unbatched, or a PackedSequence;
-    h0 [1, B, H] ([1, H] unbatched) or None) -> (out, h_n [1, B, H]). num_layers must be 1,
-    bias True and bidirectional False (a ValueError otherwise). A packed batch runs padded to
-    its longest sequence; h_n is each sequence's state at its own length.
+    h0 [L D, B, H] ([L D, H] unbatched; L = num_layers, D = 2 if bidirectional else 1) or None)
+    -> (out [T, B, D H], h_n [L D, B, H]). bias must be True (a ValueError otherwise). A
+    packed batch runs padded to its longest sequence; h_n is each sequence's state at its own
+    length.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -135,25 +204,24 @@ class GRU(_SingleLayerRNN):
         super().__init__("GRU", 3, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device, dtype)
 
+    def _layer(self, x, states, params):
+        out, h_n = gru_sequence(x, states[0], *params)
+        return out, (h_n,), (out,)
+
     def forward(self, x, h0: Tensor | None = None):
         """As torch.nn.GRU.forward: x [T, B, I] ([B, T, I] with batch_first, [T, I] unbatched, or a
-        PackedSequence), h0 [1, B, H] or None -> (output, h_n [1, B, H])."""
-        def seq(xx, states, all_states=False):
-            out, h_n = gru_sequence(xx, states[0], *self.params(), batch_first=self.batch_first)
-            if all_states:
-                return out, (h_n,), (out.transpose(0, 1) if self.batch_first else out,)
-            return out, (h_n,)
-
-        out, (h_n,) = self._run(x, (h0,), seq)
+        PackedSequence), h0 [L D, B, H] or None -> (output, h_n [L D, B, H])."""
+        out, (h_n,) = self._run(x, (h0,))
         return out, h_n
 
 
-class LSTM(_SingleLayerRNN):
-    """Single-layer LSTM with torch.nn.LSTM's parameters, constructor and call signature.
+class LSTM(_RNNBase):
+    """LSTM with torch.nn.LSTM's parameters, constructor and call signature, each layer and
+    direction one fused lstm_sequence call.
 
     forward(x [T, B, I] ([B, T, I] with batch_first), [T, I] unbatched, or a PackedSequence;
-    hx = (h0, c0) each [1, B, H] ([1, H] unbatched), or None) -> (out, (h_n, c_n) each
-    [1, B, H]). num_layers must be 1, bias True, bidirectional False and proj_size 0.
+    hx = (h0, c0) each [L D, B, H] ([L D, H] unbatched), or None) -> (out [T, B, D H],
+    (h_n, c_n) each [L D, B, H]). bias must be True and proj_size 0.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -164,23 +232,19 @@ class LSTM(_SingleLayerRNN):
         super().__init__("LSTM", 4, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device, dtype)
 
+    def _layer(self, x, states, params):
+        pair = None if states[0] is None else states
+        out, (h_n, c_n), cells = lstm_sequence(x, pair, *params, return_cells=True)
+        return out, (h_n, c_n), (out, cells)
+
     def forward(self, x, hx: tuple[Tensor, Tensor] | None = None):
-        """As torch.nn.LSTM.forward: x as for GRU, hx = (h0, c0), each [1, B, H], or None ->
+        """As torch.nn.LSTM.forward: x as for GRU, hx = (h0, c0), each [L D, B, H], or None ->
         (output, (h_n, c_n))."""
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-            raise ValueError("hx must be (h0, c0), each [1, B, H], or None")
-
-        def seq(xx, states, all_states=False):
-            if (states[0] is None) != (states[1] is None):
-                raise ValueError("hx must give both h0 and c0")
-            pair = None if states[0] is None else states
-            out, (h_n, c_n), cells = lstm_sequence(xx, pair, *self.params(), batch_first=self.batch_first,
-                                                   return_cells=True)
-            if all_states:
-                return out, (h_n, c_n), (out.transpose(0, 1) if self.batch_first else out, cells)
-            return out, (h_n, c_n)
-
-        out, (h_n, c_n) = self._run(x, (None, None) if hx is None else tuple(hx), seq)
+            raise ValueError("hx must be (h0, c0), each [num_layers * num_directions, B, H], or None")
+        if hx is not None and (hx[0] is None) != (hx[1] is None):
+            raise ValueError("hx must give both h0 and c0")
+        out, (h_n, c_n) = self._run(x, (None, None) if hx is None else tuple(hx))
         return out, (h_n, c_n)
 
 

@@ -142,8 +142,8 @@ def test_model_spectrum_equals_benettin_on_its_closed_loop_jacobian(backend, cel
     torch.testing.assert_close(got, want)
 
 
-def _states(cls, b, h, unbatched=False, dev="cpu"):
-    shape = (1, h) if unbatched else (1, b, h)
+def _states(cls, b, h, unbatched=False, dev="cpu", n=1):
+    shape = (n, h) if unbatched else (n, b, h)
     if cls is GRU:
         return torch.randn(*shape, dtype=torch.float64).to(dev)
     return torch.randn(*shape, dtype=torch.float64).to(dev), torch.randn(*shape, dtype=torch.float64).to(dev)
@@ -206,9 +206,11 @@ def test_unbatched_input_and_nn_constructor(backend, cls):
             torch.testing.assert_close(a, b)
     # torch.nn's positional order: (input_size, hidden_size, num_layers, bias, batch_first, ...)
     assert cls(3, 5, 1, True, True).batch_first
-    for bad in (dict(num_layers=2), dict(bidirectional=True), dict(bias=False)):
-        with pytest.raises(ValueError, match="single-layer"):
-            cls(3, 5, **bad)
+    with pytest.raises(ValueError, match="bias=True"):
+        cls(3, 5, bias=False)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="num_layers"):
+            cls(3, 5, num_layers=bad)
     with pytest.warns(UserWarning, match="dropout"):
         m = cls(3, 5, dropout=0.2)
     assert m.dropout == 0.2
@@ -217,6 +219,58 @@ def test_unbatched_input_and_nn_constructor(backend, cls):
     if cls is LSTM:
         with pytest.raises(ValueError, match="proj_size"):
             LSTM(3, 5, proj_size=2)
+
+
+@pytest.mark.parametrize("cls", [GRU, LSTM])
+@pytest.mark.parametrize("num_layers,bidirectional", [(2, False), (2, True)])
+def test_stacked_and_bidirectional_match_nn(backend, cls, num_layers, bidirectional):
+    """Stacked layers and both directions (they raised a ValueError before) against torch.nn in
+    float64: batched (both layouts, with and without initial states), unbatched and packed
+    inputs (the reverse direction reversing each sequence within its own length), final states,
+    and the gradients of every parameter and initial state. Dropout between layers acts only
+    in training, as torch.nn's: with p = 1 the layers above the first see zeros there, and
+    outside training the outputs are torch.nn's."""
+    torch.manual_seed(7)
+    name, dev = cls.__name__, device_for(backend)
+    n_states = num_layers * (2 if bidirectional else 1)
+    kw = dict(num_layers=num_layers, bidirectional=bidirectional)
+    for batch_first in (False, True):
+        ours = cls(3, 5, batch_first=batch_first, **kw).double().to(dev)
+        ref = getattr(nn, name)(3, 5, batch_first=batch_first, **kw).double().to(dev)
+        ref.load_state_dict(ours.state_dict())
+        assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+        x = torch.randn(4, 6, 3, dtype=torch.float64).to(dev)
+        x = x if batch_first else x.transpose(0, 1)
+        lengths = torch.tensor([4, 6, 1, 4])
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+        inputs = [(x, None), (x, _states(cls, 4, 5, dev=dev, n=n_states)), (packed, _states(cls, 4, 5, dev=dev, n=n_states)),
+                  (x[:, 0] if batch_first else x[0], _states(cls, 1, 5, unbatched=True, dev=dev, n=n_states))]
+        for inp, hx in inputs:
+            leaves = [t.requires_grad_() for t in _flat(hx)] if hx is not None else []
+            got, got_s = ours(inp, hx)
+            want, want_s = ref(inp, hx)
+            got_t, want_t = (got.data, want.data) if isinstance(want, nn.utils.rnn.PackedSequence) else (got, want)
+            torch.testing.assert_close(got_t, want_t)
+            for a, b in zip(_flat(got_s), _flat(want_s)):
+                assert a.shape == b.shape
+                torch.testing.assert_close(a, b)
+            g = torch.randn(want_t.shape, dtype=torch.float64).to(dev)
+            ga = torch.autograd.grad((got_t * g).sum() + sum(s.sum() for s in _flat(got_s)),
+                                     list(ours.parameters()) + leaves)
+            gb = torch.autograd.grad((want_t * g).sum() + sum(s.sum() for s in _flat(want_s)),
+                                     list(ref.parameters()) + leaves)
+            for a, b in zip(ga, gb):
+                torch.testing.assert_close(a, b)
+    if num_layers > 1:
+        ours = cls(3, 5, dropout=1.0, **kw).double().to(dev)
+        ref = getattr(nn, name)(3, 5, dropout=1.0, **kw).double()  # (on the CPU: torch.nn's own dropout)
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(6, 4, 3, dtype=torch.float64)
+        torch.testing.assert_close(ours(x.to(dev))[0].cpu(), ref(x)[0])  # training: zeros into the upper layers
+        ours.eval(), ref.eval()
+        torch.testing.assert_close(ours(x.to(dev))[0].cpu(), ref(x)[0])
+        x = x.to(dev)
+        assert not torch.allclose(ours(x)[0], ours.train()(x)[0])
 
 
 @pytest.mark.parametrize("cls", [GRU, LSTM])
