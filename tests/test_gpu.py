@@ -266,8 +266,8 @@ def test_rnn_modules_packed_and_unbatched_on_cuda(triton_cuda, cls):
             for with_states in (False, True):
                 rnn_models_t.test_packed_sequences_match_nn(triton_cuda, cls, batch_first, enforce_sorted, with_states)
     rnn_models_t.test_unbatched_input_and_nn_constructor(triton_cuda, cls)
-    for num_layers, bidirectional in ((2, False), (2, True)):
-        rnn_models_t.test_stacked_and_bidirectional_match_nn(triton_cuda, cls, num_layers, bidirectional)
+    for num_layers, bidirectional, bias in ((2, False, True), (2, True, False)):
+        rnn_models_t.test_stacked_and_bidirectional_match_nn(triton_cuda, cls, num_layers, bidirectional, bias)
 
 
 def test_public_ops_under_cuda_graph_capture(triton_cuda):

@@ -35,8 +35,8 @@ def _reverse_time(x: Tensor, lengths: Tensor | None) -> Tensor:
 
 
 class _RNNBase(nn.Module):
-    """The parameters of a torch.nn RNN with biases (same names, shapes and initialisation)
-    and what its forward shares: torch.nn's constructor signature, stacked layers (dropout
+    """The parameters of a torch.nn RNN (same names, shapes and initialisation) and what its
+    forward shares: torch.nn's constructor signature, stacked layers (dropout
     between them while training), both directions, unbatched inputs and PackedSequence
     inputs. Each layer and direction runs as one fused sequence op."""
 
@@ -44,9 +44,8 @@ class _RNNBase(nn.Module):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        if bias is not True:
-            raise ValueError(f"latentfast {name} has biases (bias=True); got bias={bias!r} "
-                             f"(torch.nn.{name} for an RNN without them)")
+        if not isinstance(bias, bool):
+            raise ValueError(f"bias must be True or False, got {bias!r}")
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
@@ -56,15 +55,16 @@ class _RNNBase(nn.Module):
                           "so it does nothing here (as in torch.nn)", UserWarning, stacklevel=3)
         self.mode = name
         self.input_size, self.hidden_size, self.batch_first = input_size, hidden_size, batch_first
-        self.num_layers, self.bias, self.dropout, self.bidirectional = num_layers, True, float(dropout), bool(bidirectional)
+        self.num_layers, self.bias, self.dropout, self.bidirectional = num_layers, bias, float(dropout), bool(bidirectional)
         self.proj_size = 0
         f = {"device": device, "dtype": dtype}
         dirs = 2 if self.bidirectional else 1
-        self._layer_names: list[tuple[str, str, str, str]] = []  # per layer and direction, torch.nn's order
+        self._layer_names: list[tuple[str, ...]] = []  # per layer and direction, torch.nn's order
+        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[:4 if bias else 2]
         for layer in range(num_layers):
             width = input_size if layer == 0 else hidden_size * dirs
             for suffix in ("", "_reverse")[:dirs]:
-                names = tuple(f"{k}_l{layer}{suffix}" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                names = tuple(f"{k}_l{layer}{suffix}" for k in kinds)
                 shapes = ((n_gates * hidden_size, width), (n_gates * hidden_size, hidden_size),
                           (n_gates * hidden_size,), (n_gates * hidden_size,))
                 for key, shape in zip(names, shapes):
@@ -89,22 +89,29 @@ class _RNNBase(nn.Module):
 
     @property
     def all_weights(self) -> list[list[Tensor]]:
-        """[[weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0], ...] per layer and direction,
-        as torch.nn gives it."""
+        """[[weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0], ...] per layer and direction
+        (without the biases for bias=False), as torch.nn gives it."""
         return [[getattr(self, n) for n in names] for names in self._layer_names]
 
     def params(self, layer: int = 0, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer and direction (the first
-        layer's forward direction by default: the cell a one-layer model steps)."""
+        layer's forward direction by default: the cell a one-layer model steps); zero biases,
+        constants, for bias=False."""
         if not 0 <= layer < self.num_layers or (reverse and not self.bidirectional):
             raise ValueError(f"no layer {layer}{' reverse' if reverse else ''} in a {self.num_layers}-layer "
                              f"{'bidirectional ' if self.bidirectional else ''}{self.mode}")
-        return tuple(getattr(self, n) for n in self._layer_names[layer * self.num_directions + int(reverse)])
+        got = tuple(getattr(self, n) for n in self._layer_names[layer * self.num_directions + int(reverse)])
+        if self.bias:
+            return got
+        zeros = got[0].new_zeros(got[0].shape[0])
+        return (*got, zeros, zeros)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
         if self.batch_first:
             s += ", batch_first=True"
         if self.dropout:
@@ -193,9 +200,8 @@ class GRU(_RNNBase):
 
     forward(x [T, B, I] ([B, T, I] with batch_first), [T, I] unbatched, or a PackedSequence;
     h0 [L D, B, H] ([L D, H] unbatched; L = num_layers, D = 2 if bidirectional else 1) or None)
-    -> (out [T, B, D H], h_n [L D, B, H]). bias must be True (a ValueError otherwise). A
-    packed batch runs padded to its longest sequence; h_n is each sequence's state at its own
-    length.
+    -> (out [T, B, D H], h_n [L D, B, H]). A packed batch runs padded to its longest
+    sequence; h_n is each sequence's state at its own length.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -221,7 +227,7 @@ class LSTM(_RNNBase):
 
     forward(x [T, B, I] ([B, T, I] with batch_first), [T, I] unbatched, or a PackedSequence;
     hx = (h0, c0) each [L D, B, H] ([L D, H] unbatched), or None) -> (out [T, B, D H],
-    (h_n, c_n) each [L D, B, H]). bias must be True and proj_size 0.
+    (h_n, c_n) each [L D, B, H]). proj_size must be 0 (a ValueError otherwise).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
