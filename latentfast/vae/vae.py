@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -110,14 +111,24 @@ class VAE(nn.Module):
         return terms[0], dict(zip(("loss", "nll", "kl"), torch.stack([t.detach() for t in terms]).tolist()))
 
 
-def fit(model: VAE, data: Tensor, epochs: int = 50, batch_size: int = 128, lr: float = 1e-3,
+def fit(model: VAE, data: Tensor | Iterable, epochs: int = 50, batch_size: int = 128, lr: float = 1e-3,
         seed: int = 0, progress: bool = True) -> list[dict[str, float]]:
     """Train with Adam; returns the per-epoch mean of the loss parts ("loss", "nll", "kl"),
-    read back to the host once per epoch, not per step. `seed` fixes the batches and the
-    sampling noise; the global random state (CPU, and the model's GPU) is left as it was
-    before the call (the noise is drawn from it inside torch.random.fork_rng)."""
-    if data.dim() < 2 or data.shape[0] == 0:
-        raise ValueError(f"data must be [N, ...] with N >= 1, got shape {tuple(data.shape)}")
+    read back to the host once per epoch, not per step.
+
+    data: a tensor [N, ...], shuffled into batches of batch_size every epoch; or an iterable
+    of batches gone through once per epoch (a torch.utils.data.DataLoader, a list: its order
+    and batch size are its own, and batch_size is not used), each batch a tensor or a tuple /
+    list whose first item is the data (as a TensorDataset gives), moved to the model's device.
+    `seed` fixes the batches of a tensor and the sampling noise; the global random state (CPU,
+    and the model's GPU) is left as it was before the call (the noise is drawn from it inside
+    torch.random.fork_rng)."""
+    if isinstance(data, Tensor):
+        if data.dim() < 2 or data.shape[0] == 0:
+            raise ValueError(f"data must be [N, ...] with N >= 1, got shape {tuple(data.shape)}")
+    elif not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
+        raise TypeError(f"data must be a tensor [N, ...] or an iterable of batches (a DataLoader), "
+                        f"got {type(data).__name__}")
     if batch_size < 1 or epochs < 0:
         raise ValueError(f"need batch_size >= 1 and epochs >= 0, got {batch_size} and {epochs}")
     dev = next(model.parameters()).device
@@ -130,16 +141,38 @@ def fit(model: VAE, data: Tensor, epochs: int = 50, batch_size: int = 128, lr: f
         return _fit(model, data, epochs, batch_size, lr, torch.Generator().manual_seed(seed), progress)
 
 
-def _fit(model: VAE, data: Tensor, epochs: int, batch_size: int, lr: float, gen: torch.Generator,
+def _batches(data: Tensor | Iterable, batch_size: int, gen: torch.Generator, dev: torch.device,
+             epoch: int) -> Iterator[Tensor]:
+    """One epoch's batches of fit's data (see fit)."""
+    if isinstance(data, Tensor):
+        perm = torch.randperm(data.shape[0], generator=gen, device=gen.device)
+        for i in range(0, data.shape[0], batch_size):
+            yield data[perm[i:i + batch_size]]
+        return
+    n = 0
+    for batch in data:
+        x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if not isinstance(x, Tensor):
+            raise TypeError(f"a batch must be a tensor or a tuple / list whose first item is one, got "
+                            f"{type(batch).__name__}" + (f" of {type(x).__name__}" if x is not batch else ""))
+        n += 1
+        yield x.to(dev, non_blocking=True)
+    if n == 0:
+        raise ValueError(f"data gave no batches in epoch {epoch + 1}" + (
+            ": pass something that can be gone through again every epoch (a DataLoader, a list), not an "
+            "iterator or generator" if epoch else ""))
+
+
+def _fit(model: VAE, data: Tensor | Iterable, epochs: int, batch_size: int, lr: float, gen: torch.Generator,
          progress: bool) -> list[dict[str, float]]:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    dev = next(model.parameters()).device
     history = []
     bar = tqdm(range(epochs), desc="VAE", disable=not progress)
-    for _ in bar:
-        perm = torch.randperm(data.shape[0], generator=gen, device=gen.device)
+    for epoch in bar:
         sums, n_batches = None, 0
-        for i in range(0, data.shape[0], batch_size):
-            terms = model.loss_terms(data[perm[i:i + batch_size]])
+        for x in _batches(data, batch_size, gen, dev, epoch):
+            terms = model.loss_terms(x)
             opt.zero_grad()
             terms[0].backward()
             opt.step()

@@ -1050,6 +1050,57 @@ def test_vae_bad_inputs_raise():
     assert fit_rbf_variance(dec, z[:3], x[:3], n_centres=10, steps=2).centres.shape == (3, 2)  # every latent a centre
 
 
+def test_vae_fit_takes_a_data_loader():
+    """fit takes an iterable of batches (a DataLoader of a TensorDataset, a list of tensors) as
+    well as a tensor: each epoch goes through it once, in its own order, with the seeded noise;
+    the result is Adam on loss_terms over those batches, written out here. Before, a DataLoader
+    raised an AttributeError ('DataLoader' object has no attribute 'dim'). A generator, empty
+    after its first epoch, and batches that hold no tensor raise a clear error."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 6, generator=gen)
+    torch.manual_seed(0)
+    start = VAE(6, latent_dim=2, hidden=(8,)).state_dict()
+    batches = list(x.split(16))
+
+    def by_hand(data):  # Adam on loss_terms over data's batches, the noise seeded as fit seeds it
+        model = VAE(6, latent_dim=2, hidden=(8,))
+        model.load_state_dict(start)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        history = []
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            for _ in range(3):  # (a DataLoader draws its base seed from the same generator)
+                parts = []
+                for batch in data:
+                    loss, nll, kl = model.loss_terms(batch[0] if isinstance(batch, list) else batch)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    parts.append([loss.item(), nll.item(), kl.item()])
+                history.append(dict(zip(("loss", "nll", "kl"), torch.tensor(parts).mean(0).tolist())))
+        return history, model
+
+    for data in (batches, DataLoader(TensorDataset(x), batch_size=16, shuffle=False)):
+        model = VAE(6, latent_dim=2, hidden=(8,))
+        model.load_state_dict(start)
+        history = fit(model, data, epochs=3, seed=5, progress=False)
+        want, trained = by_hand(data)
+        assert len(history) == 3
+        for got_epoch, want_epoch in zip(history, want):
+            for key in want_epoch:
+                assert math.isclose(got_epoch[key], want_epoch[key], rel_tol=1e-5, abs_tol=1e-6), (data, key)
+        for a, b in zip(model.parameters(), trained.parameters()):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="not an iterator or generator"):
+        fit(VAE(6, latent_dim=2, hidden=(8,)), (b for b in batches), epochs=2, progress=False)
+    with pytest.raises(TypeError, match="a batch must be a tensor"):
+        fit(VAE(6, latent_dim=2, hidden=(8,)), [["a", "b"]], epochs=1, progress=False)
+    with pytest.raises(TypeError, match="iterable of batches"):
+        fit(VAE(6, latent_dim=2, hidden=(8,)), 5, progress=False)
+
+
 def test_beta_vae_has_smaller_kl():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(300, 6, generator=gen) @ torch.randn(6, 6, generator=gen)
