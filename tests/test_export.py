@@ -52,8 +52,8 @@ def _gru():
     return GRU(3, 8, batch_first=True), lambda b: (torch.randn(b, 5, 3),)
 
 
-def _lstm():
-    return LSTM(3, 8, batch_first=True), lambda b: (torch.randn(b, 5, 3),)
+def _lstm():  # (stacked and bidirectional: the time flips and the layers' concatenation export too)
+    return LSTM(3, 8, num_layers=2, bidirectional=True, batch_first=True), lambda b: (torch.randn(b, 5, 3),)
 
 
 def _metric():
