@@ -42,6 +42,21 @@ class RBFVariance(nn.Module):
     def weight(self) -> Tensor:
         return F.softplus(self.raw_weight)
 
+    def get_extra_state(self) -> dict[str, float]:
+        """zeta, a float, saved in the state dict beside the tensors (its '_extra_state')."""
+        return {"zeta": self.zeta}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        zeta = float(state["zeta"])
+        if not zeta > 0:
+            raise ValueError(f"zeta must be > 0, got {zeta}")
+        self.zeta = zeta
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a state dict saved before zeta was part of it: the layer keeps its own
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def features(self, z: Tensor) -> Tensor:
         """v(z) [..., K]: the RBF responses (fixed buffers; no trained parameter)."""
         return torch.exp(-self.bandwidths * ((z[..., None, :] - self.centres) ** 2).sum(-1))
@@ -95,6 +110,22 @@ class GaussianMLPDecoder(nn.Module):
         self.latent_dim, self.out_dim = latent_dim, out_dim
         self.log_sigma = nn.Parameter(torch.full((out_dim,), math.log(0.5)))
         self.rbf: RBFVariance | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A state dict saved after fit_rbf_variance holds the RBF network (rbf.centres, ...): a
+        # decoder without one makes it from the saved centres and bandwidths (and zeta), so the
+        # fitted model loads into a fresh one; the tensors are then loaded as usual.
+        key = prefix + "rbf."
+        if self.rbf is None and isinstance(state_dict.get(key + "centres"), Tensor) \
+                and isinstance(state_dict.get(key + "bandwidths"), Tensor):
+            like = self.log_sigma
+            extra = state_dict.get(key + "_extra_state")
+            zeta = float(extra["zeta"]) if isinstance(extra, dict) and "zeta" in extra else 1e-2
+            centres, bandwidths = state_dict[key + "centres"], state_dict[key + "bandwidths"]
+            if centres.dim() == 2 and centres.shape[1] == self.latent_dim and bandwidths.shape == centres.shape[:1]:
+                self.rbf = RBFVariance(centres.to(like.device, like.dtype), bandwidths.to(like.device, like.dtype),
+                                       self.out_dim, zeta)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def mean(self, z: Tensor) -> Tensor:
         """mu(z) [..., D], the mean network."""

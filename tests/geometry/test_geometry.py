@@ -1101,6 +1101,43 @@ def test_vae_fit_takes_a_data_loader():
         fit(VAE(6, latent_dim=2, hidden=(8,)), 5, progress=False)
 
 
+def test_a_fitted_rbf_variance_network_loads_into_a_fresh_model():
+    """A VAE saved after fit_rbf_variance loads into a fresh VAE (torch.load weights_only):
+    its decoder makes the RBF network from the saved centres and bandwidths, and zeta, which
+    was a plain attribute outside the state dict, travels in it. Before, the fresh model raised
+    'Unexpected key(s) ... decoder.rbf.raw_weight', and zeta was lost. A state dict saved
+    without zeta loads with the fit's default (or the layer's own); centres of another latent
+    dimension still raise."""
+    import io
+
+    torch.manual_seed(0)
+    x = torch.randn(60, 6)
+    model = VAE(6, latent_dim=2, hidden=(8,))
+    z = model.encode(x)[0].detach()
+    fit_rbf_variance(model.decoder, z, x, n_centres=7, zeta=0.05, steps=20)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    fresh = VAE(6, latent_dim=2, hidden=(8,))
+    fresh.load_state_dict(saved)
+    assert fresh.decoder.rbf is not None and fresh.decoder.rbf.zeta == 0.05
+    for a, b in zip(fresh.decoder(z), model.decoder(z)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(geo.metric(fresh.decoder, z[:5]), geo.metric(model.decoder, z[:5]))
+    old = {k: v for k, v in saved.items() if not k.endswith("_extra_state")}
+    older = VAE(6, latent_dim=2, hidden=(8,))
+    older.load_state_dict(old)
+    assert older.decoder.rbf.zeta == 1e-2
+    model.load_state_dict(old)
+    assert model.decoder.rbf.zeta == 0.05
+    other = VAE(6, latent_dim=3, hidden=(8,)).decoder
+    mixed = {**other.state_dict(), **{k[len("decoder."):]: v for k, v in saved.items() if k.startswith("decoder.rbf.")}}
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*rbf\.centres"):
+        other.load_state_dict(mixed)
+    assert other.rbf is None
+
+
 def test_beta_vae_has_smaller_kl():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(300, 6, generator=gen) @ torch.randn(6, 6, generator=gen)
