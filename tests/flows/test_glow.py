@@ -158,6 +158,22 @@ def test_actnorm_reads_its_initialized_flag_back_only_until_it_is_set(monkeypatc
     assert reads == []
 
 
+def _ddp_steps(step: torch.nn.Module, x: torch.Tensor) -> None:
+    """Two DDP training steps of step on x. DDP's reducer is freed when this returns, while the
+    process group lives on: a reducer that outlives destroy_process_group destroys the gloo
+    group from its own deallocation with the GIL held, and that destructor waits for gloo's
+    threads, which can be waiting for the GIL (pytorch/pytorch#56297): a CI run hung there, the
+    worker's main thread in ~ProcessGroupGloo from the reducer's deallocation."""
+    ddp = torch.nn.parallel.DistributedDataParallel(step)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for _ in range(2):
+        y, ld = ddp(x)
+        loss = 0.5 * y.pow(2).mean() - ld.mean() / y[0].numel()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str, device: str = "cpu") -> None:
     """One process of test_actnorm_initialises_from_every_process_under_ddp: its own first
     batch (rank 1's empty for one layer), then two DDP training steps of a GlowStep (gloo;
@@ -173,14 +189,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, device: str = "c
         waits(x if rank == 0 else x[:0])  # rank 1 has no data: the layer starts from rank 0's
         torch.manual_seed(0)  # the same GlowStep everywhere, as DDP expects
         step = GlowStep(4, hidden=8).to(device)
-        ddp = torch.nn.parallel.DistributedDataParallel(step)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        for _ in range(2):
-            y, ld = ddp(x)
-            loss = 0.5 * y.pow(2).mean() - ld.mean() / y[0].numel()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _ddp_steps(step, x)
         cpu = {k: {n: t.cpu() for n, t in m.state_dict().items()}
                for k, m in (("synced", synced), ("local", local), ("waits", waits), ("step", step))}
         torch.save({**cpu, "x": x.cpu()}, f"{out_dir}/rank{rank}.pt")
