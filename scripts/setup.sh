@@ -12,6 +12,6 @@ TORCH_SPEC=${LATENTFAST_TORCH:-torch==2.13.0}
 if [ "$TORCH_SPEC" != "skip" ]; then
   python -c "import torch" 2>/dev/null || pip install -q "$TORCH_SPEC"
 fi
-pip install -q triton numpy tqdm pytest pytest-benchmark pytest-xdist scikit-learn matplotlib ninja setuptools wheel
+pip install -q triton numpy tqdm pytest pytest-benchmark pytest-xdist pytest-timeout scikit-learn matplotlib ninja setuptools wheel
 pip install -q --no-build-isolation -e .
 python -m latentfast info
