@@ -90,7 +90,7 @@ def _check_flows(ns: dict) -> None:
 
 
 def _check_rnn(ns: dict) -> None:
-    assert ns["out"].shape == (3, 9, 256) and ns["c_n"].shape == (1, 3, 256)
+    assert ns["out"].shape == (3, 9, 512) and ns["c_n"].shape == (4, 3, 256)  # 2 layers, 2 directions
     assert ns["forecast"].shape[:2] == (2, 600)
     assert ns["le"].shape == (2, 3)
     assert ns["exps"].shape == (2, 16)
