@@ -125,7 +125,8 @@ def test_readme_has_the_documented_blocks():
 @pytest.mark.skipif(interpreting(), reason="the examples run on the default backends in the normal pass; "
                     "under the interpreter their training loops would take minutes")
 @pytest.mark.parametrize("i,name", list(enumerate(CASES)))
-def test_readme_block_runs(i, name):
+def test_readme_block_runs(i, name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (files the examples save, such as vae.pt, go there)
     prelude, subs, check = CASES[name]
     code = _blocks()[i]
     for old, new in subs:
