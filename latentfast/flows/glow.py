@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,8 @@ class Glow(nn.Module):
             image_size must be divisible by 2**n_levels.
         n_levels (L), steps_per_level (K), hidden: coupling net width.
         lu, additive: InvConv1x1 parameterisation and coupling type.
+        coupling_net: a factory (in_channels, out_channels) -> nn.Module making each step's
+            coupling net ([N, in, H, W] -> [N, out, H, W]); default Glow's, `hidden` wide.
 
     Example:
         >>> glow = Glow(1, 8, n_levels=3, steps_per_level=4, hidden=32)
@@ -29,7 +32,7 @@ class Glow(nn.Module):
 
     def __init__(self, in_channels: int, image_size: int, n_levels: int = 3,
                  steps_per_level: int = 4, hidden: int = 512, lu: bool = True,
-                 additive: bool = False) -> None:
+                 additive: bool = False, coupling_net: Callable[[int, int], nn.Module] | None = None) -> None:
         super().__init__()
         if image_size % (2 ** n_levels):
             raise ValueError(f"image_size {image_size} must be divisible by 2**n_levels = {2 ** n_levels}")
@@ -41,8 +44,10 @@ class Glow(nn.Module):
         size = image_size
         for level in range(n_levels):
             c, size = c * 4, size // 2
+            nets = [None if coupling_net is None else coupling_net(c // 2, c // 2 if additive else c)
+                    for _ in range(steps_per_level)]
             self.levels.append(nn.ModuleList(
-                GlowStep(c, hidden, lu=lu, additive=additive) for _ in range(steps_per_level)))
+                GlowStep(c, hidden, lu=lu, additive=additive, net=net) for net in nets))
             if level < n_levels - 1:
                 self.splits.append(Split(c))
                 self.latent_shapes.append((c // 2, size, size))

@@ -297,19 +297,31 @@ class AffineCoupling(nn.Module):
         half = channels // 2
         self.net = net if net is not None else coupling_net(half, half if additive else channels, hidden)
 
+    def run_net(self, x_a: Tensor) -> Tensor:
+        """net(x_a), checked: a net given by the user must map [N, C/2, H, W] to [N, C, H, W]
+        (affine: shift then raw) or [N, C/2, H, W] (additive)."""
+        h = self.net(x_a)
+        out = x_a.shape[1] if self.additive else 2 * x_a.shape[1]
+        if not isinstance(h, Tensor) or h.shape != (x_a.shape[0], out, *x_a.shape[2:]):
+            got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+            raise ValueError(f"the coupling net must map its input {tuple(x_a.shape)} to "
+                             f"{(x_a.shape[0], out, *x_a.shape[2:])} ({'the shift' if self.additive else 'shift, then raw'}"
+                             f" per channel of the second half), got {got}")
+        return h
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(y [N, C, H, W], log-det [N]) with the first channel half passed through and the second
         transformed given net(first half)."""
         _check_image("x", x, self.channels)
         x_a, x_b = x.chunk(2, dim=1)
-        y_b, logdet = ops.affine_coupling(x_b, self.net(x_a), self.additive)
+        y_b, logdet = ops.affine_coupling(x_b, self.run_net(x_a), self.additive)
         return torch.cat([x_a, y_b], dim=1), logdet
 
     def inverse(self, y: Tensor) -> Tensor:
         """x from y (the first half is unchanged, so net(y_a) = net(x_a))."""
         _check_image("y", y, self.channels)
         y_a, y_b = y.chunk(2, dim=1)
-        x_b, _ = ops.affine_coupling_inverse(y_b, self.net(y_a), self.additive)
+        x_b, _ = ops.affine_coupling_inverse(y_b, self.run_net(y_a), self.additive)
         return torch.cat([y_a, x_b], dim=1)
 
 
@@ -328,16 +340,19 @@ class GlowStep(nn.Module):
     step output (A x + c, with the coupling on the second half) in one pass over x.
     fused=False runs the three sub-layers one after another (same numbers, slower).
 
+    net: the coupling net, any module mapping [N, C/2, H, W] to [N, C, H, W] (affine: shift,
+    then raw) or [N, C/2, H, W] (additive); default Glow's (coupling_net with `hidden`).
+
     Shapes: x [N, C, H, W] -> y [N, C, H, W], logdet [N].
     """
 
     def __init__(self, channels: int, hidden: int = 512, lu: bool = True, additive: bool = False,
-                 fused: bool = True) -> None:
+                 fused: bool = True, net: nn.Module | None = None) -> None:
         super().__init__()
         self.channels, self.fused = channels, fused
         self.actnorm = ActNorm(channels)
         self.invconv = InvConv1x1(channels, lu=lu)
-        self.coupling = AffineCoupling(channels, hidden, additive=additive)
+        self.coupling = AffineCoupling(channels, hidden, additive=additive, net=net)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """ActNorm, 1x1 conv and coupling of x [N, C, H, W]: (y, log-det [N]). fused=True (default)
@@ -352,7 +367,7 @@ class GlowStep(nn.Module):
         w, _, logdet_w = self.invconv.weights()
         a, c = fold_actnorm_into_conv(self.actnorm.logs, self.actnorm.bias, w)
         half = self.channels // 2
-        h = self.coupling.net(ops.actnorm_invconv(x, a[:half], c[:half]))
+        h = self.coupling.run_net(ops.actnorm_invconv(x, a[:half], c[:half]))
         y, logdet = ops.actnorm_invconv_coupling(x, a, c, h, self.coupling.additive)
         return y, logdet + x.shape[2] * x.shape[3] * (self.actnorm.logs.sum() + logdet_w)
 

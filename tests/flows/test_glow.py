@@ -69,11 +69,17 @@ def test_glow_logdet_equals_jacobian_slogdet(backend):
     assert_close(logdet[0], logabs, scale=100.0)
 
 
+def _small_net(c_in: int, c_out: int) -> torch.nn.Module:
+    """A coupling net of the user's own (not zero-initialised, so the coupling is not the identity)."""
+    return torch.nn.Sequential(torch.nn.Conv2d(c_in, 5, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(5, c_out, 1))
+
+
 @pytest.mark.parametrize("layer_fn", [
     lambda: ActNorm(6), lambda: InvConv1x1(6), lambda: InvConv1x1(6, lu=False),
     lambda: AffineCoupling(6, hidden=8), lambda: AdditiveCoupling(6, hidden=8),
     lambda: GlowStep(6, hidden=8), lambda: GlowStep(6, hidden=8, additive=True),
-    lambda: GlowStep(6, hidden=8, lu=False),
+    lambda: GlowStep(6, hidden=8, lu=False), lambda: GlowStep(6, net=_small_net(3, 6)),
+    lambda: GlowStep(6, additive=True, net=_small_net(3, 3)),
 ])
 def test_layer_logdet_and_inverse(backend, layer_fn):
     torch.manual_seed(4)
@@ -95,6 +101,40 @@ def test_fused_glow_step_matches_unfused(backend):
     assert_close(y, y2, scale=10.0)
     assert_close(ld, ld2, scale=10.0)
     assert_close(step.inverse(y), x, scale=10.0)
+
+
+def test_custom_coupling_nets(backend):
+    """GlowStep(net=...) and Glow(coupling_net=factory) take the user's coupling nets (GlowStep
+    had no such argument, so a net could only be swapped in after construction): the factory is
+    called with each step's (in, out) channels, the Glow reconstructs its input and its fused
+    steps equal the unfused ones. A net of the wrong output shape raises a ValueError naming
+    the coupling net (the op's "h must have shape" before)."""
+    torch.manual_seed(8)
+    calls = []
+
+    def factory(c_in, c_out):
+        calls.append((c_in, c_out))
+        return _small_net(c_in, c_out)
+
+    glow = _glow(torch.float64, coupling_net=factory)
+    assert calls == [(2, 4)] * 4 + [(4, 8)] * 4 + [(8, 16)] * 4
+    assert all(isinstance(step.coupling.net, torch.nn.Sequential) and step.coupling.net[0].kernel_size == (3, 3)
+               for level in glow.levels for step in level)
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64) - 0.5
+    zs, logdet = glow(x)
+    assert_close(glow.decode(zs), x, scale=100.0)
+    for level in glow.levels:
+        for step in level:
+            step.fused = False
+    zs2, logdet2 = glow(x)
+    assert_close(logdet2, logdet, scale=100.0)
+    for a, b in zip(zs2, zs):
+        assert_close(a, b, scale=100.0)
+    x = torch.randn(2, 4, 5, 5)
+    for bad in (torch.nn.Conv2d(2, 3, 1), torch.nn.Conv2d(2, 4, 3)):
+        for layer in (AffineCoupling(4, net=bad), GlowStep(4, net=bad)):
+            with pytest.raises(ValueError, match="the coupling net must map"):
+                layer(x)
 
 
 def test_squeeze_roundtrip():
