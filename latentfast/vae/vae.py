@@ -41,10 +41,15 @@ class VAE(nn.Module):
         likelihood: "gaussian" (learned per-pixel sigma) or "bernoulli" (inputs in [0, 1]).
         beta: weight of the KL term (beta > 1 favours disentangled latents).
         activation: hidden activation of the decoder (see GaussianMLPDecoder).
+        encoder: your own encoder (a convolutional one for images, say): a module taking x as
+            given ([N, ...] with D values per sample) to (mean, log-variance), each [N, d];
+            default an MLP (MLPEncoder) on the flattened x. The decoder stays the Gaussian MLP
+            the geometry ops fuse.
     """
 
     def __init__(self, in_dim: int, latent_dim: int = 2, hidden: tuple[int, ...] = (64, 64),
-                 likelihood: str = "gaussian", beta: float = 1.0, activation: str = "tanh"):
+                 likelihood: str = "gaussian", beta: float = 1.0, activation: str = "tanh",
+                 encoder: nn.Module | None = None):
         super().__init__()
         if likelihood not in ("gaussian", "bernoulli"):
             raise ValueError(f"likelihood must be 'gaussian' or 'bernoulli', got {likelihood!r}")
@@ -53,7 +58,10 @@ class VAE(nn.Module):
         if in_dim < 1 or latent_dim < 1 or any(h < 1 for h in hidden):
             raise ValueError(f"need in_dim, latent_dim and hidden widths >= 1, got {in_dim}, {latent_dim} and "
                              f"{tuple(hidden)}")
-        self.encoder = MLPEncoder(in_dim, latent_dim, hidden)
+        if encoder is not None and not isinstance(encoder, nn.Module):
+            raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+        self.custom_encoder = encoder is not None
+        self.encoder = encoder if encoder is not None else MLPEncoder(in_dim, latent_dim, hidden)
         self.decoder = GaussianMLPDecoder(latent_dim, in_dim, tuple(reversed(hidden)), activation,
                                           "sigmoid" if likelihood == "bernoulli" else "identity")
         self.likelihood, self.beta, self.latent_dim, self.in_dim = likelihood, float(beta), latent_dim, in_dim
@@ -72,8 +80,20 @@ class VAE(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, log-variance) of q(z | x) [N, d] for x [N, D] (or [N, ...] with D values per
-        sample)."""
-        return self.encoder(self.flat_input(x))
+        sample; a custom encoder gets x as given)."""
+        flat = self.flat_input(x)
+        if not self.custom_encoder:
+            return self.encoder(flat)
+        out = self.encoder(x)
+        want = (x.shape[0], self.latent_dim)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2
+                and all(isinstance(t, Tensor) and tuple(t.shape) == want for t in out)):
+            got = (tuple(tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in out)
+                   if isinstance(out, (tuple, list)) else tuple(out.shape) if isinstance(out, Tensor)
+                   else type(out).__name__)
+            raise ValueError(f"the encoder must return (mean, log-variance), each {list(want)}, for x "
+                             f"{tuple(x.shape)}; got {got}")
+        return out[0], out[1]
 
     def embed(self, x: Tensor) -> Tensor:
         """The deterministic code of x [N, d] (the posterior mean)."""

@@ -1138,6 +1138,54 @@ def test_a_fitted_rbf_variance_network_loads_into_a_fresh_model():
     assert other.rbf is None
 
 
+def test_vae_takes_an_encoder_of_the_users():
+    """VAE(encoder=...) runs the user's encoder on x as given (a convolutional one on images
+    here; VAE had no such argument): encode is that encoder's output, the loss is the ELBO
+    written out with it, fit trains it, and the state dict round-trips. An encoder whose
+    output is not (mean, log-variance) of [N, d] raises a ValueError saying so."""
+
+    class ConvEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3, padding=1)
+            self.head = nn.Linear(3 * 16, 4)
+
+        def forward(self, x):
+            mean, logvar = self.head(torch.tanh(self.conv(x)).flatten(1)).chunk(2, dim=1)
+            return mean, logvar
+
+    torch.manual_seed(0)
+    x = torch.rand(12, 1, 4, 4)
+    model = VAE(16, latent_dim=2, hidden=(8,), encoder=ConvEncoder())
+    mean, logvar = model.encode(x)
+    want_mean, want_logvar = model.encoder(x)
+    assert torch.equal(mean, want_mean) and torch.equal(logvar, want_logvar)
+    torch.manual_seed(1)
+    loss, nll, kl = model.loss_terms(x)
+    torch.manual_seed(1)
+    z = want_mean + torch.randn_like(want_mean) * (0.5 * want_logvar).exp()
+    mu, sigma = model.decoder(z)
+    want_nll = (0.5 * ((x.flatten(1) - mu) / sigma) ** 2 + sigma.log() + 0.5 * math.log(2 * math.pi)).sum(1).mean()
+    want_kl = (0.5 * (want_mean ** 2 + want_logvar.exp() - 1.0 - want_logvar).sum(1)).mean()
+    torch.testing.assert_close(nll, want_nll)
+    torch.testing.assert_close(kl, want_kl)
+    torch.testing.assert_close(loss, want_nll + want_kl)
+    before = model.encoder.conv.weight.detach().clone()
+    history = fit(model, x, epochs=3, batch_size=4, progress=False)
+    assert len(history) == 3 and not torch.equal(before, model.encoder.conv.weight)
+    fresh = VAE(16, latent_dim=2, hidden=(8,), encoder=ConvEncoder())
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.embed(x), model.embed(x))
+    for bad in (lambda q: q.flatten(1)[:, :2], lambda q: (q.flatten(1)[:, :2], q.flatten(1)[:, :3])):
+        class Bad(nn.Module):
+            def forward(self, q, f=bad):
+                return f(q)
+        with pytest.raises(ValueError, match=r"the encoder must return \(mean, log-variance\)"):
+            VAE(16, latent_dim=2, hidden=(8,), encoder=Bad()).encode(x)
+    with pytest.raises(TypeError, match="encoder must be an nn.Module"):
+        VAE(16, latent_dim=2, encoder=lambda q: q)
+
+
 def test_beta_vae_has_smaller_kl():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(300, 6, generator=gen) @ torch.randn(6, 6, generator=gen)
