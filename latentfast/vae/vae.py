@@ -60,7 +60,6 @@ class VAE(nn.Module):
                              f"{tuple(hidden)}")
         if encoder is not None and not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
-        self.custom_encoder = encoder is not None
         self.encoder = encoder if encoder is not None else MLPEncoder(in_dim, latent_dim, hidden)
         self.decoder = GaussianMLPDecoder(latent_dim, in_dim, tuple(reversed(hidden)), activation,
                                           "sigmoid" if likelihood == "bernoulli" else "identity")
@@ -82,7 +81,7 @@ class VAE(nn.Module):
         """(mean, log-variance) of q(z | x) [N, d] for x [N, D] (or [N, ...] with D values per
         sample; a custom encoder gets x as given)."""
         flat = self.flat_input(x)
-        if not self.custom_encoder:
+        if isinstance(self.encoder, MLPEncoder):
             return self.encoder(flat)
         out = self.encoder(x)
         want = (x.shape[0], self.latent_dim)
@@ -158,7 +157,7 @@ def fit(model: VAE, data: Tensor | Iterable, epochs: int = 50, batch_size: int =
         for index in cuda:
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(seed)
-        return _fit(model, data, epochs, batch_size, lr, torch.Generator().manual_seed(seed), progress)
+        return _fit(model, data, epochs, batch_size, lr, torch.Generator().manual_seed(seed), dev, progress)
 
 
 def _batches(data: Tensor | Iterable, batch_size: int, gen: torch.Generator, dev: torch.device,
@@ -184,9 +183,8 @@ def _batches(data: Tensor | Iterable, batch_size: int, gen: torch.Generator, dev
 
 
 def _fit(model: VAE, data: Tensor | Iterable, epochs: int, batch_size: int, lr: float, gen: torch.Generator,
-         progress: bool) -> list[dict[str, float]]:
+         dev: torch.device, progress: bool) -> list[dict[str, float]]:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    dev = next(model.parameters()).device
     history = []
     bar = tqdm(range(epochs), desc="VAE", disable=not progress)
     for epoch in bar:
