@@ -113,18 +113,17 @@ class GaussianMLPDecoder(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A state dict saved after fit_rbf_variance holds the RBF network (rbf.centres, ...): a
-        # decoder without one makes it from the saved centres and bandwidths (and zeta), so the
-        # fitted model loads into a fresh one; the tensors are then loaded as usual.
+        # decoder without one makes it from the saved centres and bandwidths, so the fitted model
+        # loads into a fresh one; the tensors and zeta (the network's extra state) are then
+        # loaded into it as usual.
         key = prefix + "rbf."
         if self.rbf is None and isinstance(state_dict.get(key + "centres"), Tensor) \
                 and isinstance(state_dict.get(key + "bandwidths"), Tensor):
             like = self.log_sigma
-            extra = state_dict.get(key + "_extra_state")
-            zeta = float(extra["zeta"]) if isinstance(extra, dict) and "zeta" in extra else 1e-2
             centres, bandwidths = state_dict[key + "centres"], state_dict[key + "bandwidths"]
             if centres.dim() == 2 and centres.shape[1] == self.latent_dim and bandwidths.shape == centres.shape[:1]:
                 self.rbf = RBFVariance(centres.to(like.device, like.dtype), bandwidths.to(like.device, like.dtype),
-                                       self.out_dim, zeta)
+                                       self.out_dim)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def mean(self, z: Tensor) -> Tensor:
