@@ -142,7 +142,8 @@ class _RNNBase(nn.Module):
         None): the last layer's output [T, B, D H] and the final states [L D, B, H], each
         sequence's at its own length where lengths are given (a padded batch)."""
         dirs, finals = self.num_directions, [[] for _ in states]
-        last = None if lengths is None else (lengths - 1).to(x.device)
+        if lengths is not None:  # where each sequence's final states sit in the padded batch
+            last, rows = (lengths - 1).to(x.device), torch.arange(x.shape[1], device=x.device)
         for layer in range(self.num_layers):
             if layer and self.dropout and self.training:
                 x = nn.functional.dropout(x, self.dropout, training=True)
@@ -152,8 +153,8 @@ class _RNNBase(nn.Module):
                 st = tuple(None if s is None else s[i] for s in states)
                 inp = _reverse_time(x, lengths) if d else x
                 out, fin, every = self._layer(inp, st, self.params(layer, bool(d)))
-                if last is not None and out.shape[0]:
-                    fin = tuple(e[last, torch.arange(e.shape[1], device=x.device)] for e in every)
+                if lengths is not None and out.shape[0]:
+                    fin = tuple(e[last, rows] for e in every)
                 for acc, f in zip(finals, fin):
                     acc.append(f)
                 outs.append(_reverse_time(out, lengths) if d else out)
