@@ -13,6 +13,7 @@ from latentfast.data.digits import DIGITS_BINS, dequantize, load_digits_images
 from latentfast.flows import (ActNorm, AdditiveCoupling, AffineCoupling, Glow, GlowStep,
                               InvConv1x1, Squeeze)
 from tests.conftest import assert_close, backends_under_test, interpreting
+from tests.test_export import _Call
 
 
 def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
@@ -311,15 +312,8 @@ def test_actnorm_in_a_data_parallel_replica_needs_an_initialised_model(device="c
     assert all(p.grad is not None for p in glow.parameters())
 
 
-class _LogProb(torch.nn.Module):
-    """model.log_prob as a forward, for torch.func.functional_call."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.log_prob(x)
+def _log_prob(model: Glow, x: torch.Tensor) -> torch.Tensor:
+    return model.log_prob(x)
 
 
 def test_glow_under_torch_func_transforms(backend, device="cpu"):
@@ -336,7 +330,7 @@ def test_glow_under_torch_func_transforms(backend, device="cpu"):
         glow = _glow(torch.float64, seed=seed).to(device)
         glow.log_prob((torch.rand(4, 1, 8, 8, dtype=torch.float64) - 0.5).to(device))
         _perturb(glow, seed)
-        models.append(_LogProb(glow))
+        models.append(_Call(glow, _log_prob))
     params, buffers = stack_module_state(models)
     template = copy.deepcopy(models[0]).to("meta")
     got = vmap(lambda p, b: functional_call(template, (p, b), (x,)))(params, buffers)
@@ -353,7 +347,7 @@ def test_glow_under_torch_func_transforms(backend, device="cpu"):
         for k, p in model.named_parameters():
             assert_close(per_sample[k][i], p.grad, msg=k)
 
-    fresh = _LogProb(_glow(torch.float64, seed=5).to(device))
+    fresh = _Call(_glow(torch.float64, seed=5).to(device), _log_prob)
     stacked = stack_module_state(models[:2] + [fresh])
     with pytest.raises(RuntimeError, match="torch.func transforms"):
         vmap(lambda p, b: functional_call(template, (p, b), (x,)))(*stacked)
