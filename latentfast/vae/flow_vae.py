@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from latentfast.flows.vector import IAF, MAF, Flow, LULinear
 from latentfast.ops._checks import check_count
-from latentfast.vae.vae import VAE
+from latentfast.vae.vae import VAE, MLPEncoder
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -27,6 +27,11 @@ class FlowVAE(VAE):
         posterior_steps: IAF steps (0: the plain Gaussian posterior).
         prior_steps: MAF steps of a flow prior (0: N(0, I)).
         flow_hidden: hidden width of the flow MLPs.  context_dim: size of h(x).
+        encoder: your own encoder (a convolutional one for images, say): a module taking x as
+            given ([N, ...] with D values per sample) to (mean, log-variance, h), each [N, d]
+            and h [N, context_dim], the IAF's context; (mean, log-variance) without posterior
+            steps. Default: VAE's MLP encoder on the flattened x, with h = tanh of a linear map
+            of its last hidden layer.
 
     Example:
         >>> model = FlowVAE(64, latent_dim=4, posterior_steps=2, beta=4.0)
@@ -35,21 +40,38 @@ class FlowVAE(VAE):
 
     def __init__(self, in_dim: int, latent_dim: int = 2, hidden: tuple[int, ...] = (64, 64),
                  likelihood: str = "gaussian", beta: float = 1.0, activation: str = "tanh",
-                 posterior_steps: int = 2, prior_steps: int = 0, flow_hidden: int = 64, context_dim: int = 16):
-        super().__init__(in_dim, latent_dim, hidden, likelihood, beta, activation)
+                 posterior_steps: int = 2, prior_steps: int = 0, flow_hidden: int = 64, context_dim: int = 16,
+                 encoder: nn.Module | None = None):
+        super().__init__(in_dim, latent_dim, hidden, likelihood, beta, activation, encoder)
         if posterior_steps < 0 or prior_steps < 0:
             raise ValueError("posterior_steps and prior_steps must be >= 0")
+        if posterior_steps:
+            check_count("context_dim", context_dim, 1, "the size of the IAF's context")
+        self.context_dim = context_dim if posterior_steps else 0
         feat = hidden[-1] if hidden else in_dim  # the encoder's last hidden layer (x itself without one)
-        self.context_head = nn.Linear(feat, context_dim) if posterior_steps else None
+        self.context_head = (nn.Linear(feat, context_dim) if posterior_steps and isinstance(self.encoder, MLPEncoder)
+                             else None)  # a custom encoder emits h itself
         self.posterior_flow = IAF(latent_dim, flow_hidden, posterior_steps, context_dim) if posterior_steps else None
         self.prior = (Flow(latent_dim, [MAF(latent_dim, flow_hidden, prior_steps), LULinear(latent_dim)])
                       if prior_steps else None)
 
     def _encode_all(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        feat = self.encoder.body(self.flat_input(x))
+        """(mean, log-variance, IAF context h or None) for x."""
+        flat = self.flat_input(x)
+        if not isinstance(self.encoder, MLPEncoder):
+            if self.posterior_flow is None:
+                mean, logvar = self._run_encoder(x, ("mean", "log-variance"), (self.latent_dim,) * 2)
+                return mean, logvar, None
+            return self._run_encoder(x, ("mean", "log-variance", "h"),
+                                     (self.latent_dim, self.latent_dim, self.context_dim))
+        feat = self.encoder.body(flat)
         mean, logvar = self.encoder.head(feat).chunk(2, dim=-1)
         h = torch.tanh(self.context_head(feat)) if self.context_head is not None else None
         return mean, logvar.clamp(-12.0, 8.0), h
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, log-variance) of the Gaussian q(z0 | x) before the IAF steps, each [N, d]."""
+        return self._encode_all(x)[:2]
 
     def posterior_sample(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """A reparameterised z ~ q(z | x) [N, d] and log q(z | x) [N]."""
@@ -90,5 +112,5 @@ class FlowVAE(VAE):
         """n decoded means [n, D] from z ~ p(z)."""
         check_count("n", n, 0, "the number of samples")
         z = self.prior.sample(n) if self.prior is not None else torch.randn(n, self.latent_dim,
-                                                                          device=self.encoder.head.weight.device)
+                                                                          device=self.decoder.log_sigma.device)
         return self.decoder.mean(z)

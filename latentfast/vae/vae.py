@@ -83,16 +83,22 @@ class VAE(nn.Module):
         flat = self.flat_input(x)
         if isinstance(self.encoder, MLPEncoder):
             return self.encoder(flat)
+        mean, logvar = self._run_encoder(x, ("mean", "log-variance"), (self.latent_dim, self.latent_dim))
+        return mean, logvar
+
+    def _run_encoder(self, x: Tensor, names: tuple[str, ...], widths: tuple[int, ...]) -> tuple[Tensor, ...]:
+        """A custom encoder's output on x as given, checked to be len(names) tensors [N, width]."""
         out = self.encoder(x)
-        want = (x.shape[0], self.latent_dim)
-        if not (isinstance(out, (tuple, list)) and len(out) == 2
-                and all(isinstance(t, Tensor) and tuple(t.shape) == want for t in out)):
+        want = [[x.shape[0], w] for w in widths]
+        if not (isinstance(out, (tuple, list)) and len(out) == len(names)
+                and all(isinstance(t, Tensor) and list(t.shape) == w for t, w in zip(out, want))):
             got = (tuple(tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in out)
                    if isinstance(out, (tuple, list)) else tuple(out.shape) if isinstance(out, Tensor)
                    else type(out).__name__)
-            raise ValueError(f"the encoder must return (mean, log-variance), each {list(want)}, for x "
+            shapes = ", ".join(f"{n} {w}" for n, w in zip(names, want))
+            raise ValueError(f"the encoder must return ({', '.join(names)}): {shapes}, for x "
                              f"{tuple(x.shape)}; got {got}")
-        return out[0], out[1]
+        return tuple(out)
 
     def embed(self, x: Tensor) -> Tensor:
         """The deterministic code of x [N, d] (the posterior mean)."""

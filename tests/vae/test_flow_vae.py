@@ -75,3 +75,76 @@ def test_flow_vae_bad_arguments_and_edge_shapes():
         FlowVAE(6, latent_dim=2, hidden=(8, 0))
     loss, parts = FlowVAE(6, latent_dim=2, hidden=()).loss(torch.randn(5, 6))
     assert torch.isfinite(loss) and set(parts) == {"loss", "nll", "kl"}
+
+
+def test_flow_vae_takes_an_encoder_of_the_users():
+    """FlowVAE(encoder=...) runs the user's encoder on x as given (a convolutional one on
+    images here; FlowVAE had no such argument). The encoder emits (mean, log-variance, h), h
+    the IAF's context: log q is the Gaussian density of z0 less the IAF's log-det at that
+    context, the loss is the Monte-Carlo ELBO written out with it, gradients reach h, fit
+    trains it, the state dict round-trips. Without posterior steps the encoder emits (mean,
+    log-variance); any other output raises a ValueError saying what was expected."""
+    import math
+
+    from torch import nn
+
+    class ConvEncoder(nn.Module):
+        def __init__(self, context: bool = True):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3, padding=1)
+            self.head = nn.Linear(3 * 16, 4)
+            self.h = nn.Linear(3 * 16, 5) if context else None
+
+        def forward(self, x):
+            feat = torch.tanh(self.conv(x)).flatten(1)
+            mean, logvar = self.head(feat).chunk(2, dim=1)
+            return (mean, logvar, torch.tanh(self.h(feat))) if self.h is not None else (mean, logvar)
+
+    torch.manual_seed(0)
+    x = torch.rand(12, 1, 4, 4, dtype=torch.float64)
+    model = FlowVAE(16, latent_dim=2, hidden=(8,), posterior_steps=2, prior_steps=1, context_dim=5,
+                    encoder=ConvEncoder()).double()
+    assert model.context_head is None
+    with torch.no_grad():
+        for p in model.posterior_flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    mean, logvar, h = model.encoder(x)
+    got = model.encode(x)
+    assert torch.equal(got[0], mean) and torch.equal(got[1], logvar)
+    torch.manual_seed(1)
+    loss, nll, kl = model.loss_terms(x)
+    torch.manual_seed(1)
+    eps = torch.randn_like(mean)
+    z0 = mean + eps * (0.5 * logvar).exp()
+    z, logdet = model.posterior_flow(z0, h)
+    log_q = torch.distributions.Normal(mean, (0.5 * logvar).exp()).log_prob(z0).sum(1) - logdet
+    mu, sigma = model.decoder(z)
+    want_nll = (0.5 * ((x.flatten(1) - mu) / sigma) ** 2 + sigma.log() + 0.5 * math.log(2 * math.pi)).sum(1).mean()
+    want_kl = (log_q - model.prior.log_prob(z)).mean()
+    torch.testing.assert_close(nll, want_nll)
+    torch.testing.assert_close(kl, want_kl)
+    torch.testing.assert_close(loss, want_nll + want_kl)
+    loss.backward()
+    assert model.encoder.h.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(model.embed(x), model.posterior_flow(mean, h)[0])
+    assert model.sample(3).shape == (3, 16)
+
+    flat = x.flatten(1).float()
+    plain = FlowVAE(16, latent_dim=2, hidden=(8,), posterior_steps=2, context_dim=5, encoder=ConvEncoder())
+    before = plain.encoder.h.weight.detach().clone()
+    history = fit(plain, flat.reshape(-1, 1, 4, 4), epochs=3, batch_size=4, progress=False)
+    assert len(history) == 3 and not torch.equal(before, plain.encoder.h.weight)
+    fresh = FlowVAE(16, latent_dim=2, hidden=(8,), posterior_steps=2, context_dim=5, encoder=ConvEncoder())
+    fresh.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(fresh.embed(x.float()), plain.embed(x.float()))
+
+    no_flow = FlowVAE(16, latent_dim=2, hidden=(8,), posterior_steps=0, encoder=ConvEncoder(context=False))
+    assert torch.isfinite(no_flow(x.float())) and no_flow.sample(2).shape == (2, 16)
+    with pytest.raises(ValueError, match=r"the encoder must return \(mean, log-variance, h\).*h \[12, 5\]"):
+        FlowVAE(16, latent_dim=2, hidden=(8,), context_dim=5, encoder=ConvEncoder(context=False)).encode(x.float())
+    with pytest.raises(ValueError, match=r"the encoder must return \(mean, log-variance, h\).*h \[12, 6\]"):
+        FlowVAE(16, latent_dim=2, hidden=(8,), context_dim=6, encoder=ConvEncoder())(x.float())
+    with pytest.raises(ValueError, match=r"the encoder must return \(mean, log-variance\)"):
+        FlowVAE(16, latent_dim=2, hidden=(8,), posterior_steps=0, encoder=ConvEncoder()).embed(x.float())
+    with pytest.raises(ValueError, match="context_dim must be an int >= 1"):
+        FlowVAE(16, latent_dim=2, context_dim=0)
