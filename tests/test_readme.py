@@ -78,6 +78,8 @@ def _check_geometry(ns: dict) -> None:
     assert ns["M"].shape == (10, 2, 2)
     assert ns["vol"].shape == (1000,)
     assert ns["res"].curves.shape == (4, 33, 2)
+    assert ns["one"].curves.shape == (33, 2) and ns["length"].shape == ()
+    torch.testing.assert_close(ns["length"], ns["one"].lengths)
     assert ns["D"].shape == (12, 12) and torch.allclose(ns["D"], ns["D"].T)
     assert ns["labels"].shape == (12,) and ns["pred"].shape == (5,)
     assert ns["path"].shape[-1] == 2 and ns["walk"].shape[-1] == 2

@@ -18,6 +18,11 @@ one) runs in eval mode inside these functions, whatever mode it is in (dropout o
 from its running statistics, which are left as they are), its modules' own modes restored
 after: the geometry is that of the decoder's deterministic map. An nn.Sequential's dropout
 layers are the identity there, so such a decoder takes the fused path.
+
+As torch.nn layers do, every function that takes a batch (points [B, d], curves
+[B, T+1, d], pairs of end points) also takes one item without the batch dimension (a point
+[d], a curve [T+1, d]) and returns its result without it too. The point-set functions
+(distance_matrix, knn, riemannian_kmeans, knn_predict) take sets [n, d] only.
 """
 from __future__ import annotations
 
@@ -152,8 +157,16 @@ def _check_points(name: str, z: Tensor) -> None:
     check_finite(name, z)
 
 
+def _unbatched(t: object, batched_dim: int) -> bool:
+    """Whether t is one item without its batch dimension: a point [d] where points [B, d] go
+    (batched_dim 2), a curve [T+1, d] where curves [B, T+1, d] go (3)."""
+    return isinstance(t, Tensor) and t.dim() == batched_dim - 1
+
+
 def metric(decoder, z: Tensor) -> Tensor:
-    """Pull-back metric M(z) [N, d, d] at latent points z [N, d]."""
+    """Pull-back metric M(z) [N, d, d] at latent points z [N, d] ([d, d] at one point [d])."""
+    if _unbatched(z, 2):
+        return metric(decoder, z[None])[0]
     _check_points("z", z)
     p = as_mlp(decoder)
     if p is not None:
@@ -164,7 +177,8 @@ def metric(decoder, z: Tensor) -> Tensor:
 
 
 def volume_measure(decoder, z: Tensor) -> Tensor:
-    """Riemannian volume measure sqrt(det M(z)) [N] (how much the decoder stretches there)."""
+    """Riemannian volume measure sqrt(det M(z)) [N] (how much the decoder stretches there);
+    a 0-dim tensor at one point [d]."""
     return torch.linalg.det(metric(decoder, z)).clamp_min(0).sqrt()
 
 
@@ -192,6 +206,9 @@ _MODES = ("features", "metric")
 
 
 def _by_mode(decoder, curves: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    if _unbatched(curves, 3):
+        energy, length = _by_mode(decoder, curves[None], mode)
+        return energy[0], length[0]
     if mode == "features":
         return _energy_length(decoder, curves)
     if mode == "metric":
@@ -200,7 +217,8 @@ def _by_mode(decoder, curves: Tensor, mode: str) -> tuple[Tensor, Tensor]:
 
 
 def curve_energy(decoder, curves: Tensor, mode: str = "features") -> Tensor:
-    """Discretised energy of curves [B, T+1, d], [B]. Differentiable.
+    """Discretised energy of curves [B, T+1, d], [B] (0-dim for one curve [T+1, d]).
+    Differentiable.
 
     mode="features": T * sum_t ||g(z_{t+1}) - g(z_t)||^2 (decoder outputs, fused op);
     mode="metric": T * sum_t dz_t^T M(z_mid) dz_t with the metric at segment midpoints
@@ -210,15 +228,19 @@ def curve_energy(decoder, curves: Tensor, mode: str = "features") -> Tensor:
 
 
 def curve_length(decoder, curves: Tensor, mode: str = "features") -> Tensor:
-    """Discretised length of curves [B, T+1, d], [B]: sum_t ||g(z_{t+1}) - g(z_t)||, or
-    sum_t sqrt(dz_t^T M(z_mid) dz_t) with mode="metric"."""
+    """Discretised length of curves [B, T+1, d], [B] (0-dim for one curve [T+1, d]):
+    sum_t ||g(z_{t+1}) - g(z_t)||, or sum_t sqrt(dz_t^T M(z_mid) dz_t) with mode="metric"."""
     return _by_mode(decoder, curves, mode)[1]
 
 
 def energy_and_grad(decoder, curves: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(energy [B], length [B], d energy / d curves [B, T+1, d]), fused for MLP decoders; by
     autograd for other decoders, also under torch.no_grad and torch.inference_mode (an
-    inference tensor is copied first: autograd cannot save one)."""
+    inference tensor is copied first: autograd cannot save one). One curve [T+1, d] gives
+    (energy [], length [], gradient [T+1, d])."""
+    if _unbatched(curves, 3):
+        energy, length, grad = energy_and_grad(decoder, curves[None])
+        return energy[0], length[0], grad[0]
     p = as_mlp(decoder)
     if p is not None:
         return ops.curve_energy_and_grad(curves, *p.args())
@@ -525,7 +547,19 @@ class _LaplacianCoords:
 
 
 def straight_line(z0: Tensor, z1: Tensor, n_segments: int) -> Tensor:
-    """Straight latent lines from z0 [B, d] to z1 [B, d], [B, n_segments + 1, d]."""
+    """Straight latent lines from z0 [B, d] to z1 [B, d], [B, n_segments + 1, d] (one line
+    [n_segments + 1, d] from points [d])."""
+    if z0.dim() != z1.dim() or (z0.dim() == 1 and z0.shape != z1.shape):
+        raise ValueError(f"z0 and z1 must have the same shape ([B, d], or [d] both for one pair), got "
+                         f"{tuple(z0.shape)} and {tuple(z1.shape)}")
+    if _unbatched(z0, 2):
+        return straight_line(z0[None], z1[None], n_segments)[0]
+    check_tensor("z0", z0, 2)
+    check_tensor("z1", z1, 2, like=z0)
+    if z0.shape != z1.shape:
+        raise ValueError(f"z0 and z1 must have the same shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
+    if isinstance(n_segments, bool) or not isinstance(n_segments, int) or n_segments < 1:
+        raise ValueError(f"n_segments must be an int >= 1, got {n_segments!r}")
     t = torch.linspace(0, 1, n_segments + 1, dtype=z0.dtype, device=z0.device)[None, :, None]
     return z0[:, None] + t * (z1 - z0)[:, None]
 
@@ -545,11 +579,22 @@ def _resample_polyline(points: Tensor, n_segments: int) -> Tensor:
 def graph_init(z0: Tensor, z1: Tensor, decoder, data: Tensor, n_segments: int,
                n_neighbors: int = 10, max_nodes: int = 1000, seed: int = 0) -> Tensor:
     """Initial curves from shortest paths on a kNN graph of data latents, with edges weighted
-    by the Riemannian length of the straight segment. Returns [B, n_segments + 1, d]."""
+    by the Riemannian length of the straight segment. Returns [B, n_segments + 1, d] for end
+    points z0, z1 [B, d] ([n_segments + 1, d] for one pair [d])."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import dijkstra
 
+    if z0.dim() != z1.dim():
+        raise ValueError(f"z0 and z1 must have the same shape ([B, d], or [d] both for one pair), got "
+                         f"{tuple(z0.shape)} and {tuple(z1.shape)}")
+    if _unbatched(z0, 2):
+        return graph_init(z0[None], z1[None], decoder, data, n_segments, n_neighbors, max_nodes, seed)[0]
+    _check_points("z0", z0)
+    _check_points("z1", z1)
     _check_points("data", data)
+    if z0.shape != z1.shape or z0.shape[1] != data.shape[1]:
+        raise ValueError(f"z0, z1 and data must be [B, d], [B, d] and [n, d], got {tuple(z0.shape)}, "
+                         f"{tuple(z1.shape)} and {tuple(data.shape)}")
     nodes = data.detach()
     if nodes.shape[0] > max_nodes:
         gen = torch.Generator().manual_seed(seed)
@@ -716,7 +761,10 @@ def _relax_solve(z0: Tensor, z1: Tensor, curves: Tensor, decoder, tol: float, ma
 def interpolate(decoder, curves: Tensor, n_points: int) -> Tensor:
     """Points spaced evenly in Riemannian arc length along each curve, [B, n_points, d]
     (linear in latent space within a segment; a curve of length 0 gives its first point).
-    All curves at once: one decoder pass and batched searches, no loop over the curves."""
+    All curves at once: one decoder pass and batched searches, no loop over the curves.
+    One curve [T+1, d] gives [n_points, d]."""
+    if _unbatched(curves, 3):
+        return interpolate(decoder, curves[None], n_points)[0]
     check_tensor("curves", curves, 3)
     if curves.shape[1] < 2:
         raise ValueError(f"curves need at least 2 points, got {curves.shape[1]}")
@@ -747,7 +795,14 @@ def geodesic_acceleration(decoder, z: Tensor, v: Tensor) -> Tensor:
 
     MLP decoders (as_mlp) carry J and g''[v, v] forward through the layers in one batched
     pass (latentfast.reference.geometry.geodesic_acceleration); any other decoder gets J and
-    g''[v, v] from torch.func (jacfwd and a jvp of a jvp per point, under vmap)."""
+    g''[v, v] from torch.func (jacfwd and a jvp of a jvp per point, under vmap).
+    One point and velocity [d] give [d]."""
+    if _unbatched(z, 2) and _unbatched(v, 2):
+        return geodesic_acceleration(decoder, z[None], v[None])[0]
+    check_tensor("z", z, 2)  # shapes only: exp_map's RK4 stages call this, and a finiteness
+    check_tensor("v", v, 2, like=z)  # check would read back every stage (its path is checked once)
+    if z.shape != v.shape:
+        raise ValueError(f"z and v must have the same shape, got {tuple(z.shape)} and {tuple(v.shape)}")
     p = as_mlp(decoder)
     if p is not None:
         return ref.geodesic_acceleration(z, v, *p.args())
@@ -764,7 +819,9 @@ def geodesic_acceleration(decoder, z: Tensor, v: Tensor) -> Tensor:
 def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) -> Tensor:
     """Geodesic shooting: integrate z'' = -Gamma(z)[z', z'] from z [B, d] with velocity
     v [B, d] for time t (RK4, n_steps). Returns the trajectory [B, n_steps + 1, d]; its last
-    point is Exp_z(t v)."""
+    point is Exp_z(t v). One point and velocity [d] give [n_steps + 1, d]."""
+    if _unbatched(z, 2) and _unbatched(v, 2):
+        return exp_map(decoder, z[None], v[None], t, n_steps)[0]
     _check_points("z", z)
     _check_points("v", v)
     if z.shape != v.shape:
@@ -809,7 +866,9 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
 def extrapolate(decoder, curves: Tensor, t: float = 0.5, n_steps: int = 25) -> Tensor:
     """Continue curves [B, T+1, d] (parameterised over [0, 1]) past their end point along
     the geodesic with the end velocity, for a further time t. Returns [B, n_steps + 1, d]
-    starting at the end point."""
+    starting at the end point ([n_steps + 1, d] for one curve [T+1, d])."""
+    if _unbatched(curves, 3):
+        return extrapolate(decoder, curves[None], t, n_steps)[0]
     check_tensor("curves", curves, 3)
     if curves.shape[1] < 2:
         raise ValueError(f"curves need at least 2 points, got {curves.shape[1]}")
@@ -954,7 +1013,10 @@ def random_walk(decoder, z0: Tensor, n_steps: int, step_size: float = 0.01,
     network far from the data, where saturated units make J vanish, the steps follow
     (M + 1e-9 I)^-1 and can jump thousands of units. Fit the variance network
     (latentfast.vae.fit_rbf_variance), whose metric grows away from the data, to keep walks
-    near it. Returns [B, n_steps + 1, d]."""
+    near it. Returns [B, n_steps + 1, d] for starts z0 [B, d] ([n_steps + 1, d] for one
+    start [d])."""
+    if _unbatched(z0, 2):
+        return random_walk(decoder, z0[None], n_steps, step_size, generator)[0]
     _check_points("z0", z0)
     if step_size <= 0:
         raise ValueError(f"step_size must be > 0, got {step_size}")

@@ -364,8 +364,9 @@ def test_interpolate_many_curves_at_once():
     leaf = curves.clone().requires_grad_()
     geo.interpolate(dec, leaf, 5).sum().backward()  # differentiable in the curve points
     assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    torch.testing.assert_close(geo.interpolate(dec, curves[0], 5), geo.interpolate(dec, curves[:1], 5)[0])
     with pytest.raises(ValueError):
-        geo.interpolate(dec, curves[0], 5)
+        geo.interpolate(dec, curves[0, 0], 5)  # one point is not a curve
     with pytest.raises(ValueError):
         geo.interpolate(dec, curves, 1)
 
@@ -1218,3 +1219,57 @@ def test_metric_form_energy_agrees_with_feature_form(backend):
     assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="mode"):
         geo.curve_energy(dec, fine, mode="spline")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["mlp", "generic"])
+def test_functions_take_one_item_without_its_batch_dimension(fused, backend):
+    """As torch.nn layers do, a point [d] or a curve [T+1, d] goes where a batch [B, d] or
+    [B, T+1, d] goes, and the result has no batch dimension: the batch-of-one result's only
+    item (before, only geodesic took one pair; the curve it returned for it raised in
+    curve_length, curve_energy, energy_and_grad, interpolate and extrapolate, and metric,
+    exp_map, random_walk and the initialisations raised or failed inside torch)."""
+    dec = small_mlp_decoder(rbf=fused) if fused else sphere
+    z0, z1 = torch.tensor([-0.3, 0.2], dtype=F64), torch.tensor([0.4, 0.5], dtype=F64)
+    res = geo.geodesic(z0, z1, dec, n_segments=8)
+    curve = res.curves
+    assert curve.shape == (9, 2) and res.lengths.shape == ()
+    torch.testing.assert_close(geo.curve_length(dec, curve), res.lengths)
+    torch.testing.assert_close(geo.curve_energy(dec, curve), res.energies)
+
+    def same(one, batched):
+        one = one if isinstance(one, tuple) else (one,)
+        batched = batched if isinstance(batched, tuple) else (batched,)
+        for a, b in zip(one, batched, strict=True):
+            assert a.shape == b.shape[1:], (a.shape, b.shape)
+            torch.testing.assert_close(a, b[0], rtol=0, atol=0)
+
+    v = torch.tensor([0.3, -0.2], dtype=F64)
+    data = torch.randn(40, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    cases = {
+        "metric": lambda f: f(lambda z: geo.metric(dec, z), z0),
+        "volume_measure": lambda f: f(lambda z: geo.volume_measure(dec, z), z0),
+        "curve_length metric": lambda f: f(lambda c: geo.curve_length(dec, c, mode="metric"), curve),
+        "curve_energy metric": lambda f: f(lambda c: geo.curve_energy(dec, c, mode="metric"), curve),
+        "energy_and_grad": lambda f: f(lambda c: geo.energy_and_grad(dec, c), curve),
+        "interpolate": lambda f: f(lambda c: geo.interpolate(dec, c, 5), curve),
+        "extrapolate": lambda f: f(lambda c: geo.extrapolate(dec, c, t=0.2, n_steps=4), curve),
+        "geodesic_acceleration": lambda f: f(lambda z, w: geo.geodesic_acceleration(dec, z, w), z0, v),
+        "exp_map": lambda f: f(lambda z, w: geo.exp_map(dec, z, w, t=0.5, n_steps=4), z0, v),
+        "random_walk": lambda f: f(lambda z: geo.random_walk(dec, z, 3, 1e-3, torch.Generator().manual_seed(1)), z0),
+        "straight_line": lambda f: f(lambda a, b: geo.straight_line(a, b, 4), z0, z1),
+        "graph_init": lambda f: f(lambda a, b: geo.graph_init(a, b, dec, data, 6, n_neighbors=5), z0, z1),
+    }
+    for name, case in cases.items():
+        one = case(lambda fn, *args: fn(*args))
+        batched = case(lambda fn, *args: fn(*(a[None] for a in args)))
+        same(one, batched)
+    with pytest.raises(ValueError, match="z0 and z1 must have the same shape"):
+        geo.straight_line(z0, z1[None], 4)
+    with pytest.raises(ValueError, match="z0 and z1 must have the same shape"):
+        geo.straight_line(z0[None], torch.zeros(2, 2, dtype=F64), 4)
+    with pytest.raises(ValueError, match="n_segments must be an int >= 1"):
+        geo.straight_line(z0, z1, 0)
+    with pytest.raises(ValueError, match="z and v must have the same shape"):
+        geo.geodesic_acceleration(dec, z0[None], torch.zeros(2, 2, dtype=F64))
+    with pytest.raises(ValueError, match=r"z0, z1 and data must be \[B, d\], \[B, d\] and \[n, d\]"):
+        geo.graph_init(z0, z1, dec, torch.zeros(5, 3, dtype=F64), 6)
