@@ -3,7 +3,9 @@
 Convention for every transform here (base -> data, as torch.distributions transforms):
 ``forward(z, context=None) -> (x, logdet)`` with logdet = log|det dx/dz| [B], and
 ``inverse(x, context=None) -> (z, logdet)`` with the same logdet (the forward's, evaluated
-at z), so that log p(x) = log p_base(z) - logdet.
+at z), so that log p(x) = log p_base(z) - logdet. The vectors are [B, d], or of any leading
+shape [..., d] as torch.distributions transforms take them (one vector [d], samples
+[S, B, d]) with a context of the same leading shape [..., c], and logdet [...].
 
 IAF, MAF and the couplings are stacks of K masked-MLP steps that run as one
 ``latentfast::vector_flow_stack`` call per direction (C++ on CPU, Triton on GPU):
@@ -19,6 +21,9 @@ Consecutive MADE steps reverse the variable order; couplings alternate the halve
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -26,6 +31,27 @@ from latentfast.ops import flows as flow_ops
 from latentfast.ops import vector_flows as ops
 from latentfast.ops._checks import (can_read_back, check_count, check_finite, check_tensor, passed_before,
                                    remember_passed)
+
+
+def _any_leading_shape(method: Callable) -> Callable:
+    """Let a transform's method on vectors [B, d] (and context [B, c]) take x [..., d] with a
+    context [..., c] of the same leading shape: it runs on the flattened rows and its
+    (y, logdet) come back as [..., d] and [...]."""
+
+    @functools.wraps(method)
+    def run(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if not isinstance(x, Tensor) or x.dim() in (0, 2):
+            return method(self, x, context)  # (which checks x)
+        lead = x.shape[:-1]
+        if context is not None:
+            check_tensor("context", context)
+            if context.dim() == 0 or context.shape[:-1] != lead:
+                raise ValueError(f"context must be [{', '.join([*map(str, lead), 'c'])}] to go with x "
+                                 f"{tuple(x.shape)}, got {tuple(context.shape)}")
+            context = context.reshape(-1, context.shape[-1])
+        y, logdet = method(self, x.reshape(-1, x.shape[-1]), context)
+        return y.reshape(*lead, y.shape[-1]), logdet.reshape(lead)
+    return run
 
 
 def made_degrees(d: int, hidden: int, order: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -152,12 +178,14 @@ class MaskedFlowStack(nn.Module):
         # x would give a new tensor each call, and the op checks act once per tensor version)
         return (self.w1 * self.mask1, self.b1, self.w2 * self.mask2, self.b2, self.act, ctx)
 
+    @_any_leading_shape
     def forward_stack(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The K steps on x [B, d] (context h [B, c] or None) in one vector_flow_stack call: (y,
-        log|det dy/dx| [B])."""
+        """The K steps on x [B, d] (context h [B, c] or None; or [..., d] with h [..., c]) in
+        one vector_flow_stack call: (y, log|det dy/dx| [B])."""
         w1, b1, w2, b2, act, ctx = self._args(x, h)
         return ops.vector_flow_stack(x, w1, b1, w2, b2, act, ctx, self.additive)
 
+    @_any_leading_shape
     def inverse_stack(self, y: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x with forward_stack(x, h)[0] = y, and the forward's log|det| at x [B]
         (vector_flow_stack_inverse)."""
@@ -232,7 +260,7 @@ class VectorAdditiveCoupling(VectorAffineCoupling):
 
 
 def _check_vectors(name: str, x: Tensor, dim: int) -> None:
-    """x must be [B, dim] (a flow layer on vectors; Flow.log_prob flattens other batch shapes)."""
+    """x must be [B, dim] (the layers take other leading shapes through _any_leading_shape)."""
     check_tensor(name, x, 2)
     if x.shape[1] != dim:
         raise ValueError(f"{name} must be [B, {dim}], got {tuple(x.shape)}")
@@ -270,12 +298,14 @@ class Permutation(nn.Module):
                              "(argsort(perm)); a loaded state dict broke them")
         remember_passed("permutation", perm, inv)
 
+    @_any_leading_shape
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(z[:, perm], zeros [B])."""
         _check_vectors("z", z, self.perm.shape[0])
         self._check_buffers()
         return z[:, self.perm], z.new_zeros(z.shape[0])
 
+    @_any_leading_shape
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(x[:, perm^-1], zeros [B])."""
         _check_vectors("x", x, self.perm.shape[0])
@@ -304,12 +334,14 @@ class LULinear(nn.Module):
         """(W, W^-1, log|det W|)."""
         return flow_ops.lu_weight(self.perm, self.lower, self.upper, self.sign_s, self.log_abs_s)
 
+    @_any_leading_shape
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(W z + b [B, d], log|det W| per row [B])."""
         _check_vectors("z", z, self.bias.shape[0])
         w, _, logdet = self.weights()
         return torch.addmm(self.bias, z, w.t()), logdet.expand(z.shape[0])
 
+    @_any_leading_shape
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(W^-1 (x - b) [B, d], log|det W| per row [B])."""
         _check_vectors("x", x, self.bias.shape[0])

@@ -686,6 +686,38 @@ def test_flow_log_prob_takes_any_batch_shape_as_a_distribution_does():
         cflow.sample((2, 5), context=c[:1])
 
 
+def test_transforms_take_any_leading_shape(backend):
+    """Each transform's forward and inverse take x [..., d] as torch.distributions transforms
+    do (one vector [d], samples [S, B, d]) with a context [..., c] of the same leading shape,
+    each row's values those of the flat [B, d] call and logdet [...]; gradients reach the
+    inputs (before, anything but [B, d] raised, though Flow.log_prob takes [..., d]). A
+    context of another leading shape raises."""
+    d, c = 5, 3
+    x = torch.randn(2, 3, d, dtype=torch.float64)
+    ctx = torch.randn(2, 3, c, dtype=torch.float64)
+    layers = [*_flows(d, context_dim=c), vf.LULinear(d), vf.Permutation(d, torch.tensor([2, 0, 4, 1, 3]))]
+    for i, layer in enumerate(layers):
+        layer = layer.double()
+        _perturb(layer, i)
+        h = ctx if getattr(layer, "context_dim", 0) else None
+        for method in (layer.forward, layer.inverse):
+            flat_y, flat_ld = method(x.reshape(6, d), None if h is None else h.reshape(6, c))
+            leaf = x.clone().requires_grad_()
+            y, ld = method(leaf, h)
+            assert y.shape == (2, 3, d) and ld.shape == (2, 3)
+            assert_close(y, flat_y.reshape(2, 3, d))
+            assert_close(ld, flat_ld.reshape(2, 3))
+            (y.sum() + ld.sum()).backward()
+            assert leaf.grad.shape == x.shape and torch.isfinite(leaf.grad).all()
+            y1, ld1 = method(x[1, 2], None if h is None else h[1, 2])
+            assert y1.shape == (d,) and ld1.shape == ()
+            assert_close(y1, flat_y[5])
+            assert_close(ld1, flat_ld[5])
+            if h is not None:
+                with pytest.raises(ValueError, match=r"context must be \[2, 3, c\] to go with x"):
+                    method(x, h[0])
+
+
 def test_flow_called_as_a_module_is_log_prob(backend, device="cpu"):
     """flow(x, context) is log_prob, as module wrappers need (Flow had no forward: calling it,
     DistributedDataParallel and torch.func.functional_call raised NotImplementedError). An
