@@ -94,6 +94,7 @@ def _check_flows(ns: dict) -> None:
 def _check_rnn(ns: dict) -> None:
     assert ns["out"].shape == (3, 9, 512) and ns["c_n"].shape == (4, 3, 256)  # 2 layers, 2 directions
     assert ns["forecast"].shape[:2] == (2, 600)
+    assert ns["pred2"].shape == (2, 100, 3) and ns["s"].shape == (2, 128)
     assert ns["le"].shape == (2, 3)
     assert ns["exps"].shape == (2, 16)
 

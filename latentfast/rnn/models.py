@@ -288,9 +288,24 @@ class SequenceModel(nn.Module):
         if x.shape[2] != self.dim or x.shape[1] < 1:
             raise ValueError(f"{name} must be [B, T, {self.dim}] with T >= 1, got {tuple(x.shape)}")
 
+    def _unpack(self, s: Tensor, batch: int):  # state [B, S] -> the module's (h0 or (h0, c0))
+        check_tensor("h0", s, 2)
+        if tuple(s.shape) != (batch, self.state_size):
+            raise ValueError(f"h0 must be the state [B, S] = [{batch}, {self.state_size}] (as forward and forecast "
+                             f"return it), or the {self.cell.upper()} module's own state; got {tuple(s.shape)}")
+        if self.cell == "gru":
+            return s[None]
+        return s[None, :, :self.hidden].contiguous(), s[None, :, self.hidden:].contiguous()
+
     def forward(self, x: Tensor, h0=None) -> tuple[Tensor, Tensor]:
-        """Teacher-forced one-step predictions [B, T, D] of x[:, 1:], and the last state [B, S]."""
+        """Teacher-forced one-step predictions [B, T, D] of x[:, 1:], and the last state [B, S].
+
+        h0: the state to start from: [B, S] as this method and forecast return it (so a long
+        series can be run in chunks, each from the last one's state), or the RNN module's own
+        layout (h0 [1, B, H]; (h0, c0) for the LSTM); None: zeros."""
         self._check_series("x", x)
+        if isinstance(h0, Tensor) and h0.dim() == 2:
+            h0 = self._unpack(h0, x.shape[0])
         out, hx = self.rnn(x, h0)
         return self.readout(out), self._pack(hx)
 
@@ -365,7 +380,7 @@ def fit_sequence_model(model: SequenceModel, data: Tensor, epochs: int = 20, win
     pairs = torch.cartesian_prod(torch.arange(n, device="cpu"), starts)
     steps = torch.arange(window + 1, device=data.device)
     history = []
-    bar = tqdm(range(epochs), desc="GRU", disable=not progress)
+    bar = tqdm(range(epochs), desc=model.cell.upper(), disable=not progress)
     for _ in bar:
         perm = pairs[torch.randperm(len(pairs), generator=gen, device=gen.device)].to(data.device)
         total = data.new_zeros(())  # read back once per epoch, not per step

@@ -129,6 +129,30 @@ def test_sequence_model_bad_inputs_raise_and_zero_steps_forecast_nothing(cell):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_sequence_model_continues_from_the_state_it_returns(backend, cell):
+    """forward(x, h0) takes the state [B, S] that forward and forecast return (before, only the
+    RNN module's own layout: the returned state raised), so a series run in two chunks gives
+    the one-call predictions and last state; the module's own layout still works, and a state
+    of the wrong size raises."""
+    torch.manual_seed(0)
+    model = SequenceModel(3, hidden=5, cell=cell).double()
+    x = torch.randn(2, 9, 3, dtype=torch.float64)
+    whole, s_whole = model(x)
+    first, s = model(x[:, :4])
+    second, s_end = model(x[:, 4:], s)
+    torch.testing.assert_close(torch.cat([first, second], 1), whole)
+    torch.testing.assert_close(s_end, s_whole)
+    own = s[None] if cell == "gru" else (s[None, :, :5], s[None, :, 5:])
+    torch.testing.assert_close(model(x[:, 4:], own)[0], second)
+    _, states = model.forecast(x[:, :4], 3)
+    torch.testing.assert_close(states[:, 0], s)  # forecast's first state is forward's last
+    with pytest.raises(ValueError, match=rf"h0 must be the state \[B, S\] = \[2, {model.state_size}\]"):
+        model(x, torch.zeros(2, model.state_size + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=rf"h0 must be the state \[B, S\] = \[2, {model.state_size}\]"):
+        model(x, torch.zeros(3, model.state_size, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_model_spectrum_equals_benettin_on_its_closed_loop_jacobian(backend, cell):
     torch.manual_seed(4)
     model = SequenceModel(3, hidden=5, cell=cell).double()
