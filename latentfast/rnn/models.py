@@ -310,13 +310,14 @@ class SequenceModel(nn.Module):
         return self.readout(out), self._pack(hx)
 
     @torch.no_grad()
-    def forecast(self, context: Tensor, n_steps: int) -> tuple[Tensor, Tensor]:
-        """Warm up on context [B, T0, D], then run closed loop (each prediction is the next
-        input) for n_steps. Returns (forecast [B, n_steps, D], states [B, n_steps, S])."""
+    def forecast(self, context: Tensor, n_steps: int, h0=None) -> tuple[Tensor, Tensor]:
+        """Warm up on context [B, T0, D] (from state h0, as forward takes it; None: zeros), then
+        run closed loop (each prediction is the next input) for n_steps. Returns (forecast
+        [B, n_steps, D], states [B, n_steps, S])."""
         self._check_series("context", context)
         if n_steps < 0:
             raise ValueError(f"n_steps must be >= 0, got {n_steps}")
-        pred, s = self(context)
+        pred, s = self(context, h0)
         if n_steps == 0:
             return pred.new_empty((pred.shape[0], 0, self.dim)), s.new_empty((s.shape[0], 0, s.shape[1]))
         x = pred[:, -1]

@@ -146,6 +146,8 @@ def test_sequence_model_continues_from_the_state_it_returns(backend, cell):
     torch.testing.assert_close(model(x[:, 4:], own)[0], second)
     _, states = model.forecast(x[:, :4], 3)
     torch.testing.assert_close(states[:, 0], s)  # forecast's first state is forward's last
+    # forecast warms up from a given state as forward does: chunked warm-up, the same forecast
+    torch.testing.assert_close(model.forecast(x[:, 4:], 3, h0=s), model.forecast(x, 3))
     with pytest.raises(ValueError, match=rf"h0 must be the state \[B, S\] = \[2, {model.state_size}\]"):
         model(x, torch.zeros(2, model.state_size + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match=rf"h0 must be the state \[B, S\] = \[2, {model.state_size}\]"):
