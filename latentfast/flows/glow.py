@@ -17,8 +17,9 @@ class Glow(nn.Module):
     Gaussian for the top latent.
 
     Args:
-        in_channels, image_size: input shape [N, in_channels, image_size, image_size];
-            image_size must be divisible by 2**n_levels.
+        in_channels, image_size: input shape [N, in_channels, image_size, image_size], or
+            [N, in_channels, H, W] for image_size (H, W); each side must be divisible by
+            2**n_levels.
         n_levels (L), steps_per_level (K), hidden: coupling net width.
         lu, additive: InvConv1x1 parameterisation and coupling type.
         coupling_net: a factory (in_channels, out_channels) -> nn.Module making each step's
@@ -30,40 +31,47 @@ class Glow(nn.Module):
         >>> x = glow.sample(4, temperature=0.7)
     """
 
-    def __init__(self, in_channels: int, image_size: int, n_levels: int = 3,
+    def __init__(self, in_channels: int, image_size: int | tuple[int, int], n_levels: int = 3,
                  steps_per_level: int = 4, hidden: int = 512, lu: bool = True,
                  additive: bool = False, coupling_net: Callable[[int, int], nn.Module] | None = None) -> None:
         super().__init__()
-        if image_size % (2 ** n_levels):
+        check_count("in_channels", in_channels, 1, "the image's channels")
+        check_count("n_levels", n_levels, 1, "the scales")
+        check_count("steps_per_level", steps_per_level, 1, "the Glow steps of each scale")
+        sides = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(sides) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sides):
+            raise ValueError(f"image_size must be an int >= 1 or a pair (H, W) of them, got {image_size!r}")
+        if any(v % (2 ** n_levels) for v in sides):
             raise ValueError(f"image_size {image_size} must be divisible by 2**n_levels = {2 ** n_levels}")
         self.in_channels, self.image_size, self.n_levels = in_channels, image_size, n_levels
+        self.image_shape: tuple[int, int] = sides  # (H, W)
         self.levels = nn.ModuleList()
         self.splits = nn.ModuleList()
         c = in_channels
         self.latent_shapes: list[tuple[int, int, int]] = []
-        size = image_size
+        h, w = sides
         for level in range(n_levels):
-            c, size = c * 4, size // 2
+            c, h, w = c * 4, h // 2, w // 2
             nets = [None if coupling_net is None else coupling_net(c // 2, c // 2 if additive else c)
                     for _ in range(steps_per_level)]
             self.levels.append(nn.ModuleList(
                 GlowStep(c, hidden, lu=lu, additive=additive, net=net) for net in nets))
             if level < n_levels - 1:
                 self.splits.append(Split(c))
-                self.latent_shapes.append((c // 2, size, size))
+                self.latent_shapes.append((c // 2, h, w))
                 c //= 2
-        self.latent_shapes.append((c, size, size))
+        self.latent_shapes.append((c, h, w))
         self.top_mean = nn.Parameter(torch.zeros(c))
         self.top_log_sd = nn.Parameter(torch.zeros(c))
 
     @property
     def dims(self) -> int:
         """Number of dimensions D of one input."""
-        return self.in_channels * self.image_size ** 2
+        return self.in_channels * self.image_shape[0] * self.image_shape[1]
 
     def _check_input(self, x: Tensor) -> None:
         check_tensor("x", x, 4)
-        want = (self.in_channels, self.image_size, self.image_size)
+        want = (self.in_channels, *self.image_shape)
         if tuple(x.shape[1:]) != want:
             raise ValueError(f"x must be [N, {want[0]}, {want[1]}, {want[2]}], got {tuple(x.shape)}")
         check_finite("x", x)
@@ -143,7 +151,7 @@ class Glow(nn.Module):
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
         p = self.top_mean
-        c, s, _ = self.latent_shapes[-1]
+        c, h, w = self.latent_shapes[-1]
         top = self.top_mean[None, :, None, None] + torch.exp(self.top_log_sd)[None, :, None, None] \
-            * temperature * torch.randn(n, c, s, s, dtype=p.dtype, device=p.device)
+            * temperature * torch.randn(n, c, h, w, dtype=p.dtype, device=p.device)
         return self._decode([None] * (self.n_levels - 1) + [top], temperature)

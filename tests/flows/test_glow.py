@@ -70,6 +70,41 @@ def test_glow_logdet_equals_jacobian_slogdet(backend):
     assert_close(logdet[0], logabs, scale=100.0)
 
 
+def test_glow_on_images_that_are_not_square(backend):
+    """Glow(C, (H, W)) takes [N, C, H, W] images with H != W (image_size was one side for
+    both): latents of the documented shapes, decode inverts encode, the log-det is the
+    Jacobian's slogdet (float64), sample and bits_per_dim run; sides that 2**n_levels does
+    not divide, or that are not ints, raise."""
+    torch.manual_seed(4)
+    glow = Glow(1, (4, 8), n_levels=2, steps_per_level=2, hidden=8).double()
+    assert glow.image_shape == (4, 8) and glow.dims == 32
+    assert glow.latent_shapes == [(2, 2, 4), (8, 1, 2)]
+    glow.encode(torch.rand(16, 1, 4, 8, dtype=torch.float64) - 0.5)  # ActNorm init on a batch
+    _perturb(glow, 5)
+    x = torch.rand(3, 1, 4, 8, dtype=torch.float64) - 0.5
+    zs, logdet = glow(x)
+    assert [tuple(z.shape) for z in zs] == [(3, 2, 2, 4), (3, 8, 1, 2)]
+    assert_close(glow.decode(zs), x, scale=100.0)
+
+    def flat_latents(v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([z.flatten() for z in glow(v.view(1, 1, 4, 8))[0]])
+
+    with latentfast.use_backend("reference") if interpreting() else contextlib.nullcontext():
+        jac = torch.autograd.functional.jacobian(flat_latents, x[:1].flatten())
+    sign, logabs = torch.linalg.slogdet(jac)
+    assert sign != 0
+    assert_close(logdet[0], logabs, scale=100.0)
+    assert glow.sample(2, temperature=0.5).shape == (2, 1, 4, 8)
+    assert torch.isfinite(glow.bits_per_dim(x))
+    with pytest.raises(ValueError, match=r"x must be \[N, 1, 4, 8\]"):
+        glow.log_prob(x.transpose(2, 3))
+    with pytest.raises(ValueError, match=r"must be divisible by 2\*\*n_levels = 4"):
+        Glow(1, (4, 6), n_levels=2)
+    for bad in ((4,), (4, 8, 8), (4.0, 8), (0, 8)):
+        with pytest.raises(ValueError, match="image_size must be an int >= 1 or a pair"):
+            Glow(1, bad, n_levels=1)
+
+
 def _small_net(c_in: int, c_out: int) -> torch.nn.Module:
     """A coupling net of the user's own (not zero-initialised, so the coupling is not the identity)."""
     return torch.nn.Sequential(torch.nn.Conv2d(c_in, 5, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(5, c_out, 1))
