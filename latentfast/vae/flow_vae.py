@@ -109,8 +109,8 @@ class FlowVAE(VAE):
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
-        """n decoded means [n, D] from z ~ p(z)."""
+        """n decoded means [n, D] from z ~ p(z) (the flow prior, or N(0, I) without one)."""
+        if self.prior is None:
+            return super().sample(n)
         check_count("n", n, 0, "the number of samples")
-        z = self.prior.sample(n) if self.prior is not None else torch.randn(n, self.latent_dim,
-                                                                          device=self.decoder.log_sigma.device)
-        return self.decoder.mean(z)
+        return self.decoder.mean(self.prior.sample(n))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from latentfast.ops._checks import check_count
 from latentfast.vae.decoders import GaussianMLPDecoder
 
 LOG_2PI = math.log(2 * math.pi)
@@ -103,6 +104,14 @@ class VAE(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         """The deterministic code of x [N, d] (the posterior mean)."""
         return self.encode(x)[0]
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """n decoded means [n, D] from z ~ N(0, I), the prior (flat: reshape to your data's
+        shape)."""
+        check_count("n", n, 0, "the number of samples")
+        p = self.decoder.log_sigma
+        return self.decoder.mean(torch.randn(n, self.latent_dim, dtype=p.dtype, device=p.device))
 
     def neg_log_lik(self, x: Tensor, z: Tensor) -> Tensor:
         """-log p(x | z) per sample [N]."""

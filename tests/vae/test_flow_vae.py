@@ -148,3 +148,23 @@ def test_flow_vae_takes_an_encoder_of_the_users():
         FlowVAE(16, latent_dim=2, hidden=(8,), posterior_steps=0, encoder=ConvEncoder()).embed(x.float())
     with pytest.raises(ValueError, match="context_dim must be an int >= 1"):
         FlowVAE(16, latent_dim=2, context_dim=0)
+
+
+def test_vae_samples_from_its_prior_in_its_dtype():
+    """VAE.sample(n) decodes z ~ N(0, I) (VAE had no sample); FlowVAE's too without a prior
+    flow (it drew float32 z whatever the model's dtype, so a float64 model raised), and from
+    the MAF prior with one. Each is the decoder's mean at the prior draw, [n, D]."""
+    for make in (lambda: VAE(6, latent_dim=2, hidden=(8,)),
+                 lambda: FlowVAE(6, latent_dim=2, hidden=(8,), prior_steps=0),
+                 lambda: FlowVAE(6, latent_dim=2, hidden=(8,), prior_steps=1)):
+        torch.manual_seed(0)
+        m = make().double()
+        torch.manual_seed(1)
+        got = m.sample(5)
+        torch.manual_seed(1)
+        z = m.prior.sample(5) if getattr(m, "prior", None) is not None else torch.randn(5, 2, dtype=torch.float64)
+        assert got.shape == (5, 6) and got.dtype == torch.float64
+        torch.testing.assert_close(got, m.decoder.mean(z))
+        assert m.sample(0).shape == (0, 6)
+        with pytest.raises(ValueError, match="n must be"):
+            m.sample(-1)
