@@ -372,9 +372,17 @@ class Flow(nn.Module):
         self._base = base
         self.register_buffer("_anchor", torch.zeros(dim))
 
+    has_rsample = True  # (as torch.distributions.Distribution says of itself)
+
     @property
     def event_shape(self) -> torch.Size:
+        """[d]: one draw is a vector."""
         return torch.Size([self.dim])
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        """[]: one distribution (a context conditions it per sample instead)."""
+        return torch.Size()
 
     def base(self) -> torch.distributions.Distribution:
         """The base distribution (the one given, or a standard normal on the flow's device).

@@ -651,7 +651,9 @@ def test_flow_log_prob_takes_any_batch_shape_as_a_distribution_does():
     torch.manual_seed(0)
     flow = vf.Flow(3, [vf.MAF(3, 8, n_steps=2), vf.LULinear(3)]).double()
     _perturb(flow, 3)
+    assert flow.batch_shape == () and flow.event_shape == (3,) and flow.has_rsample
     x = flow.sample((4, 5))
+    assert x.shape == torch.Size((4, 5)) + flow.batch_shape + flow.event_shape  # as a Distribution's
     flat = flow.log_prob(x.reshape(20, 3))
     assert flow.log_prob(x).shape == (4, 5)
     assert_close(flow.log_prob(x), flat.reshape(4, 5))
