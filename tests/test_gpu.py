@@ -396,6 +396,11 @@ def test_glow_under_torch_func_transforms_on_cuda(triton_cuda):
     glow_t.test_glow_under_torch_func_transforms(triton_cuda, device="cuda")
 
 
+def test_glow_on_images_that_are_not_square_on_cuda(triton_cuda):
+    """Glow(1, (4, 8)): latents, inversion and the log-det against the Jacobian's slogdet."""
+    glow_t.test_glow_on_images_that_are_not_square(triton_cuda, device="cuda")
+
+
 def test_flow_called_as_a_module_on_cuda(triton_cuda):
     """A stacked ensemble of conditional Flows under vmap and per-sample gradients."""
     vec_t.test_flow_called_as_a_module_is_log_prob(triton_cuda, device="cuda")

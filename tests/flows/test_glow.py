@@ -21,7 +21,7 @@ def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))  # (CPU draws: the same on every device)
 
 
 def _initialised(layer: torch.nn.Module, x: torch.Tensor, seed: int) -> torch.nn.Module:
@@ -70,18 +70,18 @@ def test_glow_logdet_equals_jacobian_slogdet(backend):
     assert_close(logdet[0], logabs, scale=100.0)
 
 
-def test_glow_on_images_that_are_not_square(backend):
+def test_glow_on_images_that_are_not_square(backend, device="cpu"):
     """Glow(C, (H, W)) takes [N, C, H, W] images with H != W (image_size was one side for
     both): latents of the documented shapes, decode inverts encode, the log-det is the
     Jacobian's slogdet (float64), sample and bits_per_dim run; sides that 2**n_levels does
     not divide, or that are not ints, raise."""
     torch.manual_seed(4)
-    glow = Glow(1, (4, 8), n_levels=2, steps_per_level=2, hidden=8).double()
+    glow = Glow(1, (4, 8), n_levels=2, steps_per_level=2, hidden=8).double().to(device)
     assert glow.image_shape == (4, 8) and glow.dims == 32
     assert glow.latent_shapes == [(2, 2, 4), (8, 1, 2)]
-    glow.encode(torch.rand(16, 1, 4, 8, dtype=torch.float64) - 0.5)  # ActNorm init on a batch
+    glow.encode(torch.rand(16, 1, 4, 8, dtype=torch.float64, device=device) - 0.5)  # ActNorm init on a batch
     _perturb(glow, 5)
-    x = torch.rand(3, 1, 4, 8, dtype=torch.float64) - 0.5
+    x = torch.rand(3, 1, 4, 8, dtype=torch.float64, device=device) - 0.5
     zs, logdet = glow(x)
     assert [tuple(z.shape) for z in zs] == [(3, 2, 2, 4), (3, 8, 1, 2)]
     assert_close(glow.decode(zs), x, scale=100.0)
