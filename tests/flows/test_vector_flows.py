@@ -874,7 +874,7 @@ def test_made_flow_step_at_the_widest_size(backend):
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():  # a trained-looking perturbation (fan-in 1024: keep the gates away from 0)
         for p in f.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.03)
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * 0.03)
     x = torch.randn(5, 512, dtype=torch.float64, device=dev)
     w1, b1, w2, b2, _, _ = f._args(x, None)
     leaves = [t.detach().clone().requires_grad_() for t in (x, w1[0], b1[0], w2[0], b2[0])]
