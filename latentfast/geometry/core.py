@@ -121,6 +121,9 @@ def _feature_fn(decoder) -> Callable[[Tensor], Tensor]:
     if not callable(decoder):
         raise TypeError(f"decoder must be a GaussianMLPDecoder, MLPParams, nn.Sequential or a "
                         f"callable z -> features, got {type(decoder).__name__}")
+    if isinstance(getattr(decoder, "decoder", None), GaussianMLPDecoder):  # a VAE: calling it is its loss
+        raise TypeError(f"decoder is a {type(decoder).__name__}, whose call is its training loss: pass its "
+                        f"decoder (model.decoder), the map the latent geometry is of")
 
     owner = decoder if isinstance(decoder, nn.Module) else getattr(decoder, "__self__", None)
     if isinstance(owner, nn.Module) and any(True for _ in owner.parameters()):

@@ -476,6 +476,10 @@ def test_bad_inputs_raise():
         geo.geodesic(bad, torch.ones(2, 2, dtype=F64), dec)
     with pytest.raises(TypeError, match="decoder must be"):
         geo.geodesic(torch.zeros(1, 2), torch.ones(1, 2), "not a decoder")
+    # a VAE itself (its call is the loss; it raised "x must be [N, 16]" about the latent points)
+    for model in (VAE(16, latent_dim=2, hidden=(8,)), VAE(2, latent_dim=2, hidden=(8,))):
+        with pytest.raises(TypeError, match=r"pass its decoder \(model.decoder\)"):
+            geo.metric(model, torch.zeros(3, 2))
     with pytest.raises(ValueError, match="init"):
         geo.geodesic(torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64), dec, init="spline")
     with pytest.raises(ValueError, match="data"):
