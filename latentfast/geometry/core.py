@@ -758,6 +758,13 @@ def _relax_solve(z0: Tensor, z1: Tensor, curves: Tensor, decoder, tol: float, ma
                                            first_step=first_step if _FIRST_STEP > 0 else None)
         curves = torch.cat([z0c, points(v, torch.arange(b, device=v.device)), z1c], dim=1)
         energy, length = _energy_length(decoder, curves)
+        # A pair with z0 == z1 is the constant curve of length 0 exactly: the solve's gradient there
+        # is rounding (equal points' features may differ by an ulp where a kernel computes them
+        # at other positions of a block), which may nudge the interior points by as much.
+        same = (z0c == z1c).all(-1)  # [B, 1]
+        curves = torch.where(same[..., None], z0c, curves)
+        energy, length = (torch.where(same[:, 0], 0.0, t) for t in (energy, length))
+        conv = conv | same[:, 0]
     return GeodesicResult(curves, length, energy, conv, iters)
 
 

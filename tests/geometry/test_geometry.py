@@ -256,6 +256,22 @@ def test_equal_end_points_give_zero_length():
     res = geo.geodesic(z, z, dec, n_segments=8)
     assert res.converged.all()
     assert torch.equal(res.lengths, torch.zeros(3, dtype=F64))
+    # Exactly, also where equal points' features differ by rounding with their row in a batch
+    # (kernels computing rows at other positions of a block, as numpy's BLAS does under the
+    # Triton interpreter on some CPUs): such a decoder, here by construction, gave lengths of
+    # about 1e-16 and interior points moved by as much. A pair with z0 != z1 beside them is
+    # solved as ever.
+    a = torch.randn(2, 5, dtype=F64)
+
+    def jittery(q):
+        return q @ a + 1e-15 * torch.arange(q.shape[0], dtype=F64)[:, None]
+
+    pairs0 = torch.cat([z, torch.zeros(1, 2, dtype=F64)])
+    pairs1 = torch.cat([z, torch.ones(1, 2, dtype=F64)])
+    res = geo.geodesic(pairs0, pairs1, jittery, n_segments=8)
+    assert torch.equal(res.lengths[:3], torch.zeros(3, dtype=F64)) and torch.equal(res.energies[:3], res.lengths[:3])
+    assert torch.equal(res.curves[:3], z[:, None].expand(3, 9, 2)) and res.converged.all()
+    torch.testing.assert_close(res.lengths[3], (torch.ones(2, dtype=F64) @ a).norm(), rtol=1e-6, atol=0)
 
 
 def test_exp_map_on_sphere_travels_speed_times_time():
