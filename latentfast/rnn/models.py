@@ -260,6 +260,8 @@ class SequenceModel(nn.Module):
 
     cell: "gru" or "lstm". The recurrent state is h [B, H] for the GRU and (h, c)
     concatenated, [B, 2H], for the LSTM (what forecast returns and lyapunov_spectrum takes).
+    As torch.nn's recurrent layers, every method also takes one series [T, D] (one state [S])
+    and returns its results without the batch dimension.
     """
 
     def __init__(self, dim: int, hidden: int = 64, cell: str = "gru"):
@@ -284,9 +286,19 @@ class SequenceModel(nn.Module):
         return torch.cat([h, c], 1)
 
     def _check_series(self, name: str, x: Tensor) -> None:
-        check_tensor(name, x, 3)
-        if x.shape[2] != self.dim or x.shape[1] < 1:
-            raise ValueError(f"{name} must be [B, T, {self.dim}] with T >= 1, got {tuple(x.shape)}")
+        check_tensor(name, x)
+        if x.dim() not in (2, 3) or x.shape[-1] != self.dim or x.shape[-2] < 1:
+            raise ValueError(f"{name} must be [B, T, {self.dim}] (or one series [T, {self.dim}]) with T >= 1, got "
+                             f"{tuple(x.shape)}")
+
+    def _one_state(self, h0) -> Tensor | None:  # one series' h0: its state [S] (or None) as a batch of one
+        if h0 is None:
+            return None
+        if not (isinstance(h0, Tensor) and h0.dim() == 1):
+            got = tuple(h0.shape) if isinstance(h0, Tensor) else type(h0).__name__
+            raise ValueError(f"for one series [T, {self.dim}], h0 must be its state [S] = [{self.state_size}] or None, "
+                             f"got {got}")
+        return h0[None]
 
     def _unpack(self, s: Tensor, batch: int):  # state [B, S] -> the module's (h0 or (h0, c0))
         check_tensor("h0", s, 2)
@@ -302,8 +314,12 @@ class SequenceModel(nn.Module):
 
         h0: the state to start from: [B, S] as this method and forecast return it (so a long
         series can be run in chunks, each from the last one's state), or the RNN module's own
-        layout (h0 [1, B, H]; (h0, c0) for the LSTM); None: zeros."""
+        layout (h0 [1, B, H]; (h0, c0) for the LSTM); None: zeros. One series x [T, D] (with
+        h0 [S] or None) gives ([T, D], [S])."""
         self._check_series("x", x)
+        if x.dim() == 2:
+            pred, s = self(x[None], self._one_state(h0))
+            return pred[0], s[0]
         if isinstance(h0, Tensor) and h0.dim() == 2:
             h0 = self._unpack(h0, x.shape[0])
         out, hx = self.rnn(x, h0)
@@ -313,8 +329,12 @@ class SequenceModel(nn.Module):
     def forecast(self, context: Tensor, n_steps: int, h0=None) -> tuple[Tensor, Tensor]:
         """Warm up on context [B, T0, D] (from state h0, as forward takes it; None: zeros), then
         run closed loop (each prediction is the next input) for n_steps. Returns (forecast
-        [B, n_steps, D], states [B, n_steps, S])."""
+        [B, n_steps, D], states [B, n_steps, S]); ([n_steps, D], [n_steps, S]) for one series
+        [T0, D]."""
         self._check_series("context", context)
+        if context.dim() == 2:
+            xs, ss = self.forecast(context[None], n_steps, self._one_state(h0))
+            return xs[0], ss[0]
         if n_steps < 0:
             raise ValueError(f"n_steps must be >= 0, got {n_steps}")
         pred, s = self(context, h0)
@@ -331,7 +351,11 @@ class SequenceModel(nn.Module):
 
     @torch.no_grad()
     def closed_loop_step(self, s: Tensor) -> tuple[Tensor, Tensor]:
-        """s_{t+1} = Cell(readout(h_t), s_t) and its Jacobian [B, S, S]."""
+        """s_{t+1} = Cell(readout(h_t), s_t) [B, S] and its Jacobian [B, S, S] (for one state
+        [S]: [S] and [S, S])."""
+        if isinstance(s, Tensor) and s.dim() == 1:
+            nxt, jac = self.closed_loop_step(s[None])
+            return nxt[0], jac[0]
         h = s[:, :self.hidden]
         x = self.readout(h)
         if self.cell == "gru":
@@ -344,7 +368,9 @@ class SequenceModel(nn.Module):
                           transient: int = 0) -> Tensor:
         """Leading k exponents [B, k] of the closed-loop map from states s0 [B, S] (per unit
         time with dt), by the fused latentfast::rnn_lyapunov op (tangent rows, no [S, S]
-        Jacobians)."""
+        Jacobians); [k] from one state [S]."""
+        if isinstance(s0, Tensor) and s0.dim() == 1:
+            return self.lyapunov_spectrum(s0[None], k, n_steps, dt, qr_every, transient)[0]
         return rnn_lyapunov_spectrum(self.cell, s0, k, n_steps, *self.rnn.params(), self.readout.weight,
                                      self.readout.bias, dt=dt, qr_every=qr_every, transient=transient)[0]
 

@@ -112,10 +112,10 @@ def test_sequence_model_bad_inputs_raise_and_zero_steps_forecast_nothing(cell):
     assert f.shape == (2, 0, 3) and s.shape == (2, 0, model.state_size)
     with pytest.raises(ValueError, match="n_steps"):
         model.forecast(ctx, -1)
-    for bad in (torch.randn(2, 4, 2), torch.randn(2, 0, 3)):
-        with pytest.raises(ValueError, match=r"\[B, T, 3\] with T >= 1"):
+    for bad in (torch.randn(2, 4, 2), torch.randn(2, 0, 3), torch.randn(4, 2), torch.randn(0, 3), torch.randn(3)):
+        with pytest.raises(ValueError, match=r"\[B, T, 3\] \(or one series \[T, 3\]\) with T >= 1"):
             model.forecast(bad, 2)
-        with pytest.raises(ValueError, match=r"\[B, T, 3\] with T >= 1"):
+        with pytest.raises(ValueError, match=r"\[B, T, 3\] \(or one series \[T, 3\]\) with T >= 1"):
             model(bad)
     with pytest.raises(ValueError, match="same shape"):
         valid_prediction_time(torch.zeros(2, 5, 3), torch.zeros(2, 4, 3), torch.ones(3))
@@ -152,6 +152,33 @@ def test_sequence_model_continues_from_the_state_it_returns(backend, cell):
         model(x, torch.zeros(2, model.state_size + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match=rf"h0 must be the state \[B, S\] = \[2, {model.state_size}\]"):
         model(x, torch.zeros(3, model.state_size, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_sequence_model_takes_one_series_without_a_batch_dimension(backend, cell):
+    """As torch.nn's recurrent layers, one series [T, D] (state [S]) goes where a batch goes
+    and comes back without the batch dimension, each result the batch-of-one's: forward (with
+    and without h0), forecast, closed_loop_step, lyapunov_spectrum (before, [T, D] raised). A
+    state of another shape for one series raises."""
+    torch.manual_seed(1)
+    model = SequenceModel(3, hidden=5, cell=cell).double()
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    s0 = 0.3 * torch.randn(2, model.state_size, dtype=torch.float64)
+    for got, want in (
+            (model(x[1]), model(x[1:])),
+            (model(x[1], s0[1]), model(x[1:], s0[1:])),
+            (model.forecast(x[1], 4, h0=s0[1]), model.forecast(x[1:], 4, h0=s0[1:])),
+            (model.closed_loop_step(s0[1]), model.closed_loop_step(s0[1:]))):
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape[1:]
+            torch.testing.assert_close(a, b[0], rtol=0, atol=0)
+    torch.manual_seed(2)  # (the initial tangent vectors are random)
+    le = model.lyapunov_spectrum(s0[1], k=2, n_steps=30)
+    torch.manual_seed(2)
+    assert le.shape == (2,)
+    torch.testing.assert_close(le, model.lyapunov_spectrum(s0[1:], k=2, n_steps=30)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=rf"h0 must be its state \[S\] = \[{model.state_size}\] or None"):
+        model(x[1], s0[1:])
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
