@@ -33,6 +33,19 @@ from latentfast.ops._checks import (can_read_back, check_count, check_finite, ch
                                    remember_passed)
 
 
+def _context_rows(context: Tensor | None, x: Tensor) -> Tensor | None:
+    """A context [..., c] that goes with x [..., d] (the same leading shape) as rows [n, c];
+    a ValueError for another leading shape; None stays None."""
+    if context is None:
+        return None
+    lead = x.shape[:-1]
+    check_tensor("context", context)
+    if context.dim() == 0 or context.shape[:-1] != lead:
+        raise ValueError(f"context must be [{', '.join([*map(str, lead), 'c'])}] to go with x "
+                         f"{tuple(x.shape)}, got {tuple(context.shape)}")
+    return context.reshape(-1, context.shape[-1])
+
+
 def _any_leading_shape(method: Callable) -> Callable:
     """Let a transform's method on vectors [B, d] (and context [B, c]) take x [..., d] with a
     context [..., c] of the same leading shape: it runs on the flattened rows and its
@@ -43,13 +56,7 @@ def _any_leading_shape(method: Callable) -> Callable:
         if not isinstance(x, Tensor) or x.dim() in (0, 2):
             return method(self, x, context)  # (which checks x)
         lead = x.shape[:-1]
-        if context is not None:
-            check_tensor("context", context)
-            if context.dim() == 0 or context.shape[:-1] != lead:
-                raise ValueError(f"context must be [{', '.join([*map(str, lead), 'c'])}] to go with x "
-                                 f"{tuple(x.shape)}, got {tuple(context.shape)}")
-            context = context.reshape(-1, context.shape[-1])
-        y, logdet = method(self, x.reshape(-1, x.shape[-1]), context)
+        y, logdet = method(self, x.reshape(-1, x.shape[-1]), _context_rows(context, x))
         return y.reshape(*lead, y.shape[-1]), logdet.reshape(lead)
     return run
 
@@ -407,12 +414,8 @@ class Flow(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [..., {self.dim}] (e.g. [B, {self.dim}]), got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        if context is not None and x.dim() != 2:
-            check_tensor("context", context)
-            if context.dim() == 0 or context.shape[:-1] != lead:
-                raise ValueError(f"context must be [{', '.join(map(str, lead))}, c] to go with x "
-                                 f"{tuple(x.shape)}, got {tuple(context.shape)}")
-            context = context.reshape(-1, context.shape[-1])
+        if x.dim() != 2:
+            context = _context_rows(context, x)
         x = x.reshape(-1, self.dim)
         check_finite("x", x)
         total = x.new_zeros(x.shape[0])
