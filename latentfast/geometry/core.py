@@ -552,15 +552,13 @@ class _LaplacianCoords:
 def straight_line(z0: Tensor, z1: Tensor, n_segments: int) -> Tensor:
     """Straight latent lines from z0 [B, d] to z1 [B, d], [B, n_segments + 1, d] (one line
     [n_segments + 1, d] from points [d])."""
-    if z0.dim() != z1.dim() or (z0.dim() == 1 and z0.shape != z1.shape):
+    check_tensor("z0", z0)
+    check_tensor("z1", z1, like=z0)
+    if z0.shape != z1.shape or z0.dim() not in (1, 2):
         raise ValueError(f"z0 and z1 must have the same shape ([B, d], or [d] both for one pair), got "
                          f"{tuple(z0.shape)} and {tuple(z1.shape)}")
     if _unbatched(z0, 2):
         return straight_line(z0[None], z1[None], n_segments)[0]
-    check_tensor("z0", z0, 2)
-    check_tensor("z1", z1, 2, like=z0)
-    if z0.shape != z1.shape:
-        raise ValueError(f"z0 and z1 must have the same shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
     if isinstance(n_segments, bool) or not isinstance(n_segments, int) or n_segments < 1:
         raise ValueError(f"n_segments must be an int >= 1, got {n_segments!r}")
     t = torch.linspace(0, 1, n_segments + 1, dtype=z0.dtype, device=z0.device)[None, :, None]
