@@ -86,6 +86,17 @@ def check_finite(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_unit_interval(name: str, t: Tensor) -> None:
+    """Raise ValueError unless every value of `t` lies in [0, 1] (NaN fails too): Bernoulli
+    targets. Skipped where check_finite is (see there)."""
+    if not can_read_back(t) or _skip_finite.get() or not finite_checks_enabled() or t.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # both in one read-back
+    if not (0.0 <= lo and hi <= 1.0):
+        raise ValueError(f"{name} must hold values in [0, 1] (Bernoulli targets: scale the data to [0, 1]), "
+                         f"got values in [{lo:.4g}, {hi:.4g}]")
+
+
 # Value checks of layer constants (buffers) that passed: (kind, id of the first tensor) ->
 # (weak references to the tensors, their stamps). A plain dict (a WeakIdKeyDictionary lookup
 # cost 1.4 us, most of a hit's time), cleared when it grows past _PASSED_MAX entries.

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from latentfast.__main__ import main
-from latentfast.rnn.latent import (LatentSequenceModel, centroids, fit_latent_sequence, kl_per_dim,
+from latentfast.data.dynamics import pendulum
+from latentfast.rnn.latent import (LatentSequenceModel, centroids, fit_latent_sequence, frame_error, kl_per_dim,
                                    pendulum_windows, position_error, rank_latents)
 from tests.conftest import interpreting
 
@@ -27,6 +28,94 @@ def test_shapes_loss_and_ranking():
         r = rank_latents(model, frames, 4)
         assert r["kl"].shape == (3,) and sorted(r["order"].tolist()) == [0, 1, 2]
         assert (r["kl"][r["order"][:-1]] >= r["kl"][r["order"][1:]]).all()
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_image_frames_and_one_sequence_give_the_flat_batched_results(cell):
+    torch.manual_seed(0)
+    images, _ = pendulum(7, n_traj=3, size=6, seed=1)  # [3, 8, 6, 6], as the generator gives them
+    flat = images.reshape(3, 8, 36)
+    model = LatentSequenceModel((6, 6), latent=3, hidden=8, feature=8, cell=cell)
+    ref = LatentSequenceModel(36, latent=3, hidden=8, feature=8, cell=cell)
+    ref.load_state_dict(model.state_dict())
+    assert model.frame_shape == (6, 6) and model.frame_dim == 36
+    logits, mu, log_var = model(images, n_obs=5, n_steps=9, sample=False)
+    r_logits, r_mu, r_log_var = ref(flat, n_obs=5, n_steps=9, sample=False)
+    assert logits.shape == (3, 9, 6, 6) and mu.shape == (3, 3)
+    torch.testing.assert_close(logits, r_logits.reshape(3, 9, 6, 6), rtol=0, atol=0)
+    torch.testing.assert_close((mu, log_var), (r_mu, r_log_var), rtol=0, atol=0)
+    torch.manual_seed(5)
+    loss = model.loss(images, 5, beta=0.5)
+    torch.manual_seed(5)
+    torch.testing.assert_close(loss, ref.loss(flat, 5, beta=0.5), rtol=0, atol=0)
+    assert model.decode(mu, 4).shape == (3, 4, 6, 6)
+    # one sequence without its batch dimension: the batch-of-one results without it
+    one = images[1]
+    o_logits, o_mu, o_log_var = model(one, n_obs=5, sample=False)
+    b_logits, b_mu, b_log_var = model(one[None], n_obs=5, sample=False)
+    assert o_logits.shape == (8, 6, 6) and o_mu.shape == (3,)
+    torch.testing.assert_close((o_logits, o_mu, o_log_var), (b_logits[0], b_mu[0], b_log_var[0]), rtol=0, atol=0)
+    torch.testing.assert_close(model.encode(one), tuple(t[0] for t in model.encode(one[None])), rtol=0, atol=0)
+    torch.testing.assert_close(model.decode(o_mu, 3), model.decode(o_mu[None], 3)[0], rtol=0, atol=0)
+    torch.manual_seed(6)
+    one_loss = model.loss(one, 5)
+    torch.manual_seed(6)
+    torch.testing.assert_close(one_loss, model.loss(one[None], 5), rtol=0, atol=0)
+    # the helpers take image frames too
+    r = rank_latents(model, images, 5)
+    r_flat = rank_latents(ref, flat, 5)
+    torch.testing.assert_close(r["kl"], r_flat["kl"], rtol=0, atol=0)
+    torch.testing.assert_close(frame_error(logits[:, :8], images), frame_error(r_logits[:, :8], flat))
+    torch.testing.assert_close(position_error(logits[:, :8], images, 6), position_error(r_logits[:, :8], flat, 6))
+    torch.testing.assert_close(centroids(images, 6), centroids(flat, 6))
+
+
+@pytest.mark.skipif(interpreting(), reason="training steps of interpreted kernels; the kernels are checked by "
+                    "tests/rnn/test_rnn_ops.py")
+def test_fit_takes_image_frames():
+    images, _ = pendulum(9, n_traj=16, size=6, seed=3)
+    torch.manual_seed(2)
+    model = LatentSequenceModel((6, 6), latent=2, hidden=8, feature=8)
+    ref = LatentSequenceModel(36, latent=2, hidden=8, feature=8)
+    ref.load_state_dict(model.state_dict())
+    torch.manual_seed(3)
+    hist = fit_latent_sequence(model, images, 5, epochs=2, batch_size=8, progress=False)
+    torch.manual_seed(3)
+    ref_hist = fit_latent_sequence(ref, images.reshape(16, 10, 36), 5, epochs=2, batch_size=8, progress=False)
+    assert hist == pytest.approx(ref_hist, rel=1e-6)
+    with pytest.raises(ValueError, match="a batch of sequences"):
+        fit_latent_sequence(model, images[0], 5, epochs=1, progress=False)
+
+
+def test_frames_outside_the_unit_interval_raise(monkeypatch):
+    model = LatentSequenceModel(4, latent=2, hidden=4, feature=4)
+    frames = torch.rand(2, 3, 4)
+    model.loss(frames, 2)
+    for bad in (frames * 255, frames - 0.5, frames.masked_fill(frames > 0.5, float("nan"))):
+        with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+            model.loss(bad, 2)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        fit_latent_sequence(model, frames * 255, 2, epochs=1, progress=False)
+    monkeypatch.setenv("LATENTFAST_CHECK_FINITE", "0")  # the value checks off: no read-back
+    assert torch.isfinite(model.loss(frames * 255, 2)[0])
+
+
+def test_frame_shapes_are_checked():
+    for bad in (0, (4, 0), (), (2.0, 3), True):
+        with pytest.raises(ValueError, match="frame_shape"):
+            LatentSequenceModel(bad)
+    model = LatentSequenceModel((4, 5), latent=2, hidden=4, feature=4)
+    for frames in (torch.rand(2, 3, 20), torch.rand(2, 3, 5, 4), torch.rand(5, 2, 3, 4, 5), torch.rand(4, 5)):
+        with pytest.raises(ValueError, match=r"frames must be \[B, T, 4, 5\] \(or one sequence \[T, 4, 5\]\)"):
+            model(frames)
+    with pytest.raises(ValueError, match="z must be"):
+        model.decode(torch.zeros(2, 2, 2), 3)
+    with pytest.raises(ValueError, match="a batch of sequences"):
+        rank_latents(model, torch.rand(3, 4, 5), 2)
+    with pytest.raises(ValueError, match="images must be"):
+        centroids(torch.rand(2, 15), 4)
+    with pytest.raises(ValueError, match="one shape"):
+        frame_error(torch.rand(2, 3, 4), torch.rand(2, 3, 5))
 
 
 def test_kl_and_centroids_known_values():
