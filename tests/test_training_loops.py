@@ -126,3 +126,28 @@ def test_vae_fit_leaves_the_global_random_state_alone():
         histories.append(fit(model, x, epochs=2, batch_size=16, seed=3, progress=False))
         assert torch.equal(torch.get_rng_state(), before)
     assert histories[0] == histories[1]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["VAE", "FlowVAE"])
+def test_vae_fit_checks_the_data_once_before_training(which, monkeypatch):
+    """fit raises before the first step for data the likelihood cannot score: values outside
+    [0, 1] under the Bernoulli likelihood (0-255 pixels; on a GPU torch's binary cross-entropy
+    checks its target with a device-side assert), NaN under either; the parameters are left
+    untouched."""
+    torch.manual_seed(0)
+    gaussian = _models()[which]
+    bernoulli = (VAE(12, latent_dim=2, hidden=(8,), likelihood="bernoulli") if which == 0 else
+                 FlowVAE(12, latent_dim=3, hidden=(8,), posterior_steps=1, prior_steps=0, flow_hidden=8,
+                         likelihood="bernoulli"))
+    x = torch.rand(10, 12)
+    for model, bad, match in ((bernoulli, x * 255, r"values in \[0, 1\]"), (bernoulli, x - 0.5, r"values in \[0, 1\]"),
+                              (gaussian, x.masked_fill(x > 0.9, float("nan")), "NaN or Inf")):
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=match):
+            fit(model, bad, epochs=1, batch_size=4, progress=False)
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    fit(bernoulli, x, epochs=1, batch_size=4, progress=False)
+    fit(gaussian, x * 255, epochs=1, batch_size=4, progress=False)  # any finite value has a Gaussian density
+    monkeypatch.setenv("LATENTFAST_CHECK_FINITE", "0")  # no value checks, no read-back
+    with pytest.raises(RuntimeError, match="target should be between 0 and 1"):  # torch's own check, on CPU only
+        fit(bernoulli, x * 255, epochs=1, batch_size=4, progress=False)

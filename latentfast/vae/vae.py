@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from latentfast.ops._checks import check_count
+from latentfast.ops._checks import check_count, check_finite, check_unit_interval
 from latentfast.vae.decoders import GaussianMLPDecoder
 
 LOG_2PI = math.log(2 * math.pi)
@@ -156,10 +156,19 @@ def fit(model: VAE, data: Tensor | Iterable, epochs: int = 50, batch_size: int =
     list whose first item is the data (as a TensorDataset gives), moved to the model's device.
     `seed` fixes the batches of a tensor and the sampling noise; the global random state (CPU,
     and the model's GPU) is left as it was before the call (the noise is drawn from it inside
-    torch.random.fork_rng)."""
+    torch.random.fork_rng).
+
+    A data tensor is checked once before training (one read-back): values outside [0, 1] raise
+    a ValueError under the Bernoulli likelihood (on a GPU torch's loss checks with a device-side
+    assert, which leaves the CUDA context unusable), NaN or Inf under either;
+    LATENTFAST_CHECK_FINITE=0 skips this."""
     if isinstance(data, Tensor):
         if data.dim() < 2 or data.shape[0] == 0:
             raise ValueError(f"data must be [N, ...] with N >= 1, got shape {tuple(data.shape)}")
+        if model.likelihood == "bernoulli":
+            check_unit_interval("data", data)
+        else:
+            check_finite("data", data)
     elif not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
         raise TypeError(f"data must be a tensor [N, ...] or an iterable of batches (a DataLoader), "
                         f"got {type(data).__name__}")
