@@ -70,14 +70,22 @@ class Glow(nn.Module):
         return self.in_channels * self.image_shape[0] * self.image_shape[1]
 
     def _check_input(self, x: Tensor) -> None:
-        check_tensor("x", x, 4)
+        check_tensor("x", x)
         want = (self.in_channels, *self.image_shape)
-        if tuple(x.shape[1:]) != want:
-            raise ValueError(f"x must be [N, {want[0]}, {want[1]}, {want[2]}], got {tuple(x.shape)}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"x must be [N, {want[0]}, {want[1]}, {want[2]}] (or one image "
+                             f"[{want[0]}, {want[1]}, {want[2]}]), got {tuple(x.shape)}")
         check_finite("x", x)
 
     def encode(self, x: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
-        """x -> (latents [z_1, ..., z_L] (finest first), logdet [N], log p(z) [N])."""
+        """x -> (latents [z_1, ..., z_L] (finest first), logdet [N], log p(z) [N]).
+
+        One image [C, H, W] without its batch dimension (as torch.nn's convolutions take it)
+        gives its latents without it and scalar logdet and log p(z); so do forward, log_prob
+        and bits_per_dim, and decode takes such latents back to [C, H, W]."""
+        if isinstance(x, Tensor) and x.dim() == 3:
+            zs, logdet, log_p = self.encode(x[None])
+            return [z[0] for z in zs], logdet[0], log_p[0]
         self._check_input(x)
         logdet = x.new_zeros(x.shape[0])
         log_p = x.new_zeros(x.shape[0])
@@ -103,7 +111,8 @@ class Glow(nn.Module):
         return zs, logdet
 
     def decode(self, zs: list[Tensor]) -> Tensor:
-        """Latent list -> x. Missing (None) split latents are drawn from their priors."""
+        """Latent list -> x [N, C, H, W] (one image's latents, without the batch dimension:
+        [C, H, W]). Missing (None) split latents are drawn from their priors."""
         return self._decode(zs, 1.0)
 
     def inverse(self, zs: list[Tensor]) -> Tensor:
@@ -113,6 +122,14 @@ class Glow(nn.Module):
     def _decode(self, zs: list[Tensor | None], temperature: float) -> Tensor:
         if len(zs) != self.n_levels:
             raise ValueError(f"expected {self.n_levels} latents, got {len(zs)}")
+        if isinstance(zs[-1], Tensor) and zs[-1].dim() == len(self.latent_shapes[-1]):
+            # one image's latents (encode of [C, H, W]): as a batch of one
+            for level, z in enumerate(zs[:-1]):
+                if z is not None and (not isinstance(z, Tensor) or z.dim() != 3):
+                    raise ValueError(f"zs[{level}] must be one image's latent "
+                                     f"[{', '.join(map(str, self.latent_shapes[level]))}] like zs[-1], got "
+                                     f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+            return self._decode([None if z is None else z[None] for z in zs], temperature)[0]
         h = zs[-1]
         check_tensor("zs[-1]", h, 4)
         for level, (z, shape) in enumerate(zip(zs, self.latent_shapes)):

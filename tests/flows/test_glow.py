@@ -70,6 +70,36 @@ def test_glow_logdet_equals_jacobian_slogdet(backend):
     assert_close(logdet[0], logabs, scale=100.0)
 
 
+def test_glow_takes_one_image_without_its_batch_dimension(backend):
+    """encode / forward / log_prob / bits_per_dim of one image [C, H, W] (as torch.nn's
+    convolutions take it) give the batch-of-one results without the batch dimension, and
+    decode takes those latents back to [C, H, W] (before, [C, H, W] raised)."""
+    torch.manual_seed(6)
+    glow = Glow(2, (4, 8), n_levels=2, steps_per_level=2, hidden=8).double()
+    glow.encode(torch.rand(8, 2, 4, 8, dtype=torch.float64) - 0.5)  # ActNorm init on a batch
+    x = torch.rand(2, 4, 8, dtype=torch.float64) - 0.5
+    zs, logdet, log_p = glow.encode(x)
+    b_zs, b_logdet, b_log_p = glow.encode(x[None])
+    assert [tuple(z.shape) for z in zs] == glow.latent_shapes and logdet.shape == log_p.shape == ()
+    for got, want in zip([*zs, logdet, log_p], [*b_zs, b_logdet, b_log_p]):
+        assert torch.equal(got, want[0])
+    assert torch.equal(glow(x)[1], b_logdet[0])
+    assert torch.equal(glow.log_prob(x), glow.log_prob(x[None])[0])
+    assert torch.equal(glow.bits_per_dim(x, 17), glow.bits_per_dim(x[None], 17))
+    assert_close(glow.decode(zs), x, scale=100.0)
+    assert torch.equal(glow.inverse(zs), glow.decode(b_zs)[0])
+    torch.manual_seed(7)  # a missing split latent is drawn from its prior: the same draw either way
+    one = glow.decode([None, zs[-1]])
+    torch.manual_seed(7)
+    assert one.shape == (2, 4, 8) and torch.equal(one, glow.decode([None, b_zs[-1]])[0])
+    with pytest.raises(ValueError, match=r"zs\[0\] must be one image's latent \[4, 2, 4\]"):
+        glow.decode([b_zs[0], zs[-1]])
+    with pytest.raises(ValueError, match=r"x must be \[N, 2, 4, 8\] \(or one image \[2, 4, 8\]\)"):
+        glow.log_prob(x.transpose(1, 2))
+    with pytest.raises(ValueError, match=r"x must be"):
+        glow.log_prob(x[0])
+
+
 def test_glow_on_images_that_are_not_square(backend, device="cpu"):
     """Glow(C, (H, W)) takes [N, C, H, W] images with H != W (image_size was one side for
     both): latents of the documented shapes, decode inverts encode, the log-det is the
