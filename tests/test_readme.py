@@ -97,6 +97,8 @@ def _check_rnn(ns: dict) -> None:
     assert ns["pred2"].shape == (2, 100, 3) and ns["s"].shape == (2, 128)
     assert ns["le"].shape == (2, 3)
     assert ns["exps"].shape == (2, 16)
+    assert ns["frames"].shape == (24, 10, 16, 16) and ns["logits"].shape == (8, 10, 16, 16)
+    assert ns["mu"].shape == (8, 4) and sorted(ns["order"].tolist()) == [0, 1, 2, 3]
 
 
 CASES = {
@@ -115,6 +117,10 @@ CASES = {
         ("lorenz_climate()", "lorenz_climate(hidden=16, epochs=1, progress=False)"),
         ("n_steps=40000", "n_steps=400"),
         ("n_steps=5000", "n_steps=50"),
+        ("pendulum(39, n_traj=512, size=16)", "pendulum(9, n_traj=24, size=16)"),
+        ("n_obs=20, epochs=150)", "n_obs=5, epochs=1, progress=False)"),
+        ("lsm(frames[:8], n_obs=20, sample=False)", "lsm(frames[:8], n_obs=5, sample=False)"),
+        ("rank_latents(lsm, frames, n_obs=20)", "rank_latents(lsm, frames, n_obs=5)"),
     ], _check_rnn),
 }
 
