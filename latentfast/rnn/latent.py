@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from latentfast.data._cpu import made_on_cpu
-from latentfast.ops._checks import check_tensor, check_unit_interval
+from latentfast.ops._checks import check_count, check_tensor, check_unit_interval
 from latentfast.rnn.models import GRU, LSTM
 
 
@@ -92,6 +92,17 @@ class LatentSequenceModel(nn.Module):
         if z.dim() not in (1, 2) or z.shape[-1] != self.latent:
             raise ValueError(f"z must be [B, {self.latent}] or [{self.latent}], got {tuple(z.shape)}")
         return self._decode(z, n_steps) if z.dim() == 2 else self._decode(z[None], n_steps)[0]
+
+    @torch.no_grad()
+    def sample(self, n: int, n_steps: int) -> Tensor:
+        """n new sequences of n_steps frames [n, n_steps, *frame_shape], each decoded from
+        z ~ N(0, I), the prior: the frame probabilities sigmoid(logits), as VAE.sample gives
+        decoded means."""
+        check_count("n", n, 0, "the number of sequences")
+        check_count("n_steps", n_steps, 1, "the frames of each sequence")
+        p = self.to_h0.weight
+        z = torch.randn(n, self.latent, dtype=p.dtype, device=p.device)
+        return torch.sigmoid(self._decode(z, n_steps))
 
     def forward(self, frames: Tensor, n_obs: int | None = None, n_steps: int | None = None,
                 sample: bool = True) -> tuple[Tensor, Tensor, Tensor]:

@@ -87,6 +87,24 @@ def test_fit_takes_image_frames():
         fit_latent_sequence(model, images[0], 5, epochs=1, progress=False)
 
 
+def test_sample_decodes_prior_draws():
+    """sample(n, n_steps): sigmoid of the decoded logits at z ~ N(0, I), in the model's dtype
+    and frame shape."""
+    model = LatentSequenceModel((3, 4), latent=2, hidden=6, feature=6).double()
+    torch.manual_seed(3)
+    got = model.sample(5, 7)
+    torch.manual_seed(3)
+    z = torch.randn(5, 2, dtype=torch.float64)
+    with torch.no_grad():
+        want = torch.sigmoid(model.decode(z, 7))
+    assert got.shape == (5, 7, 3, 4) and got.dtype == torch.float64 and not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert model.sample(0, 2).shape == (0, 2, 3, 4)
+    for bad in ((-1, 3), (2, 0), (2.0, 3)):
+        with pytest.raises(ValueError, match="must be an int"):
+            model.sample(*bad)
+
+
 def test_frames_outside_the_unit_interval_raise(monkeypatch):
     model = LatentSequenceModel(4, latent=2, hidden=4, feature=4)
     frames = torch.rand(2, 3, 4)
