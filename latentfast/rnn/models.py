@@ -21,6 +21,7 @@ from latentfast.ops._checks import check_tensor
 from latentfast.ops.rnn import gru_sequence, lstm_sequence
 from latentfast.ops.dynamics import rnn_lyapunov_spectrum
 from latentfast.reference.dynamics import gru_step, lstm_step
+from latentfast.reference.dynamics import lyapunov_spectrum as benettin_spectrum
 
 
 def _reverse_time(x: Tensor, lengths: Tensor | None) -> Tensor:
@@ -258,32 +259,48 @@ class LSTM(_RNNBase):
 class SequenceModel(nn.Module):
     """x_{t+1} ~ readout(h_{t+1}), h_{t+1} = RNN(x_t, h_t), on states x [B, T, D].
 
-    cell: "gru" or "lstm". The recurrent state is h [B, H] for the GRU and (h, c)
-    concatenated, [B, 2H], for the LSTM (what forecast returns and lyapunov_spectrum takes).
-    As torch.nn's recurrent layers, every method also takes one series [T, D] (one state [S])
-    and returns its results without the batch dimension.
+    cell: "gru" or "lstm"; num_layers: stacked recurrent layers (the readout reads the top
+    one). The recurrent state is every layer's h, [B, L*H], for the GRU, and every layer's h
+    then every layer's c, [B, 2*L*H], for the LSTM (with one layer: h [B, H] and (h, c)
+    [B, 2H]; what forward and forecast return and lyapunov_spectrum takes). As torch.nn's
+    recurrent layers, every method also takes one series [T, D] (one state [S]) and returns its
+    results without the batch dimension.
     """
 
-    def __init__(self, dim: int, hidden: int = 64, cell: str = "gru"):
+    def __init__(self, dim: int, hidden: int = 64, cell: str = "gru", num_layers: int = 1):
         super().__init__()
         if cell not in ("gru", "lstm"):
             raise ValueError(f"cell must be 'gru' or 'lstm', got {cell!r}")
-        self.rnn = (GRU if cell == "gru" else LSTM)(dim, hidden, batch_first=True)
+        self.rnn = (GRU if cell == "gru" else LSTM)(dim, hidden, num_layers, batch_first=True)
         self.readout = nn.Linear(hidden, dim)
-        self.dim, self.hidden, self.cell = dim, hidden, cell
+        self.dim, self.hidden, self.cell, self.num_layers = dim, hidden, cell, num_layers
 
     @property
     def state_size(self) -> int:
-        return self.hidden if self.cell == "gru" else 2 * self.hidden
+        per = self.num_layers * self.hidden
+        return per if self.cell == "gru" else 2 * per
 
-    def _pack(self, hx) -> Tensor:  # module state -> [B, S]
-        return hx[0] if self.cell == "gru" else torch.cat([hx[0][0], hx[1][0]], 1)
+    def _top(self, s: Tensor) -> Tensor:  # state [B, S] -> the top layer's h [B, H]
+        return s[:, (self.num_layers - 1) * self.hidden:self.num_layers * self.hidden]
 
-    def _cell(self, x: Tensor, s: Tensor) -> Tensor:
-        if self.cell == "gru":
-            return torch.gru_cell(x, s, *self.rnn.params())
-        h, c = torch.lstm_cell(x, s.chunk(2, 1), *self.rnn.params())
-        return torch.cat([h, c], 1)
+    def _pack(self, hx) -> Tensor:  # module state ([L, B, H], or a pair of them) -> [B, S]
+        def flat(t: Tensor) -> Tensor:
+            return t.transpose(0, 1).reshape(t.shape[1], -1)
+        return flat(hx) if self.cell == "gru" else torch.cat([flat(hx[0]), flat(hx[1])], 1)
+
+    def _cell(self, x: Tensor, s: Tensor) -> Tensor:  # one step of every layer, state [B, S]
+        lh = self.num_layers * self.hidden
+        hs = s[:, :lh].split(self.hidden, 1)
+        cs = s[:, lh:].split(self.hidden, 1) if self.cell == "lstm" else ()
+        new_h, new_c = [], []
+        for layer in range(self.num_layers):
+            if self.cell == "gru":
+                x = torch.gru_cell(x, hs[layer], *self.rnn.params(layer))
+            else:
+                x, c = torch.lstm_cell(x, (hs[layer], cs[layer]), *self.rnn.params(layer))
+                new_c.append(c)
+            new_h.append(x)
+        return torch.cat(new_h + new_c, 1)
 
     def _check_series(self, name: str, x: Tensor) -> None:
         check_tensor(name, x)
@@ -305,9 +322,12 @@ class SequenceModel(nn.Module):
         if tuple(s.shape) != (batch, self.state_size):
             raise ValueError(f"h0 must be the state [B, S] = [{batch}, {self.state_size}] (as forward and forecast "
                              f"return it), or the {self.cell.upper()} module's own state; got {tuple(s.shape)}")
+        def unflat(t: Tensor) -> Tensor:
+            return t.reshape(batch, self.num_layers, self.hidden).transpose(0, 1).contiguous()
         if self.cell == "gru":
-            return s[None]
-        return s[None, :, :self.hidden].contiguous(), s[None, :, self.hidden:].contiguous()
+            return unflat(s)
+        lh = self.num_layers * self.hidden
+        return unflat(s[:, :lh]), unflat(s[:, lh:])
 
     def forward(self, x: Tensor, h0=None) -> tuple[Tensor, Tensor]:
         """Teacher-forced one-step predictions [B, T, D] of x[:, 1:], and the last state [B, S].
@@ -346,16 +366,23 @@ class SequenceModel(nn.Module):
             xs.append(x)
             ss.append(s)
             s = self._cell(x, s)
-            x = self.readout(s[:, :self.hidden])
+            x = self.readout(self._top(s))
         return torch.stack(xs, 1), torch.stack(ss, 1)
 
     @torch.no_grad()
     def closed_loop_step(self, s: Tensor) -> tuple[Tensor, Tensor]:
         """s_{t+1} = Cell(readout(h_t), s_t) [B, S] and its Jacobian [B, S, S] (for one state
-        [S]: [S] and [S, S])."""
+        [S]: [S] and [S, S]). Analytic for one layer; stacked layers by torch.func.jacfwd."""
         if isinstance(s, Tensor) and s.dim() == 1:
             nxt, jac = self.closed_loop_step(s[None])
             return nxt[0], jac[0]
+        check_tensor("s", s, 2)
+        if s.shape[1] != self.state_size:
+            raise ValueError(f"s must be states [B, {self.state_size}], got {tuple(s.shape)}")
+        if self.num_layers > 1:
+            def step(si: Tensor) -> Tensor:  # one state [S] -> the next
+                return self._cell(self.readout(self._top(si[None])), si[None])[0]
+            return self._cell(self.readout(self._top(s)), s), torch.func.vmap(torch.func.jacfwd(step))(s)
         h = s[:, :self.hidden]
         x = self.readout(h)
         if self.cell == "gru":
@@ -368,9 +395,17 @@ class SequenceModel(nn.Module):
                           transient: int = 0) -> Tensor:
         """Leading k exponents [B, k] of the closed-loop map from states s0 [B, S] (per unit
         time with dt), by the fused latentfast::rnn_lyapunov op (tangent rows, no [S, S]
-        Jacobians); [k] from one state [S]."""
+        Jacobians); [k] from one state [S]. With stacked layers (which the op does not take):
+        Benettin's method on closed_loop_step's [B, S, S] Jacobians
+        (latentfast.reference.dynamics.lyapunov_spectrum; slower)."""
         if isinstance(s0, Tensor) and s0.dim() == 1:
             return self.lyapunov_spectrum(s0[None], k, n_steps, dt, qr_every, transient)[0]
+        if self.num_layers > 1:
+            check_tensor("s0", s0, 2)
+            if s0.shape[1] != self.state_size:
+                raise ValueError(f"s0 must be states [B, {self.state_size}], got {tuple(s0.shape)}")
+            return benettin_spectrum(self.closed_loop_step, s0, k, n_steps, dt=dt, qr_every=qr_every,
+                                     transient=transient)
         return rnn_lyapunov_spectrum(self.cell, s0, k, n_steps, *self.rnn.params(), self.readout.weight,
                                      self.readout.bias, dt=dt, qr_every=qr_every, transient=transient)[0]
 

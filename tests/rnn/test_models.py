@@ -195,6 +195,75 @@ def test_model_spectrum_equals_benettin_on_its_closed_loop_jacobian(backend, cel
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_sequence_model_with_stacked_layers(backend, cell):
+    """SequenceModel(num_layers=2): the predictions are torch.nn's 2-layer GRU / LSTM and the
+    readout on the same weights; the state [B, S] holds every layer's h (then every c) and
+    continues a series in chunks; forecast feeds its predictions through every layer;
+    closed_loop_step and its Jacobian are those of torch.nn's module stepped once (autograd);
+    the spectrum is Benettin's method on those Jacobians, written out here."""
+    torch.manual_seed(5)
+    model = SequenceModel(3, hidden=4, cell=cell, num_layers=2).double()
+    gru = cell == "gru"
+    assert model.state_size == (8 if gru else 16)
+    ref = (nn.GRU if gru else nn.LSTM)(3, 4, 2, batch_first=True).double()
+    ref.load_state_dict({k[4:]: v for k, v in model.state_dict().items() if k.startswith("rnn.")})
+    x = torch.randn(2, 9, 3, dtype=torch.float64)
+    pred, s = model(x)
+    out, hx = ref(x)
+
+    def flat(t):  # [L, B, H] -> [B, L*H], layer by layer
+        return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+    torch.testing.assert_close(pred, model.readout(out))
+    torch.testing.assert_close(s, flat(hx) if gru else torch.cat([flat(hx[0]), flat(hx[1])], 1))
+    first, s1 = model(x[:, :4])
+    second, s2 = model(x[:, 4:], s1)
+    torch.testing.assert_close(torch.cat([first, second], 1), pred)
+    torch.testing.assert_close(s2, s)
+    torch.testing.assert_close(model(x[1])[0], model(x[1:])[0][0], rtol=0, atol=0)
+    # closed loop by hand through torch.nn's module
+    fc, states = model.forecast(x, 5)
+    xin, want = pred[:, -1], []
+    with torch.no_grad():
+        for _ in range(5):
+            want.append(xin)
+            o, hx = ref(xin[:, None], hx)
+            xin = model.readout(o[:, 0])
+    torch.testing.assert_close(fc, torch.stack(want, 1))
+    torch.testing.assert_close(states[:, 0], s)
+
+    def step(v):  # one state [S] -> the next, through torch.nn's module
+        h0 = v[:8].reshape(2, 1, 4)
+        x_in = model.readout(h0[-1])[:, None]
+        if gru:
+            return ref(x_in, h0)[1].reshape(-1)
+        _, (hn, cn) = ref(x_in, (h0, v[8:].reshape(2, 1, 4)))
+        return torch.cat([hn.reshape(-1), cn.reshape(-1)])
+
+    s0 = 0.5 * torch.randn(2, model.state_size, dtype=torch.float64)
+    nxt, jac = model.closed_loop_step(s0)
+    for i in range(2):
+        torch.testing.assert_close(nxt[i], step(s0[i]))
+        torch.testing.assert_close(jac[i], torch.autograd.functional.jacobian(step, s0[i]))
+    torch.manual_seed(9)
+    got = model.lyapunov_spectrum(s0, 3, 20, dt=0.1, qr_every=2)
+    torch.manual_seed(9)
+    q = torch.linalg.qr(torch.randn(2, model.state_size, 3, dtype=torch.float64))[0]
+    sums, st = torch.zeros(2, 3, dtype=torch.float64), s0
+    for t in range(20):
+        q = torch.stack([torch.autograd.functional.jacobian(step, v) for v in st]) @ q
+        st = torch.stack([step(v) for v in st]).detach()
+        if (t + 1) % 2 == 0:
+            q, r = torch.linalg.qr(q)
+            sums += torch.diagonal(r, dim1=-2, dim2=-1).abs().log()
+    torch.testing.assert_close(got, sums / 2.0)
+    with pytest.raises(ValueError, match=rf"s must be states \[B, {model.state_size}\]"):
+        model.closed_loop_step(torch.zeros(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="num_layers"):
+        SequenceModel(3, num_layers=0)
+
+
 def _states(cls, b, h, unbatched=False, dev="cpu", n=1):
     shape = (n, h) if unbatched else (n, b, h)
     if cls is GRU:
