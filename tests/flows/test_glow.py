@@ -427,8 +427,9 @@ def test_bad_inputs_raise():
     glow = _glow()
     with pytest.raises(ValueError, match="8, 8"):
         glow.encode(torch.rand(2, 1, 6, 6))
-    with pytest.raises(ValueError, match="dimensions"):
-        glow.encode(torch.rand(1, 8, 8))
+    for bad in (torch.rand(8, 8), torch.rand(1, 1, 1, 8, 8)):  # ([1, 8, 8] is one image, valid input)
+        with pytest.raises(ValueError, match=r"x must be \[N, 1, 8, 8\] \(or one image \[1, 8, 8\]\)"):
+            glow.encode(bad)
     with pytest.raises(TypeError, match="dtype"):
         glow.encode(torch.zeros(2, 1, 8, 8, dtype=torch.int64))
     x = torch.rand(2, 1, 8, 8)
