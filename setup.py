@@ -35,13 +35,14 @@ def _unity_sources(sources: list[str], out_dir: str, n_groups: int = 2) -> list[
     first) stays on its own. A generated file is rewritten only when its list changes, so
     ninja rebuilds only the group of an edited source."""
     alone = [s for s in sources if os.path.basename(s) == "latentfast.cpp"]
-    rest = sorted((s for s in sources if s not in alone), key=_weight, reverse=True)
+    weight = {s: _weight(s) for s in sources if s not in alone}
+    rest = sorted(weight, key=weight.get, reverse=True)
     groups: list[list[str]] = [[] for _ in range(min(n_groups, len(rest)))]
     loads = [0] * len(groups)
     for src in rest:
         i = loads.index(min(loads))
         groups[i].append(src)
-        loads[i] += _weight(src)
+        loads[i] += weight[src]
     os.makedirs(out_dir, exist_ok=True)
     out = []
     for i, group in enumerate(groups):

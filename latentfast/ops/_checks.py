@@ -63,12 +63,17 @@ def finite_checks_enabled() -> bool:
     return os.environ.get("LATENTFAST_CHECK_FINITE", "1") != "0"
 
 
+def _value_checks_run(t: Tensor) -> bool:
+    """Whether a value check of `t` runs: not inside an already-checked model (see
+    checked_once), not where no value can be read back (can_read_back: torch.compile tracing,
+    torch.func transforms, CUDA graph capture), not with LATENTFAST_CHECK_FINITE=0."""
+    return can_read_back(t) and not _skip_finite.get() and finite_checks_enabled()
+
+
 def check_finite(name: str, t: Tensor) -> None:
-    """Raise ValueError if `t` holds NaN or Inf. Skipped inside an already-checked model
-    (see checked_once), where no value can be read back (can_read_back: torch.compile tracing,
-    torch.func transforms, CUDA graph capture), or with LATENTFAST_CHECK_FINITE=0. On a GPU
-    the check is one device-to-host read, so one synchronisation, per call."""
-    if not can_read_back(t) or _skip_finite.get() or not finite_checks_enabled():
+    """Raise ValueError if `t` holds NaN or Inf. Skipped where _value_checks_run says so. On a
+    GPU the check is one device-to-host read, so one synchronisation, per call."""
+    if not _value_checks_run(t):
         return
     if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
         return
@@ -88,8 +93,8 @@ def check_finite(name: str, t: Tensor) -> None:
 
 def check_unit_interval(name: str, t: Tensor) -> None:
     """Raise ValueError unless every value of `t` lies in [0, 1] (NaN fails too): Bernoulli
-    targets. Skipped where check_finite is (see there)."""
-    if not can_read_back(t) or _skip_finite.get() or not finite_checks_enabled() or t.numel() == 0:
+    targets. Skipped where check_finite is (_value_checks_run)."""
+    if not _value_checks_run(t) or t.numel() == 0:
         return
     lo, hi = torch.stack(torch.aminmax(t)).tolist()  # both in one read-back
     if not (0.0 <= lo and hi <= 1.0):

@@ -111,8 +111,7 @@ class LatentSequenceModel(nn.Module):
         flat, batched = self._flat_frames(frames)
         n_obs = flat.shape[1] if n_obs is None else n_obs
         n_steps = flat.shape[1] if n_steps is None else n_steps
-        if not 1 <= n_obs <= flat.shape[1]:
-            raise ValueError(f"n_obs must be in [1, {flat.shape[1]}] (the frames given), got {n_obs}")
+        _check_n_obs(n_obs, flat.shape[1])
         mu, log_var = self._encode(flat[:, :n_obs])
         z = mu + torch.randn_like(mu) * (0.5 * log_var).exp() if sample else mu
         logits = self._decode(z, n_steps)
@@ -133,6 +132,21 @@ class LatentSequenceModel(nn.Module):
         return rec + beta * kl, rec, kl
 
 
+def _check_n_obs(n_obs: int, n_frames: int) -> None:
+    if not 1 <= n_obs <= n_frames:
+        raise ValueError(f"n_obs must be in [1, {n_frames}] (the frames given), got {n_obs}")
+
+
+def _observed_batch(model: LatentSequenceModel, frames: Tensor, n_obs: int, need: str) -> Tensor:
+    """frames [N, T, *frame_shape] as [N, T, P] with n_obs checked against T; `need` is the
+    message for one sequence [T, ...] given instead."""
+    flat, batched = model._flat_frames(frames)
+    if not batched:
+        raise ValueError(f"{need}, got one sequence {tuple(frames.shape)}")
+    _check_n_obs(n_obs, flat.shape[1])
+    return flat
+
+
 def kl_per_dim(mu: Tensor, log_var: Tensor) -> Tensor:
     """KL(q(z_j | x) || N(0, 1)) for every sequence and dimension, [B, latent]."""
     return 0.5 * (mu ** 2 + log_var.exp() - 1.0 - log_var)
@@ -145,12 +159,8 @@ def rank_latents(model: LatentSequenceModel, frames: Tensor, n_obs: int) -> dict
     Dimensions with high KL and small posterior variance carry the data's factors; changes
     along them are the likely ones. Returns these [latent] tensors and 'order' (by KL, high
     first). frames [N, T, *frame_shape], N >= 2."""
-    flat, batched = model._flat_frames(frames)
-    if not batched:
-        raise ValueError(f"rank_latents needs a batch of sequences [N, T, ...] (it averages over them), got one "
-                         f"sequence {tuple(frames.shape)}")
-    if not 1 <= n_obs <= flat.shape[1]:
-        raise ValueError(f"n_obs must be in [1, {flat.shape[1]}], got {n_obs}")
+    flat = _observed_batch(model, frames, n_obs, "rank_latents needs a batch of sequences [N, T, ...] (it "
+                           "averages over them)")
     mu, log_var = model._encode(flat[:, :n_obs])
     kl = kl_per_dim(mu, log_var).mean(0)
     return {"kl": kl, "posterior_var": log_var.exp().mean(0), "activity": mu.var(0),
@@ -163,11 +173,7 @@ def fit_latent_sequence(model: LatentSequenceModel, frames: Tensor, n_obs: int, 
     """Adam on the negative ELBO of windows frames [N, T, *model.frame_shape] (values in
     [0, 1]); beta is annealed from 0 over the first `warmup` epochs. Returns the mean loss per
     epoch."""
-    _, batched = model._flat_frames(frames)
-    if not batched:
-        raise ValueError(f"frames must be a batch of sequences [N, T, ...], got one sequence {tuple(frames.shape)}")
-    if not 1 <= n_obs <= frames.shape[1]:
-        raise ValueError(f"n_obs must be in [1, {frames.shape[1]}], got {n_obs}")
+    _observed_batch(model, frames, n_obs, "frames must be a batch of sequences [N, T, ...]")
     if frames.shape[0] < 1 or batch_size < 1 or epochs < 0:
         raise ValueError(f"need N >= 1 sequences, batch_size >= 1 and epochs >= 0, got {frames.shape[0]}, "
                          f"{batch_size} and {epochs}")

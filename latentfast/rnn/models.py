@@ -280,6 +280,11 @@ class SequenceModel(nn.Module):
         per = self.num_layers * self.hidden
         return per if self.cell == "gru" else 2 * per
 
+    def _check_states(self, name: str, s: Tensor) -> None:  # states [B, S]
+        check_tensor(name, s, 2)
+        if s.shape[1] != self.state_size:
+            raise ValueError(f"{name} must be states [B, {self.state_size}], got {tuple(s.shape)}")
+
     def _top(self, s: Tensor) -> Tensor:  # state [B, S] -> the top layer's h [B, H]
         return s[:, (self.num_layers - 1) * self.hidden:self.num_layers * self.hidden]
 
@@ -376,9 +381,7 @@ class SequenceModel(nn.Module):
         if isinstance(s, Tensor) and s.dim() == 1:
             nxt, jac = self.closed_loop_step(s[None])
             return nxt[0], jac[0]
-        check_tensor("s", s, 2)
-        if s.shape[1] != self.state_size:
-            raise ValueError(f"s must be states [B, {self.state_size}], got {tuple(s.shape)}")
+        self._check_states("s", s)
         if self.num_layers > 1:
             def step(si: Tensor) -> Tensor:  # one state [S] -> the next
                 return self._cell(self.readout(self._top(si[None])), si[None])[0]
@@ -401,9 +404,7 @@ class SequenceModel(nn.Module):
         if isinstance(s0, Tensor) and s0.dim() == 1:
             return self.lyapunov_spectrum(s0[None], k, n_steps, dt, qr_every, transient)[0]
         if self.num_layers > 1:
-            check_tensor("s0", s0, 2)
-            if s0.shape[1] != self.state_size:
-                raise ValueError(f"s0 must be states [B, {self.state_size}], got {tuple(s0.shape)}")
+            self._check_states("s0", s0)
             return benettin_spectrum(self.closed_loop_step, s0, k, n_steps, dt=dt, qr_every=qr_every,
                                      transient=transient)
         return rnn_lyapunov_spectrum(self.cell, s0, k, n_steps, *self.rnn.params(), self.readout.weight,
