@@ -23,28 +23,36 @@
 #include <vector>
 
 namespace latentfast {
+// LF_VF_LANE_BYTES: the lane vectors' size in each clone, its native vector width (see
+// VfLanes in vector_flow_kernels.inc).
 #define LF_ISA_BASELINE 1
+#define LF_VF_LANE_BYTES 16
 namespace vf_base {
 #include "flows/vec_math.inc"
 #include "flows/vector_flow_kernels.inc"
 }  // namespace vf_base
 #undef LF_ISA_BASELINE
+#undef LF_VF_LANE_BYTES
 
 // The row loops are also built for AVX2+FMA and AVX-512 (see common/isa.h); Dims carries the
 // clone an op call uses.
 #ifdef LATENTFAST_X86_CLONES
+#define LF_VF_LANE_BYTES 32
 LF_TARGET_AVX2
 namespace vf_avx2 {
 #include "flows/vec_math.inc"
 #include "flows/vector_flow_kernels.inc"
 }  // namespace vf_avx2
 LF_TARGET_END
+#undef LF_VF_LANE_BYTES
+#define LF_VF_LANE_BYTES 64
 LF_TARGET_AVX512
 namespace vf_avx512 {
 #include "flows/vec_math.inc"
 #include "flows/vector_flow_kernels.inc"
 }  // namespace vf_avx512
 LF_TARGET_END
+#undef LF_VF_LANE_BYTES
 #endif
 
 namespace {
@@ -704,7 +712,7 @@ void seq_inv_step(const Dims& n, const StackPtrs<T>& p, const SeqPlan& plan, con
     std::fill(a, a + rows * n.H, T(0));
   LF_VF_CALL(n.isa, vf_bias_rows<T>, a, p.b1 + k * n.H, p.ctx ? p.ctx + (k * n.B + r0) * n.H : nullptr, n.H,
              int64_t(0), rows);
-  constexpr int64_t L = 64 / sizeof(T);  // rows per call: in the lanes of a 64-byte vector
+  const int64_t L = LF_ISA_SELECT(n.isa, vf_, VfLanes<T>::L);  // rows per call: the lanes of the clone's vector
   AlignedScratch<T> lanes((n.H + 3 * n.d + (hid ? n.O : 0)) * L);
   T* aT = lanes.data();
   T* oT = hid ? aT + (n.H + 3 * n.d) * L : nullptr;
@@ -943,7 +951,7 @@ at::Tensor vector_flow_inv_grad(const at::Tensor& grad_x, const at::Tensor& grad
     const T* ap = act.const_data_ptr<T>();
     const T* gxp = gx.const_data_ptr<T>();
     T* up = u.mutable_data_ptr<T>();
-    constexpr int64_t L = 64 / sizeof(T);
+    const int64_t L = LF_ISA_SELECT(n.isa, vf_, VfLanes<T>::L);
     at::parallel_for(0, (B + L - 1) / L, 1, [&](int64_t q0, int64_t q1) {
       AlignedScratch<T> rT(H * L), hT(H * L), cfT(4 * d * L), oT(O * L), xT(d * L), aT(d * L);
       for (int64_t qb = q0; qb < q1; ++qb) {

@@ -392,8 +392,8 @@ def test_cpp_inverse_saves_the_forward_stack_at_its_solution(monkeypatch, isa, d
     and of 2 (MADE in a random order, couplings) with some act = 0 dimensions and a context;
     n_passes = d (every step in dependency order) and 3 (the MADE steps by sweeps); the
     default tiles, 5-row tiles and the whole-batch path (LATENTFAST_VF_TILE_ROWS=0);
-    B = 37 (full lane blocks of 16 floats / 8 doubles and a 5-row one), d and H below and
-    above a lane tile; every instruction-set clone this CPU runs; outputs poisoned first."""
+    B = 37 (full lane blocks and a partial one: lanes of 16 floats / 8 doubles in the AVX-512
+    clone, 8 / 4 in AVX2, 4 / 2 in the baseline), d and H below and above a lane tile; every instruction-set clone this CPU runs; outputs poisoned first."""
     use_cpu_isa(monkeypatch, isa)
     monkeypatch.setenv("LATENTFAST_VF_POISON", "1")
     if tile_rows is not None:
@@ -1042,8 +1042,9 @@ def test_cpp_inverse_grad_matches_dense_solve(monkeypatch, kind, additive, dtype
     """vector_flow_inv_grad (the inverse's backward: one transposed solve per step in
     dependency order) against a dense solve: grad y = J_F^-T (grad_x + gld d logdet / dx) with
     J_F and d logdet / dx from autograd through the reference stack at x, row by row.
-    K = 3, B = 21 (rows in lanes of 16 floats / 8 doubles: full blocks and a 5-row one),
-    d = 5 and 17, H = 37 (full 16 x 16 transposes and leftover columns), a context, some
+    K = 3, B = 21 (rows in lanes of 16 floats / 8 doubles in the AVX-512 clone, 8 / 4 in AVX2,
+    4 / 2 in the baseline: full blocks and a partial one), d = 5 and 17, H = 37 (full L x L
+    transposes and leftover columns), a context, some
     act = 0 dimensions, each instruction-set clone this CPU runs; output poisoned first.
     Without a dependency order within n_passes levels (n_passes too small, or dense weights:
     a cycle) the op returns a 1-D empty tensor (B = 0 gives [0, d])."""
