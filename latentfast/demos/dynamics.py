@@ -1,14 +1,16 @@
 """`python -m latentfast demo dynamics`: a latent sequence model of a pendulum.
 
-Trains LatentSequenceModel (GRU encoder -> z -> GRU decoder) on generated pendulum frames:
-the encoder sees the first half of each window, the decoder redraws it and forecasts the
-second half. Writes three PNGs:
+Trains LatentSequenceModel (GRU encoder -> z -> GRU decoder) on generated pendulum frames
+(16 x 16 images): the encoder sees the first half of each window, the decoder redraws it and
+forecasts the second half. Writes four PNGs:
 - dynamics_reconstruction.png: true frames over reconstructions and forecasts;
 - dynamics_traversals.png: the decoded motion (bob trails, time-coloured) as each latent
   dimension is varied, dimensions ranked by KL;
 - dynamics_latents.png: KL and posterior variance per dimension (which changes are likely),
   the posterior means of the two leading dimensions coloured by the true initial angle and
-  velocity, and the forecast error per step.
+  velocity, and the forecast error per step;
+- dynamics_samples.png: motions drawn from the prior (LatentSequenceModel.sample) beside
+  true ones, as bob trails.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ SIZE, N_STEPS, N_OBS = 16, 40, 20
 
 
 def _trail(frames: torch.Tensor):
-    """[T, size^2] -> an RGB image with frame t coloured from blue (start) to red (end)."""
+    """[T, size, size] (or [T, size^2]) -> an RGB image with frame t coloured from blue (start) to red (end)."""
     import numpy as np
 
     f = frames.reshape(-1, SIZE, SIZE).clamp(0, 1).numpy()
@@ -47,7 +49,8 @@ def run(out_dir: str = "demo_out", epochs: int = 150, hidden: int = 64, latent: 
     torch.manual_seed(seed)
     train, _ = pendulum_windows(512, N_STEPS, SIZE, seed=seed)
     test, test_states = pendulum_windows(64, N_STEPS, SIZE, seed=seed + 1)
-    model = LatentSequenceModel(SIZE * SIZE, latent=latent, hidden=hidden)
+    train, test = (f.reshape(len(f), N_STEPS, SIZE, SIZE) for f in (train, test))  # image frames [B, T, H, W]
+    model = LatentSequenceModel((SIZE, SIZE), latent=latent, hidden=hidden)
     t0 = time.perf_counter()
     hist = fit_latent_sequence(model, train, N_OBS, epochs=epochs, beta=beta, warmup=min(20, epochs), lr=3e-3, seed=seed,
                                progress=progress)
@@ -69,7 +72,7 @@ def run(out_dir: str = "demo_out", epochs: int = 150, hidden: int = 64, latent: 
         for j, t in enumerate(steps):
             for r, img in enumerate((test[s, t], torch.sigmoid(logits[s, t]))):
                 ax = axes[2 * s + r, j]
-                ax.imshow(img.reshape(SIZE, SIZE).numpy(), cmap="gray", vmin=0, vmax=1)
+                ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if j == 0:
@@ -131,6 +134,23 @@ def run(out_dir: str = "demo_out", epochs: int = 150, hidden: int = 64, latent: 
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "dynamics_latents.png"))
     fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    # motions the model finds likely: decoded prior draws beside true motions
+    n_show = 8
+    samples = model.sample(n_show, N_STEPS)
+    fig, axes = plt.subplots(2, n_show, figsize=(n_show * 1.1, 2 * 1.2))
+    for r, (rows, name) in enumerate(((test[:n_show], "true"), (samples, "prior\nsamples"))):
+        for j in range(n_show):
+            ax = axes[r, j]
+            ax.imshow(_trail(rows[j]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7)
+    fig.suptitle(f"{N_STEPS}-step motions (blue -> red): test windows and decoded z ~ N(0, I)", fontsize=8)
+    paths.append(os.path.join(out_dir, "dynamics_samples.png"))
+    fig.savefig(paths[-1], dpi=130, bbox_inches="tight")
     plt.close(fig)
     for p in paths:
         print("wrote", p)

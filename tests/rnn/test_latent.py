@@ -186,6 +186,7 @@ def test_bad_inputs_raise():
                     "by the normal pass")
 def test_demo_dynamics_writes_pngs(tmp_path):
     assert main(["demo", "dynamics", "--out", str(tmp_path), "--epochs", "2"]) == 0
-    for name in ("dynamics_reconstruction.png", "dynamics_traversals.png", "dynamics_latents.png"):
+    for name in ("dynamics_reconstruction.png", "dynamics_traversals.png", "dynamics_latents.png",
+                 "dynamics_samples.png"):
         path = tmp_path / name
         assert path.exists() and os.path.getsize(path) > 10_000
