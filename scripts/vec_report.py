@@ -20,6 +20,7 @@ lines above its pragma is scalar on purpose (measured) and does not fail --check
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import os
 import pathlib
@@ -30,11 +31,22 @@ import sysconfig
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCES = ("csrc/flows/glow_cpu.cpp", "csrc/flows/vector_flow_cpu.cpp", "csrc/flows/lu_weight_cpu.cpp",
-           "csrc/geometry/geometry_cpu.cpp", "csrc/rnn/rnn_cpu.cpp")
-# setup.py's extra_compile_args (tests/test_packaging.py checks that they agree)
-FLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno")
 CLONES = ("base", "avx2", "avx512")
+
+
+def _setup_flags() -> tuple[str, ...]:
+    """The literal list of setup.py's extra_compile_args (its debug-info flag added to it aside)."""
+    for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())):
+        if isinstance(node, ast.keyword) and node.arg == "extra_compile_args":
+            value = node.value.left if isinstance(node.value, ast.BinOp) else node.value
+            return tuple(ast.literal_eval(value))
+    raise RuntimeError("setup.py has no extra_compile_args")
+
+
+FLAGS = _setup_flags()
+# the kernel sources compiled once per clone (the files that open an LF_TARGET_AVX2 region)
+SOURCES = tuple(p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "csrc").rglob("*.cpp"))
+                if "LF_TARGET_AVX2" in p.read_text())
 
 
 ACCEPTED = "vec_report: scalar"  # in a comment just above the pragma: scalar on purpose, measured
