@@ -383,9 +383,11 @@ class SequenceModel(nn.Module):
             return nxt[0], jac[0]
         self._check_states("s", s)
         if self.num_layers > 1:
-            def step(si: Tensor) -> Tensor:  # one state [S] -> the next
-                return self._cell(self.readout(self._top(si[None])), si[None])[0]
-            return self._cell(self.readout(self._top(s)), s), torch.func.vmap(torch.func.jacfwd(step))(s)
+            def step(si: Tensor) -> tuple[Tensor, Tensor]:  # one state [S] -> the next (and as aux)
+                nxt = self._cell(self.readout(self._top(si[None])), si[None])[0]
+                return nxt, nxt
+            jac, nxt = torch.func.vmap(torch.func.jacfwd(step, has_aux=True))(s)  # the step once
+            return nxt, jac
         h = s[:, :self.hidden]
         x = self.readout(h)
         if self.cell == "gru":
