@@ -258,3 +258,38 @@ def test_command_line_output_to_a_closed_pipe_ends_quietly():
     finally:
         os.close(write)
     assert done.returncode == 1 and done.stderr == "", done.stderr
+
+
+def test_environment_records_the_allocator_settings(monkeypatch):
+    # glibc's malloc settings change CPU timings (page faults on fresh blocks), so a results
+    # file says which were in effect: only those set, none for the C library's defaults
+    for k in runner.ALLOCATOR_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert runner.environment(torch.device("cpu"))["allocator"] == {}
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1073741824")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "")  # empty: not a setting
+    assert runner.environment(torch.device("cpu"))["allocator"] == {
+        "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
+
+def test_page_faults_script_counts_first_touched_pages():
+    import mmap
+
+    mod = _script("page_faults")
+    pages = 64
+    kept = bytearray(pages * 4096)
+
+    def fresh():  # a new anonymous mapping per call: every page touched is a minor fault
+        m = mmap.mmap(-1, pages * 4096)
+        for i in range(pages):
+            m[i * 4096] = 1
+        m.close()
+
+    def reused():  # pages mapped and touched before the timed calls: no faults
+        for i in range(pages):
+            kept[i * 4096] = 1
+
+    faults, ms = mod.faults_per_call(fresh, 5)
+    assert faults >= pages and ms > 0
+    assert mod.faults_per_call(reused, 5)[0] < pages / 4

@@ -213,6 +213,21 @@ def run_case(case: Case, device: torch.device, quick: bool, budget_s: float | No
     return rows
 
 
+# Settings of the process's memory allocator that change CPU timings: glibc's malloc hands
+# large blocks back to the OS when they are freed (mmap threshold, heap trimming), so every
+# step of a loop that allocates big tensors first-touches fresh pages (minor page faults);
+# these variables (or a preloaded jemalloc / tcmalloc) make it keep them. See
+# docs/PERFORMANCE.md "The allocator and page faults".
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",
+                 "GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
+
+
+def allocator_settings() -> dict[str, str]:
+    """The allocator settings of ALLOCATOR_ENV set in this process's environment (empty: the
+    C library's defaults)."""
+    return {k: os.environ[k] for k in ALLOCATOR_ENV if os.environ.get(k)}
+
+
 def environment(device: torch.device) -> dict:
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
             f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
@@ -226,6 +241,7 @@ def environment(device: torch.device) -> dict:
         info["cpu_model"] = names[0] if names else None
     except OSError:
         info["cpu_model"] = None
+    info["allocator"] = allocator_settings()
     return info
 
 
@@ -314,7 +330,9 @@ def run_suite(ops: list[str] | None = None, device: str = "cpu", quick: bool = F
         from latentfast.bench.geodesics import run_geodesics
 
         rows.append(run_geodesics(quick=quick, device=dev))
-    print(f"device: {env['device']}  cpu: {env['cpu_model']}  torch {env['torch']}  triton {env['triton']}")
+    alloc = " ".join(f"{k}={v}" for k, v in env["allocator"].items()) or "defaults"
+    print(f"device: {env['device']}  cpu: {env['cpu_model']}  torch {env['torch']}  triton {env['triton']}  "
+          f"allocator: {alloc}")
     print(format_table(rows))
     if json_path:
         write_json(True)
