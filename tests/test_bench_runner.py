@@ -293,3 +293,15 @@ def test_page_faults_script_counts_first_touched_pages():
     faults, ms = mod.faults_per_call(fresh, 5)
     assert faults >= pages and ms > 0
     assert mod.faults_per_call(reused, 5)[0] < pages / 4
+
+
+def test_info_prints_the_allocator_settings(monkeypatch, capsys):
+    from latentfast.__main__ import info
+
+    for k in runner.ALLOCATOR_ENV:
+        monkeypatch.delenv(k, raising=False)
+    info()
+    assert "CPU allocator: the C library defaults" in capsys.readouterr().out
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    info()
+    assert "CPU allocator: MALLOC_TRIM_THRESHOLD_=1073741824\n" in capsys.readouterr().out
