@@ -7,7 +7,8 @@ second exit), which made the op 4x slower there than vectorised and slower than 
 PyTorch on an AVX2 CPU. This compiles each kernel source with the extension's flags and GCC's
 vectoriser dump (-fdump-tree-vect-optimized-missed; nothing is linked or installed), and
 prints, for every `#pragma omp simd` loop, the vector size it got in each clone's float32 and
-float64 instances, or "scalar" with GCC's reason.
+float64 instances, or "scalar" with GCC's reason; loops in code outside the clone namespaces
+(compiled once, with the baseline flags) are in the column "once".
 
     python scripts/vec_report.py                 # all kernel sources (about 2 minutes)
     python scripts/vec_report.py csrc/flows/glow_cpu.cpp --dtype float
@@ -32,6 +33,8 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CLONES = ("base", "avx2", "avx512")
+# code outside the per-clone namespaces, compiled once with the extension's baseline flags
+ONCE = "once"
 
 
 def _setup_flags() -> tuple[str, ...]:
@@ -87,7 +90,8 @@ def _compile(source: str, out_dir: str) -> str:
 
 def parse(dump: str) -> dict:
     """{(file, line): {(clone, dtype): ('vector', bytes) | ('scalar', reason)}} for the loops
-    reported in functions of a per-clone namespace (..._base::, ..._avx2::, ..._avx512::)."""
+    of csrc/ reported in functions of a per-clone namespace (..._base::, ..._avx2::,
+    ..._avx512::) and, as clone ONCE, in latentfast's functions outside them."""
     out: dict = collections.defaultdict(dict)
     clone = dtype = None
     msg = re.compile(r"^(\S+?):(\d+):\d+: (optimized|missed): +(.*)$")
@@ -95,7 +99,7 @@ def parse(dump: str) -> dict:
         if line.startswith(";; Function "):
             name = line[len(";; Function "):].split(" (")[0]
             m = re.search(r"_(base|avx2|avx512)::", name)
-            clone = m.group(1) if m else None
+            clone = m.group(1) if m else (ONCE if "latentfast::" in name else None)
             dtype = "float" if "<float" in name else ("double" if "<double" in name else "-")
             continue
         m = msg.match(line)
@@ -136,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(loc, {}).update(per)
     dtypes = ("float", "double") if args.dtype == "both" else (args.dtype,)
     bad = []
-    print(f"{'loop (after #pragma omp simd)':44s} " + " ".join(f"{c + ' ' + d:>14s}" for d in dtypes for c in CLONES))
+    columns = (*CLONES, ONCE)
+    print(f"{'loop (after #pragma omp simd)':44s} " + " ".join(f"{c + ' ' + d:>14s}" for d in dtypes for c in columns)
+          + f"   ({ONCE}: outside the per-clone namespaces, built with the baseline flags)")
     for loc, accepted in loops:
         # GCC names a loop by its header or by the first statement of its body
         per = {}
@@ -146,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             continue  # not in the sources compiled (or inlined away)
         cells = []
         for d in dtypes:
-            for c in CLONES:
-                r = per.get((c, d))
+            for c in columns:
+                # a function outside the clones that is no template (an AT_DISPATCH lambda
+                # inlined into it) names no dtype: its float and double instances share a cell
+                r = per.get((c, d)) or (per.get((c, "-")) if c == ONCE else None)
                 cells.append("-" if r is None else (f"{r[1]} B" if r[0] == "vector" else "scalar"))
                 if r is not None and r[0] == "scalar" and d == "float" and not accepted:
                     bad.append((loc, c, r[1]))
