@@ -94,7 +94,7 @@ phase vf_inverse_cost "$(cap "${VF_TIMEOUT:-90}" 20)" $PY scripts/vf_inverse_cos
 say "$(excerpt vf_inverse_cost . '^$' 8)"
 
 declare -A OPS=(
-  [glow]="actnorm_invconv_coupling actnorm_invconv affine_coupling lu_weight"
+  [glow]="actnorm_invconv_coupling actnorm_invconv affine_coupling lu_weight glow_model"
   [vector]="vector_flow_stack made_flow_step vector_flow_stack_inverse"
   [rnn]="gru_sequence lstm_sequence"
   [geometry]="pullback_metric curve_energy"

@@ -305,3 +305,25 @@ def test_info_prints_the_allocator_settings(monkeypatch, capsys):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
     info()
     assert "CPU allocator: MALLOC_TRIM_THRESHOLD_=1073741824\n" in capsys.readouterr().out
+
+
+def test_glow_model_case_compares_the_reference_backend_with_the_kernels():
+    """The end-to-end Glow case: eager runs every flow op in plain PyTorch (the reference
+    backend), latentfast the same model with its kernels, and both give the same bits/dim."""
+    from torch.profiler import profile
+
+    from latentfast import backend
+    from latentfast.bench.cases import glow_model_cases
+
+    if backend.select(torch.device("cpu")) != "cpp":
+        pytest.skip("checks the C++ kernels' op names (the cpp backend)")
+    case, = glow_model_cases(torch.device("cpu"), quick=True)
+    used = {}
+    for name, fn in (("eager", case.eager), ("fast", case.fast)):
+        with torch.no_grad(), profile() as prof:
+            out, = fn(*case.inputs)
+        used[name] = {e.key for e in prof.key_averages() if e.key.startswith("latentfast")}
+        torch.testing.assert_close(out, case.eager(*case.inputs)[0].detach(), rtol=1e-5, atol=1e-5)
+    assert used["eager"] == set()
+    assert "latentfast_cpp::actnorm_invconv_fwd" in used["fast"], used["fast"]
+    assert case.flops > 0 and case.compile is False

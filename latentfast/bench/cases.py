@@ -106,6 +106,7 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
                  torch.ones(cl, device=device), rnd(cl, scale=0.1))
         cases.append(Case("lu_weight", f"lu_weight C={cl}", lu_in, _eager_lu, _fast_lu, (1, 2, 4),
                           bytes_moved=5 * cl * cl * f32, flops=2 * cl ** 3))
+    cases += glow_model_cases(device, quick)
     cases += geometry_cases(device, quick, gen)
     cases += rnn_cases(device, quick, gen)
     cases += lyapunov_cases(device, quick, gen)
@@ -113,6 +114,46 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
 
     cases += vector_flow_cases(device, quick, gen)
     return cases
+
+
+def glow_model_cases(device: torch.device, quick: bool) -> list[Case]:
+    """A whole multi-scale Glow (latentfast.flows.Glow, 3 x 32 x 32 images, 3 levels of 8
+    steps, coupling nets 128 wide): bits/dim forward and, with fwd+bwd, the gradients of all
+    its parameters, as a training step computes them. Eager is the same model under the
+    reference backend (every flow op in plain PyTorch; the coupling nets' convolutions are
+    PyTorch's either way), so the ratio is what swapping latentfast's kernels in gives end to
+    end. No torch.compile baseline (compiling the 24-step model takes minutes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from latentfast.backend import use_backend
+    from latentfast.flows import Glow
+
+    n, size, levels, k, hidden = (2, 8, 2, 2, 16) if quick else (16, 32, 3, 8, 128)
+    with torch.random.fork_rng(devices=[]):  # the model's initial weights, seeded, the global RNG left alone
+        torch.manual_seed(0)
+        model = Glow(3, size, n_levels=levels, steps_per_level=k, hidden=hidden).to(device)
+    x = (torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1)) - 0.5).to(device)
+    with torch.no_grad():
+        model.bits_per_dim(x, n_bins=256)  # ActNorm's data-dependent initialisation
+        # the coupling nets' zero-initialised last convs make every coupling an identity:
+        # give them small weights so the couplings (and their gradients) do real work
+        for name, p in model.named_parameters():
+            if "net" in name and p.abs().max() == 0:
+                p.normal_(0.0, 0.01, generator=torch.Generator(device=p.device).manual_seed(2))
+
+    def eager(img):
+        with use_backend("reference"):
+            return (model.bits_per_dim(img, n_bins=256),)
+
+    def fast(img):
+        return (model.bits_per_dim(img, n_bins=256),)
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        eager(x)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return [Case("glow_model", f"glow_model 3x{size}x{size} L={levels} K={k} hidden={hidden} N={n}", (x,),
+                 eager, fast, (), bytes_moved=x.numel() * x.element_size() + params,
+                 flops=counter.get_total_flops(), compile=False)]
 
 
 def _decoder_tensors(dims, gen, device, k=64):
