@@ -10,7 +10,7 @@ prints, for every `#pragma omp simd` loop, the vector size it got in each clone'
 float64 instances, or "scalar" with GCC's reason; loops in code outside the clone namespaces
 (compiled once, with the baseline flags) are in the column "once".
 
-    python scripts/vec_report.py                 # all kernel sources (about 2 minutes)
+    python scripts/vec_report.py                 # all kernel sources (about 1 minute on 2 cores)
     python scripts/vec_report.py csrc/flows/glow_cpu.cpp --dtype float
     python scripts/vec_report.py --check         # exit 1 if a float32 loop stays scalar in a clone
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import concurrent.futures
 import os
 import pathlib
 import re
@@ -130,13 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sources", nargs="*", default=list(SOURCES))
     ap.add_argument("--dtype", choices=("float", "double", "both"), default="both")
     ap.add_argument("--check", action="store_true", help="exit 1 if a float32 omp-simd loop is scalar in a clone")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="compilers run at once, one source each (default: the CPU count)")
     args = ap.parse_args(argv)
     loops = _simd_loops(ROOT)
-    results: dict = {}
-    for src in args.sources:
+
+    def report(src: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             print(f"compiling {src} ...", file=sys.stderr, flush=True)
-            for loc, per in parse(_compile(src, tmp)).items():
+            return parse(_compile(src, tmp))
+
+    results: dict = {}
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for parsed in pool.map(report, args.sources):  # in the sources' order
+            for loc, per in parsed.items():
                 results.setdefault(loc, {}).update(per)
     dtypes = ("float", "double") if args.dtype == "both" else (args.dtype,)
     bad = []
