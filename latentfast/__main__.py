@@ -27,7 +27,8 @@ def info() -> None:
           f"LATENTFAST_BACKEND: {backend.requested()}")
     from latentfast.bench.runner import allocator_settings
     alloc = " ".join(f"{k}={v}" for k, v in allocator_settings().items())
-    print(f"CPU allocator: {alloc or 'the C library defaults (freed large blocks go back to the OS: see the README, Environment variables)'}")
+    defaults = "the C library defaults (freed large blocks go back to the OS: see the README, Environment variables)"
+    print(f"CPU allocator: {alloc or defaults}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for op in ("actnorm_invconv", "actnorm_invconv_coupling", "affine_coupling", "lu_weight",
                "pullback_metric", "curve_energy", "gru_sequence", "lstm_sequence", "rnn_lyapunov",
