@@ -327,3 +327,16 @@ def test_glow_model_case_compares_the_reference_backend_with_the_kernels():
     assert used["eager"] == set()
     assert "latentfast_cpp::actnorm_invconv_fwd" in used["fast"], used["fast"]
     assert case.flops > 0 and case.compile is False
+
+
+def test_format_table_fits_the_case_names():
+    def row(case):
+        return {"case": case, "pass": "fwd", "eager_ms": 2.0, "compile_ms": None, "latentfast_ms": 1.0,
+                "speedup_vs_eager": 2.0, "speedup_vs_compile": None, "max_rel_err": 0.0}
+
+    name = "glow_model 3x32x32 L=3 K=8 hidden=128 N=16"  # 42 characters: whole
+    lines = runner.format_table([row("short"), row(name)]).splitlines()
+    assert lines[3].startswith(name + " fwd")
+    assert len({len(line) for line in lines}) == 1  # one width for the header, rule and rows
+    long = "x" * 70  # cut at 56
+    assert runner.format_table([row(long)]).splitlines()[2].startswith("x" * 56 + " fwd")

@@ -246,22 +246,24 @@ def environment(device: torch.device) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'case':<40} {'pass':<8} {'eager ms':>9} {'compile ms':>10} {'latentfast ms':>13} " \
+    # the case column as wide as the longest case name (40 to 56 characters; longer ones cut)
+    cw = min(56, max([40] + [len(r["case"]) for r in rows]))
+    head = f"{'case':<{cw}} {'pass':<8} {'eager ms':>9} {'compile ms':>10} {'latentfast ms':>13} " \
            f"{'x eager':>8} {'x compile':>9} {'max rel err':>11}"
     lines = [head, "-" * len(head)]
     num = lambda v, w, p: f"{v:>{w}.{p}f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
     for r in rows:
-        lines.append(f"{r['case'][:40]:<40} {r['pass']:<8} {num(r['eager_ms'], 9, 3)} "
+        lines.append(f"{r['case'][:cw]:<{cw}} {r['pass']:<8} {num(r['eager_ms'], 9, 3)} "
                      f"{num(r['compile_ms'], 10, 3)} {r['latentfast_ms']:>13.3f} "
                      f"{num(r['speedup_vs_eager'], 8, 2)} {num(r['speedup_vs_compile'], 9, 2)} "
                      f"{r['max_rel_err']:>11.1e}")
         for key in r:
             if key.endswith("_ms") and key not in ("eager_ms", "compile_ms", "latentfast_ms"):
                 name = key[:-3]
-                lines.append(f"{'':<40} {'':<8} {name}: {r[key]:.3f} ms, latentfast is "
+                lines.append(f"{'':<{cw}} {'':<8} {name}: {r[key]:.3f} ms, latentfast is "
                              f"{r['speedup_vs_' + name]:.2f}x faster")
         if "note" in r:
-            lines.append(f"{'':<40} {'':<8} {r['note']}")
+            lines.append(f"{'':<{cw}} {'':<8} {r['note']}")
     return "\n".join(lines)
 
 
