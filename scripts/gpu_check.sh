@@ -95,7 +95,7 @@ say "$(excerpt vf_inverse_cost . '^$' 8)"
 
 declare -A OPS=(
   [glow]="actnorm_invconv_coupling actnorm_invconv affine_coupling lu_weight glow_model"
-  [vector]="vector_flow_stack made_flow_step vector_flow_stack_inverse"
+  [vector]="vector_flow_stack made_flow_step vector_flow_stack_inverse flow_vae_model"
   [rnn]="gru_sequence lstm_sequence"
   [geometry]="pullback_metric curve_energy"
   [lyapunov]="rnn_lyapunov lorenz_lyapunov"

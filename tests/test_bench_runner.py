@@ -307,26 +307,32 @@ def test_info_prints_the_allocator_settings(monkeypatch, capsys):
     assert "CPU allocator: MALLOC_TRIM_THRESHOLD_=1073741824\n" in capsys.readouterr().out
 
 
-def test_glow_model_case_compares_the_reference_backend_with_the_kernels():
-    """The end-to-end Glow case: eager runs every flow op in plain PyTorch (the reference
-    backend), latentfast the same model with its kernels, and both give the same bits/dim."""
+def test_model_cases_compare_the_reference_backend_with_the_kernels():
+    """The end-to-end cases (a Glow, an IAF-posterior VAE): eager runs every latentfast op in
+    plain PyTorch (the reference backend), latentfast the same model with its kernels, both
+    draw the same noise and give the same loss."""
     from torch.profiler import profile
 
     from latentfast import backend
-    from latentfast.bench.cases import glow_model_cases
+    from latentfast.bench.cases import model_cases
 
     if backend.select(torch.device("cpu")) != "cpp":
         pytest.skip("checks the C++ kernels' op names (the cpp backend)")
-    case, = glow_model_cases(torch.device("cpu"), quick=True)
-    used = {}
-    for name, fn in (("eager", case.eager), ("fast", case.fast)):
-        with torch.no_grad(), profile() as prof:
-            out, = fn(*case.inputs)
-        used[name] = {e.key for e in prof.key_averages() if e.key.startswith("latentfast")}
-        torch.testing.assert_close(out, case.eager(*case.inputs)[0].detach(), rtol=1e-5, atol=1e-5)
-    assert used["eager"] == set()
-    assert "latentfast_cpp::actnorm_invconv_fwd" in used["fast"], used["fast"]
-    assert case.flops > 0 and case.compile is False
+    cases = model_cases(torch.device("cpu"), quick=True)
+    assert [c.op for c in cases] == ["glow_model", "flow_vae_model"]
+    kernel = {"glow_model": "latentfast_cpp::actnorm_invconv_fwd", "flow_vae_model": "latentfast_cpp::vector_flow"}
+    for case in cases:
+        used = {}
+        for name, fn in (("eager", case.eager), ("fast", case.fast)):
+            with torch.no_grad(), profile() as prof:
+                out, = fn(*case.inputs)
+            used[name] = {e.key for e in prof.key_averages() if e.key.startswith("latentfast")}
+            torch.testing.assert_close(out, case.eager(*case.inputs)[0], rtol=1e-5, atol=1e-5)
+        assert used["eager"] == set(), (case.op, used["eager"])
+        assert any(k.startswith(kernel[case.op]) for k in used["fast"]), (case.op, used["fast"])
+        assert case.flops > 0 and case.compile is False
+        # the loss with noise: two calls of one implementation agree (the noise is reseeded)
+        torch.testing.assert_close(case.fast(*case.inputs)[0], case.fast(*case.inputs)[0], rtol=0, atol=0)
 
 
 def test_format_table_fits_the_case_names():

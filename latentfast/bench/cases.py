@@ -106,7 +106,7 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
                  torch.ones(cl, device=device), rnd(cl, scale=0.1))
         cases.append(Case("lu_weight", f"lu_weight C={cl}", lu_in, _eager_lu, _fast_lu, (1, 2, 4),
                           bytes_moved=5 * cl * cl * f32, flops=2 * cl ** 3))
-    cases += glow_model_cases(device, quick)
+    cases += model_cases(device, quick)
     cases += geometry_cases(device, quick, gen)
     cases += rnn_cases(device, quick, gen)
     cases += lyapunov_cases(device, quick, gen)
@@ -116,44 +116,71 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
-def glow_model_cases(device: torch.device, quick: bool) -> list[Case]:
-    """A whole multi-scale Glow (latentfast.flows.Glow, 3 x 32 x 32 images, 3 levels of 8
-    steps, coupling nets 128 wide): bits/dim forward and, with fwd+bwd, the gradients of all
-    its parameters, as a training step computes them. Eager is the same model under the
-    reference backend (every flow op in plain PyTorch; the coupling nets' convolutions are
-    PyTorch's either way), so the ratio is what swapping latentfast's kernels in gives end to
-    end. No torch.compile baseline (compiling the 24-step model takes minutes)."""
+def _model_case(op: str, name: str, model: torch.nn.Module, x: Tensor,
+                loss: Callable[[torch.nn.Module, Tensor], Tensor]) -> Case:
+    """An end-to-end case: loss(model, x) with every latentfast op on the reference backend
+    (plain PyTorch: what the model costs without the kernels) against the same model with them.
+    The fwd+bwd pass backpropagates into all the model's parameters. Each call reseeds the
+    random generators (a model that samples noise draws the same in both). No torch.compile
+    baseline (compiling a whole model takes minutes); flops counted on the reference forward."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from latentfast.backend import use_backend
-    from latentfast.flows import Glow
 
-    n, size, levels, k, hidden = (2, 8, 2, 2, 16) if quick else (16, 32, 3, 8, 128)
-    with torch.random.fork_rng(devices=[]):  # the model's initial weights, seeded, the global RNG left alone
-        torch.manual_seed(0)
-        model = Glow(3, size, n_levels=levels, steps_per_level=k, hidden=hidden).to(device)
-    x = (torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1)) - 0.5).to(device)
-    with torch.no_grad(), use_backend("reference"):  # (making the cases runs no kernel)
-        model.bits_per_dim(x, n_bins=256)  # ActNorm's data-dependent initialisation
-        # the coupling nets' zero-initialised last convs make every coupling an identity:
-        # give them small weights so the couplings (and their gradients) do real work
-        for name, p in model.named_parameters():
-            if "net" in name and p.abs().max() == 0:
-                p.normal_(0.0, 0.01, generator=torch.Generator(device=p.device).manual_seed(2))
+    devices = [x.device] if x.device.type == "cuda" else []
 
-    def eager(img):
+    def fast(inp):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            return (loss(model, inp),)
+
+    def eager(inp):
         with use_backend("reference"):
-            return (model.bits_per_dim(img, n_bins=256),)
-
-    def fast(img):
-        return (model.bits_per_dim(img, n_bins=256),)
+            return fast(inp)
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         eager(x)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return [Case("glow_model", f"glow_model 3x{size}x{size} L={levels} K={k} hidden={hidden} N={n}", (x,),
-                 eager, fast, (), bytes_moved=x.numel() * x.element_size() + params,
-                 flops=counter.get_total_flops(), compile=False)]
+    return Case(op, name, (x,), eager, fast, (), bytes_moved=x.numel() * x.element_size() + params,
+                flops=counter.get_total_flops(), compile=False)
+
+
+def model_cases(device: torch.device, quick: bool) -> list[Case]:
+    """Whole models, end to end (see _model_case), each a loss as a training step computes it:
+    - glow_model: a multi-scale Glow (latentfast.flows.Glow, 3 x 32 x 32 images, 3 levels of
+      8 steps, coupling nets 128 wide, batch 16), bits/dim;
+    - flow_vae_model: an IAF-posterior VAE (latentfast.vae.FlowVAE, 784 -> 512 -> 512 -> 32,
+      8 IAF steps 256 wide, Bernoulli likelihood, batch 256), the negative ELBO.
+    The coupling nets, encoder and decoder are PyTorch modules either way, so the ratio is what
+    swapping latentfast's kernels in gives a user of these models."""
+    from latentfast.backend import use_backend
+    from latentfast.flows import Glow
+    from latentfast.vae import FlowVAE
+
+    n, size, levels, k, hidden = (2, 8, 2, 2, 16) if quick else (16, 32, 3, 8, 128)
+    with torch.random.fork_rng(devices=[]):  # the models' initial weights, seeded, the global RNG left alone
+        torch.manual_seed(0)
+        glow = Glow(3, size, n_levels=levels, steps_per_level=k, hidden=hidden).to(device)
+        d_in, latent, width, steps, flow_hidden, batch = (
+            (64, 4, 32, 2, 16, 8) if quick else (784, 32, 512, 8, 256, 256))
+        vae = FlowVAE(d_in, latent_dim=latent, hidden=(width, width), likelihood="bernoulli",
+                      posterior_steps=steps, flow_hidden=flow_hidden).to(device)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(n, 3, size, size, generator=gen) - 0.5).to(device)
+    with torch.no_grad(), use_backend("reference"):  # (making the cases runs no kernel)
+        glow.bits_per_dim(x, n_bins=256)  # ActNorm's data-dependent initialisation
+        # the coupling nets' zero-initialised last convs make every coupling an identity:
+        # give them small weights so the couplings (and their gradients) do real work
+        for name, p in glow.named_parameters():
+            if "net" in name and p.abs().max() == 0:
+                p.normal_(0.0, 0.01, generator=torch.Generator(device=p.device).manual_seed(2))
+    images = torch.rand(batch, d_in, generator=gen).to(device)
+    return [
+        _model_case("glow_model", f"glow_model 3x{size}x{size} L={levels} K={k} hidden={hidden} N={n}", glow, x,
+                    lambda m, inp: m.bits_per_dim(inp, n_bins=256)),
+        _model_case("flow_vae_model", f"flow_vae_model {d_in}-{width}-{latent} IAF K={steps} H={flow_hidden} "
+                    f"N={batch}", vae, images, lambda m, inp: m(inp)),
+    ]
 
 
 def _decoder_tensors(dims, gen, device, k=64):
