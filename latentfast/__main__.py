@@ -25,10 +25,9 @@ def info() -> None:
         print(f"C++ kernel build in use (Glow, vector flows, geometry, RNN): {isa}")
     print(f"TRITON_INTERPRET: {'on' if backend.triton_interpret() else 'off'}   "
           f"LATENTFAST_BACKEND: {backend.requested()}")
-    from latentfast.bench.runner import allocator_settings
-    alloc = " ".join(f"{k}={v}" for k, v in allocator_settings().items())
+    from latentfast.bench.runner import allocator_settings, format_allocator
     defaults = "the C library defaults (freed large blocks go back to the OS: see the README, Environment variables)"
-    print(f"CPU allocator: {alloc or defaults}")
+    print(f"CPU allocator: {format_allocator(allocator_settings(), defaults)}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for op in ("actnorm_invconv", "actnorm_invconv_coupling", "affine_coupling", "lu_weight",
                "pullback_metric", "curve_energy", "gru_sequence", "lstm_sequence", "rnn_lyapunov",

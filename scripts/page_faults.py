@@ -24,7 +24,7 @@ import time
 import torch
 
 from latentfast.bench.cases import make_cases
-from latentfast.bench.runner import allocator_settings, pass_callable
+from latentfast.bench.runner import allocator_settings, format_allocator, pass_callable
 
 DEFAULT_CASES = ("glow_step_affine", "actnorm_invconv [32, 48, 32, 32] float32",
                  "curve_energy B=256 T=32 2-256-256-784+RBF", "gru_sequence T=100 B=64 I=32 H=256",
@@ -54,7 +54,7 @@ def main() -> None:
     unknown = [n for n in args.cases if n not in cases]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; known: {sorted(cases)}")
-    alloc = " ".join(f"{k}={v}" for k, v in allocator_settings().items()) or "C library defaults"
+    alloc = format_allocator(allocator_settings(), "C library defaults")
     print(f"allocator: {alloc}; {torch.get_num_threads()} threads; minor page faults (4 KiB pages) "
           f"and ms per call, means of {args.calls} calls")
     for name in args.cases:
@@ -66,10 +66,7 @@ def main() -> None:
             parts = []
             for label, fn in impls.items():
                 call = pass_callable(case, pass_name, fn)
-                if pass_name == "fwd":
-                    with torch.no_grad():
-                        faults, ms = faults_per_call(call, args.calls)
-                else:
+                with torch.set_grad_enabled(pass_name != "fwd"):  # fwd without autograd, as the bench runs it
                     faults, ms = faults_per_call(call, args.calls)
                 parts.append(f"{label} {faults:7.0f} faults {ms:8.2f} ms")
             print(f"{name[:40]:40s} {pass_name:8s} " + " | ".join(parts))

@@ -228,6 +228,11 @@ def allocator_settings() -> dict[str, str]:
     return {k: os.environ[k] for k in ALLOCATOR_ENV if os.environ.get(k)}
 
 
+def format_allocator(settings: dict[str, str], default: str) -> str:
+    """allocator_settings() as one line of NAME=value, or `default` when none is set."""
+    return " ".join(f"{k}={v}" for k, v in settings.items()) or default
+
+
 def environment(device: torch.device) -> dict:
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
             f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
@@ -332,7 +337,7 @@ def run_suite(ops: list[str] | None = None, device: str = "cpu", quick: bool = F
         from latentfast.bench.geodesics import run_geodesics
 
         rows.append(run_geodesics(quick=quick, device=dev))
-    alloc = " ".join(f"{k}={v}" for k, v in env["allocator"].items()) or "defaults"
+    alloc = format_allocator(env["allocator"], "defaults")
     print(f"device: {env['device']}  cpu: {env['cpu_model']}  torch {env['torch']}  triton {env['triton']}  "
           f"allocator: {alloc}")
     print(format_table(rows))
