@@ -445,5 +445,8 @@ class Split(nn.Module):
         """cat(z1, z2); z2 is drawn from the prior (scaled by temperature) when None."""
         if z2 is None:
             mean, log_sd = self.prior(z1).chunk(2, dim=1)
-            z2 = mean + torch.exp(log_sd) * temperature * torch.randn_like(mean)
+            # (drawn in row-major order: randn_like would fill a channels_last prior's output in
+            # its memory order, so a channels_last model drew another sample from the same seed)
+            noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+            z2 = mean + torch.exp(log_sd) * temperature * noise
         return torch.cat([z1, z2], dim=1)

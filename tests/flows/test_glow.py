@@ -70,6 +70,35 @@ def test_glow_logdet_equals_jacobian_slogdet(backend):
     assert_close(logdet[0], logabs, scale=100.0)
 
 
+def test_channels_last_glow_gives_the_contiguous_numbers(backend):
+    """A Glow moved to channels_last (model.to(memory_format=torch.channels_last), which runs
+    its nets' convolutions in that layout; the README's end-to-end advice on a CPU), on an
+    input in either layout: the log-probabilities, every parameter's gradient, the latents,
+    their decoding and a sample are the contiguous model's, to float64 rounding."""
+    glow = _glow(torch.float64, seed=7, n_levels=2, steps_per_level=2, hidden=8)
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64) - 0.5
+    glow.encode(x)  # ActNorm init
+    _perturb(glow, 8)
+    cl = copy.deepcopy(glow).to(memory_format=torch.channels_last)
+    assert any(not p.is_contiguous() for p in cl.parameters())
+
+    def run(model, inp):
+        model.zero_grad(set_to_none=True)
+        log_p = model.log_prob(inp)
+        (-log_p.mean()).backward()
+        zs = model.encode(inp)[0]
+        torch.manual_seed(3)
+        return [log_p, *(p.grad for p in model.parameters()), *zs, model.decode(zs), model.sample(2)]
+
+    want = run(glow, x)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    for inp in (x_cl,) if interpreting() else (x, x_cl):  # (interpreted: about 5 s a run)
+        got = run(cl, inp)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 def test_glow_takes_one_image_without_its_batch_dimension(backend):
     """encode / forward / log_prob / bits_per_dim of one image [C, H, W] (as torch.nn's
     convolutions take it) give the batch-of-one results without the batch dimension, and
