@@ -319,7 +319,14 @@ def test_model_cases_compare_the_reference_backend_with_the_kernels():
     if backend.select(torch.device("cpu")) != "cpp":
         pytest.skip("checks the C++ kernels' op names (the cpp backend)")
     cases = model_cases(torch.device("cpu"), quick=True)
-    assert [c.op for c in cases] == ["glow_model", "flow_vae_model"]
+    assert [c.op for c in cases] == ["glow_model", "glow_model", "flow_vae_model"]
+    # the second Glow is the first with its parameters in channels_last: the same loss
+    assert cases[1].name == cases[0].name + " channels_last"
+    model = next(c.cell_contents for c in cases[1].fast.__closure__ if isinstance(c.cell_contents, torch.nn.Module))
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert not all(w.is_contiguous() for w in weights)  # (a 1 x 1 convolution's weight is both)
+    torch.testing.assert_close(cases[1].eager(*cases[1].inputs)[0], cases[0].eager(*cases[0].inputs)[0])
     kernel = {"glow_model": "latentfast_cpp::actnorm_invconv_fwd", "flow_vae_model": "latentfast_cpp::vector_flow"}
     for case in cases:
         used = {}

@@ -5,6 +5,7 @@ user writes without latentfast), the same function under torch.compile, and late
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -149,6 +150,9 @@ def model_cases(device: torch.device, quick: bool) -> list[Case]:
     """Whole models, end to end (see _model_case), each a loss as a training step computes it:
     - glow_model: a multi-scale Glow (latentfast.flows.Glow, 3 x 32 x 32 images, 3 levels of
       8 steps, coupling nets 128 wide, batch 16), bits/dim;
+      The same Glow again with its parameters in channels_last (`model.to(memory_format=
+      torch.channels_last)`, the case name ends in "channels_last"): the nets' convolutions run
+      in that layout, under both backends;
     - flow_vae_model: an IAF-posterior VAE (latentfast.vae.FlowVAE, 784 -> 512 -> 512 -> 32,
       8 IAF steps 256 wide, Bernoulli likelihood, batch 256), the negative ELBO.
     The coupling nets, encoder and decoder are PyTorch modules either way, so the ratio is what
@@ -177,6 +181,9 @@ def model_cases(device: torch.device, quick: bool) -> list[Case]:
     images = torch.rand(batch, d_in, generator=gen).to(device)
     return [
         _model_case("glow_model", f"glow_model 3x{size}x{size} L={levels} K={k} hidden={hidden} N={n}", glow, x,
+                    lambda m, inp: m.bits_per_dim(inp, n_bins=256)),
+        _model_case("glow_model", f"glow_model 3x{size}x{size} L={levels} K={k} hidden={hidden} N={n} channels_last",
+                    copy.deepcopy(glow).to(memory_format=torch.channels_last), x,
                     lambda m, inp: m.bits_per_dim(inp, n_bins=256)),
         _model_case("flow_vae_model", f"flow_vae_model {d_in}-{width}-{latent} IAF K={steps} H={flow_hidden} "
                     f"N={batch}", vae, images, lambda m, inp: m(inp)),
