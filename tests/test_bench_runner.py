@@ -5,11 +5,13 @@ machine is."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from latentfast.bench import runner
+from tests.conftest import interpreting
 
 
 class FakeClock:
@@ -233,6 +235,21 @@ def test_glow_bandwidth_script_dry_run(tmp_path, backend):
     assert op["rel_err_y"] < 1e-5 and op["rel_err_logdet"] < 1e-5
 
 
+@pytest.mark.skipif(interpreting(), reason="times whole models; the interpreted kernels are checked elsewhere")
+def test_glow_channels_last_script_times_the_four_variants(capsys):
+    """scripts/glow_channels_last.py on the bench's --quick Glow: the four variants (layout x
+    backend) timed and the ratios printed."""
+    mod = _script("glow_channels_last")
+    assert mod.main(["--quick", "--rounds", "2", "--fwd"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("glow_model 3x8x8 L=2 K=2 hidden=16 N=2, fwd, 2 rounds, cpu, allocator: ")
+    for name in ("reference", "reference channels_last", "latentfast", "latentfast channels_last"):
+        assert re.search(rf"^  {name} +\d+\.\d ms$", out, re.M), (name, out)
+    assert re.search(r"channels_last over contiguous: reference \d\.\d{3}x, latentfast \d\.\d{3}x", out)
+    with pytest.raises(SystemExit):
+        mod.main(["--rounds", "0"])
+
+
 def test_demo_refuses_epochs_below_one(capsys):
     from latentfast.__main__ import main
 
@@ -322,8 +339,7 @@ def test_model_cases_compare_the_reference_backend_with_the_kernels():
     assert [c.op for c in cases] == ["glow_model", "glow_model", "flow_vae_model"]
     # the second Glow is the first with its parameters in channels_last: the same loss
     assert cases[1].name == cases[0].name + " channels_last"
-    model = next(c.cell_contents for c in cases[1].fast.__closure__ if isinstance(c.cell_contents, torch.nn.Module))
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    weights = [m.weight for m in cases[1].model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
     assert not all(w.is_contiguous() for w in weights)  # (a 1 x 1 convolution's weight is both)
     torch.testing.assert_close(cases[1].eager(*cases[1].inputs)[0], cases[0].eager(*cases[0].inputs)[0])

@@ -34,6 +34,7 @@ class Case:
     # further baselines timed in the same run, e.g. torch.func vmap(jacfwd) or nn.GRU
     extras: dict[str, Callable[..., tuple[Tensor, ...]]] = field(default_factory=dict)
     compile: bool = True  # False: no torch.compile baseline (e.g. thousands of unrolled steps)
+    model: torch.nn.Module | None = None  # the whole model of an end-to-end case (_model_case)
 
 
 def _eager_glow_step(x, logs, bias, weight, h):
@@ -143,14 +144,13 @@ def _model_case(op: str, name: str, model: torch.nn.Module, x: Tensor,
         eager(x)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return Case(op, name, (x,), eager, fast, (), bytes_moved=x.numel() * x.element_size() + params,
-                flops=counter.get_total_flops(), compile=False)
+                flops=counter.get_total_flops(), compile=False, model=model)
 
 
-def model_cases(device: torch.device, quick: bool) -> list[Case]:
+def model_cases(device: torch.device, quick: bool, glow_hidden: int | None = None) -> list[Case]:
     """Whole models, end to end (see _model_case), each a loss as a training step computes it:
     - glow_model: a multi-scale Glow (latentfast.flows.Glow, 3 x 32 x 32 images, 3 levels of
-      8 steps, coupling nets 128 wide, batch 16), bits/dim;
-      The same Glow again with its parameters in channels_last (`model.to(memory_format=
+      8 steps, coupling nets 128 wide or glow_hidden, batch 16), bits/dim; the same Glow again with its parameters in channels_last (`model.to(memory_format=
       torch.channels_last)`, the case name ends in "channels_last"): the nets' convolutions run
       in that layout, under both backends;
     - flow_vae_model: an IAF-posterior VAE (latentfast.vae.FlowVAE, 784 -> 512 -> 512 -> 32,
@@ -162,6 +162,7 @@ def model_cases(device: torch.device, quick: bool) -> list[Case]:
     from latentfast.vae import FlowVAE
 
     n, size, levels, k, hidden = (2, 8, 2, 2, 16) if quick else (16, 32, 3, 8, 128)
+    hidden = glow_hidden or hidden
     with torch.random.fork_rng(devices=[]):  # the models' initial weights, seeded, the global RNG left alone
         torch.manual_seed(0)
         glow = Glow(3, size, n_levels=levels, steps_per_level=k, hidden=hidden).to(device)
