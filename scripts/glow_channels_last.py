@@ -21,19 +21,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
-import time
 
 import torch
 
 from latentfast.backend import use_backend
 from latentfast.bench.cases import model_cases
-from latentfast.bench.runner import allocator_settings, format_allocator
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from latentfast.bench.runner import allocator_settings, alternate_ms, format_allocator, median_ratio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,27 +60,14 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = {"reference": (contiguous.model, "reference"), "reference channels_last": (cl.model, "reference"),
                 "latentfast": (contiguous.model, None), "latentfast channels_last": (cl.model, None)}
-    for model, backend in variants.values():  # warm-up (ActNorm is initialised by model_cases)
-        for _ in range(2):
-            step(model, backend)
-    _sync(device)
-    names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            step(*variants[name])
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-
-    def ratio(a: str, b: str) -> float:
-        return statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))
-
+    # (two warm-up rounds: ActNorm is initialised by model_cases)
+    times = alternate_ms({k: functools.partial(step, *v) for k, v in variants.items()}, args.rounds, warmup=2,
+                         device=device)
+    ratio = functools.partial(median_ratio, times)
     alloc = format_allocator(allocator_settings(), "C library defaults")
     print(f"{contiguous.name}, {'fwd' if args.fwd else 'fwd+bwd'}, {args.rounds} rounds, {device}, allocator: {alloc}")
-    for name in names:
-        print(f"  {name:26s} {statistics.median(times[name]) * 1e3:9.1f} ms")
+    for name in variants:
+        print(f"  {name:26s} {statistics.median(times[name]):9.1f} ms")
     print(f"  channels_last over contiguous: reference {ratio('reference', 'reference channels_last'):.3f}x, "
           f"latentfast {ratio('latentfast', 'latentfast channels_last'):.3f}x")
     print(f"  latentfast over reference: contiguous {ratio('reference', 'latentfast'):.3f}x, channels_last "

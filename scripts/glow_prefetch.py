@@ -18,13 +18,12 @@ import argparse
 import contextlib
 import os
 import statistics
-import time
 
 import torch
 
 import latentfast
 from latentfast.bench.cases import make_cases
-from latentfast.bench.runner import pass_callable, restored_env
+from latentfast.bench.runner import alternate_ms, median_ratio, pass_callable, restored_env
 
 
 def main() -> None:
@@ -43,19 +42,13 @@ def main() -> None:
             fast, eager = pass_callable(case, name, case.fast), pass_callable(case, name, case.eager)
             with torch.no_grad() if name == "fwd" else contextlib.nullcontext():
                 for setting, between in (("cold", eager), ("hot", None)):
-                    times: dict[str, list[float]] = {"0": [], "1": []}
-                    for r in range(args.rounds + 1):
-                        for k in ("0", "1") if r % 2 == 0 else ("1", "0"):
-                            if between is not None:
-                                between()
-                            os.environ["LATENTFAST_GLOW_PREFETCH"] = k
-                            t = time.perf_counter()
-                            fast()
-                            if r > 0:  # round 0 warms up
-                                times[k].append(time.perf_counter() - t)
-                    ratio = statistics.median(a / b for a, b in zip(times["0"], times["1"]))
-                    print(f"glow_step_affine {name:7s} {setting}: off {1e3 * statistics.median(times['0']):6.3f} ms, "
-                          f"on {1e3 * statistics.median(times['1']):6.3f} ms, ratio {ratio:.2f}")
+                    def before(k: str, between=between) -> None:
+                        if between is not None:
+                            between()
+                        os.environ["LATENTFAST_GLOW_PREFETCH"] = k
+                    times = alternate_ms({"0": fast, "1": fast}, args.rounds, before=before)
+                    print(f"glow_step_affine {name:7s} {setting}: off {statistics.median(times['0']):6.3f} ms, "
+                          f"on {statistics.median(times['1']):6.3f} ms, ratio {median_ratio(times, '0', '1'):.2f}")
 
 
 def _op_alone(rounds: int) -> None:
@@ -72,16 +65,10 @@ def _op_alone(rounds: int) -> None:
             parts = []
             for name, fn in (("fwd", lambda: cpp.actnorm_invconv_fwd(x, w, b, h, 2)),
                              ("bwd", lambda: cpp.actnorm_invconv_bwd(gy, gld, x, w, b, h, 2, y))):
-                times: dict[str, list[float]] = {"0": [], "1": []}
-                for r in range(rounds):
-                    for k in ("0", "1") if r % 2 == 0 else ("1", "0"):
-                        os.environ["LATENTFAST_GLOW_PREFETCH"] = k
-                        t = time.perf_counter()
-                        fn()
-                        times[k].append(time.perf_counter() - t)
-                ratio = statistics.median(a / b for a, b in zip(times["0"], times["1"]))
-                parts.append(f"{name} off {1e3 * statistics.median(times['0']):.3f} ms, "
-                             f"on {1e3 * statistics.median(times['1']):.3f} ms, ratio {ratio:.2f}")
+                times = alternate_ms({"0": fn, "1": fn}, rounds, warmup=0,
+                                     before=lambda k: os.environ.__setitem__("LATENTFAST_GLOW_PREFETCH", k))
+                parts.append(f"{name} off {statistics.median(times['0']):.3f} ms, "
+                             f"on {statistics.median(times['1']):.3f} ms, ratio {median_ratio(times, '0', '1'):.2f}")
             print(f"N={n:2d} (x and h {2 * x.nbytes / 1e6:4.1f} MB): " + " | ".join(parts))
 
 

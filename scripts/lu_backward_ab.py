@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import latentfast
+from latentfast.bench.runner import alternate_ms, median_ratio
 from latentfast.ops import flows as fops
 from latentfast.reference import flows as fref
 
@@ -44,20 +44,18 @@ def main() -> None:
                 (w.mean() + w_inv.mean()).backward()
                 lower.grad = upper.grad = log_abs_s.grad = None
 
-            times: dict[str, list[float]] = {"formula": [], "kernel": []}
+            backward = {"formula": formula, "kernel": kernel}
+
+            def before(name: str) -> None:  # the backward switched, then one untimed step with it
+                fops._lu_weight_backward = backward[name]
+                step()
             try:
-                for _ in range(args.rounds):
-                    for name, fn in (("formula", formula), ("kernel", kernel)):
-                        fops._lu_weight_backward = fn
-                        step()
-                        t = time.perf_counter()
-                        step()
-                        times[name].append(time.perf_counter() - t)
+                times = alternate_ms({"formula": step, "kernel": step}, args.rounds, warmup=0, before=before)
             finally:
                 fops._lu_weight_backward = kernel
-            ratio = statistics.median(a / b for a, b in zip(times["formula"], times["kernel"]))
-            print(f"C={c:4d}: fwd+bwd with the formula {1e6 * statistics.median(times['formula']):7.1f} us, "
-                  f"with the kernel {1e6 * statistics.median(times['kernel']):7.1f} us, ratio {ratio:.2f}")
+            print(f"C={c:4d}: fwd+bwd with the formula {1e3 * statistics.median(times['formula']):7.1f} us, "
+                  f"with the kernel {1e3 * statistics.median(times['kernel']):7.1f} us, "
+                  f"ratio {median_ratio(times, 'formula', 'kernel'):.2f}")
 
 
 if __name__ == "__main__":

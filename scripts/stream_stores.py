@@ -20,28 +20,19 @@ import contextlib
 import os
 import statistics
 import subprocess
-import time
 
 import torch
 
 import latentfast.ops.flows  # noqa: F401  (loads the C++ kernels)
-from latentfast.bench.runner import pass_callable, restored_env
+from latentfast.bench.runner import alternate_ms, median_ratio, pass_callable, restored_env
 
 
 def _paired(fns: dict[str, object], rounds: int) -> dict[str, list[float]]:
-    """Times each function once per round, in turn; a key that is a setting ("0", "1", "auto")
-    is put in LATENTFAST_STREAM_STORES for its call."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for k, fn in fns.items():  # warm-up, each setting once
+    """alternate_ms over fns; a key that is a setting ("0", "1", "auto") is put in
+    LATENTFAST_STREAM_STORES for its call, any other key runs under "auto"."""
+    def setting(k: str) -> None:
         os.environ["LATENTFAST_STREAM_STORES"] = k if k in ("0", "1", "auto") else "auto"
-        fn()
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            os.environ["LATENTFAST_STREAM_STORES"] = k if k in ("0", "1", "auto") else "auto"
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return times
+    return alternate_ms(fns, rounds, before=setting)
 
 
 def main() -> None:
@@ -83,10 +74,9 @@ def main() -> None:
                 auto = "stream" if _auto_streams(int(out_mb * 1e6)) else "normal"
                 for read in (False, True):
                     t = _paired({"0": lambda: fn(read), "1": lambda: fn(read)}, args.rounds)
-                    ratio = statistics.median(a / b for a, b in zip(t["0"], t["1"]))
                     print(f"N={n:3d} {name:8s} out {out_mb:5.1f} MB {'read after' if read else 'alone     '}: "
-                          f"normal {1e3 * statistics.median(t['0']):6.3f} ms, streaming "
-                          f"{1e3 * statistics.median(t['1']):6.3f} ms, ratio {ratio:.2f} (auto: {auto})")
+                          f"normal {statistics.median(t['0']):6.3f} ms, streaming {statistics.median(t['1']):6.3f} "
+                          f"ms, ratio {median_ratio(t, '0', '1'):.2f} (auto: {auto})")
 
 
 def _bench_case(rounds: int) -> None:
@@ -100,11 +90,10 @@ def _bench_case(rounds: int) -> None:
             # the kernel's data from the caches between calls)
             with torch.no_grad() if name == "fwd" else contextlib.nullcontext():
                 t = _paired({"0": fast, "auto": fast, "eager": eager}, rounds)
-            ratio = statistics.median(a / b for a, b in zip(t["0"], t["auto"]))
-            x_eager = {k: statistics.median(e / a for e, a in zip(t["eager"], t[k])) for k in ("0", "auto")}
-            print(f"glow_step_affine {name:7s}: normal {1e3 * statistics.median(t['0']):6.3f} ms "
-                  f"({x_eager['0']:.2f}x eager), auto {1e3 * statistics.median(t['auto']):6.3f} ms "
-                  f"({x_eager['auto']:.2f}x eager), ratio {ratio:.2f}")
+            x_eager = {k: median_ratio(t, "eager", k) for k in ("0", "auto")}
+            print(f"glow_step_affine {name:7s}: normal {statistics.median(t['0']):6.3f} ms "
+                  f"({x_eager['0']:.2f}x eager), auto {statistics.median(t['auto']):6.3f} ms "
+                  f"({x_eager['auto']:.2f}x eager), ratio {median_ratio(t, '0', 'auto'):.2f}")
 
 
 def _auto_streams(out_bytes: int) -> bool:

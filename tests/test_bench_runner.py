@@ -59,6 +59,34 @@ def test_interleaved_rounds_stop_at_the_budget(monkeypatch):
     assert clock.now == 6 * 0.125 + 8 * 0.25
 
 
+def test_alternate_rounds_rotate_pair_the_calls_and_leave_before_untimed(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(runner.time, "perf_counter", clock)
+    log: list[str] = []
+    n = {"calls": 0}
+
+    def make(name, cost_ms):
+        def fn():
+            rnd = n["calls"] // 2  # the machine slows down round by round; "b" costs half of "a"
+            n["calls"] += 1
+            log.append(name)
+            clock.now += cost_ms * (1 + rnd) / 1e3
+        return fn
+
+    def before(name):
+        log.append(f"before {name}")
+        clock.now += 1.0  # not counted
+
+    times = runner.alternate_ms({"a": make("a", 4.0), "b": make("b", 2.0)}, rounds=5, warmup=2, before=before)
+    assert log[:4] == ["before a", "a", "before b", "b"] and log[4:8] == ["before b", "b", "before a", "a"]
+    assert len(log) == 2 * 2 * 7
+    assert times["a"] == pytest.approx([4.0 * r for r in range(3, 8)])  # the 2 warm-up rounds left out
+    assert times["b"] == pytest.approx([2.0 * r for r in range(3, 8)])
+    assert runner.median_ratio(times, "a", "b") == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        runner.median_ratio({"a": [1.0], "b": [1.0, 2.0]}, "a", "b")
+
+
 def test_merge_rows_replaces_matching_rows_and_keeps_the_rest(tmp_path):
     from latentfast.bench.runner import merge_rows
 

@@ -111,6 +111,36 @@ def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.devi
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def alternate_ms(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 1,
+                 before: Callable[[str], object] | None = None,
+                 device: torch.device | None = None) -> dict[str, list[float]]:
+    """Wall time in ms of every call of each callable, over `rounds` rounds after `warmup`
+    untimed ones: each round calls every callable once, in an order that rotates from round to
+    round, so entry i of each list comes from the same round (see median_ratio). before(name),
+    untimed, runs before each call, e.g. to set an environment variable the call reads or to
+    run another computation in between. The A/B scripts under scripts/ time with this."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            if before is not None:
+                before(name)
+            t0 = time.perf_counter()
+            fns[name]()
+            if device is not None:
+                _sync(device)
+            if r >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over rounds of times[a] / times[b] (from alternate_ms): how many times faster
+    b ran than a, each round's pair timed side by side."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
 def _fwd(fn, inputs):
     return lambda: fn(*inputs)
 
