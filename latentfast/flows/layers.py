@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,7 @@ class ActNorm(nn.Module):
             if count.item() == 0:  # every process's batch is empty: wait for data, as one process does
                 return False
             mean64 = first[:-1] / count
+            n_values = int(count.item())
             second = ((xs - mean64[None, :, None, None]) ** 2).sum(dim=(0, 2, 3))
             torch.distributed.all_reduce(second)
             mean, std = mean64.to(x.dtype), (second / count).sqrt().to(x.dtype)
@@ -120,6 +122,11 @@ class ActNorm(nn.Module):
                 return False
             mean = x.mean(dim=(0, 2, 3))
             std = x.std(dim=(0, 2, 3), unbiased=False)
+            n_values = x.shape[0] * x.shape[2] * x.shape[3]
+        if n_values == 1:
+            warnings.warn(f"ActNorm({self.channels}) initialised from one value per channel (a batch of one "
+                          f"{x.shape[2]} x {x.shape[3]} image): its standard deviation is 0, so its scale is "
+                          "exp(logs) = 1e6; make the first call on a batch of several images", stacklevel=2)
         self.bias.copy_(-mean)
         self.logs.copy_(-torch.log(std + 1e-6))
         self.initialized.fill_(True)

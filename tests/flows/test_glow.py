@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -254,6 +255,21 @@ def test_actnorm_waits_for_a_non_empty_batch_to_initialise():
     glow = Glow(1, 4, n_levels=1, steps_per_level=1, hidden=4)
     assert glow.log_prob(torch.randn(0, 1, 4, 4)).shape == (0,)
     assert all(bool(torch.isfinite(p).all()) for p in glow.parameters())
+
+
+def test_actnorm_warns_when_one_value_per_channel_initialises_it():
+    """A first batch of one 1 x 1 image (a Glow's last level after a batch of one: 8 x 8 images,
+    3 levels) gives a standard deviation of 0 and a scale of 1e6, and the Glow's latents
+    overflow once its parameters move: a warning says so. Two values per channel do not warn."""
+    with pytest.warns(UserWarning, match=r"one value per channel .* scale is exp\(logs\) = 1e6"):
+        ActNorm(3)(torch.randn(1, 3, 1, 1))
+    with pytest.warns(UserWarning, match=r"ActNorm\(16\) initialised from one value per channel"):
+        Glow(1, 8, n_levels=3, steps_per_level=1, hidden=4).log_prob(torch.rand(1, 1, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ActNorm(3)(torch.randn(2, 3, 1, 1))
+        ActNorm(3)(torch.randn(1, 3, 1, 2))
+        Glow(1, 8, n_levels=3, steps_per_level=1, hidden=4).log_prob(torch.rand(2, 1, 8, 8))
 
 
 def test_actnorm_reads_its_initialized_flag_back_only_until_it_is_set(monkeypatch, device="cpu"):
