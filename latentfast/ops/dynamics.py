@@ -47,7 +47,7 @@ def _rnn_lyapunov(s0: Tensor, q0: Tensor, mat: Tensor, bias: Tensor, cell: int, 
 
 @_rnn_lyapunov.register_fake
 def _(s0, q0, mat, bias, cell, n_steps, qr_every, transient, dt):
-    return s0.new_empty((s0.shape[0], q0.shape[2])), torch.empty_like(s0)
+    return s0.new_empty((s0.shape[0], q0.shape[2])), s0.new_empty(s0.shape)
 
 
 @torch.library.custom_op("latentfast::lorenz_lyapunov", mutates_args=())
@@ -66,7 +66,7 @@ def _lorenz_lyapunov(x0: Tensor, q0: Tensor, system: int, p0: float, p1: float, 
 
 @_lorenz_lyapunov.register_fake
 def _(x0, q0, system, p0, p1, p2, dt, n_steps, qr_every, transient):
-    return x0.new_empty((x0.shape[0], q0.shape[2])), torch.empty_like(x0)
+    return x0.new_empty((x0.shape[0], q0.shape[2])), x0.new_empty(x0.shape)
 
 
 def _no_transform(name: str, *tensors) -> None:

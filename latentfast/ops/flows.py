@@ -106,8 +106,8 @@ def _(x, weight, bias, h, additive):
 
 @_actnorm_invconv_backward_op.register_fake
 def _(grad_y, grad_logdet, x, weight, bias, h, mode, y=None):
-    gh = torch.empty_like(h) if mode else x.new_empty((0,))
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), gh
+    gh = h.new_empty(h.shape) if mode else x.new_empty((0,))
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape), gh
 
 
 def _save_inputs(ctx, inputs, output):
@@ -189,17 +189,17 @@ _affine_coupling_backward = _backward_caller(_affine_coupling_backward_impl, _af
 
 @_affine_coupling.register_fake
 def _(x_b, h, additive):
-    return torch.empty_like(x_b), x_b.new_empty((x_b.shape[0],))
+    return x_b.new_empty(x_b.shape), x_b.new_empty((x_b.shape[0],))
 
 
 @_affine_coupling_inverse.register_fake
 def _(y_b, h, additive):
-    return torch.empty_like(y_b), y_b.new_empty((y_b.shape[0],))
+    return y_b.new_empty(y_b.shape), y_b.new_empty((y_b.shape[0],))
 
 
 @_affine_coupling_backward_op.register_fake
 def _(grad_y, grad_logdet, x_b, h, additive, y_b=None):
-    return torch.empty_like(x_b), torch.empty_like(h)
+    return x_b.new_empty(x_b.shape), h.new_empty(h.shape)
 
 
 def _save_coupling(ctx, inputs, output):
@@ -259,7 +259,7 @@ _lu_weight = torch.library.custom_op("latentfast::lu_weight", mutates_args=())(_
 
 @_lu_weight.register_fake
 def _(perm, lower, upper, sign_s, log_abs_s):
-    return torch.empty_like(perm), torch.empty_like(perm)
+    return perm.new_empty(perm.shape), perm.new_empty(perm.shape)
 
 
 def _save_lu(ctx, inputs, output):
@@ -285,7 +285,7 @@ _lu_weight_backward = _backward_caller(_lu_weight_backward_impl, _lu_weight_back
 
 @_lu_weight_backward_op.register_fake
 def _(perm, lower, upper, sign_s, log_abs_s, w_inv, grad_w=None, grad_w_inv=None):
-    return torch.empty_like(lower), torch.empty_like(upper), torch.empty_like(log_abs_s)
+    return lower.new_empty(lower.shape), upper.new_empty(upper.shape), log_abs_s.new_empty(log_abs_s.shape)
 
 
 @op_backward

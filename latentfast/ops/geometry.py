@@ -574,7 +574,7 @@ def _(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta):
 
 @_curve_energy_backward.register_fake
 def _(grad_energy, grad_length, curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta):
-    return torch.empty_like(curves)
+    return curves.new_empty(curves.shape)
 
 
 @op_backward
@@ -642,7 +642,7 @@ def _(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta):
 
 @_curve_energy_train_backward.register_fake
 def _(grad_energy, grad_length, curves, derivs, feats, weights, acts, rbf_centres, rbf_lambda, rbf_weight):
-    return torch.empty_like(curves)
+    return curves.new_empty(curves.shape)
 
 
 def _save_train(ctx, inputs, output):

@@ -80,8 +80,8 @@ def _(x, h0, weight_ih, weight_hh, bias_ih, bias_hh):
 
 @_gru_sequence_backward.register_fake
 def _(grad_out, x, h0, weight_ih, weight_hh, out, gates):
-    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(weight_ih),
-            torch.empty_like(weight_hh), weight_ih.new_empty(weight_ih.shape[0]),
+    return (x.new_empty(x.shape), h0.new_empty(h0.shape), weight_ih.new_empty(weight_ih.shape),
+            weight_hh.new_empty(weight_hh.shape), weight_ih.new_empty(weight_ih.shape[0]),
             weight_hh.new_empty(weight_hh.shape[0]))
 
 
@@ -233,8 +233,8 @@ def _(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
 
 @_lstm_sequence_backward.register_fake
 def _(grad_out, grad_cells, x, h0, c0, weight_ih, weight_hh, out, cells, gates):
-    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(weight_ih),
-            torch.empty_like(weight_hh), weight_ih.new_empty(weight_ih.shape[0]),
+    return (x.new_empty(x.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape), weight_ih.new_empty(weight_ih.shape),
+            weight_hh.new_empty(weight_hh.shape), weight_ih.new_empty(weight_ih.shape[0]),
             weight_hh.new_empty(weight_hh.shape[0]))
 
 

@@ -142,25 +142,25 @@ def _vector_flow_stack_inverse(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Te
 
 @_vector_flow_stack.register_fake
 def _(x, ctx, w1, b1, w2, b2, act, additive):
-    return torch.empty_like(x), x.new_empty(x.shape[0])
+    return x.new_empty(x.shape), x.new_empty(x.shape[0])
 
 
 @_vector_flow_stack_train.register_fake
 def _(x, ctx, w1, b1, w2, b2, act, additive):
     (b, d), k = x.shape, w1.shape[0]
-    return torch.empty_like(x), x.new_empty(b), x.new_empty((k, b, d)), x.new_empty((k, b, w2.shape[1]))
+    return x.new_empty(x.shape), x.new_empty(b), x.new_empty((k, b, d)), x.new_empty((k, b, w2.shape[1]))
 
 
 @_vector_flow_stack_backward.register_fake
 def _(grad_y, grad_logdet, xs, out, ctx, w1, b1, w2, act, additive):
-    gctx = torch.empty_like(ctx) if ctx is not None else xs.new_empty(0)
-    return (torch.empty_like(grad_y), gctx, torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2),
-            xs.new_empty((w2.shape[0], w2.shape[1])))
+    gctx = ctx.new_empty(ctx.shape) if ctx is not None else xs.new_empty(0)
+    return (grad_y.new_empty(grad_y.shape), gctx, w1.new_empty(w1.shape), b1.new_empty(b1.shape),
+            w2.new_empty(w2.shape), xs.new_empty((w2.shape[0], w2.shape[1])))
 
 
 @_vector_flow_stack_inverse.register_fake
 def _(y, ctx, w1, b1, w2, b2, act, additive, n_passes):
-    return torch.empty_like(y), y.new_empty(y.shape[0])
+    return y.new_empty(y.shape), y.new_empty(y.shape[0])
 
 
 def _grads(grads, has_ctx: bool):

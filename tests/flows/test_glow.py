@@ -100,6 +100,29 @@ def test_channels_last_glow_gives_the_contiguous_numbers(backend):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(interpreting(), reason="compiles a model (the fakes' strides are checked per op in tests/ops)")
+def test_channels_last_glow_compiles_and_trains():
+    """torch.compile of a channels_last Glow's loss, forward and backward, gives the eager
+    contiguous model's loss and gradients. The fake kernels gave outputs their inputs'
+    layout (empty_like) where the kernels return contiguous tensors, and the compiled
+    backward failed ("expected size 24==24, stride 4==1 at dim=1")."""
+    torch.manual_seed(0)
+    glow = Glow(3, 4, n_levels=1, steps_per_level=1, hidden=8)
+    x = torch.rand(4, 3, 4, 4) - 0.5
+    glow.log_prob(x)  # ActNorm init
+    _perturb(glow, 5)
+    cl = copy.deepcopy(glow).to(memory_format=torch.channels_last)
+    (-glow.log_prob(x).mean()).backward()
+    torch._dynamo.reset()
+    loss = torch.compile(lambda inp: -cl.log_prob(inp).mean(), fullgraph=True)(
+        x.contiguous(memory_format=torch.channels_last))
+    loss.backward()
+    assert_close(loss, -glow.log_prob(x).mean())
+    for (name, p), q in zip(cl.named_parameters(), glow.parameters()):
+        assert_close(p.grad, q.grad, scale=10.0, msg=name)
+
+
 def test_glow_takes_one_image_without_its_batch_dimension(backend):
     """encode / forward / log_prob / bits_per_dim of one image [C, H, W] (as torch.nn's
     convolutions take it) give the batch-of-one results without the batch dimension, and

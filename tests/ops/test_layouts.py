@@ -180,3 +180,54 @@ def test_unbatched_op_on_inputs_in_other_layouts_and_modes(backend, name):
     if differentiable:
         _check_gradient_layouts(name, fn, inputs)
     _check_modes(name, fn, inputs, grad=differentiable)
+
+
+def _check_fake_strides(name, fn, inputs, differentiable=True):
+    """fn forward (and backward) through its custom ops, as torch.compile calls them, with
+    CrossRefFakeMode running each latentfast op on fake tensors too and comparing the outputs'
+    shapes and strides: once with contiguous inputs, then with each input and each output's gradient in
+    the other layouts."""
+    from torch._subclasses.fake_utils import CrossRefFakeMode
+
+    def run(ins, grad_at=None, grad=None):
+        ins = [t.detach().requires_grad_(differentiable) for t in ins]
+        with CrossRefFakeMode(ignore_op_fn=lambda op: getattr(op, "namespace", None) != "latentfast"):
+            outs = [o for o in _outputs(fn(*ins)) if o.requires_grad]
+            if outs and grad is not None:
+                torch.autograd.backward([outs[grad_at]], [grad])
+            elif outs:
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        return outs
+
+    outs = run(inputs)
+    for i, t in enumerate(inputs):
+        for layout, other in _layouts(t, broadcast=False):
+            try:
+                run([other if j == i else u for j, u in enumerate(inputs)])
+            except Exception as e:
+                raise AssertionError(f"{name}, input {i} in {layout}: {e}") from e
+    for k, o in enumerate(outs):
+        for layout, g in _grad_layouts(torch.randn(o.shape, dtype=o.dtype, device=o.device)):
+            try:
+                run(inputs, k, g)
+            except Exception as e:
+                raise AssertionError(f"{name}, gradient of output {k} in {layout}: {e}") from e
+
+
+@pytest.mark.parametrize("name", CASES + UNBATCHED)
+def test_fake_kernels_give_the_real_kernels_strides(backend, name, monkeypatch):
+    """Every op's fake (meta) kernels give its outputs the strides its real kernels give them,
+    whatever the inputs' layout. The fakes allocated with empty_like, which keeps an input's
+    layout, where the kernels return contiguous tensors: torch.compile of a Glow moved to
+    channels_last (a layout the README suggests on a CPU) failed in its backward ("expected
+    size 24==24, stride 4==1 at dim=1" in actnorm_invconv_backward), and compiled code that
+    does not check would read the gradients with the wrong strides."""
+    # the public functions call their custom ops when compiling (else a faster eager path)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    dev = device_for(backend)
+    if name in UNBATCHED:
+        fn, inputs, differentiable = _unbatched_cases(dev)[name]
+    else:
+        fn, inputs, _, _ = op_cases(dev, B)[name]
+        differentiable = True
+    _check_fake_strides(name, fn, inputs, differentiable)
