@@ -14,8 +14,9 @@ hang=(--timeout 1200 --timeout-method thread)
 # tests/test_vectorisation.py reads their report from LATENTFAST_VEC_REPORT_DIR instead of
 # compiling in the foreground (83 s of pass 1 on 2 cores).
 vec_dir=$(mktemp -d)
-( nice -n 19 python scripts/vec_report.py --dtype float --check > "$vec_dir/report.txt" 2>&1
-  echo $? > "$vec_dir/rc.tmp" && mv "$vec_dir/rc.tmp" "$vec_dir/rc" ) &
+( status=0  # (errexit holds in this subshell too: a failed check must still write its status)
+  nice -n 19 python scripts/vec_report.py --dtype float --check > "$vec_dir/report.txt" 2>&1 || status=$?
+  echo "$status" > "$vec_dir/rc.tmp" && mv "$vec_dir/rc.tmp" "$vec_dir/rc" ) &
 vec_pid=$!
 trap 'kill "$vec_pid" 2>/dev/null || true' EXIT
 echo "== set up in ${SECONDS} s; pass 1: reference and cpp backends =="
