@@ -150,9 +150,10 @@ def _model_case(op: str, name: str, model: torch.nn.Module, x: Tensor,
 def model_cases(device: torch.device, quick: bool, glow_hidden: int | None = None) -> list[Case]:
     """Whole models, end to end (see _model_case), each a loss as a training step computes it:
     - glow_model: a multi-scale Glow (latentfast.flows.Glow, 3 x 32 x 32 images, 3 levels of
-      8 steps, coupling nets 128 wide or glow_hidden, batch 16), bits/dim; the same Glow again with its parameters in channels_last (`model.to(memory_format=
-      torch.channels_last)`, the case name ends in "channels_last"): the nets' convolutions run
-      in that layout, under both backends;
+      8 steps, coupling nets 128 wide or glow_hidden, batch 16), bits/dim; and the same Glow
+      with its parameters in channels_last (`model.to(memory_format=torch.channels_last)`, the
+      case name ends in "channels_last"), whose nets' convolutions run in that layout under
+      both backends;
     - flow_vae_model: an IAF-posterior VAE (latentfast.vae.FlowVAE, 784 -> 512 -> 512 -> 32,
       8 IAF steps 256 wide, Bernoulli likelihood, batch 256), the negative ELBO.
     The coupling nets, encoder and decoder are PyTorch modules either way, so the ratio is what
