@@ -92,36 +92,28 @@ def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.devi
     land on one of them only). Runs at least `min_reps` rounds and goes on while the
     time spent stays under `budget_s` per callable, up to `max_rounds`.
     """
-    names = list(fns)
-    for name in names:  # warm-up (compilation and allocator growth stay out)
+    for name in fns:  # warm-up (compilation and allocator growth stay out)
         for _ in range(3):
             fns[name]()
     _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < min_reps or (time.perf_counter() - start < budget_s * len(names) and rounds < max_rounds):
-        k = rounds % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
+    times = alternate_ms(fns, min_reps, warmup=0, device=device, budget_s=budget_s, max_rounds=max_rounds)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 def alternate_ms(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 1,
-                 before: Callable[[str], object] | None = None,
-                 device: torch.device | None = None) -> dict[str, list[float]]:
+                 before: Callable[[str], object] | None = None, device: torch.device | None = None,
+                 budget_s: float = 0.0, max_rounds: int = 0) -> dict[str, list[float]]:
     """Wall time in ms of every call of each callable, over `rounds` rounds after `warmup`
     untimed ones: each round calls every callable once, in an order that rotates from round to
-    round, so entry i of each list comes from the same round (see median_ratio). before(name),
-    untimed, runs before each call, e.g. to set an environment variable the call reads or to
-    run another computation in between. The A/B scripts under scripts/ time with this."""
+    round, so entry i of each list comes from the same round (see median_ratio). Goes on past
+    `rounds` while the timed rounds have taken under `budget_s` per callable, up to
+    `max_rounds`. before(name), untimed, runs before each call, e.g. to set an environment
+    variable the call reads or to run another computation in between. time_interleaved_ms (the
+    bench) and the A/B scripts under scripts/ time with this."""
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup + rounds):
+
+    def one_round(r: int, timed: bool) -> None:
         k = r % len(names)
         for name in names[k:] + names[:k]:
             if before is not None:
@@ -130,8 +122,16 @@ def alternate_ms(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: i
             fns[name]()
             if device is not None:
                 _sync(device)
-            if r >= warmup:
+            if timed:
                 times[name].append((time.perf_counter() - t0) * 1e3)
+
+    for r in range(warmup):
+        one_round(r, False)
+    start = time.perf_counter()
+    n = 0
+    while n < rounds or (time.perf_counter() - start < budget_s * len(names) and n < max_rounds):
+        one_round(warmup + n, True)
+        n += 1
     return times
 
 
