@@ -110,10 +110,10 @@ class ActNorm(nn.Module):
             first = torch.cat([xs.sum(dim=(0, 2, 3)), xs.new_full((1,), x.numel() // max(x.shape[1], 1))])
             torch.distributed.all_reduce(first)
             count = first[-1]
-            if count.item() == 0:  # every process's batch is empty: wait for data, as one process does
+            n_values = int(count.item())
+            if n_values == 0:  # every process's batch is empty: wait for data, as one process does
                 return False
             mean64 = first[:-1] / count
-            n_values = int(count.item())
             second = ((xs - mean64[None, :, None, None]) ** 2).sum(dim=(0, 2, 3))
             torch.distributed.all_reduce(second)
             mean, std = mean64.to(x.dtype), (second / count).sqrt().to(x.dtype)
