@@ -181,12 +181,15 @@ def model_cases(device: torch.device, quick: bool, glow_hidden: int | None = Non
             if "net" in name and p.abs().max() == 0:
                 p.normal_(0.0, 0.01, generator=torch.Generator(device=p.device).manual_seed(2))
     images = torch.rand(batch, d_in, generator=gen).to(device)
+    glow_name = f"glow_model 3x{size}x{size} L={levels} K={k} hidden={hidden} N={n}"
+
+    def bits_per_dim(m, inp):
+        return m.bits_per_dim(inp, n_bins=256)
+
     return [
-        _model_case("glow_model", f"glow_model 3x{size}x{size} L={levels} K={k} hidden={hidden} N={n}", glow, x,
-                    lambda m, inp: m.bits_per_dim(inp, n_bins=256)),
-        _model_case("glow_model", f"glow_model 3x{size}x{size} L={levels} K={k} hidden={hidden} N={n} channels_last",
-                    copy.deepcopy(glow).to(memory_format=torch.channels_last), x,
-                    lambda m, inp: m.bits_per_dim(inp, n_bins=256)),
+        _model_case("glow_model", glow_name, glow, x, bits_per_dim),
+        _model_case("glow_model", f"{glow_name} channels_last", copy.deepcopy(glow).to(memory_format=torch.channels_last),
+                    x, bits_per_dim),
         _model_case("flow_vae_model", f"flow_vae_model {d_in}-{width}-{latent} IAF K={steps} H={flow_hidden} "
                     f"N={batch}", vae, images, lambda m, inp: m(inp)),
     ]
