@@ -25,6 +25,7 @@ import latentfast.geometry as geo
 from latentfast.flows import IAF, MAF, Glow, VectorAffineCoupling
 from latentfast.rnn import GRU, LSTM
 from tests.conftest import interpreting
+from tests.flows.test_glow import _perturb
 
 F64 = torch.float64
 N_CONFIGS = 4 if interpreting() else 12  # (interpreted kernels run their programs in Python)
@@ -42,12 +43,6 @@ def _close(got, want, what: str, rtol: float = 1e-9) -> None:
             torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * 1e-2, msg=lambda m: f"{what}: output {i}: {m}")
 
 
-def _perturb(module: nn.Module, scale: float) -> None:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-
-
 @pytest.mark.parametrize("index", range(N_CONFIGS))
 def test_glow(backend, index):
     rnd = _rng("glow", index)
@@ -60,7 +55,7 @@ def test_glow(backend, index):
     glow = Glow(c, size, **kw).to(F64)
     x = torch.rand(rnd.choice([2, 3]), c, *size, dtype=F64) - 0.5
     glow.log_prob(x)  # ActNorm's initialisation (on the reference ops: the model's forward)
-    _perturb(glow, 0.05)
+    _perturb(glow, rnd.randrange(1 << 30), 0.05)
 
     def run():
         glow.zero_grad(set_to_none=True)
@@ -85,7 +80,7 @@ def test_vector_flow(backend, index):
     what = f"{cls.__name__}({d}, **{kw}) on {backend}"
     torch.manual_seed(rnd.randrange(1 << 30))
     flow = cls(d, **kw).to(F64)
-    _perturb(flow, 0.1)
+    _perturb(flow, rnd.randrange(1 << 30), 0.1)
     b = rnd.choice([1, 5, 17])
     x = torch.randn(b, d, dtype=F64)
     ctx = (torch.randn(b, kw["context_dim"], dtype=F64),) if kw["context_dim"] else ()
