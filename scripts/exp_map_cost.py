@@ -8,7 +8,8 @@ through an MLP decoder; the former one built dM [d, d, d] per point with torch.f
 M z'' = -(dM[v]) v + grad(v^T M v) / 2. Both run here through the same exp_map, on a 2-D VAE
 trained for 20 epochs on sklearn's digits with a 64-centre RBF variance network; prints the
 medians of 3 calls for 4 and 500 points, 50 RK4 steps, and the largest difference of the
-end points.
+end points; then what exp_map's singular-metric check costs it (with against without,
+alternated call by call), there and on an untrained 128-128 tanh decoder at d = 2 and 10.
 
     python scripts/exp_map_cost.py
 """
@@ -17,9 +18,9 @@ from __future__ import annotations
 import torch
 from sklearn.datasets import load_digits
 
-from latentfast.bench.runner import median_ms
+from latentfast.bench.runner import alternate_ms, median_ms, median_ratio
 from latentfast.geometry import core
-from latentfast.vae import VAE, fit, fit_rbf_variance
+from latentfast.vae import VAE, GaussianMLPDecoder, fit, fit_rbf_variance
 
 
 def christoffel_acceleration(decoder, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -45,21 +46,48 @@ def main() -> None:
     z = model.encode(x)[0].detach()
     fit_rbf_variance(model.decoder, z, x, n_centres=64)
     dec = model.decoder
-    current = core.geodesic_acceleration
+    current = core._acceleration
+
+    def christoffel(decoder, z, v, check):  # core._acceleration's signature: (z'', singular flags)
+        return christoffel_acceleration(decoder, z, v), (z.new_zeros(z.shape[0], dtype=torch.bool) if check else None)
     for b in (4, 500):
         zb, vb = z[:b], 0.1 * torch.randn(b, 2)
         times, ends = {}, {}
-        for name, acc in (("christoffel (before)", christoffel_acceleration), ("current", current)):
-            core.geodesic_acceleration = acc  # exp_map looks the acceleration up at call time
+        for name, acc in (("christoffel (before)", christoffel), ("current", current)):
+            core._acceleration = acc  # exp_map looks the acceleration up at call time
             try:
                 times[name] = median_ms(lambda: core.exp_map(dec, zb, vb, n_steps=50), reps=3, warmup=1)
                 ends[name] = core.exp_map(dec, zb, vb, n_steps=50)[:, -1]
             finally:
-                core.geodesic_acceleration = current
+                core._acceleration = current
         before, now = times["christoffel (before)"], times["current"]
         diff = (ends["christoffel (before)"] - ends["current"]).abs().max().item()
         print(f"exp_map {b:4d} points, 50 steps: christoffel {before:8.1f} ms, current {now:7.1f} ms, "
               f"{before / now:5.1f}x; max |end point difference| {diff:.1e}")
+        ratio = check_cost(dec, zb, vb, 50, rounds=11)
+        print(f"exp_map {b:4d} points, 50 steps: singular-metric check costs {ratio:.2f}x")
+    for d in (2, 10):  # an untrained 128-128 tanh decoder, no variance network
+        bare = GaussianMLPDecoder(d, 64, hidden=(128, 128))
+        for b in (4, 500):
+            zb, vb = torch.randn(b, d), 0.1 * torch.randn(b, d)
+            ratio = check_cost(bare, zb, vb, 20, rounds=15)
+            print(f"bare decoder d={d:2d}, exp_map {b:4d} points, 20 steps: singular-metric check costs {ratio:.2f}x")
+
+
+def check_cost(dec, z: torch.Tensor, v: torch.Tensor, n_steps: int, rounds: int) -> float:
+    """exp_map with its singular-metric check (an eigvalsh of every stage's [d, d] metrics,
+    read back once per call) over exp_map without it (can_read_back patched to False, as
+    under torch.compile): the median of per-round ratios, the two alternated call by call."""
+    check = core.can_read_back
+
+    def shoot(on: bool):
+        core.can_read_back = check if on else (lambda t: False)
+        try:
+            return core.exp_map(dec, z, v, n_steps=n_steps)
+        finally:
+            core.can_read_back = check
+    ab = alternate_ms({"on": lambda: shoot(True), "off": lambda: shoot(False)}, rounds=rounds, warmup=2)
+    return median_ratio(ab, "on", "off")
 
 
 if __name__ == "__main__":

@@ -804,30 +804,71 @@ def geodesic_acceleration(decoder, z: Tensor, v: Tensor) -> Tensor:
     MLP decoders (as_mlp) carry J and g''[v, v] forward through the layers in one batched
     pass (latentfast.reference.geometry.geodesic_acceleration); any other decoder gets J and
     g''[v, v] from torch.func (jacfwd and a jvp of a jvp per point, under vmap).
-    One point and velocity [d] give [d]."""
+    One point and velocity [d] give [d].
+    Raises ValueError where M(z) is singular to working precision (smallest eigenvalue at
+    most d * eps * the largest, torch.linalg.matrix_rank's tolerance): the equation does not
+    fix z'' there (a decoder layer narrower than d, or fewer features than d, makes M
+    singular everywhere; saturated units far from the data, nearly so), and a solve would
+    return one of its infinitely many solutions, picked by rounding (not checked inside
+    torch.compile or torch.func transforms)."""
     if _unbatched(z, 2) and _unbatched(v, 2):
         return geodesic_acceleration(decoder, z[None], v[None])[0]
     check_tensor("z", z, 2)  # shapes only: exp_map's RK4 stages call this, and a finiteness
     check_tensor("v", v, 2, like=z)  # check would read back every stage (its path is checked once)
     if z.shape != v.shape:
         raise ValueError(f"z and v must have the same shape, got {tuple(z.shape)} and {tuple(v.shape)}")
+    check = can_read_back(z)
+    acc, singular = _acceleration(decoder, z, v, check)
+    if check and bool(singular.any()):
+        rows = singular.nonzero()[:, 0].tolist()
+        raise ValueError(f"geodesic_acceleration: the metric M(z) is singular to working precision at "
+                         f"point(s) {rows[:10]}{' ...' if len(rows) > 10 else ''}, so z'' is not determined "
+                         f"there: {_SINGULAR_HINT}")
+    return acc
+
+
+_SINGULAR_HINT = ("the decoder's Jacobian has rank below the latent dimension d (a layer narrower than d or "
+                  "fewer features than d make it so everywhere; saturated activations far from the data, "
+                  "nearly so). Use a decoder whose metric stays regular (an RBF variance network's grows away "
+                  "from the data).")
+
+
+def _acceleration(decoder, z: Tensor, v: Tensor, check: bool) -> tuple[Tensor, Tensor | None]:
+    """(z'' [B, d], singular [B] bool or None): with check, which points' metrics are singular
+    to working precision (their z'' is not to be used), found without reading anything back
+    (torch.linalg.solve_ex: an exactly singular M flags its point instead of raising)."""
     p = as_mlp(decoder)
     if p is not None:
-        return ref.geodesic_acceleration(z, v, *p.args())
-    f = _feature_fn(decoder)
+        metric, rhs = ref.geodesic_acceleration_system(z, v, *p.args())
+    else:
+        f = _feature_fn(decoder)
 
-    def acc(zi: Tensor, vi: Tensor) -> Tensor:
-        g = lambda x: f(x[None])[0]  # noqa: E731
-        _, gvv = torch.func.jvp(lambda x: torch.func.jvp(g, (x,), (vi,))[1], (zi,), (vi,))
-        jac = torch.func.jacfwd(g)(zi)  # [D, d]
-        return -torch.linalg.solve(jac.T @ jac, jac.T @ gvv)
-    return torch.func.vmap(acc)(z, v)
+        def system(zi: Tensor, vi: Tensor) -> tuple[Tensor, Tensor]:
+            g = lambda x: f(x[None])[0]  # noqa: E731
+            _, gvv = torch.func.jvp(lambda x: torch.func.jvp(g, (x,), (vi,))[1], (zi,), (vi,))
+            jac = torch.func.jacfwd(g)(zi)  # [D, d]
+            return jac.T @ jac, jac.T @ gvv
+        metric, rhs = torch.func.vmap(system)(z, v)
+    if not check:
+        return -torch.linalg.solve(metric, rhs), None
+    sol, info = torch.linalg.solve_ex(metric, rhs)
+    with torch.no_grad():
+        # a metric with NaN / Inf (the path's final finiteness check names it) is not
+        # decomposed: the eigensolver can raise a failure to converge on one
+        finite = torch.isfinite(metric).flatten(1).all(1)
+        eye = torch.eye(metric.shape[1], dtype=metric.dtype, device=metric.device)
+        eig = torch.linalg.eigvalsh(torch.where(finite[:, None, None], metric.detach(), eye))
+        singular = finite & ((eig[:, 0] <= eig[:, -1] * (z.shape[1] * torch.finfo(metric.dtype).eps)) | (info != 0))
+    return -sol, singular
 
 
 def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) -> Tensor:
     """Geodesic shooting: integrate z'' = -Gamma(z)[z', z'] from z [B, d] with velocity
     v [B, d] for time t (RK4, n_steps). Returns the trajectory [B, n_steps + 1, d]; its last
-    point is Exp_z(t v). One point and velocity [d] give [n_steps + 1, d]."""
+    point is Exp_z(t v). One point and velocity [d] give [n_steps + 1, d].
+    Raises ValueError naming the first RK4 step where a path met a metric singular to working
+    precision (see geodesic_acceleration) or turned NaN / Inf; the check reads back once, after
+    the last step."""
     if _unbatched(z, 2) and _unbatched(v, 2):
         return exp_map(decoder, z[None], v[None], t, n_steps)[0]
     _check_points("z", z)
@@ -842,26 +883,33 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
     zs = [z.detach()]
     zc, vc = z.detach(), v.detach()
 
+    check = can_read_back(zc)
+    singular = []  # per RK4 step, which paths met a singular metric (read back once, at the end)
+
     def deriv(zz, vv):
-        return vv, geodesic_acceleration(decoder, zz, vv)
+        acc, bad = _acceleration(decoder, zz, vv, check)
+        if check:
+            singular[-1] |= bad
+        return vv, acc
 
     with torch.no_grad():
-        for step in range(n_steps):
-            try:
-                k1z, k1v = deriv(zc, vc)
-                k2z, k2v = deriv(zc + 0.5 * h * k1z, vc + 0.5 * h * k1v)
-                k3z, k3v = deriv(zc + 0.5 * h * k2z, vc + 0.5 * h * k2v)
-                k4z, k4v = deriv(zc + h * k3z, vc + h * k3v)
-            except torch.linalg.LinAlgError as err:
-                raise ValueError(
-                    f"exp_map: the metric M(z) became singular in RK4 step {step + 1} of {n_steps} (the "
-                    "decoder's Jacobian lost rank along the path, e.g. saturated activations far from the "
-                    "data, where the path may also have run off). Shorten t or the velocity, take more "
-                    "steps, or use a decoder whose metric stays regular (an RBF variance network's grows "
-                    f"away from the data). ({err})") from err
+        for _ in range(n_steps):
+            singular.append(torch.zeros(zc.shape[0], dtype=torch.bool, device=zc.device))
+            k1z, k1v = deriv(zc, vc)
+            k2z, k2v = deriv(zc + 0.5 * h * k1z, vc + 0.5 * h * k1v)
+            k3z, k3v = deriv(zc + 0.5 * h * k2z, vc + 0.5 * h * k2v)
+            k4z, k4v = deriv(zc + h * k3z, vc + h * k3v)
             zc = zc + h / 6 * (k1z + 2 * k2z + 2 * k3z + k4z)
             vc = vc + h / 6 * (k1v + 2 * k2v + 2 * k3v + k4v)
             zs.append(zc)
+    if check:
+        flags = torch.stack(singular)  # [n_steps, B]
+        if bool(flags.any()):
+            step = int(flags.any(1).nonzero()[0])
+            raise ValueError(f"exp_map: the metric M(z) became singular in RK4 step {step + 1} of {n_steps} "
+                             f"(to working precision, on path(s) {flags[step].nonzero()[:, 0].tolist()[:10]}), "
+                             f"where z'' is not determined: {_SINGULAR_HINT} Along a path that ran off the "
+                             f"data, shorten t or the velocity, or take more steps.")
     path = torch.stack(zs, dim=1)
     if can_read_back(path) and not bool(torch.isfinite(path).all()):
         bad = int((~torch.isfinite(path).flatten(2).all(2)).any(0).nonzero()[0])

@@ -143,7 +143,19 @@ def geodesic_acceleration(z: Tensor, v: Tensor, weights: list[Tensor], biases: l
                           acts: list[int], rbf_centres: Tensor | None = None,
                           rbf_lambda: Tensor | None = None, rbf_weight: Tensor | None = None,
                           zeta: float = 0.0) -> Tensor:
-    """z'' = -Gamma(z)[v, v] [N, d] of the pull-back metric, for z, v [N, d].
+    """z'' = -Gamma(z)[v, v] [N, d] of the pull-back metric, for z, v [N, d]: the solve of
+    geodesic_acceleration_system's M z'' = -J^T g''(z)[v, v]."""
+    metric, rhs = geodesic_acceleration_system(z, v, weights, biases, acts, rbf_centres, rbf_lambda,
+                                               rbf_weight, zeta)
+    return -torch.linalg.solve(metric, rhs)
+
+
+def geodesic_acceleration_system(z: Tensor, v: Tensor, weights: list[Tensor], biases: list[Tensor],
+                                 acts: list[int], rbf_centres: Tensor | None = None,
+                                 rbf_lambda: Tensor | None = None, rbf_weight: Tensor | None = None,
+                                 zeta: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(M(z) [N, d, d], J^T g''(z)[v, v] [N, d]) for z, v [N, d]: the geodesic acceleration
+    z'' = -Gamma(z)[v, v] of the pull-back metric solves M z'' = -J^T g''(z)[v, v].
 
     A curve is a geodesic of M = J^T J (J the Jacobian of g) when the acceleration of
     g(z(t)) is normal to the surface: J^T (J z'' + g''(z)[v, v]) = 0, so
@@ -176,7 +188,7 @@ def geodesic_acceleration(z: Tensor, v: Tensor, weights: list[Tensor], biases: l
         js = _rbf_sigma_jacobian(diff, phi, beta, rbf_lambda, rbf_weight).transpose(1, 2)  # [N, d, D]
         metric = metric + js @ js.transpose(1, 2)
         rhs = rhs + (js @ sigvv[:, :, None])[..., 0]
-    return -torch.linalg.solve(metric, rhs)
+    return metric, rhs
 
 
 def curve_energy(curves: Tensor, weights: list[Tensor], biases: list[Tensor], acts: list[int],

@@ -547,6 +547,32 @@ def test_exp_map_into_a_degenerate_metric_raises_a_clear_error():
         geo.exp_map(f, torch.tensor([[0.5, 0.0]], dtype=F64), torch.tensor([[-1.0, 0.0]], dtype=F64), n_steps=10)
 
 
+@pytest.mark.parametrize("narrow", ["hidden layer", "features"])
+def test_acceleration_of_a_rank_deficient_metric_raises(backend, narrow):
+    """A decoder whose metric has rank below d everywhere (a hidden layer narrower than d, or
+    fewer features than d) does not determine z''; geodesic_acceleration and exp_map raise
+    ValueError on both paths, as they do for an exactly singular M (before, the solve of the
+    numerically singular M returned one of its infinitely many solutions, picked by
+    rounding: the fused and generic paths' z'' up to 250% apart here). A
+    metric that is merely ill-conditioned (eigenvalues 1 and 1e-10) is solved as before."""
+    torch.manual_seed(0)
+    widths = [3, 2, 4] if narrow == "hidden layer" else [3, 5, 2]
+    dec = nn.Sequential(nn.Linear(widths[0], widths[1]), nn.Tanh(), nn.Linear(widths[1], widths[2]), nn.Tanh()).double()
+    z, v = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    for decoder in (dec, lambda q: dec(q)):
+        with pytest.raises(ValueError, match=r"M\(z\) is singular to working precision at point\(s\) \[0, 1, 2, 3\]"):
+            geo.geodesic_acceleration(decoder, z, v)
+        with pytest.raises(ValueError, match=r"singular in RK4 step 1 of 3 \(to working precision, on path\(s\) "
+                                             r"\[0, 1, 2, 3\]\)"):
+            geo.exp_map(decoder, z, v, n_steps=3)
+    # scale one direction by 1e-5 (M's eigenvalues 1, 1, 1e-10): regular, and a linear map's
+    # geodesics are straight lines, z'' = 0
+    lin = linear_decoder(torch.diag(torch.tensor([1.0, 1.0, 1e-5], dtype=F64)))
+    torch.testing.assert_close(geo.geodesic_acceleration(lin, z, v), torch.zeros_like(z), rtol=0, atol=1e-12)
+    path = geo.exp_map(lin, z, v, n_steps=3)
+    torch.testing.assert_close(path[:, -1], z + v, rtol=1e-12, atol=1e-12)
+
+
 def test_geodesic_of_no_pairs_is_empty():
     dec = small_mlp_decoder(rbf=False)
     for init in ("line", "graph"):
