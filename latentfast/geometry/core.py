@@ -494,6 +494,8 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
             si = searching.nonzero().squeeze(1)
             ft, gt = fg(x[si] + step[si, None] * p[si], idx[si])
             left = steps.trial(f_new, g_new, step, searching, ft, gt, f, slope, si)
+        if left:
+            left = _interpolated_trial(fg, steps, x, p, idx, f, slope, f_new, g_new, step, searching, si, ft)
         x, done = steps.update(x, s_hist, y_hist, count, small, iters, f, g, f_new, g_new, p, step, searching, tol)
         if any_stalled:  # a problem that moved is not stalled any more
             stalled &= searching
@@ -517,6 +519,29 @@ def _batched_lbfgs(fg: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
         conv_out[idx[done]] = ~stalled[done]
     x_out[idx], f_out[idx], iters_out[idx] = x, f, iters
     return x_out, f_out, conv_out, iters_out
+
+
+def _interpolated_trial(fg, steps, x: Tensor, p: Tensor, idx: Tensor, f: Tensor, slope: Tensor, f_new: Tensor,
+                        g_new: Tensor, step: Tensor, searching: Tensor, si: Tensor, ft: Tensor) -> int:
+    """_batched_lbfgs's last line-search trial, for the problems whose halvings all failed:
+    the minimiser of the quadratic through f, the slope and the smallest halving's objective
+    (si, ft: the rows and objectives of that trial). The halvings stop at 2^-11 of the first
+    step, and a problem that starts very near its minimum (a short curve whose straight line
+    is nearly the geodesic) can need a far shorter one: without this trial it took no step
+    at all and stopped as stalled, flagged not converged. Returns how many problems still
+    search (steps.trial)."""
+    last = searching[si]
+    rows = si[last]
+    a = 2 * step[rows]  # the smallest halving (its failed trial halved it again)
+    curvature = ft[last] - f[rows] - slope[rows] * a  # > 0: the trial failed the Armijo test
+    aq = -slope[rows] * a * a / (2 * curvature)
+    fits = torch.isfinite(aq) & (aq > 0) & (aq < a)
+    rows, aq = rows[fits], aq[fits]
+    if rows.numel() == 0:
+        return int(searching.sum())
+    step[rows] = aq
+    ft, gt = fg(x[rows] + aq[:, None] * p[rows], idx[rows])
+    return steps.trial(f_new, g_new, step, searching, ft, gt, f, slope, rows)
 
 
 class _LaplacianCoords:
