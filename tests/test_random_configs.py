@@ -3,17 +3,23 @@
 The other tests pick their sizes and options by hand; these draw them (channels, image sizes
 that are not square, levels, steps, net widths, LU or plain 1x1 convolutions, affine or
 additive couplings; flow kinds, dimensions, widths, context; RNN layers, directions, bias,
-batch_first, unbatched input; decoder depths, widths and activations), so combinations no
-one wrote down are checked too. Each test's draws depend on its index and
-LATENTFAST_TEST_SEED (a sweep over the seed draws other configurations), and the failure
-message names the configuration. A sweep of 150 such configurations per family on the cpp
-backend (and 25 on the Triton interpreter) found one problem: ActNorm initialised from one
-value per channel, which now warns (tests/flows/test_glow.py).
+batch_first, unbatched input; decoder depths, widths and activations; geodesic solves' sizes,
+scales and preconditioning), so combinations no one wrote down are checked too. Each test's
+draws depend on its index and LATENTFAST_TEST_SEED (a sweep over the seed draws other
+configurations), and the failure message names the configuration. A sweep of 150 such
+configurations per family on the cpp backend (and 25 on the Triton interpreter) found one
+problem: ActNorm initialised from one value per channel, which now warns
+(tests/flows/test_glow.py). A second, of geodesic solves, exp_map, random walks and Lyapunov
+spectra, found two: a decoder whose metric is singular everywhere (a layer narrower than d)
+gave exp_map and geodesic_acceleration answers picked by rounding (they now raise), and a
+short geodesic that starts within 1e-8 of its minimum stopped flagged not converged (the
+line search now ends with a trial at its quadratic model's minimiser).
 """
 from __future__ import annotations
 
 import os
 import random
+import re
 import zlib
 
 import pytest
@@ -161,3 +167,65 @@ def test_geometry_of_an_mlp_decoder(backend, index):
     _close([geo.metric(decoder, z), energy, length, grad[:, 1:-1]],
            [geo.metric(plain, z), geo.curve_energy(plain, curves), geo.curve_length(plain, curves),
             generic.grad[:, 1:-1]], what)
+    # the geodesic equation: where a layer is narrower than d the metric is singular
+    # everywhere and both paths refuse it; else they agree to the metric's conditioning
+    v = torch.randn_like(z)
+    if min(widths) < d:
+        for dec in (decoder, plain):
+            with pytest.raises(ValueError, match="singular to working precision"):
+                geo.geodesic_acceleration(dec, z, v)
+        return
+
+    def tolerance(points):  # the metric's conditioning along the way scales the rounding
+        eig = torch.linalg.eigvalsh(geo.metric(decoder, points.reshape(-1, d)))
+        return max(1e-9, float((eig[:, -1] / eig[:, 0]).max()) * 1e-14)
+    tol = tolerance(z)
+    _close([geo.geodesic_acceleration(decoder, z, v)], [geo.geodesic_acceleration(plain, z, v)],
+           what + f": geodesic acceleration (tolerance {tol:.0e})", rtol=tol)
+    # a shot can run into a fold of the decoder (a singular metric) or off to where every
+    # unit saturates: then both paths refuse it at the same RK4 step
+    shots = []
+    for dec in (decoder, plain):
+        try:
+            shots.append(geo.exp_map(dec, z, 0.3 * v, n_steps=3))
+        except ValueError as err:
+            shots.append(re.search(r"(singular|NaN/Inf) (in|at) RK4 step \d+", str(err))[0])
+    if isinstance(shots[0], str) or isinstance(shots[1], str):
+        assert shots[0] == shots[1], what + f": exp_map {shots}"
+    else:
+        tol = tolerance(shots[0])
+        _close(shots[:1], shots[1:], what + f": exp_map (tolerance {tol:.0e})", rtol=tol)
+
+
+@pytest.mark.parametrize("index", range(N_CONFIGS))
+def test_geodesic_solve(backend, index):
+    """geodesic on the fused path against the generic one (the same energy function, so the
+    same L-BFGS iterates up to rounding), and what any solve must give: the end points kept,
+    an energy no higher than the straight line's, energies and lengths those of the curves."""
+    rnd = _rng("geodesic", index)
+    d = rnd.choice([1, 2, 3])
+    widths = [rnd.choice([4, 9]), rnd.choice([d + 2, 5])]  # no fold (square J) for a curve to cross
+    acts = [rnd.choice(["tanh", "softplus", "elu", "sigmoid"]), rnd.choice(["identity", "sigmoid", "tanh"])]
+    torch.manual_seed(rnd.randrange(1 << 30))
+    layers, width_in = [], d
+    for width, act in zip(widths, acts):
+        layers.append(nn.Linear(width_in, width, dtype=F64))
+        layers += [_ACTIVATIONS[act]()] if _ACTIVATIONS[act] else []
+        width_in = width
+    decoder = nn.Sequential(*layers)
+    b, t = rnd.choice([1, 3]), rnd.choice([2, 5, 12])
+    scale, precondition = rnd.choice([0.3, 1.0, 3.0]), rnd.random() < 0.7
+    z0, z1 = scale * torch.randn(b, d, dtype=F64), scale * torch.randn(b, d, dtype=F64)
+    if b > 1:
+        z1[0] = z0[0]  # a pair of equal end points: the constant curve
+    what = f"geodesic: decoder {d} -> {widths} ({acts}), B={b} T={t} scale={scale} precondition={precondition} on {backend}"
+    kw = dict(n_segments=t, tol=1e-9, max_iter=500, precondition=precondition)
+    res = geo.geodesic(z0, z1, decoder, **kw)
+    gen = geo.geodesic(z0, z1, lambda q: decoder(q), **kw)
+    assert torch.equal(res.curves[:, 0], z0) and torch.equal(res.curves[:, -1], z1), what
+    assert (res.energies <= geo.curve_energy(decoder, geo.straight_line(z0, z1, t)) * (1 + 1e-12)).all(), what
+    _close([res.energies, res.lengths], [geo.curve_energy(decoder, res.curves), geo.curve_length(decoder, res.curves)],
+           what + ": energies and lengths of the curves")
+    both = res.converged & gen.converged
+    assert both.any(), what + f": converged {res.converged.tolist()} / {gen.converged.tolist()}"
+    _close([res.energies[both]], [gen.energies[both]], what + ": fused against generic energies", rtol=1e-6)
