@@ -586,8 +586,9 @@ def straight_line(z0: Tensor, z1: Tensor, n_segments: int) -> Tensor:
         return straight_line(z0[None], z1[None], n_segments)[0]
     if isinstance(n_segments, bool) or not isinstance(n_segments, int) or n_segments < 1:
         raise ValueError(f"n_segments must be an int >= 1, got {n_segments!r}")
-    t = torch.linspace(0, 1, n_segments + 1, dtype=z0.dtype, device=z0.device)[None, :, None]
-    return z0[:, None] + t * (z1 - z0)[:, None]
+    t = torch.linspace(0, 1, n_segments + 1, dtype=z0.dtype, device=z0.device)[:-1][None, :, None]  # [0, 1)
+    # the last point is z1 itself (z0 + 1 * (z1 - z0) can differ from it in the last bit)
+    return torch.cat([z0[:, None] + t * (z1 - z0)[:, None], z1[:, None]], dim=1)
 
 
 def _resample_polyline(points: Tensor, n_segments: int) -> Tensor:
@@ -599,7 +600,8 @@ def _resample_polyline(points: Tensor, n_segments: int) -> Tensor:
     t = torch.linspace(0, float(cum[-1].detach()), n_segments + 1, dtype=points.dtype, device=points.device)
     j = torch.searchsorted(cum, t, right=True).clamp(1, len(points) - 1)
     w = ((t - cum[j - 1]) / seg[j - 1].clamp_min(1e-30)).clamp(0, 1)[:, None]
-    return points[j - 1] + w * (points[j] - points[j - 1])
+    out = points[j - 1] + w * (points[j] - points[j - 1])
+    return torch.cat([points[:1], out[1:-1], points[-1:]])  # the ends exactly (rounding moves them by an ulp)
 
 
 def graph_init(z0: Tensor, z1: Tensor, decoder, data: Tensor, n_segments: int,

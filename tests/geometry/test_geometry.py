@@ -189,6 +189,21 @@ def test_equal_end_points_give_the_constant_curve_whatever_the_init(init):
     assert int(res.iterations[1]) == 0 and bool((res.lengths[[0, 2]] > 0).all())
 
 
+def test_initial_curves_end_exactly_at_the_end_points():
+    """straight_line and graph_init put z0 and z1 themselves at the ends (before, the last
+    point was z0 + 1 * (z1 - z0), or a resampled polyline's, an ulp off z1 for most pairs;
+    geodesic pinned its own ends, a user's straight_line did not)."""
+    gen = torch.Generator().manual_seed(4)
+    data = torch.randn(60, 3, dtype=F64, generator=gen)
+    z0, z1 = torch.randn(40, 3, dtype=F64, generator=gen), torch.randn(40, 3, dtype=F64, generator=gen)
+    dec = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    for curves in (geo.straight_line(z0, z1, 7), geo.graph_init(z0, z1, dec, data, 7, n_neighbors=4)):
+        assert curves.shape == (40, 8, 3)
+        assert torch.equal(curves[:, 0], z0) and torch.equal(curves[:, -1], z1)
+    t = torch.linspace(0, 1, 8, dtype=F64)[None, :, None]
+    torch.testing.assert_close(geo.straight_line(z0, z1, 7), z0[:, None] + t * (z1 - z0)[:, None], rtol=0, atol=1e-15)
+
+
 def test_graph_initialisation_gives_a_geodesic_too():
     gen = torch.Generator().manual_seed(2)
     data = torch.randn(150, 2, dtype=F64, generator=gen)
