@@ -911,17 +911,15 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
     zc, vc = z.detach(), v.detach()
 
     check = can_read_back(zc)
-    singular = []  # per RK4 step, which paths met a singular metric (read back once, at the end)
+    singular = []  # per RK4 stage (4 a step), which paths met a singular metric (read back once, at the end)
 
     def deriv(zz, vv):
         acc, bad = _acceleration(decoder, zz, vv, check)
-        if check:
-            singular[-1] |= bad
+        singular.append(bad)
         return vv, acc
 
     with torch.no_grad():
         for _ in range(n_steps):
-            singular.append(torch.zeros(zc.shape[0], dtype=torch.bool, device=zc.device))
             k1z, k1v = deriv(zc, vc)
             k2z, k2v = deriv(zc + 0.5 * h * k1z, vc + 0.5 * h * k1v)
             k3z, k3v = deriv(zc + 0.5 * h * k2z, vc + 0.5 * h * k2v)
@@ -930,7 +928,7 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
             vc = vc + h / 6 * (k1v + 2 * k2v + 2 * k3v + k4v)
             zs.append(zc)
     if check:
-        flags = torch.stack(singular)  # [n_steps, B]
+        flags = torch.stack(singular).view(n_steps, 4, -1).any(1)  # [n_steps, B]
         if bool(flags.any()):
             step = int(flags.any(1).nonzero()[0])
             raise ValueError(f"exp_map: the metric M(z) became singular in RK4 step {step + 1} of {n_steps} "
