@@ -139,6 +139,17 @@ def test_rnn_against_torch_nn(backend, index):
 _ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU, "sigmoid": nn.Sigmoid, "identity": None}
 
 
+def _mlp_decoder(d: int, widths: list[int], acts: list[str], bias=lambda: True) -> nn.Sequential:
+    """nn.Sequential of Linear layers d -> widths[0] -> ... and the named activations (float64,
+    from the torch seed); bias() says per layer whether it has one."""
+    layers, width_in = [], d
+    for width, act in zip(widths, acts):
+        layers.append(nn.Linear(width_in, width, bias=bias(), dtype=F64))
+        layers += [_ACTIVATIONS[act]()] if _ACTIVATIONS[act] else []
+        width_in = width
+    return nn.Sequential(*layers)
+
+
 @pytest.mark.parametrize("index", range(N_CONFIGS))
 def test_geometry_of_an_mlp_decoder(backend, index):
     """The fused path (an nn.Sequential of Linear layers and activations) against the
@@ -148,12 +159,7 @@ def test_geometry_of_an_mlp_decoder(backend, index):
     widths = [rnd.choice([1, 4, 7, 16]) for _ in range(depth - 1)] + [rnd.choice([1, 3, 9])]
     acts = [rnd.choice(list(_ACTIVATIONS)) for _ in range(depth - 1)] + [rnd.choice(["identity", "sigmoid", "tanh"])]
     torch.manual_seed(rnd.randrange(1 << 30))
-    layers, width_in = [], d
-    for width, act in zip(widths, acts):
-        layers.append(nn.Linear(width_in, width, bias=rnd.random() < 0.8, dtype=F64))
-        layers += [_ACTIVATIONS[act]()] if _ACTIVATIONS[act] else []
-        width_in = width
-    decoder = nn.Sequential(*layers)
+    decoder = _mlp_decoder(d, widths, acts, bias=lambda: rnd.random() < 0.8)
     assert geo.as_mlp(decoder) is not None  # the fused path
     what = f"decoder {d} -> {widths} ({acts}) on {backend}"
     z = torch.randn(rnd.choice([1, 4]), d, dtype=F64)
@@ -208,12 +214,7 @@ def test_geodesic_solve(backend, index):
     widths = [rnd.choice([4, 9]), rnd.choice([d + 2, 5])]  # no fold (square J) for a curve to cross
     acts = [rnd.choice(["tanh", "softplus", "elu", "sigmoid"]), rnd.choice(["identity", "sigmoid", "tanh"])]
     torch.manual_seed(rnd.randrange(1 << 30))
-    layers, width_in = [], d
-    for width, act in zip(widths, acts):
-        layers.append(nn.Linear(width_in, width, dtype=F64))
-        layers += [_ACTIVATIONS[act]()] if _ACTIVATIONS[act] else []
-        width_in = width
-    decoder = nn.Sequential(*layers)
+    decoder = _mlp_decoder(d, widths, acts)
     b, t = rnd.choice([1, 3]), rnd.choice([2, 5, 12])
     scale, precondition = rnd.choice([0.3, 1.0, 3.0]), rnd.random() < 0.7
     z0, z1 = scale * torch.randn(b, d, dtype=F64), scale * torch.randn(b, d, dtype=F64)
@@ -232,33 +233,16 @@ def test_geodesic_solve(backend, index):
     _close([res.energies[both]], [gen.energies[both]], what + ": fused against generic energies", rtol=1e-6)
 
 
-def _benettin(step, s0: torch.Tensor, q0: torch.Tensor, n_steps: int, qr_every: int, transient: int,
-              dt: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Benettin's method on step's Jacobians from torch.func.jacrev: (exponents [B, k], final
-    state [B, S]), independent of the fused ops' analytic tangent maps."""
-    s = s0
-    for _ in range(transient):
-        s = step(s)
-    q = torch.linalg.qr(q0)[0]
-    sums = s0.new_zeros(s0.shape[0], q0.shape[2])
-    for t in range(n_steps):
-        jac = torch.func.vmap(torch.func.jacrev(lambda x: step(x[None])[0]))(s)
-        s = step(s)
-        q = jac @ q
-        if (t + 1) % qr_every == 0 or t == n_steps - 1:
-            q, r = torch.linalg.qr(q)
-            sums += torch.diagonal(r, dim1=-2, dim2=-1).abs().log()
-    return sums / (n_steps * dt), s
-
-
 @pytest.mark.parametrize("index", range(N_CONFIGS))
 def test_rnn_lyapunov_spectrum_against_benettin_on_torch_cells(backend, index):
     """ops.dynamics.rnn_lyapunov_spectrum (the fused tangent map of a closed-loop RNN, LSTM or
-    GRU cell, readout or zero input) against Benettin's method on torch.nn.RNNCell / GRUCell /
-    LSTMCell Jacobians (jacrev). QR every 1 or 2 steps: with longer intervals a strongly
+    GRU cell, readout or zero input) against Benettin's method (reference.dynamics.
+    lyapunov_spectrum) on torch.nn.RNNCell / GRUCell / LSTMCell Jacobians from jacrev, and the
+    final state against the cells run as many steps. QR every 1 or 2 steps: with longer intervals a strongly
     contracting direction falls below rounding within one (qr_every = 4 lost the last of 16
     exponents, at -66 per unit time, to 6e-5 in a sweep), which no implementation keeps."""
     from latentfast.ops.dynamics import rnn_lyapunov_spectrum
+    from latentfast.reference.dynamics import lyapunov_spectrum
 
     rnd = _rng("lyapunov", index)
     cell = rnd.choice(["rnn_tanh", "gru", "lstm"])
@@ -289,5 +273,12 @@ def test_rnn_lyapunov_spectrum_against_benettin_on_torch_cells(backend, index):
                                     readout.weight if readout is not None else None,
                                     readout.bias if readout is not None else None,
                                     dt=dt, qr_every=qr_every, transient=transient, q0=q0)
-    want = [t.detach() for t in _benettin(step, s0, q0, n_steps, qr_every, transient, dt)]
+    def step_and_jacobian(s):  # Benettin's method on the cells' Jacobians from jacrev
+        return step(s), torch.func.vmap(torch.func.jacrev(lambda x: step(x[None])[0]))(s)
+
+    final = s0
+    for _ in range(transient + n_steps):
+        final = step(final)
+    want = [lyapunov_spectrum(step_and_jacobian, s0, k, n_steps, dt=dt, qr_every=qr_every, transient=transient,
+                              q0=q0).detach(), final.detach()]
     _close(list(got), want, what, rtol=1e-8)
