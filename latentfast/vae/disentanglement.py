@@ -66,8 +66,9 @@ def beta_vae_score(encode: Encoder, data, n_train: int = 500, n_test: int = 300,
         zb = _encode(encode, data, b.reshape(-1, b.shape[-1])).view(n, batch_size, -1)
         feats.append((za - zb).abs().mean(1).numpy())
         labels.append(k.numpy())
-    if len(set(labels[0].tolist())) < 2:
-        return 1.0
+    seen = set(labels[0].tolist())
+    if len(seen) < 2:  # one factor seen in training (LogisticRegression refuses): predict it
+        return float((labels[1] == seen.pop()).mean())
     clf = LogisticRegression(max_iter=2000).fit(feats[0], labels[0])
     return float((clf.predict(feats[1]) == labels[1]).mean())
 

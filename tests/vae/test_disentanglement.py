@@ -110,3 +110,18 @@ def test_metrics_refuse_bad_counts_and_bad_codes():
                         (lambda: dis.mig(lambda x: x * float("nan"), DATA, n_points=10), "NaN")):
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def test_beta_vae_score_with_one_factor_in_training_is_a_constant_guess():
+    """With n_train so small that every training batch shares the same factor, the classifier
+    can only predict that factor: the score is the share of test batches that share it (about
+    1 / n_factors), not 1. Before, such a run returned 1.0 for any encoder, constant codes too."""
+    for n_train in (1, 2):
+        gen = torch.Generator().manual_seed(0)
+        k_train = torch.randint(5, (n_train,), generator=gen)  # the metric's own draw of the training factors
+        assert len(set(k_train.tolist())) == 1
+        score = dis.beta_vae_score(constant, DATA, n_train=n_train, n_test=400)
+        assert score == dis.beta_vae_score(identity, DATA, n_train=n_train, n_test=400)
+        assert abs(score - 1 / 5) < 0.08
+    one_factor = FactorCodes((4,))  # one factor: every batch shares it, the score is 1
+    assert dis.beta_vae_score(constant, one_factor, n_train=3, n_test=50) == 1.0
