@@ -5,7 +5,7 @@ that are not square, levels, steps, net widths, LU or plain 1x1 convolutions, af
 additive couplings; flow kinds, dimensions, widths, context; RNN layers, directions, bias,
 batch_first, unbatched input; decoder depths, widths and activations; geodesic solves' sizes,
 scales and preconditioning; Lyapunov spectra's cells, sizes, readouts, QR intervals and
-transients), so combinations no one wrote down are checked too. Each test's
+transients; Lorenz systems' parameters and sizes), so combinations no one wrote down are checked too. Each test's
 draws depend on its index and LATENTFAST_TEST_SEED (a sweep over the seed draws other
 configurations), and the failure message names the configuration. A sweep of 150 such
 configurations per family on the cpp backend (and 25 on the Triton interpreter) found one
@@ -281,4 +281,50 @@ def test_rnn_lyapunov_spectrum_against_benettin_on_torch_cells(backend, index):
         final = step(final)
     want = [lyapunov_spectrum(step_and_jacobian, s0, k, n_steps, dt=dt, qr_every=qr_every, transient=transient,
                               q0=q0).detach(), final.detach()]
+    _close(list(got), want, what, rtol=1e-8)
+
+
+@pytest.mark.parametrize("index", range(N_CONFIGS))
+def test_lorenz_lyapunov_spectrum_against_benettin_on_rk4(backend, index):
+    """ops.dynamics.lorenz_lyapunov_spectrum (the fused tangent map of an RK4 step of Lorenz-63
+    or Lorenz-96, with drawn parameters, sizes and intervals) against Benettin's method on
+    jacrev Jacobians of an RK4 step written here from the equations, and the final state
+    against that step run as many times."""
+    from latentfast.ops.dynamics import lorenz_lyapunov_spectrum
+    from latentfast.reference.dynamics import lyapunov_spectrum
+
+    rnd = _rng("lorenz", index)
+    system = rnd.choice(["lorenz63", "lorenz96"])
+    n = 3 if system == "lorenz63" else rnd.choice([4, 5, 9])
+    k, b = rnd.randint(1, n), rnd.choice([1, 2])
+    dt, n_steps, qr_every, transient = rnd.choice([0.01, 0.005]), rnd.choice([1, 7, 30]), rnd.choice([1, 3]), rnd.choice([0, 5])
+    sigma, rho, beta, forcing = rnd.uniform(5, 15), rnd.uniform(10, 40), rnd.uniform(1, 4), rnd.uniform(2, 10)
+    what = (f"{system} n={n} k={k} B={b} dt={dt} steps={n_steps} qr_every={qr_every} transient={transient} "
+            f"sigma={sigma:.3f} rho={rho:.3f} beta={beta:.3f} F={forcing:.3f} on {backend}")
+    torch.manual_seed(rnd.randrange(1 << 30))
+    x0, q0 = torch.randn(b, n, dtype=F64) * 3, torch.randn(b, n, k, dtype=F64)
+
+    def field(x):
+        if system == "lorenz63":
+            u, v, w = x.unbind(1)
+            return torch.stack([sigma * (v - u), u * (rho - w) - v, u * v - beta * w], 1)
+        return (x.roll(-1, 1) - x.roll(2, 1)) * x.roll(1, 1) - x + forcing
+
+    def step(x):
+        k1 = field(x)
+        k2 = field(x + dt / 2 * k1)
+        k3 = field(x + dt / 2 * k2)
+        k4 = field(x + dt * k3)
+        return x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+    def step_and_jacobian(x):
+        return step(x), torch.func.vmap(torch.func.jacrev(lambda y: step(y[None])[0]))(x)
+
+    got = lorenz_lyapunov_spectrum(system, x0, k, n_steps, dt, qr_every, transient, sigma=sigma, rho=rho,
+                                   beta=beta, forcing=forcing, q0=q0)
+    final = x0
+    for _ in range(transient + n_steps):
+        final = step(final)
+    want = [lyapunov_spectrum(step_and_jacobian, x0, k, n_steps, dt=dt, qr_every=qr_every, transient=transient,
+                              q0=q0), final]
     _close(list(got), want, what, rtol=1e-8)
