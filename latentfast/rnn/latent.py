@@ -161,6 +161,9 @@ def rank_latents(model: LatentSequenceModel, frames: Tensor, n_obs: int) -> dict
     first). frames [N, T, *frame_shape], N >= 2."""
     flat = _observed_batch(model, frames, n_obs, "rank_latents needs a batch of sequences [N, T, ...] (it "
                            "averages over them)")
+    if flat.shape[0] < 2:  # the variance of the posterior means over one sequence (or none) is undefined
+        raise ValueError(f"rank_latents needs N >= 2 sequences (it averages over them and takes the variance "
+                         f"of their posterior means), got N = {flat.shape[0]}")
     mu, log_var = model._encode(flat[:, :n_obs])
     kl = kl_per_dim(mu, log_var).mean(0)
     return {"kl": kl, "posterior_var": log_var.exp().mean(0), "activity": mu.var(0),

@@ -130,6 +130,9 @@ def test_frame_shapes_are_checked():
         model.decode(torch.zeros(2, 2, 2), 3)
     with pytest.raises(ValueError, match="a batch of sequences"):
         rank_latents(model, torch.rand(3, 4, 5), 2)
+    for n in (0, 1):  # the variance over sequences needs two (before: NaN activities, or NaN everything)
+        with pytest.raises(ValueError, match=f"N >= 2 sequences.*got N = {n}"):
+            rank_latents(model, torch.rand(n, 3, 4, 5), 2)
     with pytest.raises(ValueError, match="images must be"):
         centroids(torch.rand(2, 15), 4)
     with pytest.raises(ValueError, match="one shape"):
