@@ -465,15 +465,25 @@ def fit_sequence_model(model: SequenceModel, data: Tensor, epochs: int = 20, win
 
 
 def valid_prediction_time(forecast: Tensor, truth: Tensor, scale: Tensor, threshold: float = 0.4) -> Tensor:
-    """Steps until the normalised error ||f - x|| / ||scale|| first exceeds threshold, per
-    trajectory [B] (forecast, truth [B, T, D]; scale e.g. the data's standard deviation)."""
+    """Steps until the normalised error sqrt(mean_d ((f_d - x_d) / scale_d)^2) first exceeds
+    threshold, per trajectory [B] (forecast, truth [B, T, D]; scale [D] or a number, > 0, e.g.
+    the data's standard deviation); T where it never does. A NaN error (a forecast that
+    diverged to NaN) counts as past the threshold."""
     check_tensor("forecast", forecast, 3)
     check_tensor("truth", truth, 3, like=forecast)
     if forecast.shape != truth.shape:
         raise ValueError(f"forecast and truth must have the same shape, got {tuple(forecast.shape)} and "
                          f"{tuple(truth.shape)}")
-    err = ((forecast - truth) / scale).norm(dim=-1) / math.sqrt(forecast.shape[-1])
-    over = err > threshold
+    dim = forecast.shape[-1]
+    scale = torch.as_tensor(scale, dtype=forecast.dtype, device=forecast.device)
+    if scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] not in (1, dim)):
+        raise ValueError(f"scale must be a number or [{dim}] (one per state variable), got shape {tuple(scale.shape)}")
+    if not bool(((scale > 0) & torch.isfinite(scale)).all()):
+        raise ValueError(f"scale must be finite and > 0, got {scale.tolist()}")
+    if not threshold > 0:
+        raise ValueError(f"threshold must be > 0, got {threshold}")
+    err = ((forecast - truth) / scale).norm(dim=-1) / math.sqrt(dim)
+    over = ~(err <= threshold)  # NaN errors too
     first = torch.where(over.any(1), over.float().argmax(1), torch.full_like(over[:, 0], over.shape[1],
                                                                             dtype=torch.long))
     return first

@@ -128,6 +128,25 @@ def test_sequence_model_bad_inputs_raise_and_zero_steps_forecast_nothing(cell):
     assert len(fit_sequence_model(model, data, epochs=1, window=11, warmup=2, progress=False)) == 1  # one window
 
 
+def test_valid_prediction_time_counts_steps_and_stops_at_a_diverged_forecast():
+    """The steps before the normalised error first passes the threshold, T where it never does;
+    a forecast that diverged to NaN is past it (before, NaN errors compared False and such a
+    forecast counted as valid to the end). Bad scales and thresholds raise."""
+    truth = torch.zeros(3, 6, 2)
+    forecast = torch.zeros(3, 6, 2)
+    forecast[0, 4:] = 1.0  # error 1 / sqrt(1) from step 4: past 0.4
+    forecast[1, 2:] = float("nan")  # diverged at step 2
+    forecast[2, :, 0] = 0.5  # error sqrt(0.5^2 / 2) = 0.354 <= 0.4 throughout
+    assert valid_prediction_time(forecast, truth, torch.ones(2)).tolist() == [4, 2, 6]
+    assert valid_prediction_time(forecast, truth, 1.0).tolist() == [4, 2, 6]
+    assert valid_prediction_time(forecast, truth, torch.tensor([0.5, 1.0])).tolist() == [4, 2, 0]  # 0.707 > 0.4
+    for scale in (torch.zeros(2), torch.tensor([1.0, float("inf")]), -1.0, torch.ones(3), torch.ones(2, 2)):
+        with pytest.raises(ValueError, match="scale"):
+            valid_prediction_time(forecast, truth, scale)
+    with pytest.raises(ValueError, match="threshold"):
+        valid_prediction_time(forecast, truth, 1.0, threshold=0.0)
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_sequence_model_continues_from_the_state_it_returns(backend, cell):
     """forward(x, h0) takes the state [B, S] that forward and forecast return (before, only the
