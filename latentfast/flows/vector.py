@@ -374,6 +374,14 @@ class Flow(nn.Module):
     def __init__(self, dim: int, transforms: list[nn.Module],
                  base: torch.distributions.Distribution | None = None) -> None:
         super().__init__()
+        if base is not None:
+            if not isinstance(base, torch.distributions.Distribution):
+                raise TypeError(f"base must be a torch.distributions.Distribution, got {type(base).__name__}")
+            if tuple(base.event_shape) != (dim,) or tuple(base.batch_shape) != ():
+                raise ValueError(f"base must be one distribution over vectors [{dim}] (event_shape ({dim},), "
+                                 f"batch_shape ()), e.g. Independent(Normal(loc [{dim}], scale [{dim}]), 1) or "
+                                 f"MultivariateNormal; got event_shape {tuple(base.event_shape)}, batch_shape "
+                                 f"{tuple(base.batch_shape)}")
         self.dim = dim
         self.transforms = nn.ModuleList(transforms)
         self._base = base

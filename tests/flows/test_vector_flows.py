@@ -643,6 +643,34 @@ def test_flow_distribution_api_and_density():
     assert abs(mass.item() - 1.0) < 0.02
 
 
+def test_flow_with_a_base_distribution_of_the_users():
+    """A base over vectors [d] (a correlated MultivariateNormal, an Independent Normal) gives
+    log p(x) = log base(z) + log|det dz/dx| and draws from it; a base of the wrong shape
+    (per-coordinate Normal: batch_shape (d,), log_prob [n, d]; another d) or not a Distribution
+    is refused when the flow is made. Before, such a base failed later in a reshape or a
+    broadcast, deep in log_prob."""
+    torch.manual_seed(0)
+    cov = torch.tensor([[2.0, 0.3, 0.0], [0.3, 1.0, 0.0], [0.0, 0.0, 0.5]], dtype=torch.float64)
+    for base in (torch.distributions.MultivariateNormal(torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64), cov),
+                 torch.distributions.Independent(torch.distributions.Normal(
+                     torch.zeros(3, dtype=torch.float64), torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)), 1)):
+        flow = vf.Flow(3, [vf.LULinear(3)], base=base).double()
+        _perturb(flow, 3)
+        x = torch.randn(5, 3, dtype=torch.float64)
+        w = flow.transforms[0].weights()[0]  # y = z W^T + b: z = (x - b) W^-T, log|det dz/dx| = -log|det W|
+        z = torch.linalg.solve(w, (x - flow.transforms[0].bias).T).T
+        want = base.log_prob(z) - torch.linalg.slogdet(w)[1]
+        torch.testing.assert_close(flow.log_prob(x), want, rtol=1e-10, atol=1e-10)
+        s, logp = flow.sample_and_log_prob(4)
+        torch.testing.assert_close(flow.log_prob(s), logp, rtol=1e-9, atol=1e-9)
+    for bad in (torch.distributions.Normal(torch.zeros(3), torch.ones(3)), torch.distributions.Normal(0.0, 1.0),
+                torch.distributions.MultivariateNormal(torch.zeros(4), torch.eye(4))):
+        with pytest.raises(ValueError, match=r"base must be one distribution over vectors \[3\]"):
+            vf.Flow(3, [vf.LULinear(3)], base=bad)
+    with pytest.raises(TypeError, match="torch.distributions.Distribution"):
+        vf.Flow(3, [vf.LULinear(3)], base=torch.zeros(3))
+
+
 def test_flow_log_prob_takes_any_batch_shape_as_a_distribution_does():
     """log_prob(sample(shape)) has shape `shape`, as for a torch Distribution: x [..., d] with
     any leading shape (one point, [S, B, d], an empty batch), each value that of the same
