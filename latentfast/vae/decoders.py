@@ -183,15 +183,42 @@ def kmeans(x: Tensor, k: int, n_iter: int = 50, generator: torch.Generator | Non
     return centres, torch.cdist(x, centres).argmin(1)
 
 
+def _cluster_spreads(z: Tensor, centres: Tensor, labels: Tensor) -> Tensor:
+    """Mean distance of each cluster's members to its centre [K]; clusters without one (fewer
+    than two members, or all at the centre) get the median of the others' (see
+    fit_rbf_variance)."""
+    k = centres.shape[0]
+    dist = (z - centres[labels]).norm(dim=1)
+    counts = torch.bincount(labels, minlength=k)
+    spread = torch.zeros(k, dtype=z.dtype, device=z.device).index_add_(0, labels, dist) / counts.clamp_min(1)
+    measured = (counts >= 2) & (spread > 0)
+    if bool(measured.any()):
+        fallback = spread[measured].median()
+    elif k >= 2:
+        gaps = torch.cdist(centres, centres) + torch.diag(torch.full((k,), math.inf, dtype=z.dtype, device=z.device))
+        fallback = gaps.amin(1).median()
+    else:
+        fallback = torch.ones((), dtype=z.dtype, device=z.device)
+    if not bool(torch.isfinite(fallback) & (fallback > 0)):  # every centre at one point
+        fallback = torch.ones((), dtype=z.dtype, device=z.device)
+    return torch.where(measured, spread, fallback)
+
+
 def fit_rbf_variance(decoder: GaussianMLPDecoder, latents: Tensor, data: Tensor, n_centres: int = 64,
                      curvature: float = 1.5, zeta: float = 1e-2, steps: int = 500, lr: float = 0.05,
                      seed: int = 0) -> RBFVariance:
     """Fit the RBF variance network (stage two of "Latent Space Oddity") and attach it.
 
-    Centres: k-means on the latents; bandwidths lambda_k = 0.5 (curvature * mean distance of
-    cluster k's members to c_k)^-2; W by maximum likelihood of the data under
-    N(mu(z), sigma(z)^2) with the mean network fixed. With fewer latents than n_centres,
+    Centres: k-means on the latents; bandwidths lambda_k = 0.5 (curvature * s_k)^-2 with s_k
+    the mean distance of cluster k's members to c_k; W by maximum likelihood of the data
+    under N(mu(z), sigma(z)^2) with the mean network fixed. With fewer latents than n_centres,
     every latent is a centre.
+
+    A cluster without a spread (one member, as an outlier that k-means++ seeds as a centre
+    often is, or members all at the centre) takes the median s_k of the clusters that have
+    one, or, where none has, the median distance from a centre to its nearest other centre
+    (1 for a single centre). (Its own s_k = 0 would make lambda_k infinite: a needle in
+    sigma, and in the metric, around that one latent.)
     """
     if not (isinstance(latents, Tensor) and latents.dim() == 2 and latents.shape[1] == decoder.latent_dim
             and latents.shape[0] >= 1):
@@ -209,9 +236,7 @@ def fit_rbf_variance(decoder: GaussianMLPDecoder, latents: Tensor, data: Tensor,
     z = latents.detach()
     x = data.detach().reshape(data.shape[0], -1)
     centres, labels = kmeans(z, min(n_centres, z.shape[0]), generator=gen)
-    spread = torch.stack([(z[labels == j] - centres[j]).norm(dim=1).mean() if (labels == j).any()
-                          else torch.tensor(1.0, dtype=z.dtype, device=z.device) for j in range(centres.shape[0])])
-    bandwidths = 0.5 / (curvature * spread.clamp_min(1e-3)) ** 2
+    bandwidths = 0.5 / (curvature * _cluster_spreads(z, centres, labels)) ** 2
     rbf = RBFVariance(centres, bandwidths, decoder.out_dim, zeta).to(z.device)
     with torch.no_grad():
         mu = decoder.mean(z)

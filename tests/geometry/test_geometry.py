@@ -1130,6 +1130,37 @@ def test_vae_bad_inputs_raise():
     assert fit_rbf_variance(dec, z[:3], x[:3], n_centres=10, steps=2).centres.shape == (3, 2)  # every latent a centre
 
 
+def test_rbf_bandwidth_of_a_cluster_without_a_spread():
+    """An outlier latent that k-means++ seeds as a centre is a cluster of one, with no spread to
+    measure: it takes the median spread of the other clusters, so its precision bump is as wide
+    as theirs. Before, the spread was clamped to 1e-3 (lambda = 2.2e5 at curvature 1.5): sigma,
+    and the metric, had a needle 1e-3 wide around that one latent (the digits VAE of the
+    geodesic benchmark had one, lambda 2.2e5 against a median of 8). Every latent a centre (no
+    cluster has a spread): the median distance between nearest centres; all at one point: 1."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.cat([0.3 * torch.randn(200, 2, generator=gen, dtype=torch.float64),
+                   torch.tensor([[5.0, 5.0]], dtype=torch.float64)])
+    x = torch.randn(201, 5, generator=gen, dtype=torch.float64)
+    dec = GaussianMLPDecoder(2, 5, (8,)).double()
+    rbf = fit_rbf_variance(dec, z, x, n_centres=8, steps=100)
+    lone = (rbf.centres - z[-1]).norm(dim=1).argmin()
+    assert torch.equal(rbf.centres[lone], z[-1])  # the outlier is a centre, its cluster itself alone
+    others = torch.cat([rbf.bandwidths[:lone], rbf.bandwidths[lone + 1:]])
+    spreads = (0.5 / others) ** 0.5 / 1.5
+    torch.testing.assert_close(rbf.bandwidths[lone], 0.5 / (1.5 * spreads.median()) ** 2)
+    assert rbf.bandwidths.max() < 1e3
+    with torch.no_grad():  # the precision 0.01 from the outlier is nearly the one at it
+        at, near = rbf.precision(z[-1:]), rbf.precision(z[-1:] + 0.01)
+    assert ((near - at).abs() < 0.1 * at).all(), (at, near)
+
+    few = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)  # every latent a centre
+    rbf = fit_rbf_variance(dec, few, x[:3], n_centres=10, steps=0)
+    torch.testing.assert_close(rbf.bandwidths, torch.full((3,), 0.5 / 1.5 ** 2, dtype=torch.float64))  # median 1
+    same = torch.ones(4, 2, dtype=torch.float64)
+    rbf = fit_rbf_variance(dec, same, x[:4], n_centres=2, steps=0)
+    torch.testing.assert_close(rbf.bandwidths, torch.full_like(rbf.bandwidths, 0.5 / 1.5 ** 2))
+
+
 def test_vae_fit_takes_a_data_loader():
     """fit takes an iterable of batches (a DataLoader of a TensorDataset, a list of tensors) as
     well as a tensor: each epoch goes through it once, in its own order, with the seeded noise;
