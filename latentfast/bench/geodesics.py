@@ -23,8 +23,14 @@ def trained_digits_vae(epochs: int = 150, seed: int = 0, progress: bool = True
                        ) -> tuple[VAE, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A 2-D VAE (64 -> 128 -> 128 -> 2, Gaussian likelihood) on sklearn's digits scaled to
     [0, 1], with the RBF variance network fitted after training. Returns (model, images
-    [N, 64], labels [N], latent means [N, 2])."""
-    torch.manual_seed(seed)
+    [N, 64], labels [N], latent means [N, 2]). The global random state is left as it was
+    (the model is initialised from `seed` inside torch.random.fork_rng)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _trained_digits_vae(epochs, seed, progress)
+
+
+def _trained_digits_vae(epochs: int, seed: int, progress: bool) -> tuple[VAE, torch.Tensor, torch.Tensor, torch.Tensor]:
     x, y = load_digits_images()
     x = x.flatten(1) / 16.0
     model = VAE(64, latent_dim=2, hidden=(128, 128), likelihood="gaussian")

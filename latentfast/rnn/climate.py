@@ -18,8 +18,17 @@ def lorenz_climate(hidden: int = 128, epochs: int = 150, dt: float = 0.02, seed:
                    progress: bool = True) -> dict:
     """Train on 6 normalised Lorenz-63 trajectories (3000 steps of dt each), then report the
     closed-loop Lyapunov spectrum (per unit time; the map is invariant to the
-    normalisation) and the valid prediction time on 2 held-out trajectories."""
-    torch.manual_seed(seed)
+    normalisation) and the valid prediction time on 2 held-out trajectories. The global
+    random state is left as it was (the model is initialised from `seed` inside
+    torch.random.fork_rng)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _lorenz_climate(hidden, epochs, dt, seed, progress)
+
+
+def _lorenz_climate(hidden: int, epochs: int, dt: float, seed: int, progress: bool) -> dict:
     traj = D.lorenz63(3000, dt=dt, n_traj=8, seed=seed).float()
     mean, std = traj.mean((0, 1)), traj.std((0, 1))
     data = (traj - mean) / std

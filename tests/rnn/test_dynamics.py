@@ -153,3 +153,20 @@ def test_gru_learns_lorenz_climate():
     assert res["leading_rel_err"] < 0.10, res
     assert abs(res["lyapunov"][1]) < 0.1, res  # the neutral exponent of a flow
     assert min(res["valid_prediction_lyapunov_times"]) > 0.5, res
+
+
+@pytest.mark.skipif(interpreting(), reason="trains a model for an epoch; the normal pass runs it")
+def test_lorenz_climate_leaves_the_global_random_state_alone():
+    """lorenz_climate seeds its model inside torch.random.fork_rng: the global state after the
+    call is the one before (before, it called torch.manual_seed(seed) on it), and two calls
+    give the same result. No epochs raises (before, an IndexError on the empty history)."""
+    from latentfast.rnn.climate import lorenz_climate
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = lorenz_climate(hidden=8, epochs=1, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    second = lorenz_climate(hidden=8, epochs=1, progress=False)
+    assert first["lyapunov"] == second["lyapunov"] and first["final_loss"] == second["final_loss"]
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+        lorenz_climate(hidden=8, epochs=0, progress=False)
