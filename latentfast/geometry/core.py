@@ -160,6 +160,28 @@ def _check_points(name: str, z: Tensor) -> None:
     check_finite(name, z)
 
 
+def _check_for_decoder(name: str, z: Tensor, decoder) -> None:
+    """For an MLP decoder (as_mlp), raise TypeError/ValueError unless z [..., d] has the
+    decoder's latent dimension, dtype and device (what the fused ops check; the paths that run
+    plain PyTorch on the decoder's tensors had failed inside a matrix product instead)."""
+    p = as_mlp(decoder)
+    if p is None:
+        return
+    w = p.weights[0]
+    if z.shape[-1] != w.shape[1]:
+        raise ValueError(f"the decoder takes latent points of dimension {w.shape[1]}, got {name} of shape "
+                         f"{tuple(z.shape)}")
+    ops.check_mlp(z, *p.args())
+
+
+def _check_pair_tensors(z0: object, z1: object) -> None:
+    check_tensor("z0", z0)
+    check_tensor("z1", z1, like=z0)
+    if z0.dim() != z1.dim():
+        raise ValueError(f"z0 and z1 must have the same shape ([B, d], or [d] both for one pair), got "
+                         f"{tuple(z0.shape)} and {tuple(z1.shape)}")
+
+
 def _unbatched(t: object, batched_dim: int) -> bool:
     """Whether t is one item without its batch dimension: a point [d] where points [B, d] go
     (batched_dim 2), a curve [T+1, d] where curves [B, T+1, d] go (3)."""
@@ -612,17 +634,17 @@ def graph_init(z0: Tensor, z1: Tensor, decoder, data: Tensor, n_segments: int,
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import dijkstra
 
-    if z0.dim() != z1.dim():
-        raise ValueError(f"z0 and z1 must have the same shape ([B, d], or [d] both for one pair), got "
-                         f"{tuple(z0.shape)} and {tuple(z1.shape)}")
+    _check_pair_tensors(z0, z1)
     if _unbatched(z0, 2):
         return graph_init(z0[None], z1[None], decoder, data, n_segments, n_neighbors, max_nodes, seed)[0]
     _check_points("z0", z0)
     _check_points("z1", z1)
     _check_points("data", data)
+    check_tensor("data", data, like=z0)
     if z0.shape != z1.shape or z0.shape[1] != data.shape[1]:
         raise ValueError(f"z0, z1 and data must be [B, d], [B, d] and [n, d], got {tuple(z0.shape)}, "
                          f"{tuple(z1.shape)} and {tuple(data.shape)}")
+    _check_for_decoder("z0", z0, decoder)
     nodes = data.detach()
     if nodes.shape[0] > max_nodes:
         gen = torch.Generator().manual_seed(seed)
@@ -696,9 +718,7 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
         >>> res.lengths.shape
         torch.Size([1])
     """
-    if z0.dim() != z1.dim():
-        raise ValueError(f"z0 and z1 must have the same shape ([B, d], or [d] both for one pair), got "
-                         f"{tuple(z0.shape)} and {tuple(z1.shape)}")
+    _check_pair_tensors(z0, z1)
     if z0.dim() == 1:
         res = geodesic(z0[None], z1[None], decoder, n_segments, tol, max_iter, init, data, n_neighbors,
                        precondition, progress)
@@ -707,8 +727,6 @@ def geodesic(z0: Tensor, z1: Tensor, decoder, n_segments: int = 32, tol: float =
     _check_points("z1", z1)
     if z0.shape != z1.shape:
         raise ValueError(f"z0 and z1 must have the same shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
-    if z1.dtype != z0.dtype or z1.device != z0.device:
-        raise TypeError("z0 and z1 must have the same dtype and device")
     if n_segments < 2:
         raise ValueError(f"n_segments must be >= 2, got {n_segments}")
     if not tol >= 0 or max_iter < 0:
@@ -803,10 +821,8 @@ def interpolate(decoder, curves: Tensor, n_points: int) -> Tensor:
     check_tensor("curves", curves, 3)
     if curves.shape[1] < 2:
         raise ValueError(f"curves need at least 2 points, got {curves.shape[1]}")
-    p = as_mlp(decoder)
-    if p is not None and curves.shape[2] != p.weights[0].shape[1]:
-        raise ValueError(f"the decoder takes latent points of dimension {p.weights[0].shape[1]}, got curves "
-                         f"{tuple(curves.shape)}")
+    _check_for_decoder("curves", curves, decoder)
+    check_finite("curves", curves)
     if n_points < 2:
         raise ValueError(f"n_points must be >= 2, got {n_points}")
     with torch.no_grad():  # where each point falls (the weights are constants, as the positions' spacing)
@@ -840,10 +856,12 @@ def geodesic_acceleration(decoder, z: Tensor, v: Tensor) -> Tensor:
     torch.compile or torch.func transforms)."""
     if _unbatched(z, 2) and _unbatched(v, 2):
         return geodesic_acceleration(decoder, z[None], v[None])[0]
-    check_tensor("z", z, 2)  # shapes only: exp_map's RK4 stages call this, and a finiteness
-    check_tensor("v", v, 2, like=z)  # check would read back every stage (its path is checked once)
+    _check_points("z", z)
+    _check_points("v", v)
+    check_tensor("v", v, like=z)
     if z.shape != v.shape:
         raise ValueError(f"z and v must have the same shape, got {tuple(z.shape)} and {tuple(v.shape)}")
+    _check_for_decoder("z", z, decoder)
     check = can_read_back(z)
     acc, singular = _acceleration(decoder, z, v, check)
     if check and bool(singular.any()):
@@ -900,8 +918,10 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
         return exp_map(decoder, z[None], v[None], t, n_steps)[0]
     _check_points("z", z)
     _check_points("v", v)
+    check_tensor("v", v, like=z)
     if z.shape != v.shape:
         raise ValueError(f"z and v must have the same shape, got {tuple(z.shape)} and {tuple(v.shape)}")
+    _check_for_decoder("z", z, decoder)
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     if not math.isfinite(t):
@@ -973,6 +993,10 @@ def distance_matrix(decoder, x: Tensor, y: Tensor | None = None, batch_size: int
     sym = y is None
     y = x if sym else y
     _check_points("y", y)
+    check_tensor("y", y, like=x)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must have the same latent dimension, got {tuple(x.shape)} and {tuple(y.shape)}")
+    _check_for_decoder("x", x, decoder)
     n, m = x.shape[0], y.shape[0]
     if sym:
         i, j = torch.triu_indices(n, n, 1, device=x.device)
@@ -1014,9 +1038,11 @@ def knn(decoder, x_query: Tensor, x_train: Tensor, k: int = 5, batch_size: int =
     nearest; those are solved as well. geodesic_kwargs go to geodesic."""
     _check_points("x_query", x_query)
     _check_points("x_train", x_train)
+    check_tensor("x_train", x_train, like=x_query)
     if x_query.shape[1] != x_train.shape[1]:
         raise ValueError(f"x_query and x_train must have the same latent dimension, got "
                          f"{tuple(x_query.shape)} and {tuple(x_train.shape)}")
+    _check_for_decoder("x_query", x_query, decoder)
     m, n = x_query.shape[0], x_train.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] (the training points), got {k}")

@@ -290,7 +290,7 @@ class SequenceModel(nn.Module):
 
     def _pack(self, hx) -> Tensor:  # module state ([L, B, H], or a pair of them) -> [B, S]
         def flat(t: Tensor) -> Tensor:
-            return t.transpose(0, 1).reshape(t.shape[1], -1)
+            return t.transpose(0, 1).reshape(t.shape[1], t.shape[0] * t.shape[2])
         return flat(hx) if self.cell == "gru" else torch.cat([flat(hx[0]), flat(hx[1])], 1)
 
     def _cell(self, x: Tensor, s: Tensor) -> Tensor:  # one step of every layer, state [B, S]

@@ -545,6 +545,45 @@ def test_bad_inputs_raise():
             geo.curve_length(bad, torch.zeros(2, 4, 2, dtype=F64))
 
 
+def test_inputs_that_do_not_fit_the_decoder_raise_on_every_path():
+    """Latent points of another dimension, dtype or device than an MLP decoder's, NaN where a
+    function did not check, and non-tensor end points raise ValueError / TypeError naming the
+    input. Before, the functions that run plain PyTorch on the decoder's tensors (exp_map,
+    extrapolate, geodesic_acceleration, knn, interpolate, graph_init) failed inside a matrix
+    product (RuntimeError), geodesic_acceleration and interpolate returned NaN for NaN input,
+    and geodesic / graph_init raised AttributeError on a list."""
+    dec = small_mlp_decoder(rbf=False)  # float64, d = 2
+    z, v = torch.randn(3, 2, dtype=F64), 0.1 * torch.randn(3, 2, dtype=F64)
+    z3 = torch.randn(3, 3, dtype=F64)
+    curve = geo.straight_line(z[:1], z[1:2], 4)
+    for call in (lambda: geo.exp_map(dec, z3, z3, n_steps=2), lambda: geo.geodesic_acceleration(dec, z3, z3),
+                 lambda: geo.extrapolate(dec, torch.randn(1, 4, 3, dtype=F64), n_steps=2),
+                 lambda: geo.knn(dec, z3, z3, k=1), lambda: geo.distance_matrix(dec, z3),
+                 lambda: geo.graph_init(z3[:1], z3[1:2], dec, z3, 4)):
+        with pytest.raises(ValueError, match="latent points of dimension 2"):
+            call()
+    for call in (lambda: geo.exp_map(dec, z.float(), v.float(), n_steps=2),
+                 lambda: geo.exp_map(dec, z, v.float(), n_steps=2),
+                 lambda: geo.geodesic_acceleration(dec, z.float(), v.float()),
+                 lambda: geo.knn(dec, z.float(), z.float(), k=1), lambda: geo.knn(dec, z, z.float(), k=1),
+                 lambda: geo.interpolate(dec, curve.float(), 3), lambda: geo.distance_matrix(dec, z, z.float()),
+                 lambda: geo.graph_init(z[:1].float(), z[1:2].float(), dec, z.float(), 4),
+                 lambda: geo.graph_init(z[:1], z[1:2], dec, z.float(), 4),
+                 lambda: geo.geodesic(z[:1], z[1:2].float(), dec)):
+        with pytest.raises(TypeError, match="dtype"):
+            call()
+    nan = z.clone()
+    nan[1, 0] = float("nan")
+    for call in (lambda: geo.geodesic_acceleration(dec, nan, v), lambda: geo.geodesic_acceleration(dec, z, nan),
+                 lambda: geo.interpolate(dec, geo.straight_line(nan[:2], z[:2], 4), 3)):
+        with pytest.raises(ValueError, match="NaN"):
+            call()
+    for call in (lambda: geo.geodesic([[0.0, 0.0]], z[:1], dec), lambda: geo.graph_init([0.0, 0.0], z[0], dec, z, 4),
+                 lambda: geo.geodesic(z[:1], [[0.0, 0.0]], dec)):
+        with pytest.raises(TypeError, match="must be a torch.Tensor"):
+            call()
+
+
 def test_exp_map_into_a_degenerate_metric_raises_a_clear_error():
     """Shooting from where every tanh unit is saturated (float32: tanh' = 0 exactly, so M = 0)
     raises ValueError naming the singular metric, not torch's LinAlgError; a path that turns

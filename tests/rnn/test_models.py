@@ -128,6 +128,18 @@ def test_sequence_model_bad_inputs_raise_and_zero_steps_forecast_nothing(cell):
     assert len(fit_sequence_model(model, data, epochs=1, window=11, warmup=2, progress=False)) == 1  # one window
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_sequence_model_on_an_empty_batch(cell, num_layers):
+    """B = 0 series give empty predictions, states and forecasts of the right shapes, as the
+    recurrent layers do (before, packing the final states raised a reshape error)."""
+    model = SequenceModel(3, hidden=4, cell=cell, num_layers=num_layers)
+    pred, s = model(torch.randn(0, 5, 3))
+    assert pred.shape == (0, 5, 3) and s.shape == (0, model.state_size)
+    f, ss = model.forecast(torch.randn(0, 5, 3), 4)
+    assert f.shape == (0, 4, 3) and ss.shape == (0, 4, model.state_size)
+
+
 def test_valid_prediction_time_counts_steps_and_stops_at_a_diverged_forecast():
     """The steps before the normalised error first passes the threshold, T where it never does;
     a forecast that diverged to NaN is past it (before, NaN errors compared False and such a
