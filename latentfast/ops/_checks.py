@@ -91,6 +91,21 @@ def check_finite(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_finite_together(named: list[tuple[str, Tensor]]) -> None:
+    """check_finite of several tensors (name, tensor) with one device-to-host read for all
+    of them (one synchronisation on a GPU, not one per tensor)."""
+    named = [(n, t) for n, t in named if t.numel() and t.is_floating_point()]
+    if not named or not _value_checks_run(named[0][1]):
+        return
+    if len(named) == 1:
+        check_finite(*named[0])
+        return
+    ends = torch.stack([v.to(torch.float64) for _, t in named for v in torch.aminmax(t)]).tolist()
+    for i, (n, _) in enumerate(named):
+        if not (math.isfinite(ends[2 * i]) and math.isfinite(ends[2 * i + 1])):
+            raise ValueError(f"{n} contains NaN or Inf values")
+
+
 def check_unit_interval(name: str, t: Tensor) -> None:
     """Raise ValueError unless every value of `t` lies in [0, 1] (NaN fails too): Bernoulli
     targets. Skipped where check_finite is (_value_checks_run)."""

@@ -21,7 +21,7 @@ from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when bu
 from latentfast.ops._amp import float32_under_autocast
 from latentfast.ops._autograd import (graph_wanted, op_backward, reference_vjp, reject_tangents, route_transforms,
                                       under_transform)
-from latentfast.ops._checks import check_finite, check_tensor
+from latentfast.ops._checks import check_finite_together, check_tensor
 from latentfast.reference import rnn as ref
 
 
@@ -145,15 +145,17 @@ def _check_rnn(name: str, n_gates: int, x: Tensor, states: tuple, weight_ih: Ten
         check_tensor(bname, bias, 1, like=x)
         if bias.shape[0] != g:
             raise ValueError(f"{name}: {bname} must be [{g}], got {tuple(bias.shape)}")
-    filled = []
+    filled, given = [], [("x", x)]
     for sname, st in zip(("h0", "c0"), states):
         if st is None:
             st = x.new_zeros((x.shape[1], hs))
+        else:
+            given.append((sname, st))
         check_tensor(sname, st, 2, like=x)
         if tuple(st.shape) != (x.shape[1], hs):
             raise ValueError(f"{name}: {sname} must be [{x.shape[1]}, {hs}], got {tuple(st.shape)}")
         filled.append(st.contiguous())
-    check_finite("x", x)
+    check_finite_together(given)  # (the initial states too: a NaN h0 had run through)
     return x, tuple(filled), hs
 
 

@@ -107,6 +107,47 @@ def test_bad_inputs_raise():
                              batch_first=batch_first)
 
 
+def test_non_finite_initial_states_raise(backend):
+    """A NaN or Inf in h0 (or the LSTM's c0) raises, as one in x does, on every backend and
+    through the GRU / LSTM modules (before, only x was checked: a NaN initial state ran
+    through to NaN outputs)."""
+    from latentfast.rnn import GRU, LSTM
+
+    x = torch.randn(4, 2, 3)
+    for bad_value in (float("nan"), float("inf")):
+        bad = torch.zeros(2, 5)
+        bad[1, 2] = bad_value
+        g = _gru(3, 5, torch.float32, "cpu", seed=0)
+        with pytest.raises(ValueError, match="h0 contains NaN or Inf"):
+            ops.gru_sequence(x, bad, *_params(g))
+        lstm = torch.nn.LSTM(3, 5)
+        p = (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+        with pytest.raises(ValueError, match="h0 contains NaN or Inf"):
+            ops.lstm_sequence(x, (bad, torch.zeros(2, 5)), *p)
+        with pytest.raises(ValueError, match="c0 contains NaN or Inf"):
+            ops.lstm_sequence(x, (torch.zeros(2, 5), bad), *p)
+        with pytest.raises(ValueError, match="h0 contains NaN or Inf"):
+            GRU(3, 5)(x, bad[None])
+        with pytest.raises(ValueError, match="c0 contains NaN or Inf"):
+            LSTM(3, 5)(x, (torch.zeros(1, 2, 5), bad[None]))
+    ops.gru_sequence(x, torch.zeros(2, 5), *_params(_gru(3, 5, torch.float32, "cpu", seed=0)))  # finite: runs
+
+
+def test_check_finite_together_names_each_bad_tensor():
+    """One read-back for several tensors: a bad one is named (the first, where several are),
+    finite ones pass, empty and integer tensors are skipped, dtypes may differ."""
+    from latentfast.ops._checks import check_finite_together
+
+    a, b = torch.randn(3), torch.randn(2, 2, dtype=torch.float64)
+    check_finite_together([("a", a), ("b", b), ("e", torch.zeros(0)), ("i", torch.arange(3))])
+    b[1, 0] = float("-inf")
+    with pytest.raises(ValueError, match="^b contains NaN or Inf"):
+        check_finite_together([("a", a), ("b", b)])
+    a[0] = float("nan")
+    with pytest.raises(ValueError, match="^a contains NaN or Inf"):
+        check_finite_together([("a", a), ("b", b)])
+
+
 # ---------------------------------------------------------------------------------- LSTM
 def _lstm(i, h, dtype, device, seed, **kw):
     torch.manual_seed(seed)
