@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from latentfast.flows.layers import GlowStep, Split, gaussian_log_p, squeeze2d, unsqueeze2d
-from latentfast.ops._checks import check_count, check_finite, check_tensor, checked_once
+from latentfast.ops._checks import check_count, check_finite, check_finite_together, check_tensor, checked_once
 
 
 class Glow(nn.Module):
@@ -139,6 +139,9 @@ class Glow(nn.Module):
             if tuple(z.shape[1:]) != shape or z.shape[0] != h.shape[0]:
                 raise ValueError(f"zs[{level}] must be [{h.shape[0]}, {', '.join(map(str, shape))}] (the latent "
                                  f"shapes are {self.latent_shapes}), got {tuple(z.shape)}")
+        # the steps inside run unchecked (checked_once): NaN / Inf latents are refused here, in one
+        # read-back for all levels (before, they decoded to NaN images)
+        check_finite_together([(f"zs[{level}]", z) for level, z in enumerate(zs) if z is not None])
         with checked_once():
             for level in reversed(range(self.n_levels)):
                 if level < self.n_levels - 1:
@@ -157,6 +160,8 @@ class Glow(nn.Module):
         """Mean bits per dimension of dequantised x in [-0.5, 0.5) with n_bins levels:
         (-log p(x) + D log n_bins) / (D log 2)."""
         check_count("n_bins", n_bins, 1, "the quantisation levels")
+        if isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0:
+            raise ValueError("the bits per dimension of an empty batch (N = 0) are undefined (a mean over no images)")
         d = self.dims
         return ((-self.log_prob(x) + d * math.log(n_bins)) / (d * math.log(2.0))).mean()
 

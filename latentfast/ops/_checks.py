@@ -42,6 +42,21 @@ def check_tensor(name: str, t: object, ndim: int | None = None, like: Tensor | N
     return t
 
 
+def check_like_model(name: str, t: Tensor, param: Tensor) -> None:
+    """Raise TypeError/ValueError unless the input `t` has the dtype (any floating dtype under
+    torch.autocast for its device) and the device of the model parameter `param`."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    amp = (t.is_floating_point() and param.is_floating_point() and t.device.type != "meta"
+           and torch.is_autocast_enabled(t.device.type))
+    if t.dtype != param.dtype and not amp:
+        hint = "" if t.is_floating_point() else " (integer data as floats, scaled to the range the model was trained on)"
+        raise TypeError(f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}: pass "
+                        f"{name}.to({param.dtype}){hint}")
+    if t.device != param.device:
+        raise ValueError(f"{name} is on {t.device} but the model is on {param.device}")
+
+
 def check_count(name: str, n: object, least: int, what: str) -> None:
     """Raise ValueError unless n is an int (not a bool) >= least; `what` says what it counts."""
     if isinstance(n, bool) or not isinstance(n, int) or n < least:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from latentfast.data._cpu import made_on_cpu
-from latentfast.ops._checks import check_count, check_tensor, check_unit_interval
+from latentfast.ops._checks import check_count, check_like_model, check_tensor, check_unit_interval
 from latentfast.rnn.models import GRU, LSTM
 
 
@@ -56,6 +56,7 @@ class LatentSequenceModel(nn.Module):
     def _flat_frames(self, frames: Tensor, name: str = "frames") -> tuple[Tensor, bool]:
         """frames [B, T, *frame_shape] or [T, *frame_shape] -> ([B, T, P], whether batched)."""
         check_tensor(name, frames)
+        check_like_model(name, frames, self.to_h0.weight)
         k = len(self.frame_shape)
         if frames.dim() not in (k + 1, k + 2) or tuple(frames.shape[frames.dim() - k:]) != self.frame_shape:
             want = ", ".join(str(n) for n in self.frame_shape)
@@ -89,6 +90,7 @@ class LatentSequenceModel(nn.Module):
         """Frame logits [B, n_steps, *frame_shape] unrolled from z [B, latent] (from z [latent]:
         [n_steps, *frame_shape])."""
         check_tensor("z", z)
+        check_like_model("z", z, self.to_h0.weight)
         if z.dim() not in (1, 2) or z.shape[-1] != self.latent:
             raise ValueError(f"z must be [B, {self.latent}] or [{self.latent}], got {tuple(z.shape)}")
         return self._decode(z, n_steps) if z.dim() == 2 else self._decode(z[None], n_steps)[0]

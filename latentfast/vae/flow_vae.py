@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from latentfast.flows.vector import IAF, MAF, Flow, LULinear
-from latentfast.ops._checks import check_count
+from latentfast.ops._checks import check_count, check_like_model
 from latentfast.vae.vae import VAE, MLPEncoder
 
 LOG_2PI = math.log(2 * math.pi)
@@ -89,6 +89,7 @@ class FlowVAE(VAE):
         if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"z must be [N, {self.latent_dim}], got "
                              f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+        check_like_model("z", z, self.decoder.log_sigma)
         if self.prior is not None:
             return self.prior.log_prob(z)
         return -0.5 * (z ** 2 + LOG_2PI).sum(1)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from latentfast.ops._checks import check_count, check_finite, check_unit_interval
+from latentfast.ops._checks import check_count, check_finite, check_like_model, check_unit_interval
 from latentfast.vae.decoders import GaussianMLPDecoder
 
 LOG_2PI = math.log(2 * math.pi)
@@ -76,6 +76,8 @@ class VAE(nn.Module):
                              f"got shape {tuple(x.shape)}")
         if for_loss and x.shape[0] == 0:
             raise ValueError("the loss of an empty batch (N = 0) is undefined")
+        if for_loss or isinstance(self.encoder, MLPEncoder):  # (an encoder of the user's takes x as it likes)
+            check_like_model("x", x, self.decoder.log_sigma)
         return x.flatten(1)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:

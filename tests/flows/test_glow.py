@@ -491,6 +491,25 @@ def test_glow_under_torch_func_transforms(backend, device="cpu"):
     assert not any(bool(m.initialized) for m in fresh.modules() if isinstance(m, ActNorm))
 
 
+def test_glow_decode_refuses_non_finite_latents_and_bpd_an_empty_batch():
+    """NaN / Inf latents raise in decode (one read-back for all levels; the steps inside run
+    unchecked), naming the level; before, they decoded to NaN images. bits_per_dim of no images
+    raises, as the VAE's loss of an empty batch does (before: NaN, a mean over nothing)."""
+    glow = _glow()
+    x = torch.rand(2, 1, 8, 8) - 0.5
+    zs = glow.encode(x)[0]
+    for level in range(len(zs)):
+        for value in (float("nan"), float("inf")):
+            bad = [z.clone() for z in zs]
+            bad[level].view(-1)[3] = value
+            with pytest.raises(ValueError, match=rf"zs\[{level}\] contains NaN or Inf"):
+                glow.decode(bad)
+    torch.testing.assert_close(glow.decode(zs), x, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="empty batch"):
+        glow.bits_per_dim(x[:0])
+    assert torch.isfinite(glow.bits_per_dim(x))
+
+
 def test_bad_inputs_raise():
     glow = _glow()
     with pytest.raises(ValueError, match="8, 8"):

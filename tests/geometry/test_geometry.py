@@ -1169,6 +1169,42 @@ def test_vae_bad_inputs_raise():
     assert fit_rbf_variance(dec, z[:3], x[:3], n_centres=10, steps=2).centres.shape == (3, 2)  # every latent a centre
 
 
+def test_vae_inputs_of_another_dtype_or_device_raise_clearly():
+    """x of another dtype than the model's parameters (integer pixels, float64 into a float32
+    model) raises a TypeError that says what to pass, in the loss and through the default MLP
+    encoder; FlowVAE.log_prior and the latent sequence model check theirs too. Before, each
+    failed inside a matrix product (RuntimeError: mat1 and mat2 must have the same dtype). An
+    encoder of the user's still gets x as given (it may take integer images)."""
+    from latentfast.rnn.latent import LatentSequenceModel
+    from latentfast.vae.flow_vae import FlowVAE
+
+    x = torch.rand(4, 6)
+    for model in (VAE(6, latent_dim=2, hidden=(8,)), FlowVAE(6, latent_dim=2, hidden=(8,), prior_steps=1)):
+        for bad in ((x * 16).long(), x.double()):
+            for call in (lambda: model.loss(bad), lambda: model(bad), lambda: model.embed(bad)):
+                with pytest.raises(TypeError, match=r"x has dtype torch\.\w+ but the model's parameters are "
+                                                    r"torch\.float32: pass x\.to\(torch\.float32\)"):
+                    call()
+    with pytest.raises(TypeError, match="z has dtype torch.float64 but the model's parameters are torch.float32"):
+        FlowVAE(6, latent_dim=2, hidden=(8,), prior_steps=1).log_prior(torch.zeros(3, 2, dtype=torch.float64))
+    seq = LatentSequenceModel(6, latent=2, hidden=4, feature=4)
+    with pytest.raises(TypeError, match="frames has dtype torch.float64 but the model's"):
+        seq(torch.rand(2, 3, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="z has dtype torch.float64"):
+        seq.decode(torch.zeros(2, 2, dtype=torch.float64), 3)
+
+    class Bytes(torch.nn.Module):  # takes uint8 images itself
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.lin(x.float() / 255).chunk(2, dim=-1)
+
+    model = VAE(6, latent_dim=2, hidden=(8,), encoder=Bytes())
+    assert model.embed((x * 255).to(torch.uint8)).shape == (4, 2)
+
+
 def test_rbf_bandwidth_of_a_cluster_without_a_spread():
     """An outlier latent that k-means++ seeds as a centre is a cluster of one, with no spread to
     measure: it takes the median spread of the other clusters, so its precision bump is as wide
