@@ -32,7 +32,7 @@ def _act_and_deriv(a, CODE: tl.constexpr):
         s = 1.0 / (1.0 + e)
         df = tl.where(a < 0, 1.0 - s, s)
     elif CODE == 3:
-        em = _expm1(tl.minimum(a, 0.0))
+        em = _expm1(tl.where(a > 0, 0.0, a))  # a NaN stays NaN in f and df (tl.minimum drops it on a GPU)
         f = tl.where(a > 0, a, em)
         df = tl.where(a > 0, 1.0, em + 1.0)
     else:

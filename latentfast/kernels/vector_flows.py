@@ -71,7 +71,7 @@ def _step_params(x, k, rows, cols, rm, cm, ctx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_p
         if HAS_CTX:
             a += tl.load(ctx_ptr + (k * B + rows[:, None]) * H + hc[None, :], mask=rm[:, None] & hm[None, :],
                          other=0.0)
-        g = tl.maximum(a, 0.0)
+        g = tl.where(a < 0.0, 0.0, a)  # relu keeping NaN (tl.maximum drops it on a GPU), as torch.relu
         wmask = hm[:, None] & cm[None, :]
         w2m = tl.load(w2_ptr + k * O * H + cols[None, :] * H + hc[:, None], mask=wmask, other=0.0)
         om += tl.dot(g, w2m, input_precision="ieee")
@@ -151,7 +151,7 @@ def _vector_flow_bwd_kernel(gy_ptr, gl_ptr, xs_ptr, out_ptr, ctx_ptr, w1_ptr, b1
             a += tl.load(b1_ptr + k * H + hc, mask=hm, other=0.0)[None, :]
             if HAS_CTX:
                 a += tl.load(ctx_ptr + h_off, mask=hmask, other=0.0)
-            tl.store(hid_ptr + h_off, tl.maximum(a, 0.0), mask=hmask)
+            tl.store(hid_ptr + h_off, tl.where(a < 0.0, 0.0, a), mask=hmask)
             w2m = tl.load(w2_ptr + k * O * H + cols[:, None] * H + hc[None, :], mask=wmask, other=0.0)
             gh = tl.dot(gm, w2m, input_precision="ieee")
             if not ADDITIVE:
@@ -190,7 +190,7 @@ def _seq_inv_step(y, k, rows, cols, rm, cm, hf, hfm, act, ctx_ptr, w1t_ptr, b1_p
     s_all = tl.zeros([BLOCK_B, BLOCK_D], y.dtype)
     for idx in range(0, n_act):
         j = tl.load(order_ptr + k * D + idx)
-        g = tl.maximum(a, 0.0)
+        g = tl.where(a < 0.0, 0.0, a)
         wm = tl.load(w2_ptr + (k * O + j) * H + hf, mask=hfm, other=0.0)
         mj = tl.sum(g * wm[None, :], axis=1) + tl.load(b2_ptr + k * O + j)
         yj = _col(y, cols, j)

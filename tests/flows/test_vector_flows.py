@@ -1377,3 +1377,42 @@ def test_triton_wrappers_fall_back_when_a_kernel_does_not_fit(monkeypatch):
         monkeypatch.setattr(tk, "_vector_flow_fwd_kernel", type("Broken", (), {
             "__getitem__": lambda self, grid: (lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("boom")))})())
         tk.vector_flow_fwd(x, ctx, w1, b1, w2, b2, act, False, True)
+
+
+@pytest.mark.parametrize("kind", ["iaf", "maf", "coupling", "additive"])
+def test_nan_weights_give_nan_outputs_as_the_reference(backend, kind):
+    """A NaN in a weight the masks keep (what a diverged training leaves) gives NaN outputs on
+    every backend, as in the reference: y and the log-det hold NaN exactly where the
+    reference's do, or at fewer places where the reference's NaN comes only through a masked
+    (structural) zero, 0 * NaN in its dense product. Before, the C++ ReLU (v > 0 ? v : 0, and
+    tl.maximum on a GPU) turned a NaN hidden unit into 0, and every output was finite."""
+    torch.manual_seed(0)
+    dev = device_for(backend)
+    flow = {"iaf": vf.IAF(4, 8, 2, context_dim=3), "maf": vf.MAF(4, 8, 2),
+            "coupling": vf.VectorAffineCoupling(4, 8, 2), "additive": vf.VectorAdditiveCoupling(4, 8, 2)}[kind]
+    flow = flow.to(dev, torch.float64)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(5, 4, dtype=torch.float64, device=dev)
+    ctx = (torch.randn(5, 3, dtype=torch.float64, device=dev),) if kind == "iaf" else ()
+    checked = 0
+    for name in ("w1", "b1"):
+        p = getattr(flow, name)
+        keep = (flow.mask1 if name == "w1" else torch.ones_like(p)).reshape(-1)
+        for i in keep.nonzero()[:, 0].tolist()[::7]:
+            with torch.no_grad():
+                old = p.view(-1)[i].item()
+                p.view(-1)[i] = float("nan")
+            with torch.no_grad():
+                got = flow(x, *ctx)
+                with latentfast.use_backend("reference"):
+                    want = flow(x, *ctx)
+            with torch.no_grad():
+                p.view(-1)[i] = old
+            g_nan = torch.cat([t.isnan().reshape(-1) for t in got])
+            w_nan = torch.cat([t.isnan().reshape(-1) for t in want])
+            assert bool(g_nan.any()) == bool(w_nan.any()), (name, i)
+            assert not bool((g_nan & ~w_nan).any()), (name, i)  # no NaN the reference lacks
+            checked += int(bool(w_nan.any()))
+    assert checked > 0

@@ -662,3 +662,29 @@ def test_curve_energy_and_grad_compiles_fullgraph(backend):
     leaf = curves.clone().requires_grad_()
     torch.compile(lambda cc: ops.curve_energy(cc, w, b, a, *extra)[0].sum(), fullgraph=True)(leaf).backward()
     assert_close(leaf.grad, f(curves)[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_weights_give_nan_metric_and_energy_for_every_activation(backend, dtype):
+    """A NaN in a decoder weight or bias (a diverged training) gives a NaN metric, energy and
+    length on every backend for every activation, as the reference does. Before, the C++ ELU
+    (a > 0 ? a : expm1(min(a, 0))) turned a NaN pre-activation into 0, and the Triton one
+    would have too on a GPU (tl.minimum drops NaN there): a finite metric from NaN weights."""
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 2, generator=gen, dtype=dtype).to(dev)
+    curves = torch.randn(2, 4, 2, generator=gen, dtype=dtype).to(dev)
+    for act in ref.ACT_NAMES:
+        for which in ("weight", "bias"):
+            ws = [torch.randn(6, 2, generator=gen, dtype=dtype).to(dev), torch.randn(5, 6, generator=gen, dtype=dtype).to(dev)]
+            bs = [torch.randn(6, generator=gen, dtype=dtype).to(dev), torch.randn(5, generator=gen, dtype=dtype).to(dev)]
+            (ws if which == "weight" else bs)[0].view(-1)[2] = float("nan")
+            m = ops.pullback_metric(z, ws, bs, [act, 0])
+            e, length = ops.curve_energy(curves, ws, bs, [act, 0])
+            with latentfast.use_backend("reference"):
+                want = [ref_t.isnan() for ref_t in (ops.pullback_metric(z, ws, bs, [act, 0]),
+                                                    *ops.curve_energy(curves, ws, bs, [act, 0]))]
+            if which == "weight":  # (a bias of a linear layer cancels out of the metric)
+                assert all(bool(w.any()) for w in want), (act, which)
+            for got, w in zip((m, e, length), want):
+                assert torch.equal(got.isnan(), w), (act, which, got)
