@@ -30,8 +30,8 @@ from latentfast import backend
 from latentfast.ops._amp import float32_under_autocast
 from latentfast.ops._autograd import (graph_wanted, op_backward, reference_vjp, reject_tangents, route_transforms,
                                       routed, under_transform)
-from latentfast.ops._checks import (can_read_back, check_finite, check_tensor, context_value, passed_before,
-                                   remember_passed)
+from latentfast.ops._checks import (can_read_back, check_finite_together, check_tensor, context_value,
+                                   passed_before, remember_passed)
 from latentfast.reference import vector_flows as ref
 
 
@@ -421,7 +421,7 @@ def vector_flow_stack(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
         >>> y, logdet = vector_flow_stack(x, w1, b1, w2, b2)
     """
     act = _check_stack("vector_flow_stack", x, ctx, w1, b1, w2, b2, act, additive)
-    check_finite("x", x)
+    check_finite_together([("x", x)] + ([] if ctx is None else [("ctx", ctx)]))
     args = (x.contiguous(), ctx, w1, b1, w2, b2, act, bool(additive))
     if under_transform(args):  # forward-mode AD or torch.func: the reference (ops/_autograd.py)
         y, ld, *_ = ref.vector_flow_stack(*args)
@@ -457,7 +457,7 @@ def vector_flow_stack_inverse(y: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2:
     AD, torch.func or torch.compile it runs the reference's sweeps instead (the same
     derivatives, slower)."""
     act = _check_stack("vector_flow_stack_inverse", y, ctx, w1, b1, w2, b2, act, additive)
-    check_finite("y", y)
+    check_finite_together([("y", y)] + ([] if ctx is None else [("ctx", ctx)]))
     n_passes = y.shape[1] if n_passes is None else int(n_passes)
     if n_passes < 1:
         raise ValueError(f"n_passes must be >= 1, got {n_passes}")

@@ -1416,3 +1416,20 @@ def test_nan_weights_give_nan_outputs_as_the_reference(backend, kind):
             assert not bool((g_nan & ~w_nan).any()), (name, i)  # no NaN the reference lacks
             checked += int(bool(w_nan.any()))
     assert checked > 0
+
+
+def test_non_finite_context_raises(backend):
+    """A NaN or Inf in an IAF's context raises, as one in x does (both checked in one
+    read-back); before, it ran through (to NaN on the reference backend, and to finite values
+    from the C++ kernels, whose ReLU dropped the NaN)."""
+    dev = device_for(backend)
+    flow = vf.IAF(4, 8, 2, context_dim=3).to(dev)
+    x, h = torch.randn(5, 4, device=dev), torch.randn(5, 3, device=dev)
+    for value in (float("nan"), float("inf")):
+        bad = h.clone()
+        bad[2, 1] = value
+        with pytest.raises(ValueError, match="ctx contains NaN or Inf"):
+            flow(x, bad)
+        with pytest.raises(ValueError, match="ctx contains NaN or Inf"):
+            flow.inverse(x, bad)
+    flow(x, h)
