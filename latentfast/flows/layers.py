@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from latentfast.ops import flows as ops
 from latentfast.ops._autograd import functorch_active
-from latentfast.ops._checks import check_finite, check_tensor, passed_before, remember_passed
+from latentfast.ops._checks import check_finite, check_like_model, check_tensor, passed_before, remember_passed
 from latentfast.reference.flows import fold_actnorm_into_conv
 
 
@@ -402,6 +402,8 @@ def squeeze2d(x: Tensor) -> Tensor:
 def unsqueeze2d(x: Tensor) -> Tensor:
     """Inverse of squeeze2d: [N, 4C, H, W] -> [N, C, 2H, 2W]."""
     n, c, h, w = x.shape
+    if c % 4:
+        raise ValueError(f"unsqueeze needs a multiple of 4 channels, got {tuple(x.shape)}")
     x = x.view(n, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
     return x.reshape(n, c // 4, h * 2, w * 2)
 
@@ -439,6 +441,8 @@ class Split(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(z1, z2, log p(z2 | z1) [N])."""
+        _check_image("x", x, self.channels)
+        check_like_model("x", x, self.prior.conv.weight)
         z1, z2 = x.chunk(2, dim=1)
         mean, log_sd = self.prior(z1).chunk(2, dim=1)
         return z1, z2, gaussian_log_p(z2, mean, log_sd).flatten(1).sum(1)
@@ -450,6 +454,16 @@ class Split(nn.Module):
 
     def inverse(self, z1: Tensor, z2: Tensor | None = None, temperature: float = 1.0) -> Tensor:
         """cat(z1, z2); z2 is drawn from the prior (scaled by temperature) when None."""
+        half = self.channels // 2
+        _check_image("z1", z1, half)
+        check_like_model("z1", z1, self.prior.conv.weight)
+        if z2 is not None:
+            _check_image("z2", z2, half)
+            check_tensor("z2", z2, like=z1)
+            if z2.shape != z1.shape:
+                raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        elif not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
         if z2 is None:
             mean, log_sd = self.prior(z1).chunk(2, dim=1)
             # (drawn in row-major order: randn_like would fill a channels_last prior's output in

@@ -219,6 +219,8 @@ def pendulum_windows(n_traj: int = 512, n_steps: int = 40, size: int = 16, dt: f
 def frame_error(logits: Tensor, frames: Tensor) -> Tensor:
     """Mean absolute pixel error per time step [T] of sigmoid(logits) against frames, both
     [B, T, ...]."""
+    check_tensor("logits", logits)
+    check_tensor("frames", frames, like=logits)
     if logits.shape != frames.shape or logits.dim() < 3:
         raise ValueError(f"logits and frames must be [B, T, ...] of one shape, got {tuple(logits.shape)} and "
                          f"{tuple(frames.shape)}")
@@ -229,6 +231,7 @@ def centroids(images: Tensor, size: int) -> Tensor:
     """Centre (x, y) in pixels of the bright part (above half the frame's maximum) of each
     frame, images [..., size, size] or flattened [..., size^2] -> [..., 2] (the bob's position
     for pendulum frames)."""
+    check_tensor("images", images)
     if images.dim() >= 2 and tuple(images.shape[-2:]) == (size, size) and size > 1:
         lead = images.shape[:-2]
     elif images.dim() >= 1 and images.shape[-1] == size * size:

@@ -12,7 +12,7 @@ import torch
 import latentfast
 from latentfast.data.digits import DIGITS_BINS, dequantize, load_digits_images
 from latentfast.flows import (ActNorm, AdditiveCoupling, AffineCoupling, Glow, GlowStep,
-                              InvConv1x1, Squeeze)
+                              InvConv1x1, Split, Squeeze)
 from tests.conftest import assert_close, backends_under_test, interpreting
 from tests.test_export import _Call
 
@@ -489,6 +489,30 @@ def test_glow_under_torch_func_transforms(backend, device="cpu"):
     with pytest.raises(RuntimeError, match="torch.func transforms"):
         grad(lambda xi: fresh(xi).sum())(x)
     assert not any(bool(m.initialized) for m in fresh.modules() if isinstance(m, ActNorm))
+
+
+def test_split_and_unsqueeze_check_their_inputs():
+    """Split (used alone) checks rank, channels, dtype, NaN and the temperature, and
+    unsqueeze2d a channel count that is not a multiple of 4, with ValueError / TypeError;
+    before, each failed inside torch (RuntimeError from the prior's conv or a view) or
+    returned NaN."""
+    split = Split(4)
+    x = torch.randn(2, 4, 3, 3)
+    z1, log_p = split(x)
+    assert torch.equal(split.inverse(z1, x[:, 2:]), x)
+    for bad, err, match in ((x[0], ValueError, "4 dimensions"), (x[:, :3], ValueError, "4 channels"),
+                            (x.double(), TypeError, "model's parameters are torch.float32"),
+                            (x.clone().fill_(float("nan")), ValueError, "NaN")):
+        with pytest.raises(err, match=match):
+            split(bad)
+    with pytest.raises(ValueError, match="2 channels"):
+        split.inverse(x)
+    with pytest.raises(ValueError, match="same shape"):
+        split.inverse(z1, x[:1, 2:])
+    with pytest.raises(ValueError, match="temperature"):
+        split.inverse(z1, temperature=-1.0)
+    with pytest.raises(ValueError, match="multiple of 4 channels"):
+        Squeeze().inverse(torch.randn(2, 6, 2, 2))
 
 
 def test_glow_decode_refuses_non_finite_latents_and_bpd_an_empty_batch():

@@ -137,6 +137,13 @@ def test_frame_shapes_are_checked():
         centroids(torch.rand(2, 15), 4)
     with pytest.raises(ValueError, match="one shape"):
         frame_error(torch.rand(2, 3, 4), torch.rand(2, 3, 5))
+    # not tensors / not floating (before: AttributeError, RuntimeError on bool images)
+    with pytest.raises(TypeError, match="images must be a torch.Tensor"):
+        centroids([[0.0] * 16], 4)
+    with pytest.raises(TypeError, match="images must have dtype"):
+        centroids(torch.rand(2, 16) > 0.5, 4)
+    with pytest.raises(TypeError, match="frames must be a torch.Tensor"):
+        frame_error(torch.rand(2, 3, 4), [[0.0]])
 
 
 def test_kl_and_centroids_known_values():
