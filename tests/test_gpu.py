@@ -440,3 +440,15 @@ def test_default_device_cuda_and_models_on_cuda(triton_cuda):
     for name in dd_t._cases():
         dd_t.test_results_do_not_depend_on_the_default_device(name, default="cuda")
     dd_t.test_rbf_variance_fits_a_model_on_another_device_than_its_generator(device="cuda")
+
+
+def test_triton_kernels_keep_nan_weights_nan_on_cuda(triton_cuda):
+    """On a GPU tl.maximum / tl.minimum drop a NaN operand (the interpreter's numpy does not):
+    the vector-flow ReLU and the geometry ELU are written with tl.where so that NaN weights
+    give NaN outputs there too, as the reference does."""
+    for kind in ("iaf", "maf", "coupling", "additive"):
+        vec_t.test_nan_weights_give_nan_outputs_as_the_reference(triton_cuda, kind)
+    for dtype in DTYPES:
+        geo_t.test_nan_weights_give_nan_metric_and_energy_for_every_activation(triton_cuda, dtype)
+    vec_t.test_non_finite_context_raises(triton_cuda)
+    rnn_t.test_non_finite_initial_states_raise(triton_cuda)
