@@ -457,17 +457,17 @@ class Split(nn.Module):
         half = self.channels // 2
         _check_image("z1", z1, half)
         check_like_model("z1", z1, self.prior.conv.weight)
-        if z2 is not None:
-            _check_image("z2", z2, half)
-            check_tensor("z2", z2, like=z1)
-            if z2.shape != z1.shape:
-                raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-        elif not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
         if z2 is None:
+            if not (math.isfinite(temperature) and temperature >= 0):
+                raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
             mean, log_sd = self.prior(z1).chunk(2, dim=1)
             # (drawn in row-major order: randn_like would fill a channels_last prior's output in
             # its memory order, so a channels_last model drew another sample from the same seed)
             noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
             z2 = mean + torch.exp(log_sd) * temperature * noise
+        else:
+            _check_image("z2", z2, half)
+            check_tensor("z2", z2, like=z1)
+            if z2.shape != z1.shape:
+                raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
         return torch.cat([z1, z2], dim=1)

@@ -155,23 +155,18 @@ def _decoder_fixed(decoder) -> contextlib.AbstractContextManager:
     return ops.last_layer_fixed(p.weights, p.acts) if p is not None else contextlib.nullcontext()
 
 
-def _check_points(name: str, z: Tensor) -> None:
-    check_tensor(name, z, 2)
+def _check_points(name: str, z: Tensor, like: Tensor | None = None) -> None:
+    check_tensor(name, z, 2, like=like)
     check_finite(name, z)
 
 
-def _check_for_decoder(name: str, z: Tensor, decoder) -> None:
+def _check_for_decoder(z: Tensor, decoder) -> None:
     """For an MLP decoder (as_mlp), raise TypeError/ValueError unless z [..., d] has the
-    decoder's latent dimension, dtype and device (what the fused ops check; the paths that run
-    plain PyTorch on the decoder's tensors had failed inside a matrix product instead)."""
+    decoder's latent dimension, dtype and device (ops.check_mlp, what the fused ops check; the
+    paths that run plain PyTorch on the decoder's tensors had failed inside a matrix product)."""
     p = as_mlp(decoder)
-    if p is None:
-        return
-    w = p.weights[0]
-    if z.shape[-1] != w.shape[1]:
-        raise ValueError(f"the decoder takes latent points of dimension {w.shape[1]}, got {name} of shape "
-                         f"{tuple(z.shape)}")
-    ops.check_mlp(z, *p.args())
+    if p is not None:
+        ops.check_mlp(z, *p.args())
 
 
 def _check_pair_tensors(z0: object, z1: object) -> None:
@@ -639,12 +634,11 @@ def graph_init(z0: Tensor, z1: Tensor, decoder, data: Tensor, n_segments: int,
         return graph_init(z0[None], z1[None], decoder, data, n_segments, n_neighbors, max_nodes, seed)[0]
     _check_points("z0", z0)
     _check_points("z1", z1)
-    _check_points("data", data)
-    check_tensor("data", data, like=z0)
+    _check_points("data", data, like=z0)
     if z0.shape != z1.shape or z0.shape[1] != data.shape[1]:
         raise ValueError(f"z0, z1 and data must be [B, d], [B, d] and [n, d], got {tuple(z0.shape)}, "
                          f"{tuple(z1.shape)} and {tuple(data.shape)}")
-    _check_for_decoder("z0", z0, decoder)
+    _check_for_decoder(z0, decoder)
     nodes = data.detach()
     if nodes.shape[0] > max_nodes:
         gen = torch.Generator().manual_seed(seed)
@@ -821,7 +815,7 @@ def interpolate(decoder, curves: Tensor, n_points: int) -> Tensor:
     check_tensor("curves", curves, 3)
     if curves.shape[1] < 2:
         raise ValueError(f"curves need at least 2 points, got {curves.shape[1]}")
-    _check_for_decoder("curves", curves, decoder)
+    _check_for_decoder(curves, decoder)
     check_finite("curves", curves)
     if n_points < 2:
         raise ValueError(f"n_points must be >= 2, got {n_points}")
@@ -857,11 +851,10 @@ def geodesic_acceleration(decoder, z: Tensor, v: Tensor) -> Tensor:
     if _unbatched(z, 2) and _unbatched(v, 2):
         return geodesic_acceleration(decoder, z[None], v[None])[0]
     _check_points("z", z)
-    _check_points("v", v)
-    check_tensor("v", v, like=z)
+    _check_points("v", v, like=z)
     if z.shape != v.shape:
         raise ValueError(f"z and v must have the same shape, got {tuple(z.shape)} and {tuple(v.shape)}")
-    _check_for_decoder("z", z, decoder)
+    _check_for_decoder(z, decoder)
     check = can_read_back(z)
     acc, singular = _acceleration(decoder, z, v, check)
     if check and bool(singular.any()):
@@ -917,11 +910,10 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
     if _unbatched(z, 2) and _unbatched(v, 2):
         return exp_map(decoder, z[None], v[None], t, n_steps)[0]
     _check_points("z", z)
-    _check_points("v", v)
-    check_tensor("v", v, like=z)
+    _check_points("v", v, like=z)
     if z.shape != v.shape:
         raise ValueError(f"z and v must have the same shape, got {tuple(z.shape)} and {tuple(v.shape)}")
-    _check_for_decoder("z", z, decoder)
+    _check_for_decoder(z, decoder)
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     if not math.isfinite(t):
@@ -992,11 +984,10 @@ def distance_matrix(decoder, x: Tensor, y: Tensor | None = None, batch_size: int
     _check_points("x", x)
     sym = y is None
     y = x if sym else y
-    _check_points("y", y)
-    check_tensor("y", y, like=x)
+    _check_points("y", y, like=x)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same latent dimension, got {tuple(x.shape)} and {tuple(y.shape)}")
-    _check_for_decoder("x", x, decoder)
+    _check_for_decoder(x, decoder)
     n, m = x.shape[0], y.shape[0]
     if sym:
         i, j = torch.triu_indices(n, n, 1, device=x.device)
@@ -1037,12 +1028,11 @@ def knn(decoder, x_query: Tensor, x_train: Tensor, k: int = 5, batch_size: int =
     bounds its k-th distance, and only training points with chord <= U can be among its k
     nearest; those are solved as well. geodesic_kwargs go to geodesic."""
     _check_points("x_query", x_query)
-    _check_points("x_train", x_train)
-    check_tensor("x_train", x_train, like=x_query)
+    _check_points("x_train", x_train, like=x_query)
     if x_query.shape[1] != x_train.shape[1]:
         raise ValueError(f"x_query and x_train must have the same latent dimension, got "
                          f"{tuple(x_query.shape)} and {tuple(x_train.shape)}")
-    _check_for_decoder("x_query", x_query, decoder)
+    _check_for_decoder(x_query, decoder)
     m, n = x_query.shape[0], x_train.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] (the training points), got {k}")

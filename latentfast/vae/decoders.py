@@ -192,15 +192,14 @@ def _cluster_spreads(z: Tensor, centres: Tensor, labels: Tensor) -> Tensor:
     counts = torch.bincount(labels, minlength=k)
     spread = torch.zeros(k, dtype=z.dtype, device=z.device).index_add_(0, labels, dist) / counts.clamp_min(1)
     measured = (counts >= 2) & (spread > 0)
+    fallback = torch.ones((), dtype=z.dtype, device=z.device)  # a single centre, or all at one point
     if bool(measured.any()):
         fallback = spread[measured].median()
     elif k >= 2:
         gaps = torch.cdist(centres, centres) + torch.diag(torch.full((k,), math.inf, dtype=z.dtype, device=z.device))
-        fallback = gaps.amin(1).median()
-    else:
-        fallback = torch.ones((), dtype=z.dtype, device=z.device)
-    if not bool(torch.isfinite(fallback) & (fallback > 0)):  # every centre at one point
-        fallback = torch.ones((), dtype=z.dtype, device=z.device)
+        nearest = gaps.amin(1).median()
+        if bool(nearest > 0):
+            fallback = nearest
     return torch.where(measured, spread, fallback)
 
 
