@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/checks.h"
 #include "common/isa.h"
 #include "common/scratch.h"
 #include "common/stream.h"
@@ -140,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd(
   TORCH_CHECK(gy.scalar_type() == x.scalar_type() && gy.device() == x.device(),
               "actnorm_invconv_bwd: grad_y must have x's dtype and device");
   const at::Tensor gld = grad_logdet.contiguous();
+  check_numel("actnorm_invconv_bwd", "grad_logdet", gld, x.size(0), x);
   const at::Tensor coef = weight.contiguous();
   const at::Tensor coef_t = weight.t().contiguous();
   const at::Tensor b = bias.contiguous();
@@ -226,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& grad_y,
   check_coupling(x_in, h_in, additive);
   const at::Tensor x = x_in.contiguous(), h = h_in.contiguous();
   const at::Tensor gy = grad_y.contiguous(), gld = grad_logdet.contiguous();
-  TORCH_CHECK(gy.sizes() == x.sizes(), "affine_coupling_bwd: grad_y has the wrong shape");
+  check_arg("affine_coupling_bwd", "grad_y", gy, {x.size(0), x.size(1), x.size(2), x.size(3)}, x);
+  check_numel("affine_coupling_bwd", "grad_logdet", gld, x.size(0), x);
   // y, the forward's output, replaces x + shift by y / s (optional: None reads x and shift)
   const bool use_y = !additive && y_in.has_value() && y_in->defined();
   const at::Tensor y = use_y ? y_in->contiguous() : at::Tensor();

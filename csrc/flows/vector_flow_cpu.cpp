@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "common/blas_gemm.h"
+#include "common/checks.h"
 #include "common/isa.h"
 #include "common/scratch.h"
 
@@ -85,6 +86,7 @@ Dims check_stack(const at::Tensor& x, const c10::optional<at::Tensor>& ctx, cons
     TORCH_CHECK(t->device().is_cpu(), "latentfast_cpp kernels take CPU tensors");
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "vector_flow_stack: all tensors must share x's dtype");
   }
+  if (ctx.has_value()) check_arg("vector_flow_stack", "ctx", *ctx, {n.K, n.B, n.H}, x);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "vector_flow_stack: float32 or float64 only");
   return n;
@@ -462,8 +464,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor act = act_in.contiguous(), gl = grad_logdet.contiguous();
   TORCH_CHECK(xs.dim() == 3 && out.dim() == 3 && w1.dim() == 3 && w2.dim() == 3,
               "vector_flow_bwd: xs, out, w1, w2 must be rank 3");
-  const int64_t K = xs.size(0), B = xs.size(1), d = xs.size(2), H = w1.size(1), O = out.size(2);
-  TORCH_CHECK(grad_y.size(0) == B && grad_y.size(1) == d && gl.numel() == B, "vector_flow_bwd: grad shapes");
+  TORCH_CHECK(xs.scalar_type() == at::kFloat || xs.scalar_type() == at::kDouble,
+              "vector_flow_bwd: float32 or float64 only");
+  const int64_t K = xs.size(0), B = xs.size(1), d = xs.size(2), H = w1.size(1), O = additive ? d : 2 * d;
+  constexpr const char* op = "vector_flow_bwd";
+  check_arg(op, "xs", xs, {K, B, d}, xs);
+  check_arg(op, "out", out, {K, B, O}, xs);
+  check_arg(op, "grad_y", grad_y, {B, d}, xs);
+  check_numel(op, "grad_logdet", gl, B, xs);
+  check_arg(op, "w1", w1, {K, H, d}, xs);
+  check_arg(op, "b1", b1, {K, H}, xs);
+  check_arg(op, "w2", w2, {K, O, H}, xs);
+  check_arg(op, "act", act, {K, d}, xs);
+  if (ctx_in.has_value()) check_arg(op, "ctx", *ctx_in, {K, B, H}, xs);
   const c10::optional<at::Tensor> ctx = ctx_in.has_value() ? c10::optional<at::Tensor>(ctx_in->contiguous())
                                                            : c10::nullopt;
   const auto opt = xs.options();

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "common/blas_gemm.h"
+#include "common/checks.h"
 #include "common/isa.h"
 #include "common/scratch.h"
 
@@ -269,9 +270,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const isa::Isa lf_isa = rnn_isa();
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), out = out_in.contiguous();
   const at::Tensor gates = gates_in.contiguous(), grad_out = grad_out_in.contiguous();
+  TORCH_CHECK(x.dim() == 3 && h0.dim() == 2, "gru_sequence_bwd: x must be [T, B, I] and h0 [B, H]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "gru_sequence_bwd: float32 or float64 only");
   const int64_t T = x.size(0), B = x.size(1), H = h0.size(1), I = x.size(2), G = 3 * H;
-  TORCH_CHECK(gates.dim() == 3 && gates.size(0) == T && gates.size(2) == 4 * H,
-              "gru_sequence_bwd: gates must be [T, B, 4H]");
+  constexpr const char* op = "gru_sequence_bwd";
+  check_arg(op, "x", x, {T, B, I}, x);
+  check_arg(op, "h0", h0, {B, H}, x);
+  check_arg(op, "weight_ih", w_ih, {G, I}, x);
+  check_arg(op, "weight_hh", w_hh, {G, H}, x);
+  check_arg(op, "out", out, {T, B, H}, x);
+  check_arg(op, "grad_out", grad_out, {T, B, H}, x);
+  check_arg(op, "gates", gates, {T, B, 4 * H}, x);
   at::Tensor dh = at::zeros({B, H}, x.options());
   const at::Tensor w_hh_c = w_hh.contiguous(), w_ih_c = w_ih.contiguous();
   const int64_t block = rows_per_thread_block(B);
@@ -423,13 +433,22 @@ lstm_sequence_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_cells_in
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const at::Tensor out = out_in.contiguous(), cells = cells_in.contiguous(), gates = gates_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous(), grad_cells = grad_cells_in.contiguous();
+  TORCH_CHECK(x.dim() == 3 && h0.dim() == 2, "lstm_sequence_bwd: x must be [T, B, I] and h0 [B, H]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "lstm_sequence_bwd: float32 or float64 only");
   const int64_t T = x.size(0), B = x.size(1), H = h0.size(1), I = x.size(2);
-  TORCH_CHECK(gates.dim() == 3 && gates.size(0) == T && gates.size(2) == 4 * H,
-              "lstm_sequence_bwd: gates must be [T, B, 4H]");
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_cells.sizes() == cells.sizes() &&
-                  out.sizes() == cells.sizes(),
-              "lstm_sequence_bwd: grad_out, grad_cells, out and cells must be [T, B, H]");
   const int64_t G = 4 * H;
+  constexpr const char* op = "lstm_sequence_bwd";
+  check_arg(op, "x", x, {T, B, I}, x);
+  check_arg(op, "h0", h0, {B, H}, x);
+  check_arg(op, "c0", c0, {B, H}, x);
+  check_arg(op, "weight_ih", w_ih, {G, I}, x);
+  check_arg(op, "weight_hh", w_hh, {G, H}, x);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"out", &out}, {"cells", &cells},
+                                {"grad_out", &grad_out}, {"grad_cells", &grad_cells}}) {
+    check_arg(op, name, *t, {T, B, H}, x);
+  }
+  check_arg(op, "gates", gates, {T, B, G}, x);
   at::Tensor dh = at::zeros({B, H}, x.options());
   at::Tensor dc = at::zeros({B, H}, x.options());
   at::Tensor dc_next = at::empty({B, H}, x.options());
@@ -520,6 +539,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_lyapunov(const at::Tensor& s0, const at::
                                                 int64_t qr_every, int64_t transient, double dt) {
   const isa::Isa lf_isa = rnn_isa();
   check_lyap("rnn_lyapunov", s0, q0);
+  TORCH_CHECK(mat_in.dim() == 2, "rnn_lyapunov: mat must be [G, H], got ", mat_in.sizes());
   const at::Tensor mat = mat_in.contiguous(), bias = bias_in.contiguous();
   const int64_t B = s0.size(0), S = s0.size(1), k = q0.size(2), G = mat.size(0), H = mat.size(1);
   TORCH_CHECK(cell >= 0 && cell <= 2, "rnn_lyapunov: cell must be 0 (tanh RNN), 1 (GRU) or 2 (LSTM)");

@@ -11,6 +11,34 @@ import torch
 MAX_ELEMENTS = 2 ** 31 - 1
 
 
+def check_rank(op: str, **tensors: "torch.Tensor | tuple[torch.Tensor, int]") -> None:
+    """ValueError unless each name=(tensor, rank) has that rank: the launchers unpack the
+    sizes of their primary arguments before check_args compares the others with them."""
+    for name, (t, rank) in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != rank:
+            got = f"shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{op}: {name} must have {rank} dimensions, got {got}")
+
+
+def check_args(op: str, like: torch.Tensor, **specs: "tuple[torch.Tensor | None, tuple[int, ...] | int]") -> None:
+    """ValueError unless each name=(tensor, shape) has exactly that shape (an int: that many
+    elements, read flat), like's dtype and like's device; None tensors are skipped.
+
+    The kernels index raw pointers with sizes taken from a few arguments, so every other
+    argument must match them: a direct torch.ops.latentfast call with inconsistent tensors
+    would otherwise read or write out of bounds (an illegal address on a GPU, a corrupted
+    heap under the interpreter). The C++ kernels check the same (csrc/common/checks.h)."""
+    for name, (t, shape) in specs.items():
+        if t is None:
+            continue
+        fits = t.numel() == shape if isinstance(shape, int) else tuple(t.shape) == tuple(shape)
+        if not fits:
+            want = f"{shape} elements" if isinstance(shape, int) else str(list(shape))
+            raise ValueError(f"{op}: {name} must be {want}, got shape {list(t.shape)}")
+        if t.dtype != like.dtype or t.device != like.device:
+            raise ValueError(f"{op}: {name} is {t.dtype} on {t.device}, expected {like.dtype} on {like.device}")
+
+
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), after checking that no tensor argument has more than
     MAX_ELEMENTS elements (ValueError naming the limit and what to do instead), on the device

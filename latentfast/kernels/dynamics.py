@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from latentfast.kernels import launch
+from latentfast.kernels import check_args, check_rank, launch
 from latentfast.kernels._math import sigmoid as _sigmoid, tanh as _tanh
 from latentfast.reference.dynamics import _qr_rows
 
@@ -76,11 +76,29 @@ def _rnn_tangent_kernel(pre_ptr, bias_ptr, v_ptr, H, R, S, G, vb_stride, CELL: t
         tl.store(vb + H + cols, cn, mask=m)
 
 
+def _check_lyap(op: str, s0: Tensor, q0: Tensor, n_steps: int, qr_every: int, transient: int) -> None:
+    """s0 [B, S], q0 [B, S, k] with 1 <= k <= S, and step counts the loops can run."""
+    check_rank(op, s0=(s0, 2), q0=(q0, 3))
+    b, s = s0.shape
+    if not 1 <= q0.shape[2] <= s:
+        raise ValueError(f"{op}: q0 must be [B, S, k] with 1 <= k <= S = {s}, got {list(q0.shape)}")
+    check_args(op, s0, q0=(q0, (b, s, q0.shape[2])))
+    if n_steps < 1 or qr_every < 1 or transient < 0:
+        raise ValueError(f"{op}: n_steps and qr_every must be >= 1 and transient >= 0, got {n_steps}, {qr_every}, "
+                         f"{transient}")
+
+
 def rnn_lyapunov(s0: Tensor, q0: Tensor, mat: Tensor, bias: Tensor, cell: int, n_steps: int, qr_every: int,
                  transient: int, dt: float) -> tuple[Tensor, Tensor]:
+    _check_lyap("rnn_lyapunov", s0, q0, n_steps, qr_every, transient)
+    check_rank("rnn_lyapunov", mat=(mat, 2))
     b, s = s0.shape
     k = q0.shape[2]
     g, hs = mat.shape
+    if cell not in (0, 1, 2) or g != (hs if cell == 0 else 4 * hs) or s != (2 * hs if cell == 2 else hs):
+        raise ValueError(f"rnn_lyapunov: cell must be 0 (tanh RNN), 1 (GRU) or 2 (LSTM), and mat [G, H] and the "
+                         f"state size must fit it; got cell {cell}, mat {list(mat.shape)}, state size {s}")
+    check_args("rnn_lyapunov", s0, mat=(mat, (g, hs)), bias=(bias, g))
     r = k + 1
     v = torch.empty((b, r, s), dtype=s0.dtype, device=s0.device)
     v[:, 0] = s0
@@ -169,6 +187,10 @@ def _lorenz_rk4_kernel(v_ptr, scr_ptr, R, N, n_steps, dt, p0, p1, p2, SYSTEM: tl
 
 def lorenz_lyapunov(x0: Tensor, q0: Tensor, system: int, p0: float, p1: float, p2: float, dt: float,
                     n_steps: int, qr_every: int, transient: int) -> tuple[Tensor, Tensor]:
+    _check_lyap("lorenz_lyapunov", x0, q0, n_steps, qr_every, transient)
+    if system not in (0, 1) or (system == 0 and x0.shape[1] != 3) or (system == 1 and x0.shape[1] < 4):
+        raise ValueError(f"lorenz_lyapunov: system must be 0 (Lorenz-63, states [B, 3]) or 1 (Lorenz-96, N >= 4), "
+                         f"got system {system} with states {list(x0.shape)}")
     b, n = x0.shape
     k = q0.shape[2]
     npad = triton.next_power_of_2(n)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from latentfast.kernels import launch
+from latentfast.kernels import check_args, check_rank, launch
 from latentfast.kernels._math import log_sigmoid as _log_sigmoid
 
 
@@ -200,6 +200,23 @@ def _lu_weight_kernel(perm_ptr, low_ptr, up_ptr, sign_ptr, logabs_ptr, w_ptr, wi
 
 # ----------------------------------------------------------------------------- launchers
 
+def _check_actnorm_invconv(op: str, x: Tensor, weight: Tensor, bias: Tensor, h: Tensor | None, mode: int) -> None:
+    check_rank(op, x=(x, 4), weight=(weight, 2))
+    n, ci, hh, ww = x.shape
+    co = weight.shape[0]
+    if mode not in (0, 1, 2) or (mode and (h is None or co % 2)):
+        raise ValueError(f"{op}: mode must be 0, 1 or 2, and modes 1 and 2 need h and an even Co (got mode {mode}, "
+                         f"Co {co}, h {'None' if h is None else 'given'})")
+    check_args(op, x, weight=(weight, (co, ci)), bias=(bias, (co,)),
+               h=(h if mode else None, (n, co // 2 if mode == 1 else co, hh, ww)))
+
+
+def _check_coupling(op: str, x: Tensor, h: Tensor, additive: bool) -> None:
+    check_rank(op, x=(x, 4))
+    n, cb, hh, ww = x.shape
+    check_args(op, x, h=(h, (n, cb if additive else 2 * cb, hh, ww)))
+
+
 def _pow2(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
@@ -208,6 +225,7 @@ def actnorm_invconv_fwd(x: Tensor, weight: Tensor, bias: Tensor, h: Tensor | Non
                         ) -> tuple[Tensor, Tensor]:
     """y = weight x + bias per pixel (+ coupling on the second half, mode 1/2) and the
     coupling log-det [N]. x [N, Ci, H, W], weight [Co, Ci], bias [Co], h [N, Cb or 2Cb, H, W]."""
+    _check_actnorm_invconv("actnorm_invconv_fwd", x, weight, bias, h, mode)
     x = x.contiguous()
     weight, bias = weight.contiguous(), bias.contiguous()
     n, ci, hh, ww = x.shape
@@ -231,6 +249,9 @@ def actnorm_invconv_bwd(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, weight: 
                         bias: Tensor, h: Tensor | None, mode: int
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. (x, weight, bias, h); grad h is empty for mode 0."""
+    _check_actnorm_invconv("actnorm_invconv_bwd", x, weight, bias, h, mode)
+    check_args("actnorm_invconv_bwd", x, grad_y=(grad_y, (x.shape[0], weight.shape[0], *x.shape[2:])),
+               grad_logdet=(grad_logdet, x.shape[0]))
     x, grad_y = x.contiguous(), grad_y.contiguous()
     weight, bias = weight.contiguous(), bias.contiguous()
     n, ci, hh, ww = x.shape
@@ -253,6 +274,7 @@ def actnorm_invconv_bwd(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, weight: 
 
 def affine_coupling_fwd(x: Tensor, h: Tensor, additive: bool, inverse: bool) -> tuple[Tensor, Tensor]:
     """Elementwise coupling (forward or inverse) and its log-det [N]."""
+    _check_coupling("affine_coupling_fwd", x, h, additive)
     x, h = x.contiguous(), h.contiguous()
     n = x.shape[0]
     cbp = x.shape[1:].numel()  # (x[0] does not exist for an empty batch)
@@ -267,6 +289,8 @@ def affine_coupling_fwd(x: Tensor, h: Tensor, additive: bool, inverse: bool) -> 
 def affine_coupling_bwd(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, h: Tensor, additive: bool
                         ) -> tuple[Tensor, Tensor]:
     """Gradients of the forward coupling w.r.t. (x_b, h)."""
+    _check_coupling("affine_coupling_bwd", x, h, additive)
+    check_args("affine_coupling_bwd", x, grad_y=(grad_y, tuple(x.shape)), grad_logdet=(grad_logdet, x.shape[0]))
     if additive:
         return grad_y.clone(), grad_y.clone()
     grad_y, x, h = grad_y.contiguous(), x.contiguous(), h.contiguous()
@@ -281,7 +305,10 @@ def affine_coupling_bwd(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, h: Tenso
 def lu_weight(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_abs_s: Tensor
               ) -> tuple[Tensor, Tensor]:
     """(W, W^-1) from the LU parameters, one program (C up to a few hundred)."""
+    check_rank("lu_weight", perm=(perm, 2))
     c = perm.shape[0]
+    check_args("lu_weight", perm, perm=(perm, (c, c)), lower=(lower, (c, c)), upper=(upper, (c, c)),
+               sign_s=(sign_s, (c,)), log_abs_s=(log_abs_s, (c,)))
     # row-major outputs whatever perm's layout (empty_like would keep a transposed perm's strides,
     # and the kernel writes rows)
     w = torch.empty((c, c), dtype=perm.dtype, device=perm.device)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from latentfast.kernels import launch
+from latentfast.kernels import check_args, check_rank, launch
 from latentfast.kernels._math import expm1 as _expm1, log1p as _log1p, sigmoid as _sigmoid, tanh as _tanh
 
 
@@ -68,10 +68,13 @@ def mlp_act_tangent_(buf: Tensor, deriv: Tensor, n_points: int, n_dirs: int, act
     """In place on buf [n_points * (1 + n_dirs), H]: the first n_points rows become
     act(a + bias), the tangent rows are scaled by act'(a + bias), which deriv [n_points, H]
     receives (bias [H] or None)."""
-    assert buf.is_contiguous() and buf.shape[0] == n_points * (1 + n_dirs)
+    check_rank("mlp_act_tangent_", buf=(buf, 2))
     h = buf.shape[1]
-    assert deriv.is_contiguous() and tuple(deriv.shape) == (n_points, h)
-    assert bias is None or (bias.shape == (h,) and bias.dtype == buf.dtype)
+    check_args("mlp_act_tangent_", buf, buf=(buf, (n_points * (1 + n_dirs), h)), deriv=(deriv, (n_points, h)),
+               bias=(bias, (h,)))
+    if not (buf.is_contiguous() and deriv.is_contiguous()) or act not in range(5):
+        raise ValueError(f"mlp_act_tangent_: buf and deriv must be contiguous (written in place) and act a code "
+                         f"0..4, got act {act}")
     if n_points == 0 or h == 0:
         return
     block_h = min(128, triton.next_power_of_2(h))
@@ -111,8 +114,10 @@ def _gram_kernel(p_ptr, q_ptr, w_ptr, out_ptr, N, X, D: tl.constexpr, HAS_W: tl.
 
 def weighted_gram(p: Tensor, q: Tensor, w: Tensor | None) -> Tensor:
     """out[n, i, j] = sum_x w[n, x] p[n, i, x] q[n, j, x] for p, q [N, d, X], w [N, X] or None."""
-    p, q = p.contiguous(), q.contiguous()
+    check_rank("weighted_gram", p=(p, 3))
     n, d, x = p.shape
+    check_args("weighted_gram", p, q=(q, (n, d, x)), w=(w, (n, x)))
+    p, q = p.contiguous(), q.contiguous()
     out = torch.empty((n, d, d), dtype=p.dtype, device=p.device)
     if n == 0:
         return out
@@ -206,8 +211,14 @@ def curve_reduce_grad_(gg: Tensor, g: Tensor, grad_energy: Tensor | None, grad_l
 def _curve_reduce_into(g: Tensor, grad_energy: Tensor | None, grad_length: Tensor | None,
                        gg: Tensor | None) -> tuple[Tensor, Tensor]:
     """(energy, length) of curves g; with gg (not None) the gradient written into it."""
+    check_rank("curve_reduce", g=(g, 3))
     g = g.contiguous()
     b, t1, f = g.shape
+    if t1 < 2:
+        raise ValueError(f"curve_reduce: g must be [B, T+1, F] with T >= 1, got {list(g.shape)}")
+    for name, t in (("grad_energy", grad_energy), ("grad_length", grad_length)):
+        if t is not None and (tuple(t.shape) != (b,) or t.device != g.device):
+            raise ValueError(f"curve_reduce: {name} must be [{b}] on {g.device}, got {list(t.shape)} on {t.device}")
     energy = torch.empty(b, dtype=g.dtype, device=g.device)
     length = torch.empty(b, dtype=g.dtype, device=g.device)
     want = gg is not None

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from latentfast.kernels import launch
+from latentfast.kernels import check_args, check_rank, launch
 from latentfast.kernels._math import sigmoid as _sigmoid, tanh as _tanh
 
 PERSISTENT = True  # False: the per-step path (GEMM + gate kernel per step), kept for comparison
@@ -282,9 +282,22 @@ def _gru_sequence_bwd_persistent(grad_out: Tensor, x: Tensor, h0: Tensor, weight
         dgh2.T @ h_prev.view(-1, hs), dgi2.sum(0), dgh2.sum(0)
 
 
+def _check_cell(op: str, n_gates: int, x: Tensor, states: tuple[Tensor, ...], weight_ih: Tensor, weight_hh: Tensor,
+                bias_ih: Tensor | None = None, bias_hh: Tensor | None = None) -> None:
+    """x [T, B, I], each state [B, H], weight_ih [G, I], weight_hh [G, H], biases [G] (G = n_gates H)."""
+    check_rank(op, x=(x, 3), h0=(states[0], 2))
+    t_len, b, n_in = x.shape
+    hs = states[0].shape[1]
+    g = n_gates * hs
+    check_args(op, x, **dict(zip(("h0", "c0"), ((st, (b, hs)) for st in states))),
+               weight_ih=(weight_ih, (g, n_in)), weight_hh=(weight_hh, (g, hs)), bias_ih=(bias_ih, g),
+               bias_hh=(bias_hh, g))
+
+
 def gru_sequence_fwd(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
                      bias_hh: Tensor, save: bool) -> tuple[Tensor, Tensor]:
     """(out [T, B, H], gates [T, B, 4H] = r, z, n, h W_hn^T + b_hn when save, else empty)."""
+    _check_cell("gru_sequence_fwd", 3, x, (h0,), weight_ih, weight_hh, bias_ih, bias_hh)
     fn = _gru_sequence_fwd_persistent if PERSISTENT else _gru_sequence_fwd_stepwise
     return fn(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, save)
 
@@ -292,6 +305,10 @@ def gru_sequence_fwd(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor
 def gru_sequence_bwd(grad_out: Tensor, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                      out: Tensor, gates: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)."""
+    _check_cell("gru_sequence_bwd", 3, x, (h0,), weight_ih, weight_hh)
+    t_len, b, hs = x.shape[0], x.shape[1], h0.shape[1]
+    check_args("gru_sequence_bwd", x, grad_out=(grad_out, (t_len, b, hs)), out=(out, (t_len, b, hs)),
+               gates=(gates, (t_len, b, 4 * hs)))
     fn = _gru_sequence_bwd_persistent if PERSISTENT else _gru_sequence_bwd_stepwise
     return fn(grad_out, x, h0, weight_ih, weight_hh, out, gates)
 
@@ -468,6 +485,7 @@ def _lstm_sequence_bwd_persistent(grad_out: Tensor, grad_cells: Tensor, x: Tenso
 def lstm_sequence_fwd(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
                       bias_hh: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(out, cells [T, B, H], gates [T, B, 4H] = i, f, g, o when save, else empty)."""
+    _check_cell("lstm_sequence_fwd", 4, x, (h0, c0), weight_ih, weight_hh, bias_ih, bias_hh)
     fn = _lstm_sequence_fwd_persistent if PERSISTENT else _lstm_sequence_fwd_stepwise
     return fn(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, save)
 
@@ -476,6 +494,11 @@ def lstm_sequence_bwd(grad_out: Tensor, grad_cells: Tensor, x: Tensor, h0: Tenso
                       weight_ih: Tensor, weight_hh: Tensor, out: Tensor, cells: Tensor, gates: Tensor
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)."""
+    _check_cell("lstm_sequence_bwd", 4, x, (h0, c0), weight_ih, weight_hh)
+    t_len, b, hs = x.shape[0], x.shape[1], h0.shape[1]
+    seq = (t_len, b, hs)
+    check_args("lstm_sequence_bwd", x, grad_out=(grad_out, seq), grad_cells=(grad_cells, seq), out=(out, seq),
+               cells=(cells, seq), gates=(gates, (t_len, b, 4 * hs)))
     fn = _lstm_sequence_bwd_persistent if PERSISTENT else _lstm_sequence_bwd_stepwise
     return fn(grad_out, grad_cells, x, h0, c0, weight_ih, weight_hh, out, cells, gates)
 

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from latentfast.backend import triton_interpret
-from latentfast.kernels import launch
+from latentfast.kernels import check_args, check_rank, launch
 from latentfast.kernels._math import sigmoid_and_log as _sig_logsig
 from latentfast.ops.vector_flows import masks_in_effect as _masks_in_effect
 from latentfast.reference import vector_flows as ref
@@ -393,10 +393,27 @@ def _c(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _check_stack(op: str, x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor | None, w2: Tensor,
+                 b2: Tensor | None, act: Tensor, additive: bool, batch: int | None = None) -> tuple[int, int, int, int, int]:
+    """x [B, d] (or xs [K, B, d] with batch given), w1 [K, H, d], b1 [K, H], w2 [K, O, H] (O = d
+    additive, 2d affine), b2 [K, O], act [K, d], ctx [K, B, H]; returns (K, B, d, H, O)."""
+    check_rank(op, w1=(w1, 3))
+    k, hs, d = w1.shape
+    b = x.shape[0] if batch is None else batch
+    o = d if additive else 2 * d
+    if k < 1:
+        raise ValueError(f"{op}: the stack needs at least one step (w1 is {list(w1.shape)})")
+    check_args(op, x, x=(x, (b, d) if batch is None else (k, b, d)), w1=(w1, (k, hs, d)), b1=(b1, (k, hs)),
+               w2=(w2, (k, o, hs)), b2=(b2, (k, o)), act=(act, (k, d)), ctx=(ctx, (k, b, hs)))
+    return k, b, d, hs, o
+
+
 def vector_flow_fwd(x: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: Tensor,
                     additive: bool, save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, logdet, xs, out) as in reference.vector_flow_stack (the last two empty unless
     save)."""
+    check_rank("vector_flow_fwd", x=(x, 2))
+    _check_stack("vector_flow_fwd", x, ctx, w1, b1, w2, b2, act, additive)
     x, ctx, w1, b1, w2, b2, act = (_c(t) for t in (x, ctx, w1, b1, w2, b2, act))
     (B, D), (K, H, _), O = x.shape, w1.shape, w2.shape[1]
     y = torch.full_like(x, float("nan"))
@@ -421,6 +438,9 @@ def vector_flow_bwd(grad_y: Tensor, grad_logdet: Tensor, xs: Tensor, out: Tensor
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (x, ctx, w1, b1, w2, b2): the kernel writes grad x and the per-step grad a,
     grad o and recomputed hidden layers; the weight gradients are batched GEMMs."""
+    check_rank("vector_flow_bwd", xs=(xs, 3))
+    k, b, d, _, o = _check_stack("vector_flow_bwd", xs, ctx, w1, b1, w2, None, act, additive, batch=xs.shape[1])
+    check_args("vector_flow_bwd", xs, grad_y=(grad_y, (b, d)), grad_logdet=(grad_logdet, b), out=(out, (k, b, o)))
     grad_y, grad_logdet, xs, out, ctx, w1, b1, w2, act = (
         _c(t) for t in (grad_y, grad_logdet, xs, out, ctx, w1, b1, w2, act))
     K, B, D = xs.shape
@@ -615,6 +635,10 @@ def vector_flow_inv(y: Tensor, ctx: Tensor | None, w1: Tensor, b1: Tensor, w2: T
     """(x, forward logdet at x) with stack(x) = y: per step n_passes fixed-point sweeps, or,
     for the steps _inverse_plan finds a dependency order for, one pass in that order (the same
     fixed point; LATENTFAST_VF_SEQ_INV=0 keeps the sweeps, as for the C++ kernel)."""
+    check_rank("vector_flow_inv", y=(y, 2))
+    _check_stack("vector_flow_inv", y, ctx, w1, b1, w2, b2, act, additive)
+    if n_passes < 1:
+        raise ValueError(f"vector_flow_inv: n_passes must be >= 1, got {n_passes}")
     y, ctx, w1, b1, w2, b2, act = (_c(t) for t in (y, ctx, w1, b1, w2, b2, act))
     (B, D), (K, H, _) = y.shape, w1.shape
     x = torch.full_like(y, float("nan"))
@@ -649,6 +673,11 @@ def vector_flow_inv_grad(grad_x: Tensor, grad_logdet: Tensor, xs: Tensor, out: T
     launch when every step has a dependency order within n_passes levels (the C++
     vector_flow_inv_grad's rule); None otherwise (the caller iterates). xs, out: the forward
     stack at the inverse's solution (the hidden layers are recomputed in the kernel)."""
+    check_rank("vector_flow_inv_grad", xs=(xs, 3))
+    k, b, d, _, o = _check_stack("vector_flow_inv_grad", xs, ctx, w1, b1, w2, None, act, additive,
+                                 batch=xs.shape[1])
+    check_args("vector_flow_inv_grad", xs, grad_x=(grad_x, (b, d)), grad_logdet=(grad_logdet, b),
+               out=(out, (k, b, o)))
     if os.environ.get("LATENTFAST_VF_SEQ_INV") == "0":
         return None
     plan = _inverse_plan(w1, w2, act, additive, n_passes, min_levels=1)

@@ -617,6 +617,24 @@ def _curve_energy_train(curves: Tensor, weights: list[Tensor], biases: list[Tens
     return e, ln, derivs, feats
 
 
+def _check_saved(grad_energy: Tensor, grad_length: Tensor, curves: Tensor, derivs: Tensor, feats: Tensor,
+                 weights: list[Tensor], acts: list[int], rbf_weight: Tensor | None) -> None:
+    """Shapes and dtypes of the saved activations against the curves and the decoder (the
+    backward takes views of them by these sizes: a direct call with tensors of another
+    forward would otherwise read them in the wrong layout)."""
+    if curves.dim() != 3 or not weights or len(acts) != len(weights):
+        raise ValueError("curve_energy_train_backward: curves must be [B, T+1, d], with one activation per weight")
+    p = curves.shape[0] * curves.shape[1]
+    want = {"grad_energy": (grad_energy, (curves.shape[0],)), "grad_length": (grad_length, (curves.shape[0],)),
+            "derivs": (derivs, (p * sum(_energy_widths(weights, acts)),)),
+            "feats": (feats, (p, _feature_width(weights, acts, rbf_weight)))}
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape or t.dtype != curves.dtype or t.device != curves.device:
+            raise ValueError(f"curve_energy_train_backward: {name} must be {list(shape)} of the curves' dtype and "
+                             f"device (what curve_energy_train returned for them), got {list(t.shape)} "
+                             f"{t.dtype} on {t.device}")
+
+
 @torch.library.custom_op("latentfast::curve_energy_train_backward", mutates_args=())
 def _curve_energy_train_backward(grad_energy: Tensor, grad_length: Tensor, curves: Tensor,
                                  derivs: Tensor, feats: Tensor, weights: list[Tensor], acts: list[int],
@@ -627,6 +645,7 @@ def _curve_energy_train_backward(grad_energy: Tensor, grad_length: Tensor, curve
     be = backend.select(curves.device)
     if be == "reference":
         raise RuntimeError("curve_energy_train_backward runs on the cpp and triton backends only")
+    _check_saved(grad_energy, grad_length, curves, derivs, feats, weights, acts, rbf_weight)
     weights = _energy_weights(weights, acts)  # the layers the forward ran
     return _curve_backward_saved(_native(be), grad_energy, grad_length, curves, derivs, feats, weights,
                                  rbf_centres, rbf_lambda, rbf_weight)
