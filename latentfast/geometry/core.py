@@ -1070,8 +1070,10 @@ def kmedoids(dist: Tensor, k: int, n_iter: int = 100, seed: int = 0) -> tuple[Te
         raise ValueError(f"k must be in [1, {n}], got {k}")
     gen = torch.Generator().manual_seed(seed)
     medoids = [int(torch.randint(n, (1,), generator=gen, device=gen.device))]
-    for _ in range(1, k):  # farthest-point seeding
-        medoids.append(int(dist[:, medoids].min(1).values.argmax()))
+    for _ in range(1, k):  # farthest-point seeding, among the points not chosen yet
+        gap = dist[:, medoids].min(1).values
+        gap[medoids] = -float("inf")  # (with repeated points every gap can be 0: no medoid twice)
+        medoids.append(int(gap.argmax()))
     med = torch.tensor(medoids, device=dist.device)
     for _ in range(n_iter):
         labels = dist[:, med].argmin(1)
@@ -1080,6 +1082,14 @@ def kmedoids(dist: Tensor, k: int, n_iter: int = 100, seed: int = 0) -> tuple[Te
             members = (labels == c).nonzero().squeeze(1)
             if members.numel():
                 new[c] = members[dist[members][:, members].sum(1).argmin()]
+        # A cluster left empty (its medoid a copy of another's point) keeps its medoid; the
+        # clusters' members are disjoint, so only such a medoid can be picked twice: give it the
+        # unchosen point farthest from its medoid instead.
+        for c in range(k):
+            if int((new == new[c]).sum()) > 1 and not bool((labels == c).any()):
+                gap = dist[torch.arange(n, device=dist.device), new[labels]].clone()
+                gap[new] = -float("inf")
+                new[c] = gap.argmax()
         if torch.equal(new, med):
             break
         med = new

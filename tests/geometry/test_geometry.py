@@ -1458,3 +1458,19 @@ def test_functions_take_one_item_without_its_batch_dimension(fused, backend):
         geo.geodesic_acceleration(dec, z0[None], torch.zeros(2, 2, dtype=F64))
     with pytest.raises(ValueError, match=r"z0, z1 and data must be \[B, d\], \[B, d\] and \[n, d\]"):
         geo.graph_init(z0, z1, dec, torch.zeros(5, 3, dtype=F64), 6)
+
+
+def test_kmedoids_picks_k_different_points_when_points_repeat():
+    """Farthest-point seeding took argmax of the gaps to the chosen medoids; with repeated
+    points (or fewer distinct points than k) every gap is 0 and argmax gave an index already
+    chosen: medoid indices repeated, and a cluster could never have members."""
+    pts = torch.tensor([[0.0], [0.0], [0.0], [1.0], [1.0], [5.0]], dtype=F64)
+    dist = torch.cdist(pts, pts)
+    for k in (2, 3, 4, 5, 6):
+        for seed in range(6):
+            labels, medoids = geo.kmedoids(dist, k, seed=seed)
+            assert len(set(medoids.tolist())) == k, (k, seed, medoids.tolist())
+            # every point is as close to its medoid as to any other medoid
+            torch.testing.assert_close(dist[torch.arange(6), medoids[labels]], dist[:, medoids].min(1).values)
+    labels, medoids = geo.kmedoids(dist, 3, seed=0)  # three distinct values: one medoid on each
+    assert sorted(pts[medoids, 0].tolist()) == [0.0, 1.0, 5.0]
