@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from latentfast.ops import flows as flow_ops
 from latentfast.ops import vector_flows as ops
-from latentfast.ops._checks import (can_read_back, check_count, check_finite, check_tensor, passed_before,
-                                   remember_passed)
+from latentfast.ops._checks import (can_read_back, check_count, check_finite, check_like_model, check_tensor,
+                                   passed_before, remember_passed)
 
 
 def _context_rows(context: Tensor | None, x: Tensor) -> Tensor | None:
@@ -345,6 +345,7 @@ class LULinear(nn.Module):
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(W z + b [B, d], log|det W| per row [B])."""
         _check_vectors("z", z, self.bias.shape[0])
+        check_like_model("z", z, self.bias)  # (the matmul had raised torch's RuntimeError)
         w, _, logdet = self.weights()
         return torch.addmm(self.bias, z, w.t()), logdet.expand(z.shape[0])
 
@@ -352,6 +353,7 @@ class LULinear(nn.Module):
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(W^-1 (x - b) [B, d], log|det W| per row [B])."""
         _check_vectors("x", x, self.bias.shape[0])
+        check_like_model("x", x, self.bias)
         _, w_inv, logdet = self.weights()
         return (x - self.bias) @ w_inv.t(), logdet.expand(x.shape[0])
 

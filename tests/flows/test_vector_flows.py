@@ -810,6 +810,10 @@ def test_bad_inputs_raise():
         f(torch.randn(2, 4), torch.randn(3, 3))
     with pytest.raises(TypeError):
         f(torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 3))
+    lu = vf.LULinear(4)  # (a RuntimeError from its matmul before)
+    for call in (lu, lu.inverse, vf.Flow(4, [lu]).log_prob, vf.Flow(4, [lu])):
+        with pytest.raises(TypeError, match="pass .*to\\(torch.float32\\)"):
+            call(torch.randn(2, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="NaN"):
         vf.Flow(4, [vf.MAF(4, 8)]).log_prob(torch.full((2, 4), float("nan")))
     p = _stack_params(2, 3, 4, 5, False, torch.float32, "cpu", 0, with_ctx=False)
