@@ -9,11 +9,16 @@ M z'' = -(dM[v]) v + grad(v^T M v) / 2. Both run here through the same exp_map, 
 trained for 20 epochs on sklearn's digits with a 64-centre RBF variance network; prints the
 medians of 3 calls for 4 and 500 points, 50 RK4 steps, and the largest difference of the
 end points; then what exp_map's singular-metric check costs it (with against without,
-alternated call by call), there and on an untrained 128-128 tanh decoder at d = 2 and 10.
+alternated call by call), there and on an untrained 128-128 tanh decoder at d = 2 and 10;
+then, on an untrained 2-64-256-784 decoder, exp_map with the linear last layer W_L run as R
+of W_L = Q R (the default) against W_L itself (LATENTFAST_GEOM_QR=0), alternated.
 
     python scripts/exp_map_cost.py
 """
 from __future__ import annotations
+
+import os
+import statistics
 
 import torch
 from sklearn.datasets import load_digits
@@ -48,7 +53,7 @@ def main() -> None:
     dec = model.decoder
     current = core._acceleration
 
-    def christoffel(decoder, z, v, check):  # core._acceleration's signature: (z'', singular flags)
+    def christoffel(decoder, z, v, check, reduce_last=False):  # core._acceleration's: (z'', singular flags)
         return christoffel_acceleration(decoder, z, v), (z.new_zeros(z.shape[0], dtype=torch.bool) if check else None)
     for b in (4, 500):
         zb, vb = z[:b], 0.1 * torch.randn(b, 2)
@@ -74,6 +79,28 @@ def main() -> None:
             print(f"bare decoder d={d:2d}, exp_map {b:4d} points, 20 steps: singular-metric check costs {ratio:.2f}x")
 
 
+def last_layer_cost() -> None:
+    """exp_map on a 2-64-256-784 decoder (a linear last layer wider than the layer before):
+    W_L itself over R in its place, alternated call by call, and the largest path difference."""
+    torch.manual_seed(0)
+    dec = GaussianMLPDecoder(2, 784, hidden=(64, 256))
+    for b in (4, 64, 256):
+        zb, vb = torch.randn(b, 2), 0.3 * torch.randn(b, 2)
+
+        def shoot(qr: str):
+            old = os.environ.get("LATENTFAST_GEOM_QR")
+            os.environ["LATENTFAST_GEOM_QR"] = qr
+            try:
+                return core.exp_map(dec, zb, vb, n_steps=20)
+            finally:
+                os.environ.pop("LATENTFAST_GEOM_QR") if old is None else os.environ.update(LATENTFAST_GEOM_QR=old)
+        ab = alternate_ms({"R": lambda: shoot("1"), "W_L": lambda: shoot("0")}, rounds=11, warmup=2)
+        diff = (shoot("1") - shoot("0")).abs().max().item()
+        print(f"2-64-256-784 decoder, exp_map {b:3d} points, 20 steps: W_L {statistics.median(ab['W_L']):7.1f} ms, "
+              f"R {statistics.median(ab['R']):7.1f} ms, {median_ratio(ab, 'W_L', 'R'):.2f}x; max |path difference| "
+              f"{diff:.1e}")
+
+
 def check_cost(dec, z: torch.Tensor, v: torch.Tensor, n_steps: int, rounds: int) -> float:
     """exp_map with its singular-metric check (an eigvalsh of every stage's [d, d] metrics,
     read back once per call) over exp_map without it (can_read_back patched to False, as
@@ -92,3 +119,4 @@ def check_cost(dec, z: torch.Tensor, v: torch.Tensor, n_steps: int, rounds: int)
 
 if __name__ == "__main__":
     main()
+    last_layer_cost()
