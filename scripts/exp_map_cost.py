@@ -53,7 +53,7 @@ def main() -> None:
     dec = model.decoder
     current = core._acceleration
 
-    def christoffel(decoder, z, v, check, reduce_last=False):  # core._acceleration's: (z'', singular flags)
+    def christoffel(decoder, z, v, check):  # core._acceleration's signature: (z'', singular flags)
         return christoffel_acceleration(decoder, z, v), (z.new_zeros(z.shape[0], dtype=torch.bool) if check else None)
     for b in (4, 500):
         zb, vb = z[:b], 0.1 * torch.randn(b, 2)

@@ -871,22 +871,13 @@ _SINGULAR_HINT = ("the decoder's Jacobian has rank below the latent dimension d 
                   "from the data).")
 
 
-def _acceleration(decoder, z: Tensor, v: Tensor, check: bool, reduce_last: bool = False
-                  ) -> tuple[Tensor, Tensor | None]:
+def _acceleration(decoder, z: Tensor, v: Tensor, check: bool) -> tuple[Tensor, Tensor | None]:
     """(z'' [B, d], singular [B] bool or None): with check, which points' metrics are singular
     to working precision (their z'' is not to be used), found without reading anything back
-    (torch.linalg.solve_ex: an exactly singular M flags its point instead of raising).
-
-    reduce_last (no gradient through it): an MLP decoder's linear last layer W_L [D, H] with
-    D > H enters M = J^T J and J^T g''[v, v] only as W_L^T W_L = R^T R (W_L = Q R), so the
-    system runs with R [H, H] in its place (ops.geometry._energy_layers, the QR the curve
-    energy uses): at 2-64-256-784, 256 features a point instead of 784."""
+    (torch.linalg.solve_ex: an exactly singular M flags its point instead of raising)."""
     p = as_mlp(decoder)
     if p is not None:
-        args = p.args()
-        if reduce_last:
-            args = (*ops._energy_layers(p.weights, p.biases, p.acts), *args[2:])
-        metric, rhs = ref.geodesic_acceleration_system(z, v, *args)
+        metric, rhs = ref.geodesic_acceleration_system(z, v, *p.args())
     else:
         f = _feature_fn(decoder)
 
@@ -934,12 +925,21 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
     check = can_read_back(zc)
     singular = []  # per RK4 stage (4 a step), which paths met a singular metric (read back once, at the end)
 
+    p = as_mlp(decoder)
+    if p is not None:
+        # Once for all stages: the detached parameters, and a linear last layer W_L [D, H] with
+        # D > H as R of W_L = Q R (M = J^T J and J^T g''[v, v] see W_L only through
+        # W_L^T W_L = R^T R; the QR the curve energy caches): at 2-64-256-784, 256 features a
+        # point instead of 784 (no gradient flows here).
+        decoder = dataclasses.replace(p, **dict(zip(("weights", "biases"),
+                                                    ops._energy_layers(p.weights, p.biases, p.acts))))
+
     def deriv(zz, vv):
-        acc, bad = _acceleration(decoder, zz, vv, check, reduce_last=True)
+        acc, bad = _acceleration(decoder, zz, vv, check)
         singular.append(bad)
         return vv, acc
 
-    with torch.no_grad(), _decoder_fixed(decoder):
+    with torch.no_grad():
         for _ in range(n_steps):
             k1z, k1v = deriv(zc, vc)
             k2z, k2v = deriv(zc + 0.5 * h * k1z, vc + 0.5 * h * k1v)
