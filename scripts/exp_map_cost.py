@@ -53,8 +53,12 @@ def main() -> None:
     dec = model.decoder
     current = core._acceleration
 
-    def christoffel(decoder, z, v, check):  # core._acceleration's signature: (z'', singular flags)
-        return christoffel_acceleration(decoder, z, v), (z.new_zeros(z.shape[0], dtype=torch.bool) if check else None)
+    def christoffel(decoder, z, v, check):
+        # core._acceleration's signature: (z'', (metric, solve info) for the singular test, which the
+        # former form did not run: identity metrics here, never singular)
+        eye = torch.eye(z.shape[1], dtype=z.dtype).expand(z.shape[0], -1, -1)
+        return christoffel_acceleration(decoder, z, v), ((eye, z.new_zeros(z.shape[0], dtype=torch.int32))
+                                                         if check else None)
     for b in (4, 500):
         zb, vb = z[:b], 0.1 * torch.randn(b, 2)
         times, ends = {}, {}

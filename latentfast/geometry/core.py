@@ -856,8 +856,8 @@ def geodesic_acceleration(decoder, z: Tensor, v: Tensor) -> Tensor:
         raise ValueError(f"z and v must have the same shape, got {tuple(z.shape)} and {tuple(v.shape)}")
     _check_for_decoder(z, decoder)
     check = can_read_back(z)
-    acc, singular = _acceleration(decoder, z, v, check)
-    if check and bool(singular.any()):
+    acc, solved = _acceleration(decoder, z, v, check)
+    if check and bool((singular := _singular(*solved)).any()):
         rows = singular.nonzero()[:, 0].tolist()
         raise ValueError(f"geodesic_acceleration: the metric M(z) is singular to working precision at "
                          f"point(s) {rows[:10]}{' ...' if len(rows) > 10 else ''}, so z'' is not determined "
@@ -871,10 +871,12 @@ _SINGULAR_HINT = ("the decoder's Jacobian has rank below the latent dimension d 
                   "from the data).")
 
 
-def _acceleration(decoder, z: Tensor, v: Tensor, check: bool) -> tuple[Tensor, Tensor | None]:
-    """(z'' [B, d], singular [B] bool or None): with check, which points' metrics are singular
-    to working precision (their z'' is not to be used), found without reading anything back
-    (torch.linalg.solve_ex: an exactly singular M flags its point instead of raising)."""
+def _acceleration(decoder, z: Tensor, v: Tensor, check: bool
+                  ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """(z'' [B, d], (M [B, d, d], solve info [B]) or None): with check, what _singular needs
+    to tell which points' metrics are singular to working precision (their z'' is not to be
+    used), found without reading anything back (torch.linalg.solve_ex: an exactly singular M
+    flags its point instead of raising)."""
     p = as_mlp(decoder)
     if p is not None:
         metric, rhs = ref.geodesic_acceleration_system(z, v, *p.args())
@@ -890,14 +892,22 @@ def _acceleration(decoder, z: Tensor, v: Tensor, check: bool) -> tuple[Tensor, T
     if not check:
         return -torch.linalg.solve(metric, rhs), None
     sol, info = torch.linalg.solve_ex(metric, rhs)
+    return -sol, (metric.detach(), info)
+
+
+def _singular(metric: Tensor, info: Tensor) -> Tensor:
+    """[B] bool: which metrics [B, d, d] are singular to working precision (smallest eigenvalue
+    at most d * eps * the largest, or solve_ex's info flagged them); a metric with NaN / Inf
+    is not (the paths' finiteness check names it) and is not decomposed (the eigensolver can
+    raise a failure to converge on one)."""
     with torch.no_grad():
-        # a metric with NaN / Inf (the path's final finiteness check names it) is not
-        # decomposed: the eigensolver can raise a failure to converge on one
         finite = torch.isfinite(metric).flatten(1).all(1)
         eye = torch.eye(metric.shape[1], dtype=metric.dtype, device=metric.device)
-        eig = torch.linalg.eigvalsh(torch.where(finite[:, None, None], metric.detach(), eye))
-        singular = finite & ((eig[:, 0] <= eig[:, -1] * (z.shape[1] * torch.finfo(metric.dtype).eps)) | (info != 0))
-    return -sol, singular
+        eig = torch.linalg.eigvalsh(torch.where(finite[:, None, None], metric, eye))
+        return finite & ((eig[:, 0] <= eig[:, -1] * (metric.shape[1] * torch.finfo(metric.dtype).eps)) | (info != 0))
+
+
+_PENDING_ELEMS = 1 << 20  # metric elements exp_map gathers before a singular-metric test
 
 
 def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) -> Tensor:
@@ -923,7 +933,17 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
     zc, vc = z.detach(), v.detach()
 
     check = can_read_back(zc)
-    singular = []  # per RK4 stage (4 a step), which paths met a singular metric (read back once, at the end)
+    # Which paths met a singular metric, per RK4 stage (4 a step), read back once at the end.
+    # The stages' metrics wait in `pending` and are tested together (one batched eigvalsh per
+    # _PENDING_ELEMS elements, not one per stage: at 4 points the test had cost a stage about
+    # as much as the decoder pass).
+    singular, pending = [], []
+
+    def flush() -> None:
+        if pending:
+            flags = _singular(torch.cat([m for m, _ in pending]), torch.cat([i for _, i in pending]))
+            singular.extend(flags.view(len(pending), -1))
+            pending.clear()
 
     p = as_mlp(decoder)
     if p is not None:
@@ -935,8 +955,11 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
                                                     ops._energy_layers(p.weights, p.biases, p.acts))))
 
     def deriv(zz, vv):
-        acc, bad = _acceleration(decoder, zz, vv, check)
-        singular.append(bad)
+        acc, solved = _acceleration(decoder, zz, vv, check)
+        if check:
+            pending.append(solved)
+            if len(pending) * solved[0].numel() >= _PENDING_ELEMS:
+                flush()
         return vv, acc
 
     with torch.no_grad():
@@ -949,6 +972,7 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
             vc = vc + h / 6 * (k1v + 2 * k2v + 2 * k3v + k4v)
             zs.append(zc)
     if check:
+        flush()
         flags = torch.stack(singular).view(n_steps, 4, -1).any(1)  # [n_steps, B]
         if bool(flags.any()):
             step = int(flags.any(1).nonzero()[0])

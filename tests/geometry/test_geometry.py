@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 
 import pytest
 import torch
@@ -622,6 +623,29 @@ def test_exp_map_into_a_degenerate_metric_raises_a_clear_error():
     f = lambda z: torch.cat([z, torch.sqrt(z[:, :1])], 1)  # noqa: E731
     with pytest.raises(ValueError, match="NaN/Inf at RK4 step 8 of 10"):
         geo.exp_map(f, torch.tensor([[0.5, 0.0]], dtype=F64), torch.tensor([[-1.0, 0.0]], dtype=F64), n_steps=10)
+
+
+def test_exp_map_names_the_same_singular_step_however_the_stages_are_tested(monkeypatch):
+    """exp_map tests the stages' metrics for singularity in batches of up to _PENDING_ELEMS
+    elements (one eigvalsh per batch): a path that saturates every tanh unit part way names
+    the same first singular step and paths whether each stage is tested alone, a few stages
+    (and a part of a step) at a time, or all at once."""
+    from latentfast.geometry import core
+    dec = nn.Sequential(nn.Linear(2, 3), nn.Tanh())
+    with torch.no_grad():
+        dec[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        dec[0].bias.zero_()
+    z = torch.tensor([[0.0, 0.0], [0.1, -0.1], [0.5, 0.5]])
+    v = torch.tensor([[0.1, 0.1], [0.0, 0.2], [2.0, 2.0]])  # the third path saturates part way
+    messages = set()
+    for elems in (4, 3 * 4 * 3, 1 << 20):  # one stage, three stages, everything
+        monkeypatch.setattr(core, "_PENDING_ELEMS", elems)
+        with pytest.raises(ValueError, match=r"singular in RK4 step \d+ of 12") as err:
+            geo.exp_map(dec, z, v, n_steps=12)
+        messages.add(str(err.value))
+    assert len(messages) == 1
+    step = re.search(r"step (\d+) of 12 \(to working precision, on path\(s\) \[2\]\)", messages.pop())
+    assert step and int(step.group(1)) > 1  # not the first step: the batches split the stages before it
 
 
 @pytest.mark.parametrize("narrow", ["hidden layer", "features"])
