@@ -856,7 +856,7 @@ def geodesic_acceleration(decoder, z: Tensor, v: Tensor) -> Tensor:
         raise ValueError(f"z and v must have the same shape, got {tuple(z.shape)} and {tuple(v.shape)}")
     _check_for_decoder(z, decoder)
     check = can_read_back(z)
-    acc, solved = _acceleration(decoder, z, v, check)
+    acc, solved = _acceleration(_for_acceleration(decoder), z, v, check)
     if check and bool((singular := _singular(*solved)).any()):
         rows = singular.nonzero()[:, 0].tolist()
         raise ValueError(f"geodesic_acceleration: the metric M(z) is singular to working precision at "
@@ -869,6 +869,19 @@ _SINGULAR_HINT = ("the decoder's Jacobian has rank below the latent dimension d 
                   "fewer features than d make it so everywhere; saturated activations far from the data, "
                   "nearly so). Use a decoder whose metric stays regular (an RBF variance network's grows away "
                   "from the data).")
+
+
+def _for_acceleration(decoder):
+    """What _acceleration takes for `decoder`: an MLP decoder's detached parameters (as_mlp:
+    the decoder is held fixed, no gradient reaches its weights), with a linear last layer
+    W_L [D, H] wider than the layer before (D > H) as R of W_L = Q R: M = J^T J and
+    J^T g''[v, v] see W_L only through W_L^T W_L = R^T R (the QR the curve energy caches;
+    LATENTFAST_GEOM_QR=0 keeps W_L). At 2-64-256-784, 256 features a point instead of 784.
+    Any other decoder as it is."""
+    p = as_mlp(decoder)
+    if p is None:
+        return decoder
+    return dataclasses.replace(p, **dict(zip(("weights", "biases"), ops._energy_layers(p.weights, p.biases, p.acts))))
 
 
 def _acceleration(decoder, z: Tensor, v: Tensor, check: bool
@@ -945,14 +958,7 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
             singular.extend(flags.view(len(pending), -1))
             pending.clear()
 
-    p = as_mlp(decoder)
-    if p is not None:
-        # Once for all stages: the detached parameters, and a linear last layer W_L [D, H] with
-        # D > H as R of W_L = Q R (M = J^T J and J^T g''[v, v] see W_L only through
-        # W_L^T W_L = R^T R; the QR the curve energy caches): at 2-64-256-784, 256 features a
-        # point instead of 784 (no gradient flows here).
-        decoder = dataclasses.replace(p, **dict(zip(("weights", "biases"),
-                                                    ops._energy_layers(p.weights, p.biases, p.acts))))
+    decoder = _for_acceleration(decoder)  # once for all stages
 
     def deriv(zz, vv):
         acc, solved = _acceleration(decoder, zz, vv, check)

@@ -305,19 +305,27 @@ def test_exp_map_on_sphere_travels_speed_times_time():
 
 @pytest.mark.parametrize("rbf", [False, True])
 def test_exp_map_with_the_last_layer_reduced_to_r_is_the_path_with_w(monkeypatch, rbf):
-    """exp_map's accelerations run a linear last layer W_L [D, H] (D > H) as R of W_L = Q R
-    (M and J^T g''[v, v] see W_L only through W_L^T W_L = R^T R): the same path as with W_L
-    (LATENTFAST_GEOM_QR=0) to rounding, and the decoder's W_L changed between calls is seen."""
+    """exp_map and geodesic_acceleration run a linear last layer W_L [D, H] (D > H) as R of
+    W_L = Q R (M and J^T g''[v, v] see W_L only through W_L^T W_L = R^T R): the same paths,
+    accelerations and gradients as with W_L (LATENTFAST_GEOM_QR=0) to rounding, and a W_L
+    changed between calls is seen."""
     from latentfast.vae import GaussianMLPDecoder
     dec = GaussianMLPDecoder(2, 11, (5, 4), activation="tanh").double()
     if rbf:
         zs = torch.randn(30, 2, dtype=F64)
         fit_rbf_variance(dec, zs, dec(zs)[0].detach() + 0.1 * torch.randn(30, 11, dtype=F64), n_centres=4, steps=20)
     z, v = torch.randn(3, 2, dtype=F64), 0.4 * torch.randn(3, 2, dtype=F64)
-    reduced = geo.exp_map(dec, z, v, n_steps=12)
+
+    def acceleration_and_grad():  # geodesic_acceleration runs R too; gradients reach z (not the weights)
+        zg = z.clone().requires_grad_()
+        acc = geo.geodesic_acceleration(dec, zg, v)
+        return acc.detach(), torch.autograd.grad((acc * torch.arange(6.0, dtype=F64).view(3, 2)).sum(), zg)[0]
+    reduced, reduced_acc = geo.exp_map(dec, z, v, n_steps=12), acceleration_and_grad()
     monkeypatch.setenv("LATENTFAST_GEOM_QR", "0")
-    full = geo.exp_map(dec, z, v, n_steps=12)
+    full, full_acc = geo.exp_map(dec, z, v, n_steps=12), acceleration_and_grad()
     torch.testing.assert_close(reduced, full, rtol=1e-10, atol=1e-12)
+    for a, b in zip(reduced_acc, full_acc):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     with torch.no_grad():
         dec.layers[-1].weight.add_(0.5 * torch.randn_like(dec.layers[-1].weight))  # a new W_L: a new R
     full3 = geo.exp_map(dec, z, v, n_steps=12)
