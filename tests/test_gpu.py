@@ -20,6 +20,7 @@ from tests.flows import test_vector_flows as vec_t
 from tests.geometry import test_geometry_ops as geo_t
 from tests.ops import test_autocast as amp_t
 from tests.ops import test_checks as checks_t
+from tests.ops import test_direct_op_arguments as direct_t
 from tests.ops import test_double_backward as dbl_t
 from tests.ops import test_empty_batches as empty_t
 from tests.ops import test_flows_ops as flow_t
@@ -341,6 +342,13 @@ def test_geometry_ops_under_cuda_graph_capture(triton_cuda, rbf):
 def test_ops_on_an_empty_batch_on_cuda(triton_cuda, name):
     """Zero-size grids and the wrappers' sizes from an empty batch on the GPU."""
     empty_t.test_op_on_an_empty_batch(triton_cuda, name)
+
+
+@pytest.mark.parametrize("name", direct_t.CASE_NAMES)
+def test_direct_op_calls_with_a_misfit_argument_raise_on_cuda(triton_cuda, name):
+    """Each tensor argument of a direct torch.ops.latentfast call, one size off or of another
+    dtype, raises before a kernel launch (no illegal address on the GPU)."""
+    direct_t._check_case(triton_cuda, name)
 
 
 @pytest.mark.parametrize("name", layout_t.CASES)
