@@ -618,20 +618,28 @@ def _curve_energy_train(curves: Tensor, weights: list[Tensor], biases: list[Tens
 
 
 def _check_saved(grad_energy: Tensor, grad_length: Tensor, curves: Tensor, derivs: Tensor, feats: Tensor,
-                 weights: list[Tensor], acts: list[int], rbf_weight: Tensor | None) -> None:
-    """Shapes and dtypes of the saved activations against the curves and the decoder (the
-    backward takes views of them by these sizes: a direct call with tensors of another
-    forward would otherwise read them in the wrong layout)."""
+                 weights: list[Tensor], acts: list[int], rbf_centres: Tensor | None, rbf_lambda: Tensor | None,
+                 rbf_weight: Tensor | None) -> None:
+    """Shapes and dtypes of the saved activations and the RBF network against the curves and
+    the decoder (the backward takes views of them by these sizes: a direct call with tensors
+    of another forward would otherwise read them in the wrong layout, and the Triton path's
+    torch ops would broadcast RBF centres of another latent dimension)."""
     if curves.dim() != 3 or not weights or len(acts) != len(weights):
         raise ValueError("curve_energy_train_backward: curves must be [B, T+1, d], with one activation per weight")
+    if (rbf_centres is None) != (rbf_lambda is None) or (rbf_centres is None) != (rbf_weight is None):
+        raise ValueError("curve_energy_train_backward: rbf_centres, rbf_lambda and rbf_weight go together")
     p = curves.shape[0] * curves.shape[1]
     want = {"grad_energy": (grad_energy, (curves.shape[0],)), "grad_length": (grad_length, (curves.shape[0],)),
             "derivs": (derivs, (p * sum(_energy_widths(weights, acts)),)),
             "feats": (feats, (p, _feature_width(weights, acts, rbf_weight)))}
+    if rbf_centres is not None:
+        k = rbf_centres.shape[0]
+        want.update(rbf_centres=(rbf_centres, (k, curves.shape[2])), rbf_lambda=(rbf_lambda, (k,)),
+                    rbf_weight=(rbf_weight, (rbf_weight.shape[0], k)))
     for name, (t, shape) in want.items():
         if tuple(t.shape) != shape or t.dtype != curves.dtype or t.device != curves.device:
             raise ValueError(f"curve_energy_train_backward: {name} must be {list(shape)} of the curves' dtype and "
-                             f"device (what curve_energy_train returned for them), got {list(t.shape)} "
+                             f"device (as curve_energy_train took or returned it), got {list(t.shape)} "
                              f"{t.dtype} on {t.device}")
 
 
@@ -645,10 +653,11 @@ def _curve_energy_train_backward(grad_energy: Tensor, grad_length: Tensor, curve
     be = backend.select(curves.device)
     if be == "reference":
         raise RuntimeError("curve_energy_train_backward runs on the cpp and triton backends only")
-    _check_saved(grad_energy, grad_length, curves, derivs, feats, weights, acts, rbf_weight)
+    _check_saved(grad_energy, grad_length, curves, derivs, feats, weights, acts, rbf_centres, rbf_lambda, rbf_weight)
     weights = _energy_weights(weights, acts)  # the layers the forward ran
-    return _curve_backward_saved(_native(be), grad_energy, grad_length, curves, derivs, feats, weights,
-                                 rbf_centres, rbf_lambda, rbf_weight)
+    # (contiguous: the kernels read the saved rows in place; autograd passes them as they were made)
+    return _curve_backward_saved(_native(be), grad_energy, grad_length, curves, derivs.contiguous(), feats.contiguous(),
+                                 weights, rbf_centres, rbf_lambda, rbf_weight)
 
 
 @_curve_energy_train.register_fake

@@ -49,6 +49,8 @@ def _cases(dev) -> dict:
     q0 = torch.linalg.qr(r(bs, hs, 2))[0]
     curves, mlp = r(2, 5, 2), ([r(7, 2, scale=0.5), r(6, 7, scale=0.5)], [r(7), r(6)], [1, 0])
     _, _, derivs, feats = L.curve_energy_train(curves, *mlp, None, None, None, 0.0)
+    rbf = (r(4, 2), 0.5 + r(4).abs(), r(6, 4).abs(), 0.1)  # centres, bandwidths, weights [D, K], zeta
+    _, _, rbf_derivs, rbf_feats = L.curve_energy_train(curves, *mlp, *rbf)
     return {
         "actnorm_invconv": (L.actnorm_invconv, (x, w, b), {0: (0, 2, 3)}, ()),
         "actnorm_invconv_coupling": (L.actnorm_invconv_coupling, (x, w, b, h, False), {0: (0, 2, 3)}, ()),
@@ -75,6 +77,9 @@ def _cases(dev) -> dict:
         # the saved activations are read as views of these sizes (a wrong layout silently before)
         "curve_energy_train_backward": (L.curve_energy_train_backward,
                                         (r(2), r(2), curves, derivs, feats, mlp[0], mlp[2], None, None, None), {}, ()),
+        "curve_energy_train_backward rbf": (L.curve_energy_train_backward,
+                                            (r(2), r(2), curves, rbf_derivs, rbf_feats, mlp[0], mlp[2], *rbf[:3]),
+                                            {}, ()),
         "rnn_lyapunov": (L.rnn_lyapunov, (h0, q0, r(hs, hs, scale=0.4), r(hs), 0, 3, 1, 0, 1.0), {1: (2,)}, ()),
     }
 
@@ -118,3 +123,30 @@ def _check_case(backend_name: str, name: str) -> None:
                 pytest.fail(f"{name}: argument {i} ({what}, shape {list(bad.shape)}) was accepted")
             tried += 1
     assert tried >= len(args)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_a_strided_copy_of_an_argument_gives_the_same_outputs(backend_name, name):
+    """Each tensor argument given as a non-contiguous view of the same values (every other
+    element of a wider buffer) gives the same outputs: the saved activations of
+    curve_energy_train_backward with an RBF variance had raised "must be [p, D] CPU views with
+    contiguous rows" from the C++ kernel."""
+    with latentfast.use_backend(backend_name):
+        op, args, _, _ = _cases(device_for(backend_name))[name]
+        want = _outputs(op(*args))
+        for i, a in enumerate(args):
+            if not isinstance(a, torch.Tensor) or a.dim() == 0:
+                continue
+            wide = torch.full((*a.shape[:-1], 2 * a.shape[-1]), float("nan"), dtype=a.dtype, device=a.device)
+            strided = wide[..., ::2]
+            strided.copy_(a)
+            call = list(args)
+            call[i] = strided
+            for got, ref in zip(_outputs(op(*call)), want, strict=True):
+                torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, equal_nan=True,
+                                           msg=lambda m, i=i: f"{name}, argument {i} strided: {m}")
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
