@@ -481,6 +481,7 @@ def _pullback_metric(z: Tensor, weights: list[Tensor], biases: list[Tensor], act
                      rbf_centres: Tensor | None, rbf_lambda: Tensor | None, rbf_weight: Tensor | None,
                      zeta: float) -> Tensor:
     reject_tangents("pullback_metric", z, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
+    _check_rbf_args("pullback_metric", z, rbf_centres, rbf_lambda, rbf_weight)
     be = backend.select(z.device)
     if be == "reference":
         return ref.pullback_metric(z, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight,
@@ -551,6 +552,7 @@ def _curve_energy(curves: Tensor, weights: list[Tensor], biases: list[Tensor], a
                   rbf_centres: Tensor | None, rbf_lambda: Tensor | None, rbf_weight: Tensor | None,
                   zeta: float) -> tuple[Tensor, Tensor]:
     reject_tangents("curve_energy", curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
+    _check_rbf_args("curve_energy", curves, rbf_centres, rbf_lambda, rbf_weight)
     e, ln, _ = _curve_impl(curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta,
                            None, None)
     return e, ln
@@ -605,6 +607,7 @@ def _curve_energy_train(curves: Tensor, weights: list[Tensor], biases: list[Tens
                         rbf_centres: Tensor | None, rbf_lambda: Tensor | None, rbf_weight: Tensor | None,
                         zeta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     reject_tangents("curve_energy_train", curves, weights, biases, acts, rbf_centres, rbf_lambda, rbf_weight, zeta)
+    _check_rbf_args("curve_energy_train", curves, rbf_centres, rbf_lambda, rbf_weight)
     be = backend.select(curves.device)
     if be == "reference":
         raise RuntimeError("curve_energy_train runs on the cpp and triton backends only "
@@ -617,6 +620,24 @@ def _curve_energy_train(curves: Tensor, weights: list[Tensor], biases: list[Tens
     return e, ln, derivs, feats
 
 
+def _check_rbf_args(op: str, x: Tensor, centres: Tensor | None, lam: Tensor | None, wr: Tensor | None) -> None:
+    """The RBF variance network's tensors of a direct op call: all three or none, centres
+    [K, d] for points x [..., d], lam [K], wr [D, K], of x's dtype and device. The C++
+    kernels check the same; the reference and Triton paths run torch ops that would broadcast
+    centres of another latent dimension or a single bandwidth, silently."""
+    if centres is None and lam is None and wr is None:
+        return
+    if centres is None or lam is None or wr is None:
+        raise ValueError(f"{op}: rbf_centres, rbf_lambda and rbf_weight go together (all three or none)")
+    d, k = x.shape[-1], centres.shape[0] if centres.dim() == 2 else None
+    want = {"rbf_centres": (centres, (k, d), f"[K, {d}]"), "rbf_lambda": (lam, (k,), "[K]"),
+            "rbf_weight": (wr, (wr.shape[0] if wr.dim() == 2 else None, k), "[D, K]")}
+    for name, (t, shape, text) in want.items():
+        if None in shape or tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{op}: {name} must be {text} (K centres in the latent dimension {d}) of the points' "
+                             f"dtype and device, got {list(t.shape)} {t.dtype} on {t.device}")
+
+
 def _check_saved(grad_energy: Tensor, grad_length: Tensor, curves: Tensor, derivs: Tensor, feats: Tensor,
                  weights: list[Tensor], acts: list[int], rbf_centres: Tensor | None, rbf_lambda: Tensor | None,
                  rbf_weight: Tensor | None) -> None:
@@ -626,16 +647,11 @@ def _check_saved(grad_energy: Tensor, grad_length: Tensor, curves: Tensor, deriv
     torch ops would broadcast RBF centres of another latent dimension)."""
     if curves.dim() != 3 or not weights or len(acts) != len(weights):
         raise ValueError("curve_energy_train_backward: curves must be [B, T+1, d], with one activation per weight")
-    if (rbf_centres is None) != (rbf_lambda is None) or (rbf_centres is None) != (rbf_weight is None):
-        raise ValueError("curve_energy_train_backward: rbf_centres, rbf_lambda and rbf_weight go together")
+    _check_rbf_args("curve_energy_train_backward", curves, rbf_centres, rbf_lambda, rbf_weight)
     p = curves.shape[0] * curves.shape[1]
     want = {"grad_energy": (grad_energy, (curves.shape[0],)), "grad_length": (grad_length, (curves.shape[0],)),
             "derivs": (derivs, (p * sum(_energy_widths(weights, acts)),)),
             "feats": (feats, (p, _feature_width(weights, acts, rbf_weight)))}
-    if rbf_centres is not None:
-        k = rbf_centres.shape[0]
-        want.update(rbf_centres=(rbf_centres, (k, curves.shape[2])), rbf_lambda=(rbf_lambda, (k,)),
-                    rbf_weight=(rbf_weight, (rbf_weight.shape[0], k)))
     for name, (t, shape) in want.items():
         if tuple(t.shape) != shape or t.dtype != curves.dtype or t.device != curves.device:
             raise ValueError(f"curve_energy_train_backward: {name} must be {list(shape)} of the curves' dtype and "

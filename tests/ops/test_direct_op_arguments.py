@@ -48,9 +48,12 @@ def _cases(dev) -> dict:
     lout, lcells, lgates = L.lstm_sequence_train(xr, h0, c0, *lstm)
     q0 = torch.linalg.qr(r(bs, hs, 2))[0]
     curves, mlp = r(2, 5, 2), ([r(7, 2, scale=0.5), r(6, 7, scale=0.5)], [r(7), r(6)], [1, 0])
-    _, _, derivs, feats = L.curve_energy_train(curves, *mlp, None, None, None, 0.0)
     rbf = (r(4, 2), 0.5 + r(4).abs(), r(6, 4).abs(), 0.1)  # centres, bandwidths, weights [D, K], zeta
-    _, _, rbf_derivs, rbf_feats = L.curve_energy_train(curves, *mlp, *rbf)
+    if latentfast.backend.select(torch.device(dev)) != "reference":  # (curve_energy_train: the native backends)
+        _, _, derivs, feats = L.curve_energy_train(curves, *mlp, None, None, None, 0.0)
+        _, _, rbf_derivs, rbf_feats = L.curve_energy_train(curves, *mlp, *rbf)
+    else:
+        derivs = feats = rbf_derivs = rbf_feats = None
     return {
         "actnorm_invconv": (L.actnorm_invconv, (x, w, b), {0: (0, 2, 3)}, ()),
         "actnorm_invconv_coupling": (L.actnorm_invconv_coupling, (x, w, b, h, False), {0: (0, 2, 3)}, ()),
@@ -80,6 +83,10 @@ def _cases(dev) -> dict:
         "curve_energy_train_backward rbf": (L.curve_energy_train_backward,
                                             (r(2), r(2), curves, rbf_derivs, rbf_feats, mlp[0], mlp[2], *rbf[:3]),
                                             {}, ()),
+        # the RBF tensors (4-6): the reference and Triton paths had broadcast centres [K, 1] and a
+        # single bandwidth; D of rbf_weight [D, K] is the sigma network's width (free)
+        "pullback_metric rbf": (L.pullback_metric, (r(3, 2), *mlp, *rbf), {0: (0,), 6: (0,)}, ()),
+        "curve_energy rbf": (L.curve_energy, (curves, *mlp, *rbf), {0: (0, 1), 6: (0,)}, ()),
         "rnn_lyapunov": (L.rnn_lyapunov, (h0, q0, r(hs, hs, scale=0.4), r(hs), 0, 3, 1, 0, 1.0), {1: (2,)}, ()),
     }
 
@@ -150,3 +157,10 @@ def test_a_strided_copy_of_an_argument_gives_the_same_outputs(backend_name, name
 
 def _outputs(out) -> list[torch.Tensor]:
     return [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("name", ["pullback_metric rbf", "curve_energy rbf"])
+def test_the_geometry_ops_check_their_rbf_tensors_on_every_backend(backend, name):
+    """The geometry ops check the RBF tensors of a direct call on every backend, the reference
+    included (its torch ops had broadcast centres [K, 1] and a single bandwidth)."""
+    _check_case(backend, name)
