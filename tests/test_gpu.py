@@ -347,8 +347,10 @@ def test_ops_on_an_empty_batch_on_cuda(triton_cuda, name):
 @pytest.mark.parametrize("name", direct_t.CASE_NAMES)
 def test_direct_op_calls_with_a_misfit_argument_raise_on_cuda(triton_cuda, name):
     """Each tensor argument of a direct torch.ops.latentfast call, one size off or of another
-    dtype, raises before a kernel launch (no illegal address on the GPU)."""
+    dtype, raises before a kernel launch (no illegal address on the GPU); a strided view of it
+    gives the same outputs."""
     direct_t._check_case(triton_cuda, name)
+    direct_t.test_a_strided_copy_of_an_argument_gives_the_same_outputs(triton_cuda, name)
 
 
 @pytest.mark.parametrize("name", layout_t.CASES)
