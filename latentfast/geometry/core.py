@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from latentfast.data._cpu import draw_device
 from latentfast.ops import geometry as ops
-from latentfast.ops._checks import can_read_back, check_finite, check_tensor
+from latentfast.ops._checks import can_read_back, check_finite, check_finite_together, check_tensor
 from latentfast.reference import geometry as ref
 from latentfast.vae.decoders import GaussianMLPDecoder, MLPParams
 
@@ -158,6 +158,13 @@ def _decoder_fixed(decoder) -> contextlib.AbstractContextManager:
 def _check_points(name: str, z: Tensor, like: Tensor | None = None) -> None:
     check_tensor(name, z, 2, like=like)
     check_finite(name, z)
+
+
+def _check_points_and_velocities(z: Tensor, v: Tensor) -> None:
+    """_check_points of z and v with one read-back for both (one synchronisation on a GPU)."""
+    check_tensor("z", z, 2)
+    check_tensor("v", v, 2, like=z)
+    check_finite_together([("z", z), ("v", v)])
 
 
 def _check_for_decoder(z: Tensor, decoder) -> None:
@@ -850,8 +857,7 @@ def geodesic_acceleration(decoder, z: Tensor, v: Tensor) -> Tensor:
     torch.compile or torch.func transforms)."""
     if _unbatched(z, 2) and _unbatched(v, 2):
         return geodesic_acceleration(decoder, z[None], v[None])[0]
-    _check_points("z", z)
-    _check_points("v", v, like=z)
+    _check_points_and_velocities(z, v)
     if z.shape != v.shape:
         raise ValueError(f"z and v must have the same shape, got {tuple(z.shape)} and {tuple(v.shape)}")
     _check_for_decoder(z, decoder)
@@ -932,8 +938,7 @@ def exp_map(decoder, z: Tensor, v: Tensor, t: float = 1.0, n_steps: int = 50) ->
     the last step."""
     if _unbatched(z, 2) and _unbatched(v, 2):
         return exp_map(decoder, z[None], v[None], t, n_steps)[0]
-    _check_points("z", z)
-    _check_points("v", v, like=z)
+    _check_points_and_velocities(z, v)
     if z.shape != v.shape:
         raise ValueError(f"z and v must have the same shape, got {tuple(z.shape)} and {tuple(v.shape)}")
     _check_for_decoder(z, decoder)
