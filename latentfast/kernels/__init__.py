@@ -1,5 +1,7 @@
 """Triton kernels and their launchers, one module per family. Imported lazily by
-latentfast.ops only when the triton backend is selected, so triton stays optional."""
+latentfast.ops only when the triton backend is selected, so triton stays optional; this
+package module itself imports no triton: its argument checks (check_rank, check_args) serve
+the ops' Python paths too."""
 from __future__ import annotations
 
 import torch

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from latentfast import backend
 from latentfast import _ext  # noqa: F401  (loads latentfast_cpp kernels when built)
+from latentfast.kernels import check_args, check_rank  # (the package module: no triton import)
 from latentfast.ops._amp import float32_under_autocast
 from latentfast.ops._autograd import (graph_wanted, op_backward, reference_vjp, reject_tangents, route_transforms,
                                       under_transform)
@@ -629,13 +630,10 @@ def _check_rbf_args(op: str, x: Tensor, centres: Tensor | None, lam: Tensor | No
         return
     if centres is None or lam is None or wr is None:
         raise ValueError(f"{op}: rbf_centres, rbf_lambda and rbf_weight go together (all three or none)")
-    d, k = x.shape[-1], centres.shape[0] if centres.dim() == 2 else None
-    want = {"rbf_centres": (centres, (k, d), f"[K, {d}]"), "rbf_lambda": (lam, (k,), "[K]"),
-            "rbf_weight": (wr, (wr.shape[0] if wr.dim() == 2 else None, k), "[D, K]")}
-    for name, (t, shape, text) in want.items():
-        if None in shape or tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"{op}: {name} must be {text} (K centres in the latent dimension {d}) of the points' "
-                             f"dtype and device, got {list(t.shape)} {t.dtype} on {t.device}")
+    check_rank(op, rbf_centres=(centres, 2), rbf_lambda=(lam, 1), rbf_weight=(wr, 2))
+    k = centres.shape[0]
+    check_args(op, x, rbf_centres=(centres, (k, x.shape[-1])), rbf_lambda=(lam, (k,)),
+               rbf_weight=(wr, (wr.shape[0], k)))
 
 
 def _check_saved(grad_energy: Tensor, grad_length: Tensor, curves: Tensor, derivs: Tensor, feats: Tensor,
@@ -648,15 +646,10 @@ def _check_saved(grad_energy: Tensor, grad_length: Tensor, curves: Tensor, deriv
     if curves.dim() != 3 or not weights or len(acts) != len(weights):
         raise ValueError("curve_energy_train_backward: curves must be [B, T+1, d], with one activation per weight")
     _check_rbf_args("curve_energy_train_backward", curves, rbf_centres, rbf_lambda, rbf_weight)
-    p = curves.shape[0] * curves.shape[1]
-    want = {"grad_energy": (grad_energy, (curves.shape[0],)), "grad_length": (grad_length, (curves.shape[0],)),
-            "derivs": (derivs, (p * sum(_energy_widths(weights, acts)),)),
-            "feats": (feats, (p, _feature_width(weights, acts, rbf_weight)))}
-    for name, (t, shape) in want.items():
-        if tuple(t.shape) != shape or t.dtype != curves.dtype or t.device != curves.device:
-            raise ValueError(f"curve_energy_train_backward: {name} must be {list(shape)} of the curves' dtype and "
-                             f"device (as curve_energy_train took or returned it), got {list(t.shape)} "
-                             f"{t.dtype} on {t.device}")
+    b, p = curves.shape[0], curves.shape[0] * curves.shape[1]
+    check_args("curve_energy_train_backward", curves, grad_energy=(grad_energy, (b,)), grad_length=(grad_length, (b,)),
+               derivs=(derivs, (p * sum(_energy_widths(weights, acts)),)),
+               feats=(feats, (p, _feature_width(weights, acts, rbf_weight))))
 
 
 @torch.library.custom_op("latentfast::curve_energy_train_backward", mutates_args=())
